@@ -1,0 +1,183 @@
+"""Checkpoint folders: read every layout LLaVA / PLLaVA weights ship in, write llava-hf's.
+
+A folder holds config.json and safetensors weights, one file or shards listed in
+model.safetensors.index.json, and optionally a peft adapter (adapter_config.json +
+adapter_model.safetensors). The key layouts seen in the wild (DESIGN.md section 2):
+
+  llava-hf on the hub          vision_tower.vision_model.*   language_model.model.*   language_model.lm_head.*
+  transformers 5 save          vision_tower.*                language_model.model.*   language_model.lm_head.*
+  transformers 5 state_dict    model.vision_tower.*          model.language_model.*   lm_head.*
+  PLLaVA release               vision_tower.vision_model.*   language_model.base_model.model.model.* (peft-wrapped,
+                               LoRA not merged: ...q_proj.base_layer.weight, ...q_proj.lora_A.default.weight)
+
+Every key is renamed to ours (the first layout), every tensor is checked against the model built from
+config.json, and anything missing, left over or misshapen is an error that names it. The model is built
+on the meta device and each tensor is assigned as it is read (memory-mapped, cast, moved), so the
+weights never sit in memory twice.
+"""
+
+import json
+import os
+import re
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lora
+from config import Config
+
+RENAMES = [   # (prefix in the file, our prefix); the first that matches wins
+    ("language_model.base_model.model.", "language_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+]
+# buffers that older checkpoints saved though they are derived, never learned
+DERIVED = re.compile(r".*(\.rotary_emb\.inv_freq|embeddings\.position_ids)$")
+RELEASE_LORA_ALPHA = 4.0   # PLLaVA records no alpha; its demo and evals load r=128 adapters with alpha 4
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def our_name(key: str) -> str:
+    for theirs, ours in RENAMES:
+        if key.startswith(theirs):
+            key = ours + key[len(theirs):]
+            break
+    # peft's wrapping: the frozen weight sits under base_layer, adapters under the name "default"
+    return key.replace(".base_layer.", ".").replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def read_config(path: str) -> Config:
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path}: no config.json (is this a model folder?)")
+    try:
+        with open(file) as f:
+            return Config.from_dict(json.load(f))
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{file}: not a valid llava config ({e})") from None
+
+
+def weight_files(path: str) -> list:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+    else:
+        files = [os.path.join(path, "model.safetensors")]
+    for file in files:
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: weight file {os.path.basename(file)} is missing")
+    return files
+
+
+def tensor_index(path: str) -> dict:
+    """{our name: (file, key in the file, shape)} over all shards."""
+    index = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    if not DERIVED.match(key):
+                        index[our_name(key)] = (file, key, tuple(f.get_slice(key).get_shape()))
+        except Exception as e:   # safetensors raises its own error types for a corrupt header
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    return index
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+
+
+def _check_keys(path, expected, found):
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    problems = [f"{len(missing)} missing keys, e.g. {missing[:3]}"] if missing else []
+    problems += [f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}"] if unexpected else []
+    if problems:
+        raise CheckpointError(f"{path}: the weights do not match config.json: " + "; ".join(problems))
+
+
+def load(cls, path: str, lora_alpha: float = None, dtype=torch.float32, device="cpu"):
+    config = read_config(path)
+    index = tensor_index(path)
+    lm_head = "language_model.lm_head.weight"
+    if config.text_config.tie_word_embeddings:
+        index.pop(lm_head, None)   # some files repeat the tied matrix; it is the embedding either way
+    # LoRA inside the weights (the PLLaVA release): targets and ranks come from the lora_A shapes (r, in)
+    ranks = {n[len("language_model."):-len(".lora_A.weight")]: shape[0]
+             for n, (_, _, shape) in index.items() if n.endswith(".lora_A.weight")}
+    has_adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
+    if ranks and has_adapter:
+        raise CheckpointError(f"{path}: LoRA weights both in the model files and in an adapter; keep one")
+    with torch.device("meta"):
+        model = cls(config)
+    if ranks:
+        alpha = RELEASE_LORA_ALPHA if lora_alpha is None else lora_alpha
+        lora.add_lora(model.language_model, targets="|".join(map(re.escape, ranks)), ranks=ranks, alpha=alpha,
+                      dropout=0.0)
+    params = dict(model.named_parameters())   # a tied lm_head appears once, as the embedding
+    _check_keys(path, set(params), set(index))
+    with torch.no_grad():
+        for file in weight_files(path):
+            with safe_open(file, "pt") as f:
+                for name, (_, key, shape) in ((n, v) for n, v in index.items() if v[0] == file):
+                    if shape != tuple(params[name].shape):
+                        raise CheckpointError(f"{path}: {key} has shape {list(shape)}, config.json implies "
+                                              f"{list(params[name].shape)}")
+                    t = f.get_tensor(key)
+                    _assign(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+    lm = model.language_model
+    if config.text_config.tie_word_embeddings:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    if has_adapter:
+        lora.load_adapter(lm, path, alpha=lora_alpha)
+    return model.eval()
+
+
+def _write_atomic(write, file: str):
+    """Write to a temporary name, then rename: a reader never sees half a file, and a model memory-mapped
+    from the old file (save_pretrained into the folder it was loaded from) keeps its own copy."""
+    tmp = file + ".tmp"
+    write(tmp)
+    os.replace(tmp, file)
+
+
+def _write_json(obj, file: str):
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def save(model, out_dir: str):
+    """config.json + model.safetensors in the llava-hf layout; LoRA, if any, beside it as a peft adapter."""
+    os.makedirs(out_dir, exist_ok=True)
+    layers = lora.lora_layers(model.language_model)
+    merged = [layer for layer in layers.values() if layer.merged]
+    for layer in merged:   # the files hold the frozen weight and the adapter apart
+        layer.unmerge()
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                   if ".lora_A." not in k and ".lora_B." not in k}
+        if model.config.text_config.tie_word_embeddings:
+            tensors.pop("language_model.lm_head.weight")
+        _write_atomic(lambda f: save_file(tensors, f, metadata={"format": "pt"}),
+                      os.path.join(out_dir, "model.safetensors"))
+        _write_atomic(lambda f: _write_json(model.config.to_dict(), f), os.path.join(out_dir, "config.json"))
+        for stale in ("model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors"):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+        if layers:
+            lora.save_adapter(model.language_model, out_dir)
+    finally:
+        for layer in merged:
+            layer.merge()
