@@ -165,7 +165,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(input_pos, k, v)
-            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]    # only the slots the mask covers
+            S = L if mask is None else mask.shape[-1]   # no mask: a causal prefill from slot 0
+            k, v = k[:, :, :S], v[:, :, :S]             # only the slots in use
         # grouped-query attention: each of the n_kv key/value heads serves n_heads / n_kv query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_heads)

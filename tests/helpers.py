@@ -139,3 +139,58 @@ def sample_inputs(seed=0, batch=2, frames=4, pad_first=2):
         mask[0, :pad_first] = 0
     pixels = torch.randn(batch, frames, 3, VISION["image_size"], VISION["image_size"], generator=g)
     return ids, pixels, mask
+
+
+CORPUS = ["a red circle moves left then down on a blue background", "USER: describe the video in detail",
+          "ASSISTANT: the video shows a green square sliding to the right", "The quick brown fox jumps over the lazy dog.",
+          "hello world\n new line here", "system prompt you are a helpful assistant", "Video-ChatGPT large vision-language"]
+
+
+def make_tokenizer(folder, kind="vicuna", legacy=False, vocab_size=400, corpus=CORPUS):
+    """A SentencePiece BPE model trained here plus the tokenizer files of a Vicuna (LLaMA) or a ChatML (Yi)
+    checkpoint: <image> and <pad> added after the vocabulary, as in llava-hf's releases."""
+    import sentencepiece as spm
+    os.makedirs(folder, exist_ok=True)
+    text = os.path.join(folder, "corpus.txt")
+    with open(text, "w") as f:
+        f.write("\n".join(list(corpus) * 20))
+    chatml = kind == "chatml"
+    spm.SentencePieceTrainer.train(
+        input=text, model_prefix=os.path.join(folder, "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=3,
+        split_digits=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, add_dummy_prefix=not chatml,
+        bos_piece="<|startoftext|>" if chatml else "<s>", eos_piece="<|endoftext|>" if chatml else "</s>",
+        control_symbols=["<|im_start|>", "<|im_end|>"] if chatml else [])
+    os.remove(text)
+    os.remove(os.path.join(folder, "tokenizer.vocab"))
+
+    def added(content):
+        return {"content": content, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                "single_word": False}
+    tokens = [(0, "<unk>"), (1, "<s>" if not chatml else "<|startoftext|>"), (2, "</s>" if not chatml else "<|endoftext|>")]
+    tokens += [(3, "<|im_start|>"), (4, "<|im_end|>")] if chatml else []
+    tokens += [(vocab_size, "<image>"), (vocab_size + 1, "<pad>")]
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "add_bos_token": not chatml,
+              "add_eos_token": False, "bos_token": tokens[1][1], "eos_token": "<|im_end|>" if chatml else "</s>",
+              "unk_token": "<unk>", "pad_token": "<pad>",
+              "added_tokens_decoder": {str(i): added(c) for i, c in tokens}}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(folder, "added_tokens.json"), "w") as f:
+        json.dump({"<image>": vocab_size, "<pad>": vocab_size + 1}, f)
+    return folder
+
+
+def tiny_checkpoint(folder, seed=0, num_frames=4, pooling_shape=(4, 2, 2), **text):
+    """A model folder as a release ships it: config.json, model.safetensors, tokenizer files; random weights."""
+    from config import Config
+    from model import PLLaVA
+    make_tokenizer(folder)
+    config = Config.from_dict(dict(vision_config=VISION, text_config={**TEXT, "vocab_size": 402, **text},
+                                   image_token_index=400, pooling_shape=list(pooling_shape), num_frames=num_frames,
+                                   pad_token_id=401))
+    model = PLLaVA.from_config(config, seed=seed)
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    return folder

@@ -1,0 +1,410 @@
+"""Video in: n frames from whatever file people have, CLIP preprocessing, and decode workers.
+
+Frames are chosen by *time*: the video is cut into n equal segments and we take the frame on screen at
+the middle of each (`middle`, for captioning) or at a random moment inside it (`random`, for training).
+Time, not frame index, because frame counts in headers lie and variable-frame-rate files make index
+arithmetic land in the wrong place. A far target is reached by seeking to the keyframe before it and
+decoding forward, so an hours-long file costs n short decodes, never a decode of every frame.
+"""
+
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import wait
+
+import av
+import numpy as np
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".mpg", ".mpeg", ".ts", ".m2ts",
+                    ".flv", ".wmv", ".3gp", ".ogv"}
+MAX_BAD_PACKETS = 50
+
+
+class VideoError(Exception):
+    """A file that cannot give frames; the message says which file and why."""
+
+
+def read_frames(path, n: int, mode: str = "middle", short_side: int = None, keyframes_only: bool = False,
+                rng: np.random.Generator = None) -> np.ndarray:
+    """n RGB frames (n, H, W, 3) uint8, upright, one per equal segment of the video's duration.
+
+    short_side: shrink (or grow) each frame so its shorter side is this many pixels, inside FFmpeg's
+    scaler (bicubic) before it becomes an array, so a 4K video never costs 4K arrays.
+    keyframes_only: decode only keyframes (much faster, but a frame may be seconds from its target).
+    A video shorter than n frames gives some frames twice, as the model expects."""
+    if mode not in ("middle", "random"):
+        raise ValueError(f"mode must be 'middle' or 'random', not {mode!r}")
+    rng = rng if rng is not None else np.random.default_rng()
+    offsets = [0.5] * n if mode == "middle" else rng.random(n).tolist()   # where in each segment
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: empty file")
+    try:
+        frames = _read(path, n, offsets, short_side, keyframes_only)
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: not readable as a video ({e.strerror or e})") from None
+    return np.stack(frames)
+
+
+def _open(path, keyframes_only):
+    container = av.open(str(path), metadata_errors="ignore")
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"   # frame + slice threads; set before the first decode
+    if keyframes_only:
+        stream.codec_context.skip_frame = "NONKEY"
+    return container, stream
+
+
+def _read(path, n, offsets, short_side, keyframes_only):
+    seekable, end, find_end = True, None, False
+    for _ in range(4):
+        with _open(path, keyframes_only)[0] as container:
+            stream = container.streams.video[0]
+            start, duration = _time_span(container, stream)
+            if find_end:
+                end, find_end = _last_time(container, stream), False
+            if end is not None:      # the header promised more than the file holds: plan over what is there
+                duration = end - start
+            if not duration or duration <= 0:
+                break
+            plan = [start + (i + u) * duration / n for i, u in enumerate(offsets)]
+            try:
+                frames, end = _by_time(path, container, stream, plan, short_side, seekable)
+            except _NoTimestamps:
+                break
+            except _NoSeek:
+                seekable = False
+                continue
+            except _PastEnd:
+                find_end = True
+                continue
+            if end is None:
+                return frames
+    return _by_index(path, n, offsets, short_side, keyframes_only)   # no usable timestamps at all
+
+
+class _NoTimestamps(Exception):
+    pass
+
+
+class _NoSeek(Exception):
+    pass
+
+
+class _PastEnd(Exception):
+    pass
+
+
+def _last_time(container, stream):
+    """Where the stream really ends, from the packets alone (no decoding)."""
+    last = None
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            t = float((packet.pts + (packet.duration or 0)) * stream.time_base)
+            last = t if last is None else max(last, t)
+    return last
+
+
+def _time_span(container, stream):
+    """(start, duration) in seconds; duration None when neither the stream nor the container knows it."""
+    tb = stream.time_base
+    start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
+    if stream.duration and tb:
+        return start, float(stream.duration * tb)
+    if container.duration:   # MKV / WebM: no stream duration, and frames == 0
+        return start, container.duration / av.time_base
+    return start, None
+
+
+def _decoded(path, container, stream):
+    """Frames in decode order, packet by packet, so that a corrupt packet costs that packet only."""
+    bad = 0
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.error.FFmpegError:
+            bad += 1
+            if bad > MAX_BAD_PACKETS:
+                raise VideoError(f"{path}: more than {MAX_BAD_PACKETS} corrupt packets") from None
+
+
+def _to_rgb(frame, short_side):
+    w, h = frame.width, frame.height
+    if short_side:   # transformers' CLIP resize: short side exact, long side truncated
+        scale = short_side / min(w, h)
+        w, h = (short_side, int(h * scale)) if w <= h else (int(w * scale), short_side)
+    a = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BICUBIC")
+    if frame.rotation:   # display rotation, degrees counter-clockwise: what ffmpeg's autorotate undoes
+        a = np.rot90(a, k=round(frame.rotation / 90) % 4)
+    return np.ascontiguousarray(a)
+
+
+def _worth_seeking(t, here, last_key, gop):
+    """Seek only when a keyframe probably lies between the decoder and t; else decoding forward is cheaper."""
+    if here is None:
+        return True
+    if t - here <= 1.0:
+        return False
+    return gop is None or last_key is None or t - last_key > gop   # the next keyframe comes before t
+
+
+def _by_time(path, container, stream, plan, short_side, seekable):
+    """The frame on screen at each planned time: (frames, None), or (frames, true end) when the file
+    ended well before the plan (its header lied about the duration)."""
+    frames, it, cur, pending, eof = [], None, None, None, False
+    last_key, gop = None, None          # the last keyframe seen, and the widest spacing between two
+    for t in plan:
+        here = (pending or cur).time if (pending or cur) is not None else None
+        if it is None and not seekable:   # a file FFmpeg cannot seek in: one pass from the start
+            it = _decoded(path, container, stream)
+        elif it is None or (seekable and not eof and _worth_seeking(t, here, last_key, gop)):
+            it, cur, pending = _seek(path, container, stream, t)
+            last_key = None   # keyframe spacing is measured between keyframes decoded one after another
+            if pending is None and frames:
+                raise _PastEnd   # nothing after a seek into the middle: the file ends before t
+        while not eof:
+            frame = pending if pending is not None else next(it, None)
+            pending = None
+            if frame is None:
+                eof = True
+                break
+            if frame.time is None:
+                raise _NoTimestamps
+            if frame.key_frame:
+                if last_key is not None and frame.time > last_key:
+                    gop = max(gop or 0.0, frame.time - last_key)
+                last_key = frame.time
+            if frame.time > t + 1e-6 and cur is not None:   # 1e-6: a frame starting at t is on screen at t
+                pending = frame
+                break
+            cur = frame
+        if cur is None:
+            raise VideoError(f"{path}: no decodable frames")
+        frames.append(_to_rgb(cur, short_side))
+    step = 1 / float(stream.average_rate) if stream.average_rate else 0.04
+    if eof and plan[-1] > cur.time + 2 * step:
+        return frames, cur.time + step
+    return frames, None
+
+
+def _seek(path, container, stream, t):
+    """A frame iterator positioned at or before time t: (iterator, cur=None, pending=its first frame)."""
+    back = 0.0
+    while True:
+        target = max(t - back, 0.0)
+        try:
+            container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
+        except av.error.FFmpegError:
+            raise _NoSeek from None
+        it = _decoded(path, container, stream)
+        first = next(it, None)
+        # MPEG-TS: a backward seek can land after the target; seek again 1, 2, 4 ... s earlier
+        if first is None or first.time is None or first.time <= t + 1e-6 or target == 0.0:
+            return it, None, first
+        back = 2 * back or 1.0
+
+
+def _by_index(path, n, offsets, short_side, keyframes_only):
+    """For files without timestamps: count the frames in one pass, pick by index in a second."""
+    with _open(path, keyframes_only)[0] as container:
+        count = sum(1 for _ in _decoded(path, container, container.streams.video[0]))
+    if count == 0:
+        raise VideoError(f"{path}: no decodable frames")
+    wanted = [min(int((i + u) * count / n), count - 1) for i, u in enumerate(offsets)]
+    picked = {}
+    with _open(path, keyframes_only)[0] as container:
+        for i, frame in enumerate(_decoded(path, container, container.streams.video[0])):
+            if i in wanted:
+                picked[i] = _to_rgb(frame, short_side)
+            if i >= wanted[-1]:
+                break
+    return [picked[i] for i in wanted]
+
+# ------------------------------------------------------------------------------- CLIP preprocessing
+
+
+def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
+    """(n, H, W, 3) with min(H, W) >= size -> (n, size, size, 3), offsets as transformers computes them."""
+    H, W = frames.shape[1:3]
+    top, left = (H - size) // 2, (W - size) // 2
+    return frames[:, top:top + size, left:left + size]
+
+
+def read_clip_frames(path, n, size=336, mode="middle", keyframes_only=False, rng=None) -> np.ndarray:
+    """n frames resized (short side = size, bicubic) and center-cropped: (n, size, size, 3) uint8."""
+    return np.ascontiguousarray(center_crop(read_frames(path, n, mode, size, keyframes_only, rng), size))
+
+
+def normalize(frames, mean=CLIP_MEAN, std=CLIP_STD, device=None, dtype=None):
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) normalized floats, on `device` (send uint8, not floats)."""
+    import torch   # here, not at the top: decode workers import this file and never need torch
+    dtype = dtype or torch.float32
+    x = torch.as_tensor(frames).to(device).movedim(-1, -3).to(dtype) / 255.0
+    m = torch.tensor(mean, device=x.device, dtype=dtype)[:, None, None]
+    s = torch.tensor(std, device=x.device, dtype=dtype)[:, None, None]
+    return (x - m) / s
+
+
+def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
+    """For frames that did not come through FFmpeg's scaler (still images): bicubic, antialiased."""
+    import torch
+    import torch.nn.functional as F
+    H, W = frames.shape[1:3]
+    h, w = (size, int(W * size / H)) if H <= W else (int(H * size / W), size)
+    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+# ------------------------------------------------------------------------------------ decode workers
+# Workers are plain `python` subprocesses that import this file only (no torch: they start in a fraction
+# of a second), fed pickled (function, item) messages over their stdin and answering over their stdout.
+
+
+def _send(stream, obj):
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _recv(stream):
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError
+    n = struct.unpack("<Q", head)[0]
+    data = stream.read(n)
+    if len(data) < n:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def _serve():
+    """The worker's loop: the function first, then items until the parent closes the pipe."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr   # a stray print must not corrupt the protocol
+    try:
+        fn = _recv(inp)
+        while True:
+            item = _recv(inp)
+            try:
+                _send(out, (True, fn(item)))
+            except Exception as e:   # any failure is reported for this item; the worker lives on
+                _send(out, (False, str(e) if isinstance(e, VideoError) else f"{type(e).__name__}: {e}"))
+    except (EOFError, BrokenPipeError):
+        return
+
+
+class _Worker:
+    def __init__(self, fn):
+        # the child sees the parent's import path, so that fn's module imports there too
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__))] + sys.path)}
+        self.proc = subprocess.Popen([sys.executable, "-c", "import data; data._serve()"], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        _send(self.proc.stdin, fn)
+        self.item, self.deadline = None, None
+
+    def fileno(self):
+        return self.proc.stdout.fileno()
+
+    def start(self, item, timeout):
+        self.item, self.deadline = item, time.monotonic() + timeout
+        _send(self.proc.stdin, item)
+
+    def result(self):
+        try:
+            ok, value = _recv(self.proc.stdout)
+        except (EOFError, OSError):   # the worker died: a decoder crash
+            self.proc.wait()
+            return VideoError(f"{self.item}: the decoder process died (exit code {self.proc.returncode})")
+        return value if ok else VideoError(value)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8):
+    """Yield (item, result) for each item, result being fn(item) or a VideoError, as they finish.
+
+    fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
+    (up to `buffer` finished ones wait for it). A call that takes longer than `timeout` seconds (native
+    decoders can hang, and a hang cannot be interrupted from Python) gets its worker killed and
+    replaced, and its item a VideoError. fn must be picklable (a module-level function or a partial)."""
+    out = queue.Queue(maxsize=buffer)
+    done = object()
+
+    def run():
+        todo, idle, busy = iter(items), [_Worker(fn) for _ in range(max(1, workers))], []
+        try:
+            while True:
+                while idle and (item := next(todo, done)) is not done:
+                    w = idle.pop()
+                    w.start(item, timeout)
+                    busy.append(w)
+                if not busy:
+                    break
+                soonest = min(w.deadline for w in busy)
+                for w in wait(busy, timeout=max(0.0, soonest - time.monotonic())):
+                    busy.remove(w)
+                    result = w.result()
+                    out.put((w.item, result))
+                    idle.append(w if w.proc.poll() is None else _Worker(fn))
+                for w in [w for w in busy if time.monotonic() > w.deadline and not wait([w], 0)]:
+                    w.kill()
+                    busy.remove(w)
+                    out.put((w.item, VideoError(f"{w.item}: decoding took longer than {timeout:.0f} s")))
+                    idle.append(_Worker(fn))
+        finally:
+            for w in idle + busy:
+                w.close()
+            out.put(done)
+
+    threading.Thread(target=run, daemon=True).start()
+    while (got := out.get()) is not done:
+        yield got
+
+
+def find_videos(source: str) -> list:
+    """A folder (searched recursively for video files), one video file, or a list file: one path a line,
+    or JSONL with a "video" field (relative paths are relative to the list file)."""
+    import json
+    if os.path.isdir(source):
+        found = [os.path.join(root, f) for root, _, files in os.walk(source) for f in files
+                 if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS]
+        return sorted(found)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    if os.path.splitext(source)[1].lower() not in (".txt", ".jsonl", ".list"):
+        return [source]
+    base = os.path.dirname(os.path.abspath(source))
+    videos = []
+    with open(source) as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("{"):
+                try:
+                    line = json.loads(line)["video"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field") from None
+            videos.append(line if os.path.isabs(line) else os.path.join(base, line))
+    return videos
+

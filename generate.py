@@ -1,0 +1,105 @@
+"""Batched generation: one prefill over every row's prompt and visual tokens, then one token per step
+from a static KV cache.
+
+Rows are left-padded to one length. Padding never counts: it is masked out of attention, and each row's
+RoPE positions start at 0 where its text starts, so a row's tokens do not depend on which other rows
+share its batch. `generate_reference` is the plain loop (a full forward pass for every new token) that
+the fast path is tested against.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from model import causal_mask, positions_of
+
+
+def pick(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    """(B, V) logits -> (B,) next tokens. seen (B, V) bool: the tokens a repetition penalty applies to."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:   # as transformers: divide positive logits, multiply negative ones
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:   # nucleus: keep the most likely tokens until their mass reaches top_p (at least one)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class Stopper:
+    """Tracks which rows are finished: at a stop token, or once their text contains a stop string."""
+
+    def __init__(self, batch, stop_ids, stop_strings=(), decode=None):
+        self.tokens = [[] for _ in range(batch)]
+        self.done = [False] * batch
+        self.stop_ids, self.stop_strings, self.decode = set(stop_ids), tuple(stop_strings), decode
+
+    def add(self, tokens) -> bool:
+        """Take one new token per row; True when every row is finished."""
+        for b, t in enumerate(tokens.tolist()):
+            if self.done[b]:
+                continue
+            if t in self.stop_ids:
+                self.done[b] = True
+                continue
+            self.tokens[b].append(t)
+            if self.stop_strings and any(s in self.decode(self.tokens[b][-32:]) for s in self.stop_strings):
+                self.done[b] = True
+        return all(self.done)
+
+
+def _seen(input_ids, attention_mask, vocab):
+    seen = torch.zeros(input_ids.shape[0], vocab, dtype=torch.bool, device=input_ids.device)
+    ids = input_ids.clamp(0, vocab - 1)   # the <image> id may lie past the vocabulary
+    keep = (input_ids < vocab) if attention_mask is None else (input_ids < vocab) & attention_mask.bool()
+    return seen.scatter_(1, ids, keep)
+
+
+@torch.no_grad()
+def generate(model, input_ids, pixel_values, attention_mask=None, max_new_tokens=200, stop_ids=(2,),
+             stop_strings=(), decode=None, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    """input_ids (B, L) left-padded prompts, one <image> each; pixel_values (B, T, 3, H, W).
+    Returns the new tokens of each row, without the stop token."""
+    lm = model.language_model
+    x, valid, _ = model.prepare(input_ids, pixel_values, attention_mask)     # (B, P, D), (B, P)
+    B, P = valid.shape
+    valid = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)     # (B, P + new)
+    positions = positions_of(valid)
+    seen = _seen(input_ids, attention_mask, lm.config.vocab_size)
+    stopper = Stopper(B, stop_ids, stop_strings, decode)
+    lm.setup_cache(B, P + max_new_tokens)
+    try:
+        mask = None if valid[:, :P].all() else causal_mask(valid[:, :P])      # None: plain causal, fastest
+        h = lm(x, positions[:, :P], mask, torch.arange(P, device=x.device))
+        logits = lm.lm_head(h[:, -1])                                          # only the last position
+        for i in range(max_new_tokens):
+            token = pick(logits, seen, temperature, top_p, repetition_penalty, generator)
+            if stopper.add(token) or i == max_new_tokens - 1:
+                break
+            seen[torch.arange(B), token] = True
+            s = P + i                                                          # the cache slot it goes to
+            h = lm(lm.model.embed_tokens(token)[:, None], positions[:, s:s + 1], valid[:, None, None, :s + 1],
+                   torch.tensor([s], device=x.device))
+            logits = lm.lm_head(h[:, -1])
+    finally:
+        lm.clear_cache()
+    return stopper.tokens
+
+
+@torch.no_grad()
+def generate_reference(model, input_ids, pixel_values, attention_mask=None, max_new_tokens=20, stop_ids=(2,)):
+    """Greedy decoding the slow, obvious way: the whole sequence through the model for every new token."""
+    lm = model.language_model
+    x, valid, _ = model.prepare(input_ids, pixel_values, attention_mask)
+    stopper = Stopper(x.shape[0], stop_ids)
+    for _ in range(max_new_tokens):
+        h = lm(x, positions_of(valid), causal_mask(valid))
+        token = lm.lm_head(h[:, -1]).argmax(-1)
+        if stopper.add(token):
+            break
+        x = torch.cat([x, lm.model.embed_tokens(token)[:, None]], dim=1)
+        valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
+    return stopper.tokens

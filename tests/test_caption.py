@@ -1,0 +1,201 @@
+"""python caption.py end to end on tiny checkpoints: mixed folders, kill and rerun, torchrun, hub downloads."""
+
+import collections
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import hub
+from helpers import tiny_checkpoint
+from jsonl import read_rows
+from videos import write_audio_only, write_video
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=1)
+
+
+def make_folder(folder, good=5):
+    os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
+    videos = [write_video(os.path.join(folder, f"v{i}.mp4"), n_frames=10 + 7 * i) for i in range(good - 2)]
+    videos.append(write_video(os.path.join(folder, "sub", "w.webm"), codec="libvpx-vp9", n_frames=20))
+    videos.append(write_video(os.path.join(folder, "sub", "g.gif"), codec="gif", pix_fmt="rgb8", n_frames=5))
+    broken = [os.path.join(folder, n) for n in ("empty.mp4", "text.mp4", "sub/audio.mp4")]
+    open(broken[0], "wb").close()
+    open(broken[1], "w").write("not a video")
+    write_audio_only(broken[2])
+    return sorted(videos), sorted(broken)
+
+
+def run_caption(args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "caption.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, **kw)
+
+
+def rows_by_video(path):
+    rows = read_rows(path)
+    counts = collections.Counter(r["video"] for r in rows)
+    return {r["video"]: r for r in rows}, counts
+
+
+def test_folder_with_good_and_broken_videos(ckpt, tmp_path):
+    good, broken = make_folder(str(tmp_path / "videos"))
+    out = str(tmp_path / "captions.jsonl")
+    r = run_caption([str(tmp_path / "videos"), "--model", ckpt, "--out", out, "--max-new-tokens", "8",
+                     "--batch-size", "2", "--workers", "2"])
+    assert r.returncode == 0, r.stderr
+    rows, counts = rows_by_video(out)
+    assert set(counts) == set(good + broken) and set(counts.values()) == {1}
+    for v in good:
+        assert isinstance(rows[v]["caption"], str) and 1 <= rows[v]["tokens"] <= 8 and rows[v]["frames"] == 4
+    for v in broken:
+        assert "error" in rows[v] and rows[v]["error"].startswith(v)
+    assert "5 captions, 3 unreadable" in r.stderr
+    # a rerun does nothing; --overwrite redoes all; the same greedy captions come back
+    again = run_caption([str(tmp_path / "videos"), "--model", ckpt, "--out", out, "--max-new-tokens", "8"])
+    assert again.returncode == 0 and "0 captions, 0 unreadable, 8 already done" in again.stderr
+    redo = run_caption([str(tmp_path / "videos"), "--model", ckpt, "--out", out, "--max-new-tokens", "8",
+                        "--overwrite", "--batch-size", "3"])
+    assert redo.returncode == 0
+    rows2, counts2 = rows_by_video(out)
+    assert counts2 == counts and all(rows2[v]["caption"] == rows[v]["caption"] for v in good)
+
+
+def test_killed_mid_run_then_rerun_gives_every_video_once(ckpt, tmp_path):
+    videos = [write_video(str(tmp_path / f"v{i:02d}.mp4"), n_frames=12) for i in range(14)]
+    out = str(tmp_path / "c.jsonl")
+    args = [str(tmp_path), "--model", ckpt, "--out", out, "--max-new-tokens", "40", "--batch-size", "1",
+            "--workers", "1"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "caption.py"), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_rows(out)) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = len(read_rows(out))
+    assert 3 <= first < len(videos)
+    with open(out, "a") as f:
+        f.write('{"video": "torn line written by a kill mid-wr')   # the worst case: a half-written row
+    r = run_caption(args)
+    assert r.returncode == 0, r.stderr
+    rows, counts = rows_by_video(out)
+    assert set(counts) == set(videos) and set(counts.values()) == {1}
+    assert all(json.loads(line) for line in open(out))                # no torn line left behind
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_ranks_share_the_work_and_merge(ckpt, tmp_path):
+    good, broken = make_folder(str(tmp_path / "videos"), good=6)
+    out = str(tmp_path / "merged.jsonl")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           os.path.join(ROOT, "caption.py"), str(tmp_path / "videos"), "--model", ckpt, "--out", out,
+           "--max-new-tokens", "6", "--workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows, counts = rows_by_video(out)
+    assert set(counts) == set(good + broken) and set(counts.values()) == {1}
+    assert not [f for f in os.listdir(tmp_path) if ".rank" in f]
+    assert "[rank 0]" in r.stderr and "[rank 1]" in r.stderr
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `root`/{repo}/{file} at /{repo}/resolve/main/{file}, with Range requests; can drop a
+    connection half-way through a file once."""
+    root, log, drop_once = None, [], set()
+
+    def do_GET(self):
+        type(self).log.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        repo, _, rest = self.path.lstrip("/").partition("/resolve/main/")
+        path = os.path.join(self.root, repo, rest)
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
+        data = open(path, "rb").read()
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if rest in self.drop_once:
+            self.drop_once.discard(rest)
+            self.wfile.write(data[start:start + (len(data) - start) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path, ckpt):
+    root = tmp_path / "hubroot"
+    shutil.copytree(ckpt, root / "someone" / "tiny-pllava")
+    HubHandler.root, HubHandler.log, HubHandler.drop_once = str(root), [], set()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root / "someone" / "tiny-pllava"
+    httpd.shutdown()
+
+
+def same_files(a, b, names):
+    return all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in names)
+
+
+def test_hub_download_resume_and_token(server, tmp_path, monkeypatch):
+    url, src = server
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_for_test")
+    cache = str(tmp_path / "cache")
+    target = os.path.join(cache, "someone--tiny-pllava", "main")
+    os.makedirs(target)
+    weights = open(src / "model.safetensors", "rb").read()
+    with open(os.path.join(target, "model.safetensors.partial"), "wb") as f:
+        f.write(weights[:len(weights) // 3])                       # an earlier, interrupted download
+    HubHandler.drop_once = {"model.safetensors"}                   # and the resumed one breaks half-way
+    folder = hub.resolve("someone/tiny-pllava", cache=cache)
+    assert folder == target
+    assert same_files(src, folder, ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"])
+    ranges = [int(r.split("=")[1].rstrip("-")) for p, r, _ in HubHandler.log if r and p.endswith("model.safetensors")]
+    assert ranges[0] == len(weights) // 3 and len(ranges) == 2 and ranges[1] > ranges[0]
+    assert all(auth == "Bearer hf_secret_for_test" for _, _, auth in HubHandler.log)
+    n = len(HubHandler.log)
+    assert hub.resolve("someone/tiny-pllava", cache=cache) == folder and len(HubHandler.log) == n   # cached
+
+
+def test_caption_with_a_hub_id(server, tmp_path):
+    url, _ = server
+    video = write_video(str(tmp_path / "one.mp4"), n_frames=9)
+    env = {**os.environ, "HF_ENDPOINT": url, "PLLAVA_CACHE": str(tmp_path / "cache")}
+    r = run_caption([video, "--model", "someone/tiny-pllava", "--out", str(tmp_path / "o.jsonl"),
+                     "--max-new-tokens", "4"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert read_rows(str(tmp_path / "o.jsonl"))[0]["video"] == video
+
+
+def test_offline_and_missing_model_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(hub.HubError, match="offline"):
+        hub.resolve("someone/absent", cache=str(tmp_path))
+    r = run_caption([str(tmp_path), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x.jsonl")])
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr

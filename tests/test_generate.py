@@ -1,0 +1,87 @@
+"""generate.py: batched == one at a time, cached == the uncached reference loop, and the sampling knobs."""
+
+import pytest
+import torch
+
+from generate import Stopper, generate, generate_reference, pick
+from helpers import tiny_checkpoint
+from model import PLLaVA
+from tokenizer import Tokenizer, prompt_ids
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=3)
+    return PLLaVA.from_pretrained(folder), Tokenizer(folder)
+
+
+def left_pad(rows, pad):
+    L = max(map(len, rows))
+    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+QUESTIONS = ["describe the video", "what happens in this video in detail, step by step?", "hello"]
+
+
+def test_batched_greedy_equals_one_video_at_a_time(tiny):
+    model, tok = tiny
+    rows = [prompt_ids(tok, q) for q in QUESTIONS]
+    pixels = torch.randn(3, 4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    ids, mask = left_pad(rows, tok.pad_id)
+    batched = generate(model, ids, pixels, mask, max_new_tokens=24, stop_ids=())
+    for b in range(3):
+        single = generate(model, torch.tensor([rows[b]]), pixels[b:b + 1], max_new_tokens=24, stop_ids=())
+        assert batched[b] == single[0]
+    assert len(set(map(tuple, batched))) == 3       # different prompts and videos, different captions
+
+
+def test_cached_generation_equals_uncached_reference(tiny):
+    model, tok = tiny
+    ids, mask = left_pad([prompt_ids(tok, q) for q in QUESTIONS[:2]], tok.pad_id)
+    pixels = torch.randn(2, 3, 3, 28, 28, generator=torch.Generator().manual_seed(1))   # 3 frames: repeated to 4
+    fast = generate(model, ids, pixels, mask, max_new_tokens=16, stop_ids=())
+    slow = generate_reference(model, ids, pixels, mask, max_new_tokens=16, stop_ids=())
+    assert fast == slow and all(len(r) == 16 for r in fast)
+
+
+def test_stop_token_ends_each_row_on_its_own(tiny):
+    model, tok = tiny
+    ids = torch.tensor([prompt_ids(tok, "hello")] * 2)
+    pixels = torch.randn(2, 4, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    free = generate(model, ids, pixels, max_new_tokens=12, stop_ids=())
+    stop = free[0][5]                                # make row 0's sixth token the stop token
+    out = generate(model, ids, pixels, max_new_tokens=12, stop_ids=(stop,))
+    for row, full in zip(out, free):
+        cut = full.index(stop) if stop in full else len(full)
+        assert row == full[:cut]
+
+
+def test_pick_sampling_knobs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]] * 2000)
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    assert pick(logits, seen).tolist() == [0] * 2000
+    assert pick(logits, seen, temperature=1.0, top_p=0.01, generator=g).unique().tolist() == [0]
+    draws = pick(logits, seen, temperature=1.0, generator=g)
+    freq = torch.bincount(draws, minlength=4).float() / 2000
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.04)
+    # p = .61 .22 .14 .03: the smallest set holding top_p of the mass
+    assert set(pick(logits, seen, temperature=1.0, top_p=0.8, generator=g).unique().tolist()) == {0, 1}
+    assert set(pick(logits, seen, temperature=1.0, top_p=0.9, generator=g).unique().tolist()) == {0, 1, 2}
+    seen[:, 0] = True                                # penalize token 0: 2.0 / 3 < 1.0
+    assert pick(logits, seen, repetition_penalty=3.0).unique().tolist() == [1]
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(pick(logits, seen, 1.0, generator=g1), pick(logits, seen, 1.0, generator=g2))
+
+
+def test_stop_strings():
+    s = Stopper(2, stop_ids={9}, stop_strings=["STOP"], decode=lambda ids: "".join("STOP" if i == 7 else "a" for i in ids))
+    assert not s.add(torch.tensor([1, 2]))
+    assert not s.add(torch.tensor([7, 3]))          # row 0 hits the stop string
+    assert s.done == [True, False]
+    assert s.add(torch.tensor([4, 9]))              # row 1 the stop token: all done
+    assert s.tokens == [[1, 7], [2, 3]]

@@ -1,0 +1,89 @@
+"""Synthetic test videos written with PyAV. Each frame carries its own index in its top half: 16 bits as
+two rows of 8 black/white stripes (most significant first), big enough to survive lossy codecs; the
+bottom half is a colour."""
+
+import fractions
+
+import av
+import numpy as np
+
+STRIPES = 8
+
+
+def index_frame(i, width=64, height=48):
+    a = np.zeros((height, width, 3), np.uint8)
+    q = height // 4
+    for row, byte in enumerate(((i >> 8) & 255, i & 255)):
+        for b in range(STRIPES):
+            if (byte >> (STRIPES - 1 - b)) & 1:
+                a[row * q:(row + 1) * q, b * width // STRIPES:(b + 1) * width // STRIPES] = 255
+    a[height // 2:] = ((i * 37) % 256, (i * 91) % 256, 128)
+    return a
+
+
+def read_index(frame):
+    """The index written by index_frame, read back from a decoded (H, W, 3) frame of any size."""
+    h, w = frame.shape[:2]
+    q, value = h // 4, 0
+    for row in range(2):
+        band = frame[row * q + q // 4:(row + 1) * q - q // 4].mean(axis=(0, 2))   # away from the edges
+        for b in range(STRIPES):
+            x0, x1 = b * w // STRIPES, (b + 1) * w // STRIPES
+            value = value * 2 + int(band[x0 + (x1 - x0) // 4: x1 - (x1 - x0) // 4].mean() > 128)
+    return value
+
+
+def write_video(path, n_frames=32, fps=25, size=(64, 48), codec="libx264", pix_fmt="yuv420p", durations_ms=None,
+                rotation=0, gop=None, options=None, frame_fn=index_frame):
+    """Write n_frames; durations_ms (a list cycled over the frames) makes a variable-frame-rate file."""
+    w, h = size
+    with av.open(str(path), "w") as out:
+        if durations_ms:
+            stream = out.add_stream(codec, rate=1000 // min(durations_ms))
+            stream.time_base = fractions.Fraction(1, 1000)
+            stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        else:
+            stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if gop:
+            stream.codec_context.gop_size = gop
+        if options:
+            stream.options = options
+        if rotation:
+            stream.set_display_rotation(rotation)
+        pts = 0
+        fmt = "rgb24" if codec != "gif" else "rgb24"
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(frame_fn(i, w, h), format=fmt)
+            if durations_ms:
+                frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
+                pts += durations_ms[i % len(durations_ms)]
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def frame_times_ms(n_frames, durations_ms):
+    t, times = 0, []
+    for i in range(n_frames):
+        times.append(t)
+        t += durations_ms[i % len(durations_ms)]
+    return times, t
+
+
+def write_audio_only(path, seconds=1.0):
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        samples = int(16000 * seconds)
+        frame_size = 1024
+        for start in range(0, samples, frame_size):
+            data = np.zeros((1, frame_size), np.float32)
+            frame = av.AudioFrame.from_ndarray(data, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
