@@ -277,11 +277,15 @@ class PLLaVA(nn.Module):
         self.vision_tower = nn.ModuleDict(dict(vision_model=CLIPVision(config.vision_config)))
         self.multi_modal_projector = Projector(config)
         self.language_model = LLaMA(config.text_config)
+        self.loss_reduction = "mean"   # train.py sums, to divide by the token count of the whole step
 
     def visual_tokens(self, pixel_values):
         """(B, T, 3, H, W) normalized frames -> (B, N, D) visual tokens in the LLM's embedding space."""
         c, (B, T) = self.config, pixel_values.shape[:2]
-        x = self.vision_tower.vision_model(pixel_values.flatten(0, 1), c.vision_feature_layer)
+        vision = self.vision_tower.vision_model
+        learns = torch.is_grad_enabled() and any(p.requires_grad for p in vision.parameters())
+        with torch.set_grad_enabled(learns):   # a frozen tower keeps no activations for backward
+            x = vision(pixel_values.flatten(0, 1), c.vision_feature_layer)
         x = self.multi_modal_projector(x[:, 1:])                       # (B*T, g*g, D), CLS dropped
         x = x.view(B, T, c.grid, c.grid, -1)                           # (B, T, g, g, D)
         if T < c.num_frames:   # too few frames: repeat each, as PLLaVA does (3 frames -> 6+6+4 copies)
@@ -319,20 +323,21 @@ class PLLaVA(nn.Module):
         mask = None if valid.all() else causal_mask(valid)
         return self.language_model(x, positions_of(valid), mask), valid, labels
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None):
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
         """input_ids (B, L) with one image_token_index per row, pixel_values (B, T, 3, H, W) normalized
-        -> logits (B, L - 1 + N, vocab). attention_mask (B, L), 1 for real tokens, for padded rows."""
-        h, _, _ = self.hidden(input_ids, pixel_values, attention_mask)
-        return self.language_model.lm_head(h)
+        -> logits (B, L - 1 + N, vocab). attention_mask (B, L): 1 for real tokens, for padded rows.
 
-    def loss(self, input_ids, pixel_values, labels, attention_mask=None):
-        """Mean next-token cross-entropy over the positions whose label is not -100. The vocabulary
-        projection runs only on those positions: (B, 2400, 32064) fp32 logits would be ~4 GB at B=12."""
+        With labels (B, L) (-100 where no loss is wanted) it returns the mean next-token cross-entropy
+        over the other positions instead, and projects only those onto the vocabulary: the (B, 2400,
+        32064) fp32 logits of a training batch would be ~4 GB at B=12. (Training goes through forward,
+        not a separate method, because FSDP gathers the root's weights in forward's hooks.)"""
         h, _, labels = self.hidden(input_ids, pixel_values, attention_mask, labels)
+        if labels is None:
+            return self.language_model.lm_head(h)
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.language_model.lm_head(h[:, :-1][keep])          # (n, vocab)
-        return F.cross_entropy(logits.float(), targets[keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction=self.loss_reduction)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):

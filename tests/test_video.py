@@ -1,6 +1,5 @@
 """data.py's frame reader on the videos people really have, and on files that are not videos."""
 
-import functools
 import math
 import os
 import time
