@@ -7,6 +7,8 @@ arithmetic land in the wrong place. A far target is reached by seeking to the ke
 decoding forward, so an hours-long file costs n short decodes, never a decode of every frame.
 """
 
+import base64
+import fractions
 import os
 import pickle
 import queue
@@ -32,11 +34,12 @@ class VideoError(Exception):
 
 
 def read_frames(path, n: int, mode: str = "middle", short_side: int = None, keyframes_only: bool = False,
-                rng: np.random.Generator = None) -> np.ndarray:
+                rng: np.random.Generator = None, max_side: int = None) -> np.ndarray:
     """n RGB frames (n, H, W, 3) uint8, upright, one per equal segment of the video's duration.
 
     short_side: shrink (or grow) each frame so its shorter side is this many pixels, inside FFmpeg's
-    scaler (bicubic) before it becomes an array, so a 4K video never costs 4K arrays.
+    scaler (bicubic) before it becomes an array, so a 4K video never costs 4K arrays. max_side: shrink
+    (never grow) so the longer side is at most this many pixels.
     keyframes_only: decode only keyframes (much faster, but a frame may be seconds from its target).
     A video shorter than n frames gives some frames twice, as the model expects."""
     if mode not in ("middle", "random"):
@@ -48,7 +51,7 @@ def read_frames(path, n: int, mode: str = "middle", short_side: int = None, keyf
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file")
     try:
-        frames = _read(path, n, offsets, short_side, keyframes_only)
+        frames = _read(path, n, offsets, (short_side, max_side), keyframes_only)
     except av.error.FFmpegError as e:
         raise VideoError(f"{path}: not readable as a video ({e.strerror or e})") from None
     return np.stack(frames)
@@ -66,7 +69,7 @@ def _open(path, keyframes_only):
     return container, stream
 
 
-def _read(path, n, offsets, short_side, keyframes_only):
+def _read(path, n, offsets, size, keyframes_only):
     seekable, end, find_end = True, None, False
     for _ in range(4):
         with _open(path, keyframes_only)[0] as container:
@@ -80,7 +83,7 @@ def _read(path, n, offsets, short_side, keyframes_only):
                 break
             plan = [start + (i + u) * duration / n for i, u in enumerate(offsets)]
             try:
-                frames, end = _by_time(path, container, stream, plan, short_side, seekable)
+                frames, end = _by_time(path, container, stream, plan, size, seekable)
             except _NoTimestamps:
                 break
             except _NoSeek:
@@ -91,7 +94,7 @@ def _read(path, n, offsets, short_side, keyframes_only):
                 continue
             if end is None:
                 return frames
-    return _by_index(path, n, offsets, short_side, keyframes_only)   # no usable timestamps at all
+    return _by_index(path, n, offsets, size, keyframes_only)   # no usable timestamps at all
 
 
 class _NoTimestamps(Exception):
@@ -139,11 +142,14 @@ def _decoded(path, container, stream):
                 raise VideoError(f"{path}: more than {MAX_BAD_PACKETS} corrupt packets") from None
 
 
-def _to_rgb(frame, short_side):
-    w, h = frame.width, frame.height
+def _to_rgb(frame, size):
+    (short_side, max_side), w, h = size, frame.width, frame.height
     if short_side:   # transformers' CLIP resize: short side exact, long side truncated
         scale = short_side / min(w, h)
         w, h = (short_side, int(h * scale)) if w <= h else (int(w * scale), short_side)
+    if max_side and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
     a = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BICUBIC")
     if frame.rotation:   # display rotation, degrees counter-clockwise: what ffmpeg's autorotate undoes
         a = np.rot90(a, k=round(frame.rotation / 90) % 4)
@@ -159,7 +165,7 @@ def _worth_seeking(t, here, last_key, gop):
     return gop is None or last_key is None or t - last_key > gop   # the next keyframe comes before t
 
 
-def _by_time(path, container, stream, plan, short_side, seekable):
+def _by_time(path, container, stream, plan, size, seekable):
     """The frame on screen at each planned time: (frames, None), or (frames, true end) when the file
     ended well before the plan (its header lied about the duration)."""
     frames, it, cur, pending, eof = [], None, None, None, False
@@ -191,7 +197,7 @@ def _by_time(path, container, stream, plan, short_side, seekable):
             cur = frame
         if cur is None:
             raise VideoError(f"{path}: no decodable frames")
-        frames.append(_to_rgb(cur, short_side))
+        frames.append(_to_rgb(cur, size))
     step = 1 / float(stream.average_rate) if stream.average_rate else 0.04
     if eof and plan[-1] > cur.time + 2 * step:
         return frames, cur.time + step
@@ -215,7 +221,7 @@ def _seek(path, container, stream, t):
         back = 2 * back or 1.0
 
 
-def _by_index(path, n, offsets, short_side, keyframes_only):
+def _by_index(path, n, offsets, size, keyframes_only):
     """For files without timestamps: count the frames in one pass, pick by index in a second."""
     with _open(path, keyframes_only)[0] as container:
         count = sum(1 for _ in _decoded(path, container, container.streams.video[0]))
@@ -226,7 +232,7 @@ def _by_index(path, n, offsets, short_side, keyframes_only):
     with _open(path, keyframes_only)[0] as container:
         for i, frame in enumerate(_decoded(path, container, container.streams.video[0])):
             if i in wanted:
-                picked[i] = _to_rgb(frame, short_side)
+                picked[i] = _to_rgb(frame, size)
             if i >= wanted[-1]:
                 break
     return [picked[i] for i in wanted]
@@ -265,6 +271,26 @@ def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
     x = torch.as_tensor(frames).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+# ------------------------------------------------------------------------------------------ JPEG
+
+
+def jpeg(rgb, q):
+    """RGB array -> JPEG bytes with FFmpeg's MJPEG encoder (full-range YUV, fixed quantizer)."""
+    cc = av.CodecContext.create("mjpeg", "w")
+    cc.width, cc.height, cc.pix_fmt = rgb.shape[1], rgb.shape[0], "yuvj420p"
+    cc.time_base = fractions.Fraction(1, 25)
+    cc.qscale = q
+    cc.options = {"qmin": str(q), "qmax": str(q)}
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
+    return b"".join(bytes(p) for p in cc.encode(frame) + cc.encode(None))
+
+
+def jpeg_data_urls(path, n, max_side, q):
+    """A video's n frames (segment middles) as base64 JPEG data URLs, for a vision API."""
+    frames = read_frames(path, n, "middle", max_side=max_side)
+    return ["data:image/jpeg;base64," + base64.b64encode(jpeg(f, q)).decode() for f in frames]
+
 
 # ------------------------------------------------------------------------------------ decode workers
 # Workers are plain `python` subprocesses that import this file only (no torch: they start in a fraction
@@ -346,7 +372,10 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
     (up to `buffer` finished ones wait for it). A call that takes longer than `timeout` seconds (native
     decoders can hang, and a hang cannot be interrupted from Python) gets its worker killed and
-    replaced, and its item a VideoError. fn must be picklable (a module-level function or a partial)."""
+    replaced, and its item a VideoError. fn must be picklable (a module-level function or a partial) from a
+    module the workers can import, not from the script being run (its __main__ is not theirs)."""
+    if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
+        raise ValueError("imap_unordered needs a function from an importable module, not from __main__")
     out = queue.Queue(maxsize=buffer)
     done = object()
 

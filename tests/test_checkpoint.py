@@ -12,7 +12,12 @@ from checkpoint import CheckpointError
 from helpers import causal_lm, hub_layout, peft_release, reference_logits, sample_inputs, tiny_llava, write_checkpoint
 from model import PLLaVA
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
 
 
 def max_rel_err(a, b):

@@ -8,7 +8,12 @@ from helpers import tiny_checkpoint
 from model import PLLaVA
 from tokenizer import Tokenizer, prompt_ids
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

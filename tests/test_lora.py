@@ -8,7 +8,12 @@ from lora import LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, sa
 from config import Config
 from model import LLaMA
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
 
 
 def pair(seed=0):

@@ -7,7 +7,12 @@ from helpers import IMAGE_ID, TEXT, VISION, causal_lm, randomize, reference_logi
 from config import Config, VisionConfig
 from model import LLaMA, PLLaVA, CLIPVision, causal_mask, positions_of
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
 
 
 def max_rel_err(a, b):

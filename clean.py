@@ -1,0 +1,117 @@
+"""Clean teacher captions before training on them (`python label.py clean labels.jsonl --out clean.jsonl`).
+
+The seed found that the teacher's captions themselves hallucinate and are sometimes unusable. Rules, in
+order, each counted: error rows and empty captions, refusals, captions cut at the token limit,
+degenerate ones (a phrase repeated in a loop), boilerplate openings stripped ("The video shows ..."),
+then exact and near duplicates (MinHash over word 3-grams, Jaccard >= --near) dropped.
+"""
+
+import argparse
+import collections
+import re
+import zlib
+
+import numpy as np
+
+from jsonl import Appender, read_rows
+
+REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i (cannot|can't|can not|am unable|'m unable)"
+                     r"|as an ai|unfortunately, i|抱歉|对不起|我无法|无法(识别|描述|提供))", re.IGNORECASE)
+BOILERPLATE = re.compile(r"^\s*((in )?(this|the) (video|clip|footage|animation|scene|sequence)( clip)?"
+                         r"(,\s*| (shows|depicts|features|presents|captures|displays|showcases|is showing)\s+(that\s+)?))",
+                         re.IGNORECASE)
+PRIME = (1 << 61) - 1
+
+
+def degenerate(text: str, n: int = 4) -> bool:
+    """A loop: one n-word phrase said 4 or more times, or fewer than half of the n-grams distinct."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return False
+    most = collections.Counter(grams).most_common(1)[0][1]
+    return most >= 4 or (len(grams) >= 20 and len(set(grams)) < 0.5 * len(grams))
+
+
+def strip_boilerplate(text: str) -> str:
+    rest = BOILERPLATE.sub("", text, count=1)
+    return rest[:1].upper() + rest[1:] if rest != text and rest else text
+
+
+class NearDuplicates:
+    """MinHash with locality-sensitive hashing: a caption is a near duplicate when it agrees with one kept
+    before on the estimated Jaccard similarity of word 3-grams. Memory is a signature per kept caption."""
+
+    def __init__(self, threshold=0.8, hashes=64, bands=16, seed=0):
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, PRIME, hashes, dtype=np.uint64)
+        self.b = rng.integers(0, PRIME, hashes, dtype=np.uint64)
+        self.threshold, self.rows = threshold, hashes // bands
+        self.buckets, self.signatures = collections.defaultdict(list), []
+
+    def signature(self, text):
+        words = re.findall(r"\w+", text.lower())
+        grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
+        h = np.array([zlib.crc32(g.encode()) for g in grams], dtype=np.uint64)
+        # (a*h + b) mod p for every hash function at once; uint64 wraps, which keeps it a fine hash family
+        return ((h[:, None] * self.a + self.b) % np.uint64(PRIME)).min(axis=0)
+
+    def seen(self, text) -> bool:
+        """True if a kept caption is this similar; otherwise keep this one and return False."""
+        sig = self.signature(text)
+        keys = [(i, sig[i * self.rows:(i + 1) * self.rows].tobytes()) for i in range(len(sig) // self.rows)]
+        for key in keys:
+            for j in self.buckets.get(key, ()):
+                if (self.signatures[j] == sig).mean() >= self.threshold:
+                    return True
+        for key in keys:
+            self.buckets[key].append(len(self.signatures))
+        self.signatures.append(sig)
+        return False
+
+
+def clean_rows(rows, counts: collections.Counter, near=0.8):
+    """Yield the rows worth training on (caption cleaned), counting in `counts` what each rule did."""
+    exact, dupes, videos = set(), NearDuplicates(near), set()
+    for row in rows:
+        caption = (row.get("caption") or "").strip()
+        if "error" in row or not caption:
+            counts["error or empty"] += 1
+        elif row.get("video") in videos:
+            counts["video already seen"] += 1
+        elif REFUSAL.search(caption):
+            counts["refused"] += 1
+        elif row.get("finish_reason") == "length":
+            counts["truncated"] += 1
+        elif degenerate(caption):
+            counts["degenerate loop"] += 1
+        else:
+            stripped = strip_boilerplate(caption)
+            counts["boilerplate stripped (kept)"] += stripped != caption
+            key = " ".join(re.findall(r"\w+", stripped.lower()))
+            if key in exact:
+                counts["exact duplicate"] += 1
+            elif near < 1.0 and dupes.seen(stripped):
+                counts["near duplicate"] += 1
+            else:
+                exact.add(key)
+                videos.add(row.get("video"))
+                counts["kept"] += 1
+                yield {**row, "caption": stripped}
+
+
+def clean_file(argv):
+    p = argparse.ArgumentParser(prog="label.py clean", description=__doc__.splitlines()[0])
+    p.add_argument("labels")
+    p.add_argument("--out", required=True)
+    p.add_argument("--near", type=float, default=0.8, help="Jaccard similarity that counts as a near duplicate")
+    args = p.parse_args(argv)
+    rows, counts = read_rows(args.labels), collections.Counter()
+    with Appender(args.out, truncate=True) as out:
+        for row in clean_rows(rows, counts, args.near):
+            out.write(row)
+    print(f"{len(rows)} rows in, {counts['kept']} kept")
+    for rule, n in counts.items():
+        if rule != "kept":
+            print(f"  {rule}: {n}")
+    return counts

@@ -1,0 +1,205 @@
+"""label.py against a misbehaving local chat-completions server; label.py clean on known captions."""
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from client import RateLimit
+from fake_api import KEY, colour_of, label_server
+from jsonl import read_rows
+from videos import write_video
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def solid(colour):
+    return lambda i, w, h: np.full((h, w, 3), colour, np.uint8)
+
+
+def make_videos(folder, n):
+    os.makedirs(folder, exist_ok=True)
+    colours = [((37 * i) % 256, (255 - 53 * i) % 256, (91 * i) % 256) for i in range(n)]
+    paths = [write_video(os.path.join(folder, f"v{i:02d}.mp4"), n_frames=10, size=(96, 64), frame_fn=solid(c))
+             for i, c in enumerate(colours)]
+    return paths, colours
+
+
+def run_label(args, wait=True, **kw):
+    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
+    cmd = [sys.executable, os.path.join(ROOT, "label.py"), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+FAULTS = {   # video index: the server's answers to its successive attempts
+    1: [("status", 429, "rate_limit_exceeded", {"Retry-After": "1"})],
+    2: [("status", 500, "server_error", {}), ("status", 503, "overloaded", {})],
+    3: [("hang", 3.0)],
+    4: [("drop",)],
+    5: [("malformed",)],
+    6: [("status", 400, "data_inspection_failed", {})],
+    7: [("status", 401, "invalid_api_key", {})],
+    8: [("status", 429, "insufficient_quota", {})],
+    9: [("content", "")],
+    10: [("content", "A caption cut short because", "length")],
+    11: [("status", 502, "bad_gateway", {}), ("status", 504, "gateway_timeout", {}), ("status", 408, "timeout", {}),
+         ("status", 409, "conflict", {})],
+}
+
+
+def test_fault_mix_every_video_one_row(tmp_path):
+    videos, colours = make_videos(str(tmp_path / "v"), 13)
+    open(tmp_path / "v" / "broken.mp4", "w").write("not a video")
+    api = label_server(colours)
+    api.script = {k: list(v) for k, v in FAULTS.items()}
+    out = str(tmp_path / "labels.jsonl")
+    try:
+        r = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--workers", "4", "--timeout", "1",
+                       "--backoff", "0.05", "--model", "qwen-vl-max"])
+    finally:
+        api.close()
+    assert r.returncode == 0, r.stderr
+    rows = read_rows(out)
+    by_video = {row["video"]: row for row in rows}
+    assert len(rows) == 14 and len(by_video) == 14
+    for i in (0, 1, 2, 3, 4, 5, 11, 12):
+        row = by_video[videos[i]]
+        assert row["caption"].startswith(f"Video {i}:") and row["finish_reason"] == "stop", row
+        assert row["usage"]["prompt_tokens"] == 100 and row["model"] == "fake-vl"
+    expect = {6: (400, "data_inspection_failed"), 7: (401, "invalid_api_key"), 8: (429, "insufficient_quota"),
+              9: (200, "empty_reply")}
+    for i, (status, code) in expect.items():
+        row = by_video[videos[i]]
+        assert "caption" not in row and (row["status"], row["code"]) == (status, code), row
+    assert by_video[videos[10]]["finish_reason"] == "length"
+    assert by_video[str(tmp_path / "v" / "broken.mp4")]["code"] == "unreadable_video"
+    # no retry for the final errors, a retry for each retryable fault
+    attempts = collections.Counter(e["item"] for e in api.log)
+    assert [attempts[i] for i in (6, 7, 8, 9)] == [1, 1, 1, 1] and attempts[2] == 3 and attempts[11] == 5
+    t429 = [e["t"] for e in api.log if e["item"] == 1]
+    assert t429[1] - t429[0] >= 0.95                                   # Retry-After: 1 honoured
+    # what the provider receives: the key in the header, 4 frames as one video part of decodable JPEGs
+    for e in api.log:
+        assert e["auth"] == f"Bearer {KEY}" and e["body"]["model"] == "qwen-vl-max"
+        parts = e["body"]["messages"][0]["content"]
+        assert parts[0]["type"] == "video" and len(parts[0]["video"]) == 4 and parts[-1]["type"] == "text"
+        assert all(u.startswith("data:image/jpeg;base64,") for u in parts[0]["video"])
+        assert colour_of(parts[0]["video"][3])[1] == (64, 96, 3)
+    # the key is nowhere: not in the rows (the 401 message echoed it), not in anything printed
+    for text in (open(out).read(), r.stdout, r.stderr):
+        assert KEY not in text
+    assert "***" in by_video[videos[7]]["error"]
+    assert "failed 5" in r.stderr and "400 data_inspection_failed" in r.stderr and "estimated cost" in r.stderr
+
+
+def test_frames_as_images_max_side_and_prompt(tmp_path):
+    videos, colours = make_videos(str(tmp_path), 2)
+    (tmp_path / "prompt.txt").write_text("Describe these {n} frames.")
+    api = label_server(colours)
+    try:
+        r = run_label([str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--api-base", api.url, "--frames-as",
+                       "images", "--max-side", "48", "--prompt-file", str(tmp_path / "prompt.txt")])
+    finally:
+        api.close()
+    assert r.returncode == 0, r.stderr
+    body = api.log[0]["body"]
+    parts = body["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["image_url"] * 4 + ["text"]
+    assert parts[-1]["text"] == "Describe these 4 frames."
+    assert colour_of(parts[0]["image_url"]["url"])[1] == (32, 48, 3)
+
+
+def test_sigkill_then_rerun_every_video_exactly_once(tmp_path):
+    videos, colours = make_videos(str(tmp_path / "v"), 24)
+    api = label_server(colours)
+    api.script = {i: [("hang", 0.3)] for i in range(24)}              # slow answers, so the kill lands mid-run
+    out = tmp_path / "labels.jsonl"
+    args = [str(tmp_path / "v"), "--out", str(out), "--api-base", api.url, "--workers", "3", "--backoff", "0.05"]
+    try:
+        proc = run_label(args, wait=False)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(read_rows(str(out))) < 5:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        before = open(out).read()
+        first = read_rows(str(out))
+        assert 5 <= len(first) < 24
+        r = run_label(args)
+    finally:
+        api.close()
+    assert r.returncode == 0, r.stderr
+    assert open(out).read().startswith(before.rsplit("\n", 1)[0])    # no written row lost or changed
+    rows = read_rows(str(out))
+    assert collections.Counter(row["video"] for row in rows) == collections.Counter(videos)
+    assert all(json.loads(line) for line in open(out))                 # no torn line
+
+
+def test_rate_cap_and_concurrency(tmp_path):
+    videos, colours = make_videos(str(tmp_path), 12)
+    api = label_server(colours)
+    try:
+        r = run_label([str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--api-base", api.url, "--workers", "6",
+                       "--rpm", "240"])                                # one request every 0.25 s at most
+        times = sorted(e["t"] for e in api.log)
+        api.script = {i: [("hang", 1.0)] for i in range(12)}
+        api.log.clear()
+        r2 = run_label([str(tmp_path), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url, "--workers", "4"])
+    finally:
+        api.close()
+    assert r.returncode == 0 and r2.returncode == 0
+    assert len(times) == 12 and times[-1] - times[0] >= 11 * 0.25 - 0.1
+    for i, t in enumerate(times):                                      # any 1 s window: at most 4 (+ jitter)
+        assert sum(1 for u in times if t <= u < t + 1.0) <= 5
+    assert api.max_inflight == 4
+
+
+def test_rate_limit_window_with_a_fake_clock(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    limit, sent = RateLimit(10), []
+    for _ in range(35):
+        limit.wait()
+        sent.append(now[0])
+    assert all(sum(1 for u in sent if t <= u < t + 60) <= 10 for t in sent)
+    assert sent[-1] == pytest.approx(34 * 6.0)
+
+
+def test_clean_rules(tmp_path):
+    long = ("A red fox runs through deep snow at the edge of a pine forest, stops beside a fallen log, sniffs the "
+            "ground, looks back over its shoulder toward the camera, and then trots away between the trees while "
+            "light snow keeps falling and the sky slowly darkens into evening.")
+    rows = [
+        {"video": "a", "caption": "The video shows " + long[0].lower() + long[1:]},
+        {"video": "b", "error": "HTTP 400", "status": 400},
+        {"video": "c", "caption": "   "},
+        {"video": "d", "caption": "I'm sorry, but I can't help with describing this video."},
+        {"video": "e", "caption": "A man walks into a room and sits", "finish_reason": "length"},
+        {"video": "f", "caption": "The cat jumps. " + "The cat jumps on the table. " * 6},
+        {"video": "g", "caption": long.upper()},
+        {"video": "h", "caption": long.replace("fallen log", "fallen tree")},   # Jaccard of 3-grams ~0.88
+        {"video": "i", "caption": "In this video, two girls in school uniforms talk under a cherry tree at sunset."},
+        {"video": "a", "caption": "another caption for a video already labelled"},
+        {"video": "j", "caption": "A spaceship lands on a green planet while two robots wave from a hill."},
+    ]
+    src = tmp_path / "labels.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = run_label(["clean", str(src), "--out", str(tmp_path / "clean.jsonl")])
+    assert r.returncode == 0, r.stderr
+    kept = {row["video"]: row["caption"] for row in read_rows(str(tmp_path / "clean.jsonl"))}
+    assert kept == {"a": long,
+                    "i": "Two girls in school uniforms talk under a cherry tree at sunset.",
+                    "j": rows[-1]["caption"]}
+    for line in ("error or empty: 2", "refused: 1", "truncated: 1", "degenerate loop: 1", "exact duplicate: 1",
+                 "near duplicate: 1", "boilerplate stripped (kept): 2", "video already seen: 1"):
+        assert line in r.stdout, line
