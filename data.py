@@ -237,6 +237,21 @@ def _by_index(path, n, offsets, size, keyframes_only):
                 break
     return [picked[i] for i in wanted]
 
+def read_image(path, short_side: int = None) -> np.ndarray:
+    """A still image (any format FFmpeg reads: PNG, JPEG, WebP ...) as (1, H, W, 3) uint8: its first frame."""
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: no such file")
+    try:
+        container, stream = _open(path, False)
+        with container:
+            frame = next(_decoded(path, container, stream), None)
+            if frame is None:
+                raise VideoError(f"{path}: no decodable image")
+            return _to_rgb(frame, (short_side, None))[None]
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: not readable as an image ({e.strerror or e})") from None
+
+
 # ------------------------------------------------------------------------------- CLIP preprocessing
 
 
@@ -431,7 +446,8 @@ def find_videos(source: str) -> list:
                 continue
             if line.startswith("{"):
                 try:
-                    line = json.loads(line)["video"]
+                    row = json.loads(line)
+                    line = row.get("video") or row["image"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field") from None
             videos.append(line if os.path.isabs(line) else os.path.join(base, line))

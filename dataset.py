@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from data import VideoError, center_crop, read_clip_frames, read_frames
+from data import VideoError, center_crop, read_clip_frames, read_image
 from tokenizer import QUESTION, training_ids
 
 
@@ -83,8 +83,8 @@ class TrainSet(torch.utils.data.Dataset):
         ids, labels = ids[:self.max_tokens], labels[:self.max_tokens]
         rng = np.random.default_rng([self.seed, epoch, index])   # the same frames whichever rank reads it
         try:
-            if is_image:
-                frames = np.repeat(center_crop(read_frames(media, 1, short_side=self.size), self.size), self.frames, 0)
+            if is_image:   # one frame: collate or the model repeats it to the clip length
+                frames = center_crop(read_image(media, short_side=self.size), self.size)
             else:
                 frames = read_clip_frames(media, self.frames, self.size, self.mode, rng=rng)
         except VideoError as e:
@@ -106,7 +106,9 @@ def collate(items, pad_id):
     for b, x in enumerate(items):
         ids[b, :len(x["ids"])] = torch.tensor(x["ids"])
         labels[b, :len(x["labels"])] = torch.tensor(x["labels"])
-    frames = torch.from_numpy(np.stack([x["frames"] for x in items]))
+    T = max(len(x["frames"]) for x in items)   # a batch of stills stays one frame long; mixed, stills repeat
+    frames = torch.from_numpy(np.stack([np.repeat(x["frames"], T // len(x["frames"]), 0) if len(x["frames"]) < T
+                                        else x["frames"] for x in items]))
     return dict(ids=ids, labels=labels, frames=frames, skipped=[x["skipped"] for x in items if x["skipped"]])
 
 

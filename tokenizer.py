@@ -200,3 +200,39 @@ def training_ids(tok: Tokenizer, turns, template: str = "vicuna", system: str = 
         ids += prompt + reply
         labels += [-100] * len(prompt) + reply
     return ids, labels
+
+
+def train_tokenizer(folder: str, texts, vocab_size: int, chatml: bool = False, legacy: bool = False) -> str:
+    """Train a SentencePiece BPE model on `texts` and write the tokenizer files of a Vicuna (LLaMA) or a
+    ChatML (Yi) checkpoint beside it, <image> and <pad> added after the vocabulary as llava-hf does: for
+    models trained from scratch (toy.py) and for tests."""
+    import tempfile
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w", encoding="utf-8") as f:
+            f.write("\n".join(texts))
+        spm.SentencePieceTrainer.train(
+            input=corpus, model_prefix=os.path.join(tmp, "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=3,
+            split_digits=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+            allow_whitespace_only_pieces=True, add_dummy_prefix=not chatml, hard_vocab_limit=False,
+            bos_piece="<|startoftext|>" if chatml else "<s>", eos_piece="<|endoftext|>" if chatml else "</s>",
+            control_symbols=["<|im_start|>", "<|im_end|>"] if chatml else [])
+        os.replace(os.path.join(tmp, "tokenizer.model"), os.path.join(folder, "tokenizer.model"))
+    size = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model")).get_piece_size()
+
+    def added(content):
+        return {"content": content, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                "single_word": False}
+    tokens = [(0, "<unk>"), (1, "<|startoftext|>" if chatml else "<s>"), (2, "<|endoftext|>" if chatml else "</s>")]
+    tokens += [(3, "<|im_start|>"), (4, "<|im_end|>")] if chatml else []
+    tokens += [(size, IMAGE), (size + 1, "<pad>")]
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "add_bos_token": not chatml,
+              "add_eos_token": False, "bos_token": tokens[1][1], "eos_token": "<|im_end|>" if chatml else "</s>",
+              "unk_token": "<unk>", "pad_token": "<pad>", "added_tokens_decoder": {str(i): added(c) for i, c in tokens}}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(folder, "added_tokens.json"), "w") as f:
+        json.dump({IMAGE: size, "<pad>": size + 1}, f)
+    return folder

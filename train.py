@@ -372,6 +372,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         micro = [next(it) for _ in range(args.grad_accum)]
         n_tokens, = all_sum([sum((b["labels"][:, 1:] != -100).sum().item() for b in micro)], world, device)
+        if n_tokens == 0 and rank == 0:
+            print(f"warning: step {step + 1} has no answer tokens to learn from (is --max-tokens shorter than "
+                  f"the prompt?)", flush=True)
         lr = lr_at(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -146,40 +146,10 @@ CORPUS = ["a red circle moves left then down on a blue background", "USER: descr
           "hello world\n new line here", "system prompt you are a helpful assistant", "Video-ChatGPT large vision-language"]
 
 
-def make_tokenizer(folder, kind="vicuna", legacy=False, vocab_size=400, corpus=CORPUS):
-    """A SentencePiece BPE model trained here plus the tokenizer files of a Vicuna (LLaMA) or a ChatML (Yi)
-    checkpoint: <image> and <pad> added after the vocabulary, as in llava-hf's releases."""
-    import sentencepiece as spm
-    os.makedirs(folder, exist_ok=True)
-    text = os.path.join(folder, "corpus.txt")
-    with open(text, "w") as f:
-        f.write("\n".join(list(corpus) * 20))
-    chatml = kind == "chatml"
-    spm.SentencePieceTrainer.train(
-        input=text, model_prefix=os.path.join(folder, "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=3,
-        split_digits=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True, add_dummy_prefix=not chatml,
-        bos_piece="<|startoftext|>" if chatml else "<s>", eos_piece="<|endoftext|>" if chatml else "</s>",
-        control_symbols=["<|im_start|>", "<|im_end|>"] if chatml else [])
-    os.remove(text)
-    os.remove(os.path.join(folder, "tokenizer.vocab"))
-
-    def added(content):
-        return {"content": content, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                "single_word": False}
-    tokens = [(0, "<unk>"), (1, "<s>" if not chatml else "<|startoftext|>"), (2, "</s>" if not chatml else "<|endoftext|>")]
-    tokens += [(3, "<|im_start|>"), (4, "<|im_end|>")] if chatml else []
-    tokens += [(vocab_size, "<image>"), (vocab_size + 1, "<pad>")]
-    config = {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "add_bos_token": not chatml,
-              "add_eos_token": False, "bos_token": tokens[1][1], "eos_token": "<|im_end|>" if chatml else "</s>",
-              "unk_token": "<unk>", "pad_token": "<pad>",
-              "added_tokens_decoder": {str(i): added(c) for i, c in tokens}}
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f)
-    with open(os.path.join(folder, "added_tokens.json"), "w") as f:
-        json.dump({"<image>": vocab_size, "<pad>": vocab_size + 1}, f)
-    return folder
+def make_tokenizer(folder, kind="vicuna", legacy=False, vocab_size=400):
+    """A SentencePiece model trained here on a few sentences, with a Vicuna or a ChatML checkpoint's files."""
+    from tokenizer import train_tokenizer
+    return train_tokenizer(folder, CORPUS * 20, vocab_size, chatml=kind == "chatml", legacy=legacy)
 
 
 def tiny_checkpoint(folder, seed=0, num_frames=4, pooling_shape=(4, 2, 2), **text):
