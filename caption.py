@@ -209,6 +209,7 @@ def main(argv=None):
           f"{elapsed:.1f} s, {n / max(elapsed, 1e-9):.2f} videos/s, "
           f"{stats['tokens'] / max(stats['captions'], 1):.0f} tokens per caption, "
           f"{100 * stats['wait'] / max(elapsed, 1e-9):.1f}% of the time waiting for decoding", file=sys.stderr)
+    return {**stats, "seconds": elapsed, "already_done": len(done)}
 
 
 def progress(rank, stats, total, start):

@@ -63,12 +63,21 @@ def generate(model, input_ids, pixel_values, attention_mask=None, max_new_tokens
              stop_strings=(), decode=None, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
     """input_ids (B, L) left-padded prompts, one <image> each; pixel_values (B, T, 3, H, W).
     Returns the new tokens of each row, without the stop token."""
-    lm = model.language_model
     x, valid, _ = model.prepare(input_ids, pixel_values, attention_mask)     # (B, P, D), (B, P)
+    seen = _seen(input_ids, attention_mask, model.language_model.config.vocab_size)
+    return generate_from_embeddings(model.language_model, x, valid, max_new_tokens, stop_ids, stop_strings, decode,
+                                    temperature, top_p, repetition_penalty, generator, seen)
+
+
+@torch.no_grad()
+def generate_from_embeddings(lm, x, valid, max_new_tokens=200, stop_ids=(2,), stop_strings=(), decode=None,
+                             temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None, seen=None):
+    """The decoding loop proper, from input embeddings x (B, P, D) and their valid mask (B, P)."""
     B, P = valid.shape
     valid = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)     # (B, P + new)
     positions = positions_of(valid)
-    seen = _seen(input_ids, attention_mask, lm.config.vocab_size)
+    if seen is None:
+        seen = torch.zeros(B, lm.config.vocab_size, dtype=torch.bool, device=x.device)
     stopper = Stopper(B, stop_ids, stop_strings, decode)
     lm.setup_cache(B, P + max_new_tokens)
     try:

@@ -45,7 +45,7 @@ SYSTEM = "You are a helpful assistant."
 VIDEO_Q, IMAGE_Q = "Describe this video.", "Describe this image."
 SIZES = {   # (train videos, test videos, train stills, test stills, stage 1 steps, stage 2 steps, batch)
     "default": (1600, 200, 2400, 120, 1200, 600, 16),
-    "quick": (480, 96, 1200, 48, 600, 200, 16),
+    "quick": (480, 96, 1200, 48, 900, 250, 16),
 }
 
 
