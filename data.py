@@ -27,6 +27,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".mpg", ".mpeg", ".ts", ".m2ts",
                     ".flv", ".wmv", ".3gp", ".ogv"}
 MAX_BAD_PACKETS = 50
+GUESS_GOP = 10.0
+SCAN_MARGIN = 8     # frames before a target from which every frame is decoded again (B-frames: <= 4)
 
 
 class VideoError(Exception):
@@ -83,7 +85,7 @@ def _read(path, n, offsets, size, keyframes_only):
                 break
             plan = [start + (i + u) * duration / n for i, u in enumerate(offsets)]
             try:
-                frames, end = _by_time(path, container, stream, plan, size, seekable)
+                frames, end = _by_time(path, container, stream, plan, size, seekable, not keyframes_only)
             except _NoTimestamps:
                 break
             except _NoSeek:
@@ -157,18 +159,24 @@ def _to_rgb(frame, size):
 
 
 def _worth_seeking(t, here, last_key, gop):
-    """Seek only when a keyframe probably lies between the decoder and t; else decoding forward is cheaper."""
+    """Seek only when it saves decoding. A seek lands on the keyframe before t, on average half a GOP
+    (keyframe interval) before it, and only helps when a keyframe lies between the decoder and t. Until two
+    keyframes have been seen, assume GUESS_GOP seconds, a common encoder default (250 frames at 25 fps)."""
     if here is None:
         return True
-    if t - here <= 1.0:
+    if t - here <= max(1.0, 0.5 * (gop or GUESS_GOP)):
         return False
-    return gop is None or last_key is None or t - last_key > gop   # the next keyframe comes before t
+    return last_key is None or t - last_key > (gop or GUESS_GOP)
 
 
-def _by_time(path, container, stream, plan, size, seekable):
+def _by_time(path, container, stream, plan, size, seekable, skip_b_frames=True):
     """The frame on screen at each planned time: (frames, None), or (frames, true end) when the file
-    ended well before the plan (its header lied about the duration)."""
-    frames, it, cur, pending, eof = [], None, None, None, False
+    ended well before the plan (its header lied about the duration).
+
+    On the way to a target, frames no other frame refers to (B-frames, mostly) are not decoded until the
+    target is near: they cannot be the frame picked, and they are often most of the decoding work."""
+    frames, it, cur, pending, eof, skipping = [], None, None, None, False, False
+    margin = SCAN_MARGIN / float(stream.average_rate) if stream.average_rate else 0.5
     last_key, gop = None, None          # the last keyframe seen, and the widest spacing between two
     for t in plan:
         here = (pending or cur).time if (pending or cur) is not None else None
@@ -195,6 +203,10 @@ def _by_time(path, container, stream, plan, size, seekable):
                 pending = frame
                 break
             cur = frame
+            far = skip_b_frames and frame.time < t - margin
+            if far != skipping:
+                stream.codec_context.skip_frame = "NONREF" if far else "DEFAULT"
+                skipping = far
         if cur is None:
             raise VideoError(f"{path}: no decodable frames")
         frames.append(_to_rgb(cur, size))

@@ -229,7 +229,8 @@ class LLaMA(nn.Module):
         w = self.model.embed_tokens.weight
         for layer in self.model.layers:
             a = layer.self_attn
-            a.cache = KVCache(batch, a.n_kv, max_len, a.head_dim, w.dtype, w.device)
+            if a.cache is None or a.cache.k.shape != (batch, a.n_kv, max_len, a.head_dim) or a.cache.k.dtype != w.dtype:
+                a.cache = KVCache(batch, a.n_kv, max_len, a.head_dim, w.dtype, w.device)
 
     def clear_cache(self):
         for layer in self.model.layers:

@@ -160,10 +160,11 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special: bool = True) -> str:
-        out, run = [], []
+        out, run, size = [], [], self.sp.get_piece_size()
         for i in list(ids) + [None]:
             if i is not None and i not in self._id_to_added:
-                run.append(i)
+                if 0 <= i < size:   # ids past the tokenizer (a vocabulary padded to 32064, say) are dropped
+                    run.append(i)
                 continue
             if run:
                 out.append(self.sp.decode(run))

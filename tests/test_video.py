@@ -113,6 +113,17 @@ def test_long_video_is_sampled_by_seeking_not_decoding_everything(tmp_path, monk
     assert len(seen) <= N * 50 + 50                        # at most one GOP per sample, of 6,000 frames
 
 
+def test_b_frames_skipped_on_the_way_still_exact(tmp_path, monkeypatch):
+    """x264 with B-frames and 10 s keyframe intervals: the scan to each target skips frames nothing refers
+    to, and every sampled frame is still exactly the one on screen at its segment's middle."""
+    n_frames = 1200                                        # 48 s at 25 fps
+    path = write_video(tmp_path / "b.mp4", n_frames=n_frames, fps=25, gop=250, size=(64, 32),
+                       options={"preset": "veryfast", "x264-params": "bframes=3:b-adapt=0:scenecut=0"})
+    seen = counting_decoder(monkeypatch)
+    assert [read_index(f) for f in read16(path)] == expected_indices({"n_frames": n_frames})
+    assert len(seen) < 0.6 * n_frames                     # B-pyramid: one B-frame in three is a reference
+
+
 def test_header_duration_longer_than_the_file(tmp_path):
     """A truncated MKV keeps its header's full duration: sample the part that is really there."""
     path = write_video(tmp_path / "t.mkv", n_frames=400, gop=10)
