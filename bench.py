@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-context", type=int, help="prompt length for the decode test (default: visual "
                                                      "tokens + 64 on GPU, 256 on CPU)")
     p.add_argument("--load-gb", type=float, default=1.0, help="checkpoint size for the loading test")
+    p.add_argument("--compile", action="store_true", help="also measure the compiled decoding step")
     p.add_argument("--json", help="write the rows here too")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -131,7 +132,7 @@ def bench_prefill(ctx):
     return [row(f"prefill, {n} tokens ({n - 64} visual + 64)", "s", t_ours, t_ref, higher_is_better=False)]
 
 
-def decode_rates(ctx, batch):
+def decode_rates(ctx, batch, compile=False):
     """Tokens/s of the decoding steps alone: (time for N new tokens - time for 1) / (N - 1), per row."""
     m, ref, a = ctx["model"].language_model, ctx["lm"], ctx["args"]
     x = embeddings(ctx, batch, ctx["context"])
@@ -139,7 +140,7 @@ def decode_rates(ctx, batch):
     mask = torch.ones(x.shape[:2], dtype=torch.long, device=a.device)
     N = ctx["new_tokens"]
     rates = []
-    for run in (lambda k: generate_from_embeddings(m, x, valid, max_new_tokens=k, stop_ids=()),
+    for run in (lambda k: generate_from_embeddings(m, x, valid, max_new_tokens=k, stop_ids=(), compile=compile),
                 lambda k: ref.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
                                        do_sample=False, pad_token_id=0, eos_token_id=None)):
         with torch.no_grad():
@@ -151,11 +152,12 @@ def decode_rates(ctx, batch):
 
 def bench_decode(ctx):
     rows = []
-    for batch in (1, 8):
-        ours, ref = decode_rates(ctx, batch)
-        ctx[f"decode_b{batch}"] = ours
-        rows.append(row(f"decode, batch {batch}, {ctx['new_tokens']} new tokens after {ctx['context']}",
-                        "tokens/s", ours, ref))
+    for compile in (False, True) if ctx["args"].compile else (False,):
+        for batch in (1, 8):
+            ours, ref = decode_rates(ctx, batch, compile)
+            ctx[f"decode_b{batch}" + ("_compiled" if compile else "")] = ours
+            rows.append(row(f"decode{' (compiled)' if compile else ''}, batch {batch}, {ctx['new_tokens']} new "
+                            f"tokens after {ctx['context']}", "tokens/s", ours, ref))
     return rows
 
 
@@ -170,11 +172,14 @@ def bench_roofline(ctx):
     c, size = m.config.text_config, torch.finfo(ctx["dtype"]).bits // 8
     weights = sum(p.numel() for n, p in m.language_model.named_parameters() if "embed_tokens" not in n) * size
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (ctx["context"] + ctx["new_tokens"] / 2) * size
-    rate = ctx.get("decode_b1") or decode_rates(ctx, 1)[0]
-    achieved = (weights + kv) * rate
-    return [row("memory bandwidth (1 GB copy)", "GB/s", bandwidth / 1e9, None),
-            row("decode batch 1: bytes read per second", "GB/s", achieved / 1e9, None),
-            row("decode batch 1: share of the bandwidth", "%", 100 * achieved / bandwidth, None)]
+    rows = [row("memory bandwidth (copy of 512 MB: bytes read + written / s)", "GB/s", bandwidth / 1e9, None)]
+    for key in ("decode_b1", "decode_b1_compiled"):
+        rate = ctx.get(key) or (decode_rates(ctx, 1)[0] if key == "decode_b1" else None)
+        if rate:
+            achieved = (weights + kv) * rate
+            rows.append(row(f"{key.replace('_', ' ')}: weights + KV cache read per second, share of the bandwidth",
+                            "%", 100 * achieved / bandwidth, None))
+    return rows
 
 
 def long_clip(folder, minutes=5):

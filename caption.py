@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4, help="video decoding processes")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed to decode one video")
     p.add_argument("--keyframes-only", action="store_true", help="faster decoding, less exact frame times")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step (static cache, CUDA graphs on a GPU): minutes to start, then faster")
     p.add_argument("--overwrite", action="store_true", help="caption everything again")
     p.add_argument("--retry-errors", action="store_true", help="try again the videos that got an error row")
     p.add_argument("--seed", type=int, default=0)
@@ -121,7 +123,7 @@ class Captioner:
         ids = torch.tensor([self.prompt] * len(frames), device=self.device)   # one prompt: no padding
         out = generate(self.model, ids, pixels, max_new_tokens=a.max_new_tokens, stop_ids=self.stop_ids,
                        stop_strings=self.stops, decode=self.tok.decode, temperature=a.temperature, top_p=a.top_p,
-                       repetition_penalty=a.repetition_penalty, generator=self.generator)
+                       repetition_penalty=a.repetition_penalty, generator=self.generator, compile=a.compile)
         results = []
         for tokens in out:
             text = self.tok.decode(tokens)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from model import causal_mask, positions_of
 
+COMPILE_MODE = None   # torch.compile's mode for the decode step; None: chosen by the device
+
 
 def pick(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
     """(B, V) logits -> (B,) next tokens. seen (B, V) bool: the tokens a repetition penalty applies to."""
@@ -79,7 +81,7 @@ def compiled_step(lm):
     """decode_step compiled once per model: on a GPU with CUDA graphs, on a CPU with inductor's own GEMM
     kernels, which beat MKL's on the one-token-per-row matrix products of decoding."""
     if getattr(lm, "compiled_step", None) is None:
-        mode = "max-autotune" if lm.lm_head.weight.is_cuda else "max-autotune-no-cudagraphs"
+        mode = COMPILE_MODE or ("max-autotune" if lm.lm_head.weight.is_cuda else "max-autotune-no-cudagraphs")
         lm.compiled_step = torch.compile(decode_step, mode=mode, dynamic=False)
     return lm.compiled_step
 

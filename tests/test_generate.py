@@ -90,3 +90,22 @@ def test_stop_strings():
     assert s.done == [True, False]
     assert s.add(torch.tensor([4, 9]))              # row 1 the stop token: all done
     assert s.tokens == [[1, 7], [2, 3]]
+
+
+def test_static_cache_path_and_compiled_step_equal_the_plain_path(tiny, monkeypatch):
+    """--compile attends to the whole cache through a mask (one shape for every step) and compiles the
+    step; both must give the tokens of the plain path, padded rows included."""
+    import generate as g
+    model, tok = tiny
+    ids, mask = left_pad([prompt_ids(tok, q) for q in QUESTIONS], tok.pad_id)
+    pixels = torch.randn(3, 4, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    plain = generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=())
+    monkeypatch.setattr(g, "compiled_step", lambda lm: g.decode_step)        # the static path, eager
+    assert generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=(), compile=True) == plain
+    monkeypatch.undo()
+    monkeypatch.setattr(g, "COMPILE_MODE", "default")                         # a quick compile for the test
+    model.language_model.compiled_step = None
+    assert generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=(), compile=True) == plain
+    assert generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=(), compile=True) == plain   # reused
+    model.language_model.compiled_step = None
+    model.language_model.clear_cache()

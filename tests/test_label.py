@@ -158,8 +158,8 @@ def test_rate_cap_and_concurrency(tmp_path):
         api.close()
     assert r.returncode == 0 and r2.returncode == 0
     assert len(times) == 12 and times[-1] - times[0] >= 11 * 0.25 - 0.1
-    for i, t in enumerate(times):                                      # any 1 s window: at most 4 (+ jitter)
-        assert sum(1 for u in times if t <= u < t + 1.0) <= 5
+    for t in times:    # any 1 s window: 4 by the cap, +2 for arrival jitter on a loaded machine (uncapped: all 12)
+        assert sum(1 for u in times if t <= u < t + 1.0) <= 6
     assert api.max_inflight == 4
 
 
