@@ -188,7 +188,7 @@ def toy_config(tok_folder, frames, pooling="pllava", t_pool=None):
 def run(cmd, log, nproc=1):
     """A stage as its own process (torchrun for nproc > 1); its output goes to a log file."""
     if nproc > 1:
-        cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0"] + cmd
+        cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] + cmd
     start = time.monotonic()
     with open(log, "w") as f:
         r = subprocess.run([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT,

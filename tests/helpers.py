@@ -15,6 +15,10 @@ IMAGE_ID = 110
 PLLAVA = dict(pooling_shape=[4, 2, 2], num_frames=4)
 
 
+def max_rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
 def randomize(module, seed=0, std=0.15):
     """Weights large enough that a wrong detail shows in the outputs (init std 0.02 hides a lot)."""
     g = torch.Generator().manual_seed(seed)

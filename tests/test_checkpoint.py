@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoint import CheckpointError
-from helpers import causal_lm, hub_layout, peft_release, reference_logits, sample_inputs, tiny_llava, write_checkpoint
+from helpers import (causal_lm, hub_layout, max_rel_err, peft_release, reference_logits, sample_inputs, tiny_llava,
+                     write_checkpoint)
 from model import PLLaVA
 
 
@@ -18,10 +19,6 @@ from model import PLLaVA
 def no_grad():
     with torch.no_grad():
         yield
-
-
-def max_rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

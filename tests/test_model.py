@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from helpers import IMAGE_ID, TEXT, VISION, causal_lm, randomize, reference_logits, sample_inputs, tiny_llava
+from helpers import (IMAGE_ID, TEXT, VISION, causal_lm, max_rel_err, randomize, reference_logits, sample_inputs,
+                     tiny_llava)
 from config import Config, VisionConfig
 from model import LLaMA, PLLaVA, CLIPVision, causal_mask, positions_of
 
@@ -13,10 +14,6 @@ from model import LLaMA, PLLaVA, CLIPVision, causal_mask, positions_of
 def no_grad():
     with torch.no_grad():
         yield
-
-
-def max_rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def load_into(module, hf_state, prefix_map=()):
