@@ -9,6 +9,7 @@ presets in bf16, for a GPU; on a CPU use tiny or small (a ~130M-parameter LLM).
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from config import PRESETS, Config
-from generate import generate_from_embeddings
+from generate import can_pack, generate_from_embeddings, pack_for_cpu
 from lora import add_lora
 from model import PLLaVA
 
@@ -117,7 +118,7 @@ def embeddings(ctx, batch, length):
 
 
 def bench_prefill(ctx):
-    m, ref, a = ctx["model"].language_model, ctx["lm"], ctx["args"]
+    m, ref, a = ctx["fast_lm"], ctx["lm"], ctx["args"]
     n = ctx["model"].config.num_visual_tokens + 64
     x = embeddings(ctx, 1, n)
 
@@ -131,32 +132,40 @@ def bench_prefill(ctx):
     return [row(f"prefill, {n} tokens ({n - 64} visual + 64)", "s", t_ours, t_ref, higher_is_better=False)]
 
 
-def decode_rates(ctx, batch, compile=False):
+def decode_paths(ctx):
+    """Our decoding paths: plain; packed for oneDNN (what caption.py runs on a CPU); compiled (--compile)."""
+    lm = ctx["model"].language_model
+    paths = {"plain": (lm, False)}
+    if can_pack(lm):
+        paths["packed"] = (pack_for_cpu(copy.deepcopy(lm)), False)
+    if ctx["args"].compile:
+        paths["compiled"] = (lm, True)
+    return paths
+
+
+def decode_rate(ctx, batch, run):
     """Tokens/s of the decoding steps alone: (time for N new tokens - time for 1) / (N - 1), per row."""
-    m, ref, a = ctx["model"].language_model, ctx["lm"], ctx["args"]
-    x = embeddings(ctx, batch, ctx["context"])
-    valid = torch.ones(x.shape[:2], dtype=torch.bool, device=a.device)
-    mask = torch.ones(x.shape[:2], dtype=torch.long, device=a.device)
-    N = ctx["new_tokens"]
-    rates = []
-    for run in (lambda k: generate_from_embeddings(m, x, valid, max_new_tokens=k, stop_ids=(), compile=compile),
-                lambda k: ref.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
-                                       do_sample=False, pad_token_id=0, eos_token_id=None)):
-        with torch.no_grad():
-            t_n = median_time(lambda: run(N), a.device, a.repeats)
-            t_1 = median_time(lambda: run(1), a.device, a.repeats)
-        rates.append(batch * (N - 1) / max(t_n - t_1, 1e-9))
-    return rates
+    N, a = ctx["new_tokens"], ctx["args"]
+    with torch.no_grad():
+        t_n = median_time(lambda: run(N), a.device, a.repeats)
+        t_1 = median_time(lambda: run(1), a.device, a.repeats)
+    return batch * (N - 1) / max(t_n - t_1, 1e-9)
 
 
 def bench_decode(ctx):
-    rows = []
-    for compile in (False, True) if ctx["args"].compile else (False,):
-        for batch in (1, 8):
-            ours, ref = decode_rates(ctx, batch, compile)
-            ctx[f"decode_b{batch}" + ("_compiled" if compile else "")] = ours
-            rows.append(row(f"decode{' (compiled)' if compile else ''}, batch {batch}, {ctx['new_tokens']} new "
-                            f"tokens after {ctx['context']}", "tokens/s", ours, ref))
+    a, ref, rows = ctx["args"], ctx["lm"], []
+    for batch in (1, 8):
+        x = embeddings(ctx, batch, ctx["context"])
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=a.device)
+        theirs = decode_rate(ctx, batch, lambda k: ref.generate(
+            inputs_embeds=x, attention_mask=valid.long(), max_new_tokens=k, min_new_tokens=k, do_sample=False,
+            pad_token_id=0, eos_token_id=None))
+        for name, (lm, compile) in ctx["paths"].items():
+            ours = decode_rate(ctx, batch, lambda k: generate_from_embeddings(
+                lm, x, valid, max_new_tokens=k, stop_ids=(), compile=compile))
+            ctx["decode"][name, batch] = ours
+            rows.append(row(f"decode ({name}), batch {batch}, {ctx['new_tokens']} new tokens after "
+                            f"{ctx['context']}", "tokens/s", ours, theirs))
     return rows
 
 
@@ -172,12 +181,12 @@ def bench_roofline(ctx):
     weights = sum(p.numel() for n, p in m.language_model.named_parameters() if "embed_tokens" not in n) * size
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (ctx["context"] + ctx["new_tokens"] / 2) * size
     rows = [row("memory bandwidth (copy of 512 MB: bytes read + written / s)", "GB/s", bandwidth / 1e9, None)]
-    for key in ("decode_b1", "decode_b1_compiled"):
-        rate = ctx.get(key) or (decode_rates(ctx, 1)[0] if key == "decode_b1" else None)
-        if rate:
-            achieved = (weights + kv) * rate
-            rows.append(row(f"{key.replace('_', ' ')}: weights + KV cache read per second, share of the bandwidth",
-                            "%", 100 * achieved / bandwidth, None))
+    if not ctx["decode"]:
+        bench_decode(ctx)
+    for (name, batch), rate in ctx["decode"].items():
+        if batch == 1:
+            rows.append(row(f"decode ({name}), batch 1: weights + KV cache read per second, share of the "
+                            "bandwidth", "%", 100 * (weights + kv) * rate / bandwidth, None))
     return rows
 
 
@@ -407,6 +416,8 @@ def main(argv=None):
     os.makedirs(ctx["cache"], exist_ok=True)
     if {"vision", "prefill", "decode", "roofline"} & set(sections):
         ctx["clip"], ctx["lm"] = reference_models(model, args.device, dtype)
+        ctx["paths"], ctx["decode"] = decode_paths(ctx), {}
+        ctx["fast_lm"] = ctx["paths"].get("packed", ctx["paths"]["plain"])[0]
     device_name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"{device_name}, torch {torch.__version__}, size {args.size} "
           f"({sum(p.numel() for p in model.language_model.parameters()) / 1e6:.0f}M LLM parameters), {dtype}")

@@ -19,7 +19,7 @@ import torch
 import hub
 from checkpoint import CheckpointError
 from data import CLIP_MEAN, CLIP_STD, VideoError, find_videos, imap_unordered, normalize, read_clip_frames
-from generate import generate
+from generate import can_pack, generate, pack_for_cpu
 from jsonl import Appender, read_rows
 from model import PLLaVA
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, prompt_ids, stop_id, template_for
@@ -80,6 +80,8 @@ class Captioner:
         self.args, self.device = args, device
         folder = hub.resolve(args.model)
         self.model = PLLaVA.from_pretrained(folder, lora_alpha=args.lora_alpha, dtype=dtype, device=device)
+        if can_pack(self.model.language_model) and not args.compile:   # CPU fp32: oneDNN's faster layout
+            pack_for_cpu(self.model.language_model)
         self.tok = Tokenizer(folder)
         config = self.model.config
         if self.tok.image_id is None:

@@ -8,8 +8,10 @@ the fast path is tested against.
 """
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from lora import LoRALinear
 from model import causal_mask, positions_of
 
 COMPILE_MODE = None   # torch.compile's mode for the decode step; None: chosen by the device
@@ -81,7 +83,7 @@ def compiled_step(lm):
     """decode_step compiled once per model: on a GPU with CUDA graphs, on a CPU with inductor's own GEMM
     kernels, which beat MKL's on the one-token-per-row matrix products of decoding."""
     if getattr(lm, "compiled_step", None) is None:
-        mode = COMPILE_MODE or ("max-autotune" if lm.lm_head.weight.is_cuda else "max-autotune-no-cudagraphs")
+        mode = COMPILE_MODE or ("max-autotune" if lm.model.embed_tokens.weight.is_cuda else "max-autotune-no-cudagraphs")
         lm.compiled_step = torch.compile(decode_step, mode=mode, dynamic=False)
     return lm.compiled_step
 
@@ -121,6 +123,40 @@ def generate_from_embeddings(lm, x, valid, max_new_tokens=200, stop_ids=(2,), st
         if not compile:
             lm.clear_cache()
     return stopper.tokens
+
+
+class PackedLinear(nn.Module):
+    """A linear layer for CPU inference whose weight lives in oneDNN's blocked layout: the same numbers,
+    multiplied by oneDNN's kernels, which stream the weight ~1.4x (1 row) to ~2x (8 rows) faster than
+    MKL's sgemm on the plain layout in the few-row products of decoding (measured: bench.py)."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 8)   # 8: a row hint
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack(lm):
+    w = lm.model.embed_tokens.weight
+    return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+@torch.no_grad()
+def pack_for_cpu(lm):
+    """Every linear layer of the language model becomes a PackedLinear, LoRA merged in at its current
+    alpha; the plain weights are dropped, so memory stays the same (a tied lm_head gets its own copy).
+    For inference only: a packed model cannot be trained, saved or have its LoRA alpha changed."""
+    for name, m in list(lm.named_modules()):
+        if isinstance(m, nn.Linear) and not name.endswith(("lora_A", "lora_B")):
+            w = m.weight
+            if isinstance(m, LoRALinear) and not m.merged:
+                w = (w.float() + m.delta_weight()).to(w.dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent) if parent else lm, child, PackedLinear(w, m.bias))
+    return lm
 
 
 @torch.no_grad()

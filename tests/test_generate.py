@@ -1,11 +1,14 @@
 """generate.py: batched == one at a time, cached == the uncached reference loop, and the sampling knobs."""
 
+import copy
+
 import pytest
 import torch
 
-from generate import Stopper, generate, generate_reference, pick
+from generate import PackedLinear, Stopper, can_pack, generate, generate_reference, pack_for_cpu, pick
 from helpers import tiny_checkpoint
-from model import PLLaVA
+from lora import add_lora, lora_layers
+from model import PLLaVA, causal_mask, positions_of
 from tokenizer import Tokenizer, prompt_ids
 
 
@@ -109,3 +112,26 @@ def test_static_cache_path_and_compiled_step_equal_the_plain_path(tiny, monkeypa
     assert generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=(), compile=True) == plain   # reused
     model.language_model.compiled_step = None
     model.language_model.clear_cache()
+
+
+def test_cpu_packed_weights_equal_the_plain_path(tiny):
+    """caption.py on a CPU multiplies by oneDNN-packed weights, with LoRA merged in at its alpha: the same
+    logits (fp32 tolerance) and the same tokens as the plain layers."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    add_lora(model.language_model, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=3.0, dropout=0.0)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)                   # a LoRA that changes the output
+    ids, mask = left_pad([prompt_ids(tok, q) for q in QUESTIONS], tok.pad_id)
+    pixels = torch.randn(3, 4, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    x, valid, _ = model.prepare(ids, pixels, mask)
+    lm = model.language_model
+    plain_logits = lm.lm_head(lm(x, positions_of(valid), causal_mask(valid)))
+    plain = generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=())
+    assert can_pack(lm)
+    pack_for_cpu(lm)
+    assert not lora_layers(model) and isinstance(lm.model.layers[0].self_attn.q_proj, PackedLinear)
+    logits = lm.lm_head(lm(x, positions_of(valid), causal_mask(valid)))
+    real = valid[:, :, None].expand_as(logits)
+    assert ((logits - plain_logits)[real].abs().max() / plain_logits[real].abs().max()) <= 1e-5
+    assert generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=()) == plain
