@@ -249,7 +249,8 @@ def load_checkpoint(model, optimizer, path, rank):
     model_sd, optim_sd = get_state_dict(model, optimizer)
     keep = trainable_names(model)
     state = {"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path)   # fails on any requested key the checkpoint lacks
+    # strict=False: a checkpoint holds the trainable weights only; the frozen ones stay as they were loaded
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
     rng = torch.load(os.path.join(path, f"rng_{rank}.pt"), weights_only=False)
