@@ -18,11 +18,12 @@ import torch
 
 import hub
 from checkpoint import CheckpointError
-from data import CLIP_MEAN, CLIP_STD, VideoError, find_videos, imap_unordered, normalize, read_clip_frames
+from data import CLIP_MEAN, CLIP_STD, VideoError, find_videos, normalize, read_clip_frames
 from generate import can_pack, generate, pack_for_cpu
 from jsonl import Appender, read_rows
 from model import PLLaVA
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, prompt_ids, stop_id, template_for
+from workers import imap_unordered
 
 DEFAULT_MODEL = "ermu2001/pllava-7b"
 

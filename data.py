@@ -1,4 +1,4 @@
-"""Video in: n frames from whatever file people have, CLIP preprocessing, and decode workers.
+"""Video in: n frames from whatever file people have, CLIP preprocessing, JPEG for the teacher.
 
 Frames are chosen by *time*: the video is cut into n equal segments and we take the frame on screen at
 the middle of each (`middle`, for captioning) or at a random moment inside it (`random`, for training).
@@ -10,14 +10,6 @@ decoding forward, so an hours-long file costs n short decodes, never a decode of
 import base64
 import fractions
 import os
-import pickle
-import queue
-import struct
-import subprocess
-import sys
-import threading
-import time
-from multiprocessing.connection import wait
 
 import av
 import numpy as np
@@ -317,124 +309,6 @@ def jpeg_data_urls(path, n, max_side, q):
     """A video's n frames (segment middles) as base64 JPEG data URLs, for a vision API."""
     frames = read_frames(path, n, "middle", max_side=max_side)
     return ["data:image/jpeg;base64," + base64.b64encode(jpeg(f, q)).decode() for f in frames]
-
-
-# ------------------------------------------------------------------------------------ decode workers
-# Workers are plain `python` subprocesses that import this file only (no torch: they start in a fraction
-# of a second), fed pickled (function, item) messages over their stdin and answering over their stdout.
-
-
-def _send(stream, obj):
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)) + data)
-    stream.flush()
-
-
-def _recv(stream):
-    head = stream.read(8)
-    if len(head) < 8:
-        raise EOFError
-    n = struct.unpack("<Q", head)[0]
-    data = stream.read(n)
-    if len(data) < n:
-        raise EOFError
-    return pickle.loads(data)
-
-
-def _serve():
-    """The worker's loop: the function first, then items until the parent closes the pipe."""
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr   # a stray print must not corrupt the protocol
-    try:
-        fn = _recv(inp)
-        while True:
-            item = _recv(inp)
-            try:
-                _send(out, (True, fn(item)))
-            except Exception as e:   # any failure is reported for this item; the worker lives on
-                _send(out, (False, str(e) if isinstance(e, VideoError) else f"{type(e).__name__}: {e}"))
-    except (EOFError, BrokenPipeError):
-        return
-
-
-class _Worker:
-    def __init__(self, fn):
-        # the child sees the parent's import path, so that fn's module imports there too
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__))] + sys.path)}
-        self.proc = subprocess.Popen([sys.executable, "-c", "import data; data._serve()"], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        _send(self.proc.stdin, fn)
-        self.item, self.deadline = None, None
-
-    def fileno(self):
-        return self.proc.stdout.fileno()
-
-    def start(self, item, timeout):
-        self.item, self.deadline = item, time.monotonic() + timeout
-        _send(self.proc.stdin, item)
-
-    def result(self):
-        try:
-            ok, value = _recv(self.proc.stdout)
-        except (EOFError, OSError):   # the worker died: a decoder crash
-            self.proc.wait()
-            return VideoError(f"{self.item}: the decoder process died (exit code {self.proc.returncode})")
-        return value if ok else VideoError(value)
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait()
-
-    def close(self):
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
-def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8):
-    """Yield (item, result) for each item, result being fn(item) or a VideoError, as they finish.
-
-    fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
-    (up to `buffer` finished ones wait for it). A call that takes longer than `timeout` seconds (native
-    decoders can hang, and a hang cannot be interrupted from Python) gets its worker killed and
-    replaced, and its item a VideoError. fn must be picklable (a module-level function or a partial) from a
-    module the workers can import, not from the script being run (its __main__ is not theirs)."""
-    if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
-        raise ValueError("imap_unordered needs a function from an importable module, not from __main__")
-    out = queue.Queue(maxsize=buffer)
-    done = object()
-
-    def run():
-        todo, idle, busy = iter(items), [_Worker(fn) for _ in range(max(1, workers))], []
-        try:
-            while True:
-                while idle and (item := next(todo, done)) is not done:
-                    w = idle.pop()
-                    w.start(item, timeout)
-                    busy.append(w)
-                if not busy:
-                    break
-                soonest = min(w.deadline for w in busy)
-                for w in wait(busy, timeout=max(0.0, soonest - time.monotonic())):
-                    busy.remove(w)
-                    result = w.result()
-                    out.put((w.item, result))
-                    idle.append(w if w.proc.poll() is None else _Worker(fn))
-                for w in [w for w in busy if time.monotonic() > w.deadline and not wait([w], 0)]:
-                    w.kill()
-                    busy.remove(w)
-                    out.put((w.item, VideoError(f"{w.item}: decoding took longer than {timeout:.0f} s")))
-                    idle.append(_Worker(fn))
-        finally:
-            for w in idle + busy:
-                w.close()
-            out.put(done)
-
-    threading.Thread(target=run, daemon=True).start()
-    while (got := out.get()) is not done:
-        yield got
 
 
 def find_videos(source: str) -> list:

@@ -19,8 +19,9 @@ import zlib
 
 from client import APIError, Client, run_concurrently
 from clean import clean_file
-from data import VideoError, find_videos, imap_unordered, jpeg_data_urls
+from data import VideoError, find_videos, jpeg_data_urls
 from jsonl import Appender, read_rows
+from workers import imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describe the video in one detailed "

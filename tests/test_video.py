@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import data
-from data import VideoError, find_videos, imap_unordered, read_frames
+from data import VideoError, find_videos, read_frames
+from workers import imap_unordered
 from videos import frame_times_ms, read_index, write_audio_only, write_video
 
 N = 16
