@@ -380,13 +380,12 @@ def write_clips(folder, n, seconds=10):
 def bench_end2end(ctx):
     """caption.py's own path on synthetic videos: videos/s, and the time spent waiting for decoding."""
     import caption
-    from tokenizer import train_tokenizer
+    from tokenizer import Tokenizer, train_tokenizer
     a, folder = ctx["args"], os.path.join(ctx["cache"], "e2e")
     videos = write_clips(os.path.join(folder, "videos"), n=8)
     ckpt = os.path.join(folder, f"model_{a.size}")
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         train_tokenizer(ckpt, ["a video of a thing that moves across the screen"] * 50, 300)
-        from tokenizer import Tokenizer
         cfg = ctx["model"].config.to_dict()
         cfg["image_token_index"] = Tokenizer(ckpt).image_id
         model = PLLaVA.from_config(Config.from_dict(cfg))

@@ -315,12 +315,13 @@ def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, say):
     """The seed's two claims: pooling must keep time; less LoRA at inference, and LoRA over full fine-tuning."""
     tok = os.path.join(out, "world", "tokenizer")
     for name, pooling, t_pool in (("pooling T'=1", "pllava", 1), ("Video-ChatGPT pooling", "vcgpt", None)):
-        start = os.path.join(out, f"stage1_{name.split()[0].lower()}")   # stage 1 with the other pooling
+        tag = name.split()[0].lower()
+        start = os.path.join(out, f"stage1_{tag}")   # stage 1 with the other pooling
         shutil.copytree(stage1, start)
         cfg = json.load(open(os.path.join(start, "config.json")))
         cfg.update(pooling=pooling, pooling_shape=toy_config(tok, args.frames, pooling, t_pool)["pooling_shape"])
         json.dump(cfg, open(os.path.join(start, "config.json"), "w"), indent=2)
-        model = os.path.join(out, f"stage2_{name.split()[0].lower()}")
+        model = os.path.join(out, f"stage2_{tag}")
         seconds = train(model, data["train_videos"], ["--model", start, "--prompt", VIDEO_Q], steps, batch, 2e-3,
                         os.path.join(out, "logs", f"{os.path.basename(model)}.log"))
         evaluate(name, model, on_stills=False)

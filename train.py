@@ -250,9 +250,10 @@ def load_checkpoint(model, optimizer, path, rank):
     keep = trainable_names(model)
     state = {"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)   # fails on any requested key the checkpoint lacks
-    # strict=False: a checkpoint holds the trainable weights only; the frozen ones stay as they were loaded
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=False))
+    # a checkpoint holds the trainable weights only: the frozen ones are set to what they already are,
+    # so that the load stays strict (a key the model has and nothing gives is an error)
+    set_state_dict(model, optimizer, model_state_dict={**model_sd, **state["model"]},
+                   optim_state_dict=state["optim"])
     rng = torch.load(os.path.join(path, f"rng_{rank}.pt"), weights_only=False)
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and torch.cuda.is_available():

@@ -3,6 +3,7 @@ frozen stays frozen, checkpointing changes no gradient, the export captions and 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,21 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     saved = os.listdir(out / "checkpoints" / "step_00000008")
     assert {"adapter_model.safetensors", "adapter_config.json", "projector.safetensors", "state.json"} <= set(saved)
 
+
+
+def test_two_ranks_resume_from_an_older_checkpoint(world, tmp_path):
+    """Under FSDP2 each rank reloads its shards of the trainable weights and of the optimizer state."""
+    common = ["--max-steps", "4", "--batch-size", "1", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2"]
+    out = tmp_path / "run"
+    args = train_args(world, out, *common)
+    run(args + ["--export", str(tmp_path / "e_straight")], 2)
+    shutil.rmtree(out / "checkpoints" / "step_00000004")           # as if killed after step 2's checkpoint
+    resumed = run(args + ["--export", str(tmp_path / "e_resumed"), "--resume"], 2)
+    assert "steps 2..4" in resumed.stdout
+    a, b = weights(tmp_path / "e_straight"), weights(tmp_path / "e_resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
 
 @pytest.mark.parametrize("mode", ["lora", "--full-finetune", "--train-all"])
 def test_only_what_the_mode_unfreezes_changes(world, tmp_path, mode):
