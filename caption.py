@@ -2,68 +2,81 @@
 
 Videos are decoded in worker processes while the model generates, batch after batch. Each video gets one
 JSONL row, a caption or the reason it could not be read, appended as soon as its batch finishes; a rerun
-skips what is done. Under torchrun every rank captions its own share of the videos into its own file,
-and rank 0 merges them into --out at the end.
+skips what is done (resume keys on the canonical path, however it is spelled) and tries again what failed
+for another reason than the file. Under torchrun every rank captions its own share of the videos into its
+own file, and rank 0 merges them into --out at the end. A second run writing the same --out stops at once.
 """
 
-import argparse
+import contextlib
 import datetime
 import functools
+import glob
 import json
 import os
+import re
 import sys
 import time
 
 import torch
 
+import cli
 import hub
 from checkpoint import CheckpointError
-from data import CLIP_MEAN, CLIP_STD, VideoError, find_videos, normalize, read_clip_frames
+from client import Stop
+from data import CLIP_MEAN, CLIP_STD, VideoError, canonical, find_videos, normalize, read_clip_frames
 from generate import can_pack, generate, pack_for_cpu
-from jsonl import Appender, read_rows
+from jsonl import Appender, Busy, iter_rows
 from model import PLLaVA
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, prompt_ids, stop_id, template_for
 from workers import imap_unordered
 
 DEFAULT_MODEL = "ermu2001/pllava-7b"
+UNREADABLE = "unreadable_video"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Caption videos with a PLLaVA model.")
+    p = cli.Parser(description="Caption videos with a PLLaVA model.")
     p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="a model folder or a hub id")
     p.add_argument("--out", default="captions.jsonl")
     p.add_argument("--prompt", default=QUESTION, help="the instruction")
     p.add_argument("--system", default=SYSTEM, help="the system line of the prompt template")
     p.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: from the tokenizer)")
-    p.add_argument("--frames", type=int, help="frames per video (default: the checkpoint's num_frames)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frames", type=cli.positive_int, help="frames per video (default: the checkpoint's num_frames)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
+    p.add_argument("--temperature", type=cli.non_negative, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=cli.positive, default=1.0)
+    p.add_argument("--repetition-penalty", type=cli.positive, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA share alpha/r at load (PLLaVA's inference uses 4)")
+    p.add_argument("--lora-alpha", type=cli.non_negative, help="LoRA share alpha/r at load (PLLaVA's inference uses 4)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", help="default: cuda when there is one, else cpu")
-    p.add_argument("--workers", type=int, default=4, help="video decoding processes")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed to decode one video")
+    p.add_argument("--workers", type=cli.positive_int, default=4, help="video decoding processes")
+    p.add_argument("--timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
+    p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
     p.add_argument("--keyframes-only", action="store_true", help="faster decoding, less exact frame times")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step (static cache, CUDA graphs on a GPU): minutes to start, then faster")
     p.add_argument("--overwrite", action="store_true", help="caption everything again")
-    p.add_argument("--retry-errors", action="store_true", help="try again the videos that got an error row")
+    p.add_argument("--retry-errors", "--retry-failed", action="store_true",
+                   help="try again the videos whose file could not be read too")
+    p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
+                   help="stop the run after this many videos in a row failed in the model")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.top_p > 1:
+        p.error("--top-p must be at most 1")
+    return args
 
 
-def done_videos(paths, retry_errors):
-    done = set()
-    for path in paths:
-        for row in read_rows(path):
-            if "video" in row and ("caption" in row or ("error" in row and not retry_errors)):
-                done.add(row["video"])
-    return done
+def is_done(row, retry_errors=False):
+    """A caption, or (unless retry_errors) a file that could not be read; a failure in the model is not."""
+    return "caption" in row or (not retry_errors and "error" in row and row.get("code", UNREADABLE) == UNREADABLE)
+
+
+def video_key(row):
+    return canonical(row["video"]) if isinstance(row.get("video"), str) else None
 
 
 def preprocessing(folder, size):
@@ -73,7 +86,11 @@ def preprocessing(folder, size):
         return CLIP_MEAN, CLIP_STD
     with open(path) as f:
         config = json.load(f)
-    return tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))
+    mean, std = config.get("image_mean", CLIP_MEAN), config.get("image_std", CLIP_STD)
+    if not all(isinstance(v, list | tuple) and len(v) == 3 and all(isinstance(x, int | float) for x in v)
+               for v in (mean, std)) or min(std) <= 0:
+        raise CheckpointError(f"{path}: image_mean and image_std must be three numbers each (std above 0)")
+    return tuple(mean), tuple(std)
 
 
 class Captioner:
@@ -152,73 +169,111 @@ def batches(results, size_of):
 
 
 def merge(out, parts):
-    """Rank 0, at the end: every row of the rank files not already in `out`, then the rank files go."""
-    have = {row.get("video") for row in read_rows(out)}
-    with Appender(out, fsync=True) as f:
-        for part in parts:
-            for row in read_rows(part):
-                if row.get("video") not in have:
-                    f.write(row)
-                    have.add(row.get("video"))
+    """Rank 0, at the end: the done rows of the rank files that `out` (an Appender) lacks, then the rank
+    files go. Failures are not carried over: they are not done, and the next run tries them again."""
+    have = out.settle(video_key, is_done)
+    for part in parts:
+        for row in iter_rows(part):
+            if is_done(row) and video_key(row) not in have:
+                out.write(row)
+                have.add(video_key(row))
     for part in parts:
         os.remove(part)
 
 
+def caption_batch(captioner, batch):
+    """Rows for a batch; when the model fails on it, each video alone, and a video that fails alone gets
+    an error row (not done: the next run tries it again)."""
+    try:
+        results = captioner.caption([frames for _, frames in batch])
+    except (torch.OutOfMemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if len(batch) > 1:
+            return [row for one in batch for row in caption_batch(captioner, [one])]
+        return [{"video": batch[0][0], "error": f"{type(e).__name__}: {e}", "code": "internal_error"}]
+    return [{"video": video, "caption": text, "tokens": n, "truncated": truncated, "frames": captioner.frames,
+             "model": captioner.args.model} for (video, _), (text, n, truncated) in zip(batch, results)]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    return cli.run(lambda: caption(args), (OSError, ValueError, hub.HubError, CheckpointError, Busy, Stop))
+
+
+def caption(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    try:
-        videos = find_videos(args.source)
+    videos = find_videos(args.source)
+    mine = f"{args.out}.rank{rank}" if world > 1 else args.out
+    with Appender(mine, truncate=args.overwrite) as out, \
+            (Appender(args.out, fsync=True, truncate=args.overwrite) if world > 1 and rank == 0 else contextlib.nullcontext()) as merged:
+        # the outputs are locked before the model loads: a second run on the same --out stops at once
         captioner = Captioner(args, device, dtype)
-    except (OSError, ValueError, hub.HubError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    parts = [f"{args.out}.rank{r}" for r in range(world)] if world > 1 else []
-    mine = parts[rank] if parts else args.out
-    done = set() if args.overwrite else done_videos([args.out] + [p for p in parts if os.path.exists(p)],
-                                                     args.retry_errors)
-    todo = [v for v in videos[rank::world] if v not in done]
-    stats = dict(captions=0, errors=0, tokens=0, wait=0.0)
-    start = time.monotonic()
-    with Appender(mine, truncate=args.overwrite) as out:
-        stream = imap_unordered(captioner.decoder(), todo, workers=args.workers, timeout=args.timeout,
-                                buffer=2 * args.batch_size)
+        done = out.settle(video_key, functools.partial(is_done, retry_errors=args.retry_errors))
+        if world > 1:
+            if rank == 0:
+                merged.settle(video_key, functools.partial(is_done, retry_errors=args.retry_errors))
+            torch.distributed.barrier()
+            if not args.overwrite:   # what the merged file and earlier runs' rank files hold
+                others = [args.out] + [p for p in rank_files(args.out) if p != mine]
+                done |= {video_key(r) for p in others for r in iter_rows(p)
+                         if is_done(r, args.retry_errors)}
+        todo = [v for v in videos[rank::world] if canonical(v) not in done]
+        stats = run(captioner, out, todo, rank, args, len(videos[rank::world]) - len(todo))
+        if world > 1:
+            torch.distributed.barrier()
+            if rank == 0:
+                merge(merged, rank_files(args.out))
+            torch.distributed.destroy_process_group()
+    return stats
+
+
+def rank_files(out):
+    return sorted(p for p in glob.glob(glob.escape(out) + ".rank*") if re.fullmatch(r".*\.rank\d+", p))
+
+
+def run(captioner, out, todo, rank, args, already):
+    """Caption `todo` into `out`; the summary on stderr, and the counts returned."""
+    stats = dict(captions=0, errors=0, failed=0, tokens=0, wait=0.0)
+    failures, start = 0, time.monotonic()
+    stream = imap_unordered(captioner.decoder(), todo, workers=args.workers, timeout=args.timeout,
+                            buffer=2 * args.batch_size, memory_gb=args.decode_memory)
+    waited = time.monotonic()
+    for batch in batches(stream, lambda: captioner.batch_size):
+        stats["wait"] += time.monotonic() - waited
+        if isinstance(batch[0][1], VideoError):
+            rows = [{"video": batch[0][0], "error": str(batch[0][1]), "code": UNREADABLE}]
+        else:
+            t0 = time.monotonic()
+            rows = caption_batch(captioner, batch)
+            for row in rows:
+                row["seconds"] = round((time.monotonic() - t0) / len(batch), 3)
+        for row in rows:
+            out.write(row)
+            stats["captions" if "caption" in row else "errors" if is_done(row) else "failed"] += 1
+            stats["tokens"] += row.get("tokens", 0)
+            failures = 0 if is_done(row) else failures + 1
+        if failures >= args.max_failures_in_a_row:
+            raise Stop(f"the last {failures} videos all failed in the model ({rows[-1]['error'][:200]}); "
+                       f"they are not marked done: fix the cause, then run again")
+        progress(rank, stats, len(todo), start)
         waited = time.monotonic()
-        for batch in batches(stream, lambda: captioner.batch_size):
-            stats["wait"] += time.monotonic() - waited
-            if isinstance(batch[0][1], VideoError):
-                out.write({"video": batch[0][0], "error": str(batch[0][1])})
-                stats["errors"] += 1
-            else:
-                t0 = time.monotonic()
-                results = captioner.caption([frames for _, frames in batch])
-                seconds = (time.monotonic() - t0) / len(batch)
-                for (video, _), (text, n, truncated) in zip(batch, results):
-                    out.write({"video": video, "caption": text, "tokens": n, "truncated": truncated,
-                               "seconds": round(seconds, 3), "frames": captioner.frames, "model": args.model})
-                    stats["captions"] += 1
-                    stats["tokens"] += n
-            progress(rank, stats, len(todo), start)
-            waited = time.monotonic()
     elapsed = time.monotonic() - start
-    if world > 1:
-        torch.distributed.barrier()
-        if rank == 0:
-            merge(args.out, parts)
-        torch.distributed.destroy_process_group()
-    n = stats["captions"] + stats["errors"]
-    print(f"\n[rank {rank}] {stats['captions']} captions, {stats['errors']} unreadable, {len(done)} already done; "
+    n = stats["captions"] + stats["errors"] + stats["failed"]
+    print(f"\n[rank {rank}] {stats['captions']} captions, {stats['errors']} unreadable, {already} already done, "
+          f"{stats['failed']} failed in the model; "
           f"{elapsed:.1f} s, {n / max(elapsed, 1e-9):.2f} videos/s, "
           f"{stats['tokens'] / max(stats['captions'], 1):.0f} tokens per caption, "
           f"{100 * stats['wait'] / max(elapsed, 1e-9):.1f}% of the time waiting for decoding", file=sys.stderr)
-    return {**stats, "seconds": elapsed, "already_done": len(done)}
+    return {**stats, "seconds": elapsed, "already_done": already}
 
 
 def progress(rank, stats, total, start):
-    n = stats["captions"] + stats["errors"]
+    n = stats["captions"] + stats["errors"] + stats["failed"]
     rate = n / max(time.monotonic() - start, 1e-9)
     eta = (total - n) / rate if rate > 0 else float("inf")
     print(f"\r[rank {rank}] {n}/{total} videos  {rate:.2f} videos/s  ETA {eta / 60:.1f} min ", end="",

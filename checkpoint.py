@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 import lora
 from config import Config
+from hub import safe_name
 
 RENAMES = [   # (prefix in the file, our prefix); the first that matches wins
     ("language_model.base_model.model.", "language_model."),
@@ -62,16 +63,19 @@ def read_config(path: str) -> Config:
     try:
         with open(file) as f:
             return Config.from_dict(json.load(f))
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{file}: not a valid llava config ({e})") from None
 
 
 def weight_files(path: str) -> list:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, s) for s in shards]
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a safetensors index (a weight_map of tensor -> file)") from None
+        files = [os.path.join(path, safe_name(s)) for s in shards]
     else:
         files = [os.path.join(path, "model.safetensors")]
     for file in files:
@@ -124,8 +128,7 @@ def load(cls, path: str, lora_alpha: float = None, dtype=torch.float32, device="
         model = cls(config)
     if ranks:
         alpha = RELEASE_LORA_ALPHA if lora_alpha is None else lora_alpha
-        lora.add_lora(model.language_model, targets="|".join(map(re.escape, ranks)), ranks=ranks, alpha=alpha,
-                      dropout=0.0)
+        lora.add_lora_like(model.language_model, {n: (r, alpha) for n, r in ranks.items()})
     params = dict(model.named_parameters())   # a tied lm_head appears once, as the embedding
     _check_keys(path, set(params), set(index))
     with torch.no_grad():

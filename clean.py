@@ -6,13 +6,14 @@ degenerate ones (a phrase repeated in a loop), boilerplate openings stripped ("T
 then exact and near duplicates (MinHash over word 3-grams, Jaccard >= --near) dropped.
 """
 
-import argparse
 import collections
 import re
 import zlib
 
 import numpy as np
 
+import cli
+from data import canonical
 from jsonl import Appender, read_rows
 
 REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i (cannot|can't|can not|am unable|'m unable)"
@@ -74,10 +75,11 @@ def clean_rows(rows, counts: collections.Counter, near=0.8):
     """Yield the rows worth training on (caption cleaned), counting in `counts` what each rule did."""
     exact, dupes, videos = set(), NearDuplicates(near), set()
     for row in rows:
-        caption = (row.get("caption") or "").strip()
-        if "error" in row or not caption:
+        caption, video = row.get("caption"), row.get("video")
+        caption = caption.strip() if isinstance(caption, str) else ""
+        if "error" in row or not caption or not isinstance(video, str):
             counts["error or empty"] += 1
-        elif row.get("video") in videos:
+        elif canonical(video) in videos:
             counts["video already seen"] += 1
         elif REFUSAL.search(caption):
             counts["refused"] += 1
@@ -95,21 +97,24 @@ def clean_rows(rows, counts: collections.Counter, near=0.8):
                 counts["near duplicate"] += 1
             else:
                 exact.add(key)
-                videos.add(row.get("video"))
+                videos.add(canonical(video))
                 counts["kept"] += 1
                 yield {**row, "caption": stripped}
 
 
 def clean_file(argv):
-    p = argparse.ArgumentParser(prog="label.py clean", description=__doc__.splitlines()[0])
+    p = cli.Parser(prog="label.py clean", description=__doc__.splitlines()[0])
     p.add_argument("labels")
     p.add_argument("--out", required=True)
     p.add_argument("--near", type=float, default=0.8, help="Jaccard similarity that counts as a near duplicate")
     args = p.parse_args(argv)
-    rows, counts = read_rows(args.labels), collections.Counter()
-    with Appender(args.out, truncate=True) as out:
-        for row in clean_rows(rows, counts, args.near):
-            out.write(row)
+    if not 0 < args.near <= 1:
+        p.error("--near must be above 0 and at most 1")
+    rows, counts = read_rows(args.labels, must_exist=True), collections.Counter()
+    if not rows:
+        raise ValueError(f"{args.labels}: no JSONL rows in it (is it the labels file?); {args.out} left as it was")
+    with Appender(args.out) as out:   # written whole, then put in place: a failure leaves the old file
+        out.rewrite(clean_rows(rows, counts, args.near))
     print(f"{len(rows)} rows in, {counts['kept']} kept")
     for rule, n in counts.items():
         if rule != "kept":

@@ -1,29 +1,70 @@
 """One client for OpenAI-compatible chat-completions APIs (Qwen-VL-Max via DashScope, GPT-4-Turbo), shared
-by label.py and judge.py: retries with backoff, a requests-per-minute cap, a pool of concurrent requests.
+by label.py and judge.py: a deadline on every request, retries with backoff, a requests-per-minute cap,
+a pool of concurrent requests, and the three kinds of failure a long run must tell apart:
 
-Retried: 408, 409, 429, 5xx, timeouts, dropped connections, a 200 whose body is not JSON, honouring
-Retry-After. Not retried (the item gets an error row at once): 400 (Qwen's content moderation,
-`data_inspection_failed`), 401, 403, 404, and 429 `insufficient_quota`, which waiting does not fix.
-The API key is read from an environment variable, sent in one header, and scrubbed from every message.
+  final      the item's answer for good (content moderation): the item is done, with an error row
+  transient  worth another try later (timeouts, 5xx, dropped connections, a body of a shape nobody
+             expected, a 400 that may be this item's): retried now; if it still fails the row is
+             written, but the item is not done and a rerun tries it again
+  systemic   it would happen to every item (a refused key, no quota, a wrong URL): the run stops
+
+The key comes from an environment variable, goes in one header, and is scrubbed (redact.py) from every
+message. Server bodies are untrusted: any shape gives an answer or a transient failure, never a crash.
 """
 
 import email.utils
+import json
+import math
 import os
 import random
 import threading
 import time
+from collections import namedtuple
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import requests
+import urllib3
+
+from redact import Redactor
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-FINAL_CODES = {"insufficient_quota", "data_inspection_failed", "invalid_api_key", "access_denied"}
+FINAL_CODES = {"data_inspection_failed", "DataInspectionFailed", "content_filter", "content_policy_violation"}
+SYSTEMIC_STATUS = {401, 403, 404, 405}
+KEY_CODES = {"invalid_api_key", "InvalidApiKey", "access_denied", "AccessDenied"}
+QUOTA_CODES = {"insufficient_quota", "Arrearage", "billing_hard_limit_reached"}
+SYSTEMIC_CODES = KEY_CODES | QUOTA_CODES | {"model_not_found", "ModelNotFound", "bad_url"}
+MAX_BODY = 8 << 20   # an answer is a few KB; a body past this is a broken or hostile server
+Reply = namedtuple("Reply", "content finish_reason usage model")
 
 
 class APIError(Exception):
     def __init__(self, status, code, message):
         super().__init__(f"HTTP {status} {code}: {message}" if status else f"{code}: {message}")
         self.status, self.code = status, code
+
+    @property
+    def kind(self):
+        return failure_kind(self.status, self.code)
+
+
+def failure_kind(status, code) -> str:
+    """'final', 'systemic' or 'transient' for a failed request's HTTP status and error code."""
+    if code in FINAL_CODES:
+        return "final"
+    if status in SYSTEMIC_STATUS or code in SYSTEMIC_CODES or code == "stopped":
+        return "systemic"
+    return "transient"
+
+
+def api_key(env: str) -> str:
+    """The key from the environment, stripped; one that cannot be a key is refused without printing it."""
+    key = os.environ.get(env, "").strip()
+    if not key:
+        raise ValueError(f"no API key: set the environment variable {env}")
+    if any(not 33 <= ord(c) < 127 for c in key):
+        raise ValueError(f"${env} holds a space, a control or a non-ASCII character inside the key "
+                         f"({len(key)} characters): set it to the key alone")
+    return key
 
 
 class RateLimit:
@@ -43,88 +84,263 @@ class RateLimit:
         time.sleep(max(0.0, slot - now))
 
 
-def _retry_after(value):
-    """Retry-After as seconds, from either form the header takes (a number, or an HTTP date)."""
-    if not value:
-        return None
+def retry_after(value, cap: float):
+    """Retry-After in seconds, from either form the header takes (a number, an HTTP date), at most cap."""
     try:
-        return max(0.0, float(value))
-    except ValueError:
+        seconds = float(value)
+    except (TypeError, ValueError):
         try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
+    return min(max(0.0, seconds), cap) if math.isfinite(seconds) else cap if seconds > 0 else None
+
+
+# requests' timeout bounds each read, not the request: a server that sends a byte every few seconds holds
+# it for ever. So every request runs under a watchdog that shuts its socket when the deadline passes; the
+# connections tell the watchdog of the thread they serve which socket is theirs.
+_local = threading.local()
+
+
+class _Watched:
+    def request(self, *args, **kwargs):
+        watchdog = getattr(_local, "watchdog", None)
+        if watchdog is not None:
+            watchdog.conn = self
+        return super().request(*args, **kwargs)
+
+
+class _HTTP(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPS(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+POOLS = {"http": type("Pool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": _HTTP}),
+         "https": type("Pool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": _HTTPS})}
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = POOLS
+
+    def proxy_manager_for(self, proxy, **kwargs):
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = POOLS
+        return manager
+
+
+class Watchdog:
+    """`with Watchdog(seconds):` - past the deadline, the socket of the request in the block is shut down,
+    which ends any read in progress; `fired` says so afterwards."""
+
+    def __init__(self, seconds):
+        self.seconds, self.conn, self.fired, self.done = seconds, None, False, threading.Event()
+
+    def _watch(self):
+        if self.done.wait(self.seconds):
+            return
+        self.fired = True
+        while not self.done.is_set():   # the socket may not exist yet (still connecting): look again
+            sock = getattr(self.conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(2)   # SHUT_RDWR: a blocked recv returns at once
+                except OSError:
+                    pass
+            self.done.wait(0.05)
+
+    def __enter__(self):
+        _local.watchdog = self
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        _local.watchdog = None
+
+
+def _text(value) -> str:
+    """Message content as text: a string, a number, null, or a list of parts ({"text": ...} or strings)."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "".join(_text(p.get("text") if isinstance(p, dict) else p) for p in value)
+    if isinstance(value, dict):
+        return _text(value.get("text", value.get("value")))
+    return str(value)
+
+
+def _count(usage, field):
+    value = usage.get(field) if isinstance(usage, dict) else None
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and value >= 0 else 0
+
+
+def parse_reply(data):
+    """A Reply from a chat completion body of any shape; None when it holds no answer at all."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else choices
+    if not isinstance(choice, dict):
+        return None
+    message = choice.get("message", choice.get("text"))
+    if isinstance(message, dict):
+        message = message.get("content")
+    if message is not None and not isinstance(message, str | list):
+        return None   # a number or an object where the text belongs: no answer
+    finish = choice.get("finish_reason")
+    usage = {f: _count(data.get("usage"), f) for f in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    model = data.get("model")
+    return Reply(_text(message), finish if isinstance(finish, str) else None, usage,
+                 model if isinstance(model, str) else None)
+
+
+def _error_body(data, text):
+    """(code, message) from an OpenAI-style error body {"error": {"message", "type", "code"}}, or the text."""
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        code = err.get("code") or err.get("type") or "error"
+        return str(code)[:64], _text(err.get("message"))
+    if isinstance(data, dict) and isinstance(data.get("code"), str):   # DashScope's native shape
+        return data["code"][:64], _text(data.get("message"))
+    return "error", (_text(err) if err else text)
 
 
 class Client:
-    def __init__(self, api_base, model, key_env, rpm=None, timeout=120.0, retries=8, backoff=1.0, max_backoff=60.0):
-        self.key = os.environ.get(key_env)
-        if not self.key:
-            raise ValueError(f"no API key: set the environment variable {key_env}")
+    def __init__(self, api_base, model, key_env, rpm=None, timeout=120.0, retries=8, backoff=1.0,
+                 max_backoff=60.0, max_retry_after=300.0):
+        self.key, self.key_env = api_key(key_env), key_env
+        self.scrub = Redactor(self.key)
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries = model, timeout, retries
-        self.backoff, self.max_backoff = backoff, max_backoff
+        self.backoff, self.max_backoff, self.max_retry_after = backoff, max_backoff, max_retry_after
         self.limit = RateLimit(rpm)
         self.local = threading.local()
-
-    def scrub(self, text: str) -> str:
-        return str(text).replace(self.key, "***")
+        self.stop = threading.Event()   # set: no new attempts, no more waiting (the run is stopping)
 
     def _session(self):
         if not hasattr(self.local, "session"):   # requests.Session is not thread-safe: one per thread
-            self.local.session = requests.Session()
-            self.local.session.headers["Authorization"] = f"Bearer {self.key}"
+            s = self.local.session = requests.Session()
+            s.mount("http://", _Adapter())
+            s.mount("https://", _Adapter())
+            s.headers["Authorization"] = f"Bearer {self.key}"
         return self.local.session
 
-    def chat(self, messages, **params) -> dict:
-        """The parsed JSON response of one chat completion, after retries; APIError when it fails."""
+    def _post(self, body):
+        """(status, headers, parsed JSON or None, text) of one attempt, within the deadline."""
+        with Watchdog(self.timeout) as watchdog:
+            try:
+                with self._session().post(self.url, json=body, stream=True,
+                                          timeout=(min(self.timeout, 30.0), self.timeout)) as r:
+                    data = bytearray()
+                    for chunk in r.iter_content(1 << 14):
+                        data += chunk
+                        if len(data) > MAX_BODY:
+                            raise APIError(r.status_code, "body_too_large", f"more than {MAX_BODY} bytes")
+                    status, headers = r.status_code, r.headers
+                    # a body whose end nothing announced looks whole when the watchdog cuts it
+                    delimited = "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
+            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                    requests.exceptions.InvalidSchema) as e:
+                raise APIError(None, "bad_url", f"{self.url}: {type(e).__name__}") from None
+            except APIError:
+                raise
+            except Exception as e:   # any way a connection can break: dropped, reset, cut mid-body, TLS, ...
+                if watchdog.fired:
+                    raise APIError(None, "Timeout", f"no complete answer within {self.timeout:g} s") from None
+                raise APIError(None, type(e).__name__, "no complete answer") from None
+        if watchdog.fired and not delimited:
+            raise APIError(None, "Timeout", f"no complete answer within {self.timeout:g} s")
+        text = data.decode("utf-8", "replace")
+        try:
+            return status, headers, json.loads(text), text
+        except ValueError:
+            return status, headers, None, text
+
+    def chat(self, messages, **params) -> Reply:
+        """The answer of one chat completion, after retries; APIError (with its .kind) when it fails."""
         body = {"model": self.model, "messages": messages, **params}
         for attempt in range(self.retries + 1):
+            if self.stop.is_set():
+                raise APIError(None, "stopped", "the run is stopping")
             self.limit.wait()
             wait_for = None
             try:
-                r = self._session().post(self.url, json=body, timeout=self.timeout)
-            except (requests.Timeout, requests.ConnectionError) as e:
-                error = APIError(None, type(e).__name__, "no complete answer")
+                status, headers, data, text = self._post(body)
+            except APIError as e:   # our own words, no server text in them
+                if e.kind == "systemic":
+                    raise
+                error = e
             else:
-                if r.status_code == 200:
-                    try:
-                        data = r.json()
-                        data["choices"][0]["message"]
-                        return data
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        error = APIError(200, "malformed_response", self.scrub(r.text[:200]))
+                reply = parse_reply(data) if status == 200 else None
+                if reply is not None:
+                    return reply
+                if status == 200:
+                    error = APIError(200, "malformed_response", self.scrub(text)[:200])
                 else:
-                    code, message = _error_body(r)
-                    error = APIError(r.status_code, code, self.scrub(message))
-                    if r.status_code not in RETRY_STATUS or code in FINAL_CODES:
+                    code, message = _error_body(data, text)
+                    error = APIError(status, self.scrub(code), self.scrub(message)[:300])
+                    if error.kind != "transient" or status not in RETRY_STATUS:
                         raise error
-                    wait_for = _retry_after(r.headers.get("Retry-After"))
+                    wait_for = retry_after(headers.get("Retry-After"), self.max_retry_after)
             if attempt == self.retries:
                 raise error
             if wait_for is None:   # exponential backoff with jitter, so retries do not arrive in waves
                 wait_for = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
-            time.sleep(wait_for)
+            self.stop.wait(wait_for)
 
 
-def _error_body(r):
-    """(code, message) from an OpenAI-style error body {"error": {"message", "type", "code"}}, or the text."""
-    try:
-        err = r.json().get("error") or {}
-        return str(err.get("code") or err.get("type") or "error"), str(err.get("message", ""))[:300]
-    except (ValueError, AttributeError):
-        return "error", r.text[:300]
+class Stop(Exception):
+    """The run must end: what failed, and what to do about it."""
 
 
-def run_concurrently(jobs, work, workers: int):
+class Breaker:
+    """Watches the outcome of every item and stops the run when failures say the run itself is broken:
+    one systemic failure, or `limit` items in a row that failed with nothing done between them."""
+
+    def __init__(self, client, limit):
+        self.client, self.limit, self.streak = client, limit, []
+
+    def see(self, status=None, code=None, ok=True):
+        """Record one item's outcome; raises Stop (after setting client.stop) when the run must end."""
+        if ok or failure_kind(status, code) == "final":
+            self.streak = []
+            return
+        self.streak.append(f"{status or '-'} {code}")
+        reason = self._systemic(status, code)
+        if reason is None and len(self.streak) >= self.limit:
+            worst = max(set(self.streak), key=self.streak.count)
+            reason = (f"the last {len(self.streak)} items all failed ({worst} x {self.streak.count(worst)}): is "
+                      f"{self.client.url} up and reachable? Run again to try them again")
+        if reason:
+            self.client.stop.set()
+            raise Stop(reason + "; items that failed are not marked done")
+
+    def _systemic(self, status, code):
+        if failure_kind(status, code) != "systemic" or code == "stopped":
+            return None
+        if code in QUOTA_CODES:
+            return f"the account has no quota left (HTTP {status} {code}): top it up, then run again"
+        if status in (401, 403) or code in KEY_CODES:
+            return f"the API refused the key in ${self.client.key_env} (HTTP {status} {code}): set a valid key"
+        return f"{self.client.url} answered HTTP {status or '-'} {code}: check --api-base and --model"
+
+
+def run_concurrently(jobs, work, workers: int, stop: threading.Event = None):
     """Yield work(job) for every job, computed on `workers` threads, in the order they finish. Jobs are
-    pulled as threads free up (at most 2 x workers waiting), so a million-item iterator is never listed."""
+    pulled as threads free up (at most 2 x workers waiting), so a million-item iterator is never listed.
+    Once `stop` is set no new job is pulled; those already taken still finish (their answers are paid for)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = set()
         for job in jobs:
             while len(pending) >= 2 * workers:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 yield from (f.result() for f in done)
+            if stop is not None and stop.is_set():
+                break
             pending.add(pool.submit(work, job))
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -11,6 +11,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pool import STRATEGIES, num_tokens
 
 
+def _positive(obj, *names):
+    """A config value that can never work (0 heads, "16" frames) is refused when read, naming the field."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a whole number above 0, not {value!r}")
+
+
 @dataclass
 class VisionConfig:    # names and defaults of transformers' CLIPVisionConfig, so config.json reads as-is
     hidden_size: int = 768
@@ -22,6 +30,12 @@ class VisionConfig:    # names and defaults of transformers' CLIPVisionConfig, s
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+
+    def __post_init__(self):
+        _positive(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                  "patch_size", "num_channels")
+        if self.hidden_size % self.num_attention_heads or self.image_size % self.patch_size:
+            raise ValueError("the vision hidden_size must divide by its heads, image_size by patch_size")
 
 
 @dataclass
@@ -43,8 +57,12 @@ class TextConfig:      # names and defaults of transformers' LlamaConfig
     hidden_act: str = "silu"
 
     def __post_init__(self):
+        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        _positive(self, "num_key_value_heads", "head_dim", "max_position_embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -66,6 +84,10 @@ class Config:
     pad_token_id: int = None
 
     def __post_init__(self):
+        _positive(self, "num_frames")
+        if not isinstance(self.pooling_shape, list | tuple) or len(self.pooling_shape) != 3 or any(
+                isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in self.pooling_shape):
+            raise ValueError(f"pooling_shape must be three whole numbers above 0, not {self.pooling_shape!r}")
         self.pooling_shape = tuple(self.pooling_shape)
         if self.pooling not in STRATEGIES:
             raise ValueError(f"pooling must be one of {STRATEGIES}, not {self.pooling!r}")
@@ -83,6 +105,9 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         """Read a llava-hf or PLLaVA config.json; sub-configs list only what differs from the defaults."""
+        if not isinstance(d, dict) or not all(isinstance(d.get(k) or {}, dict) for k in ("text_config", "vision_config")) \
+                or not isinstance(d.get("text_config", {}).get("rope_parameters") or d.get("text_config", {}).get("rope_scaling") or {}, dict):
+            raise ValueError("not a model config (an object, with text_config and vision_config objects)")
         text = dict(d.get("text_config") or {})
         if text.get("model_type", "llama") not in ("llama", "mistral") or text.get("sliding_window"):
             raise ValueError(f"text model {text.get('model_type')!r} is not a LLaMA-style decoder")

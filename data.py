@@ -16,8 +16,10 @@ import numpy as np
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".mpg", ".mpeg", ".ts", ".m2ts",
-                    ".flv", ".wmv", ".3gp", ".ogv"}
+TS_EXTENSIONS = {".ts", ".m2ts", ".mts", ".m2t"}
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".mpg", ".mpeg", ".flv", ".wmv",
+                    ".3gp", ".ogv"} | TS_EXTENSIONS
+MAX_PIXELS = 1 << 25   # 33.5 M, an 8K frame: a frame (or what resizing would make of it) past this is refused
 MAX_BAD_PACKETS = 50
 GUESS_GOP = 10.0
 SCAN_MARGIN = 8     # frames before a target from which every frame is decoded again (B-frames: <= 4)
@@ -48,11 +50,19 @@ def read_frames(path, n: int, mode: str = "middle", short_side: int = None, keyf
         frames = _read(path, n, offsets, (short_side, max_side), keyframes_only)
     except av.error.FFmpegError as e:
         raise VideoError(f"{path}: not readable as a video ({e.strerror or e})") from None
+    except VideoError as e:
+        raise VideoError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
     return np.stack(frames)
 
 
 def _open(path, keyframes_only):
-    container = av.open(str(path), metadata_errors="ignore")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.error.FFmpegError:
+        if os.path.splitext(str(path))[1].lower() not in TS_EXTENSIONS:
+            raise
+        # a capture of a few frames is too short for FFmpeg's format probe to be sure it is MPEG-TS
+        container = av.open(str(path), format="mpegts", metadata_errors="ignore")
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: no video stream")
@@ -64,13 +74,11 @@ def _open(path, keyframes_only):
 
 
 def _read(path, n, offsets, size, keyframes_only):
-    seekable, end, find_end = True, None, False
+    seekable, end = True, None
     for _ in range(4):
         with _open(path, keyframes_only)[0] as container:
             stream = container.streams.video[0]
             start, duration = _time_span(container, stream)
-            if find_end:
-                end, find_end = _last_time(container, stream), False
             if end is not None:      # the header promised more than the file holds: plan over what is there
                 duration = end - start
             if not duration or duration <= 0:
@@ -83,9 +91,6 @@ def _read(path, n, offsets, size, keyframes_only):
             except _NoSeek:
                 seekable = False
                 continue
-            except _PastEnd:
-                find_end = True
-                continue
             if end is None:
                 return frames
     return _by_index(path, n, offsets, size, keyframes_only)   # no usable timestamps at all
@@ -97,20 +102,6 @@ class _NoTimestamps(Exception):
 
 class _NoSeek(Exception):
     pass
-
-
-class _PastEnd(Exception):
-    pass
-
-
-def _last_time(container, stream):
-    """Where the stream really ends, from the packets alone (no decoding)."""
-    last = None
-    for packet in container.demux(stream):
-        if packet.pts is not None:
-            t = float((packet.pts + (packet.duration or 0)) * stream.time_base)
-            last = t if last is None else max(last, t)
-    return last
 
 
 def _time_span(container, stream):
@@ -144,6 +135,9 @@ def _to_rgb(frame, size):
     if max_side and max(w, h) > max_side:
         scale = max_side / max(w, h)
         w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    if max(w * h, frame.width * frame.height) > MAX_PIXELS:   # 1 x 4000 would become 336 x 1.3 M
+        raise VideoError(f"frames of {frame.width}x{frame.height} pixels would take {w}x{h} after resizing: "
+                         f"more than {MAX_PIXELS} pixels")
     a = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BICUBIC")
     if frame.rotation:   # display rotation, degrees counter-clockwise: what ffmpeg's autorotate undoes
         a = np.rot90(a, k=round(frame.rotation / 90) % 4)
@@ -170,15 +164,14 @@ def _by_time(path, container, stream, plan, size, seekable, skip_b_frames=True):
     frames, it, cur, pending, eof, skipping = [], None, None, None, False, False
     margin = SCAN_MARGIN / float(stream.average_rate) if stream.average_rate else 0.5
     last_key, gop = None, None          # the last keyframe seen, and the widest spacing between two
+    plan_start = _time_span(container, stream)[0]
     for t in plan:
         here = (pending or cur).time if (pending or cur) is not None else None
         if it is None and not seekable:   # a file FFmpeg cannot seek in: one pass from the start
             it = _decoded(path, container, stream)
         elif it is None or (seekable and not eof and _worth_seeking(t, here, last_key, gop)):
-            it, cur, pending = _seek(path, container, stream, t)
+            it, cur, pending = _seek(path, container, stream, t, plan_start)
             last_key = None   # keyframe spacing is measured between keyframes decoded one after another
-            if pending is None and frames:
-                raise _PastEnd   # nothing after a seek into the middle: the file ends before t
         while not eof:
             frame = pending if pending is not None else next(it, None)
             pending = None
@@ -208,20 +201,30 @@ def _by_time(path, container, stream, plan, size, seekable, skip_b_frames=True):
     return frames, None
 
 
-def _seek(path, container, stream, t):
-    """A frame iterator positioned at or before time t: (iterator, cur=None, pending=its first frame)."""
+def _seek(path, container, stream, t, start):
+    """A frame iterator positioned at or before time t: (iterator, cur=None, pending=its first frame).
+
+    MPEG-TS seeks by guessing a byte position, so a backward seek can land after the target, or after the
+    last keyframe before it (then nothing decodes until the next keyframe, and a short capture has only
+    one): seek again 1, 2, 4 ... s earlier, down to the stream's start (broadcast captures start hours
+    in, not at 0). Nothing decodable even from the start: _NoSeek, and the file is read in one pass."""
     back = 0.0
     while True:
-        target = max(t - back, 0.0)
+        target = max(t - back, start)
         try:
             container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
         except av.error.FFmpegError:
             raise _NoSeek from None
         it = _decoded(path, container, stream)
         first = next(it, None)
-        # MPEG-TS: a backward seek can land after the target; seek again 1, 2, 4 ... s earlier
-        if first is None or first.time is None or first.time <= t + 1e-6 or target == 0.0:
+        if first is not None and first.time is not None and first.time <= t + 1e-6:
             return it, None, first
+        if first is not None and first.time is None:
+            raise _NoTimestamps
+        if target <= start:
+            if first is None:
+                raise _NoSeek
+            return it, None, first   # the file's first frame comes after t: it is the one on screen
         back = 2 * back or 1.0
 
 
@@ -254,6 +257,8 @@ def read_image(path, short_side: int = None) -> np.ndarray:
             return _to_rgb(frame, (short_side, None))[None]
     except av.error.FFmpegError as e:
         raise VideoError(f"{path}: not readable as an image ({e.strerror or e})") from None
+    except VideoError as e:
+        raise VideoError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------- CLIP preprocessing
@@ -311,21 +316,28 @@ def jpeg_data_urls(path, n, max_side, q):
     return ["data:image/jpeg;base64," + base64.b64encode(jpeg(f, q)).decode() for f in frames]
 
 
+def canonical(path: str) -> str:
+    """The one spelling of a path that results are keyed on: `vids/a.mp4`, `./vids//a.mp4` and
+    `/home/me/vids/a.mp4` (run from /home/me) are one video, with one row."""
+    return os.path.normpath(os.path.abspath(path))
+
+
 def find_videos(source: str) -> list:
     """A folder (searched recursively for video files), one video file, or a list file: one path a line,
-    or JSONL with a "video" field (relative paths are relative to the list file)."""
+    or JSONL with a "video" field (relative paths are relative to the list file). Paths come normalized
+    (`./vids/` gives `vids/...`), and file names that are not UTF-8 as Python holds them (os.fsdecode)."""
     import json
     if os.path.isdir(source):
-        found = [os.path.join(root, f) for root, _, files in os.walk(source) for f in files
+        found = [os.path.normpath(os.path.join(root, f)) for root, _, files in os.walk(source) for f in files
                  if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS]
         return sorted(found)
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such file or folder")
     if os.path.splitext(source)[1].lower() not in (".txt", ".jsonl", ".list"):
-        return [source]
+        return [os.path.normpath(source)]
     base = os.path.dirname(os.path.abspath(source))
-    videos = []
-    with open(source) as f:
+    videos, seen = [], set()
+    with open(source, encoding="utf-8", errors="surrogateescape") as f:   # names as the file system holds them
         for i, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -334,8 +346,12 @@ def find_videos(source: str) -> list:
                 try:
                     row = json.loads(line)
                     line = row.get("video") or row["image"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field") from None
-            videos.append(line if os.path.isabs(line) else os.path.join(base, line))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    line = None
+                if not isinstance(line, str) or not line:
+                    raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field holding a path")
+            path = os.path.normpath(line if os.path.isabs(line) else os.path.join(base, line))
+            if canonical(path) not in seen:   # listed twice, perhaps spelled two ways: one video
+                seen.add(canonical(path))
+                videos.append(path)
     return videos
-

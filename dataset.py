@@ -22,44 +22,64 @@ from data import VideoError, center_crop, read_clip_frames, read_image
 from tokenizer import QUESTION, training_ids
 
 
+def _text(value, what):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} is not a text")
+    return value
+
+
 def _turns(row, kind, prompt):
+    """([(question, answer), ...], system or None) of one row; ValueError naming what is wrong with it."""
     if kind == "caption":
-        return [(prompt, row["caption"])], None
+        return [(prompt, _text(row["caption"], "caption"))], None
     if kind == "qa":
-        return [(qa["q"], qa["a"]) for qa in row["QA"]], (row["QA"][0].get("i") or None)
+        qa = row["QA"]
+        if not isinstance(qa, list) or not qa or not all(isinstance(t, dict) for t in qa):
+            raise ValueError("QA is not a list of {q, a} objects")
+        system = qa[0].get("i")
+        return [(_text(t.get("q"), "a QA q"), _text(t.get("a"), "a QA a")) for t in qa], \
+            (system if isinstance(system, str) and system else None)
     messages = row["conversations"]
-    questions = [m["value"].replace("<image>", "").strip() for m in messages[0::2]]
-    return list(zip(questions, [m["value"] for m in messages[1::2]])), None
+    if not isinstance(messages, list) or len(messages) < 2 or len(messages) % 2 or \
+            not all(isinstance(m, dict) for m in messages):
+        raise ValueError("conversations is not a list of human / gpt turns")
+    questions = [_text(m.get("value"), "a conversation value").replace("<image>", "").strip() for m in messages[0::2]]
+    return list(zip(questions, [_text(m.get("value"), "a conversation value") for m in messages[1::2]])), None
 
 
 SHAPES = (("caption", "caption"), ("QA", "qa"), ("conversations", "llava"))   # (field, row shape)
 
 
 def read_samples(paths, video_root=None, prompt=QUESTION):
-    """[(media path, is_image, [(question, answer), ...], system or None)] from JSONL files, and how many
-    rows were left out (error rows of label.py, empty captions, rows of another shape)."""
-    samples, dropped = [], 0
+    """[(media path, is_image, [(question, answer), ...], system or None)] from JSONL files; how many rows
+    were left out on purpose (error rows of label.py, empty captions, rows of another shape); and the rows
+    that are broken (not JSON, not UTF-8, a field of the wrong type) as "file:line: why"."""
+    samples, dropped, bad = [], 0, []
     for path in paths:
         shape = None   # decided by the file's first row that has one of the fields
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{n}: not JSON") from None
-                shape = shape or next((s for field, s in SHAPES if field in row), None)
-                field = next((f for f, s in SHAPES if s == shape), None)
-                media = row.get("video") or row.get("image")
-                if "error" in row or not media or not field or not row.get(field):
-                    dropped += 1
+                    row = json.loads(line.decode("utf-8"))
+                    if not isinstance(row, dict):
+                        raise ValueError("not a JSON object")
+                    shape = shape or next((s for field, s in SHAPES if field in row), None)
+                    field = next((f for f, s in SHAPES if s == shape), None)
+                    media = row.get("video") or row.get("image")
+                    if "error" in row or not media or not field or not row.get(field):
+                        dropped += 1
+                        continue
+                    media = _text(media, "video / image")
+                    turns, system = _turns(row, shape, prompt)
+                except ValueError as e:   # not UTF-8, not JSON, or the wrong types
+                    bad.append(f"{path}:{n}: {str(e)[:100]}")
                     continue
                 if video_root and not os.path.isabs(media):
                     media = os.path.join(video_root, media)
-                turns, system = _turns(row, shape, prompt)
                 samples.append((media, "video" not in row, turns, system))
-    return samples, dropped
+    return samples, dropped, bad
 
 
 class TrainSet(torch.utils.data.Dataset):

@@ -6,12 +6,12 @@ For each video the judge returns JSON: a semantic-similarity score (integer 0-5)
 correct (contradicts nothing in the ground truth and invents nothing), and a short reason. An answer that
 does not parse, or is out of range, is asked again, then recorded as unparsed and counted apart: never
 scored. Judgments are cached by (ground truth, caption, prompt version, judge model) in the report folder,
-so a rerun costs nothing. The report (report.md, summary.json) gives accuracy and mean score with 95%
+so a rerun costs nothing; a failed request is not cached and is asked again on the next run, and a
+refused key, an empty account or an unreachable server stops the run early. The report (report.md, summary.json) gives accuracy and mean score with 95%
 bootstrap intervals; with --pred-b, the paired differences and wins / ties / losses: the seed's
 "accuracy +8 points, mean score +0.2" comparison in one command.
 """
 
-import argparse
 import functools
 import hashlib
 import json
@@ -20,8 +20,11 @@ import sys
 
 import numpy as np
 
-from client import APIError, Client, run_concurrently
-from jsonl import Appender, read_rows
+import cli
+from client import APIError, Breaker, Client, Stop, run_concurrently
+from data import canonical
+from jsonl import Appender, Busy, iter_rows
+from redact import Redactor
 
 PROMPT_VERSION = "judge-v1"
 SYSTEM = ("You evaluate video captions. You are given a ground-truth description of a video and a candidate "
@@ -39,7 +42,7 @@ Answer with a JSON object with exactly these keys:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Judge captions against ground truth with an LLM.")
+    p = cli.Parser(description="Judge captions against ground truth with an LLM.")
     p.add_argument("--gt", required=True, help="JSONL with video + caption (what label.py writes)")
     p.add_argument("--pred", required=True, help="JSONL with video + caption (what caption.py writes)")
     p.add_argument("--pred-b", help="a second system's captions, to compare with --pred")
@@ -47,18 +50,29 @@ def parse_args(argv=None):
     p.add_argument("--api-base", default="https://api.openai.com/v1")
     p.add_argument("--model", default="gpt-4-turbo")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--rpm", type=float)
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--retries", type=int, default=8)
-    p.add_argument("--backoff", type=float, default=1.0)
-    p.add_argument("--parse-retries", type=int, default=2, help="asks again when an answer does not parse")
-    p.add_argument("--bootstrap", type=int, default=10000, help="resamples for the intervals")
+    p.add_argument("--workers", type=cli.positive_int, default=8)
+    p.add_argument("--rpm", type=cli.positive, help="requests per minute, at most (retries count)")
+    p.add_argument("--timeout", type=cli.positive, default=120.0, help="seconds for one request, all of it")
+    p.add_argument("--retries", type=cli.count, default=8)
+    p.add_argument("--backoff", type=cli.non_negative, default=1.0, help="first retry delay, seconds (doubles)")
+    p.add_argument("--max-retry-after", type=cli.non_negative, default=300.0,
+                   help="the longest Retry-After honoured, seconds")
+    p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
+                   help="stop the run after this many judgments in a row failed")
+    p.add_argument("--parse-retries", type=cli.count, default=2, help="asks again when an answer does not parse")
+    p.add_argument("--bootstrap", type=cli.positive_int, default=10000, help="resamples for the intervals")
     return p.parse_args(argv)
 
 
 def captions(path):
-    return {r["video"]: r["caption"] for r in read_rows(path) if r.get("video") and r.get("caption")}
+    """{canonical video path: (the path as written, caption)} of a JSONL file; an error if there is none."""
+    rows = {}
+    for r in iter_rows(path, must_exist=True):
+        if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str) and r["caption"].strip():
+            rows.setdefault(canonical(r["video"]), (r["video"], r["caption"]))
+    if not rows:
+        raise ValueError(f"{path}: no rows with a \"video\" and a \"caption\" (is it the right file?)")
+    return rows
 
 
 def cache_key(gt, pred, model):
@@ -82,19 +96,22 @@ def parse_judgment(text):
 
 
 def judge_one(client, args, job):
+    """A judgment row (or an unparsed or failed one); None when the run stopped before it was asked."""
     key, video, gt, pred = job
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": QUESTION.format(gt=gt, pred=pred)}]
     row = {"key": key, "video": video, "model": args.model, "prompt_version": PROMPT_VERSION}
-    for _ in range(args.parse_retries + 1):
-        try:
+    try:
+        for _ in range(args.parse_retries + 1):
             reply = client.chat(messages, response_format={"type": "json_object"}, temperature=0)
-        except APIError as e:
-            return {**row, "error": client.scrub(e), "status": e.status}
-        judgment = parse_judgment(reply["choices"][0]["message"].get("content"))
-        if judgment:
-            return {**row, **judgment}
-    return {**row, "unparsed": True, "raw": str(reply["choices"][0]["message"].get("content"))[:500]}
+            judgment = parse_judgment(reply.content)
+            if judgment:
+                return {**row, **judgment}
+        return {**row, "unparsed": True, "raw": client.scrub(reply.content)[:500]}
+    except APIError as e:
+        return None if e.code == "stopped" else {**row, "error": str(e), "status": e.status, "code": e.code}
+    except Exception as e:   # a fault nobody foresaw: this judgment's row (asked again next run), not the run's end
+        return {**row, "error": f"{type(e).__name__}: {e}", "status": None, "code": "internal_error"}
 
 
 def interval(values, stat, resamples, seed=0):
@@ -155,42 +172,65 @@ def report_md(summary):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        client = Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout, args.retries, args.backoff)
-        gt, files = captions(args.gt), {"a": args.pred, **({"b": args.pred_b} if args.pred_b else {})}
-        preds = {name: captions(path) for name, path in files.items()}
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    everywhere = set(gt).intersection(*preds.values())
-    videos = sorted(everywhere)
+    scrub = Redactor(os.environ.get(args.api_key_env, "").strip())
+    return cli.run(lambda: judge(args), (OSError, ValueError, Busy, Stop), scrub)
+
+
+def judge(args):
+    client = Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout, args.retries, args.backoff,
+                    max_retry_after=args.max_retry_after)
+    gt, files = captions(args.gt), {"a": args.pred, **({"b": args.pred_b} if args.pred_b else {})}
+    preds = {name: captions(path) for name, path in files.items()}
+    videos = sorted(set(gt).intersection(*preds.values()))
     dropped = len(set(gt).union(*preds.values())) - len(videos)
+    if not videos:
+        raise ValueError(f"no video is in both --gt and --pred ({len(gt)} and "
+                         f"{' / '.join(str(len(p)) for p in preds.values())} rows): are the paths the same videos?")
     os.makedirs(args.out, exist_ok=True)
-    cache_path = os.path.join(args.out, "judgments.jsonl")
-    cache = {r["key"]: r for r in read_rows(cache_path) if "error" not in r}   # failed requests are tried again
-    todo, wanted = {}, {}   # two systems with the same caption share one judgment
-    for name, pred in preds.items():
-        for v in videos:
-            key = wanted[(name, v)] = cache_key(gt[v], pred[v], args.model)
-            if key not in cache:
-                todo.setdefault(key, (key, v, gt[v], pred[v]))
-    jobs = list(todo.values())
-    with Appender(cache_path, fsync=True) as out:
-        for i, row in enumerate(run_concurrently(jobs, functools.partial(judge_one, client, args), args.workers), 1):
-            out.write(row)
+    with Appender(os.path.join(args.out, "judgments.jsonl"), fsync=True) as out:
+        cache = {}   # failed requests are not done: settle drops them, and they are asked again
+        done = out.settle(lambda r: r.get("key") if isinstance(r.get("key"), str) else None, lambda r: "error" not in r)
+        for r in iter_rows(out.path):
+            if r.get("key") in done:
+                cache[r["key"]] = r
+        todo, wanted = {}, {}   # two systems with the same caption share one judgment
+        for name, pred in preds.items():
+            for v in videos:
+                key = wanted[(name, v)] = cache_key(gt[v][1], pred[v][1], args.model)
+                if key not in cache:
+                    todo.setdefault(key, (key, gt[v][0], gt[v][1], pred[v][1]))
+        jobs, breaker, stop = list(todo.values()), Breaker(client, args.max_failures_in_a_row), None
+        for i, row in enumerate(run_concurrently(jobs, functools.partial(judge_one, client, args), args.workers,
+                                                 client.stop), 1):
+            if row is None:
+                continue
+            out.write(client.scrub.row(row))
             cache[row["key"]] = row
             print(f"\r{i}/{len(jobs)} judged", end="", file=sys.stderr)
-    judged = {name: {v: cache[wanted[(name, v)]] for v in videos} for name in preds}
-    summary = {"judge_model": args.model, "prompt_version": PROMPT_VERSION, "files": files, "videos": len(videos),
+            try:
+                breaker.see(row.get("status"), row.get("code"), ok="error" not in row)
+            except Stop as e:
+                stop = stop or e   # the requests in flight still finish and are written: they are paid for
+    if stop is not None:
+        raise stop
+    judged = {name: {v: cache.get(wanted[(name, v)], {"error": "not judged"}) for v in videos} for name in preds}
+    write_report(args, files, judged, len(videos), dropped, gt)
+
+
+def write_report(args, files, judged, n_videos, dropped, gt):
+    """summary.json, per_video.jsonl and report.md, each written whole and then put in place."""
+    summary = {"judge_model": args.model, "prompt_version": PROMPT_VERSION, "files": files, "videos": n_videos,
                "dropped": dropped, **{name: summarize(list(j.values()), args.bootstrap) for name, j in judged.items()}}
     if "b" in judged:
         summary["b_minus_a"] = compare(judged["a"], judged["b"], args.bootstrap)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(args.out, "per_video.jsonl"), "w") as f:
-        for v in videos:
-            f.write(json.dumps({"video": v, **{name: judged[name][v] for name in judged}}) + "\n")
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(report_md(summary))
+    per_video = "".join(json.dumps({"video": gt[v][0], **{name: judged[name][v] for name in judged}}) + "\n"
+                        for v in sorted(judged["a"]))
+    for name, text in (("summary.json", json.dumps(summary, indent=2)), ("per_video.jsonl", per_video),
+                       ("report.md", report_md(summary))):
+        path = os.path.join(args.out, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
     print("\n" + report_md(summary), file=sys.stderr)
 
 

@@ -5,11 +5,13 @@
 
 Four frames per video (segment middles, as the seed) become JPEGs in decoding processes while the HTTP
 requests run on threads. One row per video, appended and fsynced as it finishes:
-{"video", "caption", "model", "usage", "finish_reason"} or {"video", "error", "status", "code"}; a rerun
-skips what is done, so a kill loses at most the requests in flight. The rows are train.py data as they are.
+{"video", "caption", "model", "usage", "finish_reason"} or {"video", "error", "status", "code"}. A video is
+done when it has a caption or a final answer (content moderation, an unreadable file); a rerun skips what
+is done and tries the rest again, so a kill loses at most the requests in flight. A refused key, an empty
+account or a server that stays unreachable stops the run early (client.Breaker). The rows are train.py
+data as they are.
 """
 
-import argparse
 import collections
 import functools
 import os
@@ -17,10 +19,12 @@ import sys
 import time
 import zlib
 
-from client import APIError, Client, run_concurrently
+import cli
+from client import FINAL_CODES, APIError, Breaker, Client, Stop, run_concurrently
 from clean import clean_file
-from data import VideoError, find_videos, jpeg_data_urls
-from jsonl import Appender, read_rows
+from data import VideoError, canonical, find_videos, jpeg_data_urls
+from jsonl import Appender, Busy
+from redact import Redactor
 from workers import imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
@@ -31,7 +35,7 @@ PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describ
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Label videos with an OpenAI-compatible vision model "
+    p = cli.Parser(description="Label videos with an OpenAI-compatible vision model "
                                             "(`label.py clean FILE --out FILE` cleans the labels).")
     p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
     p.add_argument("--out", default="labels.jsonl")
@@ -40,24 +44,38 @@ def parse_args(argv=None):
     p.add_argument("--api-key-env", default="DASHSCOPE_API_KEY", help="the environment variable holding the key")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--frames", type=cli.positive_int, default=4)
     p.add_argument("--frames-as", choices=["video", "images"], default="video",
                    help="one Qwen 'video' part, or one image_url part per frame")
-    p.add_argument("--max-side", type=int, default=768, help="longest side of each JPEG, pixels")
-    p.add_argument("--jpeg-q", type=int, default=4, help="JPEG quantizer: 2 best .. 31 worst")
-    p.add_argument("--max-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--workers", type=int, default=16, help="concurrent requests")
-    p.add_argument("--decode-workers", type=int, default=4)
-    p.add_argument("--rpm", type=float, help="requests per minute, at most (retries count)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--retries", type=int, default=8)
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay, seconds (doubles)")
+    p.add_argument("--max-side", type=cli.positive_int, default=768, help="longest side of each JPEG, pixels")
+    p.add_argument("--jpeg-q", type=int, choices=range(2, 32), default=4, metavar="2..31",
+                   help="JPEG quantizer: 2 best .. 31 worst")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=1024)
+    p.add_argument("--temperature", type=cli.non_negative)
+    p.add_argument("--workers", type=cli.positive_int, default=16, help="concurrent requests")
+    p.add_argument("--decode-workers", type=cli.positive_int, default=4)
+    p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
+    p.add_argument("--rpm", type=cli.positive, help="requests per minute, at most (retries count)")
+    p.add_argument("--timeout", type=cli.positive, default=120.0,
+                   help="seconds for one request, all of it (and for decoding one video)")
+    p.add_argument("--retries", type=cli.count, default=8)
+    p.add_argument("--backoff", type=cli.non_negative, default=1.0, help="first retry delay, seconds (doubles)")
+    p.add_argument("--max-retry-after", type=cli.non_negative, default=300.0,
+                   help="the longest Retry-After honoured, seconds")
+    p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
+                   help="stop the run after this many videos in a row failed")
     p.add_argument("--shard", default="0/1", help="K/N: label only the videos of shard K of N")
-    p.add_argument("--retry-failed", action="store_true", help="try again the videos with an error row")
-    p.add_argument("--price-in", type=float, default=0.0, help="$ per million prompt tokens")
-    p.add_argument("--price-out", type=float, default=0.0, help="$ per million completion tokens")
-    return p.parse_args(argv)
+    p.add_argument("--retry-errors", "--retry-failed", action="store_true",
+                   help="try again the videos with a final error row too (moderation, unreadable)")
+    p.add_argument("--price-in", type=cli.non_negative, default=0.0, help="$ per million prompt tokens")
+    p.add_argument("--price-out", type=cli.non_negative, default=0.0, help="$ per million completion tokens")
+    args = p.parse_args(argv)
+    try:
+        args.shard = tuple(int(x) for x in args.shard.split("/"))
+        assert len(args.shard) == 2 and 0 <= args.shard[0] < args.shard[1]
+    except (ValueError, AssertionError):
+        p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
+    return args
 
 
 def request(urls, prompt, frames_as):
@@ -69,7 +87,7 @@ def request(urls, prompt, frames_as):
 
 
 def label_one(client, args, prompt, job):
-    """(video, data URLs or VideoError) -> its row."""
+    """(video, data URLs or VideoError) -> its row; None when the run stopped before it was asked."""
     video, urls = job
     if isinstance(urls, VideoError):
         return {"video": video, "error": str(urls), "status": None, "code": "unreadable_video"}
@@ -77,73 +95,98 @@ def label_one(client, args, prompt, job):
     if args.temperature is not None:
         params["temperature"] = args.temperature
     try:
-        reply = client.chat(request(urls, prompt, args.frames_as), **params)
+        for _ in range(3):   # an empty answer is asked for again, twice
+            reply = client.chat(request(urls, prompt, args.frames_as), **params)
+            if reply.content.strip() or reply.finish_reason == "content_filter":
+                break
     except APIError as e:
-        return {"video": video, "error": client.scrub(e), "status": e.status, "code": e.code}
-    choice = reply["choices"][0]
-    content = choice["message"].get("content") or ""
-    if isinstance(content, list):   # some servers answer in parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    if not content.strip():
-        return {"video": video, "error": "the reply was empty", "status": 200, "code": "empty_reply"}
-    return {"video": video, "caption": content.strip(), "model": reply.get("model", args.model),
-            "usage": reply.get("usage", {}), "finish_reason": choice.get("finish_reason")}
+        return None if e.code == "stopped" else {"video": video, "error": str(e), "status": e.status, "code": e.code}
+    except Exception as e:   # a fault nobody foresaw: this video's row (tried again next run), not the run's end
+        return {"video": video, "error": f"{type(e).__name__}: {e}", "status": None, "code": "internal_error"}
+    if reply.finish_reason == "content_filter":   # moderated on the way out: a final answer
+        return {"video": video, "error": "the reply was filtered", "status": 200, "code": "content_filter"}
+    if not reply.content.strip():
+        return {"video": video, "error": "the reply was empty, three times", "status": 200, "code": "empty_reply"}
+    return {"video": video, "caption": reply.content.strip(), "model": reply.model or args.model,
+            "usage": reply.usage, "finish_reason": reply.finish_reason}
 
 
 def in_shard(video, shard):
     k, n = shard
-    return zlib.crc32(video.encode()) % n == k   # by name, so every machine agrees whatever its list order
+    return zlib.crc32(os.fsencode(video)) % n == k   # by name, so every machine agrees whatever its list order
 
 
-def drop_error_rows(path):
-    """For --retry-failed: rewrite the file without its error rows (atomically), keeping one row a video."""
-    rows = [r for r in read_rows(path) if "error" not in r]
-    with Appender(path + ".tmp", fsync=True, truncate=True) as f:
-        for r in rows:
-            f.write(r)
-    os.replace(path + ".tmp", path)
+def is_done(row, retry_errors=False):
+    """A caption, or (unless retry_errors) a final answer: content moderation, an unreadable video."""
+    return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | {"unreadable_video"})
+
+
+def video_key(row):
+    return canonical(row["video"]) if isinstance(row.get("video"), str) else None
+
+
+def label(args):
+    prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
+    prompt = prompt.replace("{n}", str(args.frames))
+    client = Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout, args.retries, args.backoff,
+                    max_retry_after=args.max_retry_after)
+    videos = [v for v in find_videos(args.source) if in_shard(v, args.shard)]
+    with Appender(args.out, fsync=True) as out:
+        done = out.settle(video_key, functools.partial(is_done, retry_errors=args.retry_errors))
+        todo = [v for v in videos if canonical(v) not in done]
+        decode = functools.partial(jpeg_data_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q)
+        jobs = imap_unordered(decode, todo, workers=args.decode_workers, timeout=args.timeout,
+                              buffer=2 * args.workers, memory_gb=args.decode_memory)
+        stats, failed, start = collections.Counter(), collections.Counter(), time.monotonic()
+        breaker, stop = Breaker(client, args.max_failures_in_a_row), None
+        try:
+            for row in run_concurrently(jobs, functools.partial(label_one, client, args, prompt), args.workers,
+                                        client.stop):
+                if row is None:
+                    continue
+                out.write(client.scrub.row(row))
+                if "error" in row:
+                    failed[f"{row['status'] or '-'} {client.scrub(row['code'])}"] += 1
+                else:
+                    stats["done"] += 1
+                    stats["in"] += row["usage"]["prompt_tokens"]
+                    stats["out"] += row["usage"]["completion_tokens"]
+                    stats["length"] += row["finish_reason"] == "length"
+                progress(stats["done"] + sum(failed.values()), len(todo), sum(failed.values()), start)
+                try:
+                    breaker.see(row.get("status"), row.get("code"), ok="error" not in row)
+                except Stop as e:
+                    stop = stop or e   # the requests in flight still finish and are written: they are paid for
+        finally:
+            summary(args, stats, failed, len(videos) - len(todo), start)
+    if stop is not None:
+        raise stop
+
+
+def progress(finished, total, failed, start):
+    rate = finished / max(time.monotonic() - start, 1e-9)
+    eta = (total - finished) / rate if rate > 0 else float("inf")
+    print(f"\r{finished}/{total} videos, {failed} failed, {rate:.2f} videos/s, ETA {eta / 60:.1f} min ",
+          end="", file=sys.stderr, flush=True)
+
+
+def summary(args, stats, failed, already, start):
+    elapsed = time.monotonic() - start
+    n_failed = sum(failed.values())
+    cost = (stats["in"] * args.price_in + stats["out"] * args.price_out) / 1e6
+    print(f"\nlabelled {stats['done']} ({stats['length']} cut at --max-tokens), failed {n_failed}"
+          f"{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
+          f"{already} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost ${cost:.2f}; "
+          f"{elapsed:.1f} s, {(stats['done'] + n_failed) / max(elapsed, 1e-9):.2f} videos/s", file=sys.stderr)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "clean":
-        return clean_file(argv[1:])
+        return cli.run(lambda: clean_file(argv[1:]))
     args = parse_args(argv)
-    try:
-        k, n = (int(x) for x in args.shard.split("/"))
-        assert 0 <= k < n
-        prompt = open(args.prompt_file).read().strip() if args.prompt_file else args.prompt
-        client = Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout, args.retries,
-                        args.backoff)
-        videos = [v for v in find_videos(args.source) if in_shard(v, (k, n))]
-    except (ValueError, AssertionError, OSError) as e:
-        sys.exit(f"error: {e or 'bad --shard, expected K/N with 0 <= K < N'}")
-    prompt = prompt.replace("{n}", str(args.frames))
-    if args.retry_failed and os.path.exists(args.out):
-        drop_error_rows(args.out)
-    done = {r["video"] for r in read_rows(args.out) if "video" in r}
-    todo = [v for v in videos if v not in done]
-    decode = functools.partial(jpeg_data_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q)
-    jobs = imap_unordered(decode, todo, workers=args.decode_workers, timeout=args.timeout, buffer=2 * args.workers)
-    stats, failed, start = collections.Counter(), collections.Counter(), time.monotonic()
-    with Appender(args.out, fsync=True) as out:
-        for row in run_concurrently(jobs, functools.partial(label_one, client, args, prompt), args.workers):
-            out.write(row)
-            if "error" in row:
-                failed[f"{row['status'] or '-'} {row['code']}"] += 1
-            else:
-                stats["done"] += 1
-                stats["in"] += row["usage"].get("prompt_tokens", 0)
-                stats["out"] += row["usage"].get("completion_tokens", 0)
-                stats["length"] += row["finish_reason"] == "length"
-            finished = stats["done"] + sum(failed.values())
-            print(f"\r{finished}/{len(todo)} videos, {sum(failed.values())} failed", end="", file=sys.stderr)
-    elapsed = time.monotonic() - start
-    cost = (stats["in"] * args.price_in + stats["out"] * args.price_out) / 1e6
-    print(f"\nlabelled {stats['done']} ({stats['length']} cut at --max-tokens), failed {sum(failed.values())}"
-          f"{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
-          f"{len(done)} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost ${cost:.2f}; "
-          f"{elapsed:.1f} s, {(stats['done'] + sum(failed.values())) / max(elapsed, 1e-9):.2f} videos/s", file=sys.stderr)
+    scrub = Redactor(os.environ.get(args.api_key_env, "").strip())
+    return cli.run(lambda: label(args), (OSError, ValueError, Busy, Stop), scrub)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,17 @@ def add_lora(model: nn.Module, targets=("q_proj", "k_proj"), r=128, alpha=32.0, 
     return names
 
 
+def lora_shape(model: nn.Module) -> dict:
+    """{module name: (r, alpha)} of a model's adapters: what add_lora_like needs to make them again."""
+    return {n: (layer.r, layer.alpha) for n, layer in lora_layers(model).items()}
+
+
+def add_lora_like(model: nn.Module, shape: dict, dropout: float = 0.0):
+    """Adapters on exactly the modules that `shape` ({name: (r, alpha)}) names, with their ranks and alpha."""
+    return add_lora(model, targets="|".join(map(re.escape, shape)), ranks={n: r for n, (r, _) in shape.items()},
+                    alpha=next(iter(shape.values()))[1], dropout=dropout)
+
+
 def set_lora_alpha(model: nn.Module, alpha: float):
     """Change the LoRA share alpha/r of every adapter (re-merging those that are merged)."""
     for layer in lora_layers(model).values():
@@ -121,16 +132,17 @@ def unmerge_lora(model: nn.Module):
         layer.unmerge()
 
 
-def save_adapter(lm: nn.Module, out_dir: str, base_model: str = None):
-    """Write `lm`'s adapters (lm is the LLaMA causal LM) in peft's format."""
+def save_adapter(lm: nn.Module, out_dir: str, base_model: str = None, weights: dict = None):
+    """Write `lm`'s adapters (lm is the LLaMA causal LM) in peft's format. `weights` ({name in lm: tensor})
+    gives the LoRA tensors when lm holds only shards of them (FSDP: the gathered full tensors)."""
     layers = lora_layers(lm)
     if not layers:
         raise ValueError("the model holds no LoRA layers")
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    if weights is None:
+        weights = {f"{name}.lora_{ab}.weight": getattr(layer, f"lora_{ab}").weight
+                   for name, layer in layers.items() for ab in "AB"}
+    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     first = next(iter(layers.values()))
     ranks = {n: l.r for n, l in layers.items() if l.r != first.r}

@@ -102,8 +102,17 @@ class Tokenizer:
         model = os.path.join(folder, "tokenizer.model")
         if not os.path.isfile(model):
             raise FileNotFoundError(f"{folder}: no tokenizer.model")
+        try:
+            self._load(folder, model)
+        except (RuntimeError, KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{folder}: the tokenizer files are broken or not SentencePiece's "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+
+    def _load(self, folder, model):
         with open(model, "rb") as f:
             self.sp = spm.SentencePieceProcessor(model_proto=plain_normalizer(f.read()))
+        if self.sp.get_piece_size() == 0:
+            raise ValueError("no pieces")
         config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         config = {**_read_json(os.path.join(folder, "special_tokens_map.json")), **config}
         self.add_bos = config.get("add_bos_token", True)

@@ -8,42 +8,38 @@ Several processes shard the model with FSDP2 (NCCL on GPUs, gloo on CPUs): each 
 vision tower are their own units, bf16 compute with fp32 weights and gradient reductions on GPUs. Rank 0
 reads the checkpoint (memory-mapped) and broadcasts; the others build on the meta device and receive
 their shards only. Checkpoints (trainable weights, optimizer, step, RNG) go to --out every --save-every
-steps; --resume continues from the newest. The loss is the mean over the answer tokens of the whole
+steps; --resume continues from the newest (trainstate.py). The loss is the mean over the answer tokens of the whole
 global batch, so one process and N processes with the same global batch train the same weights.
 """
 
-import argparse
 import contextlib
 import datetime
 import json
 import math
 import os
-import re
 import resource
-import shutil
+import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+import cli
 import hub
 import lora
+from checkpoint import CheckpointError
 from config import Config
 from data import normalize
 from dataset import StepSampler, TrainSet, collate, eval_keys, read_samples
-from jsonl import Appender
+from jsonl import Appender, Busy
 from model import PLLaVA
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, template_for
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
-                   "preprocessor_config.json")
+from trainstate import check_out, export, load_checkpoint, save_checkpoint
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="LoRA post-training of PLLaVA (FSDP2 under torchrun).")
+    p = cli.Parser(description="LoRA post-training of PLLaVA (FSDP2 under torchrun).")
     p.add_argument("--data", required=True, help="training JSONL file(s), comma-separated")
     p.add_argument("--eval-data", help="JSONL file(s) for the eval loss")
     p.add_argument("--video-root", help="folder that relative video paths are relative to")
@@ -54,35 +50,39 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="folder with the tokenizer files (default: the model folder)")
     p.add_argument("--full-finetune", action="store_true", help="train the whole LLM (and projector), no LoRA")
     p.add_argument("--train-all", action="store_true", help="train everything, vision tower too, no LoRA")
-    p.add_argument("--lora-r", type=int, default=128)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-r", type=cli.positive_int, default=128)
+    p.add_argument("--lora-alpha", type=cli.non_negative, default=32.0)
+    p.add_argument("--lora-dropout", type=cli.non_negative, default=0.05)
     p.add_argument("--lora-targets", default="q_proj,k_proj")
-    p.add_argument("--frames", type=int, help="frames per video (default: the model's num_frames)")
+    p.add_argument("--frames", type=cli.positive_int, help="frames per video (default: the model's num_frames)")
     p.add_argument("--prompt", default=QUESTION, help="the instruction paired with a plain caption")
     p.add_argument("--system", default=SYSTEM)
     p.add_argument("--template", choices=sorted(TEMPLATES), help="default: from the tokenizer")
-    p.add_argument("--max-tokens", type=int, default=1024, help="text tokens per sample (visual ones apart)")
-    p.add_argument("--batch-size", type=int, default=12, help="videos per GPU (or process) per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--epochs", type=float, default=1.0, help="used when --max-steps is not given")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.02)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: none)")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=1024, help="text tokens per sample (visual ones apart)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=12, help="videos per GPU (or process) per micro-batch")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=1)
+    p.add_argument("--max-steps", type=cli.positive_int)
+    p.add_argument("--epochs", type=cli.positive, default=1.0, help="used when --max-steps is not given")
+    p.add_argument("--lr", type=cli.positive, default=2e-5)
+    p.add_argument("--min-lr", type=cli.non_negative, default=0.0)
+    p.add_argument("--warmup-steps", type=cli.count, default=0)
+    p.add_argument("--weight-decay", type=cli.non_negative, default=0.02)
+    p.add_argument("--clip", type=cli.non_negative, default=1.0, help="gradient norm clip (0: none)")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader decoding workers per process")
+    p.add_argument("--workers", type=cli.count, help="DataLoader decoding workers per process "
+                   "(default: the cores of the machine shared by its processes, at most 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--log-every", type=cli.positive_int, default=10)
+    p.add_argument("--eval-every", type=cli.count, default=0)
+    p.add_argument("--save-every", type=cli.count, default=0, help="0: only at the end")
+    p.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--export", help="write a model folder that caption.py loads")
     p.add_argument("--export-dtype", choices=["float32", "bfloat16", "float16"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lora_dropout >= 1:
+        p.error("--lora-dropout must be below 1")
+    return args
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -141,16 +141,13 @@ def setup_model(args, folder, rank, world, device):
         set_trainable(model, args)
         return model
     source = build_source(args, folder) if rank == 0 else None
-    if rank == 0:
-        config, lora_shape = source.config, {n: (l.r, l.alpha) for n, l in lora.lora_layers(source.language_model).items()}
-    box = [(config, lora_shape) if rank == 0 else None]
+    box = [(source.config, lora.lora_shape(source.language_model)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     config, lora_shape = box[0]
     with torch.device("meta"):
         model = PLLaVA(config)
         if lora_shape:
-            lora.add_lora(model.language_model, targets="|".join(map(re.escape, lora_shape)),
-                          ranks={n: r for n, (r, _) in lora_shape.items()}, alpha=next(iter(lora_shape.values()))[1])
+            lora.add_lora_like(model.language_model, lora_shape)
     set_trainable(model, args)
     shard(model, args, device, world)
     model.to_empty(device=device)
@@ -185,107 +182,7 @@ def lr_at(step, args, total):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# --------------------------------------------------------------------------------------- checkpoints
-
-
-def trainable_names(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(model, optimizer, args, step, stats, rank, world):
-    """out/checkpoints/step_N: the trainable weights and optimizer (sharded, torch.distributed.checkpoint),
-    each rank's RNG, the step, and (LoRA runs) the adapter + projector as safetensors. Written under a
-    temporary name and renamed when complete, so a kill mid-save leaves the previous one intact."""
-    root = os.path.join(args.out, "checkpoints")
-    final, tmp = os.path.join(root, f"step_{step:08d}"), os.path.join(root, f"step_{step:08d}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier(world)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    keep = trainable_names(model)
-    dcp.save({"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                else None}, os.path.join(tmp, f"rng_{rank}.pt"))
-    small = {n: p for n, p in model.named_parameters() if p.requires_grad} if lora.lora_layers(model) else {}
-    small = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in small.items()}
-    barrier(world)
-    if rank == 0:
-        if small:
-            from safetensors.torch import save_file
-            save_file({n: t for n, t in small.items() if n.startswith("multi_modal_projector.")},
-                      os.path.join(tmp, "projector.safetensors"))
-            write_adapter(model, small, tmp)
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "world_size": world, **stats}, f)
-        os.replace(tmp, final)
-        done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d))
-        for old in done[:-args.keep]:
-            shutil.rmtree(os.path.join(root, old))
-    barrier(world)
-
-
-def write_adapter(model, tensors, folder):
-    """The adapter in peft's format, from full (gathered) LoRA tensors."""
-    from safetensors.torch import save_file
-    layers = lora.lora_layers(model.language_model)
-    adapter = {f"{lora.PEFT_PREFIX}{n[len('language_model.'):]}": t for n, t in tensors.items() if ".lora_" in n}
-    save_file(adapter, os.path.join(folder, "adapter_model.safetensors"))
-    first = next(iter(layers.values()))
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
-                   "lora_dropout": lora._dropout_p(first), "bias": "none", "fan_in_fan_out": False,
-                   "target_modules": sorted({n.rpartition(".")[2] for n in layers}), "use_rslora": False,
-                   "use_dora": False, "inference_mode": True}, f, indent=2)
-
-
-def newest_checkpoint(out):
-    root = os.path.join(out, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(root) else []
-    return os.path.join(root, done[-1]) if done else None
-
-
-def load_checkpoint(model, optimizer, path, rank):
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    keep = trainable_names(model)
-    state = {"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)   # fails on any requested key the checkpoint lacks
-    # a checkpoint holds the trainable weights only: the frozen ones are set to what they already are,
-    # so that the load stays strict (a key the model has and nothing gives is an error)
-    set_state_dict(model, optimizer, model_state_dict={**model_sd, **state["model"]},
-                   optim_state_dict=state["optim"])
-    rng = torch.load(os.path.join(path, f"rng_{rank}.pt"), weights_only=False)
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
-
-
-def export(model, args, tokenizer_folder, rank, dtype):
-    """A folder caption.py loads: config.json, model.safetensors, the adapter, the tokenizer files."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return
-    with torch.device("meta"):
-        out = PLLaVA(model.config)
-        shape = {n: (l.r, l.alpha) for n, l in lora.lora_layers(model.language_model).items()}
-        if shape:
-            lora.add_lora(out.language_model, targets="|".join(map(re.escape, shape)),
-                          ranks={n: r for n, (r, _) in shape.items()}, alpha=next(iter(shape.values()))[1], dropout=0.0)
-    out.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True, strict=True)
-    out.save_pretrained(args.export)
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(tokenizer_folder, name)):
-            shutil.copy(os.path.join(tokenizer_folder, name), os.path.join(args.export, name))
-
-
 # ------------------------------------------------------------------------------------------ the loop
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
 
 
 def all_sum(values, world, device):
@@ -313,10 +210,34 @@ def evaluate(model, loader, device, dtype_ctx, world, mean, std):
     return total / max(count, 1)
 
 
+def read_data(files, args, rank):
+    """Samples of comma-separated JSONL files; broken rows are reported (file:line) and left out."""
+    samples, dropped, bad = read_samples(files.split(","), args.video_root, args.prompt)
+    if not samples:
+        raise ValueError(f"{files}: no rows to train on ({dropped} left out, {len(bad)} broken"
+                         f"{', the first: ' + bad[0] if bad else ''})")
+    if bad and rank == 0:
+        print(f"warning: {len(bad)} broken rows left out, the first: " + "; ".join(bad[:3]), file=sys.stderr, flush=True)
+    return samples, dropped + len(bad)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    return cli.run(lambda: train(args), (OSError, ValueError, hub.HubError, CheckpointError, Busy))
+
+
+def train(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
+    if args.workers is None:   # the machine's cores, shared by the processes on it
+        args.workers = min(4, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if args.init_from_config and not args.tokenizer:
+        raise ValueError("--init-from-config needs --tokenizer FOLDER")
+    # everything a user can get wrong is found here, before the model loads
+    resume_from = check_out(args.out, args.resume) if args.resume or rank == 0 else None
+    if args.resume and not resume_from and rank == 0:
+        print(f"note: --resume, but {args.out} holds no checkpoint: starting at step 0", file=sys.stderr, flush=True)
+    samples, dropped = read_data(args.data, args, rank)
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -324,8 +245,6 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     folder = hub.resolve(args.model) if args.model else None
     tok_folder = args.tokenizer or folder
-    if not tok_folder:
-        raise SystemExit("error: --init-from-config needs --tokenizer FOLDER")
     tok = Tokenizer(tok_folder)
     model = setup_model(args, folder, rank, world, device)
     torch.manual_seed(args.seed + rank)   # LoRA dropout: each rank draws its own masks
@@ -335,14 +254,13 @@ def main(argv=None):
     template = args.template or template_for(tok)
     frames = args.frames or config.num_frames
     size = config.vision_config.image_size
-    samples, dropped = read_samples(args.data.split(","), args.video_root, args.prompt)
     trainset = TrainSet(samples, tok, template, args.system, frames, size, args.seed, "random", args.max_tokens)
     per_step = args.batch_size * world * args.grad_accum
     total = args.max_steps or max(1, int(args.epochs * (len(samples) // per_step)))
     optimizer = make_optimizer(model, args)
     start, stats = 0, {"skipped": 0}
-    if args.resume and newest_checkpoint(args.out):
-        state = load_checkpoint(model, optimizer, newest_checkpoint(args.out), rank)
+    if resume_from:
+        state = load_checkpoint(model, optimizer, resume_from, rank)
         start, stats = state["step"], {"skipped": state.get("skipped", 0)}
     sampler = StepSampler(len(samples), args.batch_size, args.grad_accum, rank, world, args.seed, start, total)
     pad = tok.pad_id if tok.pad_id is not None else 0
@@ -352,7 +270,7 @@ def main(argv=None):
                                          generator=torch.Generator().manual_seed(args.seed))
     eval_loader = None
     if args.eval_data:
-        eval_samples, _ = read_samples(args.eval_data.split(","), args.video_root, args.prompt)
+        eval_samples, _ = read_data(args.eval_data, args, rank)
         evalset = TrainSet(eval_samples, tok, template, args.system, frames, size, args.seed, "middle", args.max_tokens)
         keys = eval_keys(len(eval_samples), rank, world)
         eval_loader = torch.utils.data.DataLoader(evalset, batch_sampler=[keys[i:i + args.batch_size] for i in
@@ -362,14 +280,13 @@ def main(argv=None):
         else contextlib.nullcontext()
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"{len(samples)} samples ({dropped} rows left out), {world} process(es), global batch {per_step}, "
               f"steps {start}..{total}; training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters", flush=True)
     metrics = Appender(os.path.join(args.out, "metrics.jsonl")) if rank == 0 else None
     model.train()
-    it = iter(loader)
+    it, began = iter(loader), time.perf_counter()
     for step in range(start, total):
         t0 = time.perf_counter()
         micro = [next(it) for _ in range(args.grad_accum)]
@@ -404,7 +321,8 @@ def main(argv=None):
         if rank == 0 and (step % args.log_every == 0 or step == total - 1):
             row = {"step": step + 1, "loss": loss_sum / max(n_tokens, 1), "lr": lr, "grad_norm": float(norm),
                    "videos_per_s": n_videos / dt, "tokens_per_s": n_seq / dt, "step_s": dt,
-                   "peak_mem_gb": peak_memory_gb(device), "skipped": stats["skipped"]}
+                   "peak_mem_gb": peak_memory_gb(device), "skipped": stats["skipped"],
+                   "eta_min": (total - step - 1) * (time.perf_counter() - began) / (step + 1 - start) / 60}
             metrics.write(row)
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
         if eval_loader and args.eval_every and ((step + 1) % args.eval_every == 0 or step == total - 1):
@@ -422,6 +340,8 @@ def main(argv=None):
         export(model, args, tok_folder, rank, dtype)
     if metrics:
         metrics.close()
+        print(f"done: checkpoint {args.out}/checkpoints/step_{total:08d}, metrics {metrics.path}"
+              f"{', model ' + args.export if args.export else ''}", flush=True)
     if world > 1:
         dist.destroy_process_group()
 

@@ -38,28 +38,35 @@ def _recv(stream):
 
 
 def _serve():
-    """The worker's loop: the function first, then items until the parent closes the pipe."""
+    """The worker's loop: the function and the memory limit first, then items until the parent closes
+    the pipe. The limit is on the data segment and private writable mappings (RLIMIT_DATA), which is
+    where a decoder's frames live, so a file that lies about its size gets a MemoryError, not the machine."""
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # a stray print must not corrupt the protocol
     try:
-        fn = _recv(inp)
+        fn, limit = _recv(inp)
+        if limit:
+            import resource
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
         while True:
             item = _recv(inp)
             try:
                 _send(out, (True, fn(item)))
+            except MemoryError:
+                _send(out, (False, f"{item}: decoding needed more than {limit / 2**30:.1f} GiB of memory"))
             except Exception as e:   # any failure is reported for this item; the worker lives on
-                _send(out, (False, str(e) if isinstance(e, VideoError) else f"{type(e).__name__}: {e}"))
+                _send(out, (False, str(e) if isinstance(e, VideoError) else f"{item}: {type(e).__name__}: {e}"))
     except (EOFError, BrokenPipeError):
         return
 
 
 class _Worker:
-    def __init__(self, fn):
+    def __init__(self, fn, limit):
         # the child sees the parent's import path, so that fn's module imports there too
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__))] + sys.path)}
         self.proc = subprocess.Popen([sys.executable, "-c", "import workers; workers._serve()"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        _send(self.proc.stdin, fn)
+        _send(self.proc.stdin, (fn, limit))
         self.item, self.deadline = None, None
 
     def fileno(self):
@@ -89,21 +96,22 @@ class _Worker:
             self.kill()
 
 
-def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8):
+def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8, memory_gb: float = None):
     """Yield (item, result) for each item, result being fn(item) or a VideoError, as they finish.
 
     fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
     (up to `buffer` finished ones wait for it). A call that takes longer than `timeout` seconds (native
     decoders can hang, and a hang cannot be interrupted from Python) gets its worker killed and
-    replaced, and its item a VideoError. fn must be picklable (a module-level function or a partial) from a
+    replaced, and its item a VideoError; so does one that needs more than `memory_gb` GiB. fn must be picklable (a module-level function or a partial) from a
     module the workers can import, not from the script being run (its __main__ is not theirs)."""
     if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
         raise ValueError("imap_unordered needs a function from an importable module, not from __main__")
     out = queue.Queue(maxsize=buffer)
     done = object()
+    limit = int(memory_gb * 2**30) if memory_gb else None
 
     def run():
-        todo, idle, busy = iter(items), [_Worker(fn) for _ in range(max(1, workers))], []
+        todo, idle, busy = iter(items), [_Worker(fn, limit) for _ in range(max(1, workers))], []
         try:
             while True:
                 while idle and (item := next(todo, done)) is not done:
@@ -117,12 +125,12 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
                     busy.remove(w)
                     result = w.result()
                     out.put((w.item, result))
-                    idle.append(w if w.proc.poll() is None else _Worker(fn))
+                    idle.append(w if w.proc.poll() is None else _Worker(fn, limit))
                 for w in [w for w in busy if time.monotonic() > w.deadline and not wait([w], 0)]:
                     w.kill()
                     busy.remove(w)
                     out.put((w.item, VideoError(f"{w.item}: decoding took longer than {timeout:.0f} s")))
-                    idle.append(_Worker(fn))
+                    idle.append(_Worker(fn, limit))
         finally:
             for w in idle + busy:
                 w.close()

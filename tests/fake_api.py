@@ -76,8 +76,8 @@ class FakeAPI:
             return self.reply(h, 200, b'{"choices": [{"message": ', raw=True)
         if kind == "status":
             _, status, code, headers = action
-            message = f"Incorrect API key provided: {h.headers.get('Authorization', '')[7:]}" if status == 401 \
-                else f"{code} happened"   # a provider that echoes the key: the client must scrub it
+            # a provider that echoes the key: the client must scrub it
+            message = f"{code} happened for the key {h.headers.get('Authorization', '')[7:]}"
             return self.reply(h, status, {"error": {"message": message, "type": "error", "code": code}}, headers)
         if kind == "content":
             return self.reply(h, 200, self.completion(action[1], action[2] if len(action) > 2 else "stop"))

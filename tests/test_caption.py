@@ -96,6 +96,32 @@ def test_killed_mid_run_then_rerun_gives_every_video_once(ckpt, tmp_path):
     assert all(json.loads(line) for line in open(out))                # no torn line left behind
 
 
+def test_retry_errors_leaves_one_row_and_spellings_and_a_second_run_are_refused(ckpt, tmp_path):
+    folder = tmp_path / "vids"
+    folder.mkdir()
+    good = write_video(str(folder / "a.mp4"), n_frames=8)
+    broken = str(folder / "b.mp4")
+    open(broken, "w").write("not yet a video")
+    out = str(tmp_path / "c.jsonl")
+    args = ["--model", ckpt, "--out", out, "--max-new-tokens", "4"]
+    assert run_caption([str(folder), *args]).returncode == 0
+    write_video(broken, n_frames=8)                                    # the file is fixed: try it again
+    rel = "./" + os.path.relpath(str(folder), ROOT) + "/"              # the same folder, spelled otherwise
+    again = run_caption([rel, *args])
+    assert again.returncode == 0 and "0 captions, 0 unreadable, 2 already done" in again.stderr
+    retried = run_caption([rel, *args, "--retry-errors"])
+    assert retried.returncode == 0 and "1 captions, 0 unreadable, 1 already done" in retried.stderr
+    rows, counts = rows_by_video(out)
+    assert set(counts.values()) == {1} and len(rows) == 2 and all("caption" in r for r in rows.values())
+    with open(out + ".lock", "w") as f:                                # a second run holding the output
+        import fcntl
+        f.write("4242\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        busy = run_caption([str(folder), *args])
+    assert busy.returncode == 1 and "being written by another run (pid 4242)" in busy.stderr.strip().splitlines()[-1]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -262,8 +262,8 @@ def test_data_shapes_images_and_unreadable_videos(world, tmp_path):
     for name, lines in rows.items():
         paths.append(str(tmp_path / name))
         open(paths[-1], "w").write("\n".join(json.dumps(r) for r in lines) + "\n")
-    samples, dropped = read_samples(paths)
-    assert dropped == 1 and len(samples) == 4
+    samples, dropped, bad = read_samples(paths)
+    assert dropped == 1 and len(samples) == 4 and bad == []
     assert samples[2][2:] == ([("what?", "b"), ("then?", "c")], "Watch.")
     assert samples[3][1] is True and samples[3][2] == [("what is it?", "d")]
     r = run(train_args(world, tmp_path / "o", "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--lora-r", "4",
@@ -283,3 +283,59 @@ def write_png(path):
             out.mux(p)
         for p in s.encode():
             out.mux(p)
+
+
+def run_failing(args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, \
+        r.stderr[-3000:]
+    return lines[0]
+
+
+def test_broken_rows_are_reported_with_file_and_line_and_left_out(world, tmp_path):
+    good = open(world["data"], "rb").read()
+    data = tmp_path / "mixed.jsonl"
+    data.write_bytes(good + b'{"video": "v0.mp4", "caption": 7}\n' + b'{"video": ["v0.mp4"], "caption": "a"}\n'
+                     + b'{"video": "v1.mp4", "caption": "caf\xe9"}\n' + b'[1, 2]\n'
+                     + b'{"video": "v1.mp4", "QA": "not a list"}\n' + b'{"video": "v2.mp4", "caption": "cut')
+    r = run(train_args(world, tmp_path / "o", "--max-steps", "1", "--batch-size", "2", "--lora-r", "4",
+                       "--data", str(data)))
+    warning = next(line for line in r.stderr.splitlines() if line.startswith("warning:"))
+    assert "5 broken rows left out" in warning and f"{data}:9:" in warning and f"{data}:10:" in warning
+    assert "8 samples (6 rows left out)" in r.stdout
+    bad_only = tmp_path / "bad.jsonl"
+    bad_only.write_bytes(b'{"video": "v0.mp4", "caption": 7}\n\xff\n')
+    assert "no rows to train on" in run_failing(train_args(world, tmp_path / "o2", "--data", str(bad_only)))
+
+
+def test_a_rerun_into_a_finished_out_refuses_at_once_and_resume_of_nothing_says_so(world, tmp_path):
+    out = tmp_path / "o"
+    args = train_args(world, out, "--max-steps", "2", "--batch-size", "2", "--lora-r", "4")
+    r = run(args + ["--resume"])
+    assert "holds no checkpoint: starting at step 0" in r.stderr
+    t0 = time.monotonic()
+    line = run_failing(args)
+    assert "already holds checkpoints (newest: step_00000002)" in line and "--resume" in line
+    assert time.monotonic() - t0 < 30
+    # nothing in a checkpoint is unpickled by our code: RNG in safetensors, the step in JSON
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert sorted(f for f in os.listdir(ckpt) if not f.endswith(".distcp")) == [
+        ".metadata", "adapter_config.json", "adapter_model.safetensors", "projector.safetensors", "rng_0.safetensors",
+        "state.json"]
+    assert set(load_file(str(ckpt / "rng_0.safetensors"))) == {"cpu"}
+
+
+@pytest.mark.parametrize("problem", ["missing data", "missing model", "bad config"])
+def test_user_errors_are_one_line(world, tmp_path, problem):
+    args = train_args(world, tmp_path / "o", "--max-steps", "1")
+    if problem == "missing data":
+        args[args.index("--data") + 1] = str(tmp_path / "nope.jsonl")
+    elif problem == "missing model":
+        i = args.index("--init-from-config")
+        args[i:i + 2] = ["--model", str(tmp_path / "no-model")]
+    else:
+        (tmp_path / "c.json").write_text(json.dumps({"num_frames": 0}))
+        args[args.index("--init-from-config") + 1] = str(tmp_path / "c.json")
+    run_failing(args)

@@ -1,0 +1,49 @@
+"""What every command-line tool here shares: flag values checked when parsed, and one line for an error.
+
+A value that can never work (`--frames 0`) fails once at start, not as an error row per video that a
+rerun then skips. An error a user can cause ends the run with `error: ...` on one line; anything else is
+a bug, and its traceback is printed with every secret scrubbed from it.
+"""
+
+import argparse
+import sys
+import traceback
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake in the flags told in one line, not the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _typed(kind, ok, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
+positive_int = _typed(int, lambda v: v > 0, "a whole number above 0")
+count = _typed(int, lambda v: v >= 0, "a whole number, 0 or more")
+positive = _typed(float, lambda v: 0 < v < float("inf"), "a number above 0")
+non_negative = _typed(float, lambda v: 0 <= v < float("inf"), "a number, 0 or more")
+
+
+def run(main, user_errors=(OSError, ValueError), scrub=str):
+    """main(), with the errors a user can cause as one line and a non-zero exit."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    except user_errors as e:
+        sys.exit(f"error: {scrub(e) or type(e).__name__}")
+    except Exception:
+        sys.stderr.write(scrub(traceback.format_exc()))
+        sys.exit(1)

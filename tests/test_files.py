@@ -1,0 +1,261 @@
+"""Files and paths as people have them: broadcast captures, absurd frame sizes, names that are not UTF-8,
+JSONL cut anywhere, one video spelled three ways, two runs on one output, values that can never work,
+inputs that are missing or are not what they say."""
+
+import fractions
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import av
+import numpy as np
+import pytest
+
+import data
+from data import VideoError, read_clip_frames, read_frames
+from fake_api import KEY, label_server
+from jsonl import Appender, Busy, read_rows
+from videos import index_frame, read_index, write_video
+from workers import imap_unordered
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_ts(path, n, start_s, codec):
+    """An MPEG-TS capture as a broadcast recorder leaves it: timestamps starting minutes (or a day) in."""
+    with av.open(str(path), "w", format="mpegts") as out:
+        s = out.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")
+            f.pts, f.time_base = int(start_s * 90000) + i * 3600, fractions.Fraction(1, 90000)
+            for p in s.encode(f):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return str(path)
+
+
+@pytest.mark.parametrize("n, start, codec", [(25, 600.0, "libx264"), (8, 95000.0, "libx264"), (3, 1.4, "mpeg2video"),
+                                             (3, 600.0, "libx264")])
+def test_short_ts_captures_that_do_not_start_at_zero(tmp_path, n, start, codec):
+    path = write_ts(tmp_path / "cap.m2ts", n, start, codec)
+    frames = read_frames(path, 4)
+    assert [read_index(f) for f in frames] == [int((i + 0.5) * n / 4) for i in range(4)]
+
+
+def write_thin(path, w, h, n=3):
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("ffv1", rate=10)
+        s.width, s.height, s.pix_fmt = w, h, "yuv444p"
+        for i in range(n):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), 40 * i, np.uint8), format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return str(path)
+
+
+def test_a_frame_too_thin_to_resize_is_an_error_not_gigabytes(tmp_path):
+    path = write_thin(tmp_path / "thin.mkv", 2, 4000)   # resized to a short side of 336: 336 x 672,000
+    t0 = time.monotonic()
+    results = dict(imap_unordered(functools.partial(read_clip_frames, n=4, size=336), [path], workers=1,
+                                  memory_gb=1))
+    assert isinstance(results[path], VideoError) and "pixels" in str(results[path]) and str(results[path]).startswith(path)
+    assert time.monotonic() - t0 < 30
+    assert read_frames(path, 2, max_side=768).shape == (2, 768, 1, 3)   # what a teacher gets: within bounds
+
+
+def test_a_worker_that_needs_too_much_memory_gets_an_error_row_and_the_pool_goes_on():
+    items = [3 * 2**30, 1000, 2 * 2**30, 10]
+    results = dict(imap_unordered(functools.partial(np.ones, dtype=np.uint8), items, workers=1, memory_gb=1))
+    assert isinstance(results[3 * 2**30], VideoError) and "more than 1.0 GiB" in str(results[3 * 2**30])
+    assert isinstance(results[2 * 2**30], VideoError)
+    assert results[1000].sum() == 1000 and results[10].sum() == 10
+
+
+def test_jsonl_torn_inside_a_character_garbage_and_a_last_row_without_newline(tmp_path):
+    path = str(tmp_path / "rows.jsonl")
+    whole = [{"video": "a", "caption": "一只猫在跳"}, {"video": "b", "caption": "ok"}]
+    torn = json.dumps({"video": "c", "caption": "一只猫"}, ensure_ascii=False).encode()[:-6]   # inside 猫
+    with open(path, "wb") as f:
+        f.write((json.dumps(whole[0], ensure_ascii=False) + "\n").encode())
+        f.write(b"\xff\xfe not utf-8 at all\n[1, 2, 3]\nnot json\n\"a string\"\n")
+        f.write((json.dumps(whole[1]) + "\n").encode() + torn)
+    assert read_rows(path) == whole
+    with Appender(path) as out:
+        out.write({"video": "d", "caption": "next"})
+    assert read_rows(path)[-1] == {"video": "d", "caption": "next"} and len(read_rows(path)) == 3
+    # a whole last row that only lacks its newline is a row: kept, and the next goes on a line of its own
+    with open(path, "ab") as f:
+        f.write(json.dumps({"video": "e", "caption": "no newline"}).encode())
+    assert read_rows(path)[-1]["video"] == "e"
+    with Appender(path) as out:
+        out.write({"video": "f", "caption": "after"})
+    assert [r["video"] for r in read_rows(path)] == ["a", "b", "d", "e", "f"]
+    lines = open(path, "rb").read().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line) for line in lines[-3:-1])
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    path = str(tmp_path / "rows.jsonl")
+    with Appender(path) as first:
+        first.write({"video": "a"})
+        with pytest.raises(Busy, match=f"pid {os.getpid()}"):
+            Appender(path)
+    with Appender(path) as again:   # free again once the first closed
+        again.write({"video": "b"})
+    assert [r["video"] for r in read_rows(path)] == ["a", "b"] and not os.path.exists(path + ".lock")
+
+
+def solid(colour):
+    return lambda i, w, h: np.full((h, w, 3), colour, np.uint8)
+
+
+def label_folder(folder, n):
+    os.makedirs(folder, exist_ok=True)
+    colours = [((61 * i) % 256, (255 - 47 * i) % 256, (97 * i) % 256) for i in range(n)]
+    paths = [write_video(os.path.join(folder, f"v{i}.mp4"), n_frames=6, size=(48, 32), frame_fn=solid(c))
+             for i, c in enumerate(colours)]
+    return paths, colours
+
+
+def run_label(args, wait=True):
+    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
+    cmd = [sys.executable, os.path.join(ROOT, "label.py"), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_file_name_that_is_not_utf8(tmp_path):
+    folder = tmp_path / "v"
+    paths, colours = label_folder(str(folder), 2)
+    bad = os.path.join(os.fsencode(str(folder)), b"caf\xe9-\xff.mp4")   # Latin-1 from an old disk
+    os.rename(paths[1], bad)
+    api = label_server(colours)
+    out = str(tmp_path / "labels.jsonl")
+    try:
+        r = run_label([str(folder), "--out", out, "--api-base", api.url])
+        again = run_label([str(folder), "--out", out, "--api-base", api.url])
+    finally:
+        api.close()
+    assert r.returncode == 0 and again.returncode == 0, r.stderr + again.stderr
+    rows = read_rows(out)
+    assert sorted(os.fsencode(row["video"]) for row in rows) == sorted([os.fsencode(paths[0]), bad])
+    assert all("caption" in row for row in rows) and len(api.log) == 2          # the rerun asked for nothing
+    open(out, encoding="utf-8").read()                                          # the file itself is valid UTF-8
+
+
+def test_one_video_spelled_three_ways_is_one_row_and_retry_errors_leaves_one_row(tmp_path):
+    folder = tmp_path / "vids"
+    paths, colours = label_folder(str(folder), 3)
+    api = label_server(colours)
+    api.script = {1: [("status", 400, "data_inspection_failed", {})]}
+    out = str(tmp_path / "labels.jsonl")
+    rel = os.path.relpath(str(folder), ROOT)
+    try:
+        spellings = [str(folder), "./" + rel + "/", str(folder) + "//"]
+        runs = [run_label([s, "--out", out, "--api-base", api.url]) for s in spellings]
+        asked = len(api.log)
+        retried = run_label(["./" + rel, "--out", out, "--api-base", api.url, "--retry-errors"])
+    finally:
+        api.close()
+    assert all(r.returncode == 0 for r in runs + [retried])
+    assert asked == 3 and len(api.log) == 4                      # spelled three ways: asked once; then the retry
+    rows = read_rows(out)
+    assert sorted(data.canonical(r["video"]) for r in rows) == sorted(data.canonical(p) for p in paths)
+    assert all("caption" in r for r in rows)                     # the moderated one, answered on the retry
+
+
+def test_two_label_runs_on_one_output(tmp_path):
+    paths, colours = label_folder(str(tmp_path / "v"), 6)
+    api = label_server(colours)
+    api.script = {i: [("hang", 0.5)] for i in range(6)}
+    out = str(tmp_path / "labels.jsonl")
+    try:
+        first = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--workers", "1"], wait=False)
+        while not os.path.exists(out + ".lock"):
+            time.sleep(0.01)
+        second = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url])
+        first.communicate(timeout=120)
+    finally:
+        api.close()
+    assert second.returncode == 1 and "being written by another run" in second.stderr.strip().splitlines()[-1]
+    assert first.returncode == 0 and len(read_rows(out)) == 6 and len(api.log) == 6
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("caption.py", ["--frames", "0"]), ("caption.py", ["--batch-size", "0"]), ("caption.py", ["--max-new-tokens", "0"]),
+    ("caption.py", ["--top-p", "1.5"]), ("label.py", ["--frames", "0"]), ("label.py", ["--workers", "0"]),
+    ("label.py", ["--timeout", "-1"]), ("label.py", ["--shard", "3/2"]), ("label.py", ["--rpm", "nan"]),
+    ("judge.py", ["--gt", "a", "--pred", "b", "--out", "c", "--workers", "0"]),
+    ("train.py", ["--data", "a", "--out", "o", "--model", "m", "--batch-size", "0"]),
+    ("train.py", ["--data", "a", "--out", "o", "--model", "m", "--keep", "0"])])
+def test_values_that_can_never_work_fail_once_at_start(tmp_path, tool, args):
+    source = [] if tool in ("judge.py", "train.py") else [str(tmp_path)]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, tool), *source, "--out", str(tmp_path / "o.jsonl"), *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "DASHSCOPE_API_KEY": KEY})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    assert not os.path.exists(tmp_path / "o.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from helpers import tiny_checkpoint
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.mark.parametrize("breakage", ["num_frames 0", "0 heads", "frames a string", "config a list",
+                                      "tokenizer garbage", "tokenizer empty", "index outside"])
+def test_a_broken_checkpoint_fails_once_at_start(tmp_path, tiny, breakage):
+    import shutil
+    model = shutil.copytree(tiny, tmp_path / "model")
+    config = json.load(open(model / "config.json"))
+    if breakage == "num_frames 0":
+        config["num_frames"] = 0
+    elif breakage == "0 heads":
+        config["text_config"]["num_attention_heads"] = 0
+    elif breakage == "frames a string":
+        config["num_frames"] = "16"
+    elif breakage == "config a list":
+        config = [config]
+    elif breakage.startswith("tokenizer"):
+        (model / "tokenizer.model").write_bytes(os.urandom(3000) if "garbage" in breakage else b"")
+    else:
+        os.rename(model / "model.safetensors", tmp_path / "weights.safetensors")
+        (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../weights.safetensors"}}))
+    (model / "config.json").write_text(json.dumps(config))
+    videos = tmp_path / "v"
+    videos.mkdir()
+    write_video(str(videos / "a.mp4"), n_frames=6)
+    out = tmp_path / "captions.jsonl"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "caption.py"), str(videos), "--model", str(model), "--out",
+                        str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert read_rows(str(out)) == []                                    # no row that a rerun would then skip
+
+
+def test_missing_or_mistyped_inputs_leave_the_outputs_alone(tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.json").write_text("{\"earlier\": true}")
+    (tmp_path / "clean.jsonl").write_text("{\"video\": \"kept\"}\n")
+    video = write_video(str(tmp_path / "a.mp4"), n_frames=4)
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    cases = [["judge.py", "--gt", str(tmp_path / "missing.jsonl"), "--pred", str(tmp_path / "clean.jsonl"),
+              "--out", str(report)],
+             ["judge.py", "--gt", video, "--pred", str(tmp_path / "clean.jsonl"), "--out", str(report)],
+             ["label.py", "clean", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "clean.jsonl")],
+             ["label.py", "clean", video, "--out", str(tmp_path / "clean.jsonl")]]
+    for args in cases:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+    assert (report / "summary.json").read_text() == "{\"earlier\": true}"
+    assert (tmp_path / "clean.jsonl").read_text() == "{\"video\": \"kept\"}\n"

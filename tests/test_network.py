@@ -1,0 +1,218 @@
+"""client.py, label.py and judge.py one fault at a time: a body cut anywhere, a stall, any shape of answer,
+Retry-After, failures that repeat for every item, and a key that must never leak."""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+
+import pytest
+
+import client
+from chaos_api import KEY, ChaosAPI, echoes
+from client import APIError, Client, parse_reply
+from jsonl import read_rows
+from redact import Redactor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANSWER = "A red kite circles over a green hill."
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("TEST_KEY", KEY)
+
+
+def one_item(*actions):
+    """A server whose every request is the same item, answering with `actions` in turn, then well."""
+    return ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": list(actions) + ["ok"] * 9})
+
+
+def ask(api, **kw):
+    c = Client(api.url, "m", "TEST_KEY", **{"timeout": 1.0, "retries": 3, "backoff": 0.01, **kw})
+    return c.chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("fault", ["drop_in_headers", "drop_in_body", "drop_in_chunks", "bad_gzip", "html_200",
+                                   "html_502", "e500_echo", "empty_choices", "no_choices", "choices_string",
+                                   "content_number"])
+def test_a_broken_answer_is_asked_again(key, fault):
+    api = one_item(fault, fault)
+    try:
+        reply = ask(api)
+    finally:
+        api.close()
+    assert reply.content == ANSWER and [e["action"] for e in api.log] == [fault, fault, "ok"]
+
+
+@pytest.mark.parametrize("fault", ["stall", "trickle"])
+def test_the_timeout_is_a_deadline_for_the_whole_request(key, fault):
+    api = one_item(fault)   # headers at once, then nothing, or a byte every 0.1 s for 4 s
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(APIError, match="within 1 s"):
+            ask(api, retries=0)
+    finally:
+        api.close()
+    assert time.monotonic() - t0 < 1.6 and api.log[0]["held"] < 1.6
+
+
+@pytest.mark.parametrize("after", ["3600", "Wed, 21 Oct 2099 07:28:00 GMT", "1e999", "nan", "-5", "soon"])
+def test_retry_after_is_honoured_up_to_a_cap(key, after):
+    api = one_item(("r429_long", after))
+    try:
+        reply = ask(api, max_retry_after=0.5)
+    finally:
+        api.close()
+    gap = api.log[1]["t"] - api.log[0]["t"]
+    assert reply.content == ANSWER and gap < 1.5
+    if after in ("3600", "1e999") or "2099" in after:
+        assert gap >= 0.45   # honoured, up to the cap
+
+
+def test_reply_shapes():
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    ok = lambda message, **kw: {"choices": [{"message": message, "finish_reason": "stop"}], "usage": usage, **kw}
+    assert parse_reply(ok({"content": "hi"})).content == "hi"
+    assert parse_reply(ok("hi")).content == "hi"                                  # message a string
+    assert parse_reply(ok({"content": [{"type": "text", "text": "h"}, "i", {"image": 1}]})).content == "hi"
+    assert parse_reply(ok({"content": None})).content == ""                        # null: an empty answer
+    assert parse_reply(ok({"content": 5})) is None and parse_reply(ok({"content": {"a": 1}})) is None
+    assert parse_reply({"choices": [{"text": "legacy"}]}).content == "legacy"
+    r = parse_reply({"choices": [{"message": {"content": "x"}, "finish_reason": 3}], "usage": None, "model": []})
+    assert r.usage == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert r.finish_reason is None and r.model is None
+    r = parse_reply(ok({"content": "x"}, usage={"prompt_tokens": "7", "completion_tokens": -1, "total_tokens": 1e400}))
+    assert r.usage == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for bad in ([], "x", None, {}, {"choices": []}, {"choices": None}, {"choices": ["x"]}, {"choices": [None]}):
+        assert parse_reply(bad) is None
+
+
+@pytest.mark.parametrize("value, seconds", [("2", 2.0), ("0", 0.0), ("3600", 300.0), ("1e999", 300.0),
+                                            ("nan", None), ("-3", 0.0), ("soon", None), (None, None),
+                                            ("Wed, 21 Oct 2099 07:28:00 GMT", 300.0)])
+def test_retry_after_values(value, seconds):
+    assert client.retry_after(value, cap=300.0) == seconds
+
+
+def test_the_key_is_scrubbed_in_every_form_and_cut():
+    scrub = Redactor(KEY)
+    for form in echoes(KEY) + [json.dumps(KEY), KEY.encode().hex(), urllib.parse.quote_plus(KEY),
+                               base64.urlsafe_b64encode(KEY.encode()).decode(), KEY[7:22]]:
+        text = scrub(f"error: the key {form} is not valid")
+        assert text.startswith("error: the key ") and text.endswith(" is not valid")
+        assert not any(KEY[i:i + 8].lower() in text.lower() for i in range(len(KEY) - 7)), (form, text)
+    assert scrub("a plain caption, 100% ok + fine") == "a plain caption, 100% ok + fine"
+    # scrubbed first, cut after: a cut must not leave a piece of the key
+    message = "x" * 290 + KEY
+    assert "sk-chaos" not in scrub(message)[:300] and "***" in scrub(message)[:300]
+    assert scrub.row({"a": [KEY, {"b": 1, KEY: 2}]}) == {"a": ["***", {"b": 1, "***": 2}]}
+
+
+@pytest.mark.parametrize("value, ok", [(f"  {KEY}\n", True), (f"{KEY}\r", True), (f"{KEY[:10]}\n{KEY[10:]}", False),
+                                       (f"{KEY[:10]} {KEY[10:]}", False), (f"{KEY}\x7f", False), (KEY + "é", False),
+                                       ("", False)])
+def test_a_key_with_stray_characters(monkeypatch, value, ok):
+    monkeypatch.setenv("TEST_KEY", value)
+    if ok:
+        assert client.api_key("TEST_KEY") == KEY
+    else:
+        with pytest.raises(ValueError) as e:
+            client.api_key("TEST_KEY")
+        assert KEY[:8] not in str(e.value) and KEY[-8:] not in str(e.value) and "TEST_KEY" in str(e.value)
+
+
+def run_tool(tool, args, key=KEY):
+    env = {**os.environ, "DASHSCOPE_API_KEY": key, "OPENAI_API_KEY": key}
+    return subprocess.run([sys.executable, os.path.join(ROOT, tool), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture
+def clips(tmp_path):
+    from videos import write_video
+    folder = tmp_path / "v"
+    folder.mkdir()
+    return [write_video(str(folder / f"c{i:02d}.mp4"), n_frames=4, size=(32, 24)) for i in range(12)], folder
+
+
+@pytest.mark.parametrize("fault, says", [("401", "refused the key in $DASHSCOPE_API_KEY"),
+                                         ("quota", "no quota left")])
+def test_a_refused_key_or_no_quota_stops_the_run_and_marks_nothing_done(tmp_path, clips, fault, says):
+    videos, folder = clips
+    counter = iter(range(10**6))
+    api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: next(counter),
+                   script={i: ["ok"] if i < 3 else [fault] for i in range(10**3)})   # the key stops working
+    out = str(tmp_path / "labels.jsonl")
+    try:
+        r = run_tool("label.py", [str(folder), "--out", out, "--api-base", api.url, "--workers", "1",
+                                  "--decode-workers", "1"])
+        sent = len(api.log)
+    finally:
+        api.close()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("error: ") and says in lines[-1] and "Traceback" not in r.stderr
+    assert sent <= 6                                                  # stopped after the first failure, not 12
+    rows = read_rows(out)
+    assert sum("caption" in row for row in rows) == 3
+    api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "ok", script={"ok": ["ok"] * 100})
+    try:
+        again = run_tool("label.py", [str(folder), "--out", out, "--api-base", api.url])
+    finally:
+        api.close()
+    assert again.returncode == 0 and len(api.log) == 9               # the failed ones were not done
+    assert sorted(row["video"] for row in read_rows(out)) == sorted(videos)
+    assert KEY not in open(out).read() + r.stderr + again.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_stops_the_run_after_a_few_items(tmp_path, clips):
+    _, folder = clips
+    out = str(tmp_path / "labels.jsonl")
+    t0 = time.monotonic()
+    r = run_tool("label.py", [str(folder), "--out", out, "--api-base", f"http://127.0.0.1:{free_port()}/v1",
+                              "--workers", "2", "--retries", "1", "--backoff", "0.01", "--max-failures-in-a-row", "3"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "up and reachable" in lines[-1] and lines[-1].startswith("error: ")
+    assert len(read_rows(out)) <= 5 and time.monotonic() - t0 < 60     # 3 in a row, plus those in flight
+    assert not any("caption" in row for row in read_rows(out))
+
+
+def test_judge_stops_on_a_refused_key_and_keeps_what_was_paid_for(tmp_path):
+    gt, pred = tmp_path / "gt.jsonl", tmp_path / "pred.jsonl"
+    gt.write_text("".join(json.dumps({"video": f"v{i}", "caption": f"gt {i}"}) + "\n" for i in range(8)))
+    pred.write_text("".join(json.dumps({"video": f"v{i}", "caption": f"pred {i}"}) + "\n" for i in range(8)))
+    counter = iter(range(10**6))
+    api = ChaosAPI(lambda body, item: json.dumps({"score": 3, "correct": True, "reason": "r"}),
+                   identify=lambda body: next(counter), script={i: ["ok"] if i < 4 else ["401"] for i in range(100)})
+    try:
+        r = run_tool("judge.py", ["--gt", str(gt), "--pred", str(pred), "--out", str(tmp_path / "rep"),
+                                  "--api-base", api.url, "--workers", "1"])
+    finally:
+        api.close()
+    assert r.returncode == 1 and "refused the key in $OPENAI_API_KEY" in r.stderr.splitlines()[-1]
+    cache = read_rows(str(tmp_path / "rep" / "judgments.jsonl"))
+    assert sum("score" in row for row in cache) == 4 and not (tmp_path / "rep" / "summary.json").exists()
+    assert KEY not in (tmp_path / "rep" / "judgments.jsonl").read_text() + r.stderr
+
+
+def test_an_unexpected_exception_is_that_items_row():
+    import label
+
+    class Broken:
+        def chat(self, *a, **kw):
+            raise KeyError("a bug in a reply handler")
+
+    class Args:
+        max_tokens, temperature, frames_as = 10, None, "video"
+    row = label.label_one(Broken(), Args, "prompt", ("v.mp4", ["data:image/jpeg;base64,AA=="]))
+    assert row["code"] == "internal_error" and "KeyError" in row["error"] and not label.is_done(row)

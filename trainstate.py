@@ -1,0 +1,125 @@
+"""What a training run leaves in --out and starts again from: checkpoints, resume, the exported model.
+
+out/checkpoints/step_N holds the trainable weights and the optimizer (sharded, torch.distributed.checkpoint),
+each rank's RNG state (safetensors), the step (state.json), and for LoRA runs the adapter + projector as
+safetensors. A checkpoint is written under a temporary name and renamed when complete, so a kill mid-save
+leaves the previous one intact. Nothing here unpickles, except the metadata file of torch's DCP format,
+which torch itself pickles: checkpoints, like code, should come from people you trust.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+import lora
+from model import PLLaVA
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
+                   "preprocessor_config.json")
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def newest_checkpoint(out):
+    root = os.path.join(out, "checkpoints")
+    done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(root) else []
+    return os.path.join(root, done[-1]) if done else None
+
+
+def check_out(out, resume):
+    """Before anything slow: --out can be written, and holds checkpoints exactly when --resume asks for them
+    (a rerun without --resume would train for hours and then fail to save beside them)."""
+    found = newest_checkpoint(out)
+    if found and not resume:
+        raise ValueError(f"{out} already holds checkpoints (newest: {os.path.basename(found)}): add --resume to "
+                         f"continue from it, or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, f".write-test-{os.getpid()}")
+    open(probe, "w").close()
+    os.remove(probe)
+    return found
+
+
+def _rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def save_checkpoint(model, optimizer, args, step, stats, rank, world):
+    root = os.path.join(args.out, "checkpoints")
+    final, tmp = os.path.join(root, f"step_{step:08d}"), os.path.join(root, f"step_{step:08d}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(world)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    keep = trainable_names(model)
+    dcp.save({"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd}, checkpoint_id=tmp)
+    save_file(_rng_state(), os.path.join(tmp, f"rng_{rank}.safetensors"))
+    small = {n: p for n, p in model.named_parameters() if p.requires_grad} if lora.lora_layers(model) else {}
+    small = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in small.items()}
+    barrier(world)
+    if rank == 0:
+        if small:
+            save_file({n: t for n, t in small.items() if n.startswith("multi_modal_projector.")},
+                      os.path.join(tmp, "projector.safetensors"))
+            lora.save_adapter(model.language_model, tmp, weights={n[len("language_model."):]: t for n, t in
+                                                                   small.items() if ".lora_" in n})
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "world_size": world, **stats}, f)
+        os.replace(tmp, final)
+        done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d))
+        for old in done[:-args.keep]:
+            shutil.rmtree(os.path.join(root, old))
+    barrier(world)
+
+
+def load_checkpoint(model, optimizer, path, rank):
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    keep = trainable_names(model)
+    state = {"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)   # fails on any requested key the checkpoint lacks
+    # a checkpoint holds the trainable weights only: the frozen ones are set to what they already are,
+    # so that the load stays strict (a key the model has and nothing gives is an error)
+    set_state_dict(model, optimizer, model_state_dict={**model_sd, **state["model"]},
+                   optim_state_dict=state["optim"])
+    rng = load_file(os.path.join(path, f"rng_{rank}.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda_0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda_{i}"] for i in range(torch.cuda.device_count())])
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def export(model, args, tokenizer_folder, rank, dtype):
+    """A folder caption.py loads: config.json, model.safetensors, the adapter, the tokenizer files."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    with torch.device("meta"):
+        out = PLLaVA(model.config)
+        shape = lora.lora_shape(model.language_model)
+        if shape:
+            lora.add_lora_like(out.language_model, shape)
+    out.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True, strict=True)
+    out.save_pretrained(args.export)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(tokenizer_folder, name)):
+            shutil.copy(os.path.join(tokenizer_folder, name), os.path.join(args.export, name))
