@@ -25,6 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import requests
 import urllib3
 
+import cli
 from redact import Redactor
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -327,6 +328,27 @@ class Breaker:
         if status in (401, 403) or code in KEY_CODES:
             return f"the API refused the key in ${self.client.key_env} (HTTP {status} {code}): set a valid key"
         return f"{self.client.url} answered HTTP {status or '-'} {code}: check --api-base and --model"
+
+
+def add_api_flags(p, api_base, model, key_env, workers):
+    """The flags of every tool that talks to an API through this client: one name, one meaning."""
+    p.add_argument("--api-base", default=api_base)
+    p.add_argument("--model", default=model)
+    p.add_argument("--api-key-env", default=key_env, help="the environment variable holding the key")
+    p.add_argument("--workers", type=cli.positive_int, default=workers, help="concurrent requests")
+    p.add_argument("--rpm", type=cli.positive, help="requests per minute, at most (retries count)")
+    p.add_argument("--timeout", type=cli.positive, default=120.0, help="seconds for one request, all of it")
+    p.add_argument("--retries", type=cli.count, default=8)
+    p.add_argument("--backoff", type=cli.non_negative, default=1.0, help="first retry delay, seconds (doubles)")
+    p.add_argument("--max-retry-after", type=cli.non_negative, default=300.0,
+                   help="the longest Retry-After honoured, seconds")
+    p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
+                   help="stop the run when this many items in a row failed")
+
+
+def api_client(args) -> Client:
+    return Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout, args.retries, args.backoff,
+                  max_retry_after=args.max_retry_after)
 
 
 def run_concurrently(jobs, work, workers: int, stop: threading.Event = None):

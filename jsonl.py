@@ -119,7 +119,9 @@ class Appender:
             raise
 
     def write(self, row: dict):
-        self.f.write(_line(row))
+        rest = memoryview(_line(row))
+        while rest:   # a short write (the disk filled up) is finished, or raises: never silently half a row
+            rest = rest[self.f.write(rest):]
         if self.fsync:
             os.fsync(self.f.fileno())
 

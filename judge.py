@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 import cli
-from client import APIError, Breaker, Client, Stop, run_concurrently
+from client import APIError, Breaker, Stop, add_api_flags, api_client, run_concurrently
 from data import canonical
 from jsonl import Appender, Busy, iter_rows
 from redact import Redactor
@@ -47,18 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--pred", required=True, help="JSONL with video + caption (what caption.py writes)")
     p.add_argument("--pred-b", help="a second system's captions, to compare with --pred")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--api-base", default="https://api.openai.com/v1")
-    p.add_argument("--model", default="gpt-4-turbo")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    p.add_argument("--workers", type=cli.positive_int, default=8)
-    p.add_argument("--rpm", type=cli.positive, help="requests per minute, at most (retries count)")
-    p.add_argument("--timeout", type=cli.positive, default=120.0, help="seconds for one request, all of it")
-    p.add_argument("--retries", type=cli.count, default=8)
-    p.add_argument("--backoff", type=cli.non_negative, default=1.0, help="first retry delay, seconds (doubles)")
-    p.add_argument("--max-retry-after", type=cli.non_negative, default=300.0,
-                   help="the longest Retry-After honoured, seconds")
-    p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
-                   help="stop the run after this many judgments in a row failed")
+    add_api_flags(p, "https://api.openai.com/v1", "gpt-4-turbo", "OPENAI_API_KEY", workers=8)
     p.add_argument("--parse-retries", type=cli.count, default=2, help="asks again when an answer does not parse")
     p.add_argument("--bootstrap", type=cli.positive_int, default=10000, help="resamples for the intervals")
     return p.parse_args(argv)
@@ -177,8 +166,7 @@ def main(argv=None):
 
 
 def judge(args):
-    client = Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout, args.retries, args.backoff,
-                    max_retry_after=args.max_retry_after)
+    client = api_client(args)
     gt, files = captions(args.gt), {"a": args.pred, **({"b": args.pred_b} if args.pred_b else {})}
     preds = {name: captions(path) for name, path in files.items()}
     videos = sorted(set(gt).intersection(*preds.values()))

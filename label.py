@@ -20,7 +20,7 @@ import time
 import zlib
 
 import cli
-from client import FINAL_CODES, APIError, Breaker, Client, Stop, run_concurrently
+from client import FINAL_CODES, APIError, Breaker, Stop, add_api_flags, api_client, run_concurrently
 from clean import clean_file
 from data import VideoError, canonical, find_videos, jpeg_data_urls
 from jsonl import Appender, Busy
@@ -39,9 +39,7 @@ def parse_args(argv=None):
                                             "(`label.py clean FILE --out FILE` cleans the labels).")
     p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
     p.add_argument("--out", default="labels.jsonl")
-    p.add_argument("--api-base", default=DASHSCOPE)
-    p.add_argument("--model", default="qwen-vl-max")
-    p.add_argument("--api-key-env", default="DASHSCOPE_API_KEY", help="the environment variable holding the key")
+    add_api_flags(p, DASHSCOPE, "qwen-vl-max", "DASHSCOPE_API_KEY", workers=16)
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--frames", type=cli.positive_int, default=4)
@@ -52,18 +50,8 @@ def parse_args(argv=None):
                    help="JPEG quantizer: 2 best .. 31 worst")
     p.add_argument("--max-tokens", type=cli.positive_int, default=1024)
     p.add_argument("--temperature", type=cli.non_negative)
-    p.add_argument("--workers", type=cli.positive_int, default=16, help="concurrent requests")
     p.add_argument("--decode-workers", type=cli.positive_int, default=4)
     p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
-    p.add_argument("--rpm", type=cli.positive, help="requests per minute, at most (retries count)")
-    p.add_argument("--timeout", type=cli.positive, default=120.0,
-                   help="seconds for one request, all of it (and for decoding one video)")
-    p.add_argument("--retries", type=cli.count, default=8)
-    p.add_argument("--backoff", type=cli.non_negative, default=1.0, help="first retry delay, seconds (doubles)")
-    p.add_argument("--max-retry-after", type=cli.non_negative, default=300.0,
-                   help="the longest Retry-After honoured, seconds")
-    p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
-                   help="stop the run after this many videos in a row failed")
     p.add_argument("--shard", default="0/1", help="K/N: label only the videos of shard K of N")
     p.add_argument("--retry-errors", "--retry-failed", action="store_true",
                    help="try again the videos with a final error row too (moderation, unreadable)")
@@ -128,8 +116,7 @@ def video_key(row):
 def label(args):
     prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
     prompt = prompt.replace("{n}", str(args.frames))
-    client = Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout, args.retries, args.backoff,
-                    max_retry_after=args.max_retry_after)
+    client = api_client(args)
     videos = [v for v in find_videos(args.source) if in_shard(v, args.shard)]
     with Appender(args.out, fsync=True) as out:
         done = out.settle(video_key, functools.partial(is_done, retry_errors=args.retry_errors))

@@ -99,7 +99,7 @@ def test_killed_mid_run_then_rerun_gives_every_video_once(ckpt, tmp_path):
 def test_retry_errors_leaves_one_row_and_spellings_and_a_second_run_are_refused(ckpt, tmp_path):
     folder = tmp_path / "vids"
     folder.mkdir()
-    good = write_video(str(folder / "a.mp4"), n_frames=8)
+    write_video(str(folder / "a.mp4"), n_frames=8)
     broken = str(folder / "b.mp4")
     open(broken, "w").write("not yet a video")
     out = str(tmp_path / "c.jsonl")

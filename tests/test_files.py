@@ -18,7 +18,7 @@ import data
 from data import VideoError, read_clip_frames, read_frames
 from fake_api import KEY, label_server
 from jsonl import Appender, Busy, read_rows
-from videos import index_frame, read_index, write_video
+from videos import index_frame, read_index, solid_videos, write_video
 from workers import imap_unordered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,16 +111,8 @@ def test_a_second_writer_is_refused(tmp_path):
     assert [r["video"] for r in read_rows(path)] == ["a", "b"] and not os.path.exists(path + ".lock")
 
 
-def solid(colour):
-    return lambda i, w, h: np.full((h, w, 3), colour, np.uint8)
-
-
 def label_folder(folder, n):
-    os.makedirs(folder, exist_ok=True)
-    colours = [((61 * i) % 256, (255 - 47 * i) % 256, (97 * i) % 256) for i in range(n)]
-    paths = [write_video(os.path.join(folder, f"v{i}.mp4"), n_frames=6, size=(48, 32), frame_fn=solid(c))
-             for i, c in enumerate(colours)]
-    return paths, colours
+    return solid_videos(folder, n, n_frames=6, size=(48, 32))
 
 
 def run_label(args, wait=True):
@@ -259,3 +251,26 @@ def test_missing_or_mistyped_inputs_leave_the_outputs_alone(tmp_path):
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
     assert (report / "summary.json").read_text() == "{\"earlier\": true}"
     assert (tmp_path / "clean.jsonl").read_text() == "{\"video\": \"kept\"}\n"
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_finished_row(tmp_path):
+    import resource
+    paths, colours = label_folder(str(tmp_path / "v"), 8)
+    api = label_server(colours)
+    out = str(tmp_path / "labels.jsonl")
+
+    def small_disk():   # the output may not grow past 1,000 bytes: what a full disk does to a write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
+    try:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "label.py"), str(tmp_path / "v"), "--out", out,
+                            "--api-base", api.url, "--workers", "2"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120, preexec_fn=small_disk)
+        first = read_rows(out)
+        again = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url])
+    finally:
+        api.close()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("error: ") and "File too large" in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr and 1 <= len(first) < 8
+    assert again.returncode == 0 and sorted(row["video"] for row in read_rows(out)) == sorted(paths)

@@ -8,27 +8,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from client import RateLimit
 from fake_api import KEY, colour_of, label_server
 from jsonl import read_rows
-from videos import write_video
+from videos import solid_videos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def solid(colour):
-    return lambda i, w, h: np.full((h, w, 3), colour, np.uint8)
-
-
 def make_videos(folder, n):
-    os.makedirs(folder, exist_ok=True)
-    colours = [((37 * i) % 256, (255 - 53 * i) % 256, (91 * i) % 256) for i in range(n)]
-    paths = [write_video(os.path.join(folder, f"v{i:02d}.mp4"), n_frames=10, size=(96, 64), frame_fn=solid(c))
-             for i, c in enumerate(colours)]
-    return paths, colours
+    return solid_videos(folder, n)
 
 
 def run_label(args, wait=True, **kw):

@@ -65,6 +65,16 @@ def write_video(path, n_frames=32, fps=25, size=(64, 48), codec="libx264", pix_f
     return str(path)
 
 
+def solid_videos(folder, n, n_frames=10, size=(96, 64)):
+    """n videos of one flat colour each, all different (a fake API tells them apart by it): (paths, colours)."""
+    import os
+    os.makedirs(folder, exist_ok=True)
+    colours = [((37 * i) % 256, (255 - 53 * i) % 256, (91 * i) % 256) for i in range(n)]
+    paths = [write_video(os.path.join(folder, f"v{i:02d}.mp4"), n_frames=n_frames, size=size,
+                         frame_fn=lambda j, w, h, c=c: np.full((h, w, 3), c, np.uint8)) for i, c in enumerate(colours)]
+    return paths, colours
+
+
 def frame_times_ms(n_frames, durations_ms):
     t, times = 0, []
     for i in range(n_frames):
