@@ -11,7 +11,6 @@ import contextlib
 import datetime
 import functools
 import glob
-import json
 import os
 import re
 import sys
@@ -23,7 +22,7 @@ import cli
 import hub
 from checkpoint import CheckpointError
 from client import Stop
-from data import CLIP_MEAN, CLIP_STD, VideoError, canonical, find_videos, normalize, read_clip_frames
+from data import VideoError, canonical, find_videos, mean_std, normalize, read_clip_frames
 from generate import can_pack, generate, pack_for_cpu
 from jsonl import Appender, Busy, iter_rows
 from model import PLLaVA
@@ -53,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", help="default: cuda when there is one, else cpu")
     p.add_argument("--workers", type=cli.positive_int, default=4, help="video decoding processes")
-    p.add_argument("--timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
+    p.add_argument("--decode-timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
     p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
     p.add_argument("--keyframes-only", action="store_true", help="faster decoding, less exact frame times")
     p.add_argument("--compile", action="store_true",
@@ -79,20 +78,6 @@ def video_key(row):
     return canonical(row["video"]) if isinstance(row.get("video"), str) else None
 
 
-def preprocessing(folder, size):
-    """Mean and std from preprocessor_config.json when the checkpoint has one, else CLIP's."""
-    path = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        return CLIP_MEAN, CLIP_STD
-    with open(path) as f:
-        config = json.load(f)
-    mean, std = config.get("image_mean", CLIP_MEAN), config.get("image_std", CLIP_STD)
-    if not all(isinstance(v, list | tuple) and len(v) == 3 and all(isinstance(x, int | float) for x in v)
-               for v in (mean, std)) or min(std) <= 0:
-        raise CheckpointError(f"{path}: image_mean and image_std must be three numbers each (std above 0)")
-    return tuple(mean), tuple(std)
-
-
 class Captioner:
     def __init__(self, args, device, dtype):
         self.args, self.device = args, device
@@ -114,7 +99,7 @@ class Captioner:
         self.stops = args.stop or (["USER:"] if template == "vicuna" else [])
         self.frames = args.frames or config.num_frames
         self.size = config.vision_config.image_size
-        self.mean, self.std = preprocessing(folder, self.size)
+        self.mean, self.std = mean_std(folder)
         self.batch_size = args.batch_size
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -240,7 +225,7 @@ def run(captioner, out, todo, rank, args, already):
     """Caption `todo` into `out`; the summary on stderr, and the counts returned."""
     stats = dict(captions=0, errors=0, failed=0, tokens=0, wait=0.0)
     failures, start = 0, time.monotonic()
-    stream = imap_unordered(captioner.decoder(), todo, workers=args.workers, timeout=args.timeout,
+    stream = imap_unordered(captioner.decoder(), todo, workers=args.workers, timeout=args.decode_timeout,
                             buffer=2 * args.batch_size, memory_gb=args.decode_memory)
     waited = time.monotonic()
     for batch in batches(stream, lambda: captioner.batch_size):

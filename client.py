@@ -330,12 +330,12 @@ class Breaker:
         return f"{self.client.url} answered HTTP {status or '-'} {code}: check --api-base and --model"
 
 
-def add_api_flags(p, api_base, model, key_env, workers):
+def add_api_flags(p, api_base, model, key_env, concurrency):
     """The flags of every tool that talks to an API through this client: one name, one meaning."""
     p.add_argument("--api-base", default=api_base)
     p.add_argument("--model", default=model)
     p.add_argument("--api-key-env", default=key_env, help="the environment variable holding the key")
-    p.add_argument("--workers", type=cli.positive_int, default=workers, help="concurrent requests")
+    p.add_argument("--concurrency", type=cli.positive_int, default=concurrency, help="requests in flight at once")
     p.add_argument("--rpm", type=cli.positive, help="requests per minute, at most (retries count)")
     p.add_argument("--timeout", type=cli.positive, default=120.0, help="seconds for one request, all of it")
     p.add_argument("--retries", type=cli.count, default=8)

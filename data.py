@@ -276,6 +276,22 @@ def read_clip_frames(path, n, size=336, mode="middle", keyframes_only=False, rng
     return np.ascontiguousarray(center_crop(read_frames(path, n, mode, size, keyframes_only, rng), size))
 
 
+def mean_std(folder):
+    """The normalization a model was trained with: preprocessor_config.json's image_mean and image_std
+    when its folder has one, else CLIP's. Captioning and training both take it from here."""
+    import json
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return CLIP_MEAN, CLIP_STD
+    with open(path) as f:
+        config = json.load(f)
+    mean, std = config.get("image_mean", CLIP_MEAN), config.get("image_std", CLIP_STD)
+    if not all(isinstance(v, list | tuple) and len(v) == 3 and all(isinstance(x, int | float) for x in v)
+               for v in (mean, std)) or min(std) <= 0:
+        raise ValueError(f"{path}: image_mean and image_std must be three numbers each (std above 0)")
+    return tuple(mean), tuple(std)
+
+
 def normalize(frames, mean=CLIP_MEAN, std=CLIP_STD, device=None, dtype=None):
     """(..., H, W, 3) uint8 -> (..., 3, H, W) normalized floats, on `device` (send uint8, not floats)."""
     import torch   # here, not at the top: decode workers import this file and never need torch
@@ -285,16 +301,6 @@ def normalize(frames, mean=CLIP_MEAN, std=CLIP_STD, device=None, dtype=None):
     s = torch.tensor(std, device=x.device, dtype=dtype)[:, None, None]
     return (x - m) / s
 
-
-def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
-    """For frames that did not come through FFmpeg's scaler (still images): bicubic, antialiased."""
-    import torch
-    import torch.nn.functional as F
-    H, W = frames.shape[1:3]
-    h, w = (size, int(W * size / H)) if H <= W else (int(H * size / W), size)
-    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 # ------------------------------------------------------------------------------------------ JPEG
 

@@ -8,7 +8,7 @@ Three row shapes are understood, detected file by file:
 An "image" is one frame repeated to the clip length, as the model repeats short clips.
 
 The order is a pure function of (seed, step): step s of epoch e takes the s-th block of a permutation
-seeded by seed + e, and rank r takes its slice of each micro-batch. Resuming needs only the step, and one
+seeded by (seed, e), and rank r takes its slice of each micro-batch. Resuming needs only the step, and one
 process with batch 4 sees the same global batches as two with batch 2.
 """
 

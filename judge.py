@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--pred", required=True, help="JSONL with video + caption (what caption.py writes)")
     p.add_argument("--pred-b", help="a second system's captions, to compare with --pred")
     p.add_argument("--out", required=True, help="report folder")
-    add_api_flags(p, "https://api.openai.com/v1", "gpt-4-turbo", "OPENAI_API_KEY", workers=8)
+    add_api_flags(p, "https://api.openai.com/v1", "gpt-4-turbo", "OPENAI_API_KEY", concurrency=8)
     p.add_argument("--parse-retries", type=cli.count, default=2, help="asks again when an answer does not parse")
     p.add_argument("--bootstrap", type=cli.positive_int, default=10000, help="resamples for the intervals")
     return p.parse_args(argv)
@@ -188,7 +188,7 @@ def judge(args):
                 if key not in cache:
                     todo.setdefault(key, (key, gt[v][0], gt[v][1], pred[v][1]))
         jobs, breaker, stop = list(todo.values()), Breaker(client, args.max_failures_in_a_row), None
-        for i, row in enumerate(run_concurrently(jobs, functools.partial(judge_one, client, args), args.workers,
+        for i, row in enumerate(run_concurrently(jobs, functools.partial(judge_one, client, args), args.concurrency,
                                                  client.stop), 1):
             if row is None:
                 continue

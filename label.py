@@ -1,6 +1,6 @@
 """Pseudo-label videos with a teacher model (Qwen-VL-Max) over plain HTTP, at million-video scale.
 
-    DASHSCOPE_API_KEY=... python label.py videos/ --out labels.jsonl [--workers 16 --rpm 600 --shard 0/8]
+    DASHSCOPE_API_KEY=... python label.py videos/ --out labels.jsonl [--concurrency 16 --rpm 600 --shard 0/8]
     python label.py clean labels.jsonl --out clean.jsonl
 
 Four frames per video (segment middles, as the seed) become JPEGs in decoding processes while the HTTP
@@ -39,7 +39,7 @@ def parse_args(argv=None):
                                             "(`label.py clean FILE --out FILE` cleans the labels).")
     p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
     p.add_argument("--out", default="labels.jsonl")
-    add_api_flags(p, DASHSCOPE, "qwen-vl-max", "DASHSCOPE_API_KEY", workers=16)
+    add_api_flags(p, DASHSCOPE, "qwen-vl-max", "DASHSCOPE_API_KEY", concurrency=16)
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--frames", type=cli.positive_int, default=4)
@@ -48,9 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--max-side", type=cli.positive_int, default=768, help="longest side of each JPEG, pixels")
     p.add_argument("--jpeg-q", type=int, choices=range(2, 32), default=4, metavar="2..31",
                    help="JPEG quantizer: 2 best .. 31 worst")
-    p.add_argument("--max-tokens", type=cli.positive_int, default=1024)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=1024, help="the answer's length, at most")
     p.add_argument("--temperature", type=cli.non_negative)
-    p.add_argument("--decode-workers", type=cli.positive_int, default=4)
+    p.add_argument("--workers", "--decode-workers", type=cli.positive_int, default=4, help="video decoding processes")
+    p.add_argument("--decode-timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
     p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
     p.add_argument("--shard", default="0/1", help="K/N: label only the videos of shard K of N")
     p.add_argument("--retry-errors", "--retry-failed", action="store_true",
@@ -79,7 +80,7 @@ def label_one(client, args, prompt, job):
     video, urls = job
     if isinstance(urls, VideoError):
         return {"video": video, "error": str(urls), "status": None, "code": "unreadable_video"}
-    params = {"max_tokens": args.max_tokens}
+    params = {"max_tokens": args.max_new_tokens}
     if args.temperature is not None:
         params["temperature"] = args.temperature
     try:
@@ -122,12 +123,12 @@ def label(args):
         done = out.settle(video_key, functools.partial(is_done, retry_errors=args.retry_errors))
         todo = [v for v in videos if canonical(v) not in done]
         decode = functools.partial(jpeg_data_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q)
-        jobs = imap_unordered(decode, todo, workers=args.decode_workers, timeout=args.timeout,
-                              buffer=2 * args.workers, memory_gb=args.decode_memory)
+        jobs = imap_unordered(decode, todo, workers=args.workers, timeout=args.decode_timeout,
+                              buffer=2 * args.concurrency, memory_gb=args.decode_memory)
         stats, failed, start = collections.Counter(), collections.Counter(), time.monotonic()
         breaker, stop = Breaker(client, args.max_failures_in_a_row), None
         try:
-            for row in run_concurrently(jobs, functools.partial(label_one, client, args, prompt), args.workers,
+            for row in run_concurrently(jobs, functools.partial(label_one, client, args, prompt), args.concurrency,
                                         client.stop):
                 if row is None:
                     continue
@@ -161,7 +162,7 @@ def summary(args, stats, failed, already, start):
     elapsed = time.monotonic() - start
     n_failed = sum(failed.values())
     cost = (stats["in"] * args.price_in + stats["out"] * args.price_out) / 1e6
-    print(f"\nlabelled {stats['done']} ({stats['length']} cut at --max-tokens), failed {n_failed}"
+    print(f"\nlabelled {stats['done']} ({stats['length']} cut at --max-new-tokens), failed {n_failed}"
           f"{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
           f"{already} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost ${cost:.2f}; "
           f"{elapsed:.1f} s, {(stats['done'] + n_failed) / max(elapsed, 1e-9):.2f} videos/s", file=sys.stderr)

@@ -278,7 +278,6 @@ class PLLaVA(nn.Module):
         self.vision_tower = nn.ModuleDict(dict(vision_model=CLIPVision(config.vision_config)))
         self.multi_modal_projector = Projector(config)
         self.language_model = LLaMA(config.text_config)
-        self.loss_reduction = "mean"   # train.py sums, to divide by the token count of the whole step
 
     def visual_tokens(self, pixel_values):
         """(B, T, 3, H, W) normalized frames -> (B, N, D) visual tokens in the LLM's embedding space."""
@@ -324,12 +323,13 @@ class PLLaVA(nn.Module):
         mask = None if valid.all() else causal_mask(valid)
         return self.language_model(x, positions_of(valid), mask), valid, labels
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, loss_reduction="mean"):
         """input_ids (B, L) with one image_token_index per row, pixel_values (B, T, 3, H, W) normalized
-        -> logits (B, L - 1 + N, vocab). attention_mask (B, L): 1 for real tokens, for padded rows.
+        -> logits (B, L - 1 + N, vocab). attention_mask (B, L): 1 for real tokens, 0 for padding.
 
-        With labels (B, L) (-100 where no loss is wanted) it returns the mean next-token cross-entropy
-        over the other positions instead, and projects only those onto the vocabulary: the (B, 2400,
+        With labels (B, L) (-100 where no loss is wanted) it returns the next-token cross-entropy over the
+        other positions instead (their mean, or with loss_reduction="sum" their sum: train.py divides by
+        the token count of the whole step), and projects only those onto the vocabulary: the (B, 2400,
         32064) fp32 logits of a training batch would be ~4 GB at B=12. (Training goes through forward,
         not a separate method, because FSDP gathers the root's weights in forward's hooks.)"""
         h, _, labels = self.hidden(input_ids, pixel_values, attention_mask, labels)
@@ -338,7 +338,7 @@ class PLLaVA(nn.Module):
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.language_model.lm_head(h[:, :-1][keep])          # (n, vocab)
-        return F.cross_entropy(logits.float(), targets[keep], reduction=self.loss_reduction)
+        return F.cross_entropy(logits.float(), targets[keep], reduction=loss_reduction)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):

@@ -13,32 +13,19 @@ Beside it are the two strategies the seed argues against, kept for teaching and 
 import math
 
 import torch
+import torch.nn.functional as F
 
 STRATEGIES = ("pllava", "vcgpt", "concat")
 
 
-def pooling_matrix(n_in: int, n_out: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """(n_out, n_in) weights of 1-D adaptive average pooling.
-
-    Output cell i averages inputs [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)), the same windows
-    torch's AdaptiveAvgPool uses. Windows may overlap (non-divisible sizes) and, when n_out > n_in,
-    an input is copied into several outputs, which is how T < T' frames get stretched in time."""
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        start, end = (i * n_in) // n_out, math.ceil((i + 1) * n_in / n_out)
-        m[i, start:end] = 1.0 / (end - start)
-    return m.to(dtype=dtype, device=device)
-
-
 def adaptive_avg_pool3d(x: torch.Tensor, out_shape) -> torch.Tensor:
-    """(B, T, H, W, D) -> (B, T', H', W', D).
+    """(B, T, H, W, D) -> (B, T', H', W', D): PLLaVA's own op, torch's adaptive average pooling.
 
-    An average over a box is the product of three 1-D averages, so the 3-D pooling is three small
-    matrix products, one per axis: no loops over output cells, and it runs in the features' dtype."""
-    _, T, H, W, _ = x.shape
-    t, h, w = out_shape
-    pt, ph, pw = (pooling_matrix(n, m, x.dtype, x.device) for n, m in ((T, t), (H, h), (W, w)))
-    return torch.einsum("pt,qh,rw,bthwd->bpqrd", pt, ph, pw, x)
+    Along each axis, output cell i averages inputs [floor(i*n/m), ceil((i+1)*n/m)) of n inputs for m
+    outputs: windows may overlap when m does not divide n, and when m > n an input is copied into several
+    outputs, which is how T < T' frames get stretched in time. A 3-D cell averages the box that its three
+    windows span. (tests/test_pool.py holds this equal to those windows written out.)"""
+    return F.adaptive_avg_pool3d(x.movedim(-1, 1), tuple(out_shape)).movedim(1, -1)   # D in and out of channels
 
 
 def pool_tokens(x: torch.Tensor, strategy: str, out_shape) -> torch.Tensor:

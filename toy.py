@@ -202,7 +202,7 @@ def train(out, data, model, steps, batch, lr, log, extra=(), nproc=1):
     args = [os.path.join(HERE, "train.py"), "--data", data, "--out", out + "_run", "--export", out,
             "--max-steps", str(steps), "--batch-size", str(batch // nproc), "--lr", str(lr),
             "--warmup-steps", str(steps // 20), "--workers", "0", "--log-every", "25", "--seed", "0",
-            "--system", SYSTEM, "--max-tokens", "64", *model, *extra]
+            "--system", SYSTEM, "--max-text-tokens", "64", *model, *extra]
     return run(args, log, nproc)
 
 

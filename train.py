@@ -4,16 +4,17 @@
     torchrun --nproc_per_node=8 train.py ...                      one node
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 train.py ...
 
-Several processes shard the model with FSDP2 (NCCL on GPUs, gloo on CPUs): each decoder block and the
-vision tower are their own units, bf16 compute with fp32 weights and gradient reductions on GPUs. Rank 0
+The model is sharded with FSDP2 over the processes (NCCL on GPUs, gloo on CPUs; one process is a one-rank
+mesh): each decoder block and the vision tower are their own units, bf16 compute with fp32 weights and
+gradient reductions on GPUs. Rank 0
 reads the checkpoint (memory-mapped) and broadcasts; the others build on the meta device and receive
 their shards only. Checkpoints (trainable weights, optimizer, step, RNG) go to --out every --save-every
-steps; --resume continues from the newest (trainstate.py). The loss is the mean over the answer tokens of the whole
-global batch, so one process and N processes with the same global batch train the same weights.
+steps; --resume continues from the newest (trainstate.py). The loss is the mean over the answer tokens
+of the whole global batch, so one process and N processes with the same global batch train the same weights.
 """
 
-import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import hub
 import lora
 from checkpoint import CheckpointError
 from config import Config
-from data import normalize
+from data import mean_std, normalize
 from dataset import StepSampler, TrainSet, collate, eval_keys, read_samples
 from jsonl import Appender, Busy
 from model import PLLaVA
@@ -58,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=QUESTION, help="the instruction paired with a plain caption")
     p.add_argument("--system", default=SYSTEM)
     p.add_argument("--template", choices=sorted(TEMPLATES), help="default: from the tokenizer")
-    p.add_argument("--max-tokens", type=cli.positive_int, default=1024, help="text tokens per sample (visual ones apart)")
+    p.add_argument("--max-text-tokens", type=cli.positive_int, default=1024,
+                   help="text tokens per sample, longer ones cut (the visual ones apart)")
     p.add_argument("--batch-size", type=cli.positive_int, default=12, help="videos per GPU (or process) per micro-batch")
     p.add_argument("--grad-accum", type=cli.positive_int, default=1)
     p.add_argument("--max-steps", type=cli.positive_int)
@@ -69,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=cli.non_negative, default=0.02)
     p.add_argument("--clip", type=cli.non_negative, default=1.0, help="gradient norm clip (0: none)")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--workers", type=cli.count, help="DataLoader decoding workers per process "
+    p.add_argument("--workers", type=cli.count, help="video decoding processes (DataLoader workers) per process "
                    "(default: the cores of the machine shared by its processes, at most 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=cli.positive_int, default=10)
@@ -121,7 +123,7 @@ def set_trainable(model, args):
         layer.lora_dropout = torch.nn.Dropout(args.lora_dropout) if args.lora_dropout > 0 else torch.nn.Identity()
 
 
-def shard(model, args, device, world):
+def shard(model, device, world):
     """FSDP2: every decoder block and the vision tower a unit of its own, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -136,10 +138,8 @@ def shard(model, args, device, world):
 
 
 def setup_model(args, folder, rank, world, device):
-    if world == 1:
-        model = build_source(args, folder).float().to(device)
-        set_trainable(model, args)
-        return model
+    """The model sharded with FSDP2 over every rank, one process too (a one-rank mesh, as torchtitan): one
+    path, one precision policy. Rank 0 reads the weights and broadcasts them; the others build on meta."""
     source = build_source(args, folder) if rank == 0 else None
     box = [(source.config, lora.lora_shape(source.language_model)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -149,7 +149,7 @@ def setup_model(args, folder, rank, world, device):
         if lora_shape:
             lora.add_lora_like(model.language_model, lora_shape)
     set_trainable(model, args)
-    shard(model, args, device, world)
+    shard(model, device, world)
     model.to_empty(device=device)
     state = {k: v.float() for k, v in source.state_dict().items()} if rank == 0 else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -192,18 +192,17 @@ def all_sum(values, world, device):
     return t.tolist()
 
 
-def run_micro(model, batch, device, dtype_ctx, mean, std):
+def run_micro(model, batch, device, mean, std):
     pixels = normalize(batch["frames"], mean, std, device)
-    with dtype_ctx:
-        return model(batch["ids"].to(device), pixels, labels=batch["labels"].to(device))
+    return model(batch["ids"].to(device), pixels, labels=batch["labels"].to(device), loss_reduction="sum")
 
 
-def evaluate(model, loader, device, dtype_ctx, world, mean, std):
+def evaluate(model, loader, device, world, mean, std):
     model.eval()
     total = count = 0.0
     with torch.no_grad():
         for batch in loader:
-            total += run_micro(model, batch, device, dtype_ctx, mean, std).item()
+            total += run_micro(model, batch, device, mean, std).item()
             count += (batch["labels"][:, 1:] != -100).sum().item()
     model.train()
     total, count = all_sum([total, count], world, device)
@@ -241,20 +240,22 @@ def train(args):
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    else:   # a one-rank group of its own, so that one process runs the same FSDP2 code as many
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     folder = hub.resolve(args.model) if args.model else None
     tok_folder = args.tokenizer or folder
     tok = Tokenizer(tok_folder)
     model = setup_model(args, folder, rank, world, device)
     torch.manual_seed(args.seed + rank)   # LoRA dropout: each rank draws its own masks
-    model.loss_reduction = "sum"
     checkpointing(model, args.activation_checkpointing)
     config = model.config
     template = args.template or template_for(tok)
     frames = args.frames or config.num_frames
     size = config.vision_config.image_size
-    trainset = TrainSet(samples, tok, template, args.system, frames, size, args.seed, "random", args.max_tokens)
+    trainset = TrainSet(samples, tok, template, args.system, frames, size, args.seed, "random", args.max_text_tokens)
     per_step = args.batch_size * world * args.grad_accum
     total = args.max_steps or max(1, int(args.epochs * (len(samples) // per_step)))
     optimizer = make_optimizer(model, args)
@@ -266,19 +267,17 @@ def train(args):
     pad = tok.pad_id if tok.pad_id is not None else 0
     # its own generator: drawing worker seeds from the global RNG would shift dropout after a resume
     loader = torch.utils.data.DataLoader(trainset, batch_sampler=sampler, num_workers=args.workers,
-                                         collate_fn=lambda items: collate(items, pad),
+                                         collate_fn=functools.partial(collate, pad_id=pad),
                                          generator=torch.Generator().manual_seed(args.seed))
     eval_loader = None
     if args.eval_data:
         eval_samples, _ = read_data(args.eval_data, args, rank)
-        evalset = TrainSet(eval_samples, tok, template, args.system, frames, size, args.seed, "middle", args.max_tokens)
+        evalset = TrainSet(eval_samples, tok, template, args.system, frames, size, args.seed, "middle", args.max_text_tokens)
         keys = eval_keys(len(eval_samples), rank, world)
         eval_loader = torch.utils.data.DataLoader(evalset, batch_sampler=[keys[i:i + args.batch_size] for i in
                                                   range(0, len(keys), args.batch_size)],
-                                                  num_workers=min(args.workers, 2), collate_fn=lambda x: collate(x, pad))
-    dtype_ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and world == 1 \
-        else contextlib.nullcontext()
-    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+                                                  num_workers=min(args.workers, 2), collate_fn=functools.partial(collate, pad_id=pad))
+    mean, std = mean_std(tok_folder)   # the export carries this folder's preprocessor_config.json to caption.py
     if rank == 0:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
@@ -292,16 +291,15 @@ def train(args):
         micro = [next(it) for _ in range(args.grad_accum)]
         n_tokens, = all_sum([sum((b["labels"][:, 1:] != -100).sum().item() for b in micro)], world, device)
         if n_tokens == 0 and rank == 0:
-            print(f"warning: step {step + 1} has no answer tokens to learn from (is --max-tokens shorter than "
+            print(f"warning: step {step + 1} has no answer tokens to learn from (is --max-text-tokens shorter than "
                   f"the prompt?)", flush=True)
         lr = lr_at(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
         for i, batch in enumerate(micro):
-            if world > 1:   # reduce gradients once per step, after the last micro-batch
-                model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss = run_micro(model, batch, device, dtype_ctx, mean, std)
+            model.set_requires_gradient_sync(i == len(micro) - 1)   # reduce once per step, after the last
+            loss = run_micro(model, batch, device, mean, std)
             # FSDP averages gradients over ranks; scaled so, the sum is the global token mean
             (loss * world / max(n_tokens, 1)).backward()
             loss_sum += loss.item()
@@ -326,7 +324,7 @@ def train(args):
             metrics.write(row)
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
         if eval_loader and args.eval_every and ((step + 1) % args.eval_every == 0 or step == total - 1):
-            eval_loss = evaluate(model, eval_loader, device, dtype_ctx, world, mean, std)
+            eval_loss = evaluate(model, eval_loader, device, world, mean, std)
             if rank == 0:
                 metrics.write({"step": step + 1, "eval_loss": eval_loss})
                 print(f"step {step + 1} eval_loss {eval_loss:.4f}", flush=True)
@@ -342,8 +340,7 @@ def train(args):
         metrics.close()
         print(f"done: checkpoint {args.out}/checkpoints/step_{total:08d}, metrics {metrics.path}"
               f"{', model ' + args.export if args.export else ''}", flush=True)
-    if world > 1:
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def peak_memory_gb(device):

@@ -95,7 +95,7 @@ def test_label_chaos_kill_and_rerun(tmp_path, seed):
     api = ChaosAPI(lambda body, item: f"Video {item[:12]}: one flat colour fills the frame.", seed=seed,
                    final=moderated, identify=label_identify)
     out = tmp_path / "labels.jsonl"
-    args = [str(folder), "--out", str(out), "--api-base", api.url, "--workers", "16", "--decode-workers", "2",
+    args = [str(folder), "--out", str(out), "--api-base", api.url, "--concurrency", "16", "--workers", "2",
             "--timeout", str(TIMEOUT), "--retries", "10", "--backoff", "0.01", "--max-retry-after", "0.2"]
     try:
         code, seconds, streams = kill_then_rerun("label.py", args, seed, str(out))
@@ -143,7 +143,7 @@ def test_judge_chaos_kill_and_rerun(tmp_path, seed):
         expected[v] = (h % 6, h % 2 == 0)
     api = ChaosAPI(judge_answer, seed=seed)
     report = tmp_path / "report"
-    args = ["--gt", str(gt), "--pred", str(pred), "--out", str(report), "--api-base", api.url, "--workers", "16",
+    args = ["--gt", str(gt), "--pred", str(pred), "--out", str(report), "--api-base", api.url, "--concurrency", "16",
             "--timeout", str(TIMEOUT), "--retries", "10", "--backoff", "0.01", "--max-retry-after", "0.2",
             "--parse-retries", "4", "--bootstrap", "200"]
     try:

@@ -169,7 +169,7 @@ def test_two_label_runs_on_one_output(tmp_path):
     api.script = {i: [("hang", 0.5)] for i in range(6)}
     out = str(tmp_path / "labels.jsonl")
     try:
-        first = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--workers", "1"], wait=False)
+        first = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--concurrency", "1"], wait=False)
         while not os.path.exists(out + ".lock"):
             time.sleep(0.01)
         second = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url])
@@ -182,9 +182,9 @@ def test_two_label_runs_on_one_output(tmp_path):
 
 @pytest.mark.parametrize("tool, args", [
     ("caption.py", ["--frames", "0"]), ("caption.py", ["--batch-size", "0"]), ("caption.py", ["--max-new-tokens", "0"]),
-    ("caption.py", ["--top-p", "1.5"]), ("label.py", ["--frames", "0"]), ("label.py", ["--workers", "0"]),
+    ("caption.py", ["--top-p", "1.5"]), ("label.py", ["--frames", "0"]), ("label.py", ["--concurrency", "0"]),
     ("label.py", ["--timeout", "-1"]), ("label.py", ["--shard", "3/2"]), ("label.py", ["--rpm", "nan"]),
-    ("judge.py", ["--gt", "a", "--pred", "b", "--out", "c", "--workers", "0"]),
+    ("judge.py", ["--gt", "a", "--pred", "b", "--out", "c", "--concurrency", "0"]),
     ("train.py", ["--data", "a", "--out", "o", "--model", "m", "--batch-size", "0"]),
     ("train.py", ["--data", "a", "--out", "o", "--model", "m", "--keep", "0"])])
 def test_values_that_can_never_work_fail_once_at_start(tmp_path, tool, args):
@@ -264,7 +264,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_finished_row(tmp_pa
     env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
     try:
         r = subprocess.run([sys.executable, os.path.join(ROOT, "label.py"), str(tmp_path / "v"), "--out", out,
-                            "--api-base", api.url, "--workers", "2"], cwd=ROOT, env=env, capture_output=True,
+                            "--api-base", api.url, "--concurrency", "2"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=120, preexec_fn=small_disk)
         first = read_rows(out)
         again = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url])

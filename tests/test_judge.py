@@ -55,7 +55,7 @@ def test_judge_end_to_end_with_ab_and_cache(tmp_path):
                   "A4": [("content", '{"score": "high"}')] * 3,                    # never valid: unparsed
                   "B4": [("status", 500, "server_error", {})]}
     args = ["--gt", gt, "--pred", a, "--pred-b", b, "--out", str(tmp_path / "report"), "--api-base", api.url,
-            "--backoff", "0.01", "--workers", "3", "--bootstrap", "2000"]
+            "--backoff", "0.01", "--concurrency", "3", "--bootstrap", "2000"]
     try:
         r = run_judge(args)
         assert r.returncode == 0, r.stderr

@@ -54,7 +54,7 @@ def test_fault_mix_every_video_one_row(tmp_path):
     api.script = {k: list(v) for k, v in FAULTS.items()}
     out = str(tmp_path / "labels.jsonl")
     try:
-        r = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--workers", "4", "--timeout", "1",
+        r = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--concurrency", "4", "--timeout", "1",
                        "--backoff", "0.05", "--model", "qwen-vl-max"])
     finally:
         api.close()
@@ -125,7 +125,7 @@ def test_sigkill_then_rerun_every_video_exactly_once(tmp_path):
     api = label_server(colours)
     api.script = {i: [("hang", 0.3)] for i in range(24)}              # slow answers, so the kill lands mid-run
     out = tmp_path / "labels.jsonl"
-    args = [str(tmp_path / "v"), "--out", str(out), "--api-base", api.url, "--workers", "3", "--backoff", "0.05"]
+    args = [str(tmp_path / "v"), "--out", str(out), "--api-base", api.url, "--concurrency", "3", "--backoff", "0.05"]
     try:
         proc = run_label(args, wait=False)
         deadline = time.time() + 120
@@ -150,12 +150,12 @@ def test_rate_cap_and_concurrency(tmp_path):
     videos, colours = make_videos(str(tmp_path), 12)
     api = label_server(colours)
     try:
-        r = run_label([str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--api-base", api.url, "--workers", "6",
+        r = run_label([str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--api-base", api.url, "--concurrency", "6",
                        "--rpm", "240"])                                # one request every 0.25 s at most
         times = sorted(e["t"] for e in api.log)
         api.script = {i: [("hang", 1.0)] for i in range(12)}
         api.log.clear()
-        r2 = run_label([str(tmp_path), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url, "--workers", "4"])
+        r2 = run_label([str(tmp_path), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url, "--concurrency", "4"])
     finally:
         api.close()
     assert r.returncode == 0 and r2.returncode == 0

@@ -149,8 +149,8 @@ def test_a_refused_key_or_no_quota_stops_the_run_and_marks_nothing_done(tmp_path
                    script={i: ["ok"] if i < 3 else [fault] for i in range(10**3)})   # the key stops working
     out = str(tmp_path / "labels.jsonl")
     try:
-        r = run_tool("label.py", [str(folder), "--out", out, "--api-base", api.url, "--workers", "1",
-                                  "--decode-workers", "1"])
+        r = run_tool("label.py", [str(folder), "--out", out, "--api-base", api.url, "--concurrency", "1",
+                                  "--workers", "1"])
         sent = len(api.log)
     finally:
         api.close()
@@ -180,7 +180,7 @@ def test_an_unreachable_server_stops_the_run_after_a_few_items(tmp_path, clips):
     out = str(tmp_path / "labels.jsonl")
     t0 = time.monotonic()
     r = run_tool("label.py", [str(folder), "--out", out, "--api-base", f"http://127.0.0.1:{free_port()}/v1",
-                              "--workers", "2", "--retries", "1", "--backoff", "0.01", "--max-failures-in-a-row", "3"])
+                              "--concurrency", "2", "--retries", "1", "--backoff", "0.01", "--max-failures-in-a-row", "3"])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "up and reachable" in lines[-1] and lines[-1].startswith("error: ")
     assert len(read_rows(out)) <= 5 and time.monotonic() - t0 < 60     # 3 in a row, plus those in flight
@@ -196,7 +196,7 @@ def test_judge_stops_on_a_refused_key_and_keeps_what_was_paid_for(tmp_path):
                    identify=lambda body: next(counter), script={i: ["ok"] if i < 4 else ["401"] for i in range(100)})
     try:
         r = run_tool("judge.py", ["--gt", str(gt), "--pred", str(pred), "--out", str(tmp_path / "rep"),
-                                  "--api-base", api.url, "--workers", "1"])
+                                  "--api-base", api.url, "--concurrency", "1"])
     finally:
         api.close()
     assert r.returncode == 1 and "refused the key in $OPENAI_API_KEY" in r.stderr.splitlines()[-1]
@@ -213,6 +213,6 @@ def test_an_unexpected_exception_is_that_items_row():
             raise KeyError("a bug in a reply handler")
 
     class Args:
-        max_tokens, temperature, frames_as = 10, None, "video"
+        max_new_tokens, temperature, frames_as = 10, None, "video"
     row = label.label_one(Broken(), Args, "prompt", ("v.mp4", ["data:image/jpeg;base64,AA=="]))
     assert row["code"] == "internal_error" and "KeyError" in row["error"] and not label.is_done(row)

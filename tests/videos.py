@@ -52,9 +52,8 @@ def write_video(path, n_frames=32, fps=25, size=(64, 48), codec="libx264", pix_f
         if rotation:
             stream.set_display_rotation(rotation)
         pts = 0
-        fmt = "rgb24" if codec != "gif" else "rgb24"
         for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(frame_fn(i, w, h), format=fmt)
+            frame = av.VideoFrame.from_ndarray(frame_fn(i, w, h), format="rgb24")
             if durations_ms:
                 frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
                 pts += durations_ms[i % len(durations_ms)]
