@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from config import PRESETS, Config
-from generate import can_pack, generate_from_embeddings, pack_for_cpu
+from generate import Sampling, can_pack, generate_from_embeddings, pack_for_cpu
 from lora import add_lora
 from model import PLLaVA
+from synthetic import write_video
 
 SIZES = {
     "tiny": dict(vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -135,11 +136,11 @@ def bench_prefill(ctx):
 def decode_paths(ctx):
     """Our decoding paths: plain; packed for oneDNN (what caption.py runs on a CPU); compiled (--compile)."""
     lm = ctx["model"].language_model
-    paths = {"plain": (lm, False)}
+    paths = {"plain": (lm, None)}   # (language model, compile mode)
     if can_pack(lm):
-        paths["packed"] = (pack_for_cpu(copy.deepcopy(lm)), False)
+        paths["packed"] = (pack_for_cpu(copy.deepcopy(lm)), None)
     if ctx["args"].compile:
-        paths["compiled"] = (lm, True)
+        paths["compiled"] = (lm, "auto")
     return paths
 
 
@@ -160,9 +161,9 @@ def bench_decode(ctx):
         theirs = decode_rate(ctx, batch, lambda k: ref.generate(
             inputs_embeds=x, attention_mask=valid.long(), max_new_tokens=k, min_new_tokens=k, do_sample=False,
             pad_token_id=0, eos_token_id=None))
-        for name, (lm, compile) in ctx["paths"].items():
+        for name, (lm, mode) in ctx["paths"].items():
             ours = decode_rate(ctx, batch, lambda k: generate_from_embeddings(
-                lm, x, valid, max_new_tokens=k, stop_ids=(), compile=compile))
+                lm, x, valid, sampling=Sampling(max_new_tokens=k, stop_ids=()), compile_mode=mode))
             ctx["decode"][name, batch] = ours
             rows.append(row(f"decode ({name}), batch {batch}, {ctx['new_tokens']} new tokens after "
                             f"{ctx['context']}", "tokens/s", ours, theirs))
@@ -194,17 +195,9 @@ def long_clip(folder, minutes=5):
     """A synthetic 640x360 clip, 25 fps, x264 veryfast (B-frames), a keyframe every 10 s (cached)."""
     path = os.path.join(folder, f"long_{minutes}min_b.mp4")
     if not os.path.exists(path):
-        import av
-        with av.open(path + ".tmp.mp4", "w") as out:
-            s = out.add_stream("libx264", rate=25)
-            s.width, s.height, s.pix_fmt = 640, 360, "yuv420p"
-            s.options = {"preset": "veryfast", "g": "250"}
-            y, x = np.mgrid[0:360, 0:640]
-            for i in range(minutes * 60 * 25):
-                img = np.stack([(x + 3 * i) % 256, (y + i) % 256, (x + y) % 256], -1).astype(np.uint8)
-                out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-            out.mux(s.encode())
-        os.replace(path + ".tmp.mp4", path)
+        y, x = np.mgrid[0:360, 0:640]
+        write_video(path, (np.stack([(x + 3 * i) % 256, (y + i) % 256, (x + y) % 256], -1).astype(np.uint8)
+                           for i in range(minutes * 60 * 25)), fps=25, options={"preset": "veryfast", "g": "250"})
     return path
 
 
@@ -359,21 +352,14 @@ def bench_load(ctx):
 
 def write_clips(folder, n, seconds=10):
     """n synthetic 854x480 clips at 25 fps (cached between runs)."""
-    import av
     os.makedirs(folder, exist_ok=True)
     y, x = np.mgrid[0:480, 0:854]
     for k in range(n):
         path = os.path.join(folder, f"clip_{k:02d}.mp4")
         if os.path.exists(path):
             continue
-        with av.open(path + ".tmp.mp4", "w") as out:
-            s = out.add_stream("libx264", rate=25)
-            s.width, s.height, s.pix_fmt, s.options = 854, 480, "yuv420p", {"preset": "ultrafast"}
-            for i in range(seconds * 25):
-                img = np.stack([(x + 5 * i + 40 * k) % 256, (y + 2 * i) % 256, (x // 2 + y + k) % 256], -1)
-                out.mux(s.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")))
-            out.mux(s.encode())
-        os.replace(path + ".tmp.mp4", path)
+        write_video(path, (np.stack([(x + 5 * i + 40 * k) % 256, (y + 2 * i) % 256, (x // 2 + y + k) % 256],
+                                    -1).astype(np.uint8) for i in range(seconds * 25)), options={"preset": "ultrafast"})
     return folder
 
 

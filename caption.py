@@ -23,7 +23,7 @@ import hub
 from checkpoint import CheckpointError
 from client import Stop
 from data import VideoError, canonical, find_videos, mean_std, normalize, read_clip_frames
-from generate import can_pack, generate, pack_for_cpu
+from generate import Sampling, can_pack, generate, pack_for_cpu
 from jsonl import Appender, Busy, iter_rows
 from model import PLLaVA
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, prompt_ids, stop_id, template_for
@@ -102,6 +102,8 @@ class Captioner:
         self.mean, self.std = mean_std(folder)
         self.batch_size = args.batch_size
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        self.sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
+                                 tuple(self.stop_ids), tuple(self.stops))
 
     def decoder(self):
         return functools.partial(read_clip_frames, n=self.frames, size=self.size,
@@ -126,9 +128,8 @@ class Captioner:
         pixels = normalize(torch.stack([torch.as_tensor(f) for f in frames]), self.mean, self.std, self.device,
                            self.model.multi_modal_projector.linear_1.weight.dtype)
         ids = torch.tensor([self.prompt] * len(frames), device=self.device)   # one prompt: no padding
-        out = generate(self.model, ids, pixels, max_new_tokens=a.max_new_tokens, stop_ids=self.stop_ids,
-                       stop_strings=self.stops, decode=self.tok.decode, temperature=a.temperature, top_p=a.top_p,
-                       repetition_penalty=a.repetition_penalty, generator=self.generator, compile=a.compile)
+        out = generate(self.model, ids, pixels, sampling=self.sampling, decode=self.tok.decode,
+                       generator=self.generator, compile_mode="auto" if a.compile else None)
         results = []
         for tokens in out:
             text = self.tok.decode(tokens)

@@ -74,26 +74,29 @@ def _open(path, keyframes_only):
 
 
 def _read(path, n, offsets, size, keyframes_only):
-    seekable, end = True, None
-    for _ in range(4):
+    """The sampler, step by step: plan n times over the duration the file states and take the frame on
+    screen at each (seeking); if the file ends well before its stated end, plan again over where it really
+    ends; if FFmpeg cannot seek in it, read it in one pass; if it has no timestamps, pick frames by index."""
+    end, seekable = None, True
+    for _ in range(4):   # the first plan; over the true end; without seeking; both
         with _open(path, keyframes_only)[0] as container:
             stream = container.streams.video[0]
             start, duration = _time_span(container, stream)
-            if end is not None:      # the header promised more than the file holds: plan over what is there
+            if end is not None:
                 duration = end - start
             if not duration or duration <= 0:
                 break
             plan = [start + (i + u) * duration / n for i, u in enumerate(offsets)]
             try:
                 frames, end = _by_time(path, container, stream, plan, size, seekable, not keyframes_only)
-            except _NoTimestamps:
-                break
             except _NoSeek:
                 seekable = False
                 continue
-            if end is None:
-                return frames
-    return _by_index(path, n, offsets, size, keyframes_only)   # no usable timestamps at all
+            except _NoTimestamps:
+                break
+        if end is None:
+            return frames
+    return _by_index(path, n, offsets, size, keyframes_only)
 
 
 class _NoTimestamps(Exception):
@@ -144,61 +147,79 @@ def _to_rgb(frame, size):
     return np.ascontiguousarray(a)
 
 
-def _worth_seeking(t, here, last_key, gop):
-    """Seek only when it saves decoding. A seek lands on the keyframe before t, on average half a GOP
-    (keyframe interval) before it, and only helps when a keyframe lies between the decoder and t. Until two
-    keyframes have been seen, assume GUESS_GOP seconds, a common encoder default (250 frames at 25 fps)."""
-    if here is None:
-        return True
-    if t - here <= max(1.0, 0.5 * (gop or GUESS_GOP)):
-        return False
-    return last_key is None or t - last_key > (gop or GUESS_GOP)
-
-
 def _by_time(path, container, stream, plan, size, seekable, skip_b_frames=True):
     """The frame on screen at each planned time: (frames, None), or (frames, true end) when the file
-    ended well before the plan (its header lied about the duration).
-
-    On the way to a target, frames no other frame refers to (B-frames, mostly) are not decoded until the
-    target is near: they cannot be the frame picked, and they are often most of the decoding work."""
-    frames, it, cur, pending, eof, skipping = [], None, None, None, False, False
-    margin = SCAN_MARGIN / float(stream.average_rate) if stream.average_rate else 0.5
-    last_key, gop = None, None          # the last keyframe seen, and the widest spacing between two
-    plan_start = _time_span(container, stream)[0]
+    ended well before the plan (its header lied about the duration)."""
+    cursor, frames = _Cursor(path, container, stream, skip_b_frames), []
     for t in plan:
-        here = (pending or cur).time if (pending or cur) is not None else None
-        if it is None and not seekable:   # a file FFmpeg cannot seek in: one pass from the start
-            it = _decoded(path, container, stream)
-        elif it is None or (seekable and not eof and _worth_seeking(t, here, last_key, gop)):
-            it, cur, pending = _seek(path, container, stream, t, plan_start)
-            last_key = None   # keyframe spacing is measured between keyframes decoded one after another
-        while not eof:
-            frame = pending if pending is not None else next(it, None)
-            pending = None
+        if cursor.frames is None and not seekable:   # a file FFmpeg cannot seek in: one pass from the start
+            cursor.frames = _decoded(path, container, stream)
+        elif cursor.frames is None or (seekable and not cursor.eof and cursor.worth_seeking(t)):
+            cursor.seek(t)
+        frames.append(_to_rgb(cursor.frame_at(t), size))
+    step = 1 / float(stream.average_rate) if stream.average_rate else 0.04
+    if cursor.eof and plan[-1] > cursor.cur.time + 2 * step:
+        return frames, cursor.cur.time + step
+    return frames, None
+
+
+class _Cursor:
+    """Where decoding stands in one stream: the frame on screen (`cur`), the next one if it is already
+    decoded (`ahead`), and what the frames so far told of the keyframes (`last_key`, and `gop`, the widest
+    spacing between two seen one after the other)."""
+
+    def __init__(self, path, container, stream, skip_b_frames):
+        self.path, self.container, self.stream, self.skip_b_frames = path, container, stream, skip_b_frames
+        self.start = _time_span(container, stream)[0]
+        self.margin = SCAN_MARGIN / float(stream.average_rate) if stream.average_rate else 0.5
+        self.frames, self.cur, self.ahead, self.eof = None, None, None, False
+        self.last_key, self.gop, self.skipping = None, None, False
+
+    def worth_seeking(self, t):
+        """Seek only when it saves decoding. A seek lands on the keyframe before t, on average half a GOP
+        before it, and only helps when a keyframe lies between the decoder and t. Until two keyframes have
+        been seen, assume GUESS_GOP seconds, a common encoder default (250 frames at 25 fps)."""
+        here = (self.ahead or self.cur).time if (self.ahead or self.cur) is not None else None
+        if here is None:
+            return True
+        if t - here <= max(1.0, 0.5 * (self.gop or GUESS_GOP)):
+            return False
+        return self.last_key is None or t - self.last_key > (self.gop or GUESS_GOP)
+
+    def seek(self, t):
+        self.frames, self.cur, self.ahead = _seek(self.path, self.container, self.stream, t, self.start)
+        self.last_key = None   # keyframe spacing is measured between keyframes decoded one after another
+
+    def _next(self):
+        frame, self.ahead = (self.ahead, None) if self.ahead is not None else (next(self.frames, None), None)
+        if frame is not None and frame.time is not None and frame.key_frame:
+            if self.last_key is not None and frame.time > self.last_key:
+                self.gop = max(self.gop or 0.0, frame.time - self.last_key)
+            self.last_key = frame.time
+        return frame
+
+    def frame_at(self, t):
+        """Decode forward to the frame on screen at time t: the last one that starts at or before it."""
+        while not self.eof:
+            frame = self._next()
             if frame is None:
-                eof = True
+                self.eof = True
                 break
             if frame.time is None:
                 raise _NoTimestamps
-            if frame.key_frame:
-                if last_key is not None and frame.time > last_key:
-                    gop = max(gop or 0.0, frame.time - last_key)
-                last_key = frame.time
-            if frame.time > t + 1e-6 and cur is not None:   # 1e-6: a frame starting at t is on screen at t
-                pending = frame
+            if frame.time > t + 1e-6 and self.cur is not None:   # 1e-6: a frame starting at t is on screen at t
+                self.ahead = frame
                 break
-            cur = frame
-            far = skip_b_frames and frame.time < t - margin
-            if far != skipping:
-                stream.codec_context.skip_frame = "NONREF" if far else "DEFAULT"
-                skipping = far
-        if cur is None:
-            raise VideoError(f"{path}: no decodable frames")
-        frames.append(_to_rgb(cur, size))
-    step = 1 / float(stream.average_rate) if stream.average_rate else 0.04
-    if eof and plan[-1] > cur.time + 2 * step:
-        return frames, cur.time + step
-    return frames, None
+            self.cur = frame
+            # frames no other frame refers to (B-frames, mostly) cannot be the one picked while t is far
+            # ahead, and they are often most of the decoding work: skip them until t is near
+            far = self.skip_b_frames and frame.time < t - self.margin
+            if far != self.skipping:
+                self.stream.codec_context.skip_frame = "NONREF" if far else "DEFAULT"
+                self.skipping = far
+        if self.cur is None:
+            raise VideoError(f"{self.path}: no decodable frames")
+        return self.cur
 
 
 def _seek(path, container, stream, t, start):

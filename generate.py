@@ -7,6 +7,8 @@ share its batch. `generate_reference` is the plain loop (a full forward pass for
 the fast path is tested against.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,7 +16,15 @@ import torch.nn.functional as F
 from lora import LoRALinear
 from model import causal_mask, positions_of
 
-COMPILE_MODE = None   # torch.compile's mode for the decode step; None: chosen by the device
+@dataclass
+class Sampling:
+    """How each next token is chosen, and when a row ends."""
+    max_new_tokens: int = 256
+    temperature: float = 0.0              # 0: greedy
+    top_p: float = 1.0                    # nucleus sampling: the smallest set of tokens holding this mass
+    repetition_penalty: float = 1.0       # as transformers: >1 makes tokens already seen less likely
+    stop_ids: tuple = (2,)                # a row ends at one of these tokens (not returned)
+    stop_strings: tuple = ()              # ... or once its text holds one of these (needs `decode`)
 
 
 def pick(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
@@ -36,12 +46,12 @@ def pick(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, gener
 class Stopper:
     """Tracks which rows are finished: at a stop token, or once their text contains a stop string."""
 
-    def __init__(self, batch, stop_ids, stop_strings=(), decode=None):
+    def __init__(self, batch: int, stop_ids, stop_strings=(), decode=None):
         self.tokens = [[] for _ in range(batch)]
         self.done = [False] * batch
         self.stop_ids, self.stop_strings, self.decode = set(stop_ids), tuple(stop_strings), decode
 
-    def add(self, tokens) -> bool:
+    def add(self, tokens: torch.Tensor) -> bool:
         """Take one new token per row; True when every row is finished."""
         for b, t in enumerate(tokens.tolist()):
             if self.done[b]:
@@ -63,65 +73,72 @@ def _seen(input_ids, attention_mask, vocab):
 
 
 @torch.no_grad()
-def generate(model, input_ids, pixel_values, attention_mask=None, max_new_tokens=200, stop_ids=(2,),
-             stop_strings=(), decode=None, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None,
-             compile=False):
+def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor = None, *,
+             sampling: Sampling = Sampling(), decode=None, generator: torch.Generator = None,
+             compile_mode: str = None) -> list:
     """input_ids (B, L) left-padded prompts, one <image> each; pixel_values (B, T, 3, H, W).
     Returns the new tokens of each row, without the stop token."""
     x, valid, _ = model.prepare(input_ids, pixel_values, attention_mask)     # (B, P, D), (B, P)
     seen = _seen(input_ids, attention_mask, model.language_model.config.vocab_size)
-    return generate_from_embeddings(model.language_model, x, valid, max_new_tokens, stop_ids, stop_strings, decode,
-                                    temperature, top_p, repetition_penalty, generator, seen, compile)
+    return generate_from_embeddings(model.language_model, x, valid, sampling=sampling, decode=decode,
+                                    generator=generator, seen=seen, compile_mode=compile_mode)
 
 
-def decode_step(lm, token, positions, mask, input_pos):
+def prefill(lm, x: torch.Tensor, positions: torch.Tensor, mask) -> torch.Tensor:
+    """The prompts: (B, P, D) embeddings -> (B, vocab) logits of their last position, their keys and
+    values written to cache slots 0 .. P-1. Only the last position is projected onto the vocabulary."""
+    h = lm(x, positions, mask, torch.arange(x.shape[1], device=x.device))
+    return lm.lm_head(h[:, -1])
+
+
+def decode_one_token(lm, token: torch.Tensor, positions: torch.Tensor, mask, input_pos: torch.Tensor) -> torch.Tensor:
     """One new token per row: (B,) tokens -> (B, vocab) logits, its keys and values written at input_pos."""
     return lm.lm_head(lm(lm.model.embed_tokens(token)[:, None], positions, mask, input_pos)[:, -1])
 
 
-def compiled_step(lm):
-    """decode_step compiled once per model: on a GPU with CUDA graphs; on a CPU with inductor's GEMM
-    kernels (there the packed layers of pack_for_cpu are faster, and cannot be compiled)."""
-    if getattr(lm, "compiled_step", None) is None:
-        gpu = lm.model.embed_tokens.weight.is_cuda
-        mode = COMPILE_MODE or ("max-autotune" if gpu else "max-autotune-no-cudagraphs")
-        lm.compiled_step = torch.compile(decode_step, mode=mode, dynamic=False)
-    return lm.compiled_step
+def compiled_decode(lm, mode: str = "auto"):
+    """decode_one_token compiled once per model. mode "auto": on a GPU with CUDA graphs ("max-autotune"), on
+    a CPU with inductor's GEMM kernels (there the packed layers of pack_for_cpu are faster, and cannot be
+    compiled); any other value is torch.compile's mode ("default" compiles fastest)."""
+    if getattr(lm, "compiled_decode", None) is None:
+        if mode == "auto":
+            mode = "max-autotune" if lm.model.embed_tokens.weight.is_cuda else "max-autotune-no-cudagraphs"
+        lm.compiled_decode = torch.compile(decode_one_token, mode=mode, dynamic=False)
+    return lm.compiled_decode
 
 
 @torch.no_grad()
-def generate_from_embeddings(lm, x, valid, max_new_tokens=200, stop_ids=(2,), stop_strings=(), decode=None,
-                             temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None, seen=None,
-                             compile=False):
+def generate_from_embeddings(lm, x: torch.Tensor, valid: torch.Tensor, *, sampling: Sampling = Sampling(),
+                             decode=None, generator: torch.Generator = None, seen: torch.Tensor = None,
+                             compile_mode: str = None) -> list:
     """The decoding loop proper, from input embeddings x (B, P, D) and their valid mask (B, P).
 
-    compile: every step attends to the whole cache through a mask, so all steps have one shape and the
-    step compiles once (the cache is kept for the next call of the same shape). Without it, each step
-    attends to the slots in use only: the plain path, which the compiled one is tested against."""
+    compile_mode (None: eager): every step attends to the whole cache through a mask, so all steps have one
+    shape and the step compiles once (the cache is kept for the next call of the same shape). Without it,
+    each step attends to the slots in use only: the plain path, which the compiled one is tested against."""
     B, P = valid.shape
-    total = P + max_new_tokens
-    valid = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)     # (B, P + new)
+    new = sampling.max_new_tokens
+    valid = torch.cat([valid, valid.new_ones(B, new)], dim=1)                 # (B, P + new)
     positions = positions_of(valid)
-    slots = torch.arange(total, device=x.device)
+    slots = torch.arange(P + new, device=x.device)
     if seen is None:
         seen = torch.zeros(B, lm.config.vocab_size, dtype=torch.bool, device=x.device)
-    stopper = Stopper(B, stop_ids, stop_strings, decode)
-    step = compiled_step(lm) if compile else decode_step
-    lm.setup_cache(B, total)
+    stopper = Stopper(B, sampling.stop_ids, sampling.stop_strings, decode)
+    step = compiled_decode(lm, compile_mode) if compile_mode else decode_one_token
+    lm.setup_cache(B, P + new)
     try:
         mask = None if valid[:, :P].all() else causal_mask(valid[:, :P])      # None: plain causal, fastest
-        h = lm(x, positions[:, :P], mask, torch.arange(P, device=x.device))
-        logits = lm.lm_head(h[:, -1])                                          # only the last position
-        for i in range(max_new_tokens):
-            token = pick(logits, seen, temperature, top_p, repetition_penalty, generator)
-            if stopper.add(token) or i == max_new_tokens - 1:
+        logits = prefill(lm, x, positions[:, :P], mask)
+        for i in range(new):
+            token = pick(logits, seen, sampling.temperature, sampling.top_p, sampling.repetition_penalty, generator)
+            if stopper.add(token) or i == new - 1:
                 break
             seen[torch.arange(B), token] = True
             s = P + i                                                          # the cache slot it goes to
-            mask = (valid & (slots <= s))[:, None, None, :] if compile else valid[:, None, None, :s + 1]
+            mask = (valid & (slots <= s))[:, None, None, :] if compile_mode else valid[:, None, None, :s + 1]
             logits = step(lm, token, positions[:, s:s + 1], mask, torch.tensor([s], device=x.device))
     finally:
-        if not compile:
+        if not compile_mode:
             lm.clear_cache()
     return stopper.tokens
 

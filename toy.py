@@ -24,10 +24,10 @@ import subprocess
 import sys
 import time
 
-import av
 import numpy as np
 
 from jsonl import read_rows
+from synthetic import write_image, write_video
 from tokenizer import train_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -105,26 +105,6 @@ def path(cell, motion, frames, rng, hold=0):
     return a + (b - a) * frac + rng.normal(0, 0.5, (frames, 2))
 
 
-def write_mp4(path_, frames):
-    with av.open(path_, "w") as out:
-        s = out.add_stream("libx264", rate=8)
-        s.width = s.height = SIZE
-        s.pix_fmt = "yuv420p"
-        s.options = {"crf": "12", "preset": "ultrafast"}
-        for f in frames:
-            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        out.mux(s.encode())
-
-
-def write_png(path_, img):
-    with av.open(path_, "w", format="image2") as out:
-        s = out.add_stream("png")
-        s.width = s.height = SIZE
-        s.pix_fmt = "rgb24"
-        out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        out.mux(s.encode())
-
-
 def make_world(folder, n_train, n_test, n_stills, n_test_stills, frames, seed):
     """Videos and stills on disk, with JSONL files of their captions; the generator's truth kept beside."""
     rng = np.random.default_rng(seed)
@@ -139,7 +119,7 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, frames, seed):
             bg, r = background(rng), rng.uniform(7, 7.5)
             clip = [draw(bg.copy(), shape, colour, x, y, r) for x, y in path(cell, motion, frames, rng, frames // 5)]
             name = os.path.join(folder, f"{split}_video_{i:05d}.mp4")
-            write_mp4(name, clip)
+            write_video(name, clip, fps=8, options={"crf": "12", "preset": "ultrafast"})
             rows.append({"video": name, "caption": video_caption(colour, shape, cell, motion),
                          "truth": {"colour": colour, "shape": shape, "position": NAMES[cell], "motion": list(motion)}})
         files[f"{split}_videos"] = rows
@@ -159,7 +139,7 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, frames, seed):
                 cell = list(NAMES)[rng.integers(9)]
                 x, y = CENTRES[cell[0]] + rng.normal(0, 0.5), CENTRES[cell[1]] + rng.normal(0, 0.5)
                 img, caption = draw(background(rng), shape, colour, x, y, rng.uniform(7, 7.5)), still_caption(colour, shape, cell)
-            write_png(name, img)
+            write_image(name, img)
             rows.append({"image": name, "caption": caption,
                          "truth": {"colour": colour, "shape": shape, "position": NAMES[cell]}})
         files[f"{split}_stills"] = rows

@@ -15,17 +15,9 @@ import time
 import pytest
 
 import hub
-from helpers import tiny_checkpoint
+from tools import ROOT, free_port, run_tool
 from jsonl import read_rows
 from videos import write_audio_only, write_video
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=1)
-
 
 def make_folder(folder, good=5):
     os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
@@ -40,8 +32,7 @@ def make_folder(folder, good=5):
 
 
 def run_caption(args, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "caption.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, **kw)
+    return run_tool("caption.py", args, **kw)
 
 
 def rows_by_video(path):
@@ -120,12 +111,6 @@ def test_retry_errors_leaves_one_row_and_spellings_and_a_second_run_are_refused(
         fcntl.flock(f, fcntl.LOCK_EX)
         busy = run_caption([str(folder), *args])
     assert busy.returncode == 1 and "being written by another run (pid 4242)" in busy.stderr.strip().splitlines()[-1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_ranks_share_the_work_and_merge(ckpt, tmp_path):

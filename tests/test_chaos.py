@@ -9,8 +9,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,26 +17,19 @@ import pytest
 from chaos_api import KEY, ChaosAPI
 from data import canonical, jpeg_data_urls
 from jsonl import read_rows
+from tools import run_tool
 from videos import write_video
 from workers import imap_unordered
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"DASHSCOPE_API_KEY": KEY, "OPENAI_API_KEY": KEY}
 N = 200
 TIMEOUT = 1.0
-
-
-def run_tool(tool, args, wait=True):
-    env = {**os.environ, "DASHSCOPE_API_KEY": KEY, "OPENAI_API_KEY": KEY}
-    cmd = [sys.executable, os.path.join(ROOT, tool), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    return proc if not wait else (proc, *proc.communicate(timeout=240))
 
 
 def kill_then_rerun(tool, args, seed, rows_file):
     """Start the tool, SIGKILL it (and its decode workers) at a random moment once it has written some rows,
     then run it again to the end."""
-    proc = run_tool(tool, args, wait=False)
+    proc = run_tool(tool, args, env=KEYS, wait=False)
     target, deadline = random.Random(seed).randrange(10, N // 2), time.monotonic() + 120
     while len(read_rows(rows_file)) < target and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -46,8 +37,8 @@ def kill_then_rerun(tool, args, seed, rows_file):
     out1, err1 = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     t0 = time.monotonic()
-    proc, out2, err2 = run_tool(tool, args)
-    return proc.returncode, time.monotonic() - t0, out1 + err1 + out2 + err2
+    done = run_tool(tool, args, env=KEYS, timeout=240)
+    return done.returncode, time.monotonic() - t0, out1 + err1 + done.stdout + done.stderr
 
 
 def no_key_anywhere(folder, streams):

@@ -2,7 +2,6 @@
 JSONL cut anywhere, one video spelled three ways, two runs on one output, values that can never work,
 inputs that are missing or are not what they say."""
 
-import fractions
 import functools
 import json
 import os
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import av
 import numpy as np
 import pytest
 
@@ -18,25 +16,13 @@ import data
 from data import VideoError, read_clip_frames, read_frames
 from fake_api import KEY, label_server
 from jsonl import Appender, Busy, read_rows
-from videos import index_frame, read_index, solid_videos, write_video
+from tools import ROOT, run_tool
+from videos import read_index, solid_videos, write_video
 from workers import imap_unordered
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def write_ts(path, n, start_s, codec):
     """An MPEG-TS capture as a broadcast recorder leaves it: timestamps starting minutes (or a day) in."""
-    with av.open(str(path), "w", format="mpegts") as out:
-        s = out.add_stream(codec, rate=25)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for i in range(n):
-            f = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")
-            f.pts, f.time_base = int(start_s * 90000) + i * 3600, fractions.Fraction(1, 90000)
-            for p in s.encode(f):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    return str(path)
+    return write_video(path, n_frames=n, codec=codec, start_s=start_s, container="mpegts")
 
 
 @pytest.mark.parametrize("n, start, codec", [(25, 600.0, "libx264"), (8, 95000.0, "libx264"), (3, 1.4, "mpeg2video"),
@@ -47,20 +33,9 @@ def test_short_ts_captures_that_do_not_start_at_zero(tmp_path, n, start, codec):
     assert [read_index(f) for f in frames] == [int((i + 0.5) * n / 4) for i in range(4)]
 
 
-def write_thin(path, w, h, n=3):
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("ffv1", rate=10)
-        s.width, s.height, s.pix_fmt = w, h, "yuv444p"
-        for i in range(n):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), 40 * i, np.uint8), format="rgb24")):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    return str(path)
-
-
 def test_a_frame_too_thin_to_resize_is_an_error_not_gigabytes(tmp_path):
-    path = write_thin(tmp_path / "thin.mkv", 2, 4000)   # resized to a short side of 336: 336 x 672,000
+    path = write_video(tmp_path / "thin.mkv", n_frames=3, size=(2, 4000), codec="ffv1", pix_fmt="yuv444p",
+                       frame_fn=lambda i, w, h: np.full((h, w, 3), 40 * i, np.uint8))   # to 336 x 672,000 at 336
     t0 = time.monotonic()
     results = dict(imap_unordered(functools.partial(read_clip_frames, n=4, size=336), [path], workers=1,
                                   memory_gb=1))
@@ -116,11 +91,7 @@ def label_folder(folder, n):
 
 
 def run_label(args, wait=True):
-    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
-    cmd = [sys.executable, os.path.join(ROOT, "label.py"), *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY}, wait=wait)
 
 
 def test_a_file_name_that_is_not_utf8(tmp_path):
@@ -195,17 +166,11 @@ def test_values_that_can_never_work_fail_once_at_start(tmp_path, tool, args):
     assert not os.path.exists(tmp_path / "o.jsonl")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from helpers import tiny_checkpoint
-    return tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
-
-
 @pytest.mark.parametrize("breakage", ["num_frames 0", "0 heads", "frames a string", "config a list",
                                       "tokenizer garbage", "tokenizer empty", "index outside"])
-def test_a_broken_checkpoint_fails_once_at_start(tmp_path, tiny, breakage):
+def test_a_broken_checkpoint_fails_once_at_start(tmp_path, ckpt, breakage):
     import shutil
-    model = shutil.copytree(tiny, tmp_path / "model")
+    model = shutil.copytree(ckpt, tmp_path / "model")
     config = json.load(open(model / "config.json"))
     if breakage == "num_frames 0":
         config["num_frames"] = 0

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from generate import PackedLinear, Stopper, can_pack, generate, generate_reference, pack_for_cpu, pick
+from generate import PackedLinear, Sampling, Stopper, can_pack, generate, generate_reference, pack_for_cpu, pick
 from helpers import tiny_checkpoint
 from lora import add_lora, lora_layers
 from model import PLLaVA, causal_mask, positions_of
@@ -40,9 +40,9 @@ def test_batched_greedy_equals_one_video_at_a_time(tiny):
     rows = [prompt_ids(tok, q) for q in QUESTIONS]
     pixels = torch.randn(3, 4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     ids, mask = left_pad(rows, tok.pad_id)
-    batched = generate(model, ids, pixels, mask, max_new_tokens=24, stop_ids=())
+    batched = generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=24, stop_ids=()))
     for b in range(3):
-        single = generate(model, torch.tensor([rows[b]]), pixels[b:b + 1], max_new_tokens=24, stop_ids=())
+        single = generate(model, torch.tensor([rows[b]]), pixels[b:b + 1], sampling=Sampling(max_new_tokens=24, stop_ids=()))
         assert batched[b] == single[0]
     assert len(set(map(tuple, batched))) == 3       # different prompts and videos, different captions
 
@@ -51,7 +51,7 @@ def test_cached_generation_equals_uncached_reference(tiny):
     model, tok = tiny
     ids, mask = left_pad([prompt_ids(tok, q) for q in QUESTIONS[:2]], tok.pad_id)
     pixels = torch.randn(2, 3, 3, 28, 28, generator=torch.Generator().manual_seed(1))   # 3 frames: repeated to 4
-    fast = generate(model, ids, pixels, mask, max_new_tokens=16, stop_ids=())
+    fast = generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=16, stop_ids=()))
     slow = generate_reference(model, ids, pixels, mask, max_new_tokens=16, stop_ids=())
     assert fast == slow and all(len(r) == 16 for r in fast)
 
@@ -60,9 +60,9 @@ def test_stop_token_ends_each_row_on_its_own(tiny):
     model, tok = tiny
     ids = torch.tensor([prompt_ids(tok, "hello")] * 2)
     pixels = torch.randn(2, 4, 3, 28, 28, generator=torch.Generator().manual_seed(2))
-    free = generate(model, ids, pixels, max_new_tokens=12, stop_ids=())
+    free = generate(model, ids, pixels, sampling=Sampling(max_new_tokens=12, stop_ids=()))
     stop = free[0][5]                                # make row 0's sixth token the stop token
-    out = generate(model, ids, pixels, max_new_tokens=12, stop_ids=(stop,))
+    out = generate(model, ids, pixels, sampling=Sampling(max_new_tokens=12, stop_ids=(stop,)))
     for row, full in zip(out, free):
         cut = full.index(stop) if stop in full else len(full)
         assert row == full[:cut]
@@ -102,15 +102,14 @@ def test_static_cache_path_and_compiled_step_equal_the_plain_path(tiny, monkeypa
     model, tok = tiny
     ids, mask = left_pad([prompt_ids(tok, q) for q in QUESTIONS], tok.pad_id)
     pixels = torch.randn(3, 4, 3, 28, 28, generator=torch.Generator().manual_seed(4))
-    plain = generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=())
-    monkeypatch.setattr(g, "compiled_step", lambda lm: g.decode_step)        # the static path, eager
-    assert generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=(), compile=True) == plain
+    plain = generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()))
+    monkeypatch.setattr(g, "compiled_decode", lambda lm, mode: g.decode_one_token)   # the static path, eager
+    assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()), compile_mode="default") == plain
     monkeypatch.undo()
-    monkeypatch.setattr(g, "COMPILE_MODE", "default")                         # a quick compile for the test
-    model.language_model.compiled_step = None
-    assert generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=(), compile=True) == plain
-    assert generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=(), compile=True) == plain   # reused
-    model.language_model.compiled_step = None
+    model.language_model.compiled_decode = None                               # "default": a quick compile
+    assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()), compile_mode="default") == plain
+    assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()), compile_mode="default") == plain   # reused
+    model.language_model.compiled_decode = None
     model.language_model.clear_cache()
 
 
@@ -127,11 +126,11 @@ def test_cpu_packed_weights_equal_the_plain_path(tiny):
     x, valid, _ = model.prepare(ids, pixels, mask)
     lm = model.language_model
     plain_logits = lm.lm_head(lm(x, positions_of(valid), causal_mask(valid)))
-    plain = generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=())
+    plain = generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()))
     assert can_pack(lm)
     pack_for_cpu(lm)
     assert not lora_layers(model) and isinstance(lm.model.layers[0].self_attn.q_proj, PackedLinear)
     logits = lm.lm_head(lm(x, positions_of(valid), causal_mask(valid)))
     real = valid[:, :, None].expand_as(logits)
     assert ((logits - plain_logits)[real].abs().max() / plain_logits[real].abs().max()) <= 1e-5
-    assert generate(model, ids, pixels, mask, max_new_tokens=12, stop_ids=()) == plain
+    assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=())) == plain

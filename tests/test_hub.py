@@ -14,8 +14,8 @@ import time
 import pytest
 
 import hub
+from tools import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = "someone/tiny"
 
 
@@ -68,11 +68,9 @@ class Hub(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(2)
 
 
-@pytest.fixture(scope="module")
-def model_files(tmp_path_factory):
-    from helpers import tiny_checkpoint
-    folder = tiny_checkpoint(str(tmp_path_factory.mktemp("src")))
-    return {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
+@pytest.fixture(scope="session")
+def model_files(ckpt):
+    return {n: open(os.path.join(ckpt, n), "rb").read() for n in os.listdir(ckpt)}
 
 
 @pytest.fixture

@@ -3,16 +3,14 @@
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-
 from fake_api import KEY, FakeAPI
+from tools import run_tool
+
 from judge import compare, parse_judgment, summarize
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GT = {f"v{i}": f"ground truth {i}: a cat sits on a red sofa and yawns" for i in range(6)}
 # candidate caption -> the judge's (score, correct)
 VERDICTS = {"A0": (5, True), "A1": (3, False), "A2": (4, True), "A3": (0, False), "A4": (2, False),
@@ -38,9 +36,7 @@ def write(path, rows):
 
 
 def run_judge(args):
-    env = {**os.environ, "OPENAI_API_KEY": KEY}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "judge.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_tool("judge.py", args, env={"OPENAI_API_KEY": KEY})
 
 
 def test_judge_end_to_end_with_ab_and_cache(tmp_path):

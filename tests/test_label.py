@@ -4,8 +4,6 @@ import collections
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,22 +11,15 @@ import pytest
 from client import RateLimit
 from fake_api import KEY, colour_of, label_server
 from jsonl import read_rows
+from tools import run_tool
 from videos import solid_videos
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def make_videos(folder, n):
     return solid_videos(folder, n)
 
 
 def run_label(args, wait=True, **kw):
-    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
-    cmd = [sys.executable, os.path.join(ROOT, "label.py"), *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+    return run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY}, wait=wait, **kw)
 
 
 FAULTS = {   # video index: the server's answers to its successive attempts

@@ -3,10 +3,6 @@ Retry-After, failures that repeat for every item, and a key that must never leak
 
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 
@@ -17,8 +13,8 @@ from chaos_api import KEY, ChaosAPI, echoes
 from client import APIError, Client, parse_reply
 from jsonl import read_rows
 from redact import Redactor
+from tools import free_port, run_tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER = "A red kite circles over a green hill."
 
 
@@ -126,10 +122,8 @@ def test_a_key_with_stray_characters(monkeypatch, value, ok):
         assert KEY[:8] not in str(e.value) and KEY[-8:] not in str(e.value) and "TEST_KEY" in str(e.value)
 
 
-def run_tool(tool, args, key=KEY):
-    env = {**os.environ, "DASHSCOPE_API_KEY": key, "OPENAI_API_KEY": key}
-    return subprocess.run([sys.executable, os.path.join(ROOT, tool), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+def run_api_tool(tool, args):
+    return run_tool(tool, args, env={"DASHSCOPE_API_KEY": KEY, "OPENAI_API_KEY": KEY})
 
 
 @pytest.fixture
@@ -149,7 +143,7 @@ def test_a_refused_key_or_no_quota_stops_the_run_and_marks_nothing_done(tmp_path
                    script={i: ["ok"] if i < 3 else [fault] for i in range(10**3)})   # the key stops working
     out = str(tmp_path / "labels.jsonl")
     try:
-        r = run_tool("label.py", [str(folder), "--out", out, "--api-base", api.url, "--concurrency", "1",
+        r = run_api_tool("label.py", [str(folder), "--out", out, "--api-base", api.url, "--concurrency", "1",
                                   "--workers", "1"])
         sent = len(api.log)
     finally:
@@ -161,7 +155,7 @@ def test_a_refused_key_or_no_quota_stops_the_run_and_marks_nothing_done(tmp_path
     assert sum("caption" in row for row in rows) == 3
     api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "ok", script={"ok": ["ok"] * 100})
     try:
-        again = run_tool("label.py", [str(folder), "--out", out, "--api-base", api.url])
+        again = run_api_tool("label.py", [str(folder), "--out", out, "--api-base", api.url])
     finally:
         api.close()
     assert again.returncode == 0 and len(api.log) == 9               # the failed ones were not done
@@ -169,17 +163,11 @@ def test_a_refused_key_or_no_quota_stops_the_run_and_marks_nothing_done(tmp_path
     assert KEY not in open(out).read() + r.stderr + again.stderr
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_server_stops_the_run_after_a_few_items(tmp_path, clips):
     _, folder = clips
     out = str(tmp_path / "labels.jsonl")
     t0 = time.monotonic()
-    r = run_tool("label.py", [str(folder), "--out", out, "--api-base", f"http://127.0.0.1:{free_port()}/v1",
+    r = run_api_tool("label.py", [str(folder), "--out", out, "--api-base", f"http://127.0.0.1:{free_port()}/v1",
                               "--concurrency", "2", "--retries", "1", "--backoff", "0.01", "--max-failures-in-a-row", "3"])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "up and reachable" in lines[-1] and lines[-1].startswith("error: ")
@@ -195,7 +183,7 @@ def test_judge_stops_on_a_refused_key_and_keeps_what_was_paid_for(tmp_path):
     api = ChaosAPI(lambda body, item: json.dumps({"score": 3, "correct": True, "reason": "r"}),
                    identify=lambda body: next(counter), script={i: ["ok"] if i < 4 else ["401"] for i in range(100)})
     try:
-        r = run_tool("judge.py", ["--gt", str(gt), "--pred", str(pred), "--out", str(tmp_path / "rep"),
+        r = run_api_tool("judge.py", ["--gt", str(gt), "--pred", str(pred), "--out", str(tmp_path / "rep"),
                                   "--api-base", api.url, "--concurrency", "1"])
     finally:
         api.close()

@@ -3,17 +3,15 @@ run with the same seed gives the same numbers. The thresholds were set from meas
 
 import json
 import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tools import run_tool
+
 # measured on the 2-core CPU: stage 2 shape 100, colour 100, position 94.8, motion 76.0, order 100
 THRESHOLDS = {"shape": 85, "colour": 95, "position": 85, "motion": 60, "order": 80}
 
 
 def run_quick(out):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    r = run_tool("toy.py", ["--quick", "--out", out], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.load(open(os.path.join(out, "results.json"))), r.stdout
 

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,9 +16,10 @@ from safetensors.torch import load_file
 
 from helpers import TEXT, VISION, make_tokenizer, tiny_checkpoint
 from jsonl import read_rows
+from synthetic import write_image
+from tools import ROOT, free_port
 from videos import write_video
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a red circle moves left then down", "the video shows a green square sliding to the right",
             "a blue background with a quick brown fox", "hello world new line here",
             "system prompt you are a helpful assistant", "the quick brown dog jumps", "a green circle on blue",
@@ -62,10 +62,7 @@ def run(args, nproc=1, **kw):
     if nproc == 1:
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                os.path.join(ROOT, "train.py"), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -250,7 +247,7 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
 def test_data_shapes_images_and_unreadable_videos(world, tmp_path):
     from dataset import read_samples
     d = world["dir"]
-    write_png(str(tmp_path / "still.png"))
+    write_image(str(tmp_path / "still.png"), np.full((48, 64, 3), 90, np.uint8))
     open(tmp_path / "broken.mp4", "w").write("not a video")
     rows = {"labels.jsonl": [{"video": str(d / "v0.mp4"), "caption": "a"}, {"video": "x.mp4", "error": "HTTP 400"},
                              {"video": str(tmp_path / "broken.mp4"), "caption": "never read"}],
@@ -271,18 +268,6 @@ def test_data_shapes_images_and_unreadable_videos(world, tmp_path):
     assert "skipped: " + str(tmp_path / "broken.mp4") in r.stdout
     metrics = read_rows(str(tmp_path / "o" / "metrics.jsonl"))
     assert metrics[-2]["skipped"] == 1 and "eval_loss" in metrics[-1] and metrics[-1]["eval_loss"] > 0
-
-
-def write_png(path):
-    import av
-    with av.open(path, "w", format="image2") as out:
-        s = out.add_stream("png")
-        s.width, s.height, s.pix_fmt = 64, 48, "rgb24"
-        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 90, np.uint8), format="rgb24")
-        for p in s.encode(frame):
-            out.mux(p)
-        for p in s.encode():
-            out.mux(p)
 
 
 def run_failing(args):

@@ -2,10 +2,10 @@
 two rows of 8 black/white stripes (most significant first), big enough to survive lossy codecs; the
 bottom half is a colour."""
 
-import fractions
-
 import av
 import numpy as np
+
+import synthetic
 
 STRIPES = 8
 
@@ -33,35 +33,10 @@ def read_index(frame):
     return value
 
 
-def write_video(path, n_frames=32, fps=25, size=(64, 48), codec="libx264", pix_fmt="yuv420p", durations_ms=None,
-                rotation=0, gop=None, options=None, frame_fn=index_frame):
-    """Write n_frames; durations_ms (a list cycled over the frames) makes a variable-frame-rate file."""
+def write_video(path, n_frames=32, fps=25, size=(64, 48), frame_fn=index_frame, **kw):
+    """n_frames of frame_fn(i, width, height), written by synthetic.write_video (its keywords pass on)."""
     w, h = size
-    with av.open(str(path), "w") as out:
-        if durations_ms:
-            stream = out.add_stream(codec, rate=1000 // min(durations_ms))
-            stream.time_base = fractions.Fraction(1, 1000)
-            stream.codec_context.time_base = fractions.Fraction(1, 1000)
-        else:
-            stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        if gop:
-            stream.codec_context.gop_size = gop
-        if options:
-            stream.options = options
-        if rotation:
-            stream.set_display_rotation(rotation)
-        pts = 0
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(frame_fn(i, w, h), format="rgb24")
-            if durations_ms:
-                frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
-                pts += durations_ms[i % len(durations_ms)]
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return str(path)
+    return synthetic.write_video(path, (frame_fn(i, w, h) for i in range(n_frames)), fps=fps, **kw)
 
 
 def solid_videos(folder, n, n_frames=10, size=(96, 64)):
