@@ -70,7 +70,8 @@ def parse_args(argv=None):
 
 
 def is_done(row, retry_errors=False):
-    """A caption, or (unless retry_errors) a file that could not be read; a failure in the model is not."""
+    """A caption, or (unless retry_errors) a file that could not be read; a missing file or a failure in
+    the model is not."""
     return "caption" in row or (not retry_errors and "error" in row and row.get("code", UNREADABLE) == UNREADABLE)
 
 
@@ -224,15 +225,17 @@ def rank_files(out):
 
 def run(captioner, out, todo, rank, args, already):
     """Caption `todo` into `out`; the summary on stderr, and the counts returned."""
-    stats = dict(captions=0, errors=0, failed=0, tokens=0, wait=0.0)
+    stats = dict(captions=0, errors=0, missing=0, failed=0, tokens=0, wait=0.0)   # errors: unreadable files
     failures, start = 0, time.monotonic()
     stream = imap_unordered(captioner.decoder(), todo, workers=args.workers, timeout=args.decode_timeout,
                             buffer=2 * args.batch_size, memory_gb=args.decode_memory)
     waited = time.monotonic()
     for batch in batches(stream, lambda: captioner.batch_size):
         stats["wait"] += time.monotonic() - waited
-        if isinstance(batch[0][1], VideoError):
-            rows = [{"video": batch[0][0], "error": str(batch[0][1]), "code": UNREADABLE}]
+        if isinstance(batch[0][1], VideoError):   # a missing file is not done: a fixed path gets it captioned
+            video = batch[0][0]
+            rows = [{"video": video, "error": str(batch[0][1]),
+                     "code": UNREADABLE if os.path.exists(video) else "missing_video"}]
         else:
             t0 = time.monotonic()
             rows = caption_batch(captioner, batch)
@@ -240,18 +243,19 @@ def run(captioner, out, todo, rank, args, already):
                 row["seconds"] = round((time.monotonic() - t0) / len(batch), 3)
         for row in rows:
             out.write(row)
-            stats["captions" if "caption" in row else "errors" if is_done(row) else "failed"] += 1
+            kind = {UNREADABLE: "errors", "missing_video": "missing", "internal_error": "failed"}
+            stats["captions" if "caption" in row else kind[row["code"]]] += 1
             stats["tokens"] += row.get("tokens", 0)
-            failures = 0 if is_done(row) else failures + 1
+            failures = failures + 1 if row.get("code") == "internal_error" else 0 if "caption" in row else failures
         if failures >= args.max_failures_in_a_row:
             raise Stop(f"the last {failures} videos all failed in the model ({rows[-1]['error'][:200]}); "
                        f"they are not marked done: fix the cause, then run again")
         progress(rank, stats, len(todo), start)
         waited = time.monotonic()
     elapsed = time.monotonic() - start
-    n = stats["captions"] + stats["errors"] + stats["failed"]
+    n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"]
     print(f"\n[rank {rank}] {stats['captions']} captions, {stats['errors']} unreadable, {already} already done, "
-          f"{stats['failed']} failed in the model; "
+          f"{stats['missing']} missing, {stats['failed']} failed in the model; "
           f"{elapsed:.1f} s, {n / max(elapsed, 1e-9):.2f} videos/s, "
           f"{stats['tokens'] / max(stats['captions'], 1):.0f} tokens per caption, "
           f"{100 * stats['wait'] / max(elapsed, 1e-9):.1f}% of the time waiting for decoding", file=sys.stderr)
@@ -259,7 +263,7 @@ def run(captioner, out, todo, rank, args, already):
 
 
 def progress(rank, stats, total, start):
-    n = stats["captions"] + stats["errors"] + stats["failed"]
+    n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"]
     rate = n / max(time.monotonic() - start, 1e-9)
     eta = (total - n) / rate if rate > 0 else float("inf")
     print(f"\r[rank {rank}] {n}/{total} videos  {rate:.2f} videos/s  ETA {eta / 60:.1f} min ", end="",

@@ -7,6 +7,7 @@ then exact and near duplicates (MinHash over word 3-grams, Jaccard >= --near) dr
 """
 
 import collections
+import os
 import re
 import zlib
 
@@ -110,6 +111,8 @@ def clean_file(argv):
     args = p.parse_args(argv)
     if not 0 < args.near <= 1:
         p.error("--near must be above 0 and at most 1")
+    if os.path.exists(args.out) and os.path.exists(args.labels) and os.path.samefile(args.out, args.labels):
+        raise ValueError(f"--out {args.out} is the labels file: the error rows that mark videos done would go")
     rows, counts = read_rows(args.labels, must_exist=True), collections.Counter()
     if not rows:
         raise ValueError(f"{args.labels}: no JSONL rows in it (is it the labels file?); {args.out} left as it was")

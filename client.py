@@ -17,6 +17,8 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import threading
 import time
 from collections import namedtuple
@@ -73,6 +75,8 @@ class RateLimit:
     in any 60 s window, and no bursts for the provider to refuse."""
 
     def __init__(self, per_minute):
+        if per_minute and per_minute < 1 / 1440:
+            raise ValueError(f"--rpm {per_minute:g}: less than one request a day")
         self.gap, self.next, self.lock = (60.0 / per_minute if per_minute else 0.0), 0.0, threading.Lock()
 
     def wait(self):
@@ -135,14 +139,16 @@ class _Adapter(requests.adapters.HTTPAdapter):
 
 
 class Watchdog:
-    """`with Watchdog(seconds):` - past the deadline, the socket of the request in the block is shut down,
-    which ends any read in progress; `fired` says so afterwards."""
+    """`with Watchdog(seconds):` - past the deadline (or when `wake` is set early: an abort), the socket of
+    the request in the block is shut down, which ends any read in progress; `fired` says so afterwards."""
 
-    def __init__(self, seconds):
-        self.seconds, self.conn, self.fired, self.done = seconds, None, False, threading.Event()
+    def __init__(self, seconds, active=None):
+        self.seconds, self.conn, self.fired, self.active = seconds, None, False, active
+        self.done, self.wake = threading.Event(), threading.Event()   # wake: the end, or an abort
 
     def _watch(self):
-        if self.done.wait(self.seconds):
+        self.wake.wait(self.seconds)
+        if self.done.is_set():
             return
         self.fired = True
         while not self.done.is_set():   # the socket may not exist yet (still connecting): look again
@@ -156,29 +162,35 @@ class Watchdog:
 
     def __enter__(self):
         _local.watchdog = self
+        if self.active is not None:
+            self.active.add(self)
         threading.Thread(target=self._watch, daemon=True).start()
         return self
 
     def __exit__(self, *exc):
         self.done.set()
+        self.wake.set()
         _local.watchdog = None
+        if self.active is not None:
+            self.active.discard(self)
 
 
-def _text(value) -> str:
-    """Message content as text: a string, a number, null, or a list of parts ({"text": ...} or strings)."""
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return "".join(_text(p.get("text") if isinstance(p, dict) else p) for p in value)
-    if isinstance(value, dict):
-        return _text(value.get("text", value.get("value")))
-    return str(value)
+def _text(value, depth=0) -> str:
+    """Message content as text: a string, null, or a list of parts ({"text": ...} or strings), two deep
+    at most (a server that nests parts a thousand deep gets its text ignored, not a RecursionError)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and depth < 2:
+        return "".join(_text(p.get("text") if isinstance(p, dict) else p, depth + 1) for p in value)
+    if isinstance(value, dict) and depth < 2:
+        return _text(value.get("text", value.get("value")), depth + 1)
+    return "" if value is None or depth else str(value)
 
 
 def _count(usage, field):
+    """A token count as an int, 0 for anything that is not a plausible one (a string, -1, 1e400, 10**400)."""
     value = usage.get(field) if isinstance(usage, dict) else None
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value) and value >= 0 else 0
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**53 else 0
 
 
 def parse_reply(data):
@@ -204,9 +216,9 @@ def _error_body(data, text):
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
         code = err.get("code") or err.get("type") or "error"
-        return str(code)[:64], _text(err.get("message"))
+        return str(code), _text(err.get("message"))
     if isinstance(data, dict) and isinstance(data.get("code"), str):   # DashScope's native shape
-        return data["code"][:64], _text(data.get("message"))
+        return data["code"], _text(data.get("message"))
     return "error", (_text(err) if err else text)
 
 
@@ -221,6 +233,7 @@ class Client:
         self.limit = RateLimit(rpm)
         self.local = threading.local()
         self.stop = threading.Event()   # set: no new attempts, no more waiting (the run is stopping)
+        self.in_flight = set()          # the watchdogs of the requests under way, for abort()
 
     def _session(self):
         if not hasattr(self.local, "session"):   # requests.Session is not thread-safe: one per thread
@@ -230,9 +243,15 @@ class Client:
             s.headers["Authorization"] = f"Bearer {self.key}"
         return self.local.session
 
+    def abort(self):
+        """Stop now: no new attempt, and the requests under way are cut (their answers are lost)."""
+        self.stop.set()
+        for watchdog in list(self.in_flight):
+            watchdog.wake.set()
+
     def _post(self, body):
         """(status, headers, parsed JSON or None, text) of one attempt, within the deadline."""
-        with Watchdog(self.timeout) as watchdog:
+        with Watchdog(self.timeout, self.in_flight) as watchdog:
             try:
                 with self._session().post(self.url, json=body, stream=True,
                                           timeout=(min(self.timeout, 30.0), self.timeout)) as r:
@@ -258,7 +277,7 @@ class Client:
         text = data.decode("utf-8", "replace")
         try:
             return status, headers, json.loads(text), text
-        except ValueError:
+        except (ValueError, RecursionError):   # RecursionError: [[[[... nested past Python's stack
             return status, headers, None, text
 
     def chat(self, messages, **params) -> Reply:
@@ -280,10 +299,10 @@ class Client:
                 if reply is not None:
                     return reply
                 if status == 200:
-                    error = APIError(200, "malformed_response", self.scrub(text)[:200])
+                    error = APIError(200, "malformed_response", self.scrub(text, 200))
                 else:
                     code, message = _error_body(data, text)
-                    error = APIError(status, self.scrub(code), self.scrub(message)[:300])
+                    error = APIError(status, self.scrub(code, 64), self.scrub(message, 300))
                     if error.kind != "transient" or status not in RETRY_STATUS:
                         raise error
                     wait_for = retry_after(headers.get("Retry-After"), self.max_retry_after)
@@ -299,35 +318,92 @@ class Stop(Exception):
 
 
 class Breaker:
-    """Watches the outcome of every item and stops the run when failures say the run itself is broken:
-    one systemic failure, or `limit` items in a row that failed with nothing done between them."""
+    """Watches every item's row and says when the failures mean the run itself is broken: a systemic
+    failure; `limit` items in a row that failed with nothing done between them; or `limit` final refusals
+    (content moderation) before any item got an answer, which says the requests are wrong, not the items.
+    `neutral` codes (a video that cannot be read) say nothing of the API either way."""
 
-    def __init__(self, client, limit):
-        self.client, self.limit, self.streak = client, limit, []
+    def __init__(self, client, limit, neutral=()):
+        self.client, self.limit, self.neutral = client, limit, set(neutral)
+        self.streak, self.answered = [], False
 
-    def see(self, status=None, code=None, ok=True):
-        """Record one item's outcome; raises Stop (after setting client.stop) when the run must end."""
-        if ok or failure_kind(status, code) == "final":
-            self.streak = []
-            return
+    def see(self, row):
+        """Record one item's row; the reason the run must stop, or None."""
+        status, code = row.get("status"), row.get("code")
+        if "error" not in row:
+            self.answered, self.streak = True, []
+            return None
+        kind = failure_kind(status, code)
+        if code in self.neutral or code == "stopped" or (kind == "final" and self.answered):
+            self.streak = [] if kind == "final" else self.streak
+            return None
         self.streak.append(f"{status or '-'} {code}")
-        reason = self._systemic(status, code)
-        if reason is None and len(self.streak) >= self.limit:
-            worst = max(set(self.streak), key=self.streak.count)
-            reason = (f"the last {len(self.streak)} items all failed ({worst} x {self.streak.count(worst)}): is "
-                      f"{self.client.url} up and reachable? Run again to try them again")
-        if reason:
-            self.client.stop.set()
-            raise Stop(reason + "; items that failed are not marked done")
+        if kind == "systemic":
+            return self._systemic(status, code)
+        if len(self.streak) < self.limit:
+            return None
+        worst = max(set(self.streak), key=self.streak.count)
+        if kind == "final":
+            return (f"the first {len(self.streak)} items were all refused ({worst}) and none answered: is the "
+                    f"request right (--model, the frames)? They are not marked done")
+        return (f"the last {len(self.streak)} items all failed ({worst} x {self.streak.count(worst)}): is "
+                f"{self.client.url} up and reachable? They are not marked done: run again to try them again")
 
     def _systemic(self, status, code):
-        if failure_kind(status, code) != "systemic" or code == "stopped":
-            return None
         if code in QUOTA_CODES:
-            return f"the account has no quota left (HTTP {status} {code}): top it up, then run again"
-        if status in (401, 403) or code in KEY_CODES:
-            return f"the API refused the key in ${self.client.key_env} (HTTP {status} {code}): set a valid key"
-        return f"{self.client.url} answered HTTP {status or '-'} {code}: check --api-base and --model"
+            why = f"the account has no quota left (HTTP {status} {code}): top it up, then run again"
+        elif status in (401, 403) or code in KEY_CODES:
+            why = f"the API refused the key in ${self.client.key_env} (HTTP {status} {code}): set a valid key"
+        else:
+            why = f"{self.client.url} answered HTTP {status or '-'} {code}: check --api-base and --model"
+        return why + "; items that failed are not marked done"
+
+
+def run_items(client, jobs, work, concurrency, out, limit, neutral=(), seen=None):
+    """work(job) -> row for every job, on `concurrency` threads; each row scrubbed of the key, written to
+    `out` (an Appender) and shown to `seen` as it comes. Ends with Stop when the Breaker says the run is
+    broken. Ctrl-C starts no new request and writes the answers in flight as they come (they are paid
+    for); a second Ctrl-C abandons them. Final refusals that come before any answer are held back, and
+    dropped if the run stops for them, so that a request the server refuses as a whole marks nothing done."""
+    breaker, reason, interrupts, held = Breaker(client, limit, neutral), None, [], []
+
+    def interrupt(*_):
+        interrupts.append(1)
+        client.stop.set()
+        if len(interrupts) == 1:
+            print("\nstopping: no new requests; those in flight are written as they end (Ctrl-C again to abandon "
+                  "them)", file=sys.stderr, flush=True)
+        else:
+            client.abort()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        for row in run_concurrently(jobs, work, concurrency, client.stop):
+            if row is None:   # not asked: the run was stopping
+                continue
+            row = client.scrub.row(row)
+            if failure_kind(row.get("status"), row.get("code")) == "final" and not breaker.answered:
+                held.append(row)
+            else:
+                for r in held + [row]:
+                    out.write(r)
+                    if seen:
+                        seen(r)
+                held = []
+            why = breaker.see(row)
+            if why and reason is None:
+                reason = why
+                client.stop.set()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupts:
+        raise KeyboardInterrupt
+    if reason:
+        raise Stop(reason)
+    for row in held:   # a short run with nothing but refusals: they are its answers
+        out.write(row)
+        if seen:
+            seen(row)
 
 
 def add_api_flags(p, api_base, model, key_env, concurrency):

@@ -351,34 +351,43 @@ def canonical(path: str) -> str:
 
 def find_videos(source: str) -> list:
     """A folder (searched recursively for video files), one video file, or a list file: one path a line,
-    or JSONL with a "video" field (relative paths are relative to the list file). Paths come normalized
-    (`./vids/` gives `vids/...`), and file names that are not UTF-8 as Python holds them (os.fsdecode)."""
+    or JSONL with a "video" field (relative paths are relative to the list file), in UTF-8 (a BOM is
+    fine) or UTF-16. Paths come canonical (absolute, normalized), each once; file names that are not
+    UTF-8 as Python holds them (os.fsdecode's escapes), so they reopen."""
     import json
     if os.path.isdir(source):
-        found = [os.path.normpath(os.path.join(root, f)) for root, _, files in os.walk(source) for f in files
-                 if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS]
-        return sorted(found)
+        return sorted(canonical(os.path.join(root, f)) for root, _, files in os.walk(source) for f in files
+                      if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS)
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such file or folder")
     if os.path.splitext(source)[1].lower() not in (".txt", ".jsonl", ".list"):
-        return [os.path.normpath(source)]
-    base = os.path.dirname(os.path.abspath(source))
+        return [canonical(source)]
+    base = video_base(source)
+    with open(source, "rb") as f:
+        data = f.read()
+    text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else \
+        data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")   # names as the file system holds them
     videos, seen = [], set()
-    with open(source, encoding="utf-8", errors="surrogateescape") as f:   # names as the file system holds them
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("{"):
-                try:
-                    row = json.loads(line)
-                    line = row.get("video") or row["image"]
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    line = None
-                if not isinstance(line, str) or not line:
-                    raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field holding a path")
-            path = os.path.normpath(line if os.path.isabs(line) else os.path.join(base, line))
-            if canonical(path) not in seen:   # listed twice, perhaps spelled two ways: one video
-                seen.add(canonical(path))
-                videos.append(path)
+    for i, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+                line = row.get("video") or row["image"]
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                line = None
+            if not isinstance(line, str) or not line:
+                raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field holding a path")
+        path = canonical(os.path.join(base, line))   # an absolute line stays as it is
+        if path not in seen:   # listed twice, perhaps spelled two ways: one video
+            seen.add(path)
+            videos.append(path)
     return videos
+
+
+def video_base(source: str) -> str:
+    """The folder that a source's videos are named from: the folder itself, or a list's or file's own. A
+    path relative to it is the same on every machine, whatever the mount (label.py shards by it)."""
+    return canonical(source) if os.path.isdir(source) else os.path.dirname(canonical(source))

@@ -38,10 +38,13 @@ def is_hub_id(name: str) -> bool:
 
 
 def safe_name(name) -> str:
-    """A file name from a hub index as it is, or HubError when it would land outside its folder."""
+    """A file name from a hub index as it is, or HubError when it would land outside its folder, or on a
+    file of our own there (.complete, .lock, *.partial)."""
     parts = name.split("/") if isinstance(name, str) else [""]
     if any(p in ("", ".", "..") or "\\" in p or "\0" in p or ":" in p for p in parts):
         raise HubError(f"the hub's index names a file {name!r} outside the model folder: refused")
+    if parts[-1].startswith(".") or parts[-1].endswith((".partial", ".partial.json", ".again")):
+        raise HubError(f"the hub's index names a file {name!r} that only this cache may write: refused")
     return name
 
 
@@ -141,10 +144,14 @@ def _digest(path):
 
 
 def _well_formed(path, name):
-    """For a file whose size nothing announced: does its own content say it is whole? None: it cannot tell."""
+    """Does the file's own content say it is whole, and what its name says (not a proxy's or a captive
+    portal's HTML page)? None: it cannot tell."""
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
+            if f.read(64).lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml", b"<head")):
+                return False
+            f.seek(0)
             if name.endswith(".safetensors"):
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
@@ -227,6 +234,8 @@ def _fetch(session, url, partial, meta_path, meta, optional):
             for chunk in r.iter_content(CHUNK):
                 f.write(chunk)
                 got += len(chunk)
+                if meta["size"] is not None and got > meta["size"]:   # an endless body must not fill the disk
+                    raise _Restart(f"more than the {meta['size']} bytes the server announced")
                 if time.monotonic() - shown > 1.0:   # a 15 GB download is not silent
                     shown = time.monotonic()
                     _progress(os.path.basename(url), got, meta["size"], (got - have) / (shown - t0 + 1e-9))
@@ -241,12 +250,12 @@ def _check(session, url, partial, meta):
         raise _Resume(f"the connection closed at byte {got} of {size}")
     if size is not None and got > size:
         raise _Restart(f"{got} bytes where the server announced {size}")
-    if meta.get("sha256"):
-        if _digest(partial) != meta["sha256"]:
-            raise _Restart("its sha256 is not the one the hub announced")
-        return
-    if size is None:   # nothing said how long it is: its own header, or a second download, must
-        whole = _well_formed(partial, url)
+    if meta.get("sha256") and _digest(partial) != meta["sha256"]:
+        raise _Restart("its sha256 is not the one the hub announced")
+    whole = _well_formed(partial, url)
+    if whole is False:
+        raise _Restart("what came is not what its name says (an HTML page from a proxy or a login portal?)")
+    if size is None and not meta.get("sha256"):   # nothing said how long it is: its header, or a second copy
         if whole is None:
             again = partial + ".again"
             with session.get(url, stream=True, timeout=30) as r, open(again, "wb") as f:

@@ -18,7 +18,7 @@ class Busy(Exception):
 def _parse(line: bytes):
     try:
         row = json.loads(line.decode("utf-8"))
-    except ValueError:   # UnicodeDecodeError is a ValueError too
+    except (ValueError, RecursionError):   # not UTF-8 (a ValueError too), not JSON, or [[[[... too deep
         return None
     return row if isinstance(row, dict) else None
 
@@ -104,8 +104,11 @@ def _unlock(path: str, fd: int):
 
 class Appender:
     def __init__(self, path: str, fsync: bool = False, truncate: bool = False):
+        path = os.path.realpath(path)   # a symlink's target: one lock, and a rewrite keeps the link
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise ValueError(f"{path}: not a regular file (a folder or a device cannot take rows)")
         self.path, self.fsync = path, fsync
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         self.lock = _lock(path)
         try:
             if truncate:

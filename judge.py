@@ -14,6 +14,7 @@ bootstrap intervals; with --pred-b, the paired differences and wins / ties / los
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import sys
 import numpy as np
 
 import cli
-from client import APIError, Breaker, Stop, add_api_flags, api_client, run_concurrently
+from client import APIError, Stop, add_api_flags, api_client, run_items
 from data import canonical
 from jsonl import Appender, Busy, iter_rows
 from redact import Redactor
@@ -96,7 +97,7 @@ def judge_one(client, args, job):
             judgment = parse_judgment(reply.content)
             if judgment:
                 return {**row, **judgment}
-        return {**row, "unparsed": True, "raw": client.scrub(reply.content)[:500]}
+        return {**row, "unparsed": True, "raw": client.scrub(reply.content, 500)}
     except APIError as e:
         return None if e.code == "stopped" else {**row, "error": str(e), "status": e.status, "code": e.code}
     except Exception as e:   # a fault nobody foresaw: this judgment's row (asked again next run), not the run's end
@@ -187,20 +188,13 @@ def judge(args):
                 key = wanted[(name, v)] = cache_key(gt[v][1], pred[v][1], args.model)
                 if key not in cache:
                     todo.setdefault(key, (key, gt[v][0], gt[v][1], pred[v][1]))
-        jobs, breaker, stop = list(todo.values()), Breaker(client, args.max_failures_in_a_row), None
-        for i, row in enumerate(run_concurrently(jobs, functools.partial(judge_one, client, args), args.concurrency,
-                                                 client.stop), 1):
-            if row is None:
-                continue
-            out.write(client.scrub.row(row))
+        jobs, count = list(todo.values()), itertools.count(1)
+
+        def seen(row):
             cache[row["key"]] = row
-            print(f"\r{i}/{len(jobs)} judged", end="", file=sys.stderr)
-            try:
-                breaker.see(row.get("status"), row.get("code"), ok="error" not in row)
-            except Stop as e:
-                stop = stop or e   # the requests in flight still finish and are written: they are paid for
-    if stop is not None:
-        raise stop
+            print(f"\r{next(count)}/{len(jobs)} judged", end="", file=sys.stderr)
+        run_items(client, jobs, functools.partial(judge_one, client, args), args.concurrency, out,
+                  args.max_failures_in_a_row, seen=seen)
     judged = {name: {v: cache.get(wanted[(name, v)], {"error": "not judged"}) for v in videos} for name in preds}
     write_report(args, files, judged, len(videos), dropped, gt)
 

@@ -20,9 +20,9 @@ import time
 import zlib
 
 import cli
-from client import FINAL_CODES, APIError, Breaker, Stop, add_api_flags, api_client, run_concurrently
+from client import FINAL_CODES, APIError, Stop, add_api_flags, api_client, run_items
 from clean import clean_file
-from data import VideoError, canonical, find_videos, jpeg_data_urls
+from data import VideoError, canonical, find_videos, jpeg_data_urls, video_base
 from jsonl import Appender, Busy
 from redact import Redactor
 from workers import imap_unordered
@@ -79,7 +79,8 @@ def label_one(client, args, prompt, job):
     """(video, data URLs or VideoError) -> its row; None when the run stopped before it was asked."""
     video, urls = job
     if isinstance(urls, VideoError):
-        return {"video": video, "error": str(urls), "status": None, "code": "unreadable_video"}
+        code = "unreadable_video" if os.path.exists(video) else "missing_video"
+        return {"video": video, "error": str(urls), "status": None, "code": code}
     params = {"max_tokens": args.max_new_tokens}
     if args.temperature is not None:
         params["temperature"] = args.temperature
@@ -100,13 +101,19 @@ def label_one(client, args, prompt, job):
             "usage": reply.usage, "finish_reason": reply.finish_reason}
 
 
-def in_shard(video, shard):
+FILE_CODES = {"unreadable_video", "missing_video"}   # the file's trouble, which says nothing of the API
+
+
+def in_shard(name, shard):
+    """By the video's name inside its source (video_base), so that every machine agrees whatever its list
+    order, and whatever it mounts the folder as."""
     k, n = shard
-    return zlib.crc32(os.fsencode(video)) % n == k   # by name, so every machine agrees whatever its list order
+    return zlib.crc32(os.fsencode(name)) % n == k
 
 
 def is_done(row, retry_errors=False):
-    """A caption, or (unless retry_errors) a final answer: content moderation, an unreadable video."""
+    """A caption, or (unless retry_errors) a final answer: content moderation, an unreadable video (not a
+    missing one: a wrong path is fixed, and the video labelled, by a rerun)."""
     return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | {"unreadable_video"})
 
 
@@ -118,7 +125,8 @@ def label(args):
     prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
     prompt = prompt.replace("{n}", str(args.frames))
     client = api_client(args)
-    videos = [v for v in find_videos(args.source) if in_shard(v, args.shard)]
+    base = video_base(args.source)
+    videos = [v for v in find_videos(args.source) if in_shard(os.path.relpath(v, base), args.shard)]
     with Appender(args.out, fsync=True) as out:
         done = out.settle(video_key, functools.partial(is_done, retry_errors=args.retry_errors))
         todo = [v for v in videos if canonical(v) not in done]
@@ -126,29 +134,21 @@ def label(args):
         jobs = imap_unordered(decode, todo, workers=args.workers, timeout=args.decode_timeout,
                               buffer=2 * args.concurrency, memory_gb=args.decode_memory)
         stats, failed, start = collections.Counter(), collections.Counter(), time.monotonic()
-        breaker, stop = Breaker(client, args.max_failures_in_a_row), None
+
+        def seen(row):
+            if "error" in row:
+                failed[f"{row['status'] or '-'} {row['code']}"] += 1
+            else:
+                stats["done"] += 1
+                stats["in"] += row["usage"]["prompt_tokens"]
+                stats["out"] += row["usage"]["completion_tokens"]
+                stats["length"] += row["finish_reason"] == "length"
+            progress(stats["done"] + sum(failed.values()), len(todo), sum(failed.values()), start)
         try:
-            for row in run_concurrently(jobs, functools.partial(label_one, client, args, prompt), args.concurrency,
-                                        client.stop):
-                if row is None:
-                    continue
-                out.write(client.scrub.row(row))
-                if "error" in row:
-                    failed[f"{row['status'] or '-'} {client.scrub(row['code'])}"] += 1
-                else:
-                    stats["done"] += 1
-                    stats["in"] += row["usage"]["prompt_tokens"]
-                    stats["out"] += row["usage"]["completion_tokens"]
-                    stats["length"] += row["finish_reason"] == "length"
-                progress(stats["done"] + sum(failed.values()), len(todo), sum(failed.values()), start)
-                try:
-                    breaker.see(row.get("status"), row.get("code"), ok="error" not in row)
-                except Stop as e:
-                    stop = stop or e   # the requests in flight still finish and are written: they are paid for
+            run_items(client, jobs, functools.partial(label_one, client, args, prompt), args.concurrency, out,
+                      args.max_failures_in_a_row, neutral=FILE_CODES, seen=seen)
         finally:
             summary(args, stats, failed, len(videos) - len(todo), start)
-    if stop is not None:
-        raise stop
 
 
 def progress(finished, total, failed, start):
@@ -171,7 +171,7 @@ def summary(args, stats, failed, already, start):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "clean":
-        return cli.run(lambda: clean_file(argv[1:]))
+        return cli.run(lambda: clean_file(argv[1:]), (OSError, ValueError, Busy))
     args = parse_args(argv)
     scrub = Redactor(os.environ.get(args.api_key_env, "").strip())
     return cli.run(lambda: label(args), (OSError, ValueError, Busy, Stop), scrub)

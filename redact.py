@@ -3,11 +3,14 @@
 Servers echo keys back in error messages, whole or cut, and in whatever encoding their framework uses.
 A `Redactor` replaces every stretch of WINDOW or more characters of a secret (in any letter case; or of
 its hex or base64 form) by ***; a text that still holds one once its URL, JSON or HTML escapes are
-decoded is given back decoded, and masked. Scrub first, cut to length after: a cut must not leave a piece.
+decoded (up to three layers, in any order) is given back decoded, and masked. A "key" shorter than
+WINDOW characters (the "EMPTY" a local vLLM server takes) is no secret and is left alone: masking it
+would mangle every caption that spells it.
 """
 
 import base64
 import html
+import itertools
 import re
 import urllib.parse
 
@@ -29,50 +32,50 @@ def _unescape_json(text):
     return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text).replace("\\/", "/")
 
 
+DECODERS = (urllib.parse.unquote_plus, _unescape_json, html.unescape)
+
+
 class Redactor:
     def __init__(self, *secrets):
-        self.windows = {}   # length -> every piece that long of every form of every secret
-        for secret in filter(None, secrets):
-            raw = secret.encode()
-            for form in (secret.lower(), raw.hex(), *_base64_cores(raw)):
-                n = min(WINDOW, len(form))
-                self.windows.setdefault(n, set()).update(form[i:i + n] for i in range(len(form) - n + 1))
+        self.windows = set()   # every WINDOW-long piece of every form of every secret
+        for secret in secrets:
+            if secret and len(secret) >= WINDOW:
+                raw = secret.encode()
+                for form in (secret.lower(), raw.hex(), *_base64_cores(raw)):
+                    self.windows.update(form[i:i + WINDOW] for i in range(len(form) - WINDOW + 1))
 
     def _mask(self, text: str) -> str:
         marked, lower = [False] * len(text), text.lower()
-        for n, windows in self.windows.items():
-            for i in range(len(text) - n + 1):
-                if text[i:i + n] in windows or lower[i:i + n] in windows:
-                    marked[i:i + n] = [True] * n
-        out, i = [], 0
-        while i < len(text):
-            if marked[i]:
-                while i < len(text) and marked[i]:
-                    i += 1
-                out.append(MASK)
-            else:
-                out.append(text[i])
-                i += 1
-        return "".join(out)
+        for i in range(len(text) - WINDOW + 1):
+            if text[i:i + WINDOW] in self.windows or lower[i:i + WINDOW] in self.windows:
+                marked[i:i + WINDOW] = [True] * WINDOW
+        return "".join(MASK if m and (i == 0 or not marked[i - 1]) else "" if m else c
+                       for i, (c, m) in enumerate(zip(text, marked)))
 
-    def __call__(self, text) -> str:
-        """text (anything: it is str()-ed) with the secrets masked."""
+    def __call__(self, text, limit: int = None) -> str:
+        """text (anything: it is str()-ed) with the secrets masked; with `limit`, cut to that length,
+        after masking (a piece of the key may straddle the cut), and looking at no more of a long text
+        than the limit needs."""
         text = str(text)
-        if not self.windows:
-            return text
-        masked = self._mask(text)
-        for decode in (urllib.parse.unquote_plus, _unescape_json, html.unescape):
-            decoded = decode(masked)
-            if decoded != masked and self._mask(decoded) != decoded:
-                masked = self._mask(decoded)
-        return masked
+        if limit is not None:
+            text = text[:limit + 12 * max(WINDOW, 64)]   # room for an escaped key across the cut
+        if self.windows:
+            text = self._mask(text)
+            for depth in (1, 2, 3):   # %2573..., &#37;73..., \\u0025...: escapes inside escapes
+                for decoders in itertools.product(DECODERS, repeat=depth):
+                    decoded = text
+                    for decode in decoders:
+                        decoded = decode(decoded)
+                    if decoded != text and self._mask(decoded) != decoded:
+                        text = self._mask(decoded)
+        return text if limit is None else text[:limit]
 
     def row(self, value):
-        """A JSON-able value with every string in it (keys included) scrubbed."""
+        """A JSON-able value with every string in it scrubbed (the keys of objects are ours: left alone)."""
         if isinstance(value, str):
             return self(value)
         if isinstance(value, dict):
-            return {self(k): self.row(v) for k, v in value.items()}
+            return {k: self.row(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.row(v) for v in value]
         return value

@@ -212,12 +212,18 @@ def evaluate(model, loader, device, world, mean, std):
 def read_data(files, args, rank):
     """Samples of comma-separated JSONL files; broken rows are reported (file:line) and left out."""
     samples, dropped, bad = read_samples(files.split(","), args.video_root, args.prompt)
+    missing = [s[0] for s in samples if not os.path.isfile(s[0])]
+    samples = [s for s in samples if os.path.isfile(s[0])] if missing else samples
     if not samples:
         raise ValueError(f"{files}: no rows to train on ({dropped} left out, {len(bad)} broken"
-                         f"{', the first: ' + bad[0] if bad else ''})")
+                         f"{', the first: ' + bad[0] if bad else ''}, {len(missing)} naming no file"
+                         f"{', the first: ' + missing[0] + ' (is --video-root right?)' if missing else ''})")
     if bad and rank == 0:
         print(f"warning: {len(bad)} broken rows left out, the first: " + "; ".join(bad[:3]), file=sys.stderr, flush=True)
-    return samples, dropped + len(bad)
+    if missing and rank == 0:
+        print(f"warning: {len(missing)} rows name no file and are left out, the first: {missing[0]} (is --video-root "
+              f"right?)", file=sys.stderr, flush=True)
+    return samples, dropped + len(bad) + len(missing)
 
 
 def main(argv=None):
@@ -247,6 +253,9 @@ def train(args):
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     folder = hub.resolve(args.model) if args.model else None
     tok_folder = args.tokenizer or folder
+    if args.export and any(f and os.path.exists(args.export) and os.path.samefile(args.export, f)
+                           for f in (folder, tok_folder)):
+        raise ValueError(f"--export {args.export} is the folder training starts from: export somewhere else")
     tok = Tokenizer(tok_folder)
     model = setup_model(args, folder, rank, world, device)
     torch.manual_seed(args.seed + rank)   # LoRA dropout: each rank draws its own masks

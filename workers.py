@@ -10,6 +10,7 @@ messages over their stdin and answering over their stdout.
 import os
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def _serve():
     where a decoder's frames live, so a file that lies about its size gets a MemoryError, not the machine."""
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # a stray print must not corrupt the protocol
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle; we end when it closes our pipe
     try:
         fn, limit = _recv(inp)
         if limit:

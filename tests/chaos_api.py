@@ -29,7 +29,8 @@ ACTIONS = [   # (action, weight)
     ("drop_in_headers", 3), ("drop_in_body", 4), ("drop_in_chunks", 3), ("stall", 2), ("trickle", 2),
     ("html_200", 2), ("html_502", 2), ("empty_choices", 2), ("no_choices", 1), ("content_null", 1),
     ("content_number", 1), ("choices_string", 1), ("e500_echo", 4), ("r429_long", 3), ("bad_gzip", 2),
-]
+    ("ok_usage_huge", 1), ("deep_json", 1),
+]   # and, when a script asks for them: "huge_html" (8 MB), "401", "quota", "moderated"
 
 
 def echoes(key):
@@ -118,6 +119,17 @@ class ChaosAPI:
             return send(sock, 200, {"choices": [{"message": text, "finish_reason": "stop"}], "usage": {}})
         if action == "ok_usage_null":
             return send(sock, 200, self.completion(text, usage=False))
+        if action == "slow_ok":   # a good answer, arg seconds later
+            time.sleep(arg or 1.0)
+            return send(sock, 200, self.completion(text))
+        if action == "ok_usage_huge":
+            reply = self.completion(text)
+            reply["usage"] = {"prompt_tokens": 10**400, "completion_tokens": -1, "total_tokens": "many"}
+            return send(sock, 200, reply)
+        if action == "deep_json":   # nested past Python's recursion limit
+            return send(sock, 200, b"[" * 100000 + b"]" * 100000)
+        if action == "huge_html":
+            return send(sock, 200, b"<html>" + b"<p>welcome</p>" * 600000 + b"</html>", ctype="text/html")
         if action == "ok_echo":   # the key inside the answer itself
             return send(sock, 200, self.completion(text + f" (request signed {echo})"))
         if action == "moderated":

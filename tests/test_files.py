@@ -58,7 +58,7 @@ def test_jsonl_torn_inside_a_character_garbage_and_a_last_row_without_newline(tm
     torn = json.dumps({"video": "c", "caption": "一只猫"}, ensure_ascii=False).encode()[:-6]   # inside 猫
     with open(path, "wb") as f:
         f.write((json.dumps(whole[0], ensure_ascii=False) + "\n").encode())
-        f.write(b"\xff\xfe not utf-8 at all\n[1, 2, 3]\nnot json\n\"a string\"\n")
+        f.write(b"\xff\xfe not utf-8 at all\n[1, 2, 3]\nnot json\n\"a string\"\n" + b"[" * 100000 + b"\n")
         f.write((json.dumps(whole[1]) + "\n").encode() + torn)
     assert read_rows(path) == whole
     with Appender(path) as out:
@@ -239,3 +239,75 @@ def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_finished_row(tmp_pa
     assert r.returncode == 1 and lines[-1].startswith("error: ") and "File too large" in lines[-1], r.stderr
     assert "Traceback" not in r.stderr and 1 <= len(first) < 8
     assert again.returncode == 0 and sorted(row["video"] for row in read_rows(out)) == sorted(paths)
+
+
+def test_resume_and_shards_do_not_depend_on_how_or_where_the_folder_is_named(tmp_path):
+    paths, colours = label_folder(str(tmp_path / "vids"), 12)
+    os.symlink(tmp_path / "vids", tmp_path / "mnt")                     # the same folder, mounted elsewhere
+    api = label_server(colours)
+    out = str(tmp_path / "labels.jsonl")
+    try:
+        first = run_tool("label.py", ["vids", "--out", out, "--api-base", api.url, "--shard", "0/2"],
+                         env={"DASHSCOPE_API_KEY": KEY}, cwd=tmp_path)
+        second = run_label([str(tmp_path / "mnt"), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url,
+                            "--shard", "1/2"])
+        again = run_label([str(tmp_path / "vids"), "--out", out, "--api-base", api.url, "--shard", "0/2"])
+    finally:
+        api.close()
+    assert first.returncode == second.returncode == again.returncode == 0
+    a, b = [os.path.basename(r["video"]) for r in read_rows(out)], [os.path.basename(r["video"]) for r in
+                                                                      read_rows(str(tmp_path / "b.jsonl"))]
+    assert sorted(a + b) == sorted(os.path.basename(p) for p in paths) and a and b      # every video once
+    assert "0 already done" not in again.stderr and len(api.log) == 12                # from elsewhere: resumed
+
+
+def test_unreadable_files_do_not_stop_a_run_and_missing_ones_are_not_done(tmp_path):
+    paths, colours = label_folder(str(tmp_path / "v"), 2)
+    for i in range(12):
+        (tmp_path / "v" / f"broken{i:02d}.mp4").write_bytes(b"not a video" * i)
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"\xef\xbb\xbf" + "\n".join([paths[0], "gone/a.mp4", paths[1]]).encode() + b"\n")   # a BOM
+    api = label_server(colours)
+    try:
+        folder = run_label([str(tmp_path / "v"), "--out", str(tmp_path / "a.jsonl"), "--api-base", api.url,
+                            "--max-failures-in-a-row", "3"])
+        listing = run_label([str(listed), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url])
+        (tmp_path / "gone").mkdir()
+        os.link(paths[0], tmp_path / "gone" / "a.mp4")                  # the path is fixed: a rerun labels it
+        again = run_label([str(listed), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url])
+    finally:
+        api.close()
+    assert folder.returncode == 0 and "failed 12" in folder.stderr, folder.stderr
+    assert listing.returncode == 0 and again.returncode == 0
+    rows = {os.path.basename(os.path.dirname(r["video"])) + "/" + os.path.basename(r["video"]): r
+            for r in read_rows(str(tmp_path / "b.jsonl"))}
+    assert len(rows) == 3 and all("caption" in r for r in rows.values()) and "1 already done" not in again.stderr
+
+
+def test_a_symlinked_output_is_one_file_with_one_lock(tmp_path):
+    os.symlink(tmp_path / "real.jsonl", tmp_path / "link.jsonl")
+    with Appender(str(tmp_path / "link.jsonl")) as out:
+        out.write({"video": "a", "error": "x"})
+        with pytest.raises(Busy):
+            Appender(str(tmp_path / "real.jsonl"))
+        out.settle(lambda r: r["video"], lambda r: "error" not in r)       # rewrites: the link stays a link
+        out.write({"video": "b", "caption": "y"})
+    assert os.path.islink(tmp_path / "link.jsonl") and read_rows(str(tmp_path / "real.jsonl")) == [
+        {"video": "b", "caption": "y"}]
+
+
+def test_outputs_that_are_not_files_and_clean_into_its_own_input(tmp_path):
+    (tmp_path / "labels.jsonl").write_text(json.dumps({"video": "a", "caption": "A cat."}) + "\n"
+                                           + json.dumps({"video": "b", "error": "x", "code": "unreadable_video"}) + "\n")
+    before = (tmp_path / "labels.jsonl").read_text()
+    cases = [("label.py", [str(tmp_path), "--out", "/dev/null"]),
+             ("label.py", ["clean", str(tmp_path / "labels.jsonl"), "--out", str(tmp_path / "labels.jsonl")]),
+             ("label.py", [str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--rpm", "1e-300"])]
+    for tool, args in cases:
+        r = run_tool(tool, args, env={"DASHSCOPE_API_KEY": KEY})
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+    assert (tmp_path / "labels.jsonl").read_text() == before and not os.path.exists("/dev/null.lock")
+    with Appender(str(tmp_path / "busy.jsonl")):                       # clean into an output another run holds
+        r = run_tool("label.py", ["clean", str(tmp_path / "labels.jsonl"), "--out", str(tmp_path / "busy.jsonl")])
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

@@ -37,11 +37,22 @@ class Hub(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         data = self.files[name]
+        if fault.get("portal"):
+            data = b"<!DOCTYPE html><html><body>Please sign in to the hotel wifi</body></html>"
         etag = '"' + hashlib.sha256(data).hexdigest() + '"'
         start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
         if start and fault.get("if_range", True) and self.headers.get("If-Range") not in (None, etag):
             start = 0   # the file changed: If-Range says send it whole
         body = data[start:]
+        if fault.get("endless"):
+            self.send_response(200)
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                return
         if fault.get("corrupt_once"):
             fault["corrupt_once"] = False
             body = bytes([body[0] ^ 0xFF]) + body[1:]
@@ -89,11 +100,11 @@ def gets(name):
 
 
 @pytest.mark.parametrize("bad", ["../../escape.safetensors", "/tmp/escape.safetensors", "a/../../x.safetensors",
-                                 "..", "sub\\..\\..\\x.safetensors", 7])
+                                 "..", "sub\\..\\..\\x.safetensors", 7, ".complete", "model.safetensors.partial"])
 def test_an_index_naming_a_file_outside_the_folder_is_refused(served, tmp_path, bad):
     _, cache = served
     Hub.files["model.safetensors.index.json"] = json.dumps({"weight_map": {"w": bad}}).encode()
-    with pytest.raises(hub.HubError, match="outside the model folder|not a safetensors index"):
+    with pytest.raises(hub.HubError, match="outside the model folder|not a safetensors index|only this cache"):
         hub.resolve(REPO, cache=cache)
     assert not os.path.exists(tmp_path / "escape.safetensors") and not os.path.exists("/tmp/escape.safetensors")
     assert not any("escape" in n or n.endswith("x.safetensors") for n, _, _ in Hub.log)
@@ -123,7 +134,8 @@ def test_files_without_a_length_are_never_complete_on_faith(served, model_files)
 def test_a_file_changed_between_a_partial_download_and_its_resume(served, model_files, server_honours_if_range):
     _, cache = served
     old = model_files["model.safetensors"]
-    new = old[:100] + bytes(b ^ 0x5A for b in old[100:])               # same length, other content
+    body = 8 + int.from_bytes(old[:8], "little")                       # the tensors, after the header
+    new = old[:body] + bytes(b ^ 0x5A for b in old[body:])             # same length, other weights
     target = os.path.join(cache, "someone--tiny", "main")
     os.makedirs(target)
     with open(os.path.join(target, "model.safetensors.partial"), "wb") as f:
@@ -153,3 +165,23 @@ def test_four_processes_resolving_one_model_download_it_once(served):
     counts = collections.Counter(n for n, _, _ in Hub.log)
     assert counts["model.safetensors"] == 1 and counts["config.json"] == 1
     assert not [f for f in os.listdir(outs[0][0].strip()) if f.endswith((".partial", ".partial.json"))]
+
+
+def test_a_captive_portal_poisons_nothing(served, model_files):
+    _, cache = served
+    Hub.faults = {name: {"portal": True, "etag": False} for name in model_files}   # every file: a login page
+    with pytest.raises(hub.HubError, match="HTML page"):
+        hub.resolve(REPO, cache=cache)
+    Hub.faults = {}                                                               # back on a real network
+    folder = hub.resolve(REPO, cache=cache)
+    for name in ("config.json", "tokenizer.model", "model.safetensors"):
+        assert open(os.path.join(folder, name), "rb").read() == model_files[name]
+
+
+def test_a_body_longer_than_announced_is_cut_not_stored(served, tmp_path):
+    _, cache = served
+    Hub.faults = {"config.json": {"endless": True}}
+    with pytest.raises(hub.HubError, match="more than the"):
+        hub.resolve(REPO, cache=cache)
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs]
+    assert max(sizes, default=0) < 1 << 20

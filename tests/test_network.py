@@ -3,6 +3,7 @@ Retry-After, failures that repeat for every item, and a key that must never leak
 
 import base64
 import json
+import os
 import time
 import urllib.parse
 
@@ -35,14 +36,26 @@ def ask(api, **kw):
 
 @pytest.mark.parametrize("fault", ["drop_in_headers", "drop_in_body", "drop_in_chunks", "bad_gzip", "html_200",
                                    "html_502", "e500_echo", "empty_choices", "no_choices", "choices_string",
-                                   "content_number"])
+                                   "content_number", "deep_json", "huge_html"])
 def test_a_broken_answer_is_asked_again(key, fault):
     api = one_item(fault, fault)
+    t0 = time.monotonic()
     try:
         reply = ask(api)
     finally:
         api.close()
     assert reply.content == ANSWER and [e["action"] for e in api.log] == [fault, fault, "ok"]
+    assert time.monotonic() - t0 < 5   # 8 MB of HTML is not scrubbed whole before it is cut
+
+
+def test_an_answer_with_absurd_usage_is_still_the_answer(key):
+    api = one_item("ok_usage_huge")
+    try:
+        reply = ask(api)
+    finally:
+        api.close()
+    assert reply.content == ANSWER and reply.usage == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert len(api.log) == 1
 
 
 @pytest.mark.parametrize("fault", ["stall", "trickle"])
@@ -97,16 +110,23 @@ def test_retry_after_values(value, seconds):
 
 def test_the_key_is_scrubbed_in_every_form_and_cut():
     scrub = Redactor(KEY)
+    entities = "".join(f"&#{ord(c)};" for c in KEY)
     for form in echoes(KEY) + [json.dumps(KEY), KEY.encode().hex(), urllib.parse.quote_plus(KEY),
-                               base64.urlsafe_b64encode(KEY.encode()).decode(), KEY[7:22]]:
+                               base64.urlsafe_b64encode(KEY.encode()).decode(), KEY[7:22],
+                               urllib.parse.quote(urllib.parse.quote(KEY, safe=""), safe=""),   # escapes in escapes
+                               urllib.parse.quote(entities, safe=""), json.dumps(entities)[1:-1]]:
         text = scrub(f"error: the key {form} is not valid")
         assert text.startswith("error: the key ") and text.endswith(" is not valid")
         assert not any(KEY[i:i + 8].lower() in text.lower() for i in range(len(KEY) - 7)), (form, text)
     assert scrub("a plain caption, 100% ok + fine") == "a plain caption, 100% ok + fine"
     # scrubbed first, cut after: a cut must not leave a piece of the key
-    message = "x" * 290 + KEY
-    assert "sk-chaos" not in scrub(message)[:300] and "***" in scrub(message)[:300]
-    assert scrub.row({"a": [KEY, {"b": 1, KEY: 2}]}) == {"a": ["***", {"b": 1, "***": 2}]}
+    message = "x" * 290 + KEY + "y" * 10**6
+    assert scrub(message, 300) == "x" * 290 + "***" + "y" * 7                   # and fast on a megabyte
+    assert scrub.row({"video": "v.mp4", "a": [KEY, {"b": 1}]}) == {"video": "v.mp4", "a": ["***", {"b": 1}]}
+    # a "key" too short to be a secret (a local server's EMPTY) changes nothing, not even "empty room"
+    for dummy in ("EMPTY", "x", "none"):
+        text = "An empty room; the camera pans to an EMPTY chair. e.g. video"
+        assert Redactor(dummy)(text) == text and Redactor(dummy).row({"video": "e.mp4"}) == {"video": "e.mp4"}
 
 
 @pytest.mark.parametrize("value, ok", [(f"  {KEY}\n", True), (f"{KEY}\r", True), (f"{KEY[:10]}\n{KEY[10:]}", False),
@@ -171,7 +191,7 @@ def test_an_unreachable_server_stops_the_run_after_a_few_items(tmp_path, clips):
                               "--concurrency", "2", "--retries", "1", "--backoff", "0.01", "--max-failures-in-a-row", "3"])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "up and reachable" in lines[-1] and lines[-1].startswith("error: ")
-    assert len(read_rows(out)) <= 5 and time.monotonic() - t0 < 60     # 3 in a row, plus those in flight
+    assert len(read_rows(out)) <= 7 and time.monotonic() - t0 < 60     # 3 in a row, plus up to 2 x 2 in flight
     assert not any("caption" in row for row in read_rows(out))
 
 
@@ -204,3 +224,63 @@ def test_an_unexpected_exception_is_that_items_row():
         max_new_tokens, temperature, frames_as = 10, None, "video"
     row = label.label_one(Broken(), Args, "prompt", ("v.mp4", ["data:image/jpeg;base64,AA=="]))
     assert row["code"] == "internal_error" and "KeyError" in row["error"] and not label.is_done(row)
+
+
+def test_ctrl_c_writes_the_answers_in_flight_and_a_second_abandons_them(tmp_path, clips):
+    import signal
+    _, folder = clips
+    out = str(tmp_path / "labels.jsonl")
+    api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": [("slow_ok", 1.0)] * 100})
+    try:
+        proc = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--concurrency", "3",
+                                     "--timeout", "60"], env={"DASHSCOPE_API_KEY": KEY}, wait=False)
+        while len(api.log) < 3:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)   # three requests in flight, answered a second later
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        asked = len(api.log)
+        slow = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--concurrency", "3",
+                                     "--timeout", "60"], env={"DASHSCOPE_API_KEY": KEY}, wait=False)
+        while len(api.log) < asked + 3:
+            time.sleep(0.01)
+        slow.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        slow.send_signal(signal.SIGINT)   # the second: do not wait for them
+        t1 = time.monotonic()
+        _, err2 = slow.communicate(timeout=60)
+    finally:
+        api.close()
+    assert time.monotonic() - t0 < 30 and t1 - t0 > 0 and "Traceback" not in err + err2, err + err2
+    assert proc.returncode != 0 and err.strip().splitlines()[-1] == "interrupted"
+    assert asked == 3 and len(read_rows(out)) >= 3                     # no new request; the paid answers kept
+    assert slow.returncode != 0 and time.monotonic() - t1 < 5
+
+
+def test_judge_writes_no_key_in_any_report_file(tmp_path):
+    gt, pred = tmp_path / "gt.jsonl", tmp_path / "pred.jsonl"
+    gt.write_text(json.dumps({"video": "v", "caption": "gt"}) + "\n")
+    pred.write_text(json.dumps({"video": "v", "caption": "pred"}) + "\n")
+    api = ChaosAPI(lambda body, item: json.dumps({"score": 3, "correct": True, "reason": f"signed {KEY}"}),
+                   identify=lambda body: "x", script={"x": ["ok"] * 9})
+    try:
+        r = run_api_tool("judge.py", ["--gt", gt, "--pred", pred, "--out", tmp_path / "rep", "--api-base", api.url])
+    finally:
+        api.close()
+    assert r.returncode == 0, r.stderr
+    for name in os.listdir(tmp_path / "rep"):
+        assert KEY[:10] not in (tmp_path / "rep" / name).read_text(), name
+
+
+def test_a_server_that_refuses_every_request_as_moderated_marks_nothing_done(tmp_path, clips):
+    videos, folder = clips
+    out = str(tmp_path / "labels.jsonl")
+    api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": ["moderated"] * 100},
+                   final=lambda item: True)
+    try:
+        r = run_api_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--max-failures-in-a-row", "4",
+                                      "--concurrency", "1"])
+    finally:
+        api.close()
+    assert r.returncode == 1 and "were all refused" in r.stderr.strip().splitlines()[-1]
+    assert read_rows(out) == [] and len(api.log) <= 6

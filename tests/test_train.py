@@ -312,11 +312,18 @@ def test_a_rerun_into_a_finished_out_refuses_at_once_and_resume_of_nothing_says_
     assert set(load_file(str(ckpt / "rng_0.safetensors"))) == {"cpu"}
 
 
-@pytest.mark.parametrize("problem", ["missing data", "missing model", "bad config"])
+@pytest.mark.parametrize("problem", ["missing data", "missing model", "bad config", "no video exists",
+                                     "export over the model"])
 def test_user_errors_are_one_line(world, tmp_path, problem):
     args = train_args(world, tmp_path / "o", "--max-steps", "1")
     if problem == "missing data":
         args[args.index("--data") + 1] = str(tmp_path / "nope.jsonl")
+    elif problem == "no video exists":   # labels made elsewhere, relative paths: nothing to train on
+        args[args.index("--video-root") + 1] = str(tmp_path)
+    elif problem == "export over the model":
+        ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=2)
+        i = args.index("--init-from-config")
+        args[i:i + 2] = ["--model", ckpt, "--export", ckpt]
     elif problem == "missing model":
         i = args.index("--init-from-config")
         args[i:i + 2] = ["--model", str(tmp_path / "no-model")]

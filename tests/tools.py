@@ -14,13 +14,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_tool(tool, args, env=None, wait=True, timeout=300, **kw):
+def run_tool(tool, args, env=None, wait=True, timeout=300, cwd=ROOT, **kw):
     """`python tool args` in the repository, with `env` added to the environment; the finished process
     (text stdout / stderr captured), or with wait=False the running one (in a session of its own, so that
     os.killpg ends its decode workers too)."""
     cmd = [sys.executable, os.path.join(ROOT, tool), *map(str, args)]
     env = {**os.environ, **(env or {})}
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, **kw)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
