@@ -2,28 +2,29 @@
 
     python bench.py [--size tiny|small|7b|13b] [--device cpu|cuda] [--only vision,decode,...] [--json FILE]
 
-The same random weights go into our model and into transformers' CLIPVisionModel / LlamaForCausalLM, every
-measurement runs for both in this process (medians of --repeats), and the table gives ratios where > 1
-means we are better. Memory is measured in child processes, each starting clean. 7b / 13b are the PLLaVA
-presets in bf16, for a GPU; on a CPU use tiny or small (a ~130M-parameter LLM).
+The same random weights go into our model and into transformers' CLIPVisionModel / LlamaForCausalLM. Each
+row times exactly the work its name says, the same work on both sides, ours and the reference in turns
+(measure.py: A B A B ..., --repeats after a warm-up); it shows each side's median [min - max] and the
+ratio of medians [the range of the pairs' ratios], > 1 where we are better. Decoding is timed step by
+step after one prefill. Memory is measured in child processes, each starting clean. 7b / 13b are the
+PLLaVA presets in bf16, for a GPU; on a CPU use tiny or small (a ~130M-parameter LLM).
 """
 
 import argparse
 import copy
 import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
+import measure
+from measure import PeakRSS, format_row, row, value
 from config import PRESETS, Config
-from generate import Sampling, can_pack, generate_from_embeddings, pack_for_cpu
+from generate import can_pack, compiled_decode, decode_one_token, pack_for_cpu, prefill
 from lora import add_lora
 from model import PLLaVA
 from synthetic import write_video
@@ -47,43 +48,19 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, help="decode length (default 200 on GPU, 32 on CPU)")
+    p.add_argument("--repeats", type=int, default=5, help="timed turns of each side, after one warm-up")
+    p.add_argument("--new-tokens", type=int, help="decode steps timed (default 200 on GPU, 32 on CPU)")
     p.add_argument("--decode-context", type=int, help="prompt length for the decode test (default: visual "
                                                      "tokens + 64 on GPU, 256 on CPU)")
     p.add_argument("--load-gb", type=float, default=1.0, help="checkpoint size for the loading test")
+    p.add_argument("--sampler-minutes", type=float, default=5.0, help="length of the sampler's clip")
     p.add_argument("--compile", action="store_true", help="also measure the compiled decoding step")
-    p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "pllava", "bench"),
+                   help="where generated checkpoints and clips are kept between runs")
+    p.add_argument("--strict", action="store_true", help="refuse to run on a busy machine")
+    p.add_argument("--json", help="write the rows here too, each as it is measured")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def median_time(fn, device, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def row(name, unit, ours, reference, higher_is_better=True):
-    ratio = None if reference in (None, 0) or ours in (None, 0) else (ours / reference if higher_is_better
-                                                                     else reference / ours)
-    return {"name": name, "unit": unit, "ours": ours, "reference": reference, "ratio": ratio}
-
-
-def config_for(size):
-    return Config.from_dict(SIZES[size])
 
 
 def reference_models(model, device, dtype):
@@ -101,15 +78,24 @@ def reference_models(model, device, dtype):
 # ------------------------------------------------------------------------------------------ sections
 
 
+@torch.no_grad()
 def bench_vision(ctx):
-    m, clip, a = ctx["model"], ctx["clip"], ctx["args"]
-    c = m.config.vision_config
+    """Our tower stops at its feature layer (-2: all layers but the last). Against transformers' tower cut
+    to the same layers the work is the same; LLaVA calls the whole tower and keeps every hidden state,
+    which is where the gain of the second row comes from, not from faster kernels."""
+    m, clip, a = ctx["model"], ctx.pop("clip"), ctx["args"]
+    c, layer = m.config.vision_config, m.config.vision_feature_layer
     frames = torch.randn(16, 3, c.image_size, c.image_size, device=a.device, dtype=ctx["dtype"])
-    with torch.no_grad():
-        ours = median_time(lambda: m.vision_tower.vision_model(frames, m.config.vision_feature_layer), a.device, a.repeats)
-        ref = median_time(lambda: clip(frames, output_hidden_states=True).hidden_states[m.config.vision_feature_layer],
-                          a.device, a.repeats)
-    return [row("vision tower, 16 frames", "frames/s", 16 / ours, 16 / ref)]
+    cut = copy.deepcopy(clip)
+    cut.encoder.layers = cut.encoder.layers[:c.num_hidden_layers + layer + 1]
+    ours = lambda: m.vision_tower.vision_model(frames, layer)   # noqa: E731
+    same = measure.compare(ours, lambda: cut(frames).last_hidden_state, a.device, a.repeats)
+    whole = measure.compare(ours, lambda: clip(frames, output_hidden_states=True).hidden_states[layer], a.device,
+                           a.repeats)
+    n = c.num_hidden_layers + layer + 1
+    return [row(f"vision tower, 16 frames, {n} of {c.num_hidden_layers} layers on both sides", "frames/s", same, 16),
+            row(f"vision tower, 16 frames, vs transformers as LLaVA calls it (all {c.num_hidden_layers} layers, "
+                f"every hidden state kept)", "frames/s", whole, 16)]
 
 
 def embeddings(ctx, batch, length):
@@ -118,157 +104,141 @@ def embeddings(ctx, batch, length):
     return 0.02 * torch.randn(batch, length, D, device=ctx["args"].device, dtype=ctx["dtype"], generator=g)
 
 
+@torch.no_grad()
 def bench_prefill(ctx):
-    m, ref, a = ctx["fast_lm"], ctx["lm"], ctx["args"]
+    lm, ref, a = ctx["fast_lm"], ctx["lm"], ctx["args"]
     n = ctx["model"].config.num_visual_tokens + 64
-    x = embeddings(ctx, 1, n)
+    x, positions = embeddings(ctx, 1, n), torch.arange(n, device=a.device)[None]
 
-    def ours():
-        m.setup_cache(1, n + 1)
-        m.lm_head(m(x, torch.arange(n, device=a.device)[None], None, torch.arange(n, device=a.device))[:, -1])
-        m.clear_cache()
-    with torch.no_grad():
-        t_ours = median_time(ours, a.device, a.repeats)
-        t_ref = median_time(lambda: ref(inputs_embeds=x, use_cache=True, logits_to_keep=1), a.device, a.repeats)
-    return [row(f"prefill, {n} tokens ({n - 64} visual + 64)", "s", t_ours, t_ref, higher_is_better=False)]
+    def ours():   # the cache is allocated per video by generate, so here too
+        lm.setup_cache(1, n + 1)
+        prefill(lm, x, positions, None)
+        lm.clear_cache()
+    result = measure.compare(ours, lambda: ref(inputs_embeds=x, use_cache=True, logits_to_keep=1), a.device, a.repeats)
+    return [row(f"prefill, {n} tokens ({n - 64} visual + 64), to the first token's logits", "s", result)]
 
 
-def decode_paths(ctx):
-    """Our decoding paths: plain; packed for oneDNN (what caption.py runs on a CPU); compiled (--compile)."""
-    lm = ctx["model"].language_model
-    paths = {"plain": (lm, None)}   # (language model, compile mode)
-    if can_pack(lm):
-        paths["packed"] = (pack_for_cpu(copy.deepcopy(lm)), None)
-    if ctx["args"].compile:
-        paths["compiled"] = (lm, "auto")
-    return paths
+def our_decoder(lm, x, n, mode, device):
+    """n decode steps of ours after x (B, P, D): generate's own steps, with its masks."""
+    B, P = x.shape[:2]
+    positions = torch.arange(P + n, device=device)[None].expand(B, -1)
+    ones, slots, state = torch.ones(B, P + n, dtype=torch.bool, device=device), torch.arange(P + n, device=device), {}
+    step_fn = compiled_decode(lm, mode) if mode else decode_one_token
+    lm.setup_cache(B, P + n)
+
+    def first():
+        state["logits"] = prefill(lm, x, positions[:, :P], None)
+
+    def step(i):
+        s = P + i
+        mask = (ones & (slots <= s))[:, None, None, :] if mode else ones[:, None, None, :s + 1]
+        state["logits"] = step_fn(lm, state["logits"].argmax(-1), positions[:, s:s + 1], mask,
+                                  torch.tensor([s], device=device))
+    return measure.decode_steps(first, step, n, device)
 
 
-def decode_rate(ctx, batch, run):
-    """Tokens/s of the decoding steps alone: (time for N new tokens - time for 1) / (N - 1), per row."""
-    N, a = ctx["new_tokens"], ctx["args"]
-    with torch.no_grad():
-        t_n = median_time(lambda: run(N), a.device, a.repeats)
-        t_1 = median_time(lambda: run(1), a.device, a.repeats)
-    return batch * (N - 1) / max(t_n - t_1, 1e-9)
+def reference_decoder(ref, x, n, device):
+    """n decode steps of transformers after x, from its own cache (DynamicCache), cut back after each run."""
+    state = {}
+
+    def first():
+        out = ref(inputs_embeds=x, use_cache=True, logits_to_keep=1)
+        state.update(cache=out["cache"] if "cache" in out else out["past_key_values"], logits=out.logits[:, -1],
+                     cache_kw="cache" in out)
+
+    def reset():
+        extra = state["cache"].get_seq_length() - x.shape[1]
+        if extra:
+            state["cache"].crop(-extra)   # transformers 5: a negative count of tokens to drop
+
+    def step(i):
+        cache = {"cache" if state["cache_kw"] else "past_key_values": state["cache"]}   # transformers 5.24 renamed it
+        out = ref(input_ids=state["logits"].argmax(-1)[:, None], use_cache=True, **cache)
+        state["logits"] = out.logits[:, -1]
+    return measure.decode_steps(first, step, n, device, reset)
 
 
+@torch.no_grad()
 def bench_decode(ctx):
-    a, ref, rows = ctx["args"], ctx["lm"], []
+    a, n, rows = ctx["args"], ctx["new_tokens"], []
     for batch in (1, 8):
         x = embeddings(ctx, batch, ctx["context"])
-        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=a.device)
-        theirs = decode_rate(ctx, batch, lambda k: ref.generate(
-            inputs_embeds=x, attention_mask=valid.long(), max_new_tokens=k, min_new_tokens=k, do_sample=False,
-            pad_token_id=0, eos_token_id=None))
+        theirs = reference_decoder(ctx["lm"], x, n, a.device)
         for name, (lm, mode) in ctx["paths"].items():
-            ours = decode_rate(ctx, batch, lambda k: generate_from_embeddings(
-                lm, x, valid, sampling=Sampling(max_new_tokens=k, stop_ids=()), compile_mode=mode))
-            ctx["decode"][name, batch] = ours
-            rows.append(row(f"decode ({name}), batch {batch}, {ctx['new_tokens']} new tokens after "
-                            f"{ctx['context']}", "tokens/s", ours, theirs))
+            result = measure.compare(our_decoder(lm, x, n, mode, a.device), theirs, a.device, a.repeats)
+            lm.clear_cache()
+            ctx["decode"][name, batch] = result
+            rows.append(row(f"decode ({name}), batch {batch}, {n} steps after {ctx['context']} tokens", "tokens/s",
+                            result, batch * n))
     return rows
 
 
 def bench_roofline(ctx):
     """Bytes one batch-1 decode step must read (the weights, the KV cache) over its measured time, against
-    the bandwidth of a large copy measured here."""
-    a, m = ctx["args"], ctx["model"]
-    n_bytes = 512 * 2 ** 20
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=a.device)
+    the bandwidth of a large copy measured here; only from a steady measure."""
+    a, m, n = ctx["args"], ctx["model"], ctx["new_tokens"]
+    src = torch.empty(512 * 2**20, dtype=torch.uint8, device=a.device)
     dst = torch.empty_like(src)
-    bandwidth = 2 * n_bytes / median_time(lambda: dst.copy_(src), a.device, max(a.repeats, 5))   # read + write
+    copy_time = measure.compare(lambda: dst.copy_(src), None, a.device, max(a.repeats, 5))["ours"]
+    bandwidth = 2 * src.numel() / copy_time["median"]   # bytes read + written
     c, size = m.config.text_config, torch.finfo(ctx["dtype"]).bits // 8
-    weights = sum(p.numel() for n, p in m.language_model.named_parameters() if "embed_tokens" not in n) * size
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (ctx["context"] + ctx["new_tokens"] / 2) * size
-    rows = [row("memory bandwidth (copy of 512 MB: bytes read + written / s)", "GB/s", bandwidth / 1e9, None)]
+    weights = sum(p.numel() for name, p in m.language_model.named_parameters() if "embed_tokens" not in name) * size
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (ctx["context"] + n / 2) * size
+    rows = [value("memory bandwidth (copy of 512 MB: bytes read + written / s)", "GB/s", bandwidth / 1e9)]
     if not ctx["decode"]:
         bench_decode(ctx)
-    for (name, batch), rate in ctx["decode"].items():
-        if batch == 1:
-            rows.append(row(f"decode ({name}), batch 1: weights + KV cache read per second, share of the "
-                            "bandwidth", "%", 100 * (weights + kv) * rate / bandwidth, None))
+    for (name, batch), result in ctx["decode"].items():
+        steps = result["ours"]
+        if batch == 1 and steps["max"] / steps["min"] < measure.STEADY:
+            share = 100 * (weights + kv) * n / steps["median"] / bandwidth
+            rows.append(value(f"decode ({name}), batch 1: weights + KV cache read per second, share of the "
+                              "bandwidth", "%", share))
+        elif batch == 1:
+            rows.append(value(f"decode ({name}), batch 1: share of the bandwidth: noisy (max / min of the step "
+                              f"timings {steps['max'] / steps['min']:.2f} > {measure.STEADY})", "%", None))
     return rows
 
 
-def long_clip(folder, minutes=5):
-    """A synthetic 640x360 clip, 25 fps, x264 veryfast (B-frames), a keyframe every 10 s (cached)."""
-    path = os.path.join(folder, f"long_{minutes}min_b.mp4")
+def clip(path, w, h, frames, k=0, **options):
+    """A synthetic clip of moving gradients (cached: made once, kept in --cache)."""
     if not os.path.exists(path):
-        y, x = np.mgrid[0:360, 0:640]
-        write_video(path, (np.stack([(x + 3 * i) % 256, (y + i) % 256, (x + y) % 256], -1).astype(np.uint8)
-                           for i in range(minutes * 60 * 25)), fps=25, options={"preset": "veryfast", "g": "250"})
+        y, x = np.mgrid[0:h, 0:w]
+        write_video(path, (np.stack([(x + 3 * i + 40 * k) % 256, (y + i) % 256, (x + y + k) % 256], -1).astype(np.uint8)
+                           for i in range(frames)), fps=25, options=options)
     return path
 
 
 def bench_sampler(ctx):
     import av
     from data import read_frames
-    path = long_clip(ctx["cache"])
+    minutes = ctx["args"].sampler_minutes   # x264 veryfast (B-frames), a keyframe every 10 s
+    path = clip(os.path.join(ctx["args"].cache, f"long_{minutes:g}min_b.mp4"), 640, 360, int(minutes * 1500),
+                preset="veryfast", g="250")
 
-    def decode_all():
+    def decode_all():   # the frame-index sampler: decode every frame, convert the 16 it picks
         with av.open(path) as c:
             s = c.streams.video[0]
             s.thread_type = "AUTO"
-            frames = list(range(s.frames))
-            keep = {frames[int((i + 0.5) * len(frames) / 16)] for i in range(16)}
+            keep = {int((i + 0.5) * s.frames / 16) for i in range(16)}
             for i, f in enumerate(c.decode(s)):
                 if i in keep:
                     f.to_ndarray(format="rgb24")
-    ours = median_time(lambda: read_frames(path, 16), "cpu", ctx["args"].repeats)
-    ref = median_time(decode_all, "cpu", 1, warmup=0)
-    return [row("16 frames from a 5-minute 640x360 clip (vs decoding every frame)", "ms/video", 1000 * ours,
-                1000 * ref, higher_is_better=False)]
-
-
-def child(name, kwargs):
-    """Run a memory measurement in a fresh process; it prints one JSON line."""
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps({"name": name, **kwargs})],
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
-    if r.returncode != 0 or not lines:
-        raise RuntimeError(f"child {name} failed: {r.stderr[-2000:]}")
-    return json.loads(lines[-1])
-
-
-def rss_mb():
-    """Resident memory now, from /proc (file-backed pages of memory-mapped weights included)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakRSS:
-    """The highest resident memory seen while the block runs, sampled every millisecond on a thread."""
-
-    def __enter__(self):
-        import threading
-        self.start = self.peak = rss_mb()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while not self.done.wait(0.001):
-            self.peak = max(self.peak, rss_mb())
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.peak, rss_mb())
+    result = measure.compare(lambda: read_frames(path, 16), decode_all, "cpu", ctx["args"].repeats)
+    return [row(f"16 frames from a {minutes:g}-minute 640x360 clip, vs decoding every frame", "s/video", result)]
 
 
 def train_step_child(k):
-    """One LoRA training step of the LLM (q_proj, k_proj, r=128, alpha=32, AdamW), ours or transformers + peft,
-    on the same embeddings; the loss on the last 64 positions. Returns samples/s and peak memory."""
+    """LoRA training steps of the LLM (q_proj, k_proj, r=128, alpha=32, AdamW), ours or transformers + peft,
+    on the same embeddings; the loss on the last 64 positions. Returns each step's time and the peak memory."""
     device, dtype = k["device"], getattr(torch, k["dtype"])
-    model = PLLaVA.from_config(config_for(k["size"]), dtype=dtype, device=device)
+    model = PLLaVA.from_config(Config.from_dict(SIZES[k["size"]]), dtype=dtype, device=device)
     lm = model.language_model
     x = (0.02 * torch.randn(k["batch"], k["length"], lm.config.hidden_size)).to(device, dtype)
     labels = torch.randint(0, lm.config.vocab_size, (k["batch"], k["length"]), device=device)
     labels[:, :-64] = -100
     if k["impl"] == "ours":
         add_lora(lm, r=128, alpha=32, dropout=0.0)
+        lm.checkpointing = k["checkpointing"]
         for n, p in lm.named_parameters():
             p.requires_grad = ".lora_" in n
 
@@ -281,6 +251,8 @@ def train_step_child(k):
         from peft import LoraConfig, get_peft_model
         _, ref = reference_models(model, device, dtype)
         del model, lm
+        if k["checkpointing"]:
+            ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ref = get_peft_model(ref, LoraConfig(r=128, lora_alpha=32, target_modules=["q_proj", "k_proj"], lora_dropout=0.0))
 
         def loss_fn():
@@ -296,14 +268,14 @@ def train_step_child(k):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem:
-        t = median_time(step, device, k["repeats"], warmup=0)
+        times = [measure.timed(step, device) for _ in range(k["repeats"])]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else mem.peak - mem.start
-    return {"samples_per_s": k["batch"] / t, "peak_mb": peak}
+    return {"times": times, "peak_mb": peak}
 
 
 def load_child(k):
-    """Load a checkpoint, ours or transformers', and touch every weight (a lazily mapped file counts in full).
-    Either the time it takes (k["timed"]: nothing else running) or the peak RSS (sampled on a thread)."""
+    """Load a checkpoint, ours or transformers', and touch every weight (a lazily mapped file counts in full):
+    its time, and its peak RSS (sampled on a thread, in a run of its own: k["timed"] False)."""
     import contextlib
     import checkpoint  # noqa: F401  (imports out of the measurement, for both)
     from transformers import LlavaForConditionalGeneration
@@ -315,25 +287,27 @@ def load_child(k):
             model = LlavaForConditionalGeneration.from_pretrained(k["path"], dtype=torch.float32)
         total = sum(float(p.sum()) for p in model.parameters())
     if k["timed"]:
-        return {"seconds": time.perf_counter() - t, "checksum": total}
+        return {"times": [time.perf_counter() - t], "checksum": total}
     return {"peak_mb": mem.peak, "before_mb": mem.start, "checksum": total}
 
 
 def bench_train(ctx):
     a = ctx["args"]
-    batch, length = (2, 640) if a.device == "cpu" else (4, ctx["model"].config.num_visual_tokens + 128)
+    big = a.size in ("7b", "13b")   # sized for an 80 GB card: one sample, activations recomputed
+    batch, length = (2, 640) if a.device == "cpu" else (1 if big else 4, ctx["model"].config.num_visual_tokens + 128)
     common = dict(size=a.size, device=a.device, dtype=str(ctx["dtype"]).split(".")[1], batch=batch, length=length,
-                  repeats=a.repeats)
-    ours, ref = child("train", {**common, "impl": "ours"}), child("train", {**common, "impl": "reference"})
-    return [row(f"LoRA training step, batch {batch} x {length} tokens", "samples/s", ours["samples_per_s"],
-                ref["samples_per_s"]),
-            row("LoRA training step: peak memory", "MB", ours["peak_mb"], ref["peak_mb"], higher_is_better=False)]
+                  repeats=a.repeats, checkpointing=big)
+    result, got = measure.alternate(__file__, "train", common, rounds=2)
+    peak = {impl: max(r["peak_mb"] for r in runs) for impl, runs in got.items()}
+    return [row(f"LoRA training step, batch {batch} x {length} tokens", "samples/s", result, batch),
+            value("LoRA training step: peak memory, ours / transformers + peft", "MB / MB",
+                  peak["ours"] / peak["reference"]) | {"detail": peak}]
 
 
 def bench_load(ctx):
-    """A random checkpoint of about --load-gb (fp32), written once, loaded by each library in a fresh process."""
-    gb = ctx["args"].load_gb
-    folder = os.path.join(ctx["cache"], f"load_{gb:g}gb")
+    """A random checkpoint of about --load-gb (fp32), written once, loaded by each library in fresh processes."""
+    gb, a = ctx["args"].load_gb, ctx["args"]
+    folder = os.path.join(a.cache, f"load_{gb:g}gb")
     if not os.path.exists(os.path.join(folder, "config.json")):
         hidden = 1024
         layers = max(1, int(gb * 2**30 / 4 / (12 * hidden * hidden)))   # ~12 h^2 parameters per block
@@ -341,47 +315,37 @@ def bench_load(ctx):
                                                     num_hidden_layers=layers, num_attention_heads=16))
         PLLaVA.from_config(Config.from_dict(cfg)).save_pretrained(folder)
     size_mb = os.path.getsize(os.path.join(folder, "model.safetensors")) / 2**20
-    ours, ref = ({**child("load", {"impl": impl, "path": folder, "timed": False}),
-                  **child("load", {"impl": impl, "path": folder, "timed": True})} for impl in ("ours", "reference"))
-    return [row(f"load a {size_mb / 1024:.2f} GB checkpoint and read every weight", "s", ours["seconds"],
-                ref["seconds"], False),
-            row("load: peak RSS / checkpoint size", "x", ours["peak_mb"] / size_mb, ref["peak_mb"] / size_mb, False),
-            row("load: (peak RSS - RSS before loading) / checkpoint size", "x",
-                (ours["peak_mb"] - ours["before_mb"]) / size_mb, (ref["peak_mb"] - ref["before_mb"]) / size_mb, False)]
-
-
-def write_clips(folder, n, seconds=10):
-    """n synthetic 854x480 clips at 25 fps (cached between runs)."""
-    os.makedirs(folder, exist_ok=True)
-    y, x = np.mgrid[0:480, 0:854]
-    for k in range(n):
-        path = os.path.join(folder, f"clip_{k:02d}.mp4")
-        if os.path.exists(path):
-            continue
-        write_video(path, (np.stack([(x + 5 * i + 40 * k) % 256, (y + 2 * i) % 256, (x // 2 + y + k) % 256],
-                                    -1).astype(np.uint8) for i in range(seconds * 25)), options={"preset": "ultrafast"})
-    return folder
+    result, _ = measure.alternate(__file__, "load", {"path": folder, "timed": True}, rounds=a.repeats)
+    mem = {impl: measure.child(__file__, "load", {"impl": impl, "path": folder, "timed": False})
+           for impl in ("ours", "reference")}
+    return [row(f"load a {size_mb / 1024:.2f} GB checkpoint and read every weight", "s", result),
+            value("load: peak RSS / checkpoint size, ours (transformers in detail)", "x",
+                  mem["ours"]["peak_mb"] / size_mb) | {"detail": {i: m["peak_mb"] / size_mb for i, m in mem.items()}},
+            value("load: (peak RSS - RSS before loading) / checkpoint size, ours (transformers in detail)", "x",
+                  (mem["ours"]["peak_mb"] - mem["ours"]["before_mb"]) / size_mb)
+            | {"detail": {i: (m["peak_mb"] - m["before_mb"]) / size_mb for i, m in mem.items()}}]
 
 
 def bench_end2end(ctx):
     """caption.py's own path on synthetic videos: videos/s, and the time spent waiting for decoding."""
     import caption
     from tokenizer import Tokenizer, train_tokenizer
-    a, folder = ctx["args"], os.path.join(ctx["cache"], "e2e")
-    videos = write_clips(os.path.join(folder, "videos"), n=8)
+    a, folder = ctx["args"], os.path.join(ctx["args"].cache, "e2e")
+    os.makedirs(os.path.join(folder, "videos"), exist_ok=True)
+    for k in range(8):   # 10 s clips
+        clip(os.path.join(folder, "videos", f"clip_{k:02d}.mp4"), 854, 480, 250, k, preset="ultrafast")
     ckpt = os.path.join(folder, f"model_{a.size}")
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         train_tokenizer(ckpt, ["a video of a thing that moves across the screen"] * 50, 300)
         cfg = ctx["model"].config.to_dict()
         cfg["image_token_index"] = Tokenizer(ckpt).image_id
-        model = PLLaVA.from_config(Config.from_dict(cfg))
-        model.save_pretrained(ckpt)
-    stats = caption.main([videos, "--model", ckpt, "--out", os.path.join(folder, "captions.jsonl"), "--overwrite",
-                          "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", "4", "--workers", "2",
-                          "--device", a.device, "--dtype", str(ctx["dtype"]).split(".")[1]])
+        PLLaVA.from_config(Config.from_dict(cfg)).save_pretrained(ckpt)
+    stats = caption.main([os.path.join(folder, "videos"), "--model", ckpt, "--out", os.path.join(folder, "c.jsonl"),
+                          "--overwrite", "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", "4",
+                          "--workers", "2", "--device", a.device, "--dtype", str(ctx["dtype"]).split(".")[1]])
     n = stats["captions"] + stats["errors"]
-    return [row(f"caption.py end to end, {n} videos", "videos/s", n / stats["seconds"], None),
-            row("caption.py: time waiting for video decoding", "%", 100 * stats["wait"] / stats["seconds"], None)]
+    return [value(f"caption.py end to end, {n} videos", "videos/s", n / stats["seconds"]),
+            value("caption.py: time waiting for video decoding", "%", 100 * stats["wait"] / stats["seconds"])]
 
 
 def main(argv=None):
@@ -391,37 +355,43 @@ def main(argv=None):
         torch.manual_seed(0)
         print(json.dumps({"train": train_step_child, "load": load_child}[k["name"]](k)))
         return
+    measure.check_quiet(args.strict)
+    os.makedirs(args.cache, exist_ok=True)
+    cached = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.cache) for f in fs)
+    print(f"cache: {args.cache} ({cached / 2**20:.0f} MB; --cache to move it)", file=sys.stderr)
     dtype = torch.bfloat16 if args.size in ("7b", "13b") else torch.float32
     sections = args.only.split(",") if args.only else list(SECTIONS)
     gpu = args.device.startswith("cuda")
-    model = PLLaVA.from_config(config_for(args.size), dtype=dtype, device=args.device).eval()
-    ctx = dict(args=args, model=model, dtype=dtype, cache=os.path.join(tempfile.gettempdir(), "pllava_bench"),
-               new_tokens=args.new_tokens or (200 if gpu else 32),
-               context=args.decode_context or (model.config.num_visual_tokens + 64 if gpu else 256))
-    os.makedirs(ctx["cache"], exist_ok=True)
+    model = PLLaVA.from_config(Config.from_dict(SIZES[args.size]), dtype=dtype, device=args.device).eval()
+    ctx = dict(args=args, model=model, dtype=dtype, new_tokens=args.new_tokens or (200 if gpu else 32),
+               context=args.decode_context or (model.config.num_visual_tokens + 64 if gpu else 256), decode={})
+    env = measure.machine(args.device)
     if {"vision", "prefill", "decode", "roofline"} & set(sections):
         ctx["clip"], ctx["lm"] = reference_models(model, args.device, dtype)
-        ctx["paths"], ctx["decode"] = decode_paths(ctx), {}
+        lm = model.language_model
+        ctx["paths"] = {"plain": (lm, None)}   # (language model, compile mode)
+        if can_pack(lm):
+            ctx["paths"]["packed"] = (pack_for_cpu(copy.deepcopy(lm)), None)   # what caption.py runs on a CPU
+        if args.compile:
+            ctx["paths"]["compiled"] = (lm, "auto")
         ctx["fast_lm"] = ctx["paths"].get("packed", ctx["paths"]["plain"])[0]
-    device_name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
-    print(f"{device_name}, torch {torch.__version__}, size {args.size} "
+    print(f"{env['device']}, torch {torch.__version__}, size {args.size} "
           f"({sum(p.numel() for p in model.language_model.parameters()) / 1e6:.0f}M LLM parameters), {dtype}")
     rows = []
     for name in SECTIONS:
         if name in sections:
-            new = globals()[f"bench_{name}"](ctx)
-            rows += new
-            for r in new:
+            for r in globals()[f"bench_{name}"](ctx):
+                rows.append(r)
                 print(format_row(r), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dict(r, device=device_name, size=args.size) for r in rows], f, indent=2)
-
-
-def format_row(r):
-    def num(x):
-        return "-" if x is None else f"{x:.3g}"
-    return f"{r['name']:<72} {r['unit']:>9}  ours {num(r['ours']):>8}  ref {num(r['reference']):>8}  ratio {num(r['ratio'])}"
+                if args.json:   # written as each row comes: a section that fails later loses nothing
+                    measure.save(args.json, {"machine": {**env, "load_after": os.getloadavg()}, "size": args.size,
+                                             "rows": rows})
+        if name in ("vision", "roofline"):   # what later sections no longer need goes
+            ctx.pop("clip", None)
+            if name == "roofline":
+                ctx.pop("lm", None)
+            if gpu:
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -365,14 +365,14 @@ class PLLaVA(nn.Module):
         elif isinstance(config, dict):
             config = Config.from_dict(config)
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config).to(dtype)   # built in its dtype: a 13B model never exists in fp32 first
         model.to_empty(device=device)
         if config.text_config.tie_word_embeddings:   # to_empty gives the two names two tensors again
             model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model.init_weights()
-        return model.to(dtype)
+        return model
 
     @classmethod
     def from_pretrained(cls, path: str, lora_alpha: float = None, dtype=torch.float32, device="cpu") -> "PLLaVA":

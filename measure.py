@@ -1,0 +1,197 @@
+"""How bench.py measures: timing that holds on a shared machine, memory, and the rows it reports.
+
+`compare` runs ours and the reference one after the other (A B A B ...), so a slow drift of the machine
+hits both, and reports each side's min / median / max and the ratio of medians with the range of the
+ratios of the pairs. `decode_steps` times the single-token steps of decoding alone: the prefill runs
+once, before, outside the clock. Memory is sampled from /proc in child processes that start clean.
+`machine` records what a number depends on (versions, threads, the CPU, the load before and after).
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+STEADY = 1.25   # a timing whose max / min is past this is "noisy": no share of the bandwidth is derived from it
+TOO_SMALL = 2e-5   # seconds: below this, one timing is mostly the clock's own overhead
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    """Seconds that fn() takes, the device's queue drained before and after. fn may return its own time
+    (a float: the part of its work that counts, e.g. its steps without their setup)."""
+    sync(device)
+    t = time.perf_counter()
+    own = fn()
+    sync(device)
+    return own if isinstance(own, float) else time.perf_counter() - t
+
+
+def spread(times) -> dict:
+    return {"min": min(times), "median": statistics.median(times), "max": max(times), "n": len(times)}
+
+
+def compare(ours, reference, device, repeats=5, warmup=1) -> dict:
+    """Times of ours() and reference() taken in turns after `warmup` untimed turns; reference may be None
+    (nothing to compare with). Returns {"ours": spread, "reference": spread or None, "pair_ratios": [...]}:
+    each pair's reference / ours time (> 1: ours is faster)."""
+    for _ in range(warmup):
+        ours()
+        if reference:
+            reference()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(timed(ours, device))
+        if reference:
+            b.append(timed(reference, device))
+    return {"ours": spread(a), "reference": spread(b) if b else None,
+            "pair_ratios": [y / x for x, y in zip(a, b)] if b else []}
+
+
+def decode_steps(prefill, step, n, device, reset=None):
+    """A function that runs n decode steps and returns the seconds the steps alone took; prefill() runs once
+    now. step(i) does the i-th step; reset() (untimed, before each run) puts the cache back where the
+    prefill left it, so every call of the returned function does the same work."""
+    prefill()
+    sync(device)
+
+    def run():
+        if reset:
+            reset()
+        total = 0.0
+        for i in range(n):
+            total += timed(lambda: step(i), device)
+        return total
+    return run
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def busy() -> float:
+    """The 1-minute load average over the cores this process may use (> 1: the machine is busy)."""
+    return os.getloadavg()[0] / len(os.sched_getaffinity(0))
+
+
+def check_quiet(strict):
+    """A line on stderr when the machine is busy; with strict, no run at all then."""
+    if busy() > 1:
+        print(f"warning: the machine is busy (load {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} "
+              f"cores): ratios will be noisy{'; --strict: not running' if strict else ''}", file=sys.stderr)
+        if strict:
+            sys.exit(1)
+
+
+def save(path, report):
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def machine(device) -> dict:
+    """What every number depends on."""
+    import av
+    import numpy
+    try:
+        import transformers
+        tf = transformers.__version__
+    except ImportError:
+        tf = None
+    return {"device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"CPU: {cpu_model()}",
+            "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": tf, "av": av.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "load_before": os.getloadavg()}
+
+
+def row(name, unit, result, work=None):
+    """A table row from compare()'s result: times (seconds, lower is better), or with `work` (units done per
+    call) rates (units/s). ratio > 1: ours better, either way; ratio_range: the pairs' ratios."""
+    def side(s):
+        if s is None:
+            return None
+        if work is None:
+            return s
+        return {"min": work / s["max"], "median": work / s["median"], "max": work / s["min"], "n": s["n"]}
+    ours, ref = side(result["ours"]), side(result.get("reference"))
+    ratio = result["reference"]["median"] / result["ours"]["median"] if ref else None
+    pairs = result.get("pair_ratios") or []
+    small = result["ours"]["median"] < TOO_SMALL
+    return {"name": name, "unit": unit, "ours": ours, "reference": ref, "ratio": ratio,
+            "ratio_range": [min(pairs), max(pairs)] if pairs else None, "too_small_to_time": small}
+
+
+def value(name, unit, x):
+    return {"name": name, "unit": unit, "ours": {"min": x, "median": x, "max": x, "n": 1}, "reference": None,
+            "ratio": None, "ratio_range": None, "too_small_to_time": False}
+
+
+def format_row(r):
+    def num(s):
+        return "-" if s is None or s["median"] is None else f"{s['median']:.3g} [{s['min']:.3g}-{s['max']:.3g}]" \
+            if s["n"] > 1 else f"{s['median']:.3g}"
+    ratio = "too small to time" if r["too_small_to_time"] else "-" if r["ratio"] is None else \
+        f"{r['ratio']:.3g} [{r['ratio_range'][0]:.3g}-{r['ratio_range'][1]:.3g}]"
+    return f"{r['name']:<90} {r['unit']:>9}  ours {num(r['ours']):>24}  ref {num(r['reference']):>24}  ratio {ratio}"
+
+
+def child(script, name, kwargs):
+    """Run a measurement in a fresh process (`script --child JSON`); it prints one JSON line."""
+    r = subprocess.run([sys.executable, script, "--child", json.dumps({"name": name, **kwargs})],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(script)))
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"child {name} failed: {r.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def alternate(script, name, kwargs, rounds):
+    """Children of ours and the reference in turns, `rounds` times: their times paired as compare() pairs."""
+    got = {impl: [] for impl in ("ours", "reference")}
+    for _ in range(rounds):
+        for impl in got:
+            got[impl].append(child(script, name, {**kwargs, "impl": impl}))
+    times = {impl: [t for r in runs for t in r["times"]] for impl, runs in got.items()}
+    result = {"ours": spread(times["ours"]), "reference": spread(times["reference"]),
+              "pair_ratios": [b / a for a, b in zip(times["ours"], times["reference"])]}
+    return result, got
+
+
+def rss_mb():
+    """Resident memory now, from /proc (file-backed pages of memory-mapped weights included)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """The highest resident memory seen while the block runs, sampled every millisecond on a thread."""
+
+    def __enter__(self):
+        import threading
+        self.start = self.peak = rss_mb()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss_mb())

@@ -1,0 +1,81 @@
+"""bench.py's method, checked on things whose timings are known, and a smoke run of the tool on the tiny size."""
+
+import json
+import math
+import time
+
+import torch
+
+import bench
+import measure
+from tools import run_tool
+
+
+class SleepyLM:
+    """A fake language model for generate's prefill and decode steps: a prefill (several positions) sleeps
+    0.3 s, a decode step (one position) sleeps 20 ms."""
+
+    def __init__(self):
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(10, 4)
+        self.calls = 0
+
+    def setup_cache(self, batch, length):
+        pass
+
+    def clear_cache(self):
+        pass
+
+    def lm_head(self, h):
+        return torch.zeros(h.shape[0], 10)
+
+    def __call__(self, x, positions, mask, input_pos):
+        self.calls += 1
+        time.sleep(0.3 if x.shape[1] > 1 else 0.02)
+        return x
+
+
+def test_decode_is_timed_by_its_steps_alone():
+    lm = SleepyLM()
+    run = bench.our_decoder(lm, torch.zeros(2, 50, 4), 10, None, "cpu")   # the prefill happens here, once
+    assert lm.calls == 1
+    seconds = [run() for _ in range(3)]
+    assert lm.calls == 31                                                    # 3 runs of 10 steps, no prefill again
+    for s in seconds:
+        assert abs(s - 10 * 0.02) < 0.1 * 10 * 0.02, seconds                # 10 steps of 20 ms, within 10%
+    result = measure.compare(run, lambda: time.sleep(0.4), "cpu", repeats=3, warmup=0)
+    r = bench.row("decode", "tokens/s", result, work=2 * 10)
+    assert abs(r["ours"]["median"] - 100) < 10                              # 2 rows x 10 steps / 0.2 s
+    assert abs(r["ratio"] - 2) < 0.2 and len(result["pair_ratios"]) == 3     # the reference took twice as long
+
+
+def test_turns_alternate_and_the_spread_is_reported():
+    order = []
+    result = measure.compare(lambda: order.append("a") or time.sleep(0.01), lambda: order.append("b"), "cpu",
+                             repeats=5, warmup=1)
+    assert "".join(order) == "ab" * 6
+    assert result["ours"]["n"] == result["reference"]["n"] == 5
+    assert result["ours"]["min"] <= result["ours"]["median"] <= result["ours"]["max"]
+    r = bench.row("x", "s", result)
+    assert r["ratio"] < 1 and r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]   # ours is the slower
+
+
+def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_tool("bench.py", ["--size", "tiny", "--only", "vision,prefill,decode,roofline,train,load", "--repeats", "2",
+                              "--new-tokens", "4", "--load-gb", "0.02", "--cache", tmp_path / "cache", "--json", out],
+                 timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    machine = report["machine"]
+    for key in ("device", "cores", "torch_threads", "torch", "transformers", "av", "load_before", "load_after"):
+        assert machine.get(key) is not None, key
+    names = [row["name"] for row in report["rows"]]
+    assert sum(n.startswith("decode (") and "steps after" in n for n in names) >= 2 and any("load a" in n for n in names)
+    for row in report["rows"]:
+        for side in ("ours", "reference"):
+            s = row[side]
+            if s and s["median"] is not None:
+                assert math.isfinite(s["median"]) and s["median"] > 0 and s["min"] <= s["median"] <= s["max"], row
+        assert row["too_small_to_time"] or row["ratio"] is None or 0.01 < row["ratio"] < 100, row
+    assert "cache: " in r.stderr and str(tmp_path / "cache") in r.stderr
