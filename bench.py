@@ -40,7 +40,8 @@ SIZES = {
                                    num_attention_heads=12, max_position_embeddings=4096), pooling_shape=[16, 12, 12]),
     "7b": PRESETS["pllava-7b"], "13b": PRESETS["pllava-13b"],
 }
-SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "end2end")
+SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
+            "steps", "end2end")   # from engine on: bench_caption.py
 
 
 def parse_args(argv=None):
@@ -119,7 +120,7 @@ def bench_prefill(ctx):
 
 
 def our_decoder(lm, x, n, mode, device):
-    """n decode steps of ours after x (B, P, D): generate's own steps, with its masks."""
+    """n decode steps of ours after x (B, P, D): generate's own steps."""
     B, P = x.shape[:2]
     positions = torch.arange(P + n, device=device)[None].expand(B, -1)
     ones, slots, state = torch.ones(B, P + n, dtype=torch.bool, device=device), torch.arange(P + n, device=device), {}
@@ -129,11 +130,11 @@ def our_decoder(lm, x, n, mode, device):
     def first():
         state["logits"] = prefill(lm, x, positions[:, :P], None)
 
-    def step(i):
+    def step(i):   # as generate's steps with nothing padded: no mask (compiled: the whole cache, masked)
         s = P + i
-        mask = (ones & (slots <= s))[:, None, None, :] if mode else ones[:, None, None, :s + 1]
-        state["logits"] = step_fn(lm, state["logits"].argmax(-1), positions[:, s:s + 1], mask,
-                                  torch.tensor([s], device=device))
+        mask = (ones & (slots <= s))[:, None, None, :] if mode else None
+        state["logits"] = step_fn(lm, state["logits"].argmax(-1), positions[:, s:s + 1], mask, slots[s:s + 1],
+                                  None if mode else s + 1)
     return measure.decode_steps(first, step, n, device)
 
 
@@ -326,29 +327,9 @@ def bench_load(ctx):
             | {"detail": {i: (m["peak_mb"] - m["before_mb"]) / size_mb for i, m in mem.items()}}]
 
 
-def bench_end2end(ctx):
-    """caption.py's own path on synthetic videos: videos/s, and the time spent waiting for decoding."""
-    import caption
-    from tokenizer import Tokenizer, train_tokenizer
-    a, folder = ctx["args"], os.path.join(ctx["args"].cache, "e2e")
-    os.makedirs(os.path.join(folder, "videos"), exist_ok=True)
-    for k in range(8):   # 10 s clips
-        clip(os.path.join(folder, "videos", f"clip_{k:02d}.mp4"), 854, 480, 250, k, preset="ultrafast")
-    ckpt = os.path.join(folder, f"model_{a.size}")
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
-        train_tokenizer(ckpt, ["a video of a thing that moves across the screen"] * 50, 300)
-        cfg = ctx["model"].config.to_dict()
-        cfg["image_token_index"] = Tokenizer(ckpt).image_id
-        PLLaVA.from_config(Config.from_dict(cfg)).save_pretrained(ckpt)
-    stats = caption.main([os.path.join(folder, "videos"), "--model", ckpt, "--out", os.path.join(folder, "c.jsonl"),
-                          "--overwrite", "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", "4",
-                          "--workers", "2", "--device", a.device, "--dtype", str(ctx["dtype"]).split(".")[1]])
-    n = stats["captions"] + stats["errors"]
-    return [value(f"caption.py end to end, {n} videos", "videos/s", n / stats["seconds"]),
-            value("caption.py: time waiting for video decoding", "%", 100 * stats["wait"] / stats["seconds"])]
-
-
 def main(argv=None):
+    sys.modules.setdefault("bench", sys.modules[__name__])   # bench_caption imports this, not a second copy
+    import bench_caption
     args = parse_args(argv)
     if args.child:
         k = json.loads(args.child)
@@ -380,7 +361,7 @@ def main(argv=None):
     rows = []
     for name in SECTIONS:
         if name in sections:
-            for r in globals()[f"bench_{name}"](ctx):
+            for r in (globals().get(f"bench_{name}") or getattr(bench_caption, f"bench_{name}"))(ctx):
                 rows.append(r)
                 print(format_row(r), flush=True)
                 if args.json:   # written as each row comes: a section that fails later loses nothing

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import functools
 import glob
+import json
 import os
 import re
 import sys
@@ -23,9 +24,13 @@ import hub
 from checkpoint import CheckpointError
 from client import Stop
 from data import VideoError, canonical, find_videos, mean_std, normalize, read_clip_frames
-from generate import Sampling, can_pack, generate, pack_for_cpu
+from config import PRESETS, Config
+from engine import Engine, Item, OutOfMemory, plan
+from generate import Sampling, can_pack, pack_for_cpu
 from jsonl import Appender, Busy, iter_rows
+from lora import merge_lora
 from model import PLLaVA
+from quant import quantize_int8
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, prompt_ids, stop_id, template_for
 from workers import imap_unordered
 
@@ -42,13 +47,20 @@ def parse_args(argv=None):
     p.add_argument("--system", default=SYSTEM, help="the system line of the prompt template")
     p.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: from the tokenizer)")
     p.add_argument("--frames", type=cli.positive_int, help="frames per video (default: the checkpoint's num_frames)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--pooling-shape", type=cli.shape, metavar="T,H,W",
+                   help="visual tokens per video, (time, height, width) (default: the checkpoint's; Open-Sora: 4,12,12)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: the LLM's weights as int8 (a quarter of fp32's memory, half of bf16's)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8,
+                   help="videos decoded together; a video that ends hands its slot to the next")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
     p.add_argument("--temperature", type=cli.non_negative, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=cli.positive, default=1.0)
     p.add_argument("--repetition-penalty", type=cli.positive, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--lora-alpha", type=cli.non_negative, help="LoRA share alpha/r at load (PLLaVA's inference uses 4)")
+    p.add_argument("--lora-alpha", type=cli.non_negative,
+                   help="LoRA alpha at load, the share alpha/r of the adapter (default: the adapter's own; a "
+                        "PLLaVA release, LoRA inside its weights: 4, as PLLaVA's own scripts use)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", help="default: cuda when there is one, else cpu")
     p.add_argument("--workers", type=cli.positive_int, default=4, help="video decoding processes")
@@ -63,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
                    help="stop the run after this many videos in a row failed in the model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the device memory this run needs and whether it fits --card-gb, load nothing, stop")
+    p.add_argument("--card-gb", type=cli.positive, help="the device's memory for --dry-run (default: this GPU's, or 80)")
     args = p.parse_args(argv)
     if args.top_p > 1:
         p.error("--top-p must be at most 1")
@@ -81,11 +96,9 @@ def video_key(row):
 
 class Captioner:
     def __init__(self, args, device, dtype):
-        self.args, self.device = args, device
+        self.args, self.device, self.dtype = args, device, dtype
         folder = hub.resolve(args.model)
         self.model = PLLaVA.from_pretrained(folder, lora_alpha=args.lora_alpha, dtype=dtype, device=device)
-        if can_pack(self.model.language_model) and not args.compile:   # CPU fp32: oneDNN's faster layout
-            pack_for_cpu(self.model.language_model)
         self.tok = Tokenizer(folder)
         config = self.model.config
         if self.tok.image_id is None:
@@ -94,65 +107,59 @@ class Captioner:
             print(f"note: using the tokenizer's <image> id {self.tok.image_id}, not config.json's "
                   f"{config.image_token_index}", file=sys.stderr)
             config.image_token_index = self.tok.image_id
+        recipe(config, args)
+        lm = self.model.language_model
+        if args.quantize == "int8":
+            quantize_int8(lm)
+        elif can_pack(lm) and not args.compile:   # CPU fp32: oneDNN's faster layout
+            pack_for_cpu(lm)
+        else:   # one product per layer instead of three: the adapter folded in, at the alpha loaded
+            merge_lora(lm)
         template = args.template or template_for(self.tok)
         self.prompt = prompt_ids(self.tok, args.prompt, template, args.system)
-        self.stop_ids = {stop_id(self.tok, template), self.tok.eos_id}
         self.stops = args.stop or (["USER:"] if template == "vicuna" else [])
-        self.frames = args.frames or config.num_frames
-        self.size = config.vision_config.image_size
+        self.frames, self.size = config.num_frames, config.vision_config.image_size
         self.mean, self.std = mean_std(folder)
-        self.batch_size = args.batch_size
-        self.generator = torch.Generator(device=device).manual_seed(args.seed)
-        self.sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
-                                 tuple(self.stop_ids), tuple(self.stops))
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
+                            tuple({stop_id(self.tok, template), self.tok.eos_id} - {None}), tuple(self.stops))
+        self.engine = Engine(self.model, args.batch_size, sampling, self.tok.decode,
+                             torch.Generator(device=device).manual_seed(args.seed),
+                             compile_mode="auto" if args.compile else None)
 
     def decoder(self):
         return functools.partial(read_clip_frames, n=self.frames, size=self.size,
                                  keyframes_only=self.args.keyframes_only)
 
-    def caption(self, frames):
-        """[(n, H, W, 3) uint8, ...] -> [(caption, new tokens, hit the token limit), ...]; halves the batch
-        and tries again when the GPU runs out of memory."""
-        try:
-            return self._caption(frames)
-        except torch.OutOfMemoryError:
-            if len(frames) == 1:
-                raise
-            torch.cuda.empty_cache()
-            self.batch_size = max(1, len(frames) // 2)
-            print(f"\nout of GPU memory: batch size now {self.batch_size}", file=sys.stderr)
-            half = len(frames) // 2
-            return self.caption(frames[:half]) + self.caption(frames[half:])
+    def items(self, stream, unreadable):
+        """The decoder's (video, frames) stream as the engine's Items; a video that cannot be read goes to
+        unreadable(video, error) instead."""
+        for video, frames in stream:
+            if isinstance(frames, VideoError):
+                unreadable(video, frames)
+            else:   # normalized in fp32, cast once
+                yield Item(video, self.prompt, normalize(frames, self.mean, self.std, self.device).to(self.dtype))
 
-    def _caption(self, frames):
-        a = self.args
-        pixels = normalize(torch.stack([torch.as_tensor(f) for f in frames]), self.mean, self.std, self.device,
-                           self.model.multi_modal_projector.linear_1.weight.dtype)
-        ids = torch.tensor([self.prompt] * len(frames), device=self.device)   # one prompt: no padding
-        out = generate(self.model, ids, pixels, sampling=self.sampling, decode=self.tok.decode,
-                       generator=self.generator, compile_mode="auto" if a.compile else None)
-        results = []
-        for tokens in out:
-            text = self.tok.decode(tokens)
-            for s in self.stops:
-                text = text.split(s)[0]
-            results.append((text.strip(), len(tokens), len(tokens) >= a.max_new_tokens))
-        return results
+    def row(self, video, tokens):
+        if isinstance(tokens, OutOfMemory):
+            return {"video": video, "error": str(tokens), "code": "internal_error"}
+        text = self.tok.decode(tokens)
+        for s in self.stops:
+            text = text.split(s)[0]
+        return {"video": video, "caption": text.strip(), "tokens": len(tokens),
+                "truncated": len(tokens) >= self.args.max_new_tokens, "frames": self.frames, "model": self.args.model}
 
 
-def batches(results, size_of):
-    """Group the decoder's (video, frames) stream into batches; unreadable videos pass through alone."""
-    batch = []
-    for video, frames in results:
-        if isinstance(frames, VideoError):
-            yield [(video, frames)]
-            continue
-        batch.append((video, frames))
-        if len(batch) >= size_of():
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def recipe(config, args):
+    """--frames and --pooling-shape at inference: PLLaVA's pooling has no weights, so fewer frames and
+    tokens need no retraining (Open-Sora captioned with 4 frames pooled to 4x12x12: 576 tokens, not 2,304)."""
+    if args.frames:
+        config.num_frames = args.frames   # taken as they are, not repeated up to the checkpoint's count
+    if args.pooling_shape:
+        t, h, w = args.pooling_shape
+        if max(h, w) > config.grid:
+            raise ValueError(f"--pooling-shape {t},{h},{w}: a frame holds {config.grid}x{config.grid} patches, "
+                             f"so at most {config.grid} a side")
+        config.pooling_shape = (t, h, w)
 
 
 def merge(out, parts):
@@ -185,14 +192,37 @@ def caption_batch(captioner, batch):
 
 def main(argv=None):
     args = parse_args(argv)
-    return cli.run(lambda: caption(args), (OSError, ValueError, hub.HubError, CheckpointError, Busy, Stop))
+    return cli.run(lambda: dry_run(args) if args.dry_run else caption(args),
+                   (OSError, ValueError, hub.HubError, CheckpointError, Busy, Stop))
+
+
+def dry_run(args):
+    """The memory plan (engine.plan) of a preset (pllava-7b/13b/34b) or a local model folder's config.json."""
+    if args.model in PRESETS:
+        config = Config.from_dict(PRESETS[args.model])
+    else:
+        with open(os.path.join(args.model, "config.json")) as f:   # a local folder: a hub id would mean a download
+            config = Config.from_dict(json.load(f))
+    recipe(config, args)
+    card = args.card_gb or (torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else 80.0)
+    dtype_bytes = 4 if args.dtype == "float32" else 2
+    need = plan(config, args.batch_size, args.max_new_tokens, dtype_bytes, args.quantize == "int8")
+    print(f"{args.model}: {args.batch_size} slots, {config.num_visual_tokens} visual tokens, {args.max_new_tokens} new "
+          f"tokens, {'int8' if args.quantize == 'int8' else args.dtype or 'bfloat16'}: " +
+          ", ".join(f"{k} {v:.1f} GB" for k, v in need.items()) + f" of {card:.0f} GB")
+    if need["total"] > 0.95 * card:
+        raise ValueError(f"{need['total']:.1f} GB does not fit in {card:.0f} GB: try --quantize int8, a smaller "
+                         f"--batch-size, or fewer tokens (--pooling-shape)")
+    return need
 
 
 def caption(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):   # before anything touches CUDA, or every rank's context lands on GPU 0
+        torch.cuda.set_device(torch.device(device))
     if world > 1:
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     videos = find_videos(args.source)
     mine = f"{args.out}.rank{rank}" if world > 1 else args.out
@@ -226,48 +256,64 @@ def rank_files(out):
 def run(captioner, out, todo, rank, args, already):
     """Caption `todo` into `out`; the summary on stderr, and the counts returned."""
     stats = dict(captions=0, errors=0, missing=0, failed=0, tokens=0, wait=0.0)   # errors: unreadable files
-    failures, start = 0, time.monotonic()
-    stream = imap_unordered(captioner.decoder(), todo, workers=args.workers, timeout=args.decode_timeout,
-                            buffer=2 * args.batch_size, memory_gb=args.decode_memory)
-    waited = time.monotonic()
-    for batch in batches(stream, lambda: captioner.batch_size):
-        stats["wait"] += time.monotonic() - waited
-        if isinstance(batch[0][1], VideoError):   # a missing file is not done: a fixed path gets it captioned
-            video = batch[0][0]
-            rows = [{"video": video, "error": str(batch[0][1]),
-                     "code": UNREADABLE if os.path.exists(video) else "missing_video"}]
-        else:
-            t0 = time.monotonic()
-            rows = caption_batch(captioner, batch)
-            for row in rows:
-                row["seconds"] = round((time.monotonic() - t0) / len(batch), 3)
-        for row in rows:
-            out.write(row)
-            kind = {UNREADABLE: "errors", "missing_video": "missing", "internal_error": "failed"}
-            stats["captions" if "caption" in row else kind[row["code"]]] += 1
-            stats["tokens"] += row.get("tokens", 0)
-            failures = failures + 1 if row.get("code") == "internal_error" else 0 if "caption" in row else failures
-        if failures >= args.max_failures_in_a_row:
-            raise Stop(f"the last {failures} videos all failed in the model ({rows[-1]['error'][:200]}); "
+    kinds = {UNREADABLE: "errors", "missing_video": "missing", "internal_error": "failed"}
+    engine, failures, start = captioner.engine, [0], time.monotonic()
+
+    def write(row):
+        out.write(row)
+        stats["captions" if "caption" in row else kinds[row["code"]]] += 1
+        stats["tokens"] += row.get("tokens", 0)
+        failures[0] = failures[0] + 1 if row.get("code") == "internal_error" else 0 if "caption" in row else failures[0]
+        if failures[0] >= args.max_failures_in_a_row:
+            raise Stop(f"the last {failures[0]} videos all failed in the model ({row['error'][:200]}); "
                        f"they are not marked done: fix the cause, then run again")
-        progress(rank, stats, len(todo), start)
-        waited = time.monotonic()
+        progress(rank, stats, len(todo), start, engine)
+
+    def unreadable(video, error):   # a missing file is not done: a fixed path gets it captioned
+        write({"video": video, "error": str(error), "code": UNREADABLE if os.path.exists(video) else "missing_video"})
+    stream = waiting_time(imap_unordered(captioner.decoder(), todo, workers=args.workers, timeout=args.decode_timeout,
+                                         buffer=2 * args.batch_size, memory_gb=args.decode_memory), stats)
+    items = captioner.items(stream, unreadable)
+    while True:
+        try:
+            for video, tokens in engine.run(items):
+                write(captioner.row(video, tokens))
+            break
+        except (KeyboardInterrupt, Stop):
+            raise
+        except Exception as e:   # a failure in the model: the videos in flight get its row, the others go on
+            for item in list(engine.waiting):
+                write({"video": item.key, "error": f"{type(e).__name__}: {e}", "code": "internal_error"})
+            engine.waiting.clear()
     elapsed = time.monotonic() - start
     n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"]
+    e = engine.stats
     print(f"\n[rank {rank}] {stats['captions']} captions, {stats['errors']} unreadable, {already} already done, "
-          f"{stats['missing']} missing, {stats['failed']} failed in the model; "
-          f"{elapsed:.1f} s, {n / max(elapsed, 1e-9):.2f} videos/s, "
+          f"{stats['missing']} missing, {stats['failed']} failed in the model; {elapsed:.1f} s, "
+          f"{n / max(elapsed, 1e-9):.2f} videos/s, {stats['tokens'] / max(elapsed, 1e-9):.1f} tokens/s, "
           f"{stats['tokens'] / max(stats['captions'], 1):.0f} tokens per caption, "
+          f"{100 * e['finished_row_steps'] / max(e['row_steps'], 1):.1f}% of decode steps on finished rows, "
           f"{100 * stats['wait'] / max(elapsed, 1e-9):.1f}% of the time waiting for decoding", file=sys.stderr)
-    return {**stats, "seconds": elapsed, "already_done": already}
+    return {**stats, "seconds": elapsed, "already_done": already, "engine": dict(e)}
 
 
-def progress(rank, stats, total, start):
+def waiting_time(stream, stats):
+    """The decoder's stream, with the time spent waiting on it added to stats["wait"]."""
+    while True:
+        t = time.monotonic()
+        got = next(stream, None)
+        stats["wait"] += time.monotonic() - t
+        if got is None:
+            return
+        yield got
+
+
+def progress(rank, stats, total, start, engine):
     n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"]
     rate = n / max(time.monotonic() - start, 1e-9)
     eta = (total - n) / rate if rate > 0 else float("inf")
-    print(f"\r[rank {rank}] {n}/{total} videos  {rate:.2f} videos/s  ETA {eta / 60:.1f} min ", end="",
-          file=sys.stderr, flush=True)
+    print(f"\r[rank {rank}] {n}/{total} videos  {rate:.2f} videos/s  slots {engine.occupied}/{engine.slots}  "
+          f"ETA {eta / 60:.1f} min ", end="", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

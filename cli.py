@@ -36,6 +36,17 @@ positive = _typed(float, lambda v: 0 < v < float("inf"), "a number above 0")
 non_negative = _typed(float, lambda v: 0 <= v < float("inf"), "a number, 0 or more")
 
 
+def shape(text):
+    """"4,12,12" -> (4, 12, 12), three whole numbers above 0."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be three whole numbers above 0, as T,H,W")
+    return values
+
+
 def run(main, user_errors=(OSError, ValueError), scrub=str):
     """main(), with the errors a user can cause as one line and a non-zero exit."""
     try:

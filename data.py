@@ -314,13 +314,14 @@ def mean_std(folder):
 
 
 def normalize(frames, mean=CLIP_MEAN, std=CLIP_STD, device=None, dtype=None):
-    """(..., H, W, 3) uint8 -> (..., 3, H, W) normalized floats, on `device` (send uint8, not floats)."""
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) normalized floats, on `device` (send uint8, not floats).
+    Computed in fp32 and cast once to `dtype` at the end, as transformers' processor does (bf16 arithmetic
+    would round three times)."""
     import torch   # here, not at the top: decode workers import this file and never need torch
-    dtype = dtype or torch.float32
-    x = torch.as_tensor(frames).to(device).movedim(-1, -3).to(dtype) / 255.0
-    m = torch.tensor(mean, device=x.device, dtype=dtype)[:, None, None]
-    s = torch.tensor(std, device=x.device, dtype=dtype)[:, None, None]
-    return (x - m) / s
+    x = torch.as_tensor(frames).to(device).movedim(-1, -3).float() / 255.0
+    m = torch.tensor(mean, device=x.device)[:, None, None]
+    s = torch.tensor(std, device=x.device)[:, None, None]
+    return ((x - m) / s).to(dtype or torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ JPEG

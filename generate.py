@@ -91,9 +91,11 @@ def prefill(lm, x: torch.Tensor, positions: torch.Tensor, mask) -> torch.Tensor:
     return lm.lm_head(h[:, -1])
 
 
-def decode_one_token(lm, token: torch.Tensor, positions: torch.Tensor, mask, input_pos: torch.Tensor) -> torch.Tensor:
-    """One new token per row: (B,) tokens -> (B, vocab) logits, its keys and values written at input_pos."""
-    return lm.lm_head(lm(lm.model.embed_tokens(token)[:, None], positions, mask, input_pos)[:, -1])
+def decode_one_token(lm, token: torch.Tensor, positions: torch.Tensor, mask, input_pos: torch.Tensor,
+                     kv_len: int = None) -> torch.Tensor:
+    """One new token per row: (B,) tokens -> (B, vocab) logits, its keys and values written at input_pos;
+    it attends where mask says, or (no mask) to the first kv_len cache slots."""
+    return lm.lm_head(lm(lm.model.embed_tokens(token)[:, None], positions, mask, input_pos, kv_len)[:, -1])
 
 
 def compiled_decode(lm, mode: str = "auto"):
@@ -117,26 +119,33 @@ def generate_from_embeddings(lm, x: torch.Tensor, valid: torch.Tensor, *, sampli
     shape and the step compiles once (the cache is kept for the next call of the same shape). Without it,
     each step attends to the slots in use only: the plain path, which the compiled one is tested against."""
     B, P = valid.shape
-    new = sampling.max_new_tokens
+    new, padded = sampling.max_new_tokens, not bool(valid.all())
     valid = torch.cat([valid, valid.new_ones(B, new)], dim=1)                 # (B, P + new)
     positions = positions_of(valid)
     slots = torch.arange(P + new, device=x.device)
-    if seen is None:
+    cache_slots = slots + 0                                                   # input_pos of each step, on the device
+    penalize = sampling.repetition_penalty != 1.0
+    if seen is None and penalize:
         seen = torch.zeros(B, lm.config.vocab_size, dtype=torch.bool, device=x.device)
     stopper = Stopper(B, sampling.stop_ids, sampling.stop_strings, decode)
     step = compiled_decode(lm, compile_mode) if compile_mode else decode_one_token
     lm.setup_cache(B, P + new)
     try:
-        mask = None if valid[:, :P].all() else causal_mask(valid[:, :P])      # None: plain causal, fastest
+        mask = causal_mask(valid[:, :P]) if padded else None                 # None: plain causal, fastest
         logits = prefill(lm, x, positions[:, :P], mask)
         for i in range(new):
             token = pick(logits, seen, sampling.temperature, sampling.top_p, sampling.repetition_penalty, generator)
             if stopper.add(token) or i == new - 1:
                 break
-            seen[torch.arange(B), token] = True
+            if penalize:
+                seen[torch.arange(B, device=x.device), token] = True
             s = P + i                                                          # the cache slot it goes to
-            mask = (valid & (slots <= s))[:, None, None, :] if compile_mode else valid[:, None, None, :s + 1]
-            logits = step(lm, token, positions[:, s:s + 1], mask, torch.tensor([s], device=x.device))
+            if compile_mode:   # one shape for every step: the whole cache, masked
+                logits = step(lm, token, positions[:, s:s + 1], (valid & (slots <= s))[:, None, None, :],
+                              cache_slots[s:s + 1])
+            else:              # the slots in use; a mask only where rows are padded
+                mask = valid[:, None, None, :s + 1] if padded else None
+                logits = step(lm, token, positions[:, s:s + 1], mask, cache_slots[s:s + 1], s + 1)
     finally:
         if not compile_mode:
             lm.clear_cache()

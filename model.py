@@ -141,9 +141,16 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):                  # input_pos (L,) cache slots; k, v (B, nkv, L, hd)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+    def update(self, input_pos, k, v):
+        """Write k, v (B, nkv, L, hd) at cache slots input_pos: (L,) the same slots for every row, or
+        (B, L) each row its own (continuous batching: rows at different lengths)."""
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, input_pos] = k.transpose(1, 2)      # indexed: (B, L, nkv, hd)
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
 
 
@@ -157,7 +164,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
         self.cache = None
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
+    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)   # (B, nh, L, hd)
         k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)      # (B, nkv, L, hd)
@@ -165,10 +172,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(input_pos, k, v)
-            S = L if mask is None else mask.shape[-1]   # no mask: a causal prefill from slot 0
-            k, v = k[:, :, :S], v[:, :, :S]             # only the slots in use
+            S = kv_len or (L if mask is None else mask.shape[-1])   # neither: a causal prefill from slot 0
+            k, v = k[:, :, :S], v[:, :, :S]                         # only the slots in use
+        causal = mask is None and kv_len is None
+        if L == 1 and self.n_kv != self.n_heads:
+            # one new token with grouped-query attention: the n_heads / n_kv query heads that share a key /
+            # value head become rows of one attention over it, so no head's K / V is copied n_heads / n_kv times
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, -1))
         # grouped-query attention: each of the n_kv key/value heads serves n_heads / n_kv query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
@@ -193,8 +206,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -211,22 +224,24 @@ class LLaMA(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpointing = False
 
-    def forward(self, x, positions, mask=None, input_pos=None):
+    def forward(self, x, positions, mask=None, input_pos=None, kv_len=None):
         """x (B, L, D) input embeddings, positions (B, L) RoPE positions -> final hidden states (B, L, D).
 
         mask: None for a plain causal pass over unpadded rows, else a boolean (B, 1, L, S) telling which
         of the first S cache slots (or of the L inputs, without a cache) each query may attend to.
-        input_pos (L,): the cache slots these L tokens are written to, when a KV cache is set up."""
+        input_pos (L,) or (B, L): the cache slots these L tokens are written to, when a KV cache is set up.
+        kv_len: with no mask, attend to all of the first kv_len slots (a decode step with nothing padded:
+        no mask lets attention use its fastest kernel)."""
         cos, sin = rope_cos_sin(positions, self.config, x.dtype)
         for layer in self.model.layers:
             if self.checkpointing and self.training:   # recompute activations in backward, block by block
-                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, kv_len, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos)
+                x = layer(x, cos, sin, mask, input_pos, kv_len)
         return self.model.norm(x)
 
     def setup_cache(self, batch: int, max_len: int):
-        w = self.model.embed_tokens.weight
+        w = self.model.norm.weight   # the compute dtype (the embedding may be int8)
         for layer in self.model.layers:
             a = layer.self_attn
             if a.cache is None or a.cache.k.shape != (batch, a.n_kv, max_len, a.head_dim) or a.cache.k.dtype != w.dtype:

@@ -157,3 +157,19 @@ def test_bf16_load_casts(tiny, tmp_path):
     assert all(p.dtype == torch.float32 for p in m.parameters())
     m16 = PLLaVA.from_pretrained(str(path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+
+
+def test_bf16_greedy_tokens_equal_transformers_in_bf16(tiny, tmp_path):
+    """The decode path (static cache, the one-token GQA fold, no mask when nothing is padded) in bf16 gives
+    transformers' greedy tokens in bf16, from the same embeddings."""
+    from generate import Sampling, generate_from_embeddings
+    hf, config = tiny[:2]
+    path = write_checkpoint(tmp_path, {k: v.bfloat16() for k, v in hub_layout(hf.state_dict()).items()}, config)
+    ours = PLLaVA.from_pretrained(str(path), dtype=torch.bfloat16).language_model
+    theirs = causal_lm(hf).to(torch.bfloat16)
+    x = (0.5 * torch.randn(2, 12, ours.config.hidden_size, generator=torch.Generator().manual_seed(0))).bfloat16()
+    want = theirs.generate(inputs_embeds=x, attention_mask=torch.ones(2, 12, dtype=torch.long), max_new_tokens=10,
+                           min_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None).tolist()
+    got = generate_from_embeddings(ours, x, torch.ones(2, 12, dtype=torch.bool),
+                                   sampling=Sampling(max_new_tokens=10, stop_ids=()))
+    assert got == want

@@ -134,3 +134,23 @@ def test_cpu_packed_weights_equal_the_plain_path(tiny):
     real = valid[:, :, None].expand_as(logits)
     assert ((logits - plain_logits)[real].abs().max() / plain_logits[real].abs().max()) <= 1e-5
     assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=())) == plain
+
+
+def test_decode_steps_pass_no_mask_when_no_row_is_padded(tiny, monkeypatch):
+    """Without a mask attention may use its fastest kernel; a mask appears only where a row is padded."""
+    import generate as g
+    model, tok = tiny
+    masks, real = [], g.decode_one_token
+
+    def step(lm, token, positions, mask, input_pos, kv_len=None):
+        masks.append(mask)
+        return real(lm, token, positions, mask, input_pos, kv_len)
+    monkeypatch.setattr(g, "decode_one_token", step)
+    pixels = torch.randn(2, 4, 3, 28, 28, generator=torch.Generator().manual_seed(6))
+    same = torch.tensor([prompt_ids(tok, QUESTIONS[0])] * 2)
+    generate(model, same, pixels, sampling=Sampling(max_new_tokens=5, stop_ids=()))
+    assert len(masks) == 4 and all(m is None for m in masks)
+    ids, mask = left_pad([prompt_ids(tok, q) for q in QUESTIONS[:2]], tok.pad_id)
+    masks.clear()
+    generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=5, stop_ids=()))
+    assert len(masks) == 4 and all(m is not None for m in masks)

@@ -1,0 +1,244 @@
+"""bench.py's rows for captioning as a whole: the engine's continuous against static batching on a mix of
+caption lengths, int8 against fp32 weights, the prefill of fewer frames and tokens (--pooling-shape), and
+caption.py end to end.
+
+The lengths are forced (each video ends after its own drawn number of tokens, 30 to 256): random
+weights never say their stop token, and real captions have that spread. These rows are whole runs, so
+each side runs once, the static one first; ratios from one run, on the same videos and weights.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import measure
+from engine import Engine, Item
+from generate import Sampling, generate, pack_for_cpu, prefill
+from measure import row, value
+from quant import quantize_int8, weight_bytes
+
+SLOTS, VIDEOS = 8, 16
+
+
+def recipe(model, frames, shape):
+    """The model's config set to `frames` frames pooled to `shape`, as caption.py's flags set it."""
+    model.config.num_frames, model.config.pooling_shape = frames, tuple(shape)
+    return model
+
+
+def videos(model, n, frames, seed=0):
+    c, g = model.config, torch.Generator().manual_seed(seed)
+    ids = [1] + [5 + i % 50 for i in range(40)] + [c.image_token_index] + [7, 8, 9]
+    device, dtype = model.language_model.model.embed_tokens.weight.device, next(model.vision_tower.parameters()).dtype
+    return [Item(i, ids, torch.randn(frames, 3, c.vision_config.image_size, c.vision_config.image_size,
+                                     generator=g).to(device, dtype)) for i in range(n)]
+
+
+def bench_engine(ctx):
+    """Static batches of SLOTS decode until their longest caption ends; continuous batching refills."""
+    a = ctx["args"]
+    model = recipe(copy.deepcopy(ctx["model"]), 4, (4,) + tuple(ctx["model"].config.pooling_shape[1:]))
+    if ctx["args"].device == "cpu":
+        pack_for_cpu(model.language_model)   # what caption.py runs on a CPU
+    items = videos(model, VIDEOS, 4)
+    lengths = np.random.default_rng(0).integers(30, 257, VIDEOS).tolist()
+    useful = sum(lengths)
+    sync = lambda: measure.sync(a.device)   # noqa: E731
+    static_prefill, t0 = 0.0, time.perf_counter()
+    with torch.no_grad():
+        for k in range(0, VIDEOS, SLOTS):
+            batch = items[k:k + SLOTS]
+            ids, pixels = torch.tensor([it.ids for it in batch], device=a.device), torch.stack([it.pixels for it in batch])
+            sync()
+            p0 = time.perf_counter()
+            x, _, _ = model.prepare(ids, pixels)   # the batch's prefill timed alone, to take it out
+            lm = model.language_model
+            lm.setup_cache(len(batch), x.shape[1])
+            prefill(lm, x, torch.arange(x.shape[1], device=a.device)[None].expand(len(batch), -1), None)
+            lm.clear_cache()
+            sync()
+            static_prefill += time.perf_counter() - p0
+            generate(model, ids, pixels, sampling=Sampling(max_new_tokens=max(lengths[k:k + SLOTS]), stop_ids=()))
+        sync()
+        static_s = time.perf_counter() - t0 - static_prefill   # the prefills counted once, as generate does them
+        eng = Engine(model, SLOTS, Sampling(max_new_tokens=256, stop_ids=()))
+        t0 = time.perf_counter()
+        got = dict(eng.run(Item(it.key, it.ids, it.pixels, n) for it, n in zip(items, lengths)))
+        sync()
+        continuous_s = time.perf_counter() - t0
+    assert [len(got[it.key]) for it in items] == lengths
+    static_decode = static_s - static_prefill
+    cont_decode = continuous_s - eng.stats["prefill_s"]
+    result = {"ours": measure.spread([cont_decode]), "reference": measure.spread([static_decode]),
+              "pair_ratios": [static_decode / cont_decode]}
+    whole = {"ours": measure.spread([continuous_s]), "reference": measure.spread([static_s]),
+             "pair_ratios": [static_s / continuous_s]}
+    return [row(f"continuous (ours) vs static batching, {SLOTS} slots, {VIDEOS} videos of 30-256 tokens: decode phase",
+                "tokens/s", result, useful),
+            row(f"continuous (ours) vs static batching, {SLOTS} slots, {VIDEOS} videos of 30-256 tokens: end to end",
+                "videos/s", whole, VIDEOS),
+            value("continuous batching: share of decode row-steps spent on finished rows", "%",
+                  100 * eng.stats["finished_row_steps"] / max(eng.stats["row_steps"], 1))]
+
+
+def bench_int8(ctx):
+    """int8 weights (quant.py) against the fp32 path caption.py runs (packed on a CPU), same weights."""
+    import bench
+    a, model = ctx["args"], ctx["model"]
+    fp = model.language_model if a.device != "cpu" else pack_for_cpu(copy.deepcopy(model.language_model))
+    q8 = quantize_int8(copy.deepcopy(model.language_model))
+    rows = [value("int8 weights / fp32 weights, the language model", "x",
+                  weight_bytes(q8) / weight_bytes(model.language_model))]
+    with torch.no_grad():
+        x = bench.embeddings(ctx, 1, 32)
+        want = model.language_model.lm_head(model.language_model(x, torch.arange(32, device=a.device)[None]))
+        got = q8.lm_head(q8(x, torch.arange(32, device=a.device)[None]))
+        rows.append(value("int8: max |logit error| / max |logit|, 32 positions", "x",
+                          float((got - want).abs().max() / want.abs().max())))
+        for batch in (1, 8):
+            x = bench.embeddings(ctx, batch, ctx["context"])
+            result = measure.compare(bench.our_decoder(q8, x, ctx["new_tokens"], None, a.device),
+                                     bench.our_decoder(fp, x, ctx["new_tokens"], None, a.device), a.device, a.repeats)
+            q8.clear_cache()
+            fp.clear_cache()
+            rows.append(row(f"decode int8 (ours) vs fp32{' packed' if a.device == 'cpu' else ''}, batch {batch}",
+                            "tokens/s", result, batch * ctx["new_tokens"]))
+    rss = {q: caption_peak_rss(ctx, q) for q in ("int8", "none")}
+    rows.append(value("caption.py peak RSS, --quantize int8 / none", "x", rss["int8"] / rss["none"])
+                | {"detail": {"int8_mb": rss["int8"], "none_mb": rss["none"]}})
+    return rows
+
+
+def caption_peak_rss(ctx, quantize):
+    """caption.py on two clips in a fresh process: its peak resident memory, MB."""
+    videos_dir, ckpt = caption_world(ctx, 2)
+    args = [videos_dir, "--model", ckpt, "--out", os.path.join(videos_dir, f"rss-{quantize}.jsonl"), "--overwrite",
+            "--max-new-tokens", "4", "--quantize", quantize, "--workers", "1"]
+    code = f"import resource, caption; caption.main({args!r}); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode != 0:
+        raise RuntimeError(f"caption.py failed: {r.stderr[-2000:]}")
+    return int(r.stdout.split()[-1]) / 1024
+
+
+def bench_recipe(ctx):
+    """Open-Sora's recipe (4 frames pooled to 4 x H' x W'): fewer visual tokens, a shorter prefill."""
+    a = ctx["args"]
+    full, few = copy.deepcopy(ctx["model"]), copy.deepcopy(ctx["model"])
+    T, H, W = full.config.pooling_shape
+    recipe(few, 4, (4, H, W))
+    lm = full.language_model   # the same weights for both
+
+    def prefill_of(model, frames):
+        item = videos(model, 1, frames)[0]
+
+        def run():
+            x, _, _ = model.prepare(torch.tensor([item.ids], device=a.device), item.pixels[None])
+            lm.setup_cache(1, x.shape[1])
+            prefill(lm, x, torch.arange(x.shape[1], device=a.device)[None], None)
+            lm.clear_cache()
+        return run
+    with torch.no_grad():
+        result = measure.compare(prefill_of(few, 4), prefill_of(full, full.config.num_frames), a.device, a.repeats)
+    return [row(f"frames + prefill: 4 frames pooled {4}x{H}x{W} ({4 * H * W} tokens) vs {full.config.num_frames} "
+                f"pooled {T}x{H}x{W} ({T * H * W})", "s", result)]
+
+
+def caption_world(ctx, n):
+    """n synthetic 10 s 854x480 clips and a checkpoint of the benchmark's size, for caption.py (cached)."""
+    from bench import clip
+    from config import Config
+    from model import PLLaVA
+    from tokenizer import Tokenizer, train_tokenizer
+    a = ctx["args"]
+    folder = os.path.join(a.cache, "e2e", f"videos{n}")
+    os.makedirs(folder, exist_ok=True)
+    for k in range(n):
+        clip(os.path.join(folder, f"clip_{k:02d}.mp4"), 854, 480, 250, k, preset="ultrafast")
+    ckpt = os.path.join(a.cache, "e2e", f"model_{a.size}")
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        train_tokenizer(ckpt, ["a video of a thing that moves across the screen"] * 50, 300)
+        cfg = ctx["model"].config.to_dict()
+        cfg["image_token_index"] = Tokenizer(ckpt).image_id
+        PLLaVA.from_config(Config.from_dict(cfg)).save_pretrained(ckpt)
+    return folder, ckpt
+
+
+def bench_end2end(ctx):
+    """caption.py's own path on synthetic videos: videos/s, and the time spent waiting for decoding."""
+    import caption
+    a = ctx["args"]
+    folder, ckpt = caption_world(ctx, 8)
+    stats = caption.main([folder, "--model", ckpt, "--out", os.path.join(folder, "c.jsonl"), "--overwrite",
+                          "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", "4", "--workers", "2",
+                          "--device", a.device, "--dtype", str(ctx["dtype"]).split(".")[1]])
+    n = stats["captions"] + stats["errors"]
+    return [value(f"caption.py end to end, {n} videos", "videos/s", n / stats["seconds"]),
+            value("caption.py: time waiting for video decoding", "%", 100 * stats["wait"] / stats["seconds"])]
+
+
+def count_ops(fn):
+    """The aten operations fn() runs (each a kernel launch on a GPU: what bounds an eager decode step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn()
+    return Count.n
+
+
+def host_reads(fn):
+    """How many times fn() reads a tensor back on the host (.tolist(), .item(), bool(), int()): each one a
+    sync on a GPU."""
+    reads, names = [0], ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+    real = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(name):
+        def read(self, *a, **kw):
+            reads[0] += 1
+            return real[name](self, *a, **kw)
+        return read
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, counting(name))
+        fn()
+    finally:
+        for name in names:
+            setattr(torch.Tensor, name, real[name])
+    return reads[0]
+
+
+def bench_steps(ctx):
+    """A decode step before this engine (LoRA unmerged, the static loop reading its stops every step) and
+    now (LoRA merged at load, stops read every 4th step as on a GPU): operations and host reads per step."""
+    from lora import add_lora, merge_lora
+    model, n = copy.deepcopy(ctx["model"]), 16
+    add_lora(model.language_model, r=128, alpha=32, dropout=0.0)   # the seed's adapter, as a release ships it
+    item = videos(model, 1, model.config.num_frames)[0]
+    ids, pixels = torch.tensor([item.ids]), item.pixels[None]
+    with torch.no_grad():
+        one = lambda k: generate(model, ids, pixels, sampling=Sampling(max_new_tokens=k, stop_ids=()))   # noqa: E731
+        before_ops = (count_ops(lambda: one(n)) - count_ops(lambda: one(1))) / (n - 1)
+        before_reads = (host_reads(lambda: one(n)) - host_reads(lambda: one(1))) / (n - 1)
+        merge_lora(model.language_model)
+        run = lambda k: list(Engine(model, 1, Sampling(max_new_tokens=k, stop_ids=()), check_every=4).run(  # noqa: E731
+            [Item(0, item.ids, item.pixels)]))
+        after_ops = (count_ops(lambda: run(n)) - count_ops(lambda: run(1))) / (n - 1)
+        after_reads = (host_reads(lambda: run(n)) - host_reads(lambda: run(1))) / (n - 1)
+    def before_now(before, now):   # as times: ratio = before / now
+        return {"ours": measure.spread([now]), "reference": measure.spread([before]), "pair_ratios": [before / now]}
+    return [row("decode step: aten operations, now (LoRA merged, engine) vs before (unmerged, static loop)", "ops",
+                before_now(before_ops, after_ops)),
+            row("decode step: host reads (syncs on a GPU), now (stops read every 4th step) vs before", "reads",
+                before_now(before_reads, after_reads))]

@@ -1,0 +1,70 @@
+"""Weight-only int8: the language model's linear layers (and its embedding) stored as int8 with a scale per
+output channel (per token, for the embedding).
+
+Decoding reads every weight once per step, so it is bound by memory traffic: int8 weights are a quarter
+of fp32's bytes and half of bf16's (13B: 13 GB instead of 26, on a 24 GB card). Each row of W is scaled
+so that its largest magnitude is 127 and rounded (gpt-fast's `quantize.py` is the anchor); activations stay
+in the compute dtype. The product runs in torch's `_weight_int8pack_mm` where it has one (CPU and CUDA),
+else the weight is widened and multiplied (the reference path, which the fast one is tested against).
+LoRA is merged in first, at the alpha the model was loaded with. The vision tower is left as it is.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora import LoRALinear
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor = None):
+        super().__init__()
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127                 # (out,)
+        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(weight.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.fast = hasattr(torch, "_weight_int8pack_mm")
+
+    def forward(self, x):
+        if self.fast:
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales.to(x.dtype))
+            y = y.reshape(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        return self.reference(x)
+
+    def reference(self, x):
+        return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype), self.bias)
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table as int8 rows with a scale each: the rows looked up are widened, nothing else."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q = Int8Linear(weight)   # the same per-row quantization
+        self.register_buffer("weight", q.weight)
+        self.register_buffer("scales", q.scales)
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight).to(self.scales.dtype) * self.scales[ids, None]
+
+
+@torch.no_grad()
+def quantize_int8(lm: nn.Module) -> nn.Module:
+    """Every linear layer of the language model (LoRA merged in) becomes an Int8Linear, and its embedding an
+    Int8Embedding, in place."""
+    for name, m in list(lm.named_modules()):
+        if isinstance(m, nn.Linear) and not name.endswith(("lora_A", "lora_B")):
+            w = m.weight
+            if isinstance(m, LoRALinear) and not m.merged:
+                w = (w.float() + m.delta_weight()).to(w.dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent) if parent else lm, child, Int8Linear(w, m.bias))
+    lm.model.embed_tokens = Int8Embedding(lm.model.embed_tokens.weight)
+    return lm
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers of a module (what quantizing shrinks)."""
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))

@@ -1,0 +1,189 @@
+"""engine.py: continuous batching gives every video the tokens of captioning it alone, whatever its neighbours,
+their lengths and the order they arrive in; it survives running out of memory."""
+
+import copy
+import gc
+import itertools
+import weakref
+
+import pytest
+import torch
+
+import engine as engine_module
+from engine import Engine, Item, OutOfMemory
+from generate import Sampling, generate
+from helpers import tiny_checkpoint
+from lora import add_lora, lora_layers
+from model import PLLaVA
+from tokenizer import Tokenizer, prompt_ids
+
+QUESTIONS = ["describe the video", "what happens in this video in detail, step by step?", "hello"]
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=5)
+    return PLLaVA.from_pretrained(folder), Tokenizer(folder)
+
+
+def videos(tok, n, mixed_prompts=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Item(i, prompt_ids(tok, QUESTIONS[i % 3] if mixed_prompts else QUESTIONS[0]),
+                 torch.randn(4, 3, 28, 28, generator=g)) for i in range(n)]
+
+
+def alone(model, item, sampling):
+    return generate(model, torch.tensor([item.ids]), item.pixels[None], sampling=sampling)[0]
+
+
+def stops_that_end_rows_early(model, items, n=24):
+    """Stop tokens taken from the free-running captions, so that the videos end after different lengths."""
+    free = [alone(model, it, Sampling(max_new_tokens=n, stop_ids=())) for it in items]
+    return tuple({free[0][3], free[1][n // 2], free[2][n - 7]})
+
+
+@pytest.mark.parametrize("slots, mixed_prompts, order", [(3, False, "as is"), (2, True, "reversed"),
+                                                         (4, True, "shuffled"), (1, False, "as is")])
+def test_each_video_gets_the_tokens_it_gets_alone(tiny, slots, mixed_prompts, order):
+    model, tok = tiny
+    items = videos(tok, 7, mixed_prompts)
+    sampling = Sampling(max_new_tokens=24, stop_ids=stops_that_end_rows_early(model, items))
+    want = {it.key: alone(model, it, sampling) for it in items}
+    assert len({len(t) for t in want.values()}) >= 3                      # the lengths really are mixed
+    arrivals = items[::-1] if order == "reversed" else [items[i] for i in (3, 0, 6, 1, 5, 2, 4)] \
+        if order == "shuffled" else items
+    eng = Engine(model, slots, sampling)
+    got = dict(eng.run(arrivals))
+    assert got == want
+    assert eng.stats["finished_row_steps"] == 0 and eng.stats["tokens"] == sum(map(len, want.values()))
+
+
+def test_with_lora_and_a_repetition_penalty(tiny):
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    add_lora(model.language_model, targets=("q_proj", "v_proj"), r=4, alpha=3.0, dropout=0.0)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    items = videos(tok, 5, mixed_prompts=True, seed=1)
+    sampling = Sampling(max_new_tokens=16, stop_ids=stops_that_end_rows_early(model, items, 16),
+                        repetition_penalty=1.3)
+    want = {it.key: alone(model, it, sampling) for it in items}
+    assert dict(Engine(model, 3, sampling).run(items)) == want
+
+
+def test_stops_read_every_few_steps_give_the_same_tokens(tiny):
+    """On a GPU stops are read every few steps (no sync each step): rows run past their stop, then are cut."""
+    model, tok = tiny
+    items = videos(tok, 6, seed=2)
+    sampling = Sampling(max_new_tokens=20, stop_ids=stops_that_end_rows_early(model, items, 20))
+    want = {it.key: alone(model, it, sampling) for it in items}
+    eng = Engine(model, 3, sampling, check_every=4)
+    assert dict(eng.run(items)) == want and eng.stats["finished_row_steps"] > 0
+
+
+def test_running_out_of_memory_halves_the_slots_frees_the_attempt_and_finishes(tiny, monkeypatch):
+    model, tok = tiny
+    items = videos(tok, 5, seed=3)
+    sampling = Sampling(max_new_tokens=12, stop_ids=())
+    want = {it.key: alone(model, it, sampling) for it in items}
+    real, failed, calls = engine_module.prefill, [], itertools.count()
+
+    def prefill(lm, x, positions, mask):   # out of memory at the second prefill, while rows are decoding
+        if next(calls) == 1:
+            failed.append(weakref.ref(lm.model.layers[0].self_attn.cache.k))
+            raise torch.OutOfMemoryError("simulated")
+        return real(lm, x, positions, mask)
+    monkeypatch.setattr(engine_module, "prefill", prefill)
+    eng = Engine(model, 4, sampling)
+    got = dict(eng.run(items))
+    gc.collect()
+    assert got == want and eng.slots == 2 and failed and failed[0]() is None   # the failed attempt's cache is gone
+
+
+def test_a_video_that_does_not_fit_alone_gets_its_error_and_the_rest_go_on(tiny, monkeypatch):
+    model, tok = tiny
+    items = videos(tok, 3, seed=4)
+    sampling = Sampling(max_new_tokens=8, stop_ids=())
+    real = engine_module.prefill
+
+    target = model.prepare(torch.tensor([items[1].ids]), items[1].pixels[None])[0][0]
+
+    def prefill(lm, x, positions, mask):   # video 1 never fits, alone or not
+        if any(torch.allclose(row, target, atol=1e-4) for row in x):
+            raise torch.OutOfMemoryError("simulated")
+        return real(lm, x, positions, mask)
+    monkeypatch.setattr(engine_module, "prefill", prefill)
+    got = dict(Engine(model, 2, sampling).run(items))
+    assert isinstance(got[1], OutOfMemory) and got[0] == alone(model, items[0], sampling)
+    assert got[2] == alone(model, items[2], sampling)
+
+
+def test_decoding_reads_nothing_back_between_checks(tiny, monkeypatch):
+    """On a GPU every read of a device tensor on the host (.tolist(), .item(), bool(), int()) waits for the
+    queue: the steps and the loop around them make none; only the check every `check_every` steps does."""
+    model, tok = tiny
+    reads, counting = [], [False]
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            if counting[0]:
+                reads.append(_name)
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for method in ("_collect", "_prefill", "_tally"):   # the checks, the refills, the end: reads allowed
+        real = getattr(Engine, method)
+
+        def paused(self, *a, _real=real, **kw):
+            counting[0] = False
+            try:
+                result = _real(self, *a, **kw)
+                if hasattr(result, "__next__"):
+                    result = list(result)
+                return iter(result) if isinstance(result, list) else result
+            finally:
+                counting[0] = True
+        monkeypatch.setattr(Engine, method, paused)
+    items = videos(tok, 5, seed=6)
+    sampling = Sampling(max_new_tokens=12, stop_ids=())
+    eng = Engine(model, 2, sampling, check_every=4)
+    counting[0] = True
+    got = dict(eng.run(items))
+    counting[0] = False
+    assert reads == [] and eng.stats["steps"] > 20 and len(got) == 5
+
+
+def test_out_of_memory_at_cache_setup_too(tiny, monkeypatch):
+    model, tok = tiny
+    items = videos(tok, 4, seed=7)
+    sampling = Sampling(max_new_tokens=6, stop_ids=())
+    want = {it.key: alone(model, it, sampling) for it in items}
+    lm, calls = model.language_model, itertools.count()
+    real = type(lm).setup_cache
+
+    def setup_cache(self, batch, max_len):
+        if next(calls) == 0:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, batch, max_len)
+    monkeypatch.setattr(type(lm), "setup_cache", setup_cache)
+    eng = Engine(model, 4, sampling)
+    assert dict(eng.run(items)) == want and eng.slots == 2
+
+
+def test_a_model_built_for_bf16_never_holds_fp32_weights(monkeypatch):
+    from helpers import TEXT, VISION
+    seen = []
+    real = PLLaVA.init_weights
+
+    def init_weights(self, *a, **kw):   # the weights as they are first made: already bf16
+        seen.extend({p.dtype for p in self.parameters()})
+        return real(self, *a, **kw)
+    monkeypatch.setattr(PLLaVA, "init_weights", init_weights)
+    model = PLLaVA.from_config(dict(vision_config=VISION, text_config=TEXT, image_token_index=110), dtype=torch.bfloat16)
+    assert set(seen) == {torch.bfloat16} and {p.dtype for p in model.parameters()} == {torch.bfloat16}
