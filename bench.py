@@ -21,6 +21,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+import cli
 import measure
 from measure import PeakRSS, format_row, row, value
 from config import PRESETS, Config
@@ -41,27 +42,31 @@ SIZES = {
     "7b": PRESETS["pllava-7b"], "13b": PRESETS["pllava-13b"],
 }
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
-            "steps", "end2end")   # from engine on: bench_caption.py
+            "steps", "shots", "end2end")   # from engine on: bench_caption.py
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = cli.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="the model's size (random weights)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
-    p.add_argument("--repeats", type=int, default=5, help="timed turns of each side, after one warm-up")
-    p.add_argument("--new-tokens", type=int, help="decode steps timed (default 200 on GPU, 32 on CPU)")
-    p.add_argument("--decode-context", type=int, help="prompt length for the decode test (default: visual "
-                                                     "tokens + 64 on GPU, 256 on CPU)")
-    p.add_argument("--load-gb", type=float, default=1.0, help="checkpoint size for the loading test")
-    p.add_argument("--sampler-minutes", type=float, default=5.0, help="length of the sampler's clip")
+    p.add_argument("--repeats", type=cli.positive_int, default=5, help="timed turns of each side, after one warm-up")
+    p.add_argument("--new-tokens", type=cli.positive_int, help="decode steps timed (default 200 on GPU, 32 on CPU)")
+    p.add_argument("--decode-context", type=cli.positive_int, help="prompt length for the decode test (default: "
+                                                                  "visual tokens + 64 on GPU, 256 on CPU)")
+    p.add_argument("--load-gb", type=cli.positive, default=1.0, help="checkpoint size for the loading test")
+    p.add_argument("--sampler-minutes", type=cli.positive, default=5.0, help="length of the sampler's clip")
     p.add_argument("--compile", action="store_true", help="also measure the compiled decoding step")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "pllava", "bench"),
                    help="where generated checkpoints and clips are kept between runs")
     p.add_argument("--strict", action="store_true", help="refuse to run on a busy machine")
     p.add_argument("--json", help="write the rows here too, each as it is measured")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(SECTIONS) if args.only else set()
+    if unknown:
+        p.error(f"--only {args.only}: no section {', '.join(sorted(unknown))} (there are {', '.join(SECTIONS)})")
+    return args
 
 
 def reference_models(model, device, dtype):
@@ -328,9 +333,17 @@ def bench_load(ctx):
 
 
 def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import transformers  # noqa: F401  (the reference every row is measured against)
+    except ImportError:
+        sys.exit("error: bench.py measures against transformers: pip install -r requirements-dev.txt")
+    cli.run(lambda: bench(args))
+
+
+def bench(args):
     sys.modules.setdefault("bench", sys.modules[__name__])   # bench_caption imports this, not a second copy
     import bench_caption
-    args = parse_args(argv)
     if args.child:
         k = json.loads(args.child)
         torch.manual_seed(0)
@@ -361,7 +374,13 @@ def main(argv=None):
     rows = []
     for name in SECTIONS:
         if name in sections:
-            for r in (globals().get(f"bench_{name}") or getattr(bench_caption, f"bench_{name}"))(ctx):
+            try:
+                got = (globals().get(f"bench_{name}") or getattr(bench_caption, f"bench_{name}"))(ctx)
+            except Exception as e:   # one section's failure (out of memory on a card, say) ends that section only
+                got = [value(f"{name}: failed ({type(e).__name__}: {str(e)[:200]})", "-", None)]
+                if gpu:
+                    torch.cuda.empty_cache()
+            for r in got:
                 rows.append(r)
                 print(format_row(r), flush=True)
                 if args.json:   # written as each row comes: a section that fails later loses nothing

@@ -8,6 +8,7 @@ each side runs once, the static one first; ratios from one run, on the same vide
 """
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -226,7 +227,7 @@ def bench_steps(ctx):
     model, n = copy.deepcopy(ctx["model"]), 16
     add_lora(model.language_model, r=128, alpha=32, dropout=0.0)   # the seed's adapter, as a release ships it
     item = videos(model, 1, model.config.num_frames)[0]
-    ids, pixels = torch.tensor([item.ids]), item.pixels[None]
+    ids, pixels = torch.tensor([item.ids], device=item.pixels.device), item.pixels[None]
     with torch.no_grad():
         one = lambda k: generate(model, ids, pixels, sampling=Sampling(max_new_tokens=k, stop_ids=()))   # noqa: E731
         before_ops = (count_ops(lambda: one(n)) - count_ops(lambda: one(1))) / (n - 1)
@@ -242,3 +243,27 @@ def bench_steps(ctx):
                 before_now(before_ops, after_ops)),
             row("decode step: host reads (syncs on a GPU), now (stops read every 4th step) vs before", "reads",
                 before_now(before_reads, after_reads))]
+
+
+def bench_shots(ctx):
+    """shots.py on the sampler's long clip, in a process of its own held to one core: its speed against the
+    clip's own time, and its peak memory (it streams: a few frames of 64x36, whatever the length)."""
+    from bench import clip
+    minutes = ctx["args"].sampler_minutes
+    path = clip(os.path.join(ctx["args"].cache, f"long_{minutes:g}min_b.mp4"), 640, 360, int(minutes * 1500),
+                preset="veryfast", g="250")
+    code = ("import json, os, resource, time, shots\n"
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"t = time.perf_counter(); found = shots.shots({path!r}); t = time.perf_counter() - t\n"
+            "print(json.dumps({'seconds': t, 'shots': len(found), 'peak_mb': resource.getrusage("
+            "resource.RUSAGE_SELF).ru_maxrss / 1024, 'before_mb': before / 1024}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode != 0:
+        raise RuntimeError(f"shots.py failed: {r.stderr[-2000:]}")
+    got = json.loads(r.stdout.splitlines()[-1])
+    frames, seconds = int(minutes * 1500), minutes * 60
+    return [value(f"shot detection, {minutes:g}-minute 640x360 clip, one core", "frames/s", frames / got["seconds"]),
+            value("shot detection: times real time (25 fps)", "x", seconds / got["seconds"]),
+            value("shot detection: peak RSS of its process (Python and PyAV included)", "MB", got["peak_mb"])]

@@ -1,16 +1,20 @@
-"""Caption a folder of videos: python caption.py videos/ [--model DIR|hub-id] [--out captions.jsonl]
+"""Caption a folder of videos: python caption.py videos/ [--model DIR|hub-id] [--out captions.jsonl] [--shots]
 
-Videos are decoded in worker processes while the model generates, batch after batch. Each video gets one
-JSONL row, a caption or the reason it could not be read, appended as soon as its batch finishes; a rerun
-skips what is done (resume keys on the canonical path, however it is spelled) and tries again what failed
-for another reason than the file. Under torchrun every rank captions its own share of the videos into its
-own file, and rank 0 merges them into --out at the end. A second run writing the same --out stops at once.
+Videos are decoded in worker processes while the model generates (engine.py keeps --batch-size videos
+decoding at once). Each video gets one JSONL row, a caption or the reason it could not be read, appended
+as soon as it ends; with --shots (or --window) each shot of it gets one, with its start and end in
+seconds. A rerun skips what is done (resume keys on the canonical path, however it is spelled, and the
+shot) and tries again what failed for another reason than the file; every caption carries the id of the
+settings that made it, and a rerun with other settings refuses the file. Under torchrun every rank
+captions its own share of the videos into its own file, and rank 0 merges them into --out at the end. A
+second run writing the same --out stops at once.
 """
 
 import contextlib
 import datetime
 import functools
 import glob
+import hashlib
 import json
 import os
 import re
@@ -21,18 +25,21 @@ import torch
 
 import cli
 import hub
-from checkpoint import CheckpointError
-from client import Stop
-from data import VideoError, canonical, find_videos, mean_std, normalize, read_clip_frames
+import plan
+import shots
+from checkpoint import CheckpointError, read_config
+from cli import Stop
+from data import VideoError, mean_std, normalize
 from config import PRESETS, Config
-from engine import Engine, Item, OutOfMemory, plan
+from engine import Engine, Item, OutOfMemory
 from generate import Sampling, can_pack, pack_for_cpu
 from jsonl import Appender, Busy, iter_rows
 from lora import merge_lora
 from model import PLLaVA
 from quant import quantize_int8
-from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, prompt_ids, stop_id, template_for
-from workers import imap_unordered
+from sources import canonical, find_videos
+from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, load_prompt, prompt_ids, stop_id, template_for
+from workers import PoolError, imap_unordered
 
 DEFAULT_MODEL = "ermu2001/pllava-7b"
 UNREADABLE = "unreadable_video"
@@ -42,10 +49,12 @@ def parse_args(argv=None):
     p = cli.Parser(description="Caption videos with a PLLaVA model.")
     p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="a model folder or a hub id")
-    p.add_argument("--out", default="captions.jsonl")
-    p.add_argument("--prompt", default=QUESTION, help="the instruction")
-    p.add_argument("--system", default=SYSTEM, help="the system line of the prompt template")
-    p.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: from the tokenizer)")
+    p.add_argument("--out", default="captions.jsonl", help="the JSONL file the rows are appended to")
+    p.add_argument("--prompt", help="the instruction (default: the model folder's prompt.json, which train.py "
+                                    "--export writes, else PLLaVA's detailed-caption question)")
+    p.add_argument("--system", help="the system line of the prompt template (default: prompt.json's, else PLLaVA's)")
+    p.add_argument("--template", choices=sorted(TEMPLATES),
+                   help="prompt template (default: prompt.json's, else from the tokenizer)")
     p.add_argument("--frames", type=cli.positive_int, help="frames per video (default: the checkpoint's num_frames)")
     p.add_argument("--pooling-shape", type=cli.shape, metavar="T,H,W",
                    help="visual tokens per video, (time, height, width) (default: the checkpoint's; Open-Sora: 4,12,12)")
@@ -53,10 +62,10 @@ def parse_args(argv=None):
                    help="int8: the LLM's weights as int8 (a quarter of fp32's memory, half of bf16's)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8,
                    help="videos decoded together; a video that ends hands its slot to the next")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=256, help="a caption's length, at most, in tokens")
     p.add_argument("--temperature", type=cli.non_negative, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=cli.positive, default=1.0)
-    p.add_argument("--repetition-penalty", type=cli.positive, default=1.0)
+    p.add_argument("--top-p", type=cli.positive, default=1.0, help="nucleus sampling (with --temperature above 0)")
+    p.add_argument("--repetition-penalty", type=cli.positive, default=1.0, help="1: none")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--lora-alpha", type=cli.non_negative,
                    help="LoRA alpha at load, the share alpha/r of the adapter (default: the adapter's own; a "
@@ -67,14 +76,16 @@ def parse_args(argv=None):
     p.add_argument("--decode-timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
     p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
     p.add_argument("--keyframes-only", action="store_true", help="faster decoding, less exact frame times")
+    shots.add_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step (static cache, CUDA graphs on a GPU): minutes to start, then faster")
-    p.add_argument("--overwrite", action="store_true", help="caption everything again")
-    p.add_argument("--retry-errors", "--retry-failed", action="store_true",
+    p.add_argument("--overwrite", action="store_true",
+                   help="caption everything again (also what --out holds from a run with other settings)")
+    p.add_argument("--retry-errors", action="store_true",
                    help="try again the videos whose file could not be read too")
     p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
                    help="stop the run after this many videos in a row failed in the model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the sampling (with --temperature above 0)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the device memory this run needs and whether it fits --card-gb, load nothing, stop")
     p.add_argument("--card-gb", type=cli.positive, help="the device's memory for --dry-run (default: this GPU's, or 80)")
@@ -90,16 +101,52 @@ def is_done(row, retry_errors=False):
     return "caption" in row or (not retry_errors and "error" in row and row.get("code", UNREADABLE) == UNREADABLE)
 
 
-def video_key(row):
-    return canonical(row["video"]) if isinstance(row.get("video"), str) else None
+def asked(args, folder, tok):
+    """The prompt (question, system line, template): the flags, else the model folder's prompt.json (what
+    it was trained with), else PLLaVA's."""
+    saved = load_prompt(folder)
+    return {"question": args.prompt or saved.get("question", QUESTION), "system": args.system or saved.get("system", SYSTEM),
+            "template": args.template or saved.get("template") or template_for(tok)}
+
+
+SETTINGS = ("frames", "pooling_shape", "lora_alpha", "quantize", "max_new_tokens", "temperature", "top_p",
+            "repetition_penalty", "stop", "keyframes_only", "shots", "window", "min_shot", "max_shot")
+
+
+def settings_id(args, folder, prompt) -> str:
+    """What makes a caption what it is (the model, the prompt, the frames and tokens, the adapter's share,
+    the sampling, the spans), as a short hash every row carries: a rerun with other settings must not keep
+    the old captions as if they were its own. How it runs (device, dtype, batch size) is not in it."""
+    model = os.path.realpath(folder) if os.path.isdir(args.model) else args.model
+    what = {"model": model, **prompt, **{k: getattr(args, k) for k in SETTINGS}}
+    if args.temperature > 0:
+        what["seed"] = args.seed
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_settings(paths, settings):
+    """Refuse to go on with an --out whose captions another setting made."""
+    for path in paths:
+        other = sum(1 for r in iter_rows(path) if "caption" in r and r.get("settings") != settings)
+        if other:
+            raise ValueError(f"{path} holds {other} captions made with other settings (model, prompt, frames, "
+                             f"pooling, LoRA alpha, quantization, sampling or --shots / --window): caption into "
+                             f"another --out, or pass --overwrite to caption everything again")
 
 
 class Captioner:
-    def __init__(self, args, device, dtype):
+    def __init__(self, args, device, dtype, folder, check=None):
+        """The model of `folder` loaded for these flags; check(settings id) is called before it loads."""
         self.args, self.device, self.dtype = args, device, dtype
-        folder = hub.resolve(args.model)
-        self.model = PLLaVA.from_pretrained(folder, lora_alpha=args.lora_alpha, dtype=dtype, device=device)
         self.tok = Tokenizer(folder)
+        asks = asked(args, folder, self.tok)
+        self.settings = settings_id(args, folder, asks)
+        recipe(read_config(folder), args)   # flags that cannot work with this model fail before it loads
+        if check:
+            check(self.settings)
+        int8 = args.quantize == "int8"   # loaded on the CPU (memory-mapped), onto the device as int8
+        self.model = PLLaVA.from_pretrained(folder, lora_alpha=args.lora_alpha, dtype=dtype,
+                                            device="cpu" if int8 else device)
         config = self.model.config
         if self.tok.image_id is None:
             raise CheckpointError(f"{folder}: the tokenizer has no <image> token")
@@ -109,14 +156,15 @@ class Captioner:
             config.image_token_index = self.tok.image_id
         recipe(config, args)
         lm = self.model.language_model
-        if args.quantize == "int8":
-            quantize_int8(lm)
+        if int8:
+            quantize_int8(lm, device)
+            self.model.to(device)   # the vision tower, projector and norms, in the compute dtype
         elif can_pack(lm) and not args.compile:   # CPU fp32: oneDNN's faster layout
             pack_for_cpu(lm)
         else:   # one product per layer instead of three: the adapter folded in, at the alpha loaded
             merge_lora(lm)
-        template = args.template or template_for(self.tok)
-        self.prompt = prompt_ids(self.tok, args.prompt, template, args.system)
+        template = asks["template"]
+        self.prompt = prompt_ids(self.tok, asks["question"], template, asks["system"])
         self.stops = args.stop or (["USER:"] if template == "vicuna" else [])
         self.frames, self.size = config.num_frames, config.vision_config.image_size
         self.mean, self.std = mean_std(folder)
@@ -127,26 +175,39 @@ class Captioner:
                              compile_mode="auto" if args.compile else None)
 
     def decoder(self):
-        return functools.partial(read_clip_frames, n=self.frames, size=self.size,
+        """The decode workers' job: (video, shot or None, None) -> the frames of the shot, or of the video."""
+        return functools.partial(shots.shot_frames, n=self.frames, size=self.size,
                                  keyframes_only=self.args.keyframes_only)
 
-    def items(self, stream, unreadable):
-        """The decoder's (video, frames) stream as the engine's Items; a video that cannot be read goes to
-        unreadable(video, error) instead."""
-        for video, frames in stream:
+    def items(self, stream, unreadable, failed):
+        """The decoder's (job, frames) stream as the engine's Items; a job that cannot be read goes to
+        unreadable(job, error) instead, one whose frames cannot go to the device to failed(job, error)."""
+        for job, frames in stream:
             if isinstance(frames, VideoError):
-                unreadable(video, frames)
-            else:   # normalized in fp32, cast once
-                yield Item(video, self.prompt, normalize(frames, self.mean, self.std, self.device).to(self.dtype))
+                unreadable(job, frames)
+                continue
+            try:   # normalized in fp32, cast once
+                pixels = normalize(frames, self.mean, self.std, self.device).to(self.dtype)
+            except Exception as e:   # out of device memory, say: this video's row, and the stream goes on
+                failed(job, e)
+                continue
+            yield Item(job, self.prompt, pixels)
 
-    def row(self, video, tokens):
-        if isinstance(tokens, OutOfMemory):
-            return {"video": video, "error": str(tokens), "code": "internal_error"}
+    def row(self, job, tokens):
+        """A job's row: its caption, or why it has none."""
+        if isinstance(tokens, (OutOfMemory, Exception)):
+            return self.error(job, tokens, "internal_error")
         text = self.tok.decode(tokens)
         for s in self.stops:
             text = text.split(s)[0]
-        return {"video": video, "caption": text.strip(), "tokens": len(tokens),
-                "truncated": len(tokens) >= self.args.max_new_tokens, "frames": self.frames, "model": self.args.model}
+        return {"video": job[0], **shots.fields(job[1]), "caption": text.strip(), "tokens": len(tokens),
+                "truncated": len(tokens) >= self.args.max_new_tokens, "frames": self.frames, "model": self.args.model,
+                "settings": self.settings}
+
+    @staticmethod
+    def error(job, error, code):
+        why = str(error) if isinstance(error, (VideoError, OutOfMemory)) else f"{type(error).__name__}: {error}"
+        return {"video": job[0], **shots.fields(job[1]), "error": why, "code": code}
 
 
 def recipe(config, args):
@@ -165,48 +226,30 @@ def recipe(config, args):
 def merge(out, parts):
     """Rank 0, at the end: the done rows of the rank files that `out` (an Appender) lacks, then the rank
     files go. Failures are not carried over: they are not done, and the next run tries them again."""
-    have = out.settle(video_key, is_done)
+    have = out.settle(shots.row_key, is_done)
     for part in parts:
         for row in iter_rows(part):
-            if is_done(row) and video_key(row) not in have:
+            if is_done(row) and shots.row_key(row) not in have:
                 out.write(row)
-                have.add(video_key(row))
+                have.add(shots.row_key(row))
     for part in parts:
         os.remove(part)
-
-
-def caption_batch(captioner, batch):
-    """Rows for a batch; when the model fails on it, each video alone, and a video that fails alone gets
-    an error row (not done: the next run tries it again)."""
-    try:
-        results = captioner.caption([frames for _, frames in batch])
-    except (torch.OutOfMemoryError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        if len(batch) > 1:
-            return [row for one in batch for row in caption_batch(captioner, [one])]
-        return [{"video": batch[0][0], "error": f"{type(e).__name__}: {e}", "code": "internal_error"}]
-    return [{"video": video, "caption": text, "tokens": n, "truncated": truncated, "frames": captioner.frames,
-             "model": captioner.args.model} for (video, _), (text, n, truncated) in zip(batch, results)]
 
 
 def main(argv=None):
     args = parse_args(argv)
     return cli.run(lambda: dry_run(args) if args.dry_run else caption(args),
-                   (OSError, ValueError, hub.HubError, CheckpointError, Busy, Stop))
+                   (OSError, ValueError, hub.HubError, CheckpointError, Busy, Stop, PoolError))
 
 
 def dry_run(args):
-    """The memory plan (engine.plan) of a preset (pllava-7b/13b/34b) or a local model folder's config.json."""
-    if args.model in PRESETS:
-        config = Config.from_dict(PRESETS[args.model])
-    else:
-        with open(os.path.join(args.model, "config.json")) as f:   # a local folder: a hub id would mean a download
-            config = Config.from_dict(json.load(f))
+    """The memory plan (plan.captioning) of a preset (pllava-7b/13b/34b) or a local model folder's
+    config.json (a hub id would mean a download)."""
+    config = Config.from_dict(PRESETS[args.model]) if args.model in PRESETS else read_config(args.model)
     recipe(config, args)
-    card = args.card_gb or (torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else 80.0)
+    card = args.card_gb or plan.card_gb()
     dtype_bytes = 4 if args.dtype == "float32" else 2
-    need = plan(config, args.batch_size, args.max_new_tokens, dtype_bytes, args.quantize == "int8")
+    need = plan.captioning(config, args.batch_size, args.max_new_tokens, dtype_bytes, args.quantize == "int8")
     print(f"{args.model}: {args.batch_size} slots, {config.num_visual_tokens} visual tokens, {args.max_new_tokens} new "
           f"tokens, {'int8' if args.quantize == 'int8' else args.dtype or 'bfloat16'}: " +
           ", ".join(f"{k} {v:.1f} GB" for k, v in need.items()) + f" of {card:.0f} GB")
@@ -229,23 +272,32 @@ def caption(args):
     with Appender(mine, truncate=args.overwrite) as out, \
             (Appender(args.out, fsync=True, truncate=args.overwrite) if world > 1 and rank == 0 else contextlib.nullcontext()) as merged:
         # the outputs are locked before the model loads: a second run on the same --out stops at once
-        captioner = Captioner(args, device, dtype)
-        done = out.settle(video_key, functools.partial(is_done, retry_errors=args.retry_errors))
+        others = [] if world == 1 or args.overwrite else [args.out] + [p for p in rank_files(args.out) if p != mine]
+        captioner = Captioner(args, device, dtype, hub.resolve(args.model),
+                              check=lambda settings: check_settings([out.path] + others, settings))
+        key, done_row = shots.row_key, functools.partial(is_done, retry_errors=args.retry_errors)
+        done = out.settle(key, done_row)
         if world > 1:
             if rank == 0:
-                merged.settle(video_key, functools.partial(is_done, retry_errors=args.retry_errors))
+                merged.settle(key, done_row)
             torch.distributed.barrier()
-            if not args.overwrite:   # what the merged file and earlier runs' rank files hold
-                others = [args.out] + [p for p in rank_files(args.out) if p != mine]
-                done |= {video_key(r) for p in others for r in iter_rows(p)
-                         if is_done(r, args.retry_errors)}
-        todo = [v for v in videos[rank::world] if canonical(v) not in done]
-        stats = run(captioner, out, todo, rank, args, len(videos[rank::world]) - len(todo))
+            done |= {key(r) for p in others for r in iter_rows(p) if done_row(r)}   # the merged file, older rank files
+        videos = videos[rank::world]
+        if shots.finder(args):   # a video is done when each of its shots is
+            of = shots.counts([out.path] + others)
+            todo = [v for v in videos if not shots.whole(v, done, of)]
+        else:
+            todo = [v for v in videos if (canonical(v), None) not in done]
+        stats = run(captioner, out, todo, done, rank, args, len(videos) - len(todo))
+        tried = torch.tensor([stats["captions"], stats["errors"] + stats["missing"] + stats["failed"]])
         if world > 1:
-            torch.distributed.barrier()
+            torch.distributed.all_reduce(tried)   # a barrier too: every rank has written its rows
             if rank == 0:
                 merge(merged, rank_files(args.out))
             torch.distributed.destroy_process_group()
+    captions, failures = tried.tolist()
+    if failures and not captions:   # a run that captioned nothing did not work, whatever stopped it
+        raise Stop(f"no video was captioned: {failures} failed or could not be read (their rows are in {args.out})")
     return stats
 
 
@@ -253,9 +305,12 @@ def rank_files(out):
     return sorted(p for p in glob.glob(glob.escape(out) + ".rank*") if re.fullmatch(r".*\.rank\d+", p))
 
 
-def run(captioner, out, todo, rank, args, already):
-    """Caption `todo` into `out`; the summary on stderr, and the counts returned."""
+def run(captioner, out, todo, done, rank, args, already):
+    """Caption the videos `todo` (or their shots not `done`) into `out`; the summary on stderr, and the
+    counts returned."""
     stats = dict(captions=0, errors=0, missing=0, failed=0, tokens=0, wait=0.0)   # errors: unreadable files
+    if shots.finder(args):
+        stats["cut"] = 0
     kinds = {UNREADABLE: "errors", "missing_video": "missing", "internal_error": "failed"}
     engine, failures, start = captioner.engine, [0], time.monotonic()
 
@@ -269,21 +324,26 @@ def run(captioner, out, todo, rank, args, already):
                        f"they are not marked done: fix the cause, then run again")
         progress(rank, stats, len(todo), start, engine)
 
-    def unreadable(video, error):   # a missing file is not done: a fixed path gets it captioned
-        write({"video": video, "error": str(error), "code": UNREADABLE if os.path.exists(video) else "missing_video"})
-    stream = waiting_time(imap_unordered(captioner.decoder(), todo, workers=args.workers, timeout=args.decode_timeout,
-                                         buffer=2 * args.batch_size, memory_gb=args.decode_memory), stats)
-    items = captioner.items(stream, unreadable)
+    def unreadable(job, error):   # a missing file is not done: a fixed path gets it captioned
+        write(captioner.error(job, error, UNREADABLE if os.path.exists(job[0]) else "missing_video"))
+    decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
+                               buffer=2 * args.batch_size, memory_gb=args.decode_memory)
+    if shots.finder(args):   # each video's shots found in decode workers, then each shot captioned alone
+        jobs = shots.jobs(shots.counted(decode(shots.finder(args), todo), stats), done)
+    else:
+        jobs = [(v, None, None) for v in todo]
+    items = captioner.items(waiting_time(decode(captioner.decoder(), jobs), stats), unreadable,
+                            lambda job, e: write(captioner.error(job, e, "internal_error")))
     while True:
         try:
-            for video, tokens in engine.run(items):
-                write(captioner.row(video, tokens))
+            for job, tokens in engine.run(items):
+                write(captioner.row(job, tokens))
             break
-        except (KeyboardInterrupt, Stop):
+        except (KeyboardInterrupt, Stop, PoolError):
             raise
         except Exception as e:   # a failure in the model: the videos in flight get its row, the others go on
             for item in list(engine.waiting):
-                write({"video": item.key, "error": f"{type(e).__name__}: {e}", "code": "internal_error"})
+                write(captioner.error(item.key, e, "internal_error"))
             engine.waiting.clear()
     elapsed = time.monotonic() - start
     n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"]
@@ -310,9 +370,13 @@ def waiting_time(stream, stats):
 
 def progress(rank, stats, total, start, engine):
     n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"]
-    rate = n / max(time.monotonic() - start, 1e-9)
-    eta = (total - n) / rate if rate > 0 else float("inf")
-    print(f"\r[rank {rank}] {n}/{total} videos  {rate:.2f} videos/s  slots {engine.occupied}/{engine.slots}  "
+    elapsed = max(time.monotonic() - start, 1e-9)
+    if "cut" in stats:   # per shot: how many rows, and the ETA by the videos cut so far
+        done, what = stats["cut"], f"{n} shots, {stats['cut']}/{total} videos cut"
+    else:
+        done, what = n, f"{n}/{total} videos"
+    eta = (total - done) * elapsed / done if done else float("inf")
+    print(f"\r[rank {rank}] {what}  {n / elapsed:.2f} rows/s  slots {engine.occupied}/{engine.slots}  "
           f"ETA {eta / 60:.1f} min ", end="", file=sys.stderr, flush=True)
 
 

@@ -57,7 +57,8 @@ def our_name(key: str) -> str:
 
 
 def read_config(path: str) -> Config:
-    file = os.path.join(path, "config.json")
+    """A model folder's config.json (or a config file itself, as train.py --init-from-config names)."""
+    file = path if os.path.isfile(path) else os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: no config.json (is this a model folder?)")
     try:
@@ -153,7 +154,15 @@ def _write_atomic(write, file: str):
     from the old file (save_pretrained into the folder it was loaded from) keeps its own copy."""
     tmp = file + ".tmp"
     write(tmp)
+    _readable(tmp)
     os.replace(tmp, file)
+
+
+def _readable(path):
+    """The mode a new file gets from the umask: safetensors writes 0600, readable by its owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _write_json(obj, file: str):
@@ -181,6 +190,7 @@ def save(model, out_dir: str):
                 os.remove(os.path.join(out_dir, stale))
         if layers:
             lora.save_adapter(model.language_model, out_dir)
+            _readable(os.path.join(out_dir, "adapter_model.safetensors"))
     finally:
         for layer in merged:
             layer.merge()

@@ -9,13 +9,14 @@ then exact and near duplicates (MinHash over word 3-grams, Jaccard >= --near) dr
 import collections
 import os
 import re
+import sys
 import zlib
 
 import numpy as np
 
 import cli
-from data import canonical
-from jsonl import Appender, read_rows
+from sources import canonical
+from jsonl import Appender, Busy, read_rows
 
 REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i (cannot|can't|can not|am unable|'m unable)"
                      r"|as an ai|unfortunately, i|抱歉|对不起|我无法|无法(识别|描述|提供))", re.IGNORECASE)
@@ -105,8 +106,8 @@ def clean_rows(rows, counts: collections.Counter, near=0.8):
 
 def clean_file(argv):
     p = cli.Parser(prog="label.py clean", description=__doc__.splitlines()[0])
-    p.add_argument("labels")
-    p.add_argument("--out", required=True)
+    p.add_argument("labels", help="label.py's JSONL output")
+    p.add_argument("--out", required=True, help="the cleaned rows")
     p.add_argument("--near", type=float, default=0.8, help="Jaccard similarity that counts as a near duplicate")
     args = p.parse_args(argv)
     if not 0 < args.near <= 1:
@@ -118,8 +119,12 @@ def clean_file(argv):
         raise ValueError(f"{args.labels}: no JSONL rows in it (is it the labels file?); {args.out} left as it was")
     with Appender(args.out) as out:   # written whole, then put in place: a failure leaves the old file
         out.rewrite(clean_rows(rows, counts, args.near))
-    print(f"{len(rows)} rows in, {counts['kept']} kept")
+    print(f"{len(rows)} rows in, {counts['kept']} kept", file=sys.stderr)
     for rule, n in counts.items():
         if rule != "kept":
-            print(f"  {rule}: {n}")
+            print(f"  {rule}: {n}", file=sys.stderr)
     return counts
+
+
+if __name__ == "__main__":   # the same as `python label.py clean ...`
+    cli.run(lambda: clean_file(sys.argv[1:]), (OSError, ValueError, Busy))

@@ -10,8 +10,22 @@ import sys
 import traceback
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help, except where there is none to show (a flag that is off, a value that
+    comes from elsewhere: its help says from where)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, with a mistake in the flags told in one line, not the whole usage text."""
+    """argparse, with every default shown in --help, and a mistake in the flags told in one line, not the
+    whole usage text."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_Help, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -45,6 +59,10 @@ def shape(text):
     if len(values) != 3 or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be three whole numbers above 0, as T,H,W")
     return values
+
+
+class Stop(Exception):
+    """The run must end: what failed, and what to do about it (one line)."""
 
 
 def run(main, user_errors=(OSError, ValueError), scrub=str):

@@ -1,11 +1,11 @@
 """One client for OpenAI-compatible chat-completions APIs (Qwen-VL-Max via DashScope, GPT-4-Turbo), shared
 by label.py and judge.py: a deadline on every request, retries with backoff, a requests-per-minute cap,
-a pool of concurrent requests, and the three kinds of failure a long run must tell apart:
+and the three kinds of failure a long run must tell apart (runner.py acts on them):
 
   final      the item's answer for good (content moderation): the item is done, with an error row
   transient  worth another try later (timeouts, 5xx, dropped connections, a body of a shape nobody
-             expected, a 400 that may be this item's): retried now; if it still fails the row is
-             written, but the item is not done and a rerun tries it again
+             expected): retried now; if it still fails, or if it may be this item's alone (a 400), the
+             row is written, but the item is not done and a rerun tries it again
   systemic   it would happen to every item (a refused key, no quota, a wrong URL): the run stops
 
 The key comes from an environment variable, goes in one header, and is scrubbed (redact.py) from every
@@ -17,12 +17,9 @@ import json
 import math
 import os
 import random
-import signal
-import sys
 import threading
 import time
 from collections import namedtuple
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import requests
 import urllib3
@@ -313,108 +310,15 @@ class Client:
             self.stop.wait(wait_for)
 
 
-class Stop(Exception):
-    """The run must end: what failed, and what to do about it."""
-
-
-class Breaker:
-    """Watches every item's row and says when the failures mean the run itself is broken: a systemic
-    failure; `limit` items in a row that failed with nothing done between them; or `limit` final refusals
-    (content moderation) before any item got an answer, which says the requests are wrong, not the items.
-    `neutral` codes (a video that cannot be read) say nothing of the API either way."""
-
-    def __init__(self, client, limit, neutral=()):
-        self.client, self.limit, self.neutral = client, limit, set(neutral)
-        self.streak, self.answered = [], False
-
-    def see(self, row):
-        """Record one item's row; the reason the run must stop, or None."""
-        status, code = row.get("status"), row.get("code")
-        if "error" not in row:
-            self.answered, self.streak = True, []
-            return None
-        kind = failure_kind(status, code)
-        if code in self.neutral or code == "stopped" or (kind == "final" and self.answered):
-            self.streak = [] if kind == "final" else self.streak
-            return None
-        self.streak.append(f"{status or '-'} {code}")
-        if kind == "systemic":
-            return self._systemic(status, code)
-        if len(self.streak) < self.limit:
-            return None
-        worst = max(set(self.streak), key=self.streak.count)
-        if kind == "final":
-            return (f"the first {len(self.streak)} items were all refused ({worst}) and none answered: is the "
-                    f"request right (--model, the frames)? They are not marked done")
-        return (f"the last {len(self.streak)} items all failed ({worst} x {self.streak.count(worst)}): is "
-                f"{self.client.url} up and reachable? They are not marked done: run again to try them again")
-
-    def _systemic(self, status, code):
-        if code in QUOTA_CODES:
-            why = f"the account has no quota left (HTTP {status} {code}): top it up, then run again"
-        elif status in (401, 403) or code in KEY_CODES:
-            why = f"the API refused the key in ${self.client.key_env} (HTTP {status} {code}): set a valid key"
-        else:
-            why = f"{self.client.url} answered HTTP {status or '-'} {code}: check --api-base and --model"
-        return why + "; items that failed are not marked done"
-
-
-def run_items(client, jobs, work, concurrency, out, limit, neutral=(), seen=None):
-    """work(job) -> row for every job, on `concurrency` threads; each row scrubbed of the key, written to
-    `out` (an Appender) and shown to `seen` as it comes. Ends with Stop when the Breaker says the run is
-    broken. Ctrl-C starts no new request and writes the answers in flight as they come (they are paid
-    for); a second Ctrl-C abandons them. Final refusals that come before any answer are held back, and
-    dropped if the run stops for them, so that a request the server refuses as a whole marks nothing done."""
-    breaker, reason, interrupts, held = Breaker(client, limit, neutral), None, [], []
-
-    def interrupt(*_):
-        interrupts.append(1)
-        client.stop.set()
-        if len(interrupts) == 1:
-            print("\nstopping: no new requests; those in flight are written as they end (Ctrl-C again to abandon "
-                  "them)", file=sys.stderr, flush=True)
-        else:
-            client.abort()
-
-    previous = signal.signal(signal.SIGINT, interrupt)
-    try:
-        for row in run_concurrently(jobs, work, concurrency, client.stop):
-            if row is None:   # not asked: the run was stopping
-                continue
-            row = client.scrub.row(row)
-            if failure_kind(row.get("status"), row.get("code")) == "final" and not breaker.answered:
-                held.append(row)
-            else:
-                for r in held + [row]:
-                    out.write(r)
-                    if seen:
-                        seen(r)
-                held = []
-            why = breaker.see(row)
-            if why and reason is None:
-                reason = why
-                client.stop.set()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if interrupts:
-        raise KeyboardInterrupt
-    if reason:
-        raise Stop(reason)
-    for row in held:   # a short run with nothing but refusals: they are its answers
-        out.write(row)
-        if seen:
-            seen(row)
-
-
 def add_api_flags(p, api_base, model, key_env, concurrency):
     """The flags of every tool that talks to an API through this client: one name, one meaning."""
-    p.add_argument("--api-base", default=api_base)
-    p.add_argument("--model", default=model)
+    p.add_argument("--api-base", default=api_base, help="the OpenAI-compatible endpoint")
+    p.add_argument("--model", default=model, help="the model the endpoint serves")
     p.add_argument("--api-key-env", default=key_env, help="the environment variable holding the key")
     p.add_argument("--concurrency", type=cli.positive_int, default=concurrency, help="requests in flight at once")
     p.add_argument("--rpm", type=cli.positive, help="requests per minute, at most (retries count)")
     p.add_argument("--timeout", type=cli.positive, default=120.0, help="seconds for one request, all of it")
-    p.add_argument("--retries", type=cli.count, default=8)
+    p.add_argument("--retries", type=cli.count, default=8, help="attempts after the first, for a failure worth another try")
     p.add_argument("--backoff", type=cli.non_negative, default=1.0, help="first retry delay, seconds (doubles)")
     p.add_argument("--max-retry-after", type=cli.non_negative, default=300.0,
                    help="the longest Retry-After honoured, seconds")
@@ -425,21 +329,3 @@ def add_api_flags(p, api_base, model, key_env, concurrency):
 def api_client(args) -> Client:
     return Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout, args.retries, args.backoff,
                   max_retry_after=args.max_retry_after)
-
-
-def run_concurrently(jobs, work, workers: int, stop: threading.Event = None):
-    """Yield work(job) for every job, computed on `workers` threads, in the order they finish. Jobs are
-    pulled as threads free up (at most 2 x workers waiting), so a million-item iterator is never listed.
-    Once `stop` is set no new job is pulled; those already taken still finish (their answers are paid for)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = set()
-        for job in jobs:
-            while len(pending) >= 2 * workers:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from (f.result() for f in done)
-            if stop is not None and stop.is_set():
-                break
-            pending.add(pool.submit(work, job))
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (f.result() for f in done)

@@ -17,8 +17,6 @@ import numpy as np
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TS_EXTENSIONS = {".ts", ".m2ts", ".mts", ".m2t"}
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".mpg", ".mpeg", ".flv", ".wmv",
-                    ".3gp", ".ogv"} | TS_EXTENSIONS
 MAX_PIXELS = 1 << 25   # 33.5 M, an 8K frame: a frame (or what resizing would make of it) past this is refused
 MAX_BAD_PACKETS = 50
 GUESS_GOP = 10.0
@@ -30,8 +28,9 @@ class VideoError(Exception):
 
 
 def read_frames(path, n: int, mode: str = "middle", short_side: int = None, keyframes_only: bool = False,
-                rng: np.random.Generator = None, max_side: int = None) -> np.ndarray:
-    """n RGB frames (n, H, W, 3) uint8, upright, one per equal segment of the video's duration.
+                rng: np.random.Generator = None, max_side: int = None, span: tuple = None) -> np.ndarray:
+    """n RGB frames (n, H, W, 3) uint8, upright, one per equal segment of the video's duration, or of the
+    span (start, end) in it, in seconds from its first frame (a shot: shots.py).
 
     short_side: shrink (or grow) each frame so its shorter side is this many pixels, inside FFmpeg's
     scaler (bicubic) before it becomes an array, so a 4K video never costs 4K arrays. max_side: shrink
@@ -47,7 +46,7 @@ def read_frames(path, n: int, mode: str = "middle", short_side: int = None, keyf
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file")
     try:
-        frames = _read(path, n, offsets, (short_side, max_side), keyframes_only)
+        frames = _read(path, n, offsets, (short_side, max_side), keyframes_only, span)
     except av.error.FFmpegError as e:
         raise VideoError(f"{path}: not readable as a video ({e.strerror or e})") from None
     except VideoError as e:
@@ -73,30 +72,25 @@ def _open(path, keyframes_only):
     return container, stream
 
 
-def _read(path, n, offsets, size, keyframes_only):
-    """The sampler, step by step: plan n times over the duration the file states and take the frame on
-    screen at each (seeking); if the file ends well before its stated end, plan again over where it really
-    ends; if FFmpeg cannot seek in it, read it in one pass; if it has no timestamps, pick frames by index."""
-    end, seekable = None, True
-    for _ in range(4):   # the first plan; over the true end; without seeking; both
-        with _open(path, keyframes_only)[0] as container:
-            stream = container.streams.video[0]
-            start, duration = _time_span(container, stream)
-            if end is not None:
-                duration = end - start
-            if not duration or duration <= 0:
-                break
-            plan = [start + (i + u) * duration / n for i, u in enumerate(offsets)]
-            try:
-                frames, end = _by_time(path, container, stream, plan, size, seekable, not keyframes_only)
-            except _NoSeek:
-                seekable = False
-                continue
-            except _NoTimestamps:
-                break
-        if end is None:
-            return frames
-    return _by_index(path, n, offsets, size, keyframes_only)
+def _read(path, n, offsets, size, keyframes_only, span=None):
+    """The sampler, in four named steps:
+    1. plan by time: n times over the duration the file states (or over the span inside it), and the
+       frame on screen at each, seeking to the keyframe before a far one;
+    2. re-plan over the true end: when the file ends well before the end its header states, plan again
+       over where it really ends;
+    3. no seeking: when FFmpeg cannot seek in the file, the same plan read in one pass from the start;
+    4. by index: a file with no timestamps, or no duration to plan over, gives frames by their index."""
+    with _open(path, keyframes_only)[0] as container:
+        start, duration = _time_span(container, container.streams.video[0])
+    try:
+        if not duration or duration <= 0:
+            raise _NoTimestamps
+        frames, end = _sample_by_time(path, _plan(start, duration, n, offsets, span), size, keyframes_only)
+        if end is not None:
+            frames, _ = _sample_by_time(path, _plan(start, end - start, n, offsets, span), size, keyframes_only)
+        return frames
+    except _NoTimestamps:
+        return _by_index(path, n, offsets, size, keyframes_only, span)
 
 
 class _NoTimestamps(Exception):
@@ -105,6 +99,24 @@ class _NoTimestamps(Exception):
 
 class _NoSeek(Exception):
     pass
+
+
+def _plan(start, duration, n, offsets, span):
+    """Step 1's times: one in each of n equal segments of [0, duration), or of the span inside it."""
+    lo, hi = (0.0, duration) if span is None else (max(0.0, span[0]), min(duration, span[1]))
+    if hi <= lo:
+        raise VideoError(f"the span {span[0]:.3f}-{span[1]:.3f} s lies outside the video ({duration:.3f} s)")
+    return [start + lo + (i + u) * (hi - lo) / n for i, u in enumerate(offsets)]
+
+
+def _sample_by_time(path, plan, size, keyframes_only):
+    """Steps 1 and 3: (frames, None), or (frames, the true end) when the file ended early (step 2's cue)."""
+    for seekable in (True, False):
+        with _open(path, keyframes_only)[0] as container:
+            try:
+                return _by_time(path, container, container.streams.video[0], plan, size, seekable, not keyframes_only)
+            except _NoSeek:
+                continue
 
 
 def _time_span(container, stream):
@@ -249,13 +261,20 @@ def _seek(path, container, stream, t, start):
         back = 2 * back or 1.0
 
 
-def _by_index(path, n, offsets, size, keyframes_only):
-    """For files without timestamps: count the frames in one pass, pick by index in a second."""
+def _by_index(path, n, offsets, size, keyframes_only, span=None):
+    """Step 4, for files without timestamps: count the frames in one pass, pick by index in a second; a
+    span goes by the frame rate the stream states (25 when it states none)."""
     with _open(path, keyframes_only)[0] as container:
-        count = sum(1 for _ in _decoded(path, container, container.streams.video[0]))
+        stream = container.streams.video[0]
+        count, rate = sum(1 for _ in _decoded(path, container, stream)), float(stream.average_rate or 25)
     if count == 0:
         raise VideoError(f"{path}: no decodable frames")
-    wanted = [min(int((i + u) * count / n), count - 1) for i, u in enumerate(offsets)]
+    lo, hi = 0, count
+    if span is not None:
+        lo, hi = int(span[0] * rate), min(max(int(span[1] * rate), int(span[0] * rate) + 1), count)
+        if lo >= count:
+            raise VideoError(f"the span {span[0]:.3f}-{span[1]:.3f} s lies outside the video ({count / rate:.3f} s)")
+    wanted = [min(lo + int((i + u) * (hi - lo) / n), hi - 1) for i, u in enumerate(offsets)]
     picked = {}
     with _open(path, keyframes_only)[0] as container:
         for i, frame in enumerate(_decoded(path, container, container.streams.video[0])):
@@ -264,6 +283,7 @@ def _by_index(path, n, offsets, size, keyframes_only):
             if i >= wanted[-1]:
                 break
     return [picked[i] for i in wanted]
+
 
 def read_image(path, short_side: int = None) -> np.ndarray:
     """A still image (any format FFmpeg reads: PNG, JPEG, WebP ...) as (1, H, W, 3) uint8: its first frame."""
@@ -292,9 +312,9 @@ def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
     return frames[:, top:top + size, left:left + size]
 
 
-def read_clip_frames(path, n, size=336, mode="middle", keyframes_only=False, rng=None) -> np.ndarray:
+def read_clip_frames(path, n, size=336, mode="middle", keyframes_only=False, rng=None, span=None) -> np.ndarray:
     """n frames resized (short side = size, bicubic) and center-cropped: (n, size, size, 3) uint8."""
-    return np.ascontiguousarray(center_crop(read_frames(path, n, mode, size, keyframes_only, rng), size))
+    return np.ascontiguousarray(center_crop(read_frames(path, n, mode, size, keyframes_only, rng, span=span), size))
 
 
 def mean_std(folder):
@@ -338,57 +358,7 @@ def jpeg(rgb, q):
     return b"".join(bytes(p) for p in cc.encode(frame) + cc.encode(None))
 
 
-def jpeg_data_urls(path, n, max_side, q):
-    """A video's n frames (segment middles) as base64 JPEG data URLs, for a vision API."""
-    frames = read_frames(path, n, "middle", max_side=max_side)
+def jpeg_data_urls(path, n, max_side, q, span=None):
+    """A video's (or a span's) n frames (segment middles) as base64 JPEG data URLs, for a vision API."""
+    frames = read_frames(path, n, "middle", max_side=max_side, span=span)
     return ["data:image/jpeg;base64," + base64.b64encode(jpeg(f, q)).decode() for f in frames]
-
-
-def canonical(path: str) -> str:
-    """The one spelling of a path that results are keyed on: `vids/a.mp4`, `./vids//a.mp4` and
-    `/home/me/vids/a.mp4` (run from /home/me) are one video, with one row."""
-    return os.path.normpath(os.path.abspath(path))
-
-
-def find_videos(source: str) -> list:
-    """A folder (searched recursively for video files), one video file, or a list file: one path a line,
-    or JSONL with a "video" field (relative paths are relative to the list file), in UTF-8 (a BOM is
-    fine) or UTF-16. Paths come canonical (absolute, normalized), each once; file names that are not
-    UTF-8 as Python holds them (os.fsdecode's escapes), so they reopen."""
-    import json
-    if os.path.isdir(source):
-        return sorted(canonical(os.path.join(root, f)) for root, _, files in os.walk(source) for f in files
-                      if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS)
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    if os.path.splitext(source)[1].lower() not in (".txt", ".jsonl", ".list"):
-        return [canonical(source)]
-    base = video_base(source)
-    with open(source, "rb") as f:
-        data = f.read()
-    text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else \
-        data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")   # names as the file system holds them
-    videos, seen = [], set()
-    for i, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("{"):
-            try:
-                row = json.loads(line)
-                line = row.get("video") or row["image"]
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                line = None
-            if not isinstance(line, str) or not line:
-                raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field holding a path")
-        path = canonical(os.path.join(base, line))   # an absolute line stays as it is
-        if path not in seen:   # listed twice, perhaps spelled two ways: one video
-            seen.add(path)
-            videos.append(path)
-    return videos
-
-
-def video_base(source: str) -> str:
-    """The folder that a source's videos are named from: the folder itself, or a list's or file's own. A
-    path relative to it is the same on every machine, whatever the mount (label.py shards by it)."""
-    return canonical(source) if os.path.isdir(source) else os.path.dirname(canonical(source))

@@ -50,8 +50,18 @@ def _turns(row, kind, prompt):
 SHAPES = (("caption", "caption"), ("QA", "qa"), ("conversations", "llava"))   # (field, row shape)
 
 
+def _span(row):
+    """A shot's (start, end) in seconds when the row carries them (caption.py --shots, label.py --shots)."""
+    if "start" not in row and "end" not in row:
+        return None
+    start, end = row.get("start"), row.get("end")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (start, end)) or not 0 <= start < end:
+        raise ValueError("start / end are not a span of seconds")
+    return float(start), float(end)
+
+
 def read_samples(paths, video_root=None, prompt=QUESTION):
-    """[(media path, is_image, [(question, answer), ...], system or None)] from JSONL files; how many rows
+    """[(media path, is_image, [(question, answer), ...], system or None, span or None)] from JSONL files; how many rows
     were left out on purpose (error rows of label.py, empty captions, rows of another shape); and the rows
     that are broken (not JSON, not UTF-8, a field of the wrong type) as "file:line: why"."""
     samples, dropped, bad = [], 0, []
@@ -73,12 +83,13 @@ def read_samples(paths, video_root=None, prompt=QUESTION):
                         continue
                     media = _text(media, "video / image")
                     turns, system = _turns(row, shape, prompt)
-                except ValueError as e:   # not UTF-8, not JSON, or the wrong types
-                    bad.append(f"{path}:{n}: {str(e)[:100]}")
+                    span = _span(row)
+                except (ValueError, RecursionError) as e:   # not UTF-8, not JSON (or nested past reading), wrong types
+                    bad.append(f"{path}:{n}: {str(e)[:100] or type(e).__name__}")
                     continue
                 if video_root and not os.path.isabs(media):
                     media = os.path.join(video_root, media)
-                samples.append((media, "video" not in row, turns, system))
+                samples.append((media, "video" not in row, turns, system, span))
     return samples, dropped, bad
 
 
@@ -98,7 +109,7 @@ class TrainSet(torch.utils.data.Dataset):
         epoch, index = key
         if index is None:   # padding for an uneven evaluation split
             return self._stand_in(None)
-        media, is_image, turns, system = self.samples[index]
+        media, is_image, turns, system, span = self.samples[index]
         ids, labels = training_ids(self.tok, turns, self.template, system or self.system)
         ids, labels = ids[:self.max_tokens], labels[:self.max_tokens]
         rng = np.random.default_rng([self.seed, epoch, index])   # the same frames whichever rank reads it
@@ -106,7 +117,7 @@ class TrainSet(torch.utils.data.Dataset):
             if is_image:   # one frame: collate or the model repeats it to the clip length
                 frames = center_crop(read_image(media, short_side=self.size), self.size)
             else:
-                frames = read_clip_frames(media, self.frames, self.size, self.mode, rng=rng)
+                frames = read_clip_frames(media, self.frames, self.size, self.mode, rng=rng, span=span)
         except VideoError as e:
             return self._stand_in(str(e), ids)
         return dict(frames=frames, ids=ids, labels=labels, skipped=None)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import LoRALinear
+from lora import replace_linears
 from model import causal_mask, positions_of
 
 @dataclass
@@ -99,14 +99,15 @@ def decode_one_token(lm, token: torch.Tensor, positions: torch.Tensor, mask, inp
 
 
 def compiled_decode(lm, mode: str = "auto"):
-    """decode_one_token compiled once per model. mode "auto": on a GPU with CUDA graphs ("max-autotune"), on
-    a CPU with inductor's GEMM kernels (there the packed layers of pack_for_cpu are faster, and cannot be
-    compiled); any other value is torch.compile's mode ("default" compiles fastest)."""
-    if getattr(lm, "compiled_decode", None) is None:
-        if mode == "auto":
-            mode = "max-autotune" if lm.model.embed_tokens.weight.is_cuda else "max-autotune-no-cudagraphs"
-        lm.compiled_decode = torch.compile(decode_one_token, mode=mode, dynamic=False)
-    return lm.compiled_decode
+    """decode_one_token compiled once per model and mode. mode "auto": on a GPU with CUDA graphs
+    ("max-autotune"), on a CPU with inductor's GEMM kernels (there the packed layers of pack_for_cpu are
+    faster, and cannot be compiled); any other value is torch.compile's mode ("default" compiles fastest)."""
+    if mode == "auto":
+        mode = "max-autotune" if lm.model.embed_tokens.weight.is_cuda else "max-autotune-no-cudagraphs"
+    compiled = lm.__dict__.setdefault("compiled_decode", {})   # not a submodule: a plain attribute
+    if mode not in compiled:
+        compiled[mode] = torch.compile(decode_one_token, mode=mode, dynamic=False)
+    return compiled[mode]
 
 
 @torch.no_grad()
@@ -173,19 +174,11 @@ def can_pack(lm):
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-@torch.no_grad()
 def pack_for_cpu(lm):
     """Every linear layer of the language model becomes a PackedLinear, LoRA merged in at its current
     alpha; the plain weights are dropped, so memory stays the same (a tied lm_head gets its own copy).
     For inference only: a packed model cannot be trained, saved or have its LoRA alpha changed."""
-    for name, m in list(lm.named_modules()):
-        if isinstance(m, nn.Linear) and not name.endswith(("lora_A", "lora_B")):
-            w = m.weight
-            if isinstance(m, LoRALinear) and not m.merged:
-                w = (w.float() + m.delta_weight()).to(w.dtype)
-            parent, _, child = name.rpartition(".")
-            setattr(lm.get_submodule(parent) if parent else lm, child, PackedLinear(w, m.bias))
-    return lm
+    return replace_linears(lm, PackedLinear)
 
 
 @torch.no_grad()

@@ -52,6 +52,9 @@ def resolve(name: str, revision: str = "main", cache: str = None) -> str:
     """A local folder as it is, or a hub id downloaded (once) into the cache."""
     if os.path.isdir(name):
         return name
+    looks_local = name.startswith((".", "/", "~")) or os.path.isdir(name.split("/")[0]) or os.path.exists(name)
+    if looks_local:   # ./models/x, models/x beside a models/ folder: a mistyped path, not an id to download
+        raise HubError(f"{name}: no such model folder")
     if not is_hub_id(name) or not re.fullmatch(r"[\w.-]+", revision) or ".." in revision:
         raise HubError(f"{name}: neither a model folder nor a hub id like ermu2001/pllava-7b")
     cache = cache or os.environ.get("PLLAVA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pllava")
@@ -107,7 +110,7 @@ def _shards(index):
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
         shards = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise HubError(f"{index}: not a safetensors index (a weight_map of tensor -> file)") from None
     return [safe_name(s) for s in shards]
 
@@ -153,16 +156,44 @@ def _well_formed(path, name):
                 return False
             f.seek(0)
             if name.endswith(".safetensors"):
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-                end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
-                return size == 8 + n + end
+                return size == _safetensors_size(f)
             if name.endswith(".json"):
                 json.load(f)
                 return True
-    except (ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         return False
     return None   # nothing to tell by
+
+
+MAX_HEADER = 100 << 20        # a safetensors header is a few MB at most
+MAX_UNANNOUNCED = 64 << 20    # a file nobody said the length of, other than weights, is refused past 64 MiB
+
+
+def _safetensors_size(f) -> int:
+    """The length a safetensors file says it has (its header's 8 + n bytes and the end of its last
+    tensor); ValueError when its start is not a safetensors header."""
+    n = int.from_bytes(f.read(8), "little")
+    if not 0 < n <= MAX_HEADER:
+        raise ValueError("not a safetensors header")
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors header")
+    return 8 + n + max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+
+
+def _most(path, name, got):
+    """The most bytes `path` may grow to when the server did not announce its length: what a safetensors
+    file's own header says, once it has arrived (None until then); MAX_UNANNOUNCED for anything else."""
+    if not name.endswith(".safetensors"):
+        return MAX_UNANNOUNCED
+    with open(path, "rb") as f:
+        if got < 8 + MAX_HEADER and (got < 8 or got < 8 + int.from_bytes(f.read(8), "little")):
+            return None
+        f.seek(0)
+        try:
+            return _safetensors_size(f)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+            raise _Restart("what came is not what its name says (no safetensors header)") from None
 
 
 def download(session, url: str, dest: str, optional: bool = False, retries: int = 5) -> bool:
@@ -230,12 +261,15 @@ def _fetch(session, url, partial, meta_path, meta, optional):
         with open(meta_path, "w") as f:
             json.dump(meta, f)
         with open(partial, "ab" if have else "wb") as f:
-            got, t0, shown = have, time.monotonic(), 0.0
+            got, t0, shown, most = have, time.monotonic(), 0.0, meta["size"]
             for chunk in r.iter_content(CHUNK):
                 f.write(chunk)
                 got += len(chunk)
-                if meta["size"] is not None and got > meta["size"]:   # an endless body must not fill the disk
-                    raise _Restart(f"more than the {meta['size']} bytes the server announced")
+                if most is None:
+                    f.flush()
+                    most = _most(partial, url, got)
+                if most is not None and got > most:   # an endless body must not fill the disk
+                    raise _Restart(f"more than the {most} bytes the server announced or the file says")
                 if time.monotonic() - shown > 1.0:   # a 15 GB download is not silent
                     shown = time.monotonic()
                     _progress(os.path.basename(url), got, meta["size"], (got - have) / (shown - t0 + 1e-9))
@@ -262,6 +296,8 @@ def _check(session, url, partial, meta):
                 r.raise_for_status()
                 for chunk in r.iter_content(CHUNK):
                     f.write(chunk)
+                    if f.tell() > got:   # not the same file, whatever follows
+                        break
             whole = _digest(again) == _digest(partial)
             _remove(again)
         if not whole:

@@ -22,9 +22,12 @@ import sys
 import numpy as np
 
 import cli
-from client import APIError, Stop, add_api_flags, api_client, run_items
-from data import canonical
+import events
+from cli import Stop
+from client import add_api_flags, api_client
 from jsonl import Appender, Busy, iter_rows
+from runner import run_items
+from sources import canonical
 from redact import Redactor
 
 PROMPT_VERSION = "judge-v1"
@@ -51,6 +54,9 @@ def parse_args(argv=None):
     add_api_flags(p, "https://api.openai.com/v1", "gpt-4-turbo", "OPENAI_API_KEY", concurrency=8)
     p.add_argument("--parse-retries", type=cli.count, default=2, help="asks again when an answer does not parse")
     p.add_argument("--bootstrap", type=cli.positive_int, default=10000, help="resamples for the intervals")
+    p.add_argument("--events", action="store_true",
+                   help="also event precision / recall / F1 (DREAM-1K's AutoDQ): up to 5 requests a video, not 1")
+    p.add_argument("--max-events", type=cli.positive_int, default=10, help="events listed per caption, at most")
     return p.parse_args(argv)
 
 
@@ -86,22 +92,21 @@ def parse_judgment(text):
 
 
 def judge_one(client, args, job):
-    """A judgment row (or an unparsed or failed one); None when the run stopped before it was asked."""
-    key, video, gt, pred = job
+    """A judgment row, or an unparsed one."""
+    _, _, gt, pred = job
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": QUESTION.format(gt=gt, pred=pred)}]
-    row = {"key": key, "video": video, "model": args.model, "prompt_version": PROMPT_VERSION}
-    try:
-        for _ in range(args.parse_retries + 1):
-            reply = client.chat(messages, response_format={"type": "json_object"}, temperature=0)
-            judgment = parse_judgment(reply.content)
-            if judgment:
-                return {**row, **judgment}
-        return {**row, "unparsed": True, "raw": client.scrub(reply.content, 500)}
-    except APIError as e:
-        return None if e.code == "stopped" else {**row, "error": str(e), "status": e.status, "code": e.code}
-    except Exception as e:   # a fault nobody foresaw: this judgment's row (asked again next run), not the run's end
-        return {**row, "error": f"{type(e).__name__}: {e}", "status": None, "code": "internal_error"}
+    for _ in range(args.parse_retries + 1):
+        reply = client.chat(messages, response_format={"type": "json_object"}, temperature=0)
+        judgment = parse_judgment(reply.content)
+        if judgment:
+            return {**judgment_row(args, job), **judgment}
+    return {**judgment_row(args, job), "unparsed": True, "raw": client.scrub(reply.content, 500)}
+
+
+def judgment_row(args, job):
+    """The fields that say which judgment a row is (runner.guarded)."""
+    return {"key": job[0], "video": job[1], "model": args.model, "prompt_version": PROMPT_VERSION}
 
 
 def interval(values, stat, resamples, seed=0):
@@ -157,6 +162,8 @@ def report_md(summary):
         lines += ["", f"B minus A over {c['n']} paired videos: accuracy {fmt(c['accuracy_diff'], c['accuracy_diff_ci'], ' points')}, "
                       f"mean score {fmt(c['mean_score_diff'], c['mean_score_diff_ci'])}; "
                       f"B wins {c['b_wins']}, ties {c['ties']}, loses {c['b_losses']} (by score)."]
+    if "events" in summary:
+        lines += events.table(summary["events"])
     return "\n".join(lines) + "\n"
 
 
@@ -176,36 +183,80 @@ def judge(args):
         raise ValueError(f"no video is in both --gt and --pred ({len(gt)} and "
                          f"{' / '.join(str(len(p)) for p in preds.values())} rows): are the paths the same videos?")
     os.makedirs(args.out, exist_ok=True)
-    with Appender(os.path.join(args.out, "judgments.jsonl"), fsync=True) as out:
-        cache = {}   # failed requests are not done: settle drops them, and they are asked again
+    wanted = {(name, v): cache_key(gt[v][1], pred[v][1], args.model) for name, pred in preds.items() for v in videos}
+    jobs = {}   # two systems with the same caption share one judgment
+    for (name, v), key in wanted.items():
+        jobs.setdefault(key, (key, gt[v][0], gt[v][1], preds[name][v][1]))
+    cache = cached_run(client, args, "judgments.jsonl", jobs, functools.partial(judge_one, client, args),
+                       functools.partial(judgment_row, args), "judged")
+    judged = {name: {v: cache.get(wanted[(name, v)], {"error": "not judged"}) for v in videos} for name in preds}
+    by_events = judge_events(client, args, gt, preds, videos) if args.events else None
+    write_report(args, files, judged, len(videos), dropped, gt, by_events)
+    failed = sum("error" in j for by_video in judged.values() for j in by_video.values())
+    if failed and failed == sum(len(by_video) for by_video in judged.values()):
+        raise Stop(f"every judgment failed ({failed}, see report.md); run again to ask again")
+
+
+def cached_run(client, args, name, jobs, work, identify, verb):
+    """{key: row} for every job ({key: job}): the rows of the report folder's cache file `name`, and the
+    answers to the jobs it lacks, asked now (work(job), identify(job) the fields of its error row) and
+    appended. Failed requests are not cached (settle drops them), so a rerun asks them again."""
+    with Appender(os.path.join(args.out, name), fsync=True) as out:
         done = out.settle(lambda r: r.get("key") if isinstance(r.get("key"), str) else None, lambda r: "error" not in r)
-        for r in iter_rows(out.path):
-            if r.get("key") in done:
-                cache[r["key"]] = r
-        todo, wanted = {}, {}   # two systems with the same caption share one judgment
-        for name, pred in preds.items():
-            for v in videos:
-                key = wanted[(name, v)] = cache_key(gt[v][1], pred[v][1], args.model)
-                if key not in cache:
-                    todo.setdefault(key, (key, gt[v][0], gt[v][1], pred[v][1]))
-        jobs, count = list(todo.values()), itertools.count(1)
+        cache = {r["key"]: r for r in iter_rows(out.path) if r.get("key") in done}
+        todo, count = [job for key, job in jobs.items() if key not in cache], itertools.count(1)
 
         def seen(row):
             cache[row["key"]] = row
-            print(f"\r{next(count)}/{len(jobs)} judged", end="", file=sys.stderr)
-        run_items(client, jobs, functools.partial(judge_one, client, args), args.concurrency, out,
-                  args.max_failures_in_a_row, seen=seen)
-    judged = {name: {v: cache.get(wanted[(name, v)], {"error": "not judged"}) for v in videos} for name in preds}
-    write_report(args, files, judged, len(videos), dropped, gt)
+            print(f"\r{next(count)}/{len(todo)} {verb}", end="", file=sys.stderr)
+        run_items(client, todo, work, args.concurrency, out, args.max_failures_in_a_row, identify, seen=seen)
+    return cache
 
 
-def write_report(args, files, judged, n_videos, dropped, gt):
+def judge_events(client, args, gt, preds, videos):
+    """{system: {video: event scores, or why there are none}}: the events of every caption listed, then each
+    side's events judged against the other caption (events.py)."""
+    work = functools.partial(events.ask, client, args)
+    identify = functools.partial(events.row, args)
+    texts = {gt[v][1] for v in videos} | {pred[v][1] for pred in preds.values() for v in videos}
+    listed = {t: events.extract_job(t, args) for t in texts}
+    cache = cached_run(client, args, "events.jsonl", {j["key"]: j for j in listed.values()}, work, identify, "listed")
+    pairs = {}
+    for name, pred in preds.items():
+        for v in videos:
+            g, c = cache.get(listed[gt[v][1]]["key"], {}), cache.get(listed[pred[v][1]]["key"], {})
+            if "value" in g and "value" in c:
+                pairs[(name, v)] = (events.entail_job(c["value"], gt[v][1], args),      # precision: candidate events
+                                    events.entail_job(g["value"], pred[v][1], args))    # recall: reference events
+    cache.update(cached_run(client, args, "events.jsonl", {j["key"]: j for p in pairs.values() for j in p}, work, identify,
+                            "events judged"))
+    out = {}
+    for name, pred in preds.items():
+        out[name] = {}
+        for v in videos:
+            rows = [cache.get(listed[gt[v][1]]["key"], {}), cache.get(listed[pred[v][1]]["key"], {})]
+            rows += [cache.get(j["key"], {}) for j in pairs.get((name, v), ())]
+            if len(rows) == 4 and all("value" in r for r in rows):
+                out[name][v] = events.scores(rows[2]["value"], rows[3]["value"])
+            else:
+                out[name][v] = {"unparsed": True} if any(r.get("unparsed") for r in rows) else {"error": "not judged"}
+    return out
+
+
+def write_report(args, files, judged, n_videos, dropped, gt, by_events=None):
     """summary.json, per_video.jsonl and report.md, each written whole and then put in place."""
     summary = {"judge_model": args.model, "prompt_version": PROMPT_VERSION, "files": files, "videos": n_videos,
                "dropped": dropped, **{name: summarize(list(j.values()), args.bootstrap) for name, j in judged.items()}}
     if "b" in judged:
         summary["b_minus_a"] = compare(judged["a"], judged["b"], args.bootstrap)
-    per_video = "".join(json.dumps({"video": gt[v][0], **{name: judged[name][v] for name in judged}}) + "\n"
+    if by_events:
+        summary["events"] = {"versions": f"{events.EXTRACT_VERSION}, {events.ENTAIL_VERSION}",
+                             "max_events": args.max_events,
+                             "systems": {n: events.summarize(s, interval, args.bootstrap) for n, s in by_events.items()}}
+        if "b" in by_events:
+            summary["events"]["b_minus_a"] = events.compare(by_events["a"], by_events["b"], interval, args.bootstrap)
+    per_video = "".join(json.dumps({"video": gt[v][0], **{name: judged[name][v] for name in judged},
+                                    **({"events": {n: s[v] for n, s in by_events.items()}} if by_events else {})}) + "\n"
                         for v in sorted(judged["a"]))
     for name, text in (("summary.json", json.dumps(summary, indent=2)), ("per_video.jsonl", per_video),
                        ("report.md", report_md(summary))):

@@ -2,30 +2,41 @@
 
     DASHSCOPE_API_KEY=... python label.py videos/ --out labels.jsonl [--concurrency 16 --rpm 600 --shard 0/8]
     python label.py clean labels.jsonl --out clean.jsonl
+    DASHSCOPE_API_KEY=... python label.py verify labels.jsonl --out verified.jsonl
+
+`verify` shows the teacher the same frames again (the same sampler and times: use the flags the labels were
+made with) with the label's sentences numbered, and keeps the ones the frames support: "caption" is the
+checked label (what train.py trains on), "caption_original" the teacher's, with the counts.
 
 Four frames per video (segment middles, as the seed) become JPEGs in decoding processes while the HTTP
 requests run on threads. One row per video, appended and fsynced as it finishes:
 {"video", "caption", "model", "usage", "finish_reason"} or {"video", "error", "status", "code"}. A video is
 done when it has a caption or a final answer (content moderation, an unreadable file); a rerun skips what
 is done and tries the rest again, so a kill loses at most the requests in flight. A refused key, an empty
-account or a server that stays unreachable stops the run early (client.Breaker). The rows are train.py
+account or a server that stays unreachable stops the run early (runner.Breaker). The rows are train.py
 data as they are.
 """
 
 import collections
 import functools
+import json
 import os
+import re
 import sys
 import time
 import zlib
 
 import cli
-from client import FINAL_CODES, APIError, Stop, add_api_flags, api_client, run_items
+import shots
+from cli import Stop
+from client import FINAL_CODES, add_api_flags, api_client
 from clean import clean_file
-from data import VideoError, canonical, find_videos, jpeg_data_urls, video_base
-from jsonl import Appender, Busy
+from data import VideoError
+from jsonl import Appender, Busy, iter_rows
 from redact import Redactor
-from workers import imap_unordered
+from runner import run_items
+from sources import canonical, find_videos, video_base
+from workers import PoolError, imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describe the video in one detailed "
@@ -35,26 +46,27 @@ PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describ
 
 
 def parse_args(argv=None):
-    p = cli.Parser(description="Label videos with an OpenAI-compatible vision model "
-                                            "(`label.py clean FILE --out FILE` cleans the labels).")
+    p = cli.Parser(description="Label videos with an OpenAI-compatible vision model (`label.py clean FILE --out "
+                               "FILE` cleans the labels; `label.py verify FILE --out FILE` checks them against their frames).")
     p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
-    p.add_argument("--out", default="labels.jsonl")
+    p.add_argument("--out", default="labels.jsonl", help="the JSONL file the rows are appended to")
     add_api_flags(p, DASHSCOPE, "qwen-vl-max", "DASHSCOPE_API_KEY", concurrency=16)
-    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--prompt", default=PROMPT, help="the instruction ({n}: the frame count)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--frames", type=cli.positive_int, default=4)
+    p.add_argument("--frames", type=cli.positive_int, default=4, help="frames sent per video (or shot), at the middles of equal segments")
     p.add_argument("--frames-as", choices=["video", "images"], default="video",
                    help="one Qwen 'video' part, or one image_url part per frame")
     p.add_argument("--max-side", type=cli.positive_int, default=768, help="longest side of each JPEG, pixels")
     p.add_argument("--jpeg-q", type=int, choices=range(2, 32), default=4, metavar="2..31",
                    help="JPEG quantizer: 2 best .. 31 worst")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=1024, help="the answer's length, at most")
-    p.add_argument("--temperature", type=cli.non_negative)
+    p.add_argument("--temperature", type=cli.non_negative, help="the API's sampling temperature (default: the API's own)")
     p.add_argument("--workers", "--decode-workers", type=cli.positive_int, default=4, help="video decoding processes")
     p.add_argument("--decode-timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
     p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
+    shots.add_flags(p)
     p.add_argument("--shard", default="0/1", help="K/N: label only the videos of shard K of N")
-    p.add_argument("--retry-errors", "--retry-failed", action="store_true",
+    p.add_argument("--retry-errors", action="store_true",
                    help="try again the videos with a final error row too (moderation, unreadable)")
     p.add_argument("--price-in", type=cli.non_negative, default=0.0, help="$ per million prompt tokens")
     p.add_argument("--price-out", type=cli.non_negative, default=0.0, help="$ per million completion tokens")
@@ -76,29 +88,34 @@ def request(urls, prompt, frames_as):
 
 
 def label_one(client, args, prompt, job):
-    """(video, data URLs or VideoError) -> its row; None when the run stopped before it was asked."""
-    video, urls = job
+    """((video, shot, _), data URLs or VideoError) -> its row (with the shot's fields, for --shots)."""
+    (video, shot, _), urls = job
+    return {**shots.fields(shot), **_label_one(client, args, prompt, video, urls)}
+
+
+def identify(job):
+    """The fields of a job's row that say which video (and shot) it is for (runner.guarded)."""
+    (video, shot, _), _ = job
+    return {"video": video, **shots.fields(shot)}
+
+
+def _label_one(client, args, prompt, video, urls):
     if isinstance(urls, VideoError):
         code = "unreadable_video" if os.path.exists(video) else "missing_video"
         return {"video": video, "error": str(urls), "status": None, "code": code}
     params = {"max_tokens": args.max_new_tokens}
     if args.temperature is not None:
         params["temperature"] = args.temperature
-    try:
-        for _ in range(3):   # an empty answer is asked for again, twice
-            reply = client.chat(request(urls, prompt, args.frames_as), **params)
-            if reply.content.strip() or reply.finish_reason == "content_filter":
-                break
-    except APIError as e:
-        return None if e.code == "stopped" else {"video": video, "error": str(e), "status": e.status, "code": e.code}
-    except Exception as e:   # a fault nobody foresaw: this video's row (tried again next run), not the run's end
-        return {"video": video, "error": f"{type(e).__name__}: {e}", "status": None, "code": "internal_error"}
+    for _ in range(3):   # an empty answer is asked for again, twice
+        reply = client.chat(request(urls, prompt, args.frames_as), **params)
+        if reply.content.strip() or reply.finish_reason == "content_filter":
+            break
     if reply.finish_reason == "content_filter":   # moderated on the way out: a final answer
         return {"video": video, "error": "the reply was filtered", "status": 200, "code": "content_filter"}
     if not reply.content.strip():
         return {"video": video, "error": "the reply was empty, three times", "status": 200, "code": "empty_reply"}
     return {"video": video, "caption": reply.content.strip(), "model": reply.model or args.model,
-            "usage": reply.usage, "finish_reason": reply.finish_reason}
+            "frames": args.frames, "usage": reply.usage, "finish_reason": reply.finish_reason}
 
 
 FILE_CODES = {"unreadable_video", "missing_video"}   # the file's trouble, which says nothing of the API
@@ -117,44 +134,116 @@ def is_done(row, retry_errors=False):
     return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | {"unreadable_video"})
 
 
-def video_key(row):
-    return canonical(row["video"]) if isinstance(row.get("video"), str) else None
+VERIFY = ("These are {frames} frames sampled evenly from one video, in order. Below are {n} numbered sentences "
+          "that describe it. For each sentence, say whether the frames support it (true) or not (false: it "
+          "describes something not visible, or different from what is visible).\n\n{sentences}\n\nAnswer with a "
+          "JSON object {{\"supported\": [true | false, ...]}}, one value per sentence, in order.")
 
 
-def label(args):
+def sentences(text):
+    return [s.strip() for s in re.split(r"(?<=[.!?。！？])\s*", text) if s.strip()]
+
+
+def verify_one(client, args, labels, job):
+    """((video, shot, _), data URLs) -> its label with the sentences its frames do not support taken out;
+    "usage" is the check's own (the label's stays in "label_usage")."""
+    (video, shot, _), urls = job
+    if isinstance(urls, VideoError):
+        return {**identify(job), **_label_one(client, args, "", video, urls)}
+    label = labels[(canonical(video), shot[0] if shot else None)]
+    said = sentences(label["caption"])
+    prompt = VERIFY.format(frames=len(urls), n=len(said), sentences="\n".join(f"{i + 1}. {s}" for i, s in enumerate(said)))
+    for _ in range(3):   # an answer that does not parse is asked again, twice
+        reply = client.chat(request(urls, prompt, args.frames_as), response_format={"type": "json_object"},
+                            max_tokens=args.max_new_tokens)
+        marks = parse_marks(reply.content, len(said))
+        if marks is not None:
+            break
+    else:
+        return {**identify(job), "error": f"unparsed: {client.scrub(reply.content, 200)}", "status": 200,
+                "code": "unparsed"}
+    kept = [s for s, ok in zip(said, marks) if ok]
+    return {**label, "caption": " ".join(kept), "caption_original": label["caption"], "sentences": len(said),
+            "supported": len(kept), "verifier": reply.model or args.model, "usage": reply.usage,
+            "finish_reason": reply.finish_reason, "label_usage": label.get("usage")}
+
+
+def read_labels(args):
+    """{(video, shot): row} of the labels to verify; labels made from other --frames are refused, as the
+    check is fair only on the frames a label was made from."""
+    labels = {shots.row_key(r): r for r in iter_rows(args.source, must_exist=True)
+              if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str) and r["caption"].strip()
+              and ("shot" not in r or shots.shot_of(r))}
+    made = {r["frames"] for r in labels.values() if isinstance(r.get("frames"), int)} - {args.frames}
+    if made:
+        raise ValueError(f"{args.source}: labels made from {sorted(made)[0]} frames: verify them with "
+                         f"--frames {sorted(made)[0]} (and the --max-side they were made with)")
+    return labels
+
+
+def parse_marks(text, n):
+    try:
+        marks = json.loads(text).get("supported")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return marks if isinstance(marks, list) and len(marks) == n and all(isinstance(m, bool) for m in marks) else None
+
+
+def label(args, verify=False):
     prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
     prompt = prompt.replace("{n}", str(args.frames))
     client = api_client(args)
     base = video_base(args.source)
     videos = [v for v in find_videos(args.source) if in_shard(os.path.relpath(v, base), args.shard)]
+    decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
+                               buffer=2 * args.concurrency, memory_gb=args.decode_memory)
+    stats = collections.Counter(cut=0) if shots.finder(args) and not verify else collections.Counter()
+    labels = read_labels(args) if verify else None
     with Appender(args.out, fsync=True) as out:
-        done = out.settle(video_key, functools.partial(is_done, retry_errors=args.retry_errors))
-        todo = [v for v in videos if canonical(v) not in done]
-        decode = functools.partial(jpeg_data_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q)
-        jobs = imap_unordered(decode, todo, workers=args.workers, timeout=args.decode_timeout,
-                              buffer=2 * args.concurrency, memory_gb=args.decode_memory)
-        stats, failed, start = collections.Counter(), collections.Counter(), time.monotonic()
+        done = out.settle(shots.row_key, functools.partial(is_done, retry_errors=args.retry_errors))
+        if verify:   # the labels' own frames again (the same sampler, the same shot), one job a label
+            todo = [(r["video"], shots.shot_of(r), None) for k, r in labels.items()
+                    if k not in done and in_shard(os.path.relpath(k[0], base), args.shard)]
+            work = functools.partial(verify_one, client, args, labels)
+        elif shots.finder(args):   # shots found in the decode workers, then each shot labelled alone
+            of = shots.counts([args.out])
+            todo = [v for v in videos if not shots.whole(v, done, of)]
+            shots_of = shots.jobs(shots.counted(decode(shots.finder(args), todo), stats), done)
+            work = functools.partial(label_one, client, args, prompt)
+        else:
+            todo = [v for v in videos if (canonical(v), None) not in done]
+            work = functools.partial(label_one, client, args, prompt)
+        asked = todo if verify else shots_of if shots.finder(args) else [(v, None, None) for v in todo]
+        jobs = decode(functools.partial(shots.shot_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q), asked)
+        failed, start = collections.Counter(), time.monotonic()
 
         def seen(row):
             if "error" in row:
                 failed[f"{row['status'] or '-'} {row['code']}"] += 1
             else:
                 stats["done"] += 1
-                stats["in"] += row["usage"]["prompt_tokens"]
-                stats["out"] += row["usage"]["completion_tokens"]
-                stats["length"] += row["finish_reason"] == "length"
-            progress(stats["done"] + sum(failed.values()), len(todo), sum(failed.values()), start)
+                usage = row.get("usage") if isinstance(row.get("usage"), dict) else {}
+                stats["in"] += usage.get("prompt_tokens", 0)
+                stats["out"] += usage.get("completion_tokens", 0)
+                stats["length"] += row.get("finish_reason") == "length"
+            progress(stats, stats["done"] + sum(failed.values()), len(todo), sum(failed.values()), start)
         try:
-            run_items(client, jobs, functools.partial(label_one, client, args, prompt), args.concurrency, out,
-                      args.max_failures_in_a_row, neutral=FILE_CODES, seen=seen)
+            run_items(client, jobs, work, args.concurrency, out, args.max_failures_in_a_row, identify,
+                      neutral=FILE_CODES, seen=seen)
         finally:
             summary(args, stats, failed, len(videos) - len(todo), start)
+    retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] not in FINAL_CODES | {"unreadable_video"})
+    if retry and not stats["done"]:   # a run that labelled nothing did not work, whatever stopped it
+        raise Stop(f"no video was labelled and {retry} failed (see above); they are not marked done")
 
 
-def progress(finished, total, failed, start):
-    rate = finished / max(time.monotonic() - start, 1e-9)
-    eta = (total - finished) / rate if rate > 0 else float("inf")
-    print(f"\r{finished}/{total} videos, {failed} failed, {rate:.2f} videos/s, ETA {eta / 60:.1f} min ",
+def progress(stats, finished, total, failed, start):
+    """Items answered (labels, or shots) of `total`; per shot, the ETA goes by the videos cut so far."""
+    elapsed = max(time.monotonic() - start, 1e-9)
+    done, what = (stats["cut"], f"{finished} shots, {stats['cut']}/{total} videos cut") if "cut" in stats else \
+        (finished, f"{finished}/{total} labels")
+    eta = (total - done) * elapsed / done if done else float("inf")
+    print(f"\r{what}, {failed} failed, {finished / elapsed:.2f} a second, ETA {eta / 60:.1f} min ",
           end="", file=sys.stderr, flush=True)
 
 
@@ -172,9 +261,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "clean":
         return cli.run(lambda: clean_file(argv[1:]), (OSError, ValueError, Busy))
-    args = parse_args(argv)
+    verify = bool(argv) and argv[0] == "verify"
+    args = parse_args(argv[1:] if verify else argv)
     scrub = Redactor(os.environ.get(args.api_key_env, "").strip())
-    return cli.run(lambda: label(args), (OSError, ValueError, Busy, Stop), scrub)
+    return cli.run(lambda: label(args, verify), (OSError, ValueError, Busy, Stop, PoolError), scrub)
 
 
 if __name__ == "__main__":

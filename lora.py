@@ -77,23 +77,25 @@ def lora_layers(model: nn.Module):
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _matches(name: str, targets) -> bool:
+def matches(name: str, targets) -> bool:
     """peft's rule: a list matches the last name component(s); a string is a regex on the full name."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def add_lora(model: nn.Module, targets=("q_proj", "k_proj"), r=128, alpha=32.0, dropout=0.05, ranks=None):
+def add_lora(model: nn.Module, targets=("q_proj", "k_proj"), r=128, alpha=32.0, dropout=0.05, ranks=None,
+             alphas=None):
     """Replace every nn.Linear whose name matches `targets` with a LoRALinear; returns the names.
 
-    `ranks` ({module name: r}) overrides r per module, as when the ranks are read from a checkpoint."""
+    `ranks` and `alphas` ({module name: value}) override r and alpha per module, as when they are read
+    from a checkpoint."""
     names = []
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and _matches(name, targets):
+        if type(module) is nn.Linear and matches(name, targets):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            layer = LoRALinear(module, (ranks or {}).get(name, r), alpha, dropout)
+            layer = LoRALinear(module, (ranks or {}).get(name, r), (alphas or {}).get(name, alpha), dropout)
             setattr(parent, child, layer.train(module.training))   # no dropout in a model set to eval
             names.append(name)
     if not names:
@@ -107,9 +109,9 @@ def lora_shape(model: nn.Module) -> dict:
 
 
 def add_lora_like(model: nn.Module, shape: dict, dropout: float = 0.0):
-    """Adapters on exactly the modules that `shape` ({name: (r, alpha)}) names, with their ranks and alpha."""
+    """Adapters on exactly the modules that `shape` ({name: (r, alpha)}) names, each with its rank and alpha."""
     return add_lora(model, targets="|".join(map(re.escape, shape)), ranks={n: r for n, (r, _) in shape.items()},
-                    alpha=next(iter(shape.values()))[1], dropout=dropout)
+                    alphas={n: a for n, (_, a) in shape.items()}, dropout=dropout)
 
 
 def set_lora_alpha(model: nn.Module, alpha: float):
@@ -125,6 +127,20 @@ def set_lora_alpha(model: nn.Module, alpha: float):
 def merge_lora(model: nn.Module):
     for layer in lora_layers(model).values():
         layer.merge()
+
+
+@torch.no_grad()
+def replace_linears(lm: nn.Module, make):
+    """Every linear layer of `lm` replaced by make(weight, bias), its adapter merged into the weight at its
+    current alpha first (generate.pack_for_cpu, quant.quantize_int8: layers for inference only)."""
+    for name, m in list(lm.named_modules()):
+        if isinstance(m, nn.Linear) and not name.endswith(("lora_A", "lora_B")):
+            w = m.weight
+            if isinstance(m, LoRALinear) and not m.merged:
+                w = (w.float() + m.delta_weight()).to(w.dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent) if parent else lm, child, make(w, m.bias))
+    return lm
 
 
 def unmerge_lora(model: nn.Module):

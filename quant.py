@@ -2,10 +2,11 @@
 output channel (per token, for the embedding).
 
 Decoding reads every weight once per step, so it is bound by memory traffic: int8 weights are a quarter
-of fp32's bytes and half of bf16's (13B: 13 GB instead of 26, on a 24 GB card). Each row of W is scaled
-so that its largest magnitude is 127 and rounded (gpt-fast's `quantize.py` is the anchor); activations stay
-in the compute dtype. The product runs in torch's `_weight_int8pack_mm` where it has one (CPU and CUDA),
-else the weight is widened and multiplied (the reference path, which the fast one is tested against).
+of fp32's bytes and half of bf16's (13B: 13.7 GB instead of 26.8, which fits a 24 GB card). Each row of W
+is scaled so that its largest magnitude is 127 and rounded (gpt-fast's `quantize.py` is the anchor);
+activations stay in the compute dtype. The product runs in torch's `_weight_int8pack_mm` where it has one
+(CPU and CUDA builds; its CUDA speed has not been measured here), else the weight is widened and multiplied
+(the reference path, which the fast one is tested against).
 LoRA is merged in first, at the alpha the model was loaded with. The vision tower is left as it is.
 """
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import LoRALinear
+from lora import replace_linears
 
 
 class Int8Linear(nn.Module):
@@ -51,17 +52,15 @@ class Int8Embedding(nn.Module):
 
 
 @torch.no_grad()
-def quantize_int8(lm: nn.Module) -> nn.Module:
+def quantize_int8(lm: nn.Module, device=None) -> nn.Module:
     """Every linear layer of the language model (LoRA merged in) becomes an Int8Linear, and its embedding an
-    Int8Embedding, in place."""
-    for name, m in list(lm.named_modules()):
-        if isinstance(m, nn.Linear) and not name.endswith(("lora_A", "lora_B")):
-            w = m.weight
-            if isinstance(m, LoRALinear) and not m.merged:
-                w = (w.float() + m.delta_weight()).to(w.dtype)
-            parent, _, child = name.rpartition(".")
-            setattr(lm.get_submodule(parent) if parent else lm, child, Int8Linear(w, m.bias))
-    lm.model.embed_tokens = Int8Embedding(lm.model.embed_tokens.weight)
+    Int8Embedding, in place. With `device`, each weight is moved there one at a time and quantized there:
+    a model loaded on the CPU reaches the device as int8, never whole in its compute dtype (13B in bf16
+    is 26 GB: more than a 24 GB card holds)."""
+    def there(t):
+        return None if t is None else t.to(device) if device is not None else t
+    replace_linears(lm, lambda w, b: Int8Linear(there(w), there(b)))
+    lm.model.embed_tokens = Int8Embedding(there(lm.model.embed_tokens.weight))
     return lm
 
 

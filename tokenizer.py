@@ -193,6 +193,30 @@ def prompt_ids(tok: Tokenizer, question: str = QUESTION, template: str = "vicuna
     return tok.encode(TEMPLATES[template]["first"].replace("{system}", system).replace("{question}", question))
 
 
+PROMPT_FILE = "prompt.json"   # in a model folder train.py exported: the prompt it was trained with
+
+
+def save_prompt(folder: str, question: str, system: str, template: str):
+    with open(os.path.join(folder, PROMPT_FILE), "w", encoding="utf-8") as f:
+        json.dump({"question": question, "system": system, "template": template}, f, indent=2, ensure_ascii=False)
+
+
+def load_prompt(folder: str) -> dict:
+    """The folder's prompt.json ({"question", "system", "template"}, each a string), {} when it has none."""
+    path = os.path.join(folder, PROMPT_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            got = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(got, dict) or not all(isinstance(got.get(k, ""), str) for k in ("question", "system", "template")) \
+            or got.get("template", "vicuna") not in TEMPLATES:
+        raise ValueError(f"{path}: expected {{\"question\", \"system\", \"template\" ({' or '.join(TEMPLATES)})}} as strings")
+    return {k: got[k] for k in ("question", "system", "template") if k in got}
+
+
 def stop_id(tok: Tokenizer, template: str) -> int:
     return tok.added.get(TEMPLATES[template]["end"], tok.eos_id)
 

@@ -15,7 +15,6 @@
 Everything runs through the same train.py / caption.py a 16-GPU run uses, as subprocesses.
 """
 
-import argparse
 import json
 import os
 import re
@@ -26,10 +25,12 @@ import time
 
 import numpy as np
 
+import cli
 from jsonl import read_rows
 from synthetic import write_image, write_video
 from tokenizer import train_tokenizer
 
+MARK = ".toy-run"   # in every --out folder toy.py makes: the only folders it deletes
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE = 48
 COLOURS = {"red": (220, 45, 45), "green": (40, 170, 60), "blue": (50, 90, 235), "yellow": (235, 205, 35)}
@@ -165,15 +166,27 @@ def toy_config(tok_folder, frames, pooling="pllava", t_pool=None):
                 pooling_shape=[t_pool or frames, 3, 3])
 
 
-def run(cmd, log, nproc=1):
-    """A stage as its own process (torchrun for nproc > 1); its output goes to a log file."""
+def run(cmd, log, nproc=1, watch=None):
+    """A stage as its own process (torchrun for nproc > 1); its output goes to a log file, and every few
+    seconds a progress line with an ETA: watch() gives (done, total), from the rows the stage has written."""
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] + cmd
     start = time.monotonic()
     with open(log, "w") as f:
-        r = subprocess.run([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
-                           env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))})
-    if r.returncode != 0:
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))})
+        shown = start
+        while proc.poll() is None:
+            time.sleep(0.5)
+            done, total = watch() if watch and time.monotonic() - shown > 10 else (0, 0)
+            if done:
+                shown = time.monotonic()
+                eta = (time.monotonic() - start) * (total - done) / done
+                print(f"\r  {os.path.basename(log)[:-4]}: {done}/{total}, ETA {eta:.0f} s (log: {log})   ", end="",
+                      file=sys.stderr, flush=True)
+    if watch:
+        print(file=sys.stderr)
+    if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)} (see {log})")
     return time.monotonic() - start
 
@@ -183,7 +196,8 @@ def train(out, data, model, steps, batch, lr, log, extra=(), nproc=1):
             "--max-steps", str(steps), "--batch-size", str(batch // nproc), "--lr", str(lr),
             "--warmup-steps", str(steps // 20), "--workers", "0", "--log-every", "25", "--seed", "0",
             "--system", SYSTEM, "--max-text-tokens", "64", *model, *extra]
-    return run(args, log, nproc)
+    metrics = os.path.join(out + "_run", "metrics.jsonl")
+    return run(args, log, nproc, lambda: (max([r.get("step", 0) for r in read_rows(metrics)], default=0), steps))
 
 
 def caption(model, rows_file, out, question, log, alpha=None, frames=None):
@@ -192,7 +206,8 @@ def caption(model, rows_file, out, question, log, alpha=None, frames=None):
             "--workers", "1", "--stop", "\n"]
     args += ["--lora-alpha", str(alpha)] if alpha is not None else []
     args += ["--frames", str(frames)] if frames else []
-    run(args, log)
+    total = len(read_rows(rows_file))
+    run(args, log, watch=lambda: (len(read_rows(out)), total))
     return {r["video"]: r.get("caption", "") for r in read_rows(out)}
 
 
@@ -232,19 +247,23 @@ def table(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="toy_out")
+    p = cli.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="toy_out", help="the folder for the world, the models, the logs and results.json")
     p.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (the CI test)")
-    p.add_argument("--ablations", action="store_true")
-    p.add_argument("--nproc", type=int, default=1, help="processes for stage 2 (torchrun, FSDP2)")
-    p.add_argument("--frames", type=int, default=4, help="frames the model sees per video")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablations", action="store_true", help="also the seed's experiments, one change at a time")
+    p.add_argument("--nproc", type=cli.positive_int, default=1, help="processes for stage 2 (torchrun, FSDP2)")
+    p.add_argument("--frames", type=cli.positive_int, default=4, help="frames the model sees per video")
+    p.add_argument("--seed", type=int, default=0, help="of the world and of training")
     args = p.parse_args(argv)
     n_train, n_test, n_stills, n_test_stills, steps1, steps2, batch = SIZES["quick" if args.quick else "default"]
     out, start = os.path.abspath(args.out), time.monotonic()
-    shutil.rmtree(out, ignore_errors=True)
+    if os.path.isdir(out) and os.listdir(out):   # only an earlier toy run is ever deleted
+        if not os.path.exists(os.path.join(out, MARK)):
+            sys.exit(f"error: {out} holds files that are not an earlier toy run's: choose another --out")
+        shutil.rmtree(out)
     world, logs = os.path.join(out, "world"), os.path.join(out, "logs")
     os.makedirs(logs)
+    open(os.path.join(out, MARK), "w").close()
 
     def say(text):
         print(f"[{time.monotonic() - start:6.1f} s] {text}", flush=True)
@@ -283,12 +302,21 @@ def main(argv=None):
     if args.ablations:
         ablations(args, out, data, stage1, stage2, steps2, batch, evaluate, say)
     summary = {"results": results, "seconds": round(time.monotonic() - start, 1), "quick": args.quick,
-               "frames": args.frames, "nproc": args.nproc}
+               "frames": args.frames, "nproc": args.nproc, "seed": args.seed, "depends_on": versions()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\nAccuracy (%) on held-out test videos and stills:\n" + table(results))
     say(f"done; results in {os.path.join(out, 'results.json')}")
     return summary
+
+
+def versions():
+    """What the numbers depend on besides the seed: the libraries that encode the world and train on it."""
+    import platform
+    import av
+    import torch
+    return {"torch": torch.__version__, "av": av.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "threads_per_stage": max(1, (os.cpu_count() or 2)), "cpu": platform.machine()}
 
 
 def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, say):

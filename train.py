@@ -15,7 +15,6 @@ of the whole global batch, so one process and N processes with the same global b
 
 import datetime
 import functools
-import json
 import math
 import os
 import resource
@@ -28,60 +27,68 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 import cli
 import hub
+import plan
 import lora
-from checkpoint import CheckpointError
-from config import Config
+from checkpoint import CheckpointError, read_config
+from config import PRESETS, Config
 from data import mean_std, normalize
 from dataset import StepSampler, TrainSet, collate, eval_keys, read_samples
 from jsonl import Appender, Busy
 from model import PLLaVA
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, template_for
-from trainstate import check_out, export, load_checkpoint, save_checkpoint
+from trainstate import barrier, check_out, export, load_checkpoint, save_checkpoint
 
 
 def parse_args(argv=None):
     p = cli.Parser(description="LoRA post-training of PLLaVA (FSDP2 under torchrun).")
-    p.add_argument("--data", required=True, help="training JSONL file(s), comma-separated")
+    p.add_argument("--data", help="training JSONL file(s), comma-separated (required)")
     p.add_argument("--eval-data", help="JSONL file(s) for the eval loss")
     p.add_argument("--video-root", help="folder that relative video paths are relative to")
-    p.add_argument("--out", required=True, help="checkpoints, logs and metrics go here")
+    p.add_argument("--out", help="checkpoints, logs and metrics go here (required)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a llava-v1.6 / PLLaVA folder or hub id to start from")
     src.add_argument("--init-from-config", help="a config.json: random weights (for small models)")
     p.add_argument("--tokenizer", help="folder with the tokenizer files (default: the model folder)")
     p.add_argument("--full-finetune", action="store_true", help="train the whole LLM (and projector), no LoRA")
     p.add_argument("--train-all", action="store_true", help="train everything, vision tower too, no LoRA")
-    p.add_argument("--lora-r", type=cli.positive_int, default=128)
-    p.add_argument("--lora-alpha", type=cli.non_negative, default=32.0)
-    p.add_argument("--lora-dropout", type=cli.non_negative, default=0.05)
-    p.add_argument("--lora-targets", default="q_proj,k_proj")
+    p.add_argument("--lora-r", type=cli.positive_int, default=128, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=cli.non_negative, default=32.0, help="LoRA alpha (its share is alpha / r)")
+    p.add_argument("--lora-dropout", type=cli.non_negative, default=0.05, help="dropout on the LoRA input")
+    p.add_argument("--lora-targets", default="q_proj,k_proj", help="the linear layers that get LoRA, comma-separated")
     p.add_argument("--frames", type=cli.positive_int, help="frames per video (default: the model's num_frames)")
     p.add_argument("--prompt", default=QUESTION, help="the instruction paired with a plain caption")
-    p.add_argument("--system", default=SYSTEM)
+    p.add_argument("--system", default=SYSTEM, help="the system line of the prompt template")
     p.add_argument("--template", choices=sorted(TEMPLATES), help="default: from the tokenizer")
     p.add_argument("--max-text-tokens", type=cli.positive_int, default=1024,
                    help="text tokens per sample, longer ones cut (the visual ones apart)")
     p.add_argument("--batch-size", type=cli.positive_int, default=12, help="videos per GPU (or process) per micro-batch")
-    p.add_argument("--grad-accum", type=cli.positive_int, default=1)
-    p.add_argument("--max-steps", type=cli.positive_int)
+    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-steps", type=cli.positive_int, help="optimizer steps (default: --epochs' worth)")
     p.add_argument("--epochs", type=cli.positive, default=1.0, help="used when --max-steps is not given")
-    p.add_argument("--lr", type=cli.positive, default=2e-5)
-    p.add_argument("--min-lr", type=cli.non_negative, default=0.0)
-    p.add_argument("--warmup-steps", type=cli.count, default=0)
-    p.add_argument("--weight-decay", type=cli.non_negative, default=0.02)
+    p.add_argument("--lr", type=cli.positive, default=2e-5, help="peak learning rate (cosine schedule)")
+    p.add_argument("--min-lr", type=cli.non_negative, default=0.0, help="learning rate at the end of the schedule")
+    p.add_argument("--warmup-steps", type=cli.count, default=0, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=cli.non_negative, default=0.02, help="AdamW's, on weights of 2 dimensions or more")
     p.add_argument("--clip", type=cli.non_negative, default=1.0, help="gradient norm clip (0: none)")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="recompute each layer in the backward pass instead of keeping its activations; auto: "
+                        "on when the run would not fit the GPU without it (plan.training), off on a CPU")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory each GPU needs (weights, optimizer, activations) and stop")
+    p.add_argument("--card-gb", type=cli.positive, help="a GPU's memory, for the plan (default: this GPU's, or 80)")
     p.add_argument("--workers", type=cli.count, help="video decoding processes (DataLoader workers) per process "
                    "(default: the cores of the machine shared by its processes, at most 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=cli.positive_int, default=10)
-    p.add_argument("--eval-every", type=cli.count, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the LoRA weights, the data order and the frames sampled")
+    p.add_argument("--log-every", type=cli.positive_int, default=10, help="steps between log lines")
+    p.add_argument("--eval-every", type=cli.count, default=0, help="steps between eval losses (0: none)")
     p.add_argument("--save-every", type=cli.count, default=0, help="0: only at the end")
     p.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--export", help="write a model folder that caption.py loads")
-    p.add_argument("--export-dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--export-dtype", choices=["float32", "bfloat16", "float16"], help="the exported weights' dtype (default: bf16 after a GPU run, fp32 after a CPU one)")
     args = p.parse_args(argv)
+    if not args.dry_run and not (args.data and args.out):
+        p.error("--data and --out are required")
     if args.lora_dropout >= 1:
         p.error("--lora-dropout must be below 1")
     return args
@@ -96,10 +103,51 @@ def build_source(args, folder):
     if folder:
         model = PLLaVA.from_pretrained(folder, dtype=None)
     else:
-        with open(args.init_from_config) as f:
-            model = PLLaVA.from_config(Config.from_dict(json.load(f)), seed=args.seed)
+        model = PLLaVA.from_config(read_config(args.init_from_config), seed=args.seed)
     add_lora(model, args)
     return model
+
+
+def preprocessing_folder(folder, tok_folder):
+    """Where the model's preprocessor_config.json is: its own folder, else the tokenizer's (a model made
+    from --init-from-config), else neither (CLIP's mean and std)."""
+    for f in (folder, tok_folder):
+        if f and os.path.isfile(os.path.join(f, "preprocessor_config.json")):
+            return f
+    return tok_folder
+
+
+def probe(args, folder):
+    """(config, trainable parameters) of the run, from a copy on the meta device (no memory): the LoRA
+    targets that name no linear layer of the model fail here, before it loads."""
+    config = Config.from_dict(PRESETS[args.model]) if args.model in PRESETS else read_config(folder or args.init_from_config)
+    with torch.device("meta"):
+        model = PLLaVA(config)
+    try:
+        add_lora(model, args)
+    except ValueError:
+        raise ValueError(f"--lora-targets {args.lora_targets}: no linear layer of the model has that name "
+                         f"(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)") from None
+    set_trainable(model, args)
+    return config, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def memory(args, config, trainable, world, gpu):
+    """Whether to checkpoint activations (--activation-checkpointing auto: when the run does not fit the GPU
+    without it), and the plan; a run that fits the GPU in neither way is refused, with the numbers."""
+    card = (args.card_gb or plan.card_gb(int(os.environ.get("LOCAL_RANK", 0)))) if gpu else None
+    need = {on: plan.training(config, args.batch_size, args.max_text_tokens, world, trainable, on) for on in (False, True)}
+    on = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and card is not None
+                                                  and need[False]["total"] > 0.9 * card)
+    if card is not None and need[on]["total"] > 0.95 * card:
+        raise ValueError(f"training needs {need[on]['total']:.1f} GB on each GPU ({describe(need[on])}), more than "
+                         f"its {card:.0f} GB: a smaller --batch-size (and --grad-accum for the same step), fewer "
+                         f"--max-text-tokens, {'' if on else '--activation-checkpointing on, '}or more GPUs")
+    return on, need[on]
+
+
+def describe(need):
+    return ", ".join(f"{k} {v:.1f} GB" for k, v in need.items() if k != "total")
 
 
 def add_lora(model, args):
@@ -231,7 +279,22 @@ def main(argv=None):
     return cli.run(lambda: train(args), (OSError, ValueError, hub.HubError, CheckpointError, Busy))
 
 
+def dry_run(args):
+    """The plan of a preset (pllava-7b/13b/34b), a local model folder or --init-from-config, on a GPU of
+    --card-gb: nothing is read, loaded or started."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = args.model if args.model and os.path.isdir(args.model) else None   # a hub id would mean a download
+    config, trainable = probe(args, local)
+    on, need = memory(args, config, trainable, world, gpu=True)
+    print(f"{args.model or args.init_from_config}: batch {args.batch_size} x {config.num_visual_tokens} visual + "
+          f"{args.max_text_tokens} text tokens on {world} GPU(s), {trainable / 1e6:.1f}M trainable, activation "
+          f"checkpointing {'on' if on else 'off'}: {describe(need)}, total {need['total']:.1f} GB per GPU")
+    return need
+
+
 def train(args):
+    if args.dry_run:
+        return dry_run(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if args.workers is None:   # the machine's cores, shared by the processes on it
@@ -243,6 +306,11 @@ def train(args):
     if args.resume and not resume_from and rank == 0:
         print(f"note: --resume, but {args.out} holds no checkpoint: starting at step 0", file=sys.stderr, flush=True)
     samples, dropped = read_data(args.data, args, rank)
+    eval_samples = read_data(args.eval_data, args, rank)[0] if args.eval_data else None
+    per_step = args.batch_size * int(os.environ.get("WORLD_SIZE", 1)) * args.grad_accum
+    if len(samples) < per_step:
+        raise ValueError(f"{len(samples)} samples are fewer than one step takes ({per_step}: --batch-size x "
+                         f"processes x --grad-accum)")
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -253,19 +321,23 @@ def train(args):
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     folder = hub.resolve(args.model) if args.model else None
     tok_folder = args.tokenizer or folder
+    config, trainable = probe(args, folder)
+    checkpoints_on, need = memory(args, config, trainable, world, device.type == "cuda")
+    if rank == 0 and device.type == "cuda":
+        print(f"memory per GPU: {need['total']:.1f} GB ({describe(need)}), activation checkpointing "
+              f"{'on' if checkpoints_on else 'off'}", file=sys.stderr, flush=True)
     if args.export and any(f and os.path.exists(args.export) and os.path.samefile(args.export, f)
                            for f in (folder, tok_folder)):
         raise ValueError(f"--export {args.export} is the folder training starts from: export somewhere else")
     tok = Tokenizer(tok_folder)
     model = setup_model(args, folder, rank, world, device)
     torch.manual_seed(args.seed + rank)   # LoRA dropout: each rank draws its own masks
-    checkpointing(model, args.activation_checkpointing)
+    checkpointing(model, checkpoints_on)
     config = model.config
     template = args.template or template_for(tok)
     frames = args.frames or config.num_frames
     size = config.vision_config.image_size
     trainset = TrainSet(samples, tok, template, args.system, frames, size, args.seed, "random", args.max_text_tokens)
-    per_step = args.batch_size * world * args.grad_accum
     total = args.max_steps or max(1, int(args.epochs * (len(samples) // per_step)))
     optimizer = make_optimizer(model, args)
     start, stats = 0, {"skipped": 0}
@@ -279,20 +351,22 @@ def train(args):
                                          collate_fn=functools.partial(collate, pad_id=pad),
                                          generator=torch.Generator().manual_seed(args.seed))
     eval_loader = None
-    if args.eval_data:
-        eval_samples, _ = read_data(args.eval_data, args, rank)
+    if eval_samples:
         evalset = TrainSet(eval_samples, tok, template, args.system, frames, size, args.seed, "middle", args.max_text_tokens)
         keys = eval_keys(len(eval_samples), rank, world)
         eval_loader = torch.utils.data.DataLoader(evalset, batch_sampler=[keys[i:i + args.batch_size] for i in
                                                   range(0, len(keys), args.batch_size)],
                                                   num_workers=min(args.workers, 2), collate_fn=functools.partial(collate, pad_id=pad))
-    mean, std = mean_std(tok_folder)   # the export carries this folder's preprocessor_config.json to caption.py
+    pre = preprocessing_folder(folder, tok_folder)
+    mean, std = mean_std(pre)   # and the export carries its preprocessor_config.json: caption.py normalizes alike
     if rank == 0:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"{len(samples)} samples ({dropped} rows left out), {world} process(es), global batch {per_step}, "
-              f"steps {start}..{total}; training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters", flush=True)
-    metrics = Appender(os.path.join(args.out, "metrics.jsonl")) if rank == 0 else None
+              f"steps {start}..{total}; training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters", flush=True, file=sys.stderr)
+    metrics = Appender(os.path.join(args.out, "metrics.jsonl"), truncate=not resume_from) if rank == 0 else None
+    if metrics and resume_from:   # the rows of steps after the checkpoint are done again: they go
+        metrics.settle(lambda r: (r.get("step"), "eval_loss" in r), lambda r: r.get("step", 0) <= start)
     model.train()
     it, began = iter(loader), time.perf_counter()
     for step in range(start, total):
@@ -301,7 +375,7 @@ def train(args):
         n_tokens, = all_sum([sum((b["labels"][:, 1:] != -100).sum().item() for b in micro)], world, device)
         if n_tokens == 0 and rank == 0:
             print(f"warning: step {step + 1} has no answer tokens to learn from (is --max-text-tokens shorter than "
-                  f"the prompt?)", flush=True)
+                  f"the prompt?)", flush=True, file=sys.stderr)
         lr = lr_at(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -319,7 +393,7 @@ def train(args):
         optimizer.zero_grad(set_to_none=True)
         skipped = [r for b in micro for r in b["skipped"]]
         for reason in skipped:
-            print(f"skipped: {reason}", flush=True)
+            print(f"skipped: {reason}", flush=True, file=sys.stderr)
         loss_sum, n_skip, n_videos, n_seq = all_sum(
             [loss_sum, len(skipped), sum(len(b["ids"]) for b in micro),
              sum(b["ids"].numel() + len(b["ids"]) * (config.num_visual_tokens - 1) for b in micro)], world, device)
@@ -331,12 +405,12 @@ def train(args):
                    "peak_mem_gb": peak_memory_gb(device), "skipped": stats["skipped"],
                    "eta_min": (total - step - 1) * (time.perf_counter() - began) / (step + 1 - start) / 60}
             metrics.write(row)
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True, file=sys.stderr)
         if eval_loader and args.eval_every and ((step + 1) % args.eval_every == 0 or step == total - 1):
             eval_loss = evaluate(model, eval_loader, device, world, mean, std)
             if rank == 0:
                 metrics.write({"step": step + 1, "eval_loss": eval_loss})
-                print(f"step {step + 1} eval_loss {eval_loss:.4f}", flush=True)
+                print(f"step {step + 1} eval_loss {eval_loss:.4f}", flush=True, file=sys.stderr)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save_checkpoint(model, optimizer, args, step + 1, stats, rank, world)
     if total > start:
@@ -344,11 +418,12 @@ def train(args):
     if args.export:
         dtype = getattr(torch, args.export_dtype) if args.export_dtype else \
             (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        export(model, args, tok_folder, rank, dtype)
+        export(model, args, tok_folder, pre, rank, dtype, template)
     if metrics:
         metrics.close()
         print(f"done: checkpoint {args.out}/checkpoints/step_{total:08d}, metrics {metrics.path}"
-              f"{', model ' + args.export if args.export else ''}", flush=True)
+              f"{', model ' + args.export if args.export else ''}", flush=True, file=sys.stderr)
+    barrier(world)   # no rank leaves while another is still in a collective (rank 0 exporting)
     dist.destroy_process_group()
 
 

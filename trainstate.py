@@ -21,9 +21,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import lora
 from model import PLLaVA
+from tokenizer import save_prompt
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
-                   "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
 
 
 def barrier(world):
@@ -65,8 +65,10 @@ def _rng_state():
 def save_checkpoint(model, optimizer, args, step, stats, rank, world):
     root = os.path.join(args.out, "checkpoints")
     final, tmp = os.path.join(root, f"step_{step:08d}"), os.path.join(root, f"step_{step:08d}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if rank == 0:   # a save killed half-way left its .tmp folder: those go, this one starts clean
+        for old in os.listdir(root) if os.path.isdir(root) else []:
+            if re.fullmatch(r"step_\d+\.tmp", old):
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         os.makedirs(tmp)
     barrier(world)
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -108,8 +110,10 @@ def load_checkpoint(model, optimizer, path, rank):
         return json.load(f)
 
 
-def export(model, args, tokenizer_folder, rank, dtype):
-    """A folder caption.py loads: config.json, model.safetensors, the adapter, the tokenizer files."""
+def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, template):
+    """A folder caption.py loads: config.json, model.safetensors, the adapter, the tokenizer files, the
+    preprocessor_config.json training normalized with, and prompt.json: the question, system line and
+    template it was trained with, which caption.py uses."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return
@@ -120,6 +124,7 @@ def export(model, args, tokenizer_folder, rank, dtype):
             lora.add_lora_like(out.language_model, shape)
     out.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True, strict=True)
     out.save_pretrained(args.export)
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(tokenizer_folder, name)):
-            shutil.copy(os.path.join(tokenizer_folder, name), os.path.join(args.export, name))
+    for folder, name in [(tokenizer_folder, n) for n in TOKENIZER_FILES] + [(preprocessing_folder, "preprocessor_config.json")]:
+        if os.path.exists(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), os.path.join(args.export, name))
+    save_prompt(args.export, args.prompt, args.system, template)

@@ -91,11 +91,18 @@ class _Worker:
         self.proc.wait()
 
     def close(self):
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except OSError:   # it died: nothing to tell it
+            pass
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+class PoolError(Exception):
+    """The decoding processes themselves failed (not one item): nothing more will come from them."""
 
 
 def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8, memory_gb: float = None):
@@ -109,7 +116,7 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
         raise ValueError("imap_unordered needs a function from an importable module, not from __main__")
     out = queue.Queue(maxsize=buffer)
-    done = object()
+    done, failed = object(), []
     limit = int(memory_gb * 2**30) if memory_gb else None
 
     def run():
@@ -118,7 +125,12 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
             while True:
                 while idle and (item := next(todo, done)) is not done:
                     w = idle.pop()
-                    w.start(item, timeout)
+                    try:
+                        w.start(item, timeout)
+                    except OSError:   # it died while idle (the OOM killer, say): a new one takes the item
+                        w.kill()
+                        w = _Worker(fn, limit)
+                        w.start(item, timeout)
                     busy.append(w)
                 if not busy:
                     break
@@ -133,6 +145,8 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
                     busy.remove(w)
                     out.put((w.item, VideoError(f"{w.item}: decoding took longer than {timeout:.0f} s")))
                     idle.append(_Worker(fn, limit))
+        except BaseException as e:   # told to the caller, not lost with this thread
+            failed.append(e)
         finally:
             for w in idle + busy:
                 w.close()
@@ -141,3 +155,5 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     threading.Thread(target=run, daemon=True).start()
     while (got := out.get()) is not done:
         yield got
+    if failed:
+        raise PoolError(f"the decoding processes failed: {type(failed[0]).__name__}: {failed[0]}") from failed[0]

@@ -1,11 +1,35 @@
 """Fixtures shared by the test files."""
 
 import pytest
+import torch
 
 from helpers import tiny_checkpoint
+from tools import kill_started
 
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     """A tiny random PLLaVA checkpoint folder, as a release ships it (config, safetensors, tokenizer)."""
     return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=1)
+
+
+@pytest.fixture(autouse=True)
+def no_orphans():
+    """A test that started a tool and failed before ending it leaves no process behind (CI's cores)."""
+    yield
+    kill_started()
+
+
+@pytest.fixture
+def no_grad():
+    """Inference only, for the files that say `pytestmark = pytest.mark.usefixtures("no_grad")`."""
+    with torch.no_grad():
+        yield
+
+
+def tiny_model(tmp_path_factory, seed):
+    """(model, tokenizer, folder) of a tiny random checkpoint saved with this seed: for a module fixture."""
+    from model import PLLaVA
+    from tokenizer import Tokenizer
+    folder = tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=seed)
+    return PLLaVA.from_pretrained(folder), Tokenizer(folder), folder

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -15,7 +14,7 @@ import time
 import pytest
 
 import hub
-from tools import ROOT, free_port, run_tool
+from tools import ROOT, free_port, run_command, run_tool
 from jsonl import read_rows
 from videos import write_audio_only, write_video
 
@@ -69,8 +68,7 @@ def test_killed_mid_run_then_rerun_gives_every_video_once(ckpt, tmp_path):
     out = str(tmp_path / "c.jsonl")
     args = [str(tmp_path), "--model", ckpt, "--out", out, "--max-new-tokens", "40", "--batch-size", "1",
             "--workers", "1"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "caption.py"), *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = run_caption(args, wait=False, output=False)
     deadline = time.time() + 120
     while time.time() < deadline and len(read_rows(out)) < 3:
         time.sleep(0.05)
@@ -119,7 +117,7 @@ def test_torchrun_ranks_share_the_work_and_merge(ckpt, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(ROOT, "caption.py"), str(tmp_path / "videos"), "--model", ckpt, "--out", out,
            "--max-new-tokens", "6", "--workers", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = run_command(cmd, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows, counts = rows_by_video(out)
     assert set(counts) == set(good + broken) and set(counts.values()) == {1}
@@ -210,3 +208,49 @@ def test_offline_and_missing_model_errors(tmp_path, monkeypatch):
         hub.resolve("someone/absent", cache=str(tmp_path))
     r = run_caption([str(tmp_path), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x.jsonl")])
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    (tmp_path / "models").mkdir()   # a mistyped local folder is not a hub id to download
+    for name in ("./models/x", "models/x"):
+        with pytest.raises(hub.HubError, match="no such model folder"):
+            monkeypatch.chdir(tmp_path)
+            hub.resolve(name, cache=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_rerun_with_other_settings_refuses_the_file_and_overwrite_redoes_it(ckpt, tmp_path):
+    """Every caption carries the id of what made it: another prompt, frame count, alpha, model or --shots
+    on the same --out refuses at start (the file untouched); --overwrite captions again."""
+    video = write_video(str(tmp_path / "v.mp4"), n_frames=12)
+    out = tmp_path / "c.jsonl"
+    base = [video, "--model", ckpt, "--out", out, "--max-new-tokens", "4"]
+    assert run_caption(base).returncode == 0
+    before = out.read_bytes()
+    assert run_caption(base).returncode == 0 and out.read_bytes() == before           # the same settings: resumed
+    for other in (["--prompt", "What happens?"], ["--frames", "2"], ["--lora-alpha", "2"], ["--window", "1"],
+                  ["--max-new-tokens", "5"], ["--temperature", "0.7"]):
+        r = run_caption(base + other)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and "other settings" in lines[0], (other, r.stderr)
+        assert out.read_bytes() == before
+    r = run_caption(base + ["--prompt", "What happens?", "--overwrite"])
+    assert r.returncode == 0 and len(read_rows(str(out))) == 1 and read_rows(str(out))[0]["settings"] != \
+        json.loads(before)["settings"]
+
+
+def test_a_model_folder_carries_its_prompt(ckpt, tmp_path):
+    """prompt.json (train.py --export writes it) is the default question, system line and template; a flag
+    still wins; a broken one is one line at start."""
+    folder = tmp_path / "model"
+    shutil.copytree(ckpt, folder)
+    video = write_video(str(tmp_path / "v.mp4"), n_frames=12)
+    args = [video, "--model", folder, "--max-new-tokens", "6", "--lora-alpha", "4"]
+    plain = run_caption(args + ["--out", tmp_path / "a.jsonl", "--prompt", "Say what moves.", "--system", "Be brief."])
+    (folder / "prompt.json").write_text(json.dumps({"question": "Say what moves.", "system": "Be brief.",
+                                                    "template": "vicuna"}))
+    saved = run_caption(args + ["--out", tmp_path / "b.jsonl"])
+    default = run_caption(args + ["--out", tmp_path / "c.jsonl", "--prompt", "Describe this video."])
+    assert plain.returncode == saved.returncode == default.returncode == 0, saved.stderr
+    a, b, c = (read_rows(str(tmp_path / f"{x}.jsonl"))[0] for x in "abc")
+    assert a["caption"] == b["caption"] and a["settings"] == b["settings"] and c["settings"] != b["settings"]
+    (folder / "prompt.json").write_text('{"question": 3}')
+    r = run_caption(args + ["--out", tmp_path / "d.jsonl"])
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "prompt.json" in r.stderr

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from chaos_api import KEY, ChaosAPI
-from data import canonical, jpeg_data_urls
+from data import jpeg_data_urls
+from sources import canonical
 from jsonl import read_rows
 from tools import run_tool
 from videos import write_video

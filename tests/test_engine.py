@@ -10,26 +10,22 @@ import pytest
 import torch
 
 import engine as engine_module
+from conftest import tiny_model
 from engine import Engine, Item, OutOfMemory
 from generate import Sampling, generate
-from helpers import tiny_checkpoint
 from lora import add_lora, lora_layers
 from model import PLLaVA
-from tokenizer import Tokenizer, prompt_ids
+from tokenizer import prompt_ids
 
 QUESTIONS = ["describe the video", "what happens in this video in detail, step by step?", "hello"]
 
 
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=5)
-    return PLLaVA.from_pretrained(folder), Tokenizer(folder)
+    return tiny_model(tmp_path_factory, 5)[:2]
 
 
 def videos(tok, n, mixed_prompts=False, seed=0):
@@ -87,6 +83,39 @@ def test_stops_read_every_few_steps_give_the_same_tokens(tiny):
     assert dict(eng.run(items)) == want and eng.stats["finished_row_steps"] > 0
 
 
+@pytest.mark.parametrize("new", [10, 13])
+def test_captions_cut_at_the_token_limit_keep_their_last_token_between_checks(tiny, new):
+    """A row that reaches --max-new-tokens between two stop checks runs on: those steps must not touch its
+    tokens (limits that are not a multiple of check_every)."""
+    model, tok = tiny
+    items = videos(tok, 6, seed=8)
+    sampling = Sampling(max_new_tokens=new, stop_ids=())
+    want = {it.key: alone(model, it, sampling) for it in items}
+    assert dict(Engine(model, 3, sampling, check_every=4).run(items)) == want
+
+
+def test_running_out_of_memory_twice_loses_no_video_and_the_batch_grows_back(tiny, monkeypatch):
+    """Two OOMs in a row (8 videos, 4 slots, then 2): every video still gets its tokens; after grow_after
+    videos per slot end without another, the slots double again, up to what was asked."""
+    model, tok = tiny
+    items = videos(tok, 8, seed=9)
+    sampling = Sampling(max_new_tokens=6, stop_ids=())
+    want = {it.key: alone(model, it, sampling) for it in items}
+    real, calls, sizes = engine_module.prefill, itertools.count(), []
+
+    def prefill(lm, x, positions, mask):
+        sizes.append(x.shape[0])
+        if next(calls) in (1, 2):
+            raise torch.OutOfMemoryError("simulated")
+        return real(lm, x, positions, mask)
+    monkeypatch.setattr(engine_module, "prefill", prefill)
+    eng = Engine(model, 4, sampling, grow_after=1)
+    got = dict(eng.run(items))
+    assert got == want and eng.slots == 4 and 1 in sizes       # halved to 1, grown back to 4
+    # 5 decode steps a video (the first token comes from its prefill): the 20 row steps before the OOMs count too
+    assert eng.stats["row_steps"] >= 8 * 5
+
+
 def test_running_out_of_memory_halves_the_slots_frees_the_attempt_and_finishes(tiny, monkeypatch):
     model, tok = tiny
     items = videos(tok, 5, seed=3)
@@ -137,7 +166,7 @@ def test_decoding_reads_nothing_back_between_checks(tiny, monkeypatch):
                 reads.append(_name)
             return _real(self, *a, **kw)
         monkeypatch.setattr(torch.Tensor, name, counted)
-    for method in ("_collect", "_prefill", "_tally"):   # the checks, the refills, the end: reads allowed
+    for method in ("_collect", "_prefill", "_seat", "_tally", "_grow_cache"):   # checks, refills, the end: allowed
         real = getattr(Engine, method)
 
         def paused(self, *a, _real=real, **kw):
@@ -150,6 +179,20 @@ def test_decoding_reads_nothing_back_between_checks(tiny, monkeypatch):
             finally:
                 counting[0] = True
         monkeypatch.setattr(Engine, method, paused)
+    for name in ("tensor", "as_tensor"):   # a tensor made from host data is a copy to the GPU: a sync there
+        real = getattr(torch, name)
+
+        def made(*a, _real=real, _name=name, **kw):
+            if counting[0]:
+                reads.append(_name)
+            return _real(*a, **kw)
+        monkeypatch.setattr(torch, name, made)
+    masks, real_step = [], engine_module.decode_one_token
+
+    def step(lm, token, positions, mask, input_pos, kv_len=None):
+        masks.append(mask is None)
+        return real_step(lm, token, positions, mask, input_pos, kv_len)
+    monkeypatch.setattr(engine_module, "decode_one_token", step)
     items = videos(tok, 5, seed=6)
     sampling = Sampling(max_new_tokens=12, stop_ids=())
     eng = Engine(model, 2, sampling, check_every=4)
@@ -157,6 +200,9 @@ def test_decoding_reads_nothing_back_between_checks(tiny, monkeypatch):
     got = dict(eng.run(items))
     counting[0] = False
     assert reads == [] and eng.stats["steps"] > 20 and len(got) == 5
+    # 5 videos of one prompt length, 12 tokens each, 2 slots: the first pair decodes in step, with no mask
+    # (11 steps: its first tokens come from the prefill); the fifth, alone in a batch of two, is masked
+    assert all(masks[:11]) and not masks[-1]
 
 
 def test_out_of_memory_at_cache_setup_too(tiny, monkeypatch):

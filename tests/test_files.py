@@ -5,14 +5,12 @@ inputs that are missing or are not what they say."""
 import functools
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-import data
+import sources
 from data import VideoError, read_clip_frames, read_frames
 from fake_api import KEY, label_server
 from jsonl import Appender, Busy, read_rows
@@ -130,7 +128,7 @@ def test_one_video_spelled_three_ways_is_one_row_and_retry_errors_leaves_one_row
     assert all(r.returncode == 0 for r in runs + [retried])
     assert asked == 3 and len(api.log) == 4                      # spelled three ways: asked once; then the retry
     rows = read_rows(out)
-    assert sorted(data.canonical(r["video"]) for r in rows) == sorted(data.canonical(p) for p in paths)
+    assert sorted(sources.canonical(r["video"]) for r in rows) == sorted(sources.canonical(p) for p in paths)
     assert all("caption" in r for r in rows)                     # the moderated one, answered on the retry
 
 
@@ -160,8 +158,7 @@ def test_two_label_runs_on_one_output(tmp_path):
     ("train.py", ["--data", "a", "--out", "o", "--model", "m", "--keep", "0"])])
 def test_values_that_can_never_work_fail_once_at_start(tmp_path, tool, args):
     source = [] if tool in ("judge.py", "train.py") else [str(tmp_path)]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, tool), *source, "--out", str(tmp_path / "o.jsonl"), *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "DASHSCOPE_API_KEY": KEY})
+    r = run_tool(tool, [*source, "--out", tmp_path / "o.jsonl", *args], env={"DASHSCOPE_API_KEY": KEY}, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
     assert not os.path.exists(tmp_path / "o.jsonl")
 
@@ -190,8 +187,7 @@ def test_a_broken_checkpoint_fails_once_at_start(tmp_path, ckpt, breakage):
     videos.mkdir()
     write_video(str(videos / "a.mp4"), n_frames=6)
     out = tmp_path / "captions.jsonl"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "caption.py"), str(videos), "--model", str(model), "--out",
-                        str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_tool("caption.py", [videos, "--model", model, "--out", out])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
     assert read_rows(str(out)) == []                                    # no row that a rerun would then skip
@@ -210,8 +206,7 @@ def test_missing_or_mistyped_inputs_leave_the_outputs_alone(tmp_path):
              ["label.py", "clean", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "clean.jsonl")],
              ["label.py", "clean", video, "--out", str(tmp_path / "clean.jsonl")]]
     for args in cases:
-        r = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=60)
+        r = run_tool(args[0], args[1:], env=env, timeout=60)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
     assert (report / "summary.json").read_text() == "{\"earlier\": true}"
@@ -228,9 +223,8 @@ def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_finished_row(tmp_pa
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
     env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
     try:
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "label.py"), str(tmp_path / "v"), "--out", out,
-                            "--api-base", api.url, "--concurrency", "2"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=120, preexec_fn=small_disk)
+        r = run_tool("label.py", [str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--concurrency", "2"],
+                     env=env, timeout=120, preexec_fn=small_disk)
         first = read_rows(out)
         again = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url])
     finally:

@@ -5,24 +5,20 @@ import copy
 import pytest
 import torch
 
+from conftest import tiny_model
 from generate import PackedLinear, Sampling, Stopper, can_pack, generate, generate_reference, pack_for_cpu, pick
-from helpers import tiny_checkpoint
 from lora import add_lora, lora_layers
-from model import PLLaVA, causal_mask, positions_of
-from tokenizer import Tokenizer, prompt_ids
+from model import causal_mask, positions_of
+from tokenizer import prompt_ids
 
 
 
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=3)
-    return PLLaVA.from_pretrained(folder), Tokenizer(folder)
+    return tiny_model(tmp_path_factory, 3)[:2]
 
 
 def left_pad(rows, pad):
@@ -106,10 +102,10 @@ def test_static_cache_path_and_compiled_step_equal_the_plain_path(tiny, monkeypa
     monkeypatch.setattr(g, "compiled_decode", lambda lm, mode: g.decode_one_token)   # the static path, eager
     assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()), compile_mode="default") == plain
     monkeypatch.undo()
-    model.language_model.compiled_decode = None                               # "default": a quick compile
+    model.language_model.__dict__.pop("compiled_decode", None)                 # "default": a quick compile
     assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()), compile_mode="default") == plain
     assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()), compile_mode="default") == plain   # reused
-    model.language_model.compiled_decode = None
+    model.language_model.__dict__.pop("compiled_decode", None)
     model.language_model.clear_cache()
 
 

@@ -6,7 +6,6 @@ import hashlib
 import http.server
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -14,7 +13,7 @@ import time
 import pytest
 
 import hub
-from tools import ROOT
+from tools import ROOT, run_command
 
 REPO = "someone/tiny"
 
@@ -39,6 +38,7 @@ class Hub(http.server.BaseHTTPRequestHandler):
         data = self.files[name]
         if fault.get("portal"):
             data = b"<!DOCTYPE html><html><body>Please sign in to the hotel wifi</body></html>"
+        data = fault.get("body", data)
         etag = '"' + hashlib.sha256(data).hexdigest() + '"'
         start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
         if start and fault.get("if_range", True) and self.headers.get("If-Range") not in (None, etag):
@@ -46,8 +46,13 @@ class Hub(http.server.BaseHTTPRequestHandler):
         body = data[start:]
         if fault.get("endless"):
             self.send_response(200)
-            self.send_header("X-Linked-Size", str(len(data)))
+            if fault["endless"] == "announced":
+                self.send_header("X-Linked-Size", str(len(data)))
+            else:   # no length anywhere: the connection closes when the server is done, which it never is
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
+            self.wfile.write(data)
             try:
                 while True:
                     self.wfile.write(b"\0" * 65536)
@@ -156,9 +161,8 @@ def test_four_processes_resolving_one_model_download_it_once(served):
     url, cache = served
     Hub.faults = {"model.safetensors": {"delay": 0.002}}
     code = f"import hub; print(hub.resolve({REPO!r}, cache={cache!r}))"
-    env = {**os.environ, "HF_ENDPOINT": url, "PYTHONPATH": ROOT}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    env = {"HF_ENDPOINT": url, "PYTHONPATH": ROOT}
+    procs = [run_command([sys.executable, "-c", code], env=env, wait=False) for _ in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
     assert len({o.strip() for o, _ in outs}) == 1
@@ -180,8 +184,29 @@ def test_a_captive_portal_poisons_nothing(served, model_files):
 
 def test_a_body_longer_than_announced_is_cut_not_stored(served, tmp_path):
     _, cache = served
-    Hub.faults = {"config.json": {"endless": True}}
+    Hub.faults = {"config.json": {"endless": "announced"}}
     with pytest.raises(hub.HubError, match="more than the"):
         hub.resolve(REPO, cache=cache)
     sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs]
     assert max(sizes, default=0) < 1 << 20
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_an_endless_body_with_no_length_anywhere_is_refused(served, name):
+    """No Content-Length, no hub size, no ETag: a weights file is held to what its own header says, any
+    other file to 64 MiB; the disk is never filled."""
+    _, cache = served
+    Hub.faults = {name: {"endless": "unannounced", "etag": False}}
+    with pytest.raises(hub.HubError, match="more than the"):
+        hub.resolve(REPO, cache=cache)
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs]
+    assert max(sizes, default=0) <= (64 << 20) + (1 << 20)
+
+
+@pytest.mark.parametrize("header", [b"[1, 2, 3]", b"[" * 100000 + b"]" * 100000])
+def test_a_hostile_safetensors_header_is_refused_in_one_line(served, header):
+    _, cache = served
+    body = len(header).to_bytes(8, "little") + header + b"\0" * 64
+    Hub.faults = {"model.safetensors": {"body": body, "no_length": True, "etag": False}}
+    with pytest.raises(hub.HubError, match="not what its name says|not whole"):
+        hub.resolve(REPO, cache=cache)

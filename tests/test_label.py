@@ -195,4 +195,4 @@ def test_clean_rules(tmp_path):
                     "j": rows[-1]["caption"]}
     for line in ("error or empty: 2", "refused: 1", "truncated: 1", "degenerate loop: 1", "exact duplicate: 1",
                  "near duplicate: 1", "boilerplate stripped (kept): 2", "video already seen: 1"):
-        assert line in r.stdout, line
+        assert line in r.stderr, line

@@ -10,10 +10,7 @@ from model import LLaMA
 
 
 
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def pair(seed=0):

@@ -10,10 +10,7 @@ from model import LLaMA, PLLaVA, CLIPVision, causal_mask, positions_of
 
 
 
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def load_into(module, hf_state, prefix_map=()):

@@ -213,17 +213,27 @@ def test_judge_stops_on_a_refused_key_and_keeps_what_was_paid_for(tmp_path):
     assert KEY not in (tmp_path / "rep" / "judgments.jsonl").read_text() + r.stderr
 
 
-def test_an_unexpected_exception_is_that_items_row():
+def test_an_unexpected_exception_is_that_items_row(tmp_path):
+    """Whatever a job's work raises, anywhere in it, is that job's row (not done); the others go on."""
     import label
+    from jsonl import Appender, read_rows
+    from runner import run_items
 
     class Broken:
+        scrub, stop = Redactor(""), __import__("threading").Event()
+
         def chat(self, *a, **kw):
             raise KeyError("a bug in a reply handler")
 
     class Args:
         max_new_tokens, temperature, frames_as = 10, None, "video"
-    row = label.label_one(Broken(), Args, "prompt", ("v.mp4", ["data:image/jpeg;base64,AA=="]))
-    assert row["code"] == "internal_error" and "KeyError" in row["error"] and not label.is_done(row)
+    jobs = [(("v.mp4", None, None), ["data:image/jpeg;base64,AA=="]), (("w.mp4", (1, 3, 2.0, 4.0), None), ["x"])]
+    with Appender(str(tmp_path / "out.jsonl")) as out:
+        run_items(Broken(), jobs, lambda job: label.label_one(Broken(), Args, "prompt", job), 2, out, 10,
+                  label.identify)
+    rows = sorted(read_rows(str(tmp_path / "out.jsonl")), key=lambda r: r["video"])
+    assert rows[0]["code"] == "internal_error" and "KeyError" in rows[0]["error"] and not label.is_done(rows[0])
+    assert rows[1]["code"] == "internal_error" and rows[1]["shot"] == 1 and rows[1]["start"] == 2.0
 
 
 def test_ctrl_c_writes_the_answers_in_flight_and_a_second_abandons_them(tmp_path, clips):

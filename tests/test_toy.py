@@ -26,3 +26,10 @@ def test_quick_loop_learns_and_is_deterministic(tmp_path):
     assert "shape  colour  position  motion  order  exact" in log
     second, _ = run_quick(tmp_path / "b")
     assert second["results"] == first["results"]
+
+
+def test_out_that_is_not_a_toy_run_is_never_deleted(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = run_tool("toy.py", ["--quick", "--out", tmp_path], timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "not an earlier toy run" in r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path) == ["notes.txt"]

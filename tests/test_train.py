@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 from helpers import TEXT, VISION, make_tokenizer, tiny_checkpoint
 from jsonl import read_rows
 from synthetic import write_image
-from tools import ROOT, free_port
+from tools import ROOT, free_port, run_command, run_tool
 from videos import write_video
 
 CAPTIONS = ["a red circle moves left then down", "the video shows a green square sliding to the right",
@@ -64,7 +63,7 @@ def run(args, nproc=1, **kw):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                os.path.join(ROOT, "train.py"), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+    r = run_command(cmd, timeout=600, **kw)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 
@@ -97,7 +96,7 @@ def test_two_ranks_train_the_same_weights_as_one_process(world, tmp_path):
     common = ["--max-steps", "3", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--grad-accum", "2"]
     one = run(train_args(world, tmp_path / "one", "--batch-size", "2", "--export", str(tmp_path / "e1"), *common))
     two = run(train_args(world, tmp_path / "two", "--batch-size", "1", "--export", str(tmp_path / "e2"),
-                         "--activation-checkpointing", *common), 2)
+                         "--activation-checkpointing", "on", *common), 2)
     w1, w2 = weights(tmp_path / "e1"), weights(tmp_path / "e2")
     assert w1.keys() == w2.keys()
     trained = [k for k in w1 if "lora_" in k or "multi_modal_projector" in k]
@@ -105,7 +104,7 @@ def test_two_ranks_train_the_same_weights_as_one_process(world, tmp_path):
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-5), k
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
-    assert "2 process(es), global batch 4" in two.stdout and "1 process(es), global batch 4" in one.stdout
+    assert "2 process(es), global batch 4" in two.stderr and "1 process(es), global batch 4" in one.stderr
 
 
 def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
@@ -113,8 +112,7 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     run(train_args(world, tmp_path / "straight", "--export", str(tmp_path / "e_straight"), *common))
     out = tmp_path / "killed"
     args = train_args(world, out, "--export", str(tmp_path / "e_resumed"), *common)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = run_tool("train.py", args, wait=False, output=False)
     ckpt = out / "checkpoints" / "step_00000004"
     deadline = time.time() + 300
     while time.time() < deadline and not ckpt.exists():
@@ -122,7 +120,10 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not (out / "checkpoints" / "step_00000008").exists()
+    (out / "checkpoints" / "step_00000099.tmp").mkdir(exist_ok=True)        # a save that a kill cut short
     run(args + ["--resume"])
+    steps = [m["step"] for m in read_rows(str(out / "metrics.jsonl")) if "loss" in m]
+    assert steps == list(range(1, 9))                                       # the steps redone are logged once
     a, b = weights(tmp_path / "e_straight"), weights(tmp_path / "e_resumed")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
@@ -140,7 +141,7 @@ def test_two_ranks_resume_from_an_older_checkpoint(world, tmp_path):
     run(args + ["--export", str(tmp_path / "e_straight")], 2)
     shutil.rmtree(out / "checkpoints" / "step_00000004")           # as if killed after step 2's checkpoint
     resumed = run(args + ["--export", str(tmp_path / "e_resumed"), "--resume"], 2)
-    assert "steps 2..4" in resumed.stdout
+    assert "steps 2..4" in resumed.stderr
     a, b = weights(tmp_path / "e_straight"), weights(tmp_path / "e_resumed")
     assert a.keys() == b.keys()
     for k in a:
@@ -227,10 +228,14 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
     run(train_args(world, tmp_path / "o", "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "4",
                    "--lora-alpha", "8", "--export", str(export)))
     assert {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors",
-            "tokenizer.model", "tokenizer_config.json"} <= set(os.listdir(export))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "caption.py"), str(world["dir"] / "v0.mp4"), "--model",
-                        str(export), "--out", str(tmp_path / "c.jsonl"), "--max-new-tokens", "5"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+            "tokenizer.model", "tokenizer_config.json", "prompt.json"} <= set(os.listdir(export))
+    from tokenizer import QUESTION, SYSTEM, load_prompt
+    assert load_prompt(str(export)) == {"question": QUESTION, "system": SYSTEM, "template": "vicuna"}   # caption.py's default
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert all(os.stat(export / f).st_mode & 0o777 == 0o666 & ~umask for f in os.listdir(export))   # as any new file
+    r = run_tool("caption.py", [world["dir"] / "v0.mp4", "--model", export, "--out", tmp_path / "c.jsonl",
+                                "--max-new-tokens", "5"])
     assert r.returncode == 0, r.stderr
     assert read_rows(str(tmp_path / "c.jsonl"))[0]["tokens"] >= 1
     ours = PLLaVA.from_pretrained(str(export))
@@ -242,6 +247,17 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
         want = peft(inputs_embeds=x).logits
         got = ours.language_model.lm_head(ours.language_model(x, torch.arange(12)[None]))
     assert ((got - want).abs().max() / want.abs().max()) < 1e-5
+    # a model folder's own preprocessor_config.json is what training normalizes with and what its export
+    # carries to caption.py, whatever --tokenizer names
+    pre = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
+    (export / "preprocessor_config.json").write_text(json.dumps(pre))
+    import train
+    assert train.preprocessing_folder(str(export), world["tok"]) == str(export)
+    again = tmp_path / "again"
+    run(["--data", world["data"], "--video-root", str(world["dir"]), "--out", str(tmp_path / "o2"), "--model",
+         str(export), "--tokenizer", world["tok"], "--workers", "0", "--max-steps", "1", "--batch-size", "2",
+         "--export", str(again)])
+    assert json.loads((again / "preprocessor_config.json").read_text()) == pre
 
 
 def test_data_shapes_images_and_unreadable_videos(world, tmp_path):
@@ -261,18 +277,17 @@ def test_data_shapes_images_and_unreadable_videos(world, tmp_path):
         open(paths[-1], "w").write("\n".join(json.dumps(r) for r in lines) + "\n")
     samples, dropped, bad = read_samples(paths)
     assert dropped == 1 and len(samples) == 4 and bad == []
-    assert samples[2][2:] == ([("what?", "b"), ("then?", "c")], "Watch.")
+    assert samples[2][2:] == ([("what?", "b"), ("then?", "c")], "Watch.", None)
     assert samples[3][1] is True and samples[3][2] == [("what is it?", "d")]
     r = run(train_args(world, tmp_path / "o", "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--lora-r", "4",
                        "--data", ",".join(paths), "--eval-data", world["data"], "--eval-every", "1"))
-    assert "skipped: " + str(tmp_path / "broken.mp4") in r.stdout
+    assert "skipped: " + str(tmp_path / "broken.mp4") in r.stderr
     metrics = read_rows(str(tmp_path / "o" / "metrics.jsonl"))
     assert metrics[-2]["skipped"] == 1 and "eval_loss" in metrics[-1] and metrics[-1]["eval_loss"] > 0
 
 
 def run_failing(args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+    r = run_tool("train.py", args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, \
         r.stderr[-3000:]
@@ -284,12 +299,13 @@ def test_broken_rows_are_reported_with_file_and_line_and_left_out(world, tmp_pat
     data = tmp_path / "mixed.jsonl"
     data.write_bytes(good + b'{"video": "v0.mp4", "caption": 7}\n' + b'{"video": ["v0.mp4"], "caption": "a"}\n'
                      + b'{"video": "v1.mp4", "caption": "caf\xe9"}\n' + b'[1, 2]\n'
-                     + b'{"video": "v1.mp4", "QA": "not a list"}\n' + b'{"video": "v2.mp4", "caption": "cut')
+                     + b'{"video": "v1.mp4", "QA": "not a list"}\n' + b'[' * 100000 + b'\n'
+                     + b'{"video": "v2.mp4", "caption": "cut')
     r = run(train_args(world, tmp_path / "o", "--max-steps", "1", "--batch-size", "2", "--lora-r", "4",
                        "--data", str(data)))
     warning = next(line for line in r.stderr.splitlines() if line.startswith("warning:"))
-    assert "5 broken rows left out" in warning and f"{data}:9:" in warning and f"{data}:10:" in warning
-    assert "8 samples (6 rows left out)" in r.stdout
+    assert "6 broken rows left out" in warning and f"{data}:9:" in warning and f"{data}:10:" in warning
+    assert "8 samples (7 rows left out)" in r.stderr
     bad_only = tmp_path / "bad.jsonl"
     bad_only.write_bytes(b'{"video": "v0.mp4", "caption": 7}\n\xff\n')
     assert "no rows to train on" in run_failing(train_args(world, tmp_path / "o2", "--data", str(bad_only)))
@@ -313,10 +329,18 @@ def test_a_rerun_into_a_finished_out_refuses_at_once_and_resume_of_nothing_says_
 
 
 @pytest.mark.parametrize("problem", ["missing data", "missing model", "bad config", "no video exists",
-                                     "export over the model"])
+                                     "export over the model", "missing eval data", "fewer samples than a step",
+                                     "LoRA targets nothing"])
 def test_user_errors_are_one_line(world, tmp_path, problem):
+    """Each is one `error:` line before the model loads (run_failing: no traceback)."""
     args = train_args(world, tmp_path / "o", "--max-steps", "1")
-    if problem == "missing data":
+    if problem == "missing eval data":
+        args += ["--eval-data", str(tmp_path / "nope.jsonl")]
+    elif problem == "fewer samples than a step":
+        args += ["--batch-size", "9"]
+    elif problem == "LoRA targets nothing":
+        args += ["--lora-targets", "qproj", "--batch-size", "2"]
+    elif problem == "missing data":
         args[args.index("--data") + 1] = str(tmp_path / "nope.jsonl")
     elif problem == "no video exists":   # labels made elsewhere, relative paths: nothing to train on
         args[args.index("--video-root") + 1] = str(tmp_path)
@@ -330,4 +354,38 @@ def test_user_errors_are_one_line(world, tmp_path, problem):
     else:
         (tmp_path / "c.json").write_text(json.dumps({"num_frames": 0}))
         args[args.index("--init-from-config") + 1] = str(tmp_path / "c.json")
-    run_failing(args)
+    line = run_failing(args)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()      # nothing started
+    if problem == "LoRA targets nothing":
+        assert "--lora-targets qproj" in line
+
+
+def test_training_on_rows_of_shots(world, tmp_path):
+    """Rows with start / end (caption.py or label.py --shots): frames are sampled inside each span."""
+    rows = [dict(r, start=s, end=s + 0.24) for r in read_rows(world["data"]) for s in (0.0, 0.24)]
+    data = tmp_path / "shots.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run(train_args(world, tmp_path / "o", "--max-steps", "4", "--batch-size", "2", "--lora-r", "4",
+                       "--data", str(data)))
+    assert "16 samples (0 rows left out)" in r.stderr
+    logged = [m for m in read_rows(str(tmp_path / "o" / "metrics.jsonl")) if "loss" in m]
+    assert len(logged) == 4 and all(np.isfinite(m["loss"]) for m in logged) and logged[-1]["skipped"] == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(rows[0], start=0.3, end=0.1)) + "\n" + json.dumps(rows[1]) + "\n")
+    from dataset import read_samples
+    samples, _, broken = read_samples([str(bad)], str(world["dir"]))
+    assert len(samples) == 1 and samples[0][4] == (0.24, 0.48) and "start / end" in broken[0]
+
+
+@pytest.mark.parametrize("model, world, extra, fits, says", [
+    ("pllava-7b", 1, [], True, "activation checkpointing on"),                      # the defaults: batch 12
+    ("pllava-7b", 1, ["--activation-checkpointing", "off"], False, "activations 175.4 GB"),
+    ("pllava-13b", 8, ["--batch-size", "4"], True, "weights 8.0 GB"),                # fp32 shards over 8
+    ("pllava-34b", 1, ["--batch-size", "4"], False, "more GPUs")])
+def test_a_dry_run_plans_the_memory_of_each_gpu_before_anything_loads(model, world, extra, fits, says):
+    """batch 12 of 2,304 visual + 1,024 text tokens keeps ~175 GB of activations in 7B without checkpointing:
+    auto turns it on; a run that fits in neither way is refused with the numbers, before any weight loads."""
+    r = run_tool("train.py", ["--model", model, "--dry-run", "--card-gb", "80", *extra],
+                 env={"WORLD_SIZE": str(world)})
+    assert (r.returncode == 0) == fits, r.stderr
+    assert says in (r.stdout if fits else r.stderr), r.stdout + r.stderr

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import data
-from data import VideoError, find_videos, read_frames
+from data import VideoError, read_frames
+from sources import find_videos
 from workers import imap_unordered
 from videos import frame_times_ms, read_index, write_audio_only, write_video
 
@@ -139,6 +140,20 @@ def test_raw_stream_without_timestamps_or_duration(tmp_path):
     with av.open(path) as c:
         assert not c.streams.video[0].duration and not c.duration
     assert [read_index(f) for f in read16(path)] == expected_indices({"n_frames": 64})
+
+
+@pytest.mark.parametrize("name", ["a.mp4", "t.mkv", "raw.h264"])
+def test_a_span_gives_its_own_segment_middles(tmp_path, name):
+    """A shot (start, end) in seconds from the first frame: n frames at the middles of its n segments, in
+    every sampler step (by time with seeking, over a lying header's true end, and by index)."""
+    path = write_video(tmp_path / name, n_frames=100, gop=10)   # 4 s at 25 fps
+    if name == "t.mkv":   # the header says 4 s, the file holds about 2
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    idx = [read_index(f) for f in read_frames(path, 4, span=(0.4, 1.2))]
+    assert idx == [12, 17, 22, 27]                               # 0.4 + (i + 0.5) * 0.2 s, at 25 fps
+    with pytest.raises(VideoError, match="outside the video"):
+        read_frames(path, 4, span=(60.0, 61.0))
 
 
 BROKEN = {

@@ -1,6 +1,7 @@
 """Running the project's command-line tools from tests, as a user would: a subprocess in the repository."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,9 +19,38 @@ def run_tool(tool, args, env=None, wait=True, timeout=300, cwd=ROOT, **kw):
     """`python tool args` in the repository, with `env` added to the environment; the finished process
     (text stdout / stderr captured), or with wait=False the running one (in a session of its own, so that
     os.killpg ends its decode workers too)."""
-    cmd = [sys.executable, os.path.join(ROOT, tool), *map(str, args)]
+    return run_command([sys.executable, os.path.join(ROOT, tool), *map(str, args)], env, wait, timeout, cwd, **kw)
+
+
+STARTED = []   # the processes started with wait=False: conftest kills the groups of those still running
+
+
+def run_command(cmd, env=None, wait=True, timeout=300, cwd=ROOT, output=True, **kw):
+    """As run_tool, for any command (torchrun): on a timeout or a failing test, its whole process group is
+    killed, so no orphan keeps a core busy (with wait=False, at the end of the test). output=False: its
+    output goes nowhere (a long run nobody reads must not fill a pipe and stall)."""
     env = {**os.environ, **(env or {})}
+    pipe = subprocess.PIPE if output else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True, **kw)
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, **kw)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+        STARTED.append(proc)
+        return proc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:   # a timeout, or the test failing: the tool and every process it started go
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_started():
+    """Every process group started with wait=False that is still running: killed, and reaped."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
