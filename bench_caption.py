@@ -3,8 +3,9 @@ caption lengths, int8 against fp32 weights, the prefill of fewer frames and toke
 caption.py end to end.
 
 The lengths are forced (each video ends after its own drawn number of tokens, 30 to 256): random
-weights never say their stop token, and real captions have that spread. These rows are whole runs, so
-each side runs once, the static one first; ratios from one run, on the same videos and weights.
+weights never say their stop token, and real captions have that spread. The engine rows are whole runs:
+each side warmed up, then three turns of each, alternating; ratios from one run, on the same videos and
+weights.
 """
 
 import copy
@@ -41,19 +42,23 @@ def videos(model, n, frames, seed=0):
 
 
 def bench_engine(ctx):
-    """Static batches of SLOTS decode until their longest caption ends; continuous batching refills."""
+    """Static batches of SLOTS decode until their longest caption ends; continuous batching refills. Both
+    warmed up on a short run, then taken in turns (static, continuous, ...) three times: each side's
+    decode phase (its prefills timed apart and taken out) and its whole run."""
     a = ctx["args"]
     model = recipe(copy.deepcopy(ctx["model"]), 4, (4,) + tuple(ctx["model"].config.pooling_shape[1:]))
     if ctx["args"].device == "cpu":
         pack_for_cpu(model.language_model)   # what caption.py runs on a CPU
     items = videos(model, VIDEOS, 4)
     lengths = np.random.default_rng(0).integers(30, 257, VIDEOS).tolist()
-    useful = sum(lengths)
     sync = lambda: measure.sync(a.device)   # noqa: E731
-    static_prefill, t0 = 0.0, time.perf_counter()
-    with torch.no_grad():
-        for k in range(0, VIDEOS, SLOTS):
-            batch = items[k:k + SLOTS]
+    whole = {"static": [], "continuous": []}
+    stats = {}
+
+    def static(n=VIDEOS):
+        prefills, t0 = 0.0, time.perf_counter()
+        for k in range(0, n, SLOTS):
+            batch = items[k:min(k + SLOTS, n)]
             ids, pixels = torch.tensor([it.ids for it in batch], device=a.device), torch.stack([it.pixels for it in batch])
             sync()
             p0 = time.perf_counter()
@@ -63,28 +68,48 @@ def bench_engine(ctx):
             prefill(lm, x, torch.arange(x.shape[1], device=a.device)[None].expand(len(batch), -1), None)
             lm.clear_cache()
             sync()
-            static_prefill += time.perf_counter() - p0
+            prefills += time.perf_counter() - p0
             generate(model, ids, pixels, sampling=Sampling(max_new_tokens=max(lengths[k:k + SLOTS]), stop_ids=()))
         sync()
-        static_s = time.perf_counter() - t0 - static_prefill   # the prefills counted once, as generate does them
+        total = time.perf_counter() - t0 - prefills   # the prefills counted once, as generate does them
+        whole["static"].append(total)
+        return total - prefills
+
+    def continuous(n=VIDEOS):
         eng = Engine(model, SLOTS, Sampling(max_new_tokens=256, stop_ids=()))
         t0 = time.perf_counter()
-        got = dict(eng.run(Item(it.key, it.ids, it.pixels, n) for it, n in zip(items, lengths)))
+        got = dict(eng.run(Item(it.key, it.ids, it.pixels, m) for it, m in zip(items[:n], lengths)))
         sync()
-        continuous_s = time.perf_counter() - t0
-    assert [len(got[it.key]) for it in items] == lengths
-    static_decode = static_s - static_prefill
-    cont_decode = continuous_s - eng.stats["prefill_s"]
-    result = {"ours": measure.spread([cont_decode]), "reference": measure.spread([static_decode]),
-              "pair_ratios": [static_decode / cont_decode]}
-    whole = {"ours": measure.spread([continuous_s]), "reference": measure.spread([static_s]),
-             "pair_ratios": [static_s / continuous_s]}
-    return [row(f"continuous (ours) vs static batching, {SLOTS} slots, {VIDEOS} videos of 30-256 tokens: decode phase",
-                "tokens/s", result, useful),
-            row(f"continuous (ours) vs static batching, {SLOTS} slots, {VIDEOS} videos of 30-256 tokens: end to end",
-                "videos/s", whole, VIDEOS),
+        total = time.perf_counter() - t0
+        assert [len(got[it.key]) for it in items[:n]] == lengths[:n]
+        whole["continuous"].append(total)
+        stats.update(eng.stats)
+        return total - eng.stats["prefill_s"]
+
+    with torch.no_grad():
+        static(SLOTS // 2), continuous(SLOTS // 2)   # warm-up: a short run of each
+        whole = {"static": [], "continuous": []}
+        result = measure.compare(continuous, static, a.device, repeats=3, warmup=0)
+    ends = {"ours": measure.spread(whole["continuous"]), "reference": measure.spread(whole["static"]),
+            "pair_ratios": [s / c for s, c in zip(whole["static"], whole["continuous"])]}
+    name = f"continuous (ours) vs static batching, {SLOTS} slots, {VIDEOS} videos of 30-256 tokens"
+    return [row(f"{name}: decode phase", "tokens/s", result, sum(lengths)),
+            row(f"{name}: end to end", "videos/s", ends, VIDEOS),
             value("continuous batching: share of decode row-steps spent on finished rows", "%",
-                  100 * eng.stats["finished_row_steps"] / max(eng.stats["row_steps"], 1))]
+                  100 * stats["finished_row_steps"] / max(stats["row_steps"], 1)),
+            *[value(f"continuous vs static: decode steps of the schedules for {n} such videos (computed, not timed)",
+                    "x", schedule_ratio(n)) for n in (VIDEOS, 128)]]
+
+
+def schedule_ratio(n, seed=0):
+    """Decode steps of static batches of SLOTS over those of a continuous schedule (each video in the first
+    slot to free up), for n lengths drawn as bench_engine draws them: the most the engine can gain there."""
+    lengths = np.random.default_rng(seed).integers(30, 257, n).tolist()
+    static = sum(max(lengths[k:k + SLOTS]) for k in range(0, n, SLOTS))
+    ends = [0] * SLOTS
+    for length in lengths:
+        ends[ends.index(min(ends))] += length
+    return static / max(ends)
 
 
 def bench_int8(ctx):
@@ -120,7 +145,8 @@ def caption_peak_rss(ctx, quantize):
     videos_dir, ckpt = caption_world(ctx, 2)
     args = [videos_dir, "--model", ckpt, "--out", os.path.join(videos_dir, f"rss-{quantize}.jsonl"), "--overwrite",
             "--max-new-tokens", "4", "--quantize", quantize, "--workers", "1"]
-    code = f"import resource, caption; caption.main({args!r}); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    code = (f"import caption; caption.main({args!r}); "   # VmHWM starts anew at exec; ru_maxrss would not
+            "print([line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode != 0:

@@ -3,7 +3,8 @@
 The seed found that the teacher's captions themselves hallucinate and are sometimes unusable. Rules, in
 order, each counted: error rows and empty captions, refusals, captions cut at the token limit,
 degenerate ones (a phrase repeated in a loop), boilerplate openings stripped ("The video shows ..."),
-then exact and near duplicates (MinHash over word 3-grams, Jaccard >= --near) dropped.
+then exact and near duplicates (MinHash over word 3-grams, Jaccard >= --near) dropped, unless
+--keep-duplicates (a templated data set, where many videos rightly share a caption).
 """
 
 import collections
@@ -73,8 +74,9 @@ class NearDuplicates:
         return False
 
 
-def clean_rows(rows, counts: collections.Counter, near=0.8):
-    """Yield the rows worth training on (caption cleaned), counting in `counts` what each rule did."""
+def clean_rows(rows, counts: collections.Counter, near=0.8, duplicates=True):
+    """Yield the rows worth training on (caption cleaned), counting in `counts` what each rule did;
+    duplicates=False keeps captions that other videos have too (a templated data set: toy.py's)."""
     exact, dupes, videos = set(), NearDuplicates(near), set()
     for row in rows:
         caption, video = row.get("caption"), row.get("video")
@@ -93,9 +95,9 @@ def clean_rows(rows, counts: collections.Counter, near=0.8):
             stripped = strip_boilerplate(caption)
             counts["boilerplate stripped (kept)"] += stripped != caption
             key = " ".join(re.findall(r"\w+", stripped.lower()))
-            if key in exact:
+            if duplicates and key in exact:
                 counts["exact duplicate"] += 1
-            elif near < 1.0 and dupes.seen(stripped):
+            elif duplicates and near < 1.0 and dupes.seen(stripped):
                 counts["near duplicate"] += 1
             else:
                 exact.add(key)
@@ -109,6 +111,8 @@ def clean_file(argv):
     p.add_argument("labels", help="label.py's JSONL output")
     p.add_argument("--out", required=True, help="the cleaned rows")
     p.add_argument("--near", type=float, default=0.8, help="Jaccard similarity that counts as a near duplicate")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="keep captions that other videos have too (a templated data set, as toy.py's)")
     args = p.parse_args(argv)
     if not 0 < args.near <= 1:
         p.error("--near must be above 0 and at most 1")
@@ -118,7 +122,7 @@ def clean_file(argv):
     if not rows:
         raise ValueError(f"{args.labels}: no JSONL rows in it (is it the labels file?); {args.out} left as it was")
     with Appender(args.out) as out:   # written whole, then put in place: a failure leaves the old file
-        out.rewrite(clean_rows(rows, counts, args.near))
+        out.rewrite(clean_rows(rows, counts, args.near, not args.keep_duplicates))
     print(f"{len(rows)} rows in, {counts['kept']} kept", file=sys.stderr)
     for rule, n in counts.items():
         if rule != "kept":

@@ -10,7 +10,8 @@ rows, while the others wait. Each video's greedy output equals captioning it alo
 Stops are read on the host every `check_every` steps. On a CPU that is every step; on a GPU each read is
 a sync, so a few steps pass between reads, and a row may run that many steps past its stop (the extra
 tokens are dropped). When the GPU runs out of memory the slots are halved, the videos in flight start
-again, and the batch never shrinks below one: a video that does not fit alone gets its error.
+again, and the batch never shrinks below one: a video that does not fit alone gets its error. Once
+`grow_after` videos a slot have ended without another, the slots double again, up to those asked for.
 """
 
 import sys
@@ -57,7 +58,8 @@ class Engine:
                 try:
                     if not (yield from self._run(items)):
                         return
-                    continue   # grown back: the videos in flight start again in the wider batch
+                    self.model.language_model.clear_cache()   # grown back: the old cache goes before a wider one
+                    continue   # and the videos in flight start again in it
                 except torch.OutOfMemoryError:
                     pass   # handled here, outside the except block, so that its traceback frees the tensors
                 self.model.language_model.clear_cache()

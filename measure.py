@@ -82,6 +82,17 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list:
+    """The vector instruction sets the CPU has that change which kernels torch runs, and so the last bits of
+    every float sum (a toy trained on AVX2 and on AVX-512 ends with other numbers)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+
+
 def busy() -> float:
     """The 1-minute load average over the cores this process may use (> 1: the machine is busy)."""
     return os.getloadavg()[0] / len(os.sched_getaffinity(0))
@@ -112,7 +123,7 @@ def machine(device) -> dict:
     except ImportError:
         tf = None
     return {"device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"CPU: {cpu_model()}",
-            "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "cpu_flags": cpu_flags(), "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": tf, "av": av.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "load_before": os.getloadavg()}
 

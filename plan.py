@@ -1,7 +1,10 @@
 """Memory plans: what a run needs on each device, in GB, from the model's config alone, before any weight
-is loaded (`caption.py --dry-run`, `train.py --dry-run`, and train.py's check before it starts on a GPU).
+is loaded (`caption.py --dry-run`, `train.py --dry-run`, and train.py's check before it starts on a GPU:
+for_training).
 Estimates, meant to say no before a long load, not to the last megabyte.
 """
+
+import os
 
 import torch
 
@@ -64,3 +67,21 @@ def training(config, batch: int, text_tokens: int, world: int, trainable: int, c
 def card_gb(device=0) -> float:
     """This GPU's memory, or 80 (an H100's) when there is none."""
     return torch.cuda.get_device_properties(device).total_memory / 1e9 if torch.cuda.is_available() else 80.0
+
+
+def for_training(args, config, trainable, world, gpu):
+    """Whether to checkpoint activations (--activation-checkpointing auto: when the run does not fit the GPU
+    without it), and the plan; a run that fits the GPU in neither way is refused, with the numbers."""
+    card = (args.card_gb or card_gb(int(os.environ.get("LOCAL_RANK", 0)))) if gpu else None
+    need = {on: training(config, args.batch_size, args.max_text_tokens, world, trainable, on) for on in (False, True)}
+    on = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and card is not None
+                                                  and need[False]["total"] > 0.9 * card)
+    if card is not None and need[on]["total"] > 0.95 * card:
+        raise ValueError(f"training needs {need[on]['total']:.1f} GB on each GPU ({describe(need[on])}), more than "
+                         f"its {card:.0f} GB: a smaller --batch-size (and --grad-accum for the same step), fewer "
+                         f"--max-text-tokens, {'' if on else '--activation-checkpointing on, '}or more GPUs")
+    return on, need[on]
+
+
+def describe(need):
+    return ", ".join(f"{k} {v:.1f} GB" for k, v in need.items() if k != "total")

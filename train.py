@@ -4,11 +4,11 @@
     torchrun --nproc_per_node=8 train.py ...                      one node
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 train.py ...
 
-The model is sharded with FSDP2 over the processes (NCCL on GPUs, gloo on CPUs; one process is a one-rank
-mesh): each decoder block and the vision tower are their own units, bf16 compute with fp32 weights and
-gradient reductions on GPUs. Rank 0
-reads the checkpoint (memory-mapped) and broadcasts; the others build on the meta device and receive
-their shards only. Checkpoints (trainable weights, optimizer, step, RNG) go to --out every --save-every
+The model is sharded with FSDP2 over the processes (trainable.py; NCCL on GPUs, gloo on CPUs; one process
+is a one-rank mesh): each decoder block and the vision tower are their own units, bf16 compute with fp32
+weights and gradient reductions on GPUs. Rank 0 reads the checkpoint (memory-mapped) and broadcasts; the
+others build on the meta device and receive their shards only. Before that, the memory of each GPU is
+planned from the config (plan.py; `--dry-run` prints it) and a run that cannot fit is refused. Checkpoints (trainable weights, optimizer, step, RNG) go to --out every --save-every
 steps; --resume continues from the newest (trainstate.py). The loss is the mean over the answer tokens
 of the whole global batch, so one process and N processes with the same global batch train the same weights.
 """
@@ -23,19 +23,16 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import cli
 import hub
 import plan
-import lora
-from checkpoint import CheckpointError, read_config
-from config import PRESETS, Config
+from checkpoint import CheckpointError
 from data import mean_std, normalize
 from dataset import StepSampler, TrainSet, collate, eval_keys, read_samples
 from jsonl import Appender, Busy
-from model import PLLaVA
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, template_for
+from trainable import checkpointing, preprocessing_folder, probe, setup_model
 from trainstate import barrier, check_out, export, load_checkpoint, save_checkpoint
 
 
@@ -51,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="folder with the tokenizer files (default: the model folder)")
     p.add_argument("--full-finetune", action="store_true", help="train the whole LLM (and projector), no LoRA")
     p.add_argument("--train-all", action="store_true", help="train everything, vision tower too, no LoRA")
+    p.add_argument("--freeze-projector", action="store_true",
+                   help="LoRA alone learns: the projector stays as it was (alpha 0 is then the model started from)")
     p.add_argument("--lora-r", type=cli.positive_int, default=128, help="LoRA rank")
     p.add_argument("--lora-alpha", type=cli.non_negative, default=32.0, help="LoRA alpha (its share is alpha / r)")
     p.add_argument("--lora-dropout", type=cli.non_negative, default=0.05, help="dropout on the LoRA input")
@@ -92,122 +91,6 @@ def parse_args(argv=None):
     if args.lora_dropout >= 1:
         p.error("--lora-dropout must be below 1")
     return args
-
-
-# ------------------------------------------------------------------------------------------ the model
-
-
-def build_source(args, folder):
-    """The starting model, whole, on the CPU: the checkpoint memory-mapped in its stored dtype, or random
-    weights; LoRA added with seeded weights. Only rank 0 builds this; the others get a meta copy."""
-    if folder:
-        model = PLLaVA.from_pretrained(folder, dtype=None)
-    else:
-        model = PLLaVA.from_config(read_config(args.init_from_config), seed=args.seed)
-    add_lora(model, args)
-    return model
-
-
-def preprocessing_folder(folder, tok_folder):
-    """Where the model's preprocessor_config.json is: its own folder, else the tokenizer's (a model made
-    from --init-from-config), else neither (CLIP's mean and std)."""
-    for f in (folder, tok_folder):
-        if f and os.path.isfile(os.path.join(f, "preprocessor_config.json")):
-            return f
-    return tok_folder
-
-
-def probe(args, folder):
-    """(config, trainable parameters) of the run, from a copy on the meta device (no memory): the LoRA
-    targets that name no linear layer of the model fail here, before it loads."""
-    config = Config.from_dict(PRESETS[args.model]) if args.model in PRESETS else read_config(folder or args.init_from_config)
-    with torch.device("meta"):
-        model = PLLaVA(config)
-    try:
-        add_lora(model, args)
-    except ValueError:
-        raise ValueError(f"--lora-targets {args.lora_targets}: no linear layer of the model has that name "
-                         f"(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)") from None
-    set_trainable(model, args)
-    return config, sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def memory(args, config, trainable, world, gpu):
-    """Whether to checkpoint activations (--activation-checkpointing auto: when the run does not fit the GPU
-    without it), and the plan; a run that fits the GPU in neither way is refused, with the numbers."""
-    card = (args.card_gb or plan.card_gb(int(os.environ.get("LOCAL_RANK", 0)))) if gpu else None
-    need = {on: plan.training(config, args.batch_size, args.max_text_tokens, world, trainable, on) for on in (False, True)}
-    on = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and card is not None
-                                                  and need[False]["total"] > 0.9 * card)
-    if card is not None and need[on]["total"] > 0.95 * card:
-        raise ValueError(f"training needs {need[on]['total']:.1f} GB on each GPU ({describe(need[on])}), more than "
-                         f"its {card:.0f} GB: a smaller --batch-size (and --grad-accum for the same step), fewer "
-                         f"--max-text-tokens, {'' if on else '--activation-checkpointing on, '}or more GPUs")
-    return on, need[on]
-
-
-def describe(need):
-    return ", ".join(f"{k} {v:.1f} GB" for k, v in need.items() if k != "total")
-
-
-def add_lora(model, args):
-    if args.full_finetune or args.train_all or lora.lora_layers(model):
-        return
-    torch.manual_seed(args.seed)
-    lora.add_lora(model.language_model, targets=args.lora_targets.split(","), r=args.lora_r, alpha=args.lora_alpha,
-                  dropout=args.lora_dropout)
-
-
-def set_trainable(model, args):
-    """The seed's split: projector + LoRA learn; --full-finetune adds the whole LLM; --train-all all."""
-    for name, p in model.named_parameters():
-        if args.train_all:
-            p.requires_grad = True
-        elif args.full_finetune:
-            p.requires_grad = not name.startswith("vision_tower.")
-        else:
-            p.requires_grad = name.startswith("multi_modal_projector.") or ".lora_" in name
-    for layer in lora.lora_layers(model).values():   # a LoRA loaded from a release trains on
-        layer.lora_dropout = torch.nn.Dropout(args.lora_dropout) if args.lora_dropout > 0 else torch.nn.Identity()
-
-
-def shard(model, device, world):
-    """FSDP2: every decoder block and the vision tower a unit of its own, then the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
-    for block in model.language_model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model.vision_tower.vision_model, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
-
-
-def setup_model(args, folder, rank, world, device):
-    """The model sharded with FSDP2 over every rank, one process too (a one-rank mesh, as torchtitan): one
-    path, one precision policy. Rank 0 reads the weights and broadcasts them; the others build on meta."""
-    source = build_source(args, folder) if rank == 0 else None
-    box = [(source.config, lora.lora_shape(source.language_model)) if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    config, lora_shape = box[0]
-    with torch.device("meta"):
-        model = PLLaVA(config)
-        if lora_shape:
-            lora.add_lora_like(model.language_model, lora_shape)
-    set_trainable(model, args)
-    shard(model, device, world)
-    model.to_empty(device=device)
-    state = {k: v.float() for k, v in source.state_dict().items()} if rank == 0 else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del source, state
-    return model
-
-
-def checkpointing(model, on):
-    model.language_model.checkpointing = on
-    model.vision_tower.vision_model.checkpointing = on
 
 
 # ---------------------------------------------------------------------------------------- optimizer
@@ -285,10 +168,10 @@ def dry_run(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = args.model if args.model and os.path.isdir(args.model) else None   # a hub id would mean a download
     config, trainable = probe(args, local)
-    on, need = memory(args, config, trainable, world, gpu=True)
+    on, need = plan.for_training(args, config, trainable, world, gpu=True)
     print(f"{args.model or args.init_from_config}: batch {args.batch_size} x {config.num_visual_tokens} visual + "
           f"{args.max_text_tokens} text tokens on {world} GPU(s), {trainable / 1e6:.1f}M trainable, activation "
-          f"checkpointing {'on' if on else 'off'}: {describe(need)}, total {need['total']:.1f} GB per GPU")
+          f"checkpointing {'on' if on else 'off'}: {plan.describe(need)}, total {need['total']:.1f} GB per GPU")
     return need
 
 
@@ -322,9 +205,9 @@ def train(args):
     folder = hub.resolve(args.model) if args.model else None
     tok_folder = args.tokenizer or folder
     config, trainable = probe(args, folder)
-    checkpoints_on, need = memory(args, config, trainable, world, device.type == "cuda")
+    checkpoints_on, need = plan.for_training(args, config, trainable, world, device.type == "cuda")
     if rank == 0 and device.type == "cuda":
-        print(f"memory per GPU: {need['total']:.1f} GB ({describe(need)}), activation checkpointing "
+        print(f"memory per GPU: {need['total']:.1f} GB ({plan.describe(need)}), activation checkpointing "
               f"{'on' if checkpoints_on else 'off'}", file=sys.stderr, flush=True)
     if args.export and any(f and os.path.exists(args.export) and os.path.samefile(args.export, f)
                            for f in (folder, tok_folder)):

@@ -1,31 +1,65 @@
-"""python toy.py --quick: the whole loop (world, stage 1, stage 2, captioning, scoring) learns, and a second
-run with the same seed gives the same numbers. The thresholds were set from measured runs (README)."""
+"""python toy.py --quick: the whole loop (world, teacher, clean, stage 1, stage 2, captioning, scoring) learns.
+The thresholds are set below what two seeds measured on the 2-core CPU (README): quick mode is small, and its
+shape skill is the first to wobble. Two whole quick runs with one seed gave the same results.json numbers
+(measured; a second run here would add four minutes to the suite). What the test holds instead: the world,
+the teacher's labels and the tokenizer are the same for the same seed (below), training is repeatable
+(tests/test_train.py: killed and resumed equals uninterrupted), and greedy captioning draws nothing."""
 
+import hashlib
 import json
 import os
+import shutil
 
+import sentencepiece
+
+import toyworld
+from tokenizer import train_tokenizer
 from tools import run_tool
 
-# measured on the 2-core CPU: stage 2 shape 100, colour 100, position 94.8, motion 76.0, order 100
-THRESHOLDS = {"shape": 85, "colour": 95, "position": 85, "motion": 60, "order": 80}
+# measured, seeds 0 / 1: stage 2 colour 100 / 100, position 66.7 / 92.7, motion 65.6 / 74.0, order 71.6 / 78.5
+THRESHOLDS = {"colour": 95, "position": 55, "motion": 55, "order": 55}
 
 
 def run_quick(out):
-    r = run_tool("toy.py", ["--quick", "--out", out], timeout=900)
+    r = run_tool("toy.py", ["--quick", "--out", out], timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.load(open(os.path.join(out, "results.json"))), r.stdout
 
 
 def test_quick_loop_learns_and_is_deterministic(tmp_path):
     first, log = run_quick(tmp_path / "a")
-    stage2, stage1 = first["results"]["stage 2"], first["results"]["stage 1"]
+    results = first["results"]
+    stage2, stage1 = results["stage 2"], results["stage 1"]
     for attribute, floor in THRESHOLDS.items():
         assert stage2[attribute] >= floor, (attribute, stage2)
-    assert stage1["motion"] <= 20 and stage1["order"] <= 20           # stills alone teach no motion from time
-    assert first["results"]["stage 1 (stills)"]["exact"] >= 85          # the image-LLM works on stills
+    assert stage1["motion"] <= 10 and stage1["order"] <= 10            # stills alone teach no motion from time
+    assert results["stage 1 (stills)"]["background"] >= 90 and results["stage 1 (stills)"]["position"] >= 90
+    teacher = results["teacher (4 frames)"]                              # blind between its frames, and inventive
+    assert teacher["order"] < 95 and teacher["position"] < 95 and teacher["invented"] >= 5
+    assert stage2["invented"] < teacher["invented"]                     # the student does not learn the invented size
+    assert "judge score" in stage2 and "stage 2 against the teacher" in results
+    assert first["depends_on"]["threads_per_stage"] >= 1 and first["depends_on"]["av"]
     assert "shape  colour  position  motion  order  exact" in log
-    second, _ = run_quick(tmp_path / "b")
-    assert second["results"] == first["results"]
+
+
+def digests(folder):
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, name))}
+
+
+def test_the_same_seed_makes_the_same_world_labels_and_tokenizer(tmp_path):
+    made, folder = [], tmp_path / "world"   # one folder: the rows and the tokenizer's spec name their paths
+    for seed in (3, 3, 4):
+        shutil.rmtree(folder, ignore_errors=True)
+        files = toyworld.make_world(folder, 12, 4, 12, 4, seed)
+        labels = toyworld.teacher(files["train_videos"], seed)
+        train_tokenizer(folder / "tok", [r["caption"] for rows in files.values() for r in rows] * 20, vocab_size=512)
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tok" / "tokenizer.model"))
+        pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]   # its spec names a temp dir
+        made.append((digests(folder), pieces, [r["caption"] for r in labels]))
+    assert len(made[0][0]) == 12 + 4 + 12 + 4 + 4   # every video and still, and the four JSONL files
+    assert made[0] == made[1]
+    assert made[2][0] != made[0][0] and made[2][2] != made[0][2]   # the seed is what makes them
 
 
 def test_out_that_is_not_a_toy_run_is_never_deleted(tmp_path):

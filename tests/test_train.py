@@ -251,8 +251,8 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
     # carries to caption.py, whatever --tokenizer names
     pre = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
     (export / "preprocessor_config.json").write_text(json.dumps(pre))
-    import train
-    assert train.preprocessing_folder(str(export), world["tok"]) == str(export)
+    import trainable
+    assert trainable.preprocessing_folder(str(export), world["tok"]) == str(export)
     again = tmp_path / "again"
     run(["--data", world["data"], "--video-root", str(world["dir"]), "--out", str(tmp_path / "o2"), "--model",
          str(export), "--tokenizer", world["tok"], "--workers", "0", "--max-steps", "1", "--batch-size", "2",

@@ -248,3 +248,18 @@ def test_clip_preprocessing_matches_transformers(tmp_path):
     assert ours.shape == want.shape == (16, 3, 336, 336)
     diff = ((ours - want).abs() * scale).flatten()
     assert diff.mean() < 2.5 and diff[::13].quantile(0.99) < 16
+
+
+def test_pixels_are_normalized_in_fp32_and_cast_once():
+    """bf16 arithmetic would round three times (the /255, the - mean, the / std): on a GPU the frames are
+    normalized in fp32 and cast to the compute dtype at the end, as transformers' processor does."""
+    import torch
+    from data import normalize
+    frames = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    fp32 = normalize(frames)
+    assert fp32.dtype == torch.float32
+    assert torch.equal(normalize(frames, dtype=torch.bfloat16), fp32.to(torch.bfloat16))
+    x = torch.as_tensor(frames).movedim(-1, -3).to(torch.bfloat16) / 255      # what rounding in bf16 would give
+    m, s = torch.tensor((0.48145466, 0.4578275, 0.40821073))[:, None, None], torch.tensor((0.26862954, 0.26130258, 0.27577711))[:, None, None]
+    in_bf16 = (x - m.to(torch.bfloat16)) / s.to(torch.bfloat16)
+    assert not torch.equal(in_bf16, fp32.to(torch.bfloat16))                 # the difference is real

@@ -1,0 +1,110 @@
+"""What trains, and where, for train.py: the model a run starts from (a checkpoint, or random weights),
+its LoRA, which parameters learn, and FSDP2 over the ranks (one rank too).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+import lora
+from checkpoint import read_config
+from config import PRESETS, Config
+from model import PLLaVA
+
+
+def build_source(args, folder):
+    """The starting model, whole, on the CPU: the checkpoint memory-mapped in its stored dtype, or random
+    weights; LoRA added with seeded weights. Only rank 0 builds this; the others get a meta copy."""
+    if folder:
+        model = PLLaVA.from_pretrained(folder, dtype=None)
+    else:
+        model = PLLaVA.from_config(read_config(args.init_from_config), seed=args.seed)
+    add_lora(model, args)
+    return model
+
+
+def preprocessing_folder(folder, tok_folder):
+    """Where the model's preprocessor_config.json is: its own folder, else the tokenizer's (a model made
+    from --init-from-config), else neither (CLIP's mean and std)."""
+    for f in (folder, tok_folder):
+        if f and os.path.isfile(os.path.join(f, "preprocessor_config.json")):
+            return f
+    return tok_folder
+
+
+def probe(args, folder):
+    """(config, trainable parameters) of the run, from a copy on the meta device (no memory): the LoRA
+    targets that name no linear layer of the model fail here, before it loads."""
+    config = Config.from_dict(PRESETS[args.model]) if args.model in PRESETS else read_config(folder or args.init_from_config)
+    with torch.device("meta"):
+        model = PLLaVA(config)
+    try:
+        add_lora(model, args)
+    except ValueError:
+        raise ValueError(f"--lora-targets {args.lora_targets}: no linear layer of the model has that name "
+                         f"(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)") from None
+    set_trainable(model, args)
+    return config, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def add_lora(model, args):
+    if args.full_finetune or args.train_all or lora.lora_layers(model):
+        return
+    torch.manual_seed(args.seed)
+    lora.add_lora(model.language_model, targets=args.lora_targets.split(","), r=args.lora_r, alpha=args.lora_alpha,
+                  dropout=args.lora_dropout)
+
+
+def set_trainable(model, args):
+    """The seed's split: projector + LoRA learn (LoRA alone with --freeze-projector); --full-finetune adds
+    the whole LLM; --train-all all."""
+    for name, p in model.named_parameters():
+        if args.train_all:
+            p.requires_grad = True
+        elif args.full_finetune:
+            p.requires_grad = not name.startswith("vision_tower.")
+        else:
+            p.requires_grad = ".lora_" in name or (name.startswith("multi_modal_projector.") and not args.freeze_projector)
+    for layer in lora.lora_layers(model).values():   # a LoRA loaded from a release trains on
+        layer.lora_dropout = torch.nn.Dropout(args.lora_dropout) if args.lora_dropout > 0 else torch.nn.Identity()
+
+
+def shard(model, device, world):
+    """FSDP2: every decoder block and the vision tower a unit of its own, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in model.language_model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model.vision_tower.vision_model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def setup_model(args, folder, rank, world, device):
+    """The model sharded with FSDP2 over every rank, one process too (a one-rank mesh, as torchtitan): one
+    path, one precision policy. Rank 0 reads the weights and broadcasts them; the others build on meta."""
+    source = build_source(args, folder) if rank == 0 else None
+    box = [(source.config, lora.lora_shape(source.language_model)) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    config, lora_shape = box[0]
+    with torch.device("meta"):
+        model = PLLaVA(config)
+        if lora_shape:
+            lora.add_lora_like(model.language_model, lora_shape)
+    set_trainable(model, args)
+    shard(model, device, world)
+    model.to_empty(device=device)
+    state = {k: v.float() for k, v in source.state_dict().items()} if rank == 0 else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del source, state
+    return model
+
+
+def checkpointing(model, on):
+    model.language_model.checkpointing = on
+    model.vision_tower.vision_model.checkpointing = on
