@@ -69,15 +69,17 @@ def parse_args(argv=None):
     return args
 
 
-def reference_models(model, device, dtype):
-    """transformers' CLIPVisionModel and LlamaForCausalLM holding our model's weights."""
+def reference_models(config, device, dtype, weights=None):
+    """transformers' CLIPVisionModel and LlamaForCausalLM of our `config`, built on the device in `dtype`
+    (never an fp32 copy first: 13B is 52 GB in fp32), holding `weights` (our model's) when given."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-    c = model.config
-    text = {k: v for k, v in asdict(c.text_config).items() if v is not None}
-    clip = CLIPVisionModel(CLIPVisionConfig(**asdict(c.vision_config))).to(device, dtype).eval()
-    clip.load_state_dict(model.vision_tower.vision_model.state_dict())   # transformers 5: no vision_model level
-    lm = LlamaForCausalLM(LlamaConfig(**text)).to(device, dtype).eval()
-    lm.load_state_dict(model.language_model.state_dict())
+    text = {k: v for k, v in asdict(config.text_config).items() if v is not None}
+    with torch.device(device):
+        clip = CLIPVisionModel._from_config(CLIPVisionConfig(**asdict(config.vision_config)), dtype=dtype).eval()
+        lm = LlamaForCausalLM._from_config(LlamaConfig(**text), dtype=dtype).eval()
+    if weights is not None:
+        clip.load_state_dict(weights.vision_tower.vision_model.state_dict())   # transformers 5: no vision_model level
+        lm.load_state_dict(weights.language_model.state_dict())
     return clip, lm
 
 
@@ -236,13 +238,13 @@ def bench_sampler(ctx):
 def train_step_child(k):
     """LoRA training steps of the LLM (q_proj, k_proj, r=128, alpha=32, AdamW), ours or transformers + peft,
     on the same embeddings; the loss on the last 64 positions. Returns each step's time and the peak memory."""
-    device, dtype = k["device"], getattr(torch, k["dtype"])
-    model = PLLaVA.from_config(Config.from_dict(SIZES[k["size"]]), dtype=dtype, device=device)
-    lm = model.language_model
-    x = (0.02 * torch.randn(k["batch"], k["length"], lm.config.hidden_size)).to(device, dtype)
-    labels = torch.randint(0, lm.config.vocab_size, (k["batch"], k["length"]), device=device)
+    device, dtype, config = k["device"], getattr(torch, k["dtype"]), Config.from_dict(SIZES[k["size"]])
+    text = config.text_config
+    x = (0.02 * torch.randn(k["batch"], k["length"], text.hidden_size)).to(device, dtype)
+    labels = torch.randint(0, text.vocab_size, (k["batch"], k["length"]), device=device)
     labels[:, :-64] = -100
     if k["impl"] == "ours":
+        lm = PLLaVA.from_config(config, dtype=dtype, device=device).language_model
         add_lora(lm, r=128, alpha=32, dropout=0.0)
         lm.checkpointing = k["checkpointing"]
         for n, p in lm.named_parameters():
@@ -255,8 +257,7 @@ def train_step_child(k):
         params = [p for p in lm.parameters() if p.requires_grad]
     else:
         from peft import LoraConfig, get_peft_model
-        _, ref = reference_models(model, device, dtype)
-        del model, lm
+        _, ref = reference_models(config, device, dtype)   # weights of its own: one model in memory, not two
         if k["checkpointing"]:
             ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ref = get_peft_model(ref, LoraConfig(r=128, lora_alpha=32, target_modules=["q_proj", "k_proj"], lora_dropout=0.0))
@@ -361,7 +362,7 @@ def bench(args):
                context=args.decode_context or (model.config.num_visual_tokens + 64 if gpu else 256), decode={})
     env = measure.machine(args.device)
     if {"vision", "prefill", "decode", "roofline"} & set(sections):
-        ctx["clip"], ctx["lm"] = reference_models(model, args.device, dtype)
+        ctx["clip"], ctx["lm"] = reference_models(model.config, args.device, dtype, model)
         lm = model.language_model
         ctx["paths"] = {"plain": (lm, None)}   # (language model, compile mode)
         if can_pack(lm):

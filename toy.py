@@ -67,14 +67,16 @@ def run(cmd, log, nproc=1, watch=None):
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads(nproc))})
-        shown = start
+        shown, first = start, None
         while proc.poll() is None:
             time.sleep(0.5)
             done, total = watch() if watch and time.monotonic() - shown > 10 else (0, 0)
             if done:
                 shown = time.monotonic()
-                eta = (time.monotonic() - start) * (total - done) / done
-                print(f"\r  {os.path.basename(log)[:-4]}: {done}/{total}, ETA {eta:.0f} s (log: {log})   ", end="",
+                first = first or (shown, done)   # the rate from the first rows on: start-up is not a step
+                rate = (done - first[1]) / (shown - first[0]) if done > first[1] else 0
+                eta = f"{(total - done) / rate:.0f} s" if rate else "-"
+                print(f"\r  {os.path.basename(log)[:-4]}: {done}/{total}, ETA {eta} (log: {log})   ", end="",
                       file=sys.stderr, flush=True)
     if watch:
         print(file=sys.stderr)
@@ -213,14 +215,17 @@ def teacher_truth(rows, labels):
 
 def versions(nproc=1):
     """What the numbers depend on besides the seed: the libraries that encode the world and train on it,
-    and the threads each stage runs on (sums of floats are added in another order on other counts)."""
+    the threads each stage runs on and the CPU's vector kernels (either changes the order floats are added
+    in: the README's toy numbers of 2026-11-25 came back to the digit here only with AVX2 kernels forced,
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2)."""
     import platform
     import av
     import torch
     import measure
     return {"torch": torch.__version__, "av": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
             "numpy": np.__version__, "python": platform.python_version(), "threads_per_stage": threads(1),
-            "threads_per_stage2_process": threads(nproc), "cpu": measure.cpu_model(), "cpu_flags": measure.cpu_flags()}
+            "threads_per_stage2_process": threads(nproc), "cpu": measure.cpu_model(), "cpu_flags": measure.cpu_flags(),
+            "kernels": torch.backends.cpu.get_cpu_capability()}
 
 
 def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, say):

@@ -4,6 +4,7 @@ import collections
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -200,6 +201,8 @@ def test_caption_with_a_hub_id(server, tmp_path):
                      "--max-new-tokens", "4"], env=env)
     assert r.returncode == 0, r.stderr
     assert read_rows(str(tmp_path / "o.jsonl"))[0]["video"] == video
+    shown = r.stderr.replace("\r", "\n")   # each file's bytes, rate and (with a size) ETA, on stderr
+    assert re.search(r"model\.safetensors: [0-9.]+/[0-9.]+ MB, [0-9.]+ MB/s", shown), r.stderr
 
 
 def test_offline_and_missing_model_errors(tmp_path, monkeypatch):
@@ -254,3 +257,21 @@ def test_a_model_folder_carries_its_prompt(ckpt, tmp_path):
     (folder / "prompt.json").write_text('{"question": 3}')
     r = run_caption(args + ["--out", tmp_path / "d.jsonl"])
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "prompt.json" in r.stderr
+
+
+def test_a_folder_with_no_videos_or_only_broken_ones_exits_1_in_one_line(ckpt, tmp_path):
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "notes.txt").write_text("not a video")
+    out = tmp_path / "c.jsonl"
+    r = run_caption([str(tmp_path / "none"), "--model", ckpt, "--out", str(out)])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("error: ") and "no videos found" in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    good, broken = make_folder(str(tmp_path / "bad"), good=2)
+    for v in good:
+        os.remove(v)                                        # only the three broken files are left
+    r = run_caption([str(tmp_path / "bad"), "--model", ckpt, "--out", str(out), "--max-new-tokens", "4"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("error: ") and "no video was captioned" in lines[-1], r.stderr
+    rows, counts = rows_by_video(str(out))
+    assert set(counts) == set(broken) and all("error" in row for row in rows.values())   # their rows are kept

@@ -1,5 +1,5 @@
 """python toy.py --quick: the whole loop (world, teacher, clean, stage 1, stage 2, captioning, scoring) learns.
-The thresholds are set below what two seeds measured on the 2-core CPU (README): quick mode is small, and its
+The thresholds are set below what three seeds measured on the 2-core CPU (README): quick mode is small, and its
 shape skill is the first to wobble. Two whole quick runs with one seed gave the same results.json numbers
 (measured; a second run here would add four minutes to the suite). What the test holds instead: the world,
 the teacher's labels and the tokenizer are the same for the same seed (below), training is repeatable
@@ -16,7 +16,8 @@ import toyworld
 from tokenizer import train_tokenizer
 from tools import run_tool
 
-# measured, seeds 0 / 1: stage 2 colour 100 / 100, position 66.7 / 92.7, motion 65.6 / 74.0, order 71.6 / 78.5
+# measured, seeds 0 / 1 / 2: stage 2 colour 100 / 100 / 100, position 66.7 / 92.7 / 90.6, motion 65.6 / 74.0 /
+# 70.8, order 71.6 / 78.5 / 77.8
 THRESHOLDS = {"colour": 95, "position": 55, "motion": 55, "order": 55}
 
 
@@ -26,7 +27,7 @@ def run_quick(out):
     return json.load(open(os.path.join(out, "results.json"))), r.stdout
 
 
-def test_quick_loop_learns_and_is_deterministic(tmp_path):
+def test_quick_loop_learns(tmp_path):
     first, log = run_quick(tmp_path / "a")
     results = first["results"]
     stage2, stage1 = results["stage 2"], results["stage 1"]
@@ -38,7 +39,7 @@ def test_quick_loop_learns_and_is_deterministic(tmp_path):
     assert teacher["order"] < 95 and teacher["position"] < 95 and teacher["invented"] >= 5
     assert stage2["invented"] < teacher["invented"]                     # the student does not learn the invented size
     assert "judge score" in stage2 and "stage 2 against the teacher" in results
-    assert first["depends_on"]["threads_per_stage"] >= 1 and first["depends_on"]["av"]
+    assert first["depends_on"]["threads_per_stage"] >= 1 and first["depends_on"]["av"] and first["depends_on"]["kernels"]
     assert "shape  colour  position  motion  order  exact" in log
 
 
