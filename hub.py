@@ -27,6 +27,7 @@ REQUIRED = ["config.json", "tokenizer.model"]
 OPTIONAL = ["tokenizer_config.json", "added_tokens.json", "special_tokens_map.json", "preprocessor_config.json",
             "adapter_config.json", "adapter_model.safetensors"]
 CHUNK = 1 << 16   # small enough that a dropped connection keeps most of what arrived
+BACKOFF = 0.5     # seconds before the first retry of a file, doubled for each one after
 
 
 class HubError(RuntimeError):
@@ -217,7 +218,7 @@ def download(session, url: str, dest: str, optional: bool = False, retries: int 
                 why = str(e) if isinstance(e, _Resume | _Restart) else type(e).__name__
                 raise HubError(f"{url}: cannot download ({why}); offline? Use a local folder or a folder "
                                f"already in the cache") from None
-            time.sleep(0.5 * 2 ** attempt)
+            time.sleep(BACKOFF * 2 ** attempt)
     os.replace(partial, dest)
     _remove(meta_path)
     return True

@@ -207,6 +207,7 @@ def test_caption_with_a_hub_id(server, tmp_path):
 
 def test_offline_and_missing_model_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(hub, "BACKOFF", 0.01)   # every retry is refused at once: no need to wait between them
     with pytest.raises(hub.HubError, match="offline"):
         hub.resolve("someone/absent", cache=str(tmp_path))
     r = run_caption([str(tmp_path), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x.jsonl")])

@@ -91,6 +91,7 @@ def model_files(ckpt):
 
 @pytest.fixture
 def served(model_files, monkeypatch, tmp_path):
+    monkeypatch.setattr(hub, "BACKOFF", 0.01)   # the retries are what is tested, not their wait (7.5 s a file)
     Hub.files, Hub.log, Hub.faults = dict(model_files), [], {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
