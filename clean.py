@@ -74,9 +74,9 @@ class NearDuplicates:
         return False
 
 
-def clean_rows(rows, counts: collections.Counter, near=0.8, duplicates=True):
+def clean_rows(rows, counts: collections.Counter, near=0.8, drop_duplicates=True):
     """Yield the rows worth training on (caption cleaned), counting in `counts` what each rule did;
-    duplicates=False keeps captions that other videos have too (a templated data set: toy.py's)."""
+    drop_duplicates=False keeps captions that other videos have too (a templated data set: toy.py's)."""
     exact, dupes, videos = set(), NearDuplicates(near), set()
     for row in rows:
         caption, video = row.get("caption"), row.get("video")
@@ -95,9 +95,9 @@ def clean_rows(rows, counts: collections.Counter, near=0.8, duplicates=True):
             stripped = strip_boilerplate(caption)
             counts["boilerplate stripped (kept)"] += stripped != caption
             key = " ".join(re.findall(r"\w+", stripped.lower()))
-            if duplicates and key in exact:
+            if drop_duplicates and key in exact:
                 counts["exact duplicate"] += 1
-            elif duplicates and near < 1.0 and dupes.seen(stripped):
+            elif drop_duplicates and near < 1.0 and dupes.seen(stripped):
                 counts["near duplicate"] += 1
             else:
                 exact.add(key)

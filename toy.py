@@ -133,6 +133,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     n_train, n_test, n_stills, n_test_stills, steps1, steps2, batch = SIZES["quick" if args.quick else "default"]
     out, start = os.path.abspath(args.out), time.monotonic()
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"error: {out} is a file, not a folder: choose another --out")
     if os.path.isdir(out) and os.listdir(out):   # only an earlier toy run is ever deleted
         if not os.path.exists(os.path.join(out, MARK)):
             sys.exit(f"error: {out} holds files that are not an earlier toy run's: choose another --out")
@@ -271,4 +273,4 @@ def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, 
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

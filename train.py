@@ -90,6 +90,8 @@ def parse_args(argv=None):
         p.error("--data and --out are required")
     if args.lora_dropout >= 1:
         p.error("--lora-dropout must be below 1")
+    if args.freeze_projector and (args.full_finetune or args.train_all):
+        p.error("--freeze-projector is for LoRA training: not with --full-finetune or --train-all")
     return args
 
 

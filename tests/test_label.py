@@ -196,3 +196,7 @@ def test_clean_rules(tmp_path):
     for line in ("error or empty: 2", "refused: 1", "truncated: 1", "degenerate loop: 1", "exact duplicate: 1",
                  "near duplicate: 1", "boilerplate stripped (kept): 2", "video already seen: 1"):
         assert line in r.stderr, line
+    # --keep-duplicates: the same, but a caption another video has too stays (a templated data set)
+    r = run_label(["clean", str(src), "--out", str(tmp_path / "all.jsonl"), "--keep-duplicates"])
+    assert r.returncode == 0 and "duplicate" not in r.stderr.replace("--keep-duplicates", ""), r.stderr
+    assert set(kept) < {row["video"] for row in read_rows(str(tmp_path / "all.jsonl"))}

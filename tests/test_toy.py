@@ -68,3 +68,7 @@ def test_out_that_is_not_a_toy_run_is_never_deleted(tmp_path):
     r = run_tool("toy.py", ["--quick", "--out", tmp_path], timeout=60)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "not an earlier toy run" in r.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path) == ["notes.txt"]
+    (tmp_path / "a_file").write_text("mine")
+    r = run_tool("toy.py", ["--quick", "--out", tmp_path / "a_file"], timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "not a folder" in r.stderr, r.stderr
+    assert (tmp_path / "a_file").read_text() == "mine"

@@ -389,3 +389,12 @@ def test_a_dry_run_plans_the_memory_of_each_gpu_before_anything_loads(model, wor
                  env={"WORLD_SIZE": str(world)})
     assert (r.returncode == 0) == fits, r.stderr
     assert says in (r.stdout if fits else r.stderr), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("mode", ["--full-finetune", "--train-all"])
+def test_freeze_projector_is_refused_where_no_lora_trains(mode, capsys):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--data", "d.jsonl", "--out", "o", "--model", "m", "--freeze-projector", mode])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --freeze-projector"), lines
