@@ -27,7 +27,8 @@ def build_source(args, folder):
 
 def preprocessing_folder(folder, tok_folder):
     """Where the model's preprocessor_config.json is: its own folder, else the tokenizer's (a model made
-    from --init-from-config), else neither (CLIP's mean and std)."""
+    from --init-from-config); when neither has one, the tokenizer's folder, where data.mean_std finds none
+    and gives CLIP's mean and std."""
     for f in (folder, tok_folder):
         if f and os.path.isfile(os.path.join(f, "preprocessor_config.json")):
             return f
