@@ -23,23 +23,21 @@ import time
 
 import torch
 
-import cli
-import hub
-import plan
 import shots
-from checkpoint import CheckpointError, read_config
-from cli import Stop
-from data import VideoError, mean_std, normalize
 from config import PRESETS, Config
+from data import VideoError, mean_std, normalize
 from engine import Engine, Item, OutOfMemory
 from generate import Sampling, can_pack, pack_for_cpu
-from jsonl import Appender, Busy, iter_rows
 from lora import merge_lora
 from model import PLLaVA
+from plumbing import cli, hub, memory
+from plumbing.cli import Stop
+from plumbing.jsonl import Appender, Busy, iter_rows
+from plumbing.sources import canonical, find_videos
+from plumbing.workers import PoolError, imap_unordered
 from quant import quantize_int8
-from sources import canonical, find_videos
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, load_prompt, prompt_ids, stop_id, template_for
-from workers import PoolError, imap_unordered
+from weights import ModelFolderError, read_config
 
 DEFAULT_MODEL = "ermu2001/pllava-7b"
 UNREADABLE = "unreadable_video"
@@ -149,7 +147,7 @@ class Captioner:
                                             device="cpu" if int8 else device)
         config = self.model.config
         if self.tok.image_id is None:
-            raise CheckpointError(f"{folder}: the tokenizer has no <image> token")
+            raise ModelFolderError(f"{folder}: the tokenizer has no <image> token")
         if self.tok.image_id != config.image_token_index:   # pllava-34b's config says 64002, its tokenizer 64000
             print(f"note: using the tokenizer's <image> id {self.tok.image_id}, not config.json's "
                   f"{config.image_token_index}", file=sys.stderr)
@@ -239,17 +237,17 @@ def merge(out, parts):
 def main(argv=None):
     args = parse_args(argv)
     return cli.run(lambda: dry_run(args) if args.dry_run else caption(args),
-                   (OSError, ValueError, hub.HubError, CheckpointError, Busy, Stop, PoolError))
+                   (OSError, ValueError, hub.HubError, ModelFolderError, Busy, Stop, PoolError))
 
 
 def dry_run(args):
-    """The memory plan (plan.captioning) of a preset (pllava-7b/13b/34b) or a local model folder's
+    """The memory plan (memory.captioning) of a preset (pllava-7b/13b/34b) or a local model folder's
     config.json (a hub id would mean a download)."""
     config = Config.from_dict(PRESETS[args.model]) if args.model in PRESETS else read_config(args.model)
     recipe(config, args)
-    card = args.card_gb or plan.card_gb()
+    card = args.card_gb or memory.card_gb()
     dtype_bytes = 4 if args.dtype == "float32" else 2
-    need = plan.captioning(config, args.batch_size, args.max_new_tokens, dtype_bytes, args.quantize == "int8")
+    need = memory.captioning(config, args.batch_size, args.max_new_tokens, dtype_bytes, args.quantize == "int8")
     print(f"{args.model}: {args.batch_size} slots, {config.num_visual_tokens} visual tokens, {args.max_new_tokens} new "
           f"tokens, {'int8' if args.quantize == 'int8' else args.dtype or 'bfloat16'}: " +
           ", ".join(f"{k} {v:.1f} GB" for k, v in need.items()) + f" of {card:.0f} GB")

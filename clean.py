@@ -15,9 +15,9 @@ import zlib
 
 import numpy as np
 
-import cli
-from sources import canonical
-from jsonl import Appender, Busy, read_rows
+from plumbing import cli
+from plumbing.jsonl import Appender, Busy, read_rows
+from plumbing.sources import canonical
 
 REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i (cannot|can't|can not|am unable|'m unable)"
                      r"|as an ai|unfortunately, i|抱歉|对不起|我无法|无法(识别|描述|提供))", re.IGNORECASE)

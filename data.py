@@ -21,6 +21,7 @@ MAX_PIXELS = 1 << 25   # 33.5 M, an 8K frame: a frame (or what resizing would ma
 MAX_BAD_PACKETS = 50
 GUESS_GOP = 10.0
 SCAN_MARGIN = 8     # frames before a target from which every frame is decoded again (B-frames: <= 4)
+CODEC_THREADS = 0   # threads a decoder may use; 0: FFmpeg's choice (one per core). Decode workers set their share
 
 
 class VideoError(Exception):
@@ -54,7 +55,8 @@ def read_frames(path, n: int, mode: str = "middle", short_side: int = None, keyf
     return np.stack(frames)
 
 
-def _open(path, keyframes_only):
+def open_video(path, keyframes_only=False):
+    """(container, its first video stream), ready to decode: VideoError when the file has no video."""
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.error.FFmpegError:
@@ -67,6 +69,7 @@ def _open(path, keyframes_only):
         raise VideoError(f"{path}: no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"   # frame + slice threads; set before the first decode
+    stream.codec_context.thread_count = CODEC_THREADS
     if keyframes_only:
         stream.codec_context.skip_frame = "NONKEY"
     return container, stream
@@ -80,7 +83,7 @@ def _read(path, n, offsets, size, keyframes_only, span=None):
        over where it really ends;
     3. no seeking: when FFmpeg cannot seek in the file, the same plan read in one pass from the start;
     4. by index: a file with no timestamps, or no duration to plan over, gives frames by their index."""
-    with _open(path, keyframes_only)[0] as container:
+    with open_video(path, keyframes_only)[0] as container:
         start, duration = _time_span(container, container.streams.video[0])
     try:
         if not duration or duration <= 0:
@@ -112,7 +115,7 @@ def _plan(start, duration, n, offsets, span):
 def _sample_by_time(path, plan, size, keyframes_only):
     """Steps 1 and 3: (frames, None), or (frames, the true end) when the file ended early (step 2's cue)."""
     for seekable in (True, False):
-        with _open(path, keyframes_only)[0] as container:
+        with open_video(path, keyframes_only)[0] as container:
             try:
                 return _by_time(path, container, container.streams.video[0], plan, size, seekable, not keyframes_only)
             except _NoSeek:
@@ -264,7 +267,7 @@ def _seek(path, container, stream, t, start):
 def _by_index(path, n, offsets, size, keyframes_only, span=None):
     """Step 4, for files without timestamps: count the frames in one pass, pick by index in a second; a
     span goes by the frame rate the stream states (25 when it states none)."""
-    with _open(path, keyframes_only)[0] as container:
+    with open_video(path, keyframes_only)[0] as container:
         stream = container.streams.video[0]
         count, rate = sum(1 for _ in _decoded(path, container, stream)), float(stream.average_rate or 25)
     if count == 0:
@@ -276,7 +279,7 @@ def _by_index(path, n, offsets, size, keyframes_only, span=None):
             raise VideoError(f"the span {span[0]:.3f}-{span[1]:.3f} s lies outside the video ({count / rate:.3f} s)")
     wanted = [min(lo + int((i + u) * (hi - lo) / n), hi - 1) for i, u in enumerate(offsets)]
     picked = {}
-    with _open(path, keyframes_only)[0] as container:
+    with open_video(path, keyframes_only)[0] as container:
         for i, frame in enumerate(_decoded(path, container, container.streams.video[0])):
             if i in wanted:
                 picked[i] = _to_rgb(frame, size)
@@ -290,7 +293,7 @@ def read_image(path, short_side: int = None) -> np.ndarray:
     if not os.path.isfile(path):
         raise VideoError(f"{path}: no such file")
     try:
-        container, stream = _open(path, False)
+        container, stream = open_video(path, False)
         with container:
             frame = next(_decoded(path, container, stream), None)
             if frame is None:
@@ -337,7 +340,7 @@ def normalize(frames, mean=CLIP_MEAN, std=CLIP_STD, device=None, dtype=None):
     """(..., H, W, 3) uint8 -> (..., 3, H, W) normalized floats, on `device` (send uint8, not floats).
     Computed in fp32 and cast once to `dtype` at the end, as transformers' processor does (bf16 arithmetic
     would round three times)."""
-    import torch   # here, not at the top: decode workers import this file and never need torch
+    import torch  # here, not at the top: decode workers import this file and never need torch
     x = torch.as_tensor(frames).to(device).movedim(-1, -3).float() / 255.0
     m = torch.tensor(mean, device=x.device)[:, None, None]
     s = torch.tensor(std, device=x.device)[:, None, None]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lora import replace_linears
 from model import causal_mask, positions_of
 
+
 @dataclass
 class Sampling:
     """How each next token is chosen, and when a row ends."""

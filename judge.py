@@ -21,14 +21,14 @@ import sys
 
 import numpy as np
 
-import cli
 import events
-from cli import Stop
-from client import add_api_flags, api_client
-from jsonl import Appender, Busy, iter_rows
-from runner import run_items
-from sources import canonical
-from redact import Redactor
+from plumbing import cli
+from plumbing.cli import Stop
+from plumbing.client import add_api_flags, api_client
+from plumbing.jsonl import Appender, Busy, iter_rows
+from plumbing.redact import Redactor
+from plumbing.runner import run_items
+from plumbing.sources import canonical
 
 PROMPT_VERSION = "judge-v1"
 SYSTEM = ("You evaluate video captions. You are given a ground-truth description of a video and a candidate "

@@ -26,17 +26,17 @@ import sys
 import time
 import zlib
 
-import cli
 import shots
-from cli import Stop
-from client import FINAL_CODES, add_api_flags, api_client
 from clean import clean_file
 from data import VideoError
-from jsonl import Appender, Busy, iter_rows
-from redact import Redactor
-from runner import run_items
-from sources import canonical, find_videos, video_base
-from workers import PoolError, imap_unordered
+from plumbing import cli
+from plumbing.cli import Stop
+from plumbing.client import FINAL_CODES, add_api_flags, api_client
+from plumbing.jsonl import Appender, Busy, iter_rows
+from plumbing.redact import Redactor
+from plumbing.runner import run_items
+from plumbing.sources import canonical, find_videos, video_base
+from plumbing.workers import PoolError, imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describe the video in one detailed "

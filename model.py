@@ -8,7 +8,7 @@
       -> LLaMA decoder (Vicuna: multi-head; Yi-34B: grouped-query)    logits (B, L - 1 + 2304, vocab)
 
 Module and parameter names follow the llava-hf checkpoints (`language_model.model.layers.0.self_attn.q_proj`),
-so loading is a key lookup; checkpoint.py reads and writes the files.
+so loading is a key lookup; weights.py reads and writes the files.
 """
 
 import torch
@@ -391,10 +391,10 @@ class PLLaVA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, lora_alpha: float = None, dtype=torch.float32, device="cpu") -> "PLLaVA":
-        import checkpoint
-        return checkpoint.load(cls, path, lora_alpha=lora_alpha, dtype=dtype, device=device)
+        import weights
+        return weights.load(cls, path, lora_alpha=lora_alpha, dtype=dtype, device=device)
 
     def save_pretrained(self, out_dir: str):
-        import checkpoint
-        checkpoint.save(self, out_dir)
+        import weights
+        weights.save(self, out_dir)
 

@@ -21,10 +21,10 @@ import sys
 import av
 import numpy as np
 
-import cli
-from data import VideoError, jpeg_data_urls, read_clip_frames
-from jsonl import iter_rows
-from sources import canonical
+from data import VideoError, jpeg_data_urls, open_video, read_clip_frames
+from plumbing import cli
+from plumbing.jsonl import iter_rows
+from plumbing.sources import canonical
 
 W, H = 64, 36        # every frame is compared at this size
 BINS = 16            # histogram bins per colour channel
@@ -99,9 +99,8 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5):
     of white) is no cut: within the `ahead` frames the picture comes back to the one before it. A fade or
     dissolve changes little from one frame to the next and much over GRADUAL frames: its histogram drifts
     past `fade` from GRADUAL frames back."""
-    with av.open(str(path), metadata_errors="ignore") as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+    container, stream = open_video(path)
+    with container:
         rate = float(stream.average_rate or 25)
         recent = collections.deque(maxlen=max(4, int(window * rate)))   # (changed, step) of the shot so far
         back = collections.deque(maxlen=GRADUAL + 1)                    # histograms of the last frames

@@ -28,10 +28,10 @@ import time
 
 import numpy as np
 
-import cli
-from jsonl import read_rows
+from lab.toyworld import FRAMES, judged, make_world, score, teacher
+from plumbing import cli
+from plumbing.jsonl import read_rows
 from tokenizer import train_tokenizer
-from toyworld import FRAMES, make_world, score, teacher, judged
 
 MARK = ".toy-run"   # in every --out folder toy.py makes: the only folders it deletes
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -211,7 +211,7 @@ def main(argv=None):
 def teacher_truth(rows, labels):
     """The teacher's labels read as truth: what the student is compared with to see how close it is to
     its teacher (what the seed's judge measured)."""
-    from toyworld import parse
+    from lab.toyworld import parse
     return {r["video"]: parse(labels[r["video"]]) for r in rows}
 
 
@@ -221,9 +221,11 @@ def versions(nproc=1):
     in: the README's toy numbers of 2026-11-25 came back to the digit here only with AVX2 kernels forced,
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2)."""
     import platform
+
     import av
     import torch
-    import measure
+
+    from lab import measure
     return {"torch": torch.__version__, "av": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
             "numpy": np.__version__, "python": platform.python_version(), "threads_per_stage": threads(1),
             "threads_per_stage2_process": threads(nproc), "cpu": measure.cpu_model(), "cpu_flags": measure.cpu_flags(),

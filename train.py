@@ -8,7 +8,7 @@ The model is sharded with FSDP2 over the processes (trainable.py; NCCL on GPUs, 
 is a one-rank mesh): each decoder block and the vision tower are their own units, bf16 compute with fp32
 weights and gradient reductions on GPUs. Rank 0 reads the checkpoint (memory-mapped) and broadcasts; the
 others build on the meta device and receive their shards only. Before that, the memory of each GPU is
-planned from the config (plan.py; `--dry-run` prints it) and a run that cannot fit is refused. Checkpoints (trainable weights, optimizer, step, RNG) go to --out every --save-every
+planned from the config (plumbing/memory.py; `--dry-run` prints it) and a run that cannot fit is refused. Checkpoints (trainable weights, optimizer, step, RNG) go to --out every --save-every
 steps; --resume continues from the newest (trainstate.py). The loss is the mean over the answer tokens
 of the whole global batch, so one process and N processes with the same global batch train the same weights.
 """
@@ -24,16 +24,14 @@ import time
 import torch
 import torch.distributed as dist
 
-import cli
-import hub
-import plan
-from checkpoint import CheckpointError
 from data import mean_std, normalize
 from dataset import StepSampler, TrainSet, collate, eval_keys, read_samples
-from jsonl import Appender, Busy
+from plumbing import cli, hub, memory
+from plumbing.jsonl import Appender, Busy
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, template_for
 from trainable import checkpointing, preprocessing_folder, probe, setup_model
 from trainstate import barrier, check_out, export, load_checkpoint, save_checkpoint
+from weights import ModelFolderError
 
 
 def parse_args(argv=None):
@@ -71,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=cli.non_negative, default=1.0, help="gradient norm clip (0: none)")
     p.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="recompute each layer in the backward pass instead of keeping its activations; auto: "
-                        "on when the run would not fit the GPU without it (plan.training), off on a CPU")
+                        "on when the run would not fit the GPU without it (memory.training), off on a CPU")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory each GPU needs (weights, optimizer, activations) and stop")
     p.add_argument("--card-gb", type=cli.positive, help="a GPU's memory, for the plan (default: this GPU's, or 80)")
@@ -161,7 +159,7 @@ def read_data(files, args, rank):
 
 def main(argv=None):
     args = parse_args(argv)
-    return cli.run(lambda: train(args), (OSError, ValueError, hub.HubError, CheckpointError, Busy))
+    return cli.run(lambda: train(args), (OSError, ValueError, hub.HubError, ModelFolderError, Busy))
 
 
 def dry_run(args):
@@ -170,10 +168,10 @@ def dry_run(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = args.model if args.model and os.path.isdir(args.model) else None   # a hub id would mean a download
     config, trainable = probe(args, local)
-    on, need = plan.for_training(args, config, trainable, world, gpu=True)
+    on, need = memory.for_training(args, config, trainable, world, gpu=True)
     print(f"{args.model or args.init_from_config}: batch {args.batch_size} x {config.num_visual_tokens} visual + "
           f"{args.max_text_tokens} text tokens on {world} GPU(s), {trainable / 1e6:.1f}M trainable, activation "
-          f"checkpointing {'on' if on else 'off'}: {plan.describe(need)}, total {need['total']:.1f} GB per GPU")
+          f"checkpointing {'on' if on else 'off'}: {memory.describe(need)}, total {need['total']:.1f} GB per GPU")
     return need
 
 
@@ -207,9 +205,9 @@ def train(args):
     folder = hub.resolve(args.model) if args.model else None
     tok_folder = args.tokenizer or folder
     config, trainable = probe(args, folder)
-    checkpoints_on, need = plan.for_training(args, config, trainable, world, device.type == "cuda")
+    checkpoints_on, need = memory.for_training(args, config, trainable, world, device.type == "cuda")
     if rank == 0 and device.type == "cuda":
-        print(f"memory per GPU: {need['total']:.1f} GB ({plan.describe(need)}), activation checkpointing "
+        print(f"memory per GPU: {need['total']:.1f} GB ({memory.describe(need)}), activation checkpointing "
               f"{'on' if checkpoints_on else 'off'}", file=sys.stderr, flush=True)
     if args.export and any(f and os.path.exists(args.export) and os.path.samefile(args.export, f)
                            for f in (folder, tok_folder)):

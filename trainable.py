@@ -9,9 +9,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import lora
-from checkpoint import read_config
 from config import PRESETS, Config
 from model import PLLaVA
+from weights import read_config
 
 
 def build_source(args, folder):

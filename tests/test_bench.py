@@ -2,14 +2,15 @@
 
 import json
 import math
+import sys
 import time
 
 import pytest
 import torch
 
-import bench
-import measure
-from tools import run_tool
+from lab import bench, measure
+
+from tools import run_command
 
 
 class SleepyLM:
@@ -38,14 +39,14 @@ class SleepyLM:
 
 def test_decode_is_timed_by_its_steps_alone():
     lm = SleepyLM()
-    run = bench.our_decoder(lm, torch.zeros(2, 50, 4), 10, None, "cpu")   # the prefill happens here, once
+    run = measure.our_decoder(lm, torch.zeros(2, 50, 4), 10, None, "cpu")   # the prefill happens here, once
     assert lm.calls == 1
     seconds = [run() for _ in range(3)]
     assert lm.calls == 31                                                    # 3 runs of 10 steps, no prefill again
     for s in seconds:
         assert abs(s - 10 * 0.02) < 0.1 * 10 * 0.02, seconds                # 10 steps of 20 ms, within 10%
     result = measure.compare(run, lambda: time.sleep(0.4), "cpu", repeats=3, warmup=0)
-    r = bench.row("decode", "tokens/s", result, work=2 * 10)
+    r = measure.row("decode", "tokens/s", result, work=2 * 10)
     assert abs(r["ours"]["median"] - 100) < 10                              # 2 rows x 10 steps / 0.2 s
     assert abs(r["ratio"] - 2) < 0.2 and len(result["pair_ratios"]) == 3     # the reference took twice as long
 
@@ -57,7 +58,7 @@ def test_turns_alternate_and_the_spread_is_reported():
     assert "".join(order) == "ab" * 6
     assert result["ours"]["n"] == result["reference"]["n"] == 5
     assert result["ours"]["min"] <= result["ours"]["median"] <= result["ours"]["max"]
-    r = bench.row("x", "s", result)
+    r = measure.row("x", "s", result)
     assert r["ratio"] < 1 and r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]   # ours is the slower
 
 
@@ -67,9 +68,9 @@ def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path, sections):
     """Every section on the tiny size: sane numbers (or "too small to time"), the machine recorded, and no
     section failed."""
     out = tmp_path / "bench.json"
-    r = run_tool("bench.py", ["--size", "tiny", "--only", sections, "--repeats", "2", "--new-tokens", "4",
-                              "--load-gb", "0.02", "--sampler-minutes", "0.2", "--cache", tmp_path / "cache",
-                              "--json", out], timeout=600)
+    r = run_command([sys.executable, "-m", "lab.bench", "--size", "tiny", "--only", sections, "--repeats", "2", "--new-tokens", "4",
+                              "--load-gb", "0.02", "--sampler-minutes", "0.2", "--cache", str(tmp_path / "cache"),
+                              "--json", str(out)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     machine = report["machine"]

@@ -14,10 +14,12 @@ import time
 
 import pytest
 
-import hub
+from plumbing import hub
+from plumbing.jsonl import read_rows
+
 from tools import ROOT, free_port, run_command, run_tool
-from jsonl import read_rows
 from videos import write_audio_only, write_video
+
 
 def make_folder(folder, good=5):
     os.makedirs(os.path.join(folder, "sub"), exist_ok=True)

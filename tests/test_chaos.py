@@ -14,13 +14,14 @@ import time
 import numpy as np
 import pytest
 
-from chaos_api import KEY, ChaosAPI
 from data import jpeg_data_urls
-from sources import canonical
-from jsonl import read_rows
+from plumbing.jsonl import read_rows
+from plumbing.sources import canonical
+from plumbing.workers import imap_unordered
+
+from chaos_api import KEY, ChaosAPI
 from tools import run_tool
 from videos import write_video
-from workers import imap_unordered
 
 KEYS = {"DASHSCOPE_API_KEY": KEY, "OPENAI_API_KEY": KEY}
 N = 200

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import engine as engine_module
-from conftest import tiny_model
 from engine import Engine, Item, OutOfMemory
 from generate import Sampling, generate
 from lora import add_lora, lora_layers
 from model import PLLaVA
 from tokenizer import prompt_ids
+
+from conftest import tiny_model
 
 QUESTIONS = ["describe the video", "what happens in this video in detail, step by step?", "hello"]
 

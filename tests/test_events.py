@@ -118,7 +118,8 @@ def teacher(body, item):
 
 
 def test_label_verify_keeps_the_sentences_the_frames_support(tmp_path):
-    from jsonl import read_rows
+    from plumbing.jsonl import read_rows
+
     from videos import solid_videos
     videos, _ = solid_videos(str(tmp_path / "v"), 3, n_frames=6, size=(48, 32))
     labels = [{"video": videos[0], "caption": "A red square sits still. A dog barks loudly. The square fades.", "model": "t"},
@@ -176,7 +177,8 @@ def test_at_most_max_events_and_unparsed_verdicts_are_counted_apart(tmp_path):
 def test_label_verify_shards_survive_faults_and_use_the_labels_frames(tmp_path):
     """Two shards cover every label once; a 500 and a dropped body are asked again; labels made from 8
     frames are not checked against 4."""
-    from jsonl import read_rows
+    from plumbing.jsonl import read_rows
+
     from videos import solid_videos
     videos, _ = solid_videos(str(tmp_path / "v"), 6, n_frames=6, size=(48, 32))
     labels = [{"video": v, "caption": "A square. A cat.", "frames": 4} for v in videos]

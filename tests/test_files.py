@@ -10,13 +10,15 @@ import time
 import numpy as np
 import pytest
 
-import sources
 from data import VideoError, read_clip_frames, read_frames
+from plumbing import sources
+from plumbing.jsonl import Appender, Busy, read_rows
+from plumbing.workers import imap_unordered
+
 from fake_api import KEY, label_server
-from jsonl import Appender, Busy, read_rows
 from tools import ROOT, run_tool
 from videos import read_index, solid_videos, write_video
-from workers import imap_unordered
+
 
 def write_ts(path, n, start_s, codec):
     """An MPEG-TS capture as a broadcast recorder leaves it: timestamps starting minutes (or a day) in."""

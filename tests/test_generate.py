@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
-from generate import PackedLinear, Sampling, Stopper, can_pack, generate, generate_reference, pack_for_cpu, pick
+from generate import (PackedLinear, Sampling, Stopper, can_pack, generate, generate_reference, pack_for_cpu,
+                      pick)
 from lora import add_lora, lora_layers
 from model import causal_mask, positions_of
 from tokenizer import prompt_ids
 
-
+from conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

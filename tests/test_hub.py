@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-import hub
+from plumbing import hub
+
 from tools import ROOT, run_command
 
 REPO = "someone/tiny"

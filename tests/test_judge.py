@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 import pytest
-from fake_api import KEY, FakeAPI
-from tools import run_tool
 
 from judge import compare, parse_judgment, summarize
+
+from fake_api import KEY, FakeAPI
+from tools import run_tool
 
 GT = {f"v{i}": f"ground truth {i}: a cat sits on a red sofa and yawns" for i in range(6)}
 # candidate caption -> the judge's (score, correct)

@@ -8,11 +8,13 @@ import time
 
 import pytest
 
-from client import RateLimit
+from plumbing.client import RateLimit
+from plumbing.jsonl import read_rows
+
 from fake_api import KEY, colour_of, label_server
-from jsonl import read_rows
 from tools import run_tool
 from videos import solid_videos
+
 
 def make_videos(folder, n):
     return solid_videos(folder, n)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from helpers import TEXT, randomize
-from lora import LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, save_adapter, set_lora_alpha, unmerge_lora
 from config import Config
+from lora import (LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, save_adapter, set_lora_alpha,
+                  unmerge_lora)
 from model import LLaMA
 
-
+from helpers import TEXT, randomize
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from helpers import (IMAGE_ID, TEXT, VISION, causal_lm, max_rel_err, randomize, reference_logits, sample_inputs,
-                     tiny_llava)
 from config import Config, VisionConfig
-from model import LLaMA, PLLaVA, CLIPVision, causal_mask, positions_of
+from model import CLIPVision, LLaMA, PLLaVA, causal_mask, positions_of
 
-
+from helpers import (IMAGE_ID, TEXT, VISION, causal_lm, max_rel_err, randomize, reference_logits,
+                     sample_inputs, tiny_llava)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -91,7 +90,8 @@ def test_kv_cache_decoding_equals_full_forward(case):
 
 
 def pllava_from(hf, config):
-    from checkpoint import our_name
+    from weights import our_name
+
     from helpers import hub_layout
     m = PLLaVA(Config.from_dict(config)).eval()
     sd = {our_name(k): v for k, v in hub_layout(hf.state_dict()).items()}

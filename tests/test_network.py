@@ -9,11 +9,12 @@ import urllib.parse
 
 import pytest
 
-import client
+from plumbing import client
+from plumbing.client import APIError, Client, parse_reply
+from plumbing.jsonl import read_rows
+from plumbing.redact import Redactor
+
 from chaos_api import KEY, ChaosAPI, echoes
-from client import APIError, Client, parse_reply
-from jsonl import read_rows
-from redact import Redactor
 from tools import free_port, run_tool
 
 ANSWER = "A red kite circles over a green hill."
@@ -216,8 +217,8 @@ def test_judge_stops_on_a_refused_key_and_keeps_what_was_paid_for(tmp_path):
 def test_an_unexpected_exception_is_that_items_row(tmp_path):
     """Whatever a job's work raises, anywhere in it, is that job's row (not done); the others go on."""
     import label
-    from jsonl import Appender, read_rows
-    from runner import run_items
+    from plumbing.jsonl import Appender, read_rows
+    from plumbing.runner import run_items
 
     class Broken:
         scrub, stop = Redactor(""), __import__("threading").Event()

@@ -6,16 +6,16 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
 from generate import Sampling, generate
-from jsonl import read_rows
 from lora import add_lora, lora_layers
 from model import positions_of
+from plumbing.jsonl import read_rows
 from quant import Int8Linear, quantize_int8, weight_bytes
 from tokenizer import prompt_ids
+
+from conftest import tiny_model
 from tools import run_tool
 from videos import write_video
-
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

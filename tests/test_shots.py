@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import shots
+
 from videos import write_video
 
 FPS = 25
@@ -143,7 +144,8 @@ def test_caption_per_shot_with_times_and_a_killed_run_redoes_no_shot(cut_video, 
     import signal
     import time
 
-    from jsonl import read_rows
+    from plumbing.jsonl import read_rows
+
     from tools import run_tool
     path, _, _, n = cut_video
     want = shots.shots(path, 0.6, 20.0)
@@ -168,8 +170,9 @@ def test_caption_per_shot_with_times_and_a_killed_run_redoes_no_shot(cut_video, 
 
 
 def test_caption_and_label_per_window_and_label_per_shot(cut_video, ckpt, tmp_path):
+    from plumbing.jsonl import read_rows
+
     from fake_api import KEY, FakeAPI
-    from jsonl import read_rows
     from tools import run_tool
     path, _, _, n = cut_video
     r = run_tool("caption.py", [path, "--model", ckpt, "--out", tmp_path / "c.jsonl", "--window", "5",

@@ -2,8 +2,9 @@
 
 import pytest
 
-from helpers import make_tokenizer
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, prompt_ids, stop_id, template_for, training_ids
+
+from helpers import make_tokenizer
 
 TEXTS = ["hello world", " leading space", "two  spaces and\n\nnewlines\n", "ünïcödé → 表情 🙂 bytes",
          "x</s>ASSISTANT: hi</s>", "<image>\nhello", "USER: <image>\n USER: describe the video ASSISTANT:",

@@ -12,8 +12,9 @@ import shutil
 
 import sentencepiece
 
-import toyworld
+from lab import toyworld
 from tokenizer import train_tokenizer
+
 from tools import run_tool
 
 # measured, seeds 0 / 1 / 2: stage 2 colour 100 / 100 / 100, position 66.7 / 92.7 / 90.6, motion 65.6 / 74.0 /

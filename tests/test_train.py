@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lab.synthetic import write_image
+from plumbing.jsonl import read_rows
+
 from helpers import TEXT, VISION, make_tokenizer, tiny_checkpoint
-from jsonl import read_rows
-from synthetic import write_image
 from tools import ROOT, free_port, run_command, run_tool
 from videos import write_video
 
@@ -222,8 +223,10 @@ def test_loss_counts_answer_tokens_only(world):
 def test_export_captions_and_loads_in_peft(world, tmp_path):
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
-    from helpers import causal_lm
+
     from model import PLLaVA
+
+    from helpers import causal_lm
     export = tmp_path / "export"
     run(train_args(world, tmp_path / "o", "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "4",
                    "--lora-alpha", "8", "--export", str(export)))

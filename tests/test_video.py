@@ -10,8 +10,9 @@ import pytest
 
 import data
 from data import VideoError, read_frames
-from sources import find_videos
-from workers import imap_unordered
+from plumbing.sources import find_videos
+from plumbing.workers import imap_unordered
+
 from videos import frame_times_ms, read_index, write_audio_only, write_video
 
 N = 16
@@ -236,6 +237,7 @@ def test_clip_preprocessing_matches_transformers(tmp_path):
     frames with PIL. Measured here: mean |difference| ~1.5/255, 99th percentile ~8/255 (at hard edges)."""
     import torch
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     from data import CLIP_STD, normalize, read_clip_frames
     path = write_video(tmp_path / "hd.mp4", n_frames=16, size=(854, 480), frame_fn=natural_frame,
                        options={"crf": "10"})
@@ -254,6 +256,7 @@ def test_pixels_are_normalized_in_fp32_and_cast_once():
     """bf16 arithmetic would round three times (the /255, the - mean, the / std): on a GPU the frames are
     normalized in fp32 and cast to the compute dtype at the end, as transformers' processor does."""
     import torch
+
     from data import normalize
     frames = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     fp32 = normalize(frames)

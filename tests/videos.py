@@ -5,7 +5,7 @@ bottom half is a colour."""
 import av
 import numpy as np
 
-import synthetic
+from lab import synthetic
 
 STRIPES = 8
 

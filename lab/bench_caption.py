@@ -18,10 +18,11 @@ import time
 import numpy as np
 import torch
 
-import measure
 from engine import Engine, Item
 from generate import Sampling, generate, pack_for_cpu, prefill
-from measure import row, value
+from lab import measure
+from lab.measure import row, value
+from lab.synthetic import clip
 from quant import quantize_int8, weight_bytes
 
 SLOTS, VIDEOS = 8, 16
@@ -124,22 +125,21 @@ def schedule_ratio(n, seed=0):
 
 def bench_int8(ctx):
     """int8 weights (quant.py) against the fp32 path caption.py runs (packed on a CPU), same weights."""
-    import bench
     a, model = ctx["args"], ctx["model"]
     fp = model.language_model if a.device != "cpu" else pack_for_cpu(copy.deepcopy(model.language_model))
     q8 = quantize_int8(copy.deepcopy(model.language_model))
     rows = [value("int8 weights / fp32 weights, the language model", "x",
                   weight_bytes(q8) / weight_bytes(model.language_model))]
     with torch.no_grad():
-        x = bench.embeddings(ctx, 1, 32)
+        x = measure.embeddings(ctx, 1, 32)
         want = model.language_model.lm_head(model.language_model(x, torch.arange(32, device=a.device)[None]))
         got = q8.lm_head(q8(x, torch.arange(32, device=a.device)[None]))
         rows.append(value("int8: max |logit error| / max |logit|, 32 positions", "x",
                           float((got - want).abs().max() / want.abs().max())))
         for batch in (1, 8):
-            x = bench.embeddings(ctx, batch, ctx["context"])
-            result = measure.compare(bench.our_decoder(q8, x, ctx["new_tokens"], None, a.device),
-                                     bench.our_decoder(fp, x, ctx["new_tokens"], None, a.device), a.device, a.repeats)
+            x = measure.embeddings(ctx, batch, ctx["context"])
+            result = measure.compare(measure.our_decoder(q8, x, ctx["new_tokens"], None, a.device),
+                                     measure.our_decoder(fp, x, ctx["new_tokens"], None, a.device), a.device, a.repeats)
             q8.clear_cache()
             fp.clear_cache()
             rows.append(row(f"decode int8 (ours) vs fp32{' packed' if a.device == 'cpu' else ''}, batch {batch}",
@@ -158,7 +158,7 @@ def caption_peak_rss(ctx, quantize):
     code = (f"import caption; caption.main({args!r}); "   # VmHWM starts anew at exec; ru_maxrss would not
             "print([line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
+                       cwd=measure.ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"caption.py failed: {r.stderr[-2000:]}")
     return int(r.stdout.split()[-1]) / 1024
@@ -189,7 +189,6 @@ def bench_recipe(ctx):
 
 def caption_world(ctx, n):
     """n synthetic 10 s 854x480 clips and a checkpoint of the benchmark's size, for caption.py (cached)."""
-    from bench import clip
     from config import Config
     from model import PLLaVA
     from tokenizer import Tokenizer, train_tokenizer
@@ -286,7 +285,6 @@ def bench_shots(ctx):
     long: its speed against the clip's own time, and its peak memory at both lengths (it streams: a few
     64x36 frames whatever the length, so the two peaks match). The peak is VmHWM, which starts anew at
     exec (ru_maxrss would carry the parent's)."""
-    from bench import clip
     minutes, peaks = ctx["args"].sampler_minutes, []
     for m in (minutes / 4, minutes):
         path = clip(os.path.join(ctx["args"].cache, f"long_{m:g}min_b.mp4"), 640, 360, int(m * 1500),
@@ -297,7 +295,7 @@ def bench_shots(ctx):
                 "hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0]\n"
                 "print(json.dumps({'seconds': t, 'shots': len(found), 'peak_mb': int(hwm.split()[1]) / 1024}))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
+                           cwd=measure.ROOT)
         if r.returncode != 0:
             raise RuntimeError(f"shots.py failed: {r.stderr[-2000:]}")
         got = json.loads(r.stdout.splitlines()[-1])

@@ -58,3 +58,12 @@ def write_image(path, image) -> str:
         out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
         out.mux(stream.encode())
     return str(path)
+
+
+def clip(path, w, h, frames, k=0, **options):
+    """A synthetic clip of moving gradients (cached: made once, kept in --cache)."""
+    if not os.path.exists(path):
+        y, x = np.mgrid[0:h, 0:w]
+        write_video(path, (np.stack([(x + 3 * i + 40 * k) % 256, (y + i) % 256, (x + y + k) % 256], -1).astype(np.uint8)
+                           for i in range(frames)), fps=25, options=options)
+    return path

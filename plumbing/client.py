@@ -24,8 +24,8 @@ from collections import namedtuple
 import requests
 import urllib3
 
-import cli
-from redact import Redactor
+from plumbing import cli
+from plumbing.redact import Redactor
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 FINAL_CODES = {"data_inspection_failed", "DataInspectionFailed", "content_filter", "content_policy_violation"}

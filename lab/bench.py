@@ -21,14 +21,14 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-import cli
-import measure
-from measure import PeakRSS, format_row, row, value
 from config import PRESETS, Config
 from generate import can_pack, compiled_decode, decode_one_token, pack_for_cpu, prefill
+from lab import bench_caption, measure
+from lab.measure import PeakRSS, embeddings, format_row, our_decoder, row, value
+from lab.synthetic import clip
 from lora import add_lora
 from model import PLLaVA
-from synthetic import write_video
+from plumbing import cli
 
 SIZES = {
     "tiny": dict(vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -106,12 +106,6 @@ def bench_vision(ctx):
                 f"every hidden state kept)", "frames/s", whole, 16)]
 
 
-def embeddings(ctx, batch, length):
-    D = ctx["model"].config.text_config.hidden_size
-    g = torch.Generator(device=ctx["args"].device).manual_seed(0)
-    return 0.02 * torch.randn(batch, length, D, device=ctx["args"].device, dtype=ctx["dtype"], generator=g)
-
-
 @torch.no_grad()
 def bench_prefill(ctx):
     lm, ref, a = ctx["fast_lm"], ctx["lm"], ctx["args"]
@@ -124,25 +118,6 @@ def bench_prefill(ctx):
         lm.clear_cache()
     result = measure.compare(ours, lambda: ref(inputs_embeds=x, use_cache=True, logits_to_keep=1), a.device, a.repeats)
     return [row(f"prefill, {n} tokens ({n - 64} visual + 64), to the first token's logits", "s", result)]
-
-
-def our_decoder(lm, x, n, mode, device):
-    """n decode steps of ours after x (B, P, D): generate's own steps."""
-    B, P = x.shape[:2]
-    positions = torch.arange(P + n, device=device)[None].expand(B, -1)
-    ones, slots, state = torch.ones(B, P + n, dtype=torch.bool, device=device), torch.arange(P + n, device=device), {}
-    step_fn = compiled_decode(lm, mode) if mode else decode_one_token
-    lm.setup_cache(B, P + n)
-
-    def first():
-        state["logits"] = prefill(lm, x, positions[:, :P], None)
-
-    def step(i):   # as generate's steps with nothing padded: no mask (compiled: the whole cache, masked)
-        s = P + i
-        mask = (ones & (slots <= s))[:, None, None, :] if mode else None
-        state["logits"] = step_fn(lm, state["logits"].argmax(-1), positions[:, s:s + 1], mask, slots[s:s + 1],
-                                  None if mode else s + 1)
-    return measure.decode_steps(first, step, n, device)
 
 
 def reference_decoder(ref, x, n, device):
@@ -207,17 +182,9 @@ def bench_roofline(ctx):
     return rows
 
 
-def clip(path, w, h, frames, k=0, **options):
-    """A synthetic clip of moving gradients (cached: made once, kept in --cache)."""
-    if not os.path.exists(path):
-        y, x = np.mgrid[0:h, 0:w]
-        write_video(path, (np.stack([(x + 3 * i + 40 * k) % 256, (y + i) % 256, (x + y + k) % 256], -1).astype(np.uint8)
-                           for i in range(frames)), fps=25, options=options)
-    return path
-
-
 def bench_sampler(ctx):
     import av
+
     from data import read_frames
     minutes = ctx["args"].sampler_minutes   # x264 veryfast (B-frames), a keyframe every 10 s
     path = clip(os.path.join(ctx["args"].cache, f"long_{minutes:g}min_b.mp4"), 640, 360, int(minutes * 1500),
@@ -284,8 +251,10 @@ def load_child(k):
     """Load a checkpoint, ours or transformers', and touch every weight (a lazily mapped file counts in full):
     its time, and its peak RSS (sampled on a thread, in a run of its own: k["timed"] False)."""
     import contextlib
-    import checkpoint  # noqa: F401  (imports out of the measurement, for both)
+
     from transformers import LlavaForConditionalGeneration
+
+    import weights  # noqa: F401  (imports out of the measurement, for both)
     t = time.perf_counter()
     with contextlib.nullcontext() if k["timed"] else PeakRSS() as mem:
         if k["impl"] == "ours":
@@ -304,7 +273,7 @@ def bench_train(ctx):
     batch, length = (2, 640) if a.device == "cpu" else (1 if big else 4, ctx["model"].config.num_visual_tokens + 128)
     common = dict(size=a.size, device=a.device, dtype=str(ctx["dtype"]).split(".")[1], batch=batch, length=length,
                   repeats=a.repeats, checkpointing=big)
-    result, got = measure.alternate(__file__, "train", common, rounds=2)
+    result, got = measure.alternate("lab.bench", "train", common, rounds=2)
     peak = {impl: max(r["peak_mb"] for r in runs) for impl, runs in got.items()}
     return [row(f"LoRA training step, batch {batch} x {length} tokens", "samples/s", result, batch),
             value("LoRA training step: peak memory, ours / transformers + peft", "MB / MB",
@@ -322,8 +291,8 @@ def bench_load(ctx):
                                                     num_hidden_layers=layers, num_attention_heads=16))
         PLLaVA.from_config(Config.from_dict(cfg)).save_pretrained(folder)
     size_mb = os.path.getsize(os.path.join(folder, "model.safetensors")) / 2**20
-    result, _ = measure.alternate(__file__, "load", {"path": folder, "timed": True}, rounds=a.repeats)
-    mem = {impl: measure.child(__file__, "load", {"impl": impl, "path": folder, "timed": False})
+    result, _ = measure.alternate("lab.bench", "load", {"path": folder, "timed": True}, rounds=a.repeats)
+    mem = {impl: measure.child("lab.bench", "load", {"impl": impl, "path": folder, "timed": False})
            for impl in ("ours", "reference")}
     return [row(f"load a {size_mb / 1024:.2f} GB checkpoint and read every weight", "s", result),
             value("load: peak RSS / checkpoint size, ours (transformers in detail)", "x",
@@ -344,7 +313,7 @@ def main(argv=None):
 
 def bench(args):
     sys.modules.setdefault("bench", sys.modules[__name__])   # bench_caption imports this, not a second copy
-    import bench_caption
+    from lab import bench_caption
     if args.child:
         k = json.loads(args.child)
         torch.manual_seed(0)

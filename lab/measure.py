@@ -17,6 +17,10 @@ import time
 
 import torch
 
+from generate import compiled_decode, decode_one_token, prefill
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
+
 STEADY = 1.25   # a timing whose max / min is past this is "noisy": no share of the bandwidth is derived from it
 TOO_SMALL = 2e-5   # seconds: below this, one timing is mostly the clock's own overhead
 
@@ -72,6 +76,31 @@ def decode_steps(prefill, step, n, device, reset=None):
             total += timed(lambda: step(i), device)
         return total
     return run
+
+
+def embeddings(ctx, batch, length):
+    D = ctx["model"].config.text_config.hidden_size
+    g = torch.Generator(device=ctx["args"].device).manual_seed(0)
+    return 0.02 * torch.randn(batch, length, D, device=ctx["args"].device, dtype=ctx["dtype"], generator=g)
+
+
+def our_decoder(lm, x, n, mode, device):
+    """n decode steps of ours after x (B, P, D): generate's own steps."""
+    B, P = x.shape[:2]
+    positions = torch.arange(P + n, device=device)[None].expand(B, -1)
+    ones, slots, state = torch.ones(B, P + n, dtype=torch.bool, device=device), torch.arange(P + n, device=device), {}
+    step_fn = compiled_decode(lm, mode) if mode else decode_one_token
+    lm.setup_cache(B, P + n)
+
+    def first():
+        state["logits"] = prefill(lm, x, positions[:, :P], None)
+
+    def step(i):   # as generate's steps with nothing padded: no mask (compiled: the whole cache, masked)
+        s = P + i
+        mask = (ones & (slots <= s))[:, None, None, :] if mode else None
+        state["logits"] = step_fn(lm, state["logits"].argmax(-1), positions[:, s:s + 1], mask, slots[s:s + 1],
+                                  None if mode else s + 1)
+    return measure.decode_steps(first, step, n, device)
 
 
 def cpu_model() -> str:
@@ -159,17 +188,17 @@ def format_row(r):
     return f"{r['name']:<90} {r['unit']:>9}  ours {num(r['ours']):>24}  ref {num(r['reference']):>24}  ratio {ratio}"
 
 
-def child(script, name, kwargs):
-    """Run a measurement in a fresh process (`script --child JSON`); it prints one JSON line."""
-    r = subprocess.run([sys.executable, script, "--child", json.dumps({"name": name, **kwargs})],
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(script)))
+def child(module, name, kwargs):
+    """Run a measurement in a fresh process (`python -m module --child JSON`); it prints one JSON line."""
+    r = subprocess.run([sys.executable, "-m", module, "--child", json.dumps({"name": name, **kwargs})],
+                       capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"child {name} failed: {r.stderr[-2000:]}")
     return json.loads(lines[-1])
 
 
-def alternate(script, name, kwargs, rounds):
+def alternate(module, name, kwargs, rounds):
     """Children of ours and the reference in turns, `rounds` times: their times paired as compare() pairs."""
     got = {impl: [] for impl in ("ours", "reference")}
     for _ in range(rounds):

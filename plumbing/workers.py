@@ -10,6 +10,7 @@ messages over their stdin and answering over their stdout.
 import os
 import pickle
 import queue
+import re
 import signal
 import struct
 import subprocess
@@ -18,6 +19,7 @@ import threading
 import time
 from multiprocessing.connection import wait
 
+import data
 from data import VideoError
 
 
@@ -46,7 +48,8 @@ def _serve():
     sys.stdout = sys.stderr   # a stray print must not corrupt the protocol
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle; we end when it closes our pipe
     try:
-        fn, limit = _recv(inp)
+        fn, limit, threads = _recv(inp)
+        data.CODEC_THREADS = threads
         if limit:
             import resource
             resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
@@ -62,13 +65,29 @@ def _serve():
         return
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
+SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+def _import_path(fn) -> list:
+    """Where a worker imports from: the repository, and the folder of fn's own top-level package (a test's
+    helper, say): never the folder the tool was started in, where a user's `data.py` would shadow ours."""
+    module = sys.modules[getattr(fn, "func", fn).__module__]
+    folder = os.path.dirname(os.path.abspath(module.__file__))
+    for _ in range(module.__name__.count(".")):
+        folder = os.path.dirname(folder)
+    return list(dict.fromkeys([ROOT, folder]))
+
+
 class _Worker:
-    def __init__(self, fn, limit):
-        # the child sees the parent's import path, so that fn's module imports there too
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__))] + sys.path)}
-        self.proc = subprocess.Popen([sys.executable, "-c", "import workers; workers._serve()"], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        _send(self.proc.stdin, (fn, limit))
+    def __init__(self, fn, limit, threads):
+        # -I: an isolated interpreter (neither the current folder nor PYTHONPATH on its import path); no
+        # secrets in its environment, as it parses untrusted files
+        env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
+        boot = f"import sys; sys.path[:0] = {_import_path(fn)!r}; from plumbing import workers; workers._serve()"
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", boot], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        _send(self.proc.stdin, (fn, limit, threads))
         self.item, self.deadline = None, None
 
     def fileno(self):
@@ -105,7 +124,8 @@ class PoolError(Exception):
     """The decoding processes themselves failed (not one item): nothing more will come from them."""
 
 
-def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8, memory_gb: float = None):
+def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8, memory_gb: float = None,
+                   threads: int = None):
     """Yield (item, result) for each item, result being fn(item) or a VideoError, as they finish.
 
     fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
@@ -118,9 +138,10 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     out = queue.Queue(maxsize=buffer)
     done, failed = object(), []
     limit = int(memory_gb * 2**30) if memory_gb else None
+    threads = threads or codec_threads(workers)
 
     def run():
-        todo, idle, busy = iter(items), [_Worker(fn, limit) for _ in range(max(1, workers))], []
+        todo, idle, busy = iter(items), [_Worker(fn, limit, threads) for _ in range(max(1, workers))], []
         try:
             while True:
                 while idle and (item := next(todo, done)) is not done:
@@ -129,7 +150,7 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
                         w.start(item, timeout)
                     except OSError:   # it died while idle (the OOM killer, say): a new one takes the item
                         w.kill()
-                        w = _Worker(fn, limit)
+                        w = _Worker(fn, limit, threads)
                         w.start(item, timeout)
                     busy.append(w)
                 if not busy:
@@ -139,12 +160,12 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
                     busy.remove(w)
                     result = w.result()
                     out.put((w.item, result))
-                    idle.append(w if w.proc.poll() is None else _Worker(fn, limit))
+                    idle.append(w if w.proc.poll() is None else _Worker(fn, limit, threads))
                 for w in [w for w in busy if time.monotonic() > w.deadline and not wait([w], 0)]:
                     w.kill()
                     busy.remove(w)
                     out.put((w.item, VideoError(f"{w.item}: decoding took longer than {timeout:.0f} s")))
-                    idle.append(_Worker(fn, limit))
+                    idle.append(_Worker(fn, limit, threads))
         except BaseException as e:   # told to the caller, not lost with this thread
             failed.append(e)
         finally:
@@ -157,3 +178,27 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
         yield got
     if failed:
         raise PoolError(f"the decoding processes failed: {type(failed[0]).__name__}: {failed[0]}") from failed[0]
+
+
+def cores_per_rank() -> int:
+    """This process's share of the cores it may run on. Under torchrun the ranks of a node either share
+    one affinity (the default) or were each bound to cores of their own (numactl, Slurm's --cpu-bind):
+    the ranks compare their affinities, and cores that several ranks of one node share are divided."""
+    import socket
+    mine = os.sched_getaffinity(0)
+    share = 1
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, (socket.gethostname(), sorted(mine)))
+            share = sum(1 for host, cores in everyone if host == socket.gethostname() and mine & set(cores))
+    except ImportError:   # a decode worker: no torch, and no ranks
+        pass
+    return max(1, len(mine) // share)
+
+
+def codec_threads(processes: int, cores: int = None) -> int:
+    """Threads each of `processes` decoding processes may give its decoder: the rank's cores shared out
+    (FFmpeg's own choice is one per core of the machine, in every one of them)."""
+    return max(1, (cores or cores_per_rank()) // max(1, processes))

@@ -8,12 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import CheckpointError
-from helpers import (causal_lm, hub_layout, max_rel_err, peft_release, reference_logits, sample_inputs, tiny_llava,
-                     write_checkpoint)
 from model import PLLaVA
+from weights import ModelFolderError
 
-
+from helpers import (causal_lm, hub_layout, max_rel_err, peft_release, reference_logits, sample_inputs,
+                     tiny_llava, write_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -129,21 +128,21 @@ def damaged(tiny, tmp_path, edit):
 ])
 def test_mismatched_checkpoint_names_the_key(tiny, tmp_path, edit, message):
     path = damaged(tiny, tmp_path, edit)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(ModelFolderError, match=message):
         PLLaVA.from_pretrained(str(path))
 
 
 def test_corrupt_or_absent_files_fail_clearly(tiny, tmp_path):
     hf, config = tiny[:2]
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(ModelFolderError, match="no config.json"):
         PLLaVA.from_pretrained(str(tmp_path / "nowhere"))
     path = write_checkpoint(tmp_path / "c", hub_layout(hf.state_dict()), config)
     with open(os.path.join(path, "model.safetensors"), "r+b") as f:
         f.write(b"\xff" * 16)
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+    with pytest.raises(ModelFolderError, match="not a readable safetensors"):
         PLLaVA.from_pretrained(str(path))
     os.remove(os.path.join(path, "model.safetensors"))
-    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+    with pytest.raises(ModelFolderError, match="model.safetensors is missing"):
         PLLaVA.from_pretrained(str(path))
 
 

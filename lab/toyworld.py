@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from synthetic import write_image, write_video
+from lab.synthetic import write_image, write_video
 
 SIZE = 48
 COLOURS = {"red": (220, 45, 45), "green": (40, 170, 60), "blue": (50, 90, 235), "yellow": (235, 205, 35)}

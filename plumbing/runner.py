@@ -10,8 +10,8 @@ import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from cli import Stop
-from client import QUOTA_CODES, KEY_CODES, APIError, failure_kind
+from plumbing.cli import Stop
+from plumbing.client import KEY_CODES, QUOTA_CODES, APIError, failure_kind
 
 
 class Breaker:

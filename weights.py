@@ -27,7 +27,6 @@ from safetensors.torch import save_file
 
 import lora
 from config import Config
-from hub import safe_name
 
 RENAMES = [   # (prefix in the file, our prefix); the first that matches wins
     ("language_model.base_model.model.", "language_model."),
@@ -43,8 +42,19 @@ DERIVED = re.compile(r".*(\.rotary_emb\.inv_freq|embeddings\.position_ids)$")
 RELEASE_LORA_ALPHA = 4.0   # PLLaVA records no alpha; its demo and evals load r=128 adapters with alpha 4
 
 
-class CheckpointError(ValueError):
+class ModelFolderError(ValueError):
     pass
+
+
+def safe_name(name) -> str:
+    """A file name from an index (model.safetensors.index.json) as it is, or ModelFolderError when it would land outside its folder, or on a
+    file of our own there (.complete, .lock, *.partial)."""
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if any(p in ("", ".", "..") or "\\" in p or "\0" in p or ":" in p for p in parts):
+        raise ModelFolderError(f"the index names a file {name!r} outside the model folder: refused")
+    if parts[-1].startswith(".") or parts[-1].endswith((".partial", ".partial.json", ".again")):
+        raise ModelFolderError(f"the index names a file {name!r} that only this cache may write: refused")
+    return name
 
 
 def our_name(key: str) -> str:
@@ -60,12 +70,12 @@ def read_config(path: str) -> Config:
     """A model folder's config.json (or a config file itself, as train.py --init-from-config names)."""
     file = path if os.path.isfile(path) else os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise CheckpointError(f"{path}: no config.json (is this a model folder?)")
+        raise ModelFolderError(f"{path}: no config.json (is this a model folder?)")
     try:
         with open(file) as f:
             return Config.from_dict(json.load(f))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"{file}: not a valid llava config ({e})") from None
+        raise ModelFolderError(f"{file}: not a valid llava config ({e})") from None
 
 
 def weight_files(path: str) -> list:
@@ -75,13 +85,13 @@ def weight_files(path: str) -> list:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: not a safetensors index (a weight_map of tensor -> file)") from None
+            raise ModelFolderError(f"{index}: not a safetensors index (a weight_map of tensor -> file)") from None
         files = [os.path.join(path, safe_name(s)) for s in shards]
     else:
         files = [os.path.join(path, "model.safetensors")]
     for file in files:
         if not os.path.isfile(file):
-            raise CheckpointError(f"{path}: weight file {os.path.basename(file)} is missing")
+            raise ModelFolderError(f"{path}: weight file {os.path.basename(file)} is missing")
     return files
 
 
@@ -95,7 +105,7 @@ def tensor_index(path: str) -> dict:
                     if not DERIVED.match(key):
                         index[our_name(key)] = (file, key, tuple(f.get_slice(key).get_shape()))
         except Exception as e:   # safetensors raises its own error types for a corrupt header
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+            raise ModelFolderError(f"{file}: not a readable safetensors file ({e})") from None
     return index
 
 
@@ -110,7 +120,7 @@ def _check_keys(path, expected, found):
     problems = [f"{len(missing)} missing keys, e.g. {missing[:3]}"] if missing else []
     problems += [f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}"] if unexpected else []
     if problems:
-        raise CheckpointError(f"{path}: the weights do not match config.json: " + "; ".join(problems))
+        raise ModelFolderError(f"{path}: the weights do not match config.json: " + "; ".join(problems))
 
 
 def load(cls, path: str, lora_alpha: float = None, dtype=torch.float32, device="cpu"):
@@ -124,7 +134,7 @@ def load(cls, path: str, lora_alpha: float = None, dtype=torch.float32, device="
              for n, (_, _, shape) in index.items() if n.endswith(".lora_A.weight")}
     has_adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
     if ranks and has_adapter:
-        raise CheckpointError(f"{path}: LoRA weights both in the model files and in an adapter; keep one")
+        raise ModelFolderError(f"{path}: LoRA weights both in the model files and in an adapter; keep one")
     with torch.device("meta"):
         model = cls(config)
     if ranks:
@@ -137,7 +147,7 @@ def load(cls, path: str, lora_alpha: float = None, dtype=torch.float32, device="
             with safe_open(file, "pt") as f:
                 for name, (_, key, shape) in ((n, v) for n, v in index.items() if v[0] == file):
                     if shape != tuple(params[name].shape):
-                        raise CheckpointError(f"{path}: {key} has shape {list(shape)}, config.json implies "
+                        raise ModelFolderError(f"{path}: {key} has shape {list(shape)}, config.json implies "
                                               f"{list(params[name].shape)}")
                     t = f.get_tensor(key)
                     _assign(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))

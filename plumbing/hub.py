@@ -23,6 +23,8 @@ import time
 
 import requests
 
+from weights import ModelFolderError, safe_name
+
 REQUIRED = ["config.json", "tokenizer.model"]
 OPTIONAL = ["tokenizer_config.json", "added_tokens.json", "special_tokens_map.json", "preprocessor_config.json",
             "adapter_config.json", "adapter_model.safetensors"]
@@ -36,17 +38,6 @@ class HubError(RuntimeError):
 
 def is_hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not os.path.exists(name) and ".." not in name
-
-
-def safe_name(name) -> str:
-    """A file name from a hub index as it is, or HubError when it would land outside its folder, or on a
-    file of our own there (.complete, .lock, *.partial)."""
-    parts = name.split("/") if isinstance(name, str) else [""]
-    if any(p in ("", ".", "..") or "\\" in p or "\0" in p or ":" in p for p in parts):
-        raise HubError(f"the hub's index names a file {name!r} outside the model folder: refused")
-    if parts[-1].startswith(".") or parts[-1].endswith((".partial", ".partial.json", ".again")):
-        raise HubError(f"the hub's index names a file {name!r} that only this cache may write: refused")
-    return name
 
 
 def resolve(name: str, revision: str = "main", cache: str = None) -> str:
@@ -113,7 +104,10 @@ def _shards(index):
         shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise HubError(f"{index}: not a safetensors index (a weight_map of tensor -> file)") from None
-    return [safe_name(s) for s in shards]
+    try:
+        return [safe_name(s) for s in shards]
+    except ModelFolderError as e:
+        raise HubError(str(e)) from None
 
 
 def _announced(r):

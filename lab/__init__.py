@@ -1,0 +1,1 @@
+"""The lab: benchmarks and their measurement, the toy's synthetic world, synthetic media for tests."""
