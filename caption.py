@@ -1,23 +1,17 @@
-"""Caption a folder of videos: python caption.py videos/ [--model DIR|hub-id] [--out captions.jsonl] [--shots]
+"""Caption a folder of videos: python caption.py videos/ [--model pllava-7b|DIR|hub-id] [--out FILE] [--shots]
 
-Videos are decoded in worker processes while the model generates (engine.py keeps --batch-size videos
-decoding at once). Each video gets one JSONL row, a caption or the reason it could not be read, appended
-as soon as it ends; with --shots (or --window) each shot of it gets one, with its start and end in
-seconds. A rerun skips what is done (resume keys on the canonical path, however it is spelled, and the
-shot) and tries again what failed for another reason than the file; every caption carries the id of the
-settings that made it, and a rerun with other settings refuses the file. Under torchrun every rank
-captions its own share of the videos into its own file, and rank 0 merges them into --out at the end. A
-second run writing the same --out stops at once.
+Videos are decoded in worker processes while the model generates: the engine (engine.py) keeps
+--batch-size videos in its slots and hands a finished video's slot to the next at once. Each video gets
+one JSONL row, a caption or the reason it has none, appended as soon as it ends; with --shots (or
+--window) each shot gets one, with its start and end in seconds. A rerun skips what is done, whatever
+folder it runs from, and tries again what may succeed now. Every caption carries the id of the settings
+and weights that made it, and a rerun with others refuses the file. Under torchrun every rank captions
+its share into a file of its own, and rank 0 merges them into --out at the end.
 """
 
-import contextlib
 import datetime
 import functools
-import glob
-import hashlib
-import json
 import os
-import re
 import sys
 import time
 
@@ -25,154 +19,88 @@ import torch
 
 import shots
 from config import PRESETS, Config
-from data import VideoError, mean_std, normalize
+from data import UNREADABLE, VideoError, mean_std, normalize
 from engine import Engine, Item, OutOfMemory
-from generate import Sampling, can_pack, pack_for_cpu
-from lora import merge_lora
+from generate import Sampling, ready_for_inference
 from model import PLLaVA
 from plumbing import cli, hub, memory
 from plumbing.cli import Stop
-from plumbing.jsonl import Appender, Busy, iter_rows
+from plumbing.jsonl import Busy
+from plumbing.outputs import Outputs, settings_id
 from plumbing.sources import canonical, find_videos
-from plumbing.workers import PoolError, imap_unordered
-from quant import quantize_int8
+from plumbing.workers import PoolError, cores_per_rank, failure, imap_unordered, tries_of
 from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, load_prompt, prompt_ids, stop_id, template_for
-from weights import ModelFolderError, read_config
-
-DEFAULT_MODEL = "ermu2001/pllava-7b"
-UNREADABLE = "unreadable_video"
+from weights import RELEASES, ModelFolderError, model_config, read_config
 
 
-def parse_args(argv=None):
-    p = cli.Parser(description="Caption videos with a PLLaVA model.")
-    p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="a model folder or a hub id")
-    p.add_argument("--out", default="captions.jsonl", help="the JSONL file the rows are appended to")
-    p.add_argument("--prompt", help="the instruction (default: the model folder's prompt.json, which train.py "
-                                    "--export writes, else PLLaVA's detailed-caption question)")
-    p.add_argument("--system", help="the system line of the prompt template (default: prompt.json's, else PLLaVA's)")
-    p.add_argument("--template", choices=sorted(TEMPLATES),
-                   help="prompt template (default: prompt.json's, else from the tokenizer)")
-    p.add_argument("--frames", type=cli.positive_int, help="frames per video (default: the checkpoint's num_frames)")
-    p.add_argument("--pooling-shape", type=cli.shape, metavar="T,H,W",
-                   help="visual tokens per video, (time, height, width) (default: the checkpoint's; Open-Sora: 4,12,12)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: the LLM's weights as int8 (a quarter of fp32's memory, half of bf16's)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8,
-                   help="videos decoded together; a video that ends hands its slot to the next")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=256, help="a caption's length, at most, in tokens")
-    p.add_argument("--temperature", type=cli.non_negative, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=cli.positive, default=1.0, help="nucleus sampling (with --temperature above 0)")
-    p.add_argument("--repetition-penalty", type=cli.positive, default=1.0, help="1: none")
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--lora-alpha", type=cli.non_negative,
-                   help="LoRA alpha at load, the share alpha/r of the adapter (default: the adapter's own; a "
-                        "PLLaVA release, LoRA inside its weights: 4, as PLLaVA's own scripts use)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--device", help="default: cuda when there is one, else cpu")
-    p.add_argument("--workers", type=cli.positive_int, default=4, help="video decoding processes")
-    p.add_argument("--decode-timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
-    p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
-    p.add_argument("--keyframes-only", action="store_true", help="faster decoding, less exact frame times")
-    shots.add_flags(p)
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decoding step (static cache, CUDA graphs on a GPU): minutes to start, then faster")
-    p.add_argument("--overwrite", action="store_true",
-                   help="caption everything again (also what --out holds from a run with other settings)")
-    p.add_argument("--retry-errors", action="store_true",
-                   help="try again the videos whose file could not be read too")
-    p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
-                   help="stop the run after this many videos in a row failed in the model")
-    p.add_argument("--seed", type=int, default=0, help="of the sampling (with --temperature above 0)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the device memory this run needs and whether it fits --card-gb, load nothing, stop")
-    p.add_argument("--card-gb", type=cli.positive, help="the device's memory for --dry-run (default: this GPU's, or 80)")
-    args = p.parse_args(argv)
-    if args.top_p > 1:
-        p.error("--top-p must be at most 1")
-    return args
-
-
-def is_done(row, retry_errors=False):
-    """A caption, or (unless retry_errors) a file that could not be read; a missing file or a failure in
-    the model is not."""
-    return "caption" in row or (not retry_errors and "error" in row and row.get("code", UNREADABLE) == UNREADABLE)
-
-
-def asked(args, folder, tok):
-    """The prompt (question, system line, template): the flags, else the model folder's prompt.json (what
-    it was trained with), else PLLaVA's."""
-    saved = load_prompt(folder)
-    return {"question": args.prompt or saved.get("question", QUESTION), "system": args.system or saved.get("system", SYSTEM),
-            "template": args.template or saved.get("template") or template_for(tok)}
-
-
-SETTINGS = ("frames", "pooling_shape", "lora_alpha", "quantize", "max_new_tokens", "temperature", "top_p",
-            "repetition_penalty", "stop", "keyframes_only", "shots", "window", "min_shot", "max_shot")
-
-
-def settings_id(args, folder, prompt) -> str:
-    """What makes a caption what it is (the model, the prompt, the frames and tokens, the adapter's share,
-    the sampling, the spans), as a short hash every row carries: a rerun with other settings must not keep
-    the old captions as if they were its own. How it runs (device, dtype, batch size) is not in it."""
-    model = os.path.realpath(folder) if os.path.isdir(args.model) else args.model
-    what = {"model": model, **prompt, **{k: getattr(args, k) for k in SETTINGS}}
-    if args.temperature > 0:
-        what["seed"] = args.seed
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_settings(paths, settings):
-    """Refuse to go on with an --out whose captions another setting made."""
-    for path in paths:
-        other = sum(1 for r in iter_rows(path) if "caption" in r and r.get("settings") != settings)
-        if other:
-            raise ValueError(f"{path} holds {other} captions made with other settings (model, prompt, frames, "
-                             f"pooling, LoRA alpha, quantization, sampling or --shots / --window): caption into "
-                             f"another --out, or pass --overwrite to caption everything again")
+def caption(args):
+    """The run, as it reads: where it runs; the model's folder; its prompt and settings; --out locked and
+    read once; the weights; then every video not done through the engine, a row each."""
+    device, dtype, rank, world = placement(args)
+    videos = find_videos(args.source)
+    folder = hub.resolve(RELEASES.get(args.model, args.model))
+    captioner = Captioner(args, folder)   # the tokenizer, the prompt, the settings id: no weights yet
+    with Outputs(args.out, rank, world, overwrite=args.overwrite) as out:   # a second run stops here
+        tries = {}
+        done = out.resume(shots.row_key, functools.partial(is_done, retry_errors=args.retry_errors),
+                          captioner.settings, tries)
+        captioner.load(device, dtype)
+        mine = videos[rank::world]
+        if shots.finder(args):   # a video is done when each of its shots is
+            todo = [v for v in mine if not shots.whole(v, done, out.shot_counts)]
+        else:
+            todo = [v for v in mine if (canonical(v), None) not in done]
+        stats = run(captioner, out, todo, done, tries, rank, args, len(mine) - len(todo))
+        captions, failures = out.finish([stats["captions"], stats["failed_total"]])
+    if failures and not captions:   # a run that captioned nothing did not work, whatever stopped it
+        raise Stop(f"no video was captioned: {failures} failed or could not be read (their rows are in "
+                   f"{args.out})")
+    return stats
 
 
 class Captioner:
-    def __init__(self, args, device, dtype, folder, check=None):
-        """The model of `folder` loaded for these flags; check(settings id) is called before it loads."""
-        self.args, self.device, self.dtype = args, device, dtype
+    """The model of a folder made ready to caption for these flags: its prompt, its settings id, and (after
+    load()) the weights and the engine."""
+
+    def __init__(self, args, folder):
+        self.args, self.folder = args, folder
         self.tok = Tokenizer(folder)
-        asks = asked(args, folder, self.tok)
-        self.settings = settings_id(args, folder, asks)
-        recipe(read_config(folder), args)   # flags that cannot work with this model fail before it loads
-        if check:
-            check(self.settings)
-        int8 = args.quantize == "int8"   # loaded on the CPU (memory-mapped), onto the device as int8
-        self.model = PLLaVA.from_pretrained(folder, lora_alpha=args.lora_alpha, dtype=dtype,
-                                            device="cpu" if int8 else device)
-        config = self.model.config
         if self.tok.image_id is None:
             raise ModelFolderError(f"{folder}: the tokenizer has no <image> token")
-        if self.tok.image_id != config.image_token_index:   # pllava-34b's config says 64002, its tokenizer 64000
+        self.config = read_config(folder)
+        recipe(self.config, args)   # flags that cannot work with this model fail before anything loads
+        asks = prompt_for(args, folder, self.tok)
+        self.settings = settings_id(args, folder, asks)
+        self.prompt = prompt_ids(self.tok, asks["question"], asks["template"], asks["system"])
+        self.stops = args.stop or (["USER:"] if asks["template"] == "vicuna" else [])
+        self.stop_ids = tuple({stop_id(self.tok, asks["template"]), self.tok.eos_id} - {None})
+
+    def load(self, device, dtype):
+        """The weights, made ready for inference (int8: quantized onto the device a weight at a time from
+        the memory-mapped checkpoint), and the engine over them."""
+        args, int8 = self.args, self.args.quantize == "int8"
+        self.device, self.dtype = device, dtype
+        self.model = PLLaVA.from_pretrained(self.folder, lora_alpha=args.lora_alpha, dtype=dtype,
+                                            device="cpu" if int8 else device)
+        config = self.model.config
+        if self.tok.image_id != config.image_token_index:   # pllava-34b: config 64002, tokenizer 64000
             print(f"note: using the tokenizer's <image> id {self.tok.image_id}, not config.json's "
                   f"{config.image_token_index}", file=sys.stderr)
             config.image_token_index = self.tok.image_id
         recipe(config, args)
-        lm = self.model.language_model
-        if int8:
-            quantize_int8(lm, device)
-            self.model.to(device)   # the vision tower, projector and norms, in the compute dtype
-        elif can_pack(lm) and not args.compile:   # CPU fp32: oneDNN's faster layout
-            pack_for_cpu(lm)
-        else:   # one product per layer instead of three: the adapter folded in, at the alpha loaded
-            merge_lora(lm)
-        template = asks["template"]
-        self.prompt = prompt_ids(self.tok, asks["question"], template, asks["system"])
-        self.stops = args.stop or (["USER:"] if template == "vicuna" else [])
+        ready_for_inference(self.model, int8, device, args.compile)
+        if int8 and device.startswith("cuda") and not args.compile:
+            print("note: int8 on a GPU without --compile saves memory, not time (each weight is widened "
+                  "every step); add --compile for its speed", file=sys.stderr)
         self.frames, self.size = config.num_frames, config.vision_config.image_size
-        self.mean, self.std = mean_std(folder)
+        self.mean, self.std = mean_std(self.folder)
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
-                            tuple({stop_id(self.tok, template), self.tok.eos_id} - {None}), tuple(self.stops))
-        self.engine = Engine(self.model, args.batch_size, sampling, self.tok.decode,
-                             torch.Generator(device=device).manual_seed(args.seed),
+                            self.stop_ids, tuple(self.stops))
+        self.engine = Engine(self.model, starting_slots(args, config, device, dtype), sampling,
+                             self.tok.decode, torch.Generator(device=device).manual_seed(args.seed),
                              compile_mode="auto" if args.compile else None)
 
-    def decoder(self):
+    def frame_reader(self):
         """The decode workers' job: (video, shot or None, None) -> the frames of the shot, or of the video."""
         return functools.partial(shots.shot_frames, n=self.frames, size=self.size,
                                  keyframes_only=self.args.keyframes_only)
@@ -193,14 +121,14 @@ class Captioner:
 
     def row(self, job, tokens):
         """A job's row: its caption, or why it has none."""
-        if isinstance(tokens, (OutOfMemory, Exception)):
+        if isinstance(tokens, Exception):
             return self.error(job, tokens, "internal_error")
         text = self.tok.decode(tokens)
         for s in self.stops:
             text = text.split(s)[0]
         return {"video": job[0], **shots.fields(job[1]), "caption": text.strip(), "tokens": len(tokens),
-                "truncated": len(tokens) >= self.args.max_new_tokens, "frames": self.frames, "model": self.args.model,
-                "settings": self.settings}
+                "truncated": len(tokens) >= self.args.max_new_tokens, "frames": self.frames,
+                "model": self.args.model, "settings": self.settings}
 
     @staticmethod
     def error(job, error, code):
@@ -208,105 +136,10 @@ class Captioner:
         return {"video": job[0], **shots.fields(job[1]), "error": why, "code": code}
 
 
-def recipe(config, args):
-    """--frames and --pooling-shape at inference: PLLaVA's pooling has no weights, so fewer frames and
-    tokens need no retraining (Open-Sora captioned with 4 frames pooled to 4x12x12: 576 tokens, not 2,304)."""
-    if args.frames:
-        config.num_frames = args.frames   # taken as they are, not repeated up to the checkpoint's count
-    if args.pooling_shape:
-        t, h, w = args.pooling_shape
-        if max(h, w) > config.grid:
-            raise ValueError(f"--pooling-shape {t},{h},{w}: a frame holds {config.grid}x{config.grid} patches, "
-                             f"so at most {config.grid} a side")
-        config.pooling_shape = (t, h, w)
-
-
-def merge(out, parts):
-    """Rank 0, at the end: the done rows of the rank files that `out` (an Appender) lacks, then the rank
-    files go. Failures are not carried over: they are not done, and the next run tries them again."""
-    have = out.settle(shots.row_key, is_done)
-    for part in parts:
-        for row in iter_rows(part):
-            if is_done(row) and shots.row_key(row) not in have:
-                out.write(row)
-                have.add(shots.row_key(row))
-    for part in parts:
-        os.remove(part)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    return cli.run(lambda: dry_run(args) if args.dry_run else caption(args),
-                   (OSError, ValueError, hub.HubError, ModelFolderError, Busy, Stop, PoolError))
-
-
-def dry_run(args):
-    """The memory plan (memory.captioning) of a preset (pllava-7b/13b/34b) or a local model folder's
-    config.json (a hub id would mean a download)."""
-    config = Config.from_dict(PRESETS[args.model]) if args.model in PRESETS else read_config(args.model)
-    recipe(config, args)
-    card = args.card_gb or memory.card_gb()
-    dtype_bytes = 4 if args.dtype == "float32" else 2
-    need = memory.captioning(config, args.batch_size, args.max_new_tokens, dtype_bytes, args.quantize == "int8")
-    print(f"{args.model}: {args.batch_size} slots, {config.num_visual_tokens} visual tokens, {args.max_new_tokens} new "
-          f"tokens, {'int8' if args.quantize == 'int8' else args.dtype or 'bfloat16'}: " +
-          ", ".join(f"{k} {v:.1f} GB" for k, v in need.items()) + f" of {card:.0f} GB")
-    if need["total"] > 0.95 * card:
-        raise ValueError(f"{need['total']:.1f} GB does not fit in {card:.0f} GB: try --quantize int8, a smaller "
-                         f"--batch-size, or fewer tokens (--pooling-shape)")
-    return need
-
-
-def caption(args):
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):   # before anything touches CUDA, or every rank's context lands on GPU 0
-        torch.cuda.set_device(torch.device(device))
-    if world > 1:
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    videos = find_videos(args.source)
-    mine = f"{args.out}.rank{rank}" if world > 1 else args.out
-    with Appender(mine, truncate=args.overwrite) as out, \
-            (Appender(args.out, fsync=True, truncate=args.overwrite) if world > 1 and rank == 0 else contextlib.nullcontext()) as merged:
-        # the outputs are locked before the model loads: a second run on the same --out stops at once
-        others = [] if world == 1 or args.overwrite else [args.out] + [p for p in rank_files(args.out) if p != mine]
-        captioner = Captioner(args, device, dtype, hub.resolve(args.model),
-                              check=lambda settings: check_settings([out.path] + others, settings))
-        key, done_row = shots.row_key, functools.partial(is_done, retry_errors=args.retry_errors)
-        done = out.settle(key, done_row)
-        if world > 1:
-            if rank == 0:
-                merged.settle(key, done_row)
-            torch.distributed.barrier()
-            done |= {key(r) for p in others for r in iter_rows(p) if done_row(r)}   # the merged file, older rank files
-        videos = videos[rank::world]
-        if shots.finder(args):   # a video is done when each of its shots is
-            of = shots.counts([out.path] + others)
-            todo = [v for v in videos if not shots.whole(v, done, of)]
-        else:
-            todo = [v for v in videos if (canonical(v), None) not in done]
-        stats = run(captioner, out, todo, done, rank, args, len(videos) - len(todo))
-        tried = torch.tensor([stats["captions"], stats["errors"] + stats["missing"] + stats["failed"]])
-        if world > 1:
-            torch.distributed.all_reduce(tried)   # a barrier too: every rank has written its rows
-            if rank == 0:
-                merge(merged, rank_files(args.out))
-            torch.distributed.destroy_process_group()
-    captions, failures = tried.tolist()
-    if failures and not captions:   # a run that captioned nothing did not work, whatever stopped it
-        raise Stop(f"no video was captioned: {failures} failed or could not be read (their rows are in {args.out})")
-    return stats
-
-
-def rank_files(out):
-    return sorted(p for p in glob.glob(glob.escape(out) + ".rank*") if re.fullmatch(r".*\.rank\d+", p))
-
-
-def run(captioner, out, todo, done, rank, args, already):
+def run(captioner, out, todo, done, tries, rank, args, already):
     """Caption the videos `todo` (or their shots not `done`) into `out`; the summary on stderr, and the
     counts returned."""
-    stats = dict(captions=0, errors=0, missing=0, failed=0, tokens=0, wait=0.0)   # errors: unreadable files
+    stats = dict(captions=0, errors=0, missing=0, failed=0, retry=0, tokens=0, wait=0.0)
     if shots.finder(args):
         stats["cut"] = 0
     kinds = {UNREADABLE: "errors", "missing_video": "missing", "internal_error": "failed"}
@@ -314,23 +147,29 @@ def run(captioner, out, todo, done, rank, args, already):
 
     def write(row):
         out.write(row)
-        stats["captions" if "caption" in row else kinds[row["code"]]] += 1
+        stats["captions" if "caption" in row else kinds.get(row["code"], "retry")] += 1
         stats["tokens"] += row.get("tokens", 0)
-        failures[0] = failures[0] + 1 if row.get("code") == "internal_error" else 0 if "caption" in row else failures[0]
+        failures[0] = failures[0] + 1 if row.get("code") == "internal_error" else 0 if "caption" in row \
+            else failures[0]
         if failures[0] >= args.max_failures_in_a_row:
             raise Stop(f"the last {failures[0]} videos all failed in the model ({row['error'][:200]}); "
                        f"they are not marked done: fix the cause, then run again")
         progress(rank, stats, len(todo), start, engine)
 
     def unreadable(job, error):   # a missing file is not done: a fixed path gets it captioned
-        write(captioner.error(job, error, UNREADABLE if os.path.exists(job[0]) else "missing_video"))
+        if not os.path.exists(job[0]):
+            return write(captioner.error(job, error, "missing_video"))
+        key = (canonical(job[0]), job[1][0] if job[1] else None)
+        write({"video": job[0], **shots.fields(job[1]), **failure(error, tries.get(key, 0))})
     decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
-                               buffer=2 * args.batch_size, memory_gb=args.decode_memory)
-    if shots.finder(args):   # each video's shots found in decode workers, then each shot captioned alone
+                               buffer=2 * args.batch_size, memory_gb=args.decode_memory,
+                               threads=decoder_threads(args))
+    if shots.finder(args):   # each video's shots found in decode workers (the time limit counts from the
+        # last frame decoded: a 24-minute episode takes minutes), then each shot captioned alone
         jobs = shots.jobs(shots.counted(decode(shots.finder(args), todo), stats), done)
     else:
         jobs = [(v, None, None) for v in todo]
-    items = captioner.items(waiting_time(decode(captioner.decoder(), jobs), stats), unreadable,
+    items = captioner.items(waiting_time(decode(captioner.frame_reader(), jobs), stats), unreadable,
                             lambda job, e: write(captioner.error(job, e, "internal_error")))
     while True:
         try:
@@ -344,15 +183,70 @@ def run(captioner, out, todo, done, rank, args, already):
                 write(captioner.error(item.key, e, "internal_error"))
             engine.waiting.clear()
     elapsed = time.monotonic() - start
-    n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"]
-    e = engine.stats
-    print(f"\n[rank {rank}] {stats['captions']} captions, {stats['errors']} unreadable, {already} already done, "
-          f"{stats['missing']} missing, {stats['failed']} failed in the model; {elapsed:.1f} s, "
-          f"{n / max(elapsed, 1e-9):.2f} videos/s, {stats['tokens'] / max(elapsed, 1e-9):.1f} tokens/s, "
-          f"{stats['tokens'] / max(stats['captions'], 1):.0f} tokens per caption, "
-          f"{100 * e['finished_row_steps'] / max(e['row_steps'], 1):.1f}% of decode steps on finished rows, "
-          f"{100 * stats['wait'] / max(elapsed, 1e-9):.1f}% of the time waiting for decoding", file=sys.stderr)
-    return {**stats, "seconds": elapsed, "already_done": already, "engine": dict(e)}
+    stats["failed_total"] = stats["errors"] + stats["missing"] + stats["failed"] + stats["retry"]
+    summary(rank, stats, already, elapsed, engine.stats)
+    return {**stats, "seconds": elapsed, "already_done": already, "engine": dict(engine.stats)}
+
+
+def is_done(row, retry_errors=False):
+    """A caption, or (unless retry_errors) a file that cannot be read however often it is tried; a missing
+    file, a failure in the model and one that may not happen again (a decoder's time limit) are not."""
+    return "caption" in row or (not retry_errors and "error" in row and row.get("code", UNREADABLE) == UNREADABLE)
+
+
+def prompt_for(args, folder, tok):
+    """The prompt (question, system line, template): the flags, else the model folder's prompt.json (what
+    it was trained with), else PLLaVA's."""
+    saved = load_prompt(folder)
+    return {"question": args.prompt or saved.get("question", QUESTION),
+            "system": args.system or saved.get("system", SYSTEM),
+            "template": args.template or saved.get("template") or template_for(tok)}
+
+
+def recipe(config, args):
+    """--frames and --pooling-shape at inference: PLLaVA's pooling has no weights, so fewer frames and
+    tokens need no retraining (Open-Sora captioned with 4 frames pooled to 4x12x12: 576 visual tokens)."""
+    if args.frames:
+        config.num_frames = args.frames   # taken as they are, not repeated up to the checkpoint's count
+    if args.pooling_shape:
+        t, h, w = args.pooling_shape
+        if max(h, w) > config.grid:
+            raise ValueError(f"--pooling-shape {t},{h},{w}: a frame holds {config.grid}x{config.grid} patches, "
+                             f"so at most {config.grid} a side")
+        config.pooling_shape = (t, h, w)
+
+
+def placement(args):
+    """(device, dtype, rank, world): a GPU per rank under torchrun, bf16 there, fp32 on a CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):   # before anything touches CUDA, or every rank's context lands on GPU 0
+        torch.cuda.set_device(torch.device(device))
+    if world > 1:
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    if args.compile:   # inductor's compile workers: this rank's share of the cores, not all of them
+        from torch._inductor import config as inductor
+        inductor.compile_threads = cores_per_rank()
+    default = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device, getattr(torch, args.dtype) if args.dtype else default, rank, world
+
+
+def starting_slots(args, config, device, dtype):
+    """--batch-size, or on a GPU the slots that its free memory holds beside the weights (memory.py's KV
+    cache and activations per slot), if fewer: the engine starts where it fits instead of running out."""
+    if not device.startswith("cuda"):
+        return args.batch_size
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    fit = memory.slots_that_fit(config, free / 1e9, args.max_new_tokens, torch.finfo(dtype).bits // 8)
+    if fit < args.batch_size:
+        print(f"note: {free / 1e9:.1f} GB free on the GPU holds {max(fit, 1)} slots, not --batch-size "
+              f"{args.batch_size}: starting with {max(fit, 1)}", file=sys.stderr)
+    return max(1, min(fit, args.batch_size))
+
+
+def decoder_threads(args):
+    """Threads per decoder: this rank's cores shared by its decoding processes (twice as many with shots)."""
+    return max(1, cores_per_rank() // (args.workers * (2 if shots.finder(args) else 1)))
 
 
 def waiting_time(stream, stats):
@@ -367,7 +261,7 @@ def waiting_time(stream, stats):
 
 
 def progress(rank, stats, total, start, engine):
-    n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"]
+    n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"] + stats["retry"]
     elapsed = max(time.monotonic() - start, 1e-9)
     if "cut" in stats:   # per shot: how many rows, and the ETA by the videos cut so far
         done, what = stats["cut"], f"{n} shots, {stats['cut']}/{total} videos cut"
@@ -376,6 +270,103 @@ def progress(rank, stats, total, start, engine):
     eta = (total - done) * elapsed / done if done else float("inf")
     print(f"\r[rank {rank}] {what}  {n / elapsed:.2f} rows/s  slots {engine.occupied}/{engine.slots}  "
           f"ETA {eta / 60:.1f} min ", end="", file=sys.stderr, flush=True)
+
+
+def summary(rank, stats, already, elapsed, e):
+    n, what = stats["failed_total"] + stats["captions"], "shots" if "cut" in stats else "videos"
+    print(f"\n[rank {rank}] {stats['captions']} captions, {stats['errors']} unreadable, {already} already "
+          f"done, {stats['missing']} missing, {stats['failed']} "
+          f"failed in the model, {stats['retry']} to try again (a decoder's time or memory limit, or its "
+          f"crash: the next run tries them); {elapsed:.1f} s, {n / max(elapsed, 1e-9):.2f} {what}/s, "
+          f"{stats['tokens'] / max(elapsed, 1e-9):.1f} tokens/s, "
+          f"{stats['tokens'] / max(stats['captions'], 1):.0f} tokens per caption, "
+          f"{100 * e['finished_row_steps'] / max(e['row_steps'], 1):.1f}% of decode steps on finished rows, "
+          f"{100 * stats['wait'] / max(elapsed, 1e-9):.1f}% of the time waiting for decoding", file=sys.stderr)
+
+
+def dry_run(args):
+    """What the run needs on each GPU: memory.py's estimate, and the same run rehearsed on fake tensors
+    at the real sizes (plumbing/rehearse.py), beside the card's memory. Nothing is loaded or downloaded."""
+    from plumbing import rehearse
+    config = model_config(args.model)
+    recipe(config, args)
+    card = args.card_gb or memory.card_gb()
+    dtype = getattr(torch, args.dtype or "bfloat16")
+    int8 = args.quantize == "int8"
+    need = memory.captioning(config, args.batch_size, args.max_new_tokens, torch.finfo(dtype).bits // 8, int8)
+    peak = rehearse.captioning(config, args.batch_size, args.max_new_tokens, dtype, int8, args.compile)
+    total = peak["peak_gb"] + memory.CONTEXT_GB
+    print(f"{args.model}: {args.batch_size} slots, {config.num_visual_tokens} visual tokens, {args.max_new_tokens} "
+          f"new tokens, {'int8' if int8 else str(dtype).split('.')[1]}: estimate " +
+          ", ".join(f"{k} {v:.1f} GB" for k, v in need.items()) + f"; rehearsed on fake tensors: peak "
+          f"{peak['peak_gb']:.1f} GB + context {memory.CONTEXT_GB} = {total:.1f} GB; card {card:.0f} GB")
+    if max(total, need["total"]) > 0.95 * card:
+        tips = ([] if int8 else ["--quantize int8"]) + ([f"--batch-size {args.batch_size // 2}"]
+                                                        if args.batch_size > 1 else [])
+        raise ValueError(f"{max(total, need['total']):.1f} GB does not fit in {card:.0f} GB: try "
+                         f"{', '.join(tips + ['fewer tokens (--pooling-shape, --max-new-tokens)'])}")
+    return {**need, "rehearsed": total}
+
+
+def parse_args(argv=None):
+    p = cli.Parser(description="Caption videos with a PLLaVA model.")
+    p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
+    p.add_argument("--model", default="pllava-7b",
+                   help=f"a release ({', '.join(RELEASES)}: downloaded from the hub), a model folder, or a "
+                        f"hub id")
+    p.add_argument("--out", default="captions.jsonl", help="the JSONL file the rows are appended to")
+    p.add_argument("--prompt", help="the instruction (default: the model folder's prompt.json, which train.py "
+                                    "--export writes, else PLLaVA's detailed-caption question)")
+    p.add_argument("--system", help="the system line of the prompt (default: prompt.json's, else PLLaVA's)")
+    p.add_argument("--template", choices=sorted(TEMPLATES),
+                   help="prompt template (default: prompt.json's, else from the tokenizer)")
+    p.add_argument("--frames", type=cli.positive_int, help="frames per video (default: the model's num_frames)")
+    p.add_argument("--pooling-shape", type=cli.shape, metavar="T,H,W",
+                   help="visual tokens per video, (time, height, width) (default: the model's; Open-Sora: 4,12,12)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: the LLM's weights as int8 (half of bf16's memory; on a GPU fast with --compile)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8,
+                   help="videos captioned together (the engine's slots); a video that ends hands its slot on")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=256, help="a caption's length, at most")
+    p.add_argument("--temperature", type=cli.non_negative, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=cli.positive, default=1.0, help="nucleus sampling (with --temperature above 0)")
+    p.add_argument("--repetition-penalty", type=cli.positive, default=1.0, help="1: none")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--lora-alpha", type=cli.non_negative,
+                   help="LoRA alpha at load, the share alpha/r of the adapter (default: the adapter's own; a "
+                        "PLLaVA release, LoRA inside its weights: 4, as PLLaVA's own scripts use)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", help="default: cuda when there is one, else cpu")
+    p.add_argument("--workers", type=cli.positive_int, default=4, help="video decoding processes")
+    p.add_argument("--decode-timeout", type=cli.positive, default=300.0,
+                   help="seconds allowed to read one video's (or shot's) frames; finding shots, seconds "
+                        "without a frame decoded")
+    p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
+    p.add_argument("--keyframes-only", action="store_true", help="faster decoding, less exact frame times")
+    shots.add_flags(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step (CUDA graphs on a GPU): minutes to start, then faster")
+    p.add_argument("--overwrite", action="store_true",
+                   help="caption everything again (also what --out holds from a run with other settings)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="try again the videos whose file could not be read too")
+    p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
+                   help="stop the run after this many videos in a row failed in the model")
+    p.add_argument("--seed", type=int, default=0, help="of the sampling (with --temperature above 0)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the GPU memory this run needs (estimated, and rehearsed on fake tensors at the "
+                        "real sizes) and whether it fits --card-gb; load and download nothing")
+    p.add_argument("--card-gb", type=cli.positive, help="the GPU's memory for --dry-run (default: this GPU's, or 80)")
+    args = p.parse_args(argv)
+    if args.top_p > 1:
+        p.error("--top-p must be at most 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return cli.run(lambda: dry_run(args) if args.dry_run else caption(args),
+                   (OSError, ValueError, hub.HubError, ModelFolderError, Busy, Stop, PoolError))
 
 
 if __name__ == "__main__":

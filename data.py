@@ -24,8 +24,25 @@ SCAN_MARGIN = 8     # frames before a target from which every frame is decoded a
 CODEC_THREADS = 0   # threads a decoder may use; 0: FFmpeg's choice (one per core). Decode workers set their share
 
 
+def heartbeat():
+    """Called as a long decode moves on (shot detection decodes every frame): a decode worker replaces it to
+    tell its parent, whose time limit then counts from the last beat, not from the start."""
+
+
+UNREADABLE = "unreadable_video"
+
+
 class VideoError(Exception):
-    """A file that cannot give frames; the message says which file and why."""
+    """A file that cannot give frames; the message says which file and why. `code` says whether another try
+    could help: UNREADABLE (the file itself: no), or, from the decode workers (plumbing/workers.py), a
+    failure of the process that decoded it (a time or memory limit, a crash), which may not happen again."""
+
+    def __init__(self, message, code=UNREADABLE):
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):
+        return VideoError, (str(self), self.code)
 
 
 def read_frames(path, n: int, mode: str = "middle", short_side: int = None, keyframes_only: bool = False,

@@ -3,15 +3,22 @@
 A static batch (generate.generate) decodes until its longest caption ends: with captions of 30 to 256+
 tokens, a third of its steps go to rows that are done. Here each row of the KV cache is a slot holding
 one video at a time, at its own length: a step writes each row's new key and value at that row's own
-position and masks each row to its own slots. When rows end, the next videos are prefilled together
-(those with prompts of one length in one pass) into a cache of their own and copied into the free
-rows, while the others wait. Each video's greedy output equals captioning it alone (tests/test_engine.py).
+position and attends to that row's own slots. When a row ends, the next video is prefilled straight
+into that row of the cache (no second cache: at 13B and 16 slots it would not fit beside the first),
+while the others wait. Each video's greedy output equals captioning it alone (tests/test_engine.py).
 
-Stops are read on the host every `check_every` steps. On a CPU that is every step; on a GPU each read is
-a sync, so a few steps pass between reads, and a row may run that many steps past its stop (the extra
-tokens are dropped). When the GPU runs out of memory the slots are halved, the videos in flight start
-again, and the batch never shrinks below one: a video that does not fit alone gets its error. Once
-`grow_after` videos a slot have ended without another, the slots double again, up to those asked for.
+How a step attends (model.attend): every row at one length, no mask (SDPA's fastest kernel); rows at
+different lengths, a boolean mask over the slots in use (eager, the reference); compiled, a FlexAttention
+block mask built on the device from the rows' lengths, so each row reads its own blocks of the cache.
+
+Stops are read on the host every `check_every` steps, all rows in one copy. On a CPU that is every step;
+on a GPU each read is a sync, so a few steps pass between reads, and a row may run that many steps past
+its stop (the extra tokens are dropped). Nothing else is read on the host between two checks.
+
+Running out of device memory halves the slots, the videos in flight start again, and the batch never
+shrinks below one: a video that does not fit alone gets its error. Once `grow_after` videos a slot have
+ended without another error, the slots double again, but never back to a count that failed.
+Everything runs under torch.inference_mode(): no autograd graph hangs off the cache.
 """
 
 import sys
@@ -20,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from generate import Sampling, compiled_decode, decode_one_token, pick, prefill
+from generate import Sampling, compiled_decode, decode_one_token, length_mask, pick, prefill
+from model import KVCache
 
 
 @dataclass
@@ -36,20 +44,24 @@ class OutOfMemory(Exception):
 
 
 class Engine:
-    def __init__(self, model, slots: int, sampling: Sampling, decode=None, generator=None, check_every: int = None,
-                 compile_mode: str = None, grow_after: int = 64):
-        self.model, self.slots, self.sampling, self.decode, self.generator = model, slots, sampling, decode, generator
+    def __init__(self, model, slots: int, sampling: Sampling, to_text=None, generator=None,
+                 check_every: int = None, compile_mode: str = None, grow_after: int = 64):
+        self.model, self.slots, self.sampling = model, slots, sampling
+        self.to_text, self.generator = to_text, generator   # to_text(ids): for the stop strings
         self.device = model.language_model.model.embed_tokens.weight.device
         self.check_every = check_every or (1 if self.device.type == "cpu" else 4)
-        self.step_fn = compiled_decode(model.language_model, compile_mode) if compile_mode else decode_one_token
         self.compiled = bool(compile_mode)   # then every step attends over the whole cache: one shape
-        self.most, self.grow_after, self.calm = slots, grow_after, 0   # slots asked for; videos ended since an OOM
-        self.waiting = []   # the videos taken and not yet ended, in their order
-        self.occupied = 0   # slots holding a video now
-        self.counts = torch.zeros(2, dtype=torch.long, device=self.device)   # row steps on ended rows, all row steps
+        self.step_fn = compiled_decode(model.language_model, compile_mode) if compile_mode else decode_one_token
+        self.ceiling = slots          # the most slots to grow back to: below any count that ran out of memory
+        self.grow_after = grow_after
+        self.ended_since_oom = 0      # videos ended since the last out-of-memory error
+        self.waiting = []             # the videos taken and not yet ended, in their order
+        self.occupied = 0             # slots holding a video now
+        self.counts = torch.zeros(2, dtype=torch.long, device=self.device)   # steps of ended rows, all
         self.stop_ids = torch.tensor(sorted(sampling.stop_ids) or [-1], device=self.device)
         self.stats = dict(steps=0, row_steps=0, finished_row_steps=0, tokens=0, prefills=0, prefill_s=0.0)
 
+    @torch.inference_mode()
     def run(self, items):
         """Yield (key, tokens or OutOfMemory) for every Item, as each video ends (not in arrival order)."""
         items = iter(items)
@@ -58,14 +70,12 @@ class Engine:
                 try:
                     if not (yield from self._run(items)):
                         return
-                    self.model.language_model.clear_cache()   # grown back: the old cache goes before a wider one
-                    continue   # and the videos in flight start again in it
+                    self._free()   # grown back: the old cache goes before a wider one
+                    continue       # and the videos in flight start again in it
                 except torch.OutOfMemoryError:
                     pass   # handled here, outside the except block, so that its traceback frees the tensors
-                self.model.language_model.clear_cache()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self.calm = 0
+                self._free()
+                self.ended_since_oom, self.ceiling = 0, min(self.ceiling, self.slots - 1)
                 if self.slots > 1:
                     self.slots //= 2
                     print(f"\nout of device memory: {self.slots} slots now", flush=True, file=sys.stderr)
@@ -74,6 +84,7 @@ class Engine:
                 else:
                     raise OutOfMemory("out of device memory with no video in the batch")
         finally:
+            self._free()
             self._tally()
 
     def _run(self, items):
@@ -89,13 +100,13 @@ class Engine:
         count = torch.zeros(B, dtype=torch.long, device=dev)        # tokens generated, per row
         done = torch.ones(B, dtype=torch.bool, device=dev)          # an empty slot counts as done
         occupied = torch.zeros(B, dtype=torch.bool, device=dev)     # a video in the slot
-        out = torch.zeros(B, new + 1, dtype=torch.long, device=dev) # the tokens, per row; a spare last column
-        limit = torch.full((B,), new, dtype=torch.long, device=dev) # takes the steps of rows that have ended
+        out = torch.zeros(B, new + 1, dtype=torch.long, device=dev) # the tokens; a spare last column
+        limit = torch.full((B,), new, dtype=torch.long, device=dev) # takes the steps of ended rows
         seen = logits = None
         host_len, step = [0] * B, 0
         while True:
-            if self.slots < self.most and self.calm >= self.grow_after * self.slots:
-                self.slots, self.calm = min(2 * self.slots, self.most), 0
+            if self.slots < self.ceiling and self.ended_since_oom >= self.grow_after * self.slots:
+                self.slots, self.ended_since_oom = min(2 * self.slots, self.ceiling), 0
                 return True
             free = [b for b in range(B) if slot_item[b] is None]
             arrivals = []
@@ -107,7 +118,7 @@ class Engine:
                     waiting.append(item)
             if arrivals:
                 need = max(self._prompt_len(item) for item in arrivals) + new + 1
-                if self.compiled:   # a compiled step has one shape per cache length: a few lengths, few compiles
+                if self.compiled:   # one shape per cache length: a few lengths, few compiles
                     need = -(-need // 256) * 256
                 if need > max_len:   # the cache holds the longest prompt so far and its answer
                     max_len = self._grow_cache(B, max_len, need)
@@ -119,16 +130,18 @@ class Engine:
                 for b, item in zip(rows, arrivals):
                     slot_item[b] = item
                     host_len[b] = self._prompt_len(item)
-                self._prefill(arrivals, rows, logits, seen, max_len)
-                self._seat(rows, [host_len[b] for b in rows], [min(it.max_new_tokens or new, new) for it in arrivals],
+                    self._prefill(item, b, logits, seen)
+                self._seat(rows, [host_len[b] for b in rows],
+                           [min(it.max_new_tokens or new, new) for it in arrivals],
                            length, count, done, limit, occupied)
             if all(it is None for it in slot_item):
                 return False
-            token = pick(logits, seen, self.sampling.temperature, self.sampling.top_p, self.sampling.repetition_penalty,
-                         self.generator)
+            s = self.sampling
+            token = pick(logits, seen, s.temperature, s.top_p, s.repetition_penalty, self.generator)
             live = occupied & ~done
             stop = torch.isin(token, self.stop_ids)
-            out.scatter_(1, torch.where(live, count, new)[:, None], token[:, None])   # ended rows: the spare column
+            # ended rows write to the spare column
+            out.scatter_(1, torch.where(live, count, new)[:, None], token[:, None])
             count += live & ~stop
             done |= live & (stop | (count >= limit))
             if seen is not None:
@@ -139,17 +152,25 @@ class Engine:
             if all(it is None for it in slot_item):
                 continue   # every row ended: refill before decoding anything
             lengths = [n for n, it in zip(host_len, slot_item) if it is not None]
-            S = max_len if self.compiled else max(lengths) + 1
-            if not self.compiled and len(set(lengths)) == 1 and len(lengths) == B:
-                mask = None   # every row at one length: no padding, and SDPA may take its fastest kernel
-            else:
-                mask = (torch.arange(S, device=dev)[None, :] <= length[:, None])[:, None, None, :]   # (B, 1, 1, S)
+            mask, kv_len = self._attention(length, lengths, max_len)
             self.occupied = len(lengths)
-            self.counts += torch.stack([(occupied & done).sum(), occupied.sum()])   # past their stop, unread; all
-            logits = self.step_fn(lm, token, length[:, None], mask, length[:, None], S)
+            self.counts += torch.stack([(occupied & done).sum(), occupied.sum()])   # unread; all
+            logits = self.step_fn(lm, token, length[:, None], mask, length[:, None], kv_len)
             self.stats["steps"] += 1
             length += occupied
             host_len = [n + (it is not None) for n, it in zip(host_len, slot_item)]
+
+    def _attention(self, length, lengths, max_len):
+        """(mask, kv_len) for the next step: what each row attends to (the choices of model.attend).
+        Compiled: a block mask over the whole cache (one shape for every step), from the rows' lengths on
+        the device. Eager: every row full and at one length, no mask over the slots in use (SDPA's fastest
+        kernel); else a boolean mask over the slots up to the longest row, the reference path."""
+        if self.compiled:
+            return length_mask(length, max_len), None
+        S = max(lengths) + 1
+        if len(set(lengths)) == 1 and len(lengths) == self.slots:
+            return None, S
+        return (torch.arange(S, device=self.device)[None, :] <= length[:, None])[:, None, None, :], S
 
     def _seat(self, rows, lengths, limits, length, count, done, limit, occupied):
         """The arrivals' rows made ready to decode: host values copied to the device, once a refill."""
@@ -165,66 +186,69 @@ class Engine:
     def _prompt_len(self, item):
         return len(item.ids) - 1 + self.model.config.num_visual_tokens
 
+    def _free(self):
+        self.model.language_model.clear_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _grow_cache(self, B, old, need):
-        """A cache of `need` slots per row, what the old one held copied in (a longer prompt arrived)."""
-        lm = self.model.language_model
-        before = [layer.self_attn.cache for layer in lm.model.layers]
-        lm.setup_cache(B, need)
-        for layer, cache in zip(lm.model.layers, before):
-            if cache is not None and old:
-                layer.self_attn.cache.k[:, :, :old] = cache.k[:, :, :old]
-                layer.self_attn.cache.v[:, :, :old] = cache.v[:, :, :old]
+        """A cache of `need` slots per row, what the old one held copied in (a longer prompt arrived):
+        layer by layer, so that at most one layer's cache exists twice."""
+        for layer in self.model.language_model.model.layers:
+            a, before = layer.self_attn, layer.self_attn.cache
+            a.cache = None   # the old one freed as soon as it is copied: memory for one layer, not all
+            a.cache = KVCache(B, a.n_kv, need, a.head_dim, self.dtype, self.device)
+            if before is not None and old:
+                a.cache.k[:, :, :old], a.cache.v[:, :, :old] = before.k[:, :, :old], before.v[:, :, :old]
         return need
 
-    def _prefill(self, arrivals, rows, logits, seen, max_len):
-        """Arrivals prefilled together, those of one prompt length per pass, in a cache of their own;
-        their keys and values copied into their rows of the batch's cache, their first logits into `logits`."""
+    @property
+    def dtype(self):
+        return self.model.language_model.model.norm.weight.dtype   # the embedding may be int8
+
+    def _prefill(self, item, b, logits, seen):
+        """One arrival prefilled into row b of the cache (a view of it: nothing copied), its first logits
+        into logits[b]. One video a pass: its 2,000+ tokens keep a GPU busy alone, and its activations
+        are one video's."""
         lm, dev, t0 = self.model.language_model, self.device, time.perf_counter()
         main = [layer.self_attn.cache for layer in lm.model.layers]
-        by_len = {}
-        for b, item in zip(rows, arrivals):
-            by_len.setdefault(len(item.ids), []).append((b, item))
+        ids = torch.tensor([item.ids], device=dev)
+        where = [item.ids.index(self.model.config.image_token_index)]   # known here: no host read
+        x, _, _ = self.model.prepare(ids, item.pixels[None], image_pos=where)     # (1, P, D)
+        P = x.shape[1]
         try:
-            for group in by_len.values():
-                ids = torch.tensor([item.ids for _, item in group], device=dev)
-                pixels = torch.stack([item.pixels for _, item in group])
-                x, valid, _ = self.model.prepare(ids, pixels)                    # (k, P, D)
-                P = x.shape[1]
-                for layer in lm.model.layers:
-                    layer.self_attn.cache = None
-                lm.setup_cache(len(group), P)
-                first = prefill(lm, x, torch.arange(P, device=dev)[None].expand(len(group), -1), None)
-                index = torch.tensor([b for b, _ in group], device=dev)
-                for layer, cache in zip(lm.model.layers, main):
-                    cache.k[index, :, :P] = layer.self_attn.cache.k
-                    cache.v[index, :, :P] = layer.self_attn.cache.v
-                logits[index] = first.to(logits.dtype)
-                if seen is not None:
-                    seen[index] = False
-                    seen[index[:, None], ids.clamp(0, seen.shape[1] - 1)] = ids < seen.shape[1]
-                self.stats["prefills"] += 1
+            for layer, cache in zip(lm.model.layers, main):
+                layer.self_attn.cache = cache.rows(b, b + 1)
+            logits[b] = prefill(lm, x, torch.arange(P, device=dev)[None], None)[0].to(logits.dtype)
         finally:
             for layer, cache in zip(lm.model.layers, main):
                 layer.self_attn.cache = cache
-        if dev.type == "cuda":   # a sync, but only once per refill
-            torch.cuda.synchronize()
+        if seen is not None:
+            seen[b] = False
+            seen[b, ids[0].clamp(0, seen.shape[1] - 1)] = ids[0] < seen.shape[1]
+        self.stats["prefills"] += 1
         self.stats["prefill_s"] += time.perf_counter() - t0
 
+    def _read(self, done, count, out):
+        """The one host read of the loop: every row's (done, count, tokens), in one copy."""
+        return torch.cat([done[:, None].long(), count[:, None], out], dim=1).tolist()
+
     def _collect(self, slot_item, done, count, out, waiting, occupied):
-        """The rows that ended (a stop token, the token limit, a stop string): their tokens, their slots freed."""
-        done_h, count_h = done.tolist(), count.tolist()
-        rows = [b for b, it in enumerate(slot_item) if it is not None]
-        tokens = {b: out[b, :count_h[b]].tolist() for b in rows} if rows else {}
-        for b in rows:
-            if not done_h[b] and self.sampling.stop_strings and self.decode and \
-                    any(s in self.decode(tokens[b][-32:]) for s in self.sampling.stop_strings):
-                done[b], done_h[b] = True, True
-        ended = [b for b in rows if done_h[b]]
+        """The rows that ended (a stop token, the token limit, a stop string): their tokens, their slots
+        freed."""
+        rows = {b: r for b, r in enumerate(self._read(done, count, out)) if slot_item[b] is not None}
+        tokens = {b: r[2:2 + r[1]] for b, r in rows.items()}
+        ended = [b for b, r in rows.items() if r[0] or self._stop_string(tokens[b])]
         if ended:
-            occupied[torch.tensor(ended, device=occupied.device)] = False
+            index = torch.tensor(ended, device=occupied.device)
+            occupied[index], done[index] = False, True
         for b in ended:
             item, slot_item[b] = slot_item[b], None
             waiting.remove(item)
             self.stats["tokens"] += len(tokens[b])
-            self.calm += 1
+            self.ended_since_oom += 1
             yield item.key, tokens[b]
+
+    def _stop_string(self, tokens):
+        stops = self.sampling.stop_strings
+        return bool(stops and self.to_text) and any(s in self.to_text(tokens[-32:]) for s in stops)

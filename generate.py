@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
-from lora import replace_linears
+from lora import merge_lora, replace_linears
 from model import causal_mask, positions_of
+from quant import quantize_int8
 
 
 @dataclass
@@ -97,6 +99,25 @@ def decode_one_token(lm, token: torch.Tensor, positions: torch.Tensor, mask, inp
     """One new token per row: (B,) tokens -> (B, vocab) logits, its keys and values written at input_pos;
     it attends where mask says, or (no mask) to the first kv_len cache slots."""
     return lm.lm_head(lm(lm.model.embed_tokens(token)[:, None], positions, mask, input_pos, kv_len)[:, -1])
+
+
+KV_BLOCK = 128   # cache slots per block of a block mask (FlexAttention's default)
+
+
+def length_mask(length: torch.Tensor, slots: int) -> BlockMask:
+    """A FlexAttention block mask for one new token a row over a cache of `slots` slots: row b sees slots
+    0 .. length[b] (its own new token included), made on the device from `length` (B,). The blocks before
+    a row's last one are seen whole (no mask is evaluated there), its last one through the mask, and the
+    blocks past it are never read."""
+    B, n = length.shape[0], -(-slots // KV_BLOCK)
+    whole = (length + 1) // KV_BLOCK                        # blocks every slot of which the row sees
+    last = ((length + 1) % KV_BLOCK != 0).int()             # the block the row ends inside, if any
+    blocks = torch.arange(n, device=length.device, dtype=torch.int32)
+    last_at = (whole[:, None] + blocks).clamp(max=n - 1).int()
+    return BlockMask.from_kv_blocks(last[:, None, None], last_at[:, None, None], whole.int()[:, None, None],
+                                    blocks.expand(B, n)[:, None, None].contiguous(), BLOCK_SIZE=KV_BLOCK,
+                                    mask_mod=lambda b, h, q, kv: kv <= length[b], seq_lengths=(1, slots),
+                                    compute_q_blocks=False)
 
 
 def compiled_decode(lm, mode: str = "auto"):
@@ -196,3 +217,21 @@ def generate_reference(model, input_ids, pixel_values, attention_mask=None, max_
         x = torch.cat([x, lm.model.embed_tokens(token)[:, None]], dim=1)
         valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
     return stopper.tokens
+
+
+def ready_for_inference(model, int8: bool = False, device=None, compiled: bool = False):
+    """A loaded model made ready to generate, in place: nothing requires gradients; with int8 the language
+    model quantized (quant.py; each weight moved to `device` and quantized there, one at a time) and the
+    rest moved there; else on a CPU in fp32 (not compiled) oneDNN's packed layout; else LoRA merged into
+    the weights (one product per layer instead of three)."""
+    model.requires_grad_(False)
+    lm = model.language_model
+    if int8:
+        quantize_int8(lm, device)
+        if any(p.device != torch.device(device) for p in model.parameters()):
+            model.to(device)   # the vision tower, projector and norms, in the compute dtype
+    elif can_pack(lm) and not compiled:
+        pack_for_cpu(lm)
+    else:
+        merge_lora(lm)
+    return model

@@ -25,7 +25,7 @@ import events
 from plumbing import cli
 from plumbing.cli import Stop
 from plumbing.client import add_api_flags, api_client
-from plumbing.jsonl import Appender, Busy, iter_rows
+from plumbing.jsonl import Appender, Busy, iter_rows, replace_atomic
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
 from plumbing.sources import canonical
@@ -200,9 +200,9 @@ def judge(args):
 def cached_run(client, args, name, jobs, work, identify, verb):
     """{key: row} for every job ({key: job}): the rows of the report folder's cache file `name`, and the
     answers to the jobs it lacks, asked now (work(job), identify(job) the fields of its error row) and
-    appended. Failed requests are not cached (settle drops them), so a rerun asks them again."""
+    appended. Failed requests are not cached (resume drops them), so a rerun asks them again."""
     with Appender(os.path.join(args.out, name), fsync=True) as out:
-        done = out.settle(lambda r: r.get("key") if isinstance(r.get("key"), str) else None, lambda r: "error" not in r)
+        done = out.resume(lambda r: r.get("key") if isinstance(r.get("key"), str) else None, lambda r: "error" not in r)
         cache = {r["key"]: r for r in iter_rows(out.path) if r.get("key") in done}
         todo, count = [job for key, job in jobs.items() if key not in cache], itertools.count(1)
 
@@ -260,10 +260,7 @@ def write_report(args, files, judged, n_videos, dropped, gt, by_events=None):
                         for v in sorted(judged["a"]))
     for name, text in (("summary.json", json.dumps(summary, indent=2)), ("per_video.jsonl", per_video),
                        ("report.md", report_md(summary))):
-        path = os.path.join(args.out, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        replace_atomic(os.path.join(args.out, name), lambda f, text=text: f.write(text.encode()))
     print("\n" + report_md(summary), file=sys.stderr)
 
 

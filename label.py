@@ -28,15 +28,16 @@ import zlib
 
 import shots
 from clean import clean_file
-from data import VideoError
+from data import UNREADABLE, VideoError
 from plumbing import cli
 from plumbing.cli import Stop
 from plumbing.client import FINAL_CODES, add_api_flags, api_client
-from plumbing.jsonl import Appender, Busy, iter_rows
+from plumbing.jsonl import Busy, iter_rows
+from plumbing.outputs import Outputs, settings_id
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
 from plumbing.sources import canonical, find_videos, video_base
-from plumbing.workers import PoolError, imap_unordered
+from plumbing.workers import RETRIED, PoolError, failure, imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describe the video in one detailed "
@@ -45,11 +46,12 @@ PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describ
           "do not guess names, sounds or anything outside the frames, and do not mention frames or images.")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, verify=False):
     p = cli.Parser(description="Label videos with an OpenAI-compatible vision model (`label.py clean FILE --out "
                                "FILE` cleans the labels; `label.py verify FILE --out FILE` checks them against their frames).")
     p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
-    p.add_argument("--out", default="labels.jsonl", help="the JSONL file the rows are appended to")
+    p.add_argument("--out", help="the JSONL file the rows are appended to (default: labels.jsonl; verify: "
+                                 "the input's name with .verified.jsonl)")
     add_api_flags(p, DASHSCOPE, "qwen-vl-max", "DASHSCOPE_API_KEY", concurrency=16)
     p.add_argument("--prompt", default=PROMPT, help="the instruction ({n}: the frame count)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
@@ -66,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
     shots.add_flags(p)
     p.add_argument("--shard", default="0/1", help="K/N: label only the videos of shard K of N")
+    p.add_argument("--overwrite", action="store_true",
+                   help="label everything again (also what --out holds from a run with other settings)")
     p.add_argument("--retry-errors", action="store_true",
                    help="try again the videos with a final error row too (moderation, unreadable)")
     p.add_argument("--price-in", type=cli.non_negative, default=0.0, help="$ per million prompt tokens")
@@ -76,6 +80,11 @@ def parse_args(argv=None):
         assert len(args.shard) == 2 and 0 <= args.shard[0] < args.shard[1]
     except (ValueError, AssertionError):
         p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
+    if verify:
+        args.out = args.out or os.path.splitext(args.source)[0] + ".verified.jsonl"
+        if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.out, args.source):
+            p.error(f"--out {args.out} is the labels being verified: write the checked labels to another file")
+    args.out = args.out or "labels.jsonl"
     return args
 
 
@@ -87,10 +96,11 @@ def request(urls, prompt, frames_as):
     return [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
 
 
-def label_one(client, args, prompt, job):
+def label_one(client, args, prompt, tries, settings, job):
     """((video, shot, _), data URLs or VideoError) -> its row (with the shot's fields, for --shots)."""
     (video, shot, _), urls = job
-    return {**shots.fields(shot), **_label_one(client, args, prompt, video, urls)}
+    row = _label_one(client, args, prompt, video, urls, tries.get((canonical(video), shot[0] if shot else None), 0))
+    return {**shots.fields(shot), **row, **({"settings": settings} if "caption" in row else {})}
 
 
 def identify(job):
@@ -99,10 +109,11 @@ def identify(job):
     return {"video": video, **shots.fields(shot)}
 
 
-def _label_one(client, args, prompt, video, urls):
+def _label_one(client, args, prompt, video, urls, tries_before=0):
     if isinstance(urls, VideoError):
-        code = "unreadable_video" if os.path.exists(video) else "missing_video"
-        return {"video": video, "error": str(urls), "status": None, "code": code}
+        if not os.path.exists(video):
+            return {"video": video, "error": str(urls), "status": None, "code": "missing_video"}
+        return {"video": video, "status": None, **failure(urls, tries_before)}
     params = {"max_tokens": args.max_new_tokens}
     if args.temperature is not None:
         params["temperature"] = args.temperature
@@ -118,7 +129,7 @@ def _label_one(client, args, prompt, video, urls):
             "frames": args.frames, "usage": reply.usage, "finish_reason": reply.finish_reason}
 
 
-FILE_CODES = {"unreadable_video", "missing_video"}   # the file's trouble, which says nothing of the API
+FILE_CODES = {UNREADABLE, "missing_video", *RETRIED}   # the file's trouble, which says nothing of the API
 
 
 def in_shard(name, shard):
@@ -131,7 +142,7 @@ def in_shard(name, shard):
 def is_done(row, retry_errors=False):
     """A caption, or (unless retry_errors) a final answer: content moderation, an unreadable video (not a
     missing one: a wrong path is fixed, and the video labelled, by a rerun)."""
-    return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | {"unreadable_video"})
+    return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | {UNREADABLE})
 
 
 VERIFY = ("These are {frames} frames sampled evenly from one video, in order. Below are {n} numbered sentences "
@@ -144,12 +155,13 @@ def sentences(text):
     return [s.strip() for s in re.split(r"(?<=[.!?。！？])\s*", text) if s.strip()]
 
 
-def verify_one(client, args, labels, job):
+def verify_one(client, args, labels, tries, settings, job):
     """((video, shot, _), data URLs) -> its label with the sentences its frames do not support taken out;
     "usage" is the check's own (the label's stays in "label_usage")."""
     (video, shot, _), urls = job
     if isinstance(urls, VideoError):
-        return {**identify(job), **_label_one(client, args, "", video, urls)}
+        key = (canonical(video), shot[0] if shot else None)
+        return {**identify(job), **_label_one(client, args, "", video, urls, tries.get(key, 0))}
     label = labels[(canonical(video), shot[0] if shot else None)]
     said = sentences(label["caption"])
     prompt = VERIFY.format(frames=len(urls), n=len(said), sentences="\n".join(f"{i + 1}. {s}" for i, s in enumerate(said)))
@@ -165,7 +177,7 @@ def verify_one(client, args, labels, job):
     kept = [s for s, ok in zip(said, marks) if ok]
     return {**label, "caption": " ".join(kept), "caption_original": label["caption"], "sentences": len(said),
             "supported": len(kept), "verifier": reply.model or args.model, "usage": reply.usage,
-            "finish_reason": reply.finish_reason, "label_usage": label.get("usage")}
+            "finish_reason": reply.finish_reason, "label_usage": label.get("usage"), "settings": settings}
 
 
 def read_labels(args):
@@ -189,30 +201,36 @@ def parse_marks(text, n):
     return marks if isinstance(marks, list) and len(marks) == n and all(isinstance(m, bool) for m in marks) else None
 
 
+LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens", "temperature", "shots", "window",
+                  "min_shot", "max_shot")
+
+
 def label(args, verify=False):
     prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
     prompt = prompt.replace("{n}", str(args.frames))
     client = api_client(args)
     base = video_base(args.source)
-    videos = [v for v in find_videos(args.source) if in_shard(os.path.relpath(v, base), args.shard)]
+    videos = [] if verify else [v for v in find_videos(args.source) if in_shard(os.path.relpath(v, base), args.shard)]
     decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
                                buffer=2 * args.concurrency, memory_gb=args.decode_memory)
     stats = collections.Counter(cut=0) if shots.finder(args) and not verify else collections.Counter()
     labels = read_labels(args) if verify else None
-    with Appender(args.out, fsync=True) as out:
-        done = out.settle(shots.row_key, functools.partial(is_done, retry_errors=args.retry_errors))
+    settings = settings_id(args, None, {"prompt": VERIFY if verify else prompt}, names=LABEL_SETTINGS)
+    tries = {}
+    with Outputs(args.out, overwrite=args.overwrite) as out:
+        done = out.resume(shots.row_key, functools.partial(is_done, retry_errors=args.retry_errors), settings,
+                          tries)
         if verify:   # the labels' own frames again (the same sampler, the same shot), one job a label
             todo = [(r["video"], shots.shot_of(r), None) for k, r in labels.items()
                     if k not in done and in_shard(os.path.relpath(k[0], base), args.shard)]
-            work = functools.partial(verify_one, client, args, labels)
+            work = functools.partial(verify_one, client, args, labels, tries, settings)
         elif shots.finder(args):   # shots found in the decode workers, then each shot labelled alone
-            of = shots.counts([args.out])
-            todo = [v for v in videos if not shots.whole(v, done, of)]
+            todo = [v for v in videos if not shots.whole(v, done, out.shot_counts)]
             shots_of = shots.jobs(shots.counted(decode(shots.finder(args), todo), stats), done)
-            work = functools.partial(label_one, client, args, prompt)
+            work = functools.partial(label_one, client, args, prompt, tries, settings)
         else:
             todo = [v for v in videos if (canonical(v), None) not in done]
-            work = functools.partial(label_one, client, args, prompt)
+            work = functools.partial(label_one, client, args, prompt, tries, settings)
         asked = todo if verify else shots_of if shots.finder(args) else [(v, None, None) for v in todo]
         jobs = decode(functools.partial(shots.shot_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q), asked)
         failed, start = collections.Counter(), time.monotonic()
@@ -231,10 +249,11 @@ def label(args, verify=False):
             run_items(client, jobs, work, args.concurrency, out, args.max_failures_in_a_row, identify,
                       neutral=FILE_CODES, seen=seen)
         finally:
-            summary(args, stats, failed, len(videos) - len(todo), start)
-    retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] not in FINAL_CODES | {"unreadable_video"})
-    if retry and not stats["done"]:   # a run that labelled nothing did not work, whatever stopped it
-        raise Stop(f"no video was labelled and {retry} failed (see above); they are not marked done")
+            summary(args, stats, failed, (len(labels) if verify else len(videos)) - len(todo), start, verify)
+    retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] not in FINAL_CODES | {UNREADABLE})
+    if retry and not stats["done"]:   # a run that did nothing did not work, whatever stopped it
+        raise Stop(f"no video was {'verified' if verify else 'labelled'} and {retry} failed (see above); they "
+                   f"are not marked done")
 
 
 def progress(stats, finished, total, failed, start):
@@ -247,11 +266,13 @@ def progress(stats, finished, total, failed, start):
           end="", file=sys.stderr, flush=True)
 
 
-def summary(args, stats, failed, already, start):
+def summary(args, stats, failed, already, start, verify=False):
     elapsed = time.monotonic() - start
     n_failed = sum(failed.values())
     cost = (stats["in"] * args.price_in + stats["out"] * args.price_out) / 1e6
-    print(f"\nlabelled {stats['done']} ({stats['length']} cut at --max-new-tokens), failed {n_failed}"
+    retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] in RETRIED)
+    print(f"\n{'verified' if verify else 'labelled'} {stats['done']} ({stats['length']} cut at --max-new-tokens), "
+          f"failed {n_failed}{f' ({retry} to try again: a decoder time or memory limit, or its crash)' if retry else ''}"
           f"{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
           f"{already} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost ${cost:.2f}; "
           f"{elapsed:.1f} s, {(stats['done'] + n_failed) / max(elapsed, 1e-9):.2f} videos/s", file=sys.stderr)
@@ -262,7 +283,7 @@ def main(argv=None):
     if argv and argv[0] == "clean":
         return cli.run(lambda: clean_file(argv[1:]), (OSError, ValueError, Busy))
     verify = bool(argv) and argv[0] == "verify"
-    args = parse_args(argv[1:] if verify else argv)
+    args = parse_args(argv[1:] if verify else argv, verify)
     scrub = Redactor(os.environ.get(args.api_key_env, "").strip())
     return cli.run(lambda: label(args, verify), (OSError, ValueError, Busy, Stop, PoolError), scrub)
 

@@ -14,6 +14,7 @@ so loading is a key lookup; weights.py reads and writes the files.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from config import PRESETS, Config, TextConfig, VisionConfig
@@ -153,6 +154,39 @@ class KVCache(nn.Module):
             self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
 
+    def rows(self, start, end):
+        """A cache over rows start..end-1 of this one: a view, so what is written there lands here."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[start:end], persistent=False)
+        view.register_buffer("v", self.v[start:end], persistent=False)
+        return view
+
+
+def attend(q, k, v, mask=None, kv_len=None):
+    """q (B, nh, L, hd) against k, v (B, nkv, S, hd) -> (B, nh, L, hd). Which keys each query sees is
+    chosen by the caller (generate.py, engine.py), one choice for every layer of a step:
+      mask None, kv_len None: causal over the L inputs (training, a prefill from cache slot 0);
+      kv_len n: all of the first n cache slots, no mask (one new token a row, every row at one length:
+        SDPA may take its fastest kernel);
+      mask (B, 1, L, S) bool: what each query may see of the first S slots (padded rows, or rows at
+        their own lengths: the reference path);
+      mask a FlexAttention BlockMask over the whole cache: rows at their own lengths, compiled; the
+        blocks past a row's length are skipped and no dense mask is read."""
+    B, nh, L, hd = q.shape
+    n_kv = k.shape[1]
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=n_kv != nh)
+    S = kv_len or (L if mask is None else mask.shape[-1])
+    k, v = k[:, :, :S], v[:, :, :S]   # only the slots in use
+    if L == 1 and n_kv != nh:
+        # one new token with grouped-query attention: the nh / n_kv query heads that share a key / value
+        # head become rows of one attention over it, so no head's K / V is copied nh / n_kv times
+        y = F.scaled_dot_product_attention(q.reshape(B, n_kv, -1, hd), k, v, attn_mask=mask)
+        return y.reshape(B, nh, 1, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_len is None,
+                                          enable_gqa=n_kv != nh)
+
 
 class Attention(nn.Module):
     def __init__(self, c: TextConfig):
@@ -171,18 +205,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
-            k, v = self.cache.update(input_pos, k, v)
-            S = kv_len or (L if mask is None else mask.shape[-1])   # neither: a causal prefill from slot 0
-            k, v = k[:, :, :S], v[:, :, :S]                         # only the slots in use
-        causal = mask is None and kv_len is None
-        if L == 1 and self.n_kv != self.n_heads:
-            # one new token with grouped-query attention: the n_heads / n_kv query heads that share a key /
-            # value head become rows of one attention over it, so no head's K / V is copied n_heads / n_kv times
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
-            return self.o_proj(y.reshape(B, 1, -1))
-        # grouped-query attention: each of the n_kv key/value heads serves n_heads / n_kv query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+            cached = self.cache.update(input_pos, k, v)
+            if mask is not None or kv_len is not None:   # it looks back at earlier slots; else (a prefill
+                k, v = cached                             # from slot 0) its own keys are all it needs
+        y = attend(q, k, v, mask, kv_len)                                             # (B, nh, L, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -268,8 +294,8 @@ class Projector(nn.Module):
 
 def splice(t, pos, insert):
     """Row b of the result is t[b, :pos[b]] + insert[b] + t[b, pos[b]+1:]: the one <image> slot of each
-    row replaced by that row's visual tokens (or by their mask or labels)."""
-    return torch.stack([torch.cat([t[b, :p], insert[b], t[b, p + 1:]]) for b, p in enumerate(pos.tolist())])
+    row (pos, a list) replaced by that row's visual tokens (or by their mask or labels)."""
+    return torch.stack([torch.cat([t[b, :p], insert[b], t[b, p + 1:]]) for b, p in enumerate(pos)])
 
 
 def causal_mask(valid):
@@ -307,29 +333,29 @@ class PLLaVA(nn.Module):
             x = x.repeat_interleave(c.num_frames // T + 1, dim=1)[:, :c.num_frames]
         return pool_tokens(x, c.pooling, c.pooling_shape)              # (B, N, D)
 
-    def prepare(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+    def prepare(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_pos=None):
         """Token ids with one <image> per row -> (embeddings (B, L', D), valid (B, L') bool, labels or None)
-        with L' = L - 1 + N: each row's <image> replaced by its N visual tokens."""
+        with L' = L - 1 + N: each row's <image> replaced by its N visual tokens. image_pos: each row's
+        <image> index, when the caller knows it (then nothing is read back from the device)."""
         c = self.config
         is_image = input_ids == c.image_token_index
         embed = self.language_model.model.embed_tokens
         x = embed(input_ids.masked_fill(is_image, 0))   # the <image> id may lie past the vocab (Yi-34B)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if image_pos is None:   # read from the ids (on a GPU, a sync)
+            counts = is_image.sum(1).tolist()
+            if counts != [0 if pixel_values is None else 1] * len(counts):
+                raise ValueError(f"each row needs exactly one <image> token (id {c.image_token_index}) with "
+                                 f"pixel_values, none without; the rows hold {counts}")
+            image_pos = is_image.int().argmax(1).tolist()
         if pixel_values is None:
-            if is_image.any():
-                raise ValueError("the prompt holds an <image> token but no pixel_values were given")
             return x, valid, labels
-        counts = is_image.sum(1)
-        if (counts != 1).any():
-            raise ValueError(f"each row needs exactly one <image> token (id {c.image_token_index}); "
-                             f"the rows hold {counts.tolist()}")
         vis = self.visual_tokens(pixel_values).to(x.dtype)            # (B, N, D)
-        pos = is_image.int().argmax(1)
         B, N = vis.shape[:2]
-        x = splice(x, pos, vis)
-        valid = splice(valid, pos, valid.new_ones(B, N))
+        x = splice(x, image_pos, vis)
+        valid = splice(valid, image_pos, valid.new_ones(B, N))
         if labels is not None:
-            labels = splice(labels, pos, labels.new_full((B, N), -100))   # no loss on the video itself
+            labels = splice(labels, image_pos, labels.new_full((B, N), -100))   # no loss on the video itself
         return x, valid, labels
 
     def hidden(self, input_ids, pixel_values=None, attention_mask=None, labels=None):

@@ -4,9 +4,15 @@ output channel (per token, for the embedding).
 Decoding reads every weight once per step, so it is bound by memory traffic: int8 weights are a quarter
 of fp32's bytes and half of bf16's (13B: 13.7 GB instead of 26.8, which fits a 24 GB card). Each row of W
 is scaled so that its largest magnitude is 127 and rounded (gpt-fast's `quantize.py` is the anchor);
-activations stay in the compute dtype. The product runs in torch's `_weight_int8pack_mm` where it has one
-(CPU and CUDA builds; its CUDA speed has not been measured here), else the weight is widened and multiplied
-(the reference path, which the fast one is tested against).
+activations stay in the compute dtype. How the product runs depends on the device:
+- on a CPU, torch's `_weight_int8pack_mm` (its CPU kernel reads the int8 weight as it multiplies);
+- elsewhere (a GPU), the weight widened to the compute dtype, multiplied, and the product scaled:
+  gpt-fast's and torchao's form, which inductor fuses into one kernel under `--compile` (the weight is
+  read as int8 and widened in registers). torch's CUDA `_weight_int8pack_mm` is not used: it computes one
+  output per thread in fp32, without tensor cores (~190 GB/s on an H20, a few % of its bandwidth).
+  Eager, this form writes the widened weight to memory every step: more bytes than bf16, so on a GPU
+  int8 without --compile saves memory, not time.
+`reference` (the weight widened and scaled, then multiplied) is the plain path both are tested against.
 LoRA is merged in first, at the alpha the model was loaded with. The vision tower is left as it is.
 """
 
@@ -22,17 +28,17 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127                 # (out,)
-        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("weight", torch.round(w / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.fast = hasattr(torch, "_weight_int8pack_mm")
 
     def forward(self, x):
-        if self.fast:
+        if x.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales.to(x.dtype))
             y = y.reshape(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        return self.reference(x)
+        else:   # widen, multiply, scale: one fused kernel under torch.compile
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
     def reference(self, x):
         return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype), self.bias)

@@ -21,6 +21,7 @@ import sys
 import av
 import numpy as np
 
+import data
 from data import VideoError, jpeg_data_urls, open_video, read_clip_frames
 from plumbing import cli
 from plumbing.jsonl import iter_rows
@@ -78,6 +79,7 @@ def _measured(container, stream, rate):
     first frame's changes are 0. A file without timestamps is timed by its frame rate."""
     prev, first = None, None
     for i, frame in enumerate(container.decode(stream)):
+        data.heartbeat()   # a long episode is moving: its decode worker's time limit starts again
         t = frame.time if frame.time is not None else i / rate
         first = t if first is None else first
         a = frame.to_ndarray(format="rgb24", width=W, height=H, interpolation="AREA")

@@ -249,7 +249,7 @@ def train(args):
               f"steps {start}..{total}; training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters", flush=True, file=sys.stderr)
     metrics = Appender(os.path.join(args.out, "metrics.jsonl"), truncate=not resume_from) if rank == 0 else None
     if metrics and resume_from:   # the rows of steps after the checkpoint are done again: they go
-        metrics.settle(lambda r: (r.get("step"), "eval_loss" in r), lambda r: r.get("step", 0) <= start)
+        metrics.resume(lambda r: (r.get("step"), "eval_loss" in r), lambda r: r.get("step", 0) <= start)
     model.train()
     it, began = iter(loader), time.perf_counter()
     for step in range(start, total):

@@ -19,6 +19,7 @@ weights never sit in memory twice.
 import json
 import os
 import re
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora
-from config import Config
+from config import PRESETS, Config
 
 RENAMES = [   # (prefix in the file, our prefix); the first that matches wins
     ("language_model.base_model.model.", "language_model."),
@@ -39,6 +40,7 @@ RENAMES = [   # (prefix in the file, our prefix); the first that matches wins
 ]
 # buffers that older checkpoints saved though they are derived, never learned
 DERIVED = re.compile(r".*(\.rotary_emb\.inv_freq|embeddings\.position_ids)$")
+RELEASES = {f"pllava-{size}": f"ermu2001/pllava-{size}" for size in ("7b", "13b", "34b")}   # name: hub id
 RELEASE_LORA_ALPHA = 4.0   # PLLaVA records no alpha; its demo and evals load r=128 adapters with alpha 4
 
 
@@ -76,6 +78,18 @@ def read_config(path: str) -> Config:
             return Config.from_dict(json.load(f))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ModelFolderError(f"{file}: not a valid llava config ({e})") from None
+
+
+def model_config(name: str) -> Config:
+    """The config of a model named as every tool names one: a folder, or a release (pllava-13b, or its hub
+    id ermu2001/pllava-13b), whose sizes are known without a download (config.PRESETS)."""
+    if os.path.isdir(name):
+        return read_config(name)
+    short = next((k for k, hub_id in RELEASES.items() if name in (k, hub_id)), None)
+    if short is None:
+        raise ModelFolderError(f"{name}: not a model folder nor a release ({', '.join(RELEASES)}): the plan "
+                               f"needs one of those (a hub id is read only by downloading it)")
+    return Config.from_dict(PRESETS[short])
 
 
 def weight_files(path: str) -> list:
@@ -160,12 +174,18 @@ def load(cls, path: str, lora_alpha: float = None, dtype=torch.float32, device="
 
 
 def _write_atomic(write, file: str):
-    """Write to a temporary name, then rename: a reader never sees half a file, and a model memory-mapped
-    from the old file (save_pretrained into the folder it was loaded from) keeps its own copy."""
-    tmp = file + ".tmp"
-    write(tmp)
-    _readable(tmp)
-    os.replace(tmp, file)
+    """Write to a temporary file of its own beside `file` (created exclusively: nothing planted there is
+    followed), then rename: a reader never sees half a file, and a model memory-mapped from the old file
+    (save_pretrained into the folder it was loaded from) keeps its own copy."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(file), prefix=os.path.basename(file) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        _readable(tmp)
+        os.replace(tmp, file)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _readable(path):

@@ -42,7 +42,7 @@ SIZES = {
     "7b": PRESETS["pllava-7b"], "13b": PRESETS["pllava-13b"],
 }
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
-            "steps", "shots", "end2end")   # from engine on: bench_caption.py
+            "steps", "shots", "end2end", "rehearsal")   # from engine on: bench_caption.py
 
 
 def parse_args(argv=None):
@@ -70,16 +70,25 @@ def parse_args(argv=None):
 
 
 def reference_models(config, device, dtype, weights=None):
-    """transformers' CLIPVisionModel and LlamaForCausalLM of our `config`, built on the device in `dtype`
-    (never an fp32 copy first: 13B is 52 GB in fp32), holding `weights` (our model's) when given."""
+    """transformers' CLIPVisionModel and LlamaForCausalLM of our `config` in `dtype`, sharing the tensors of
+    `weights` (our model) when given: one copy of 13B on the card, not two; else built on the device
+    with weights of their own (never an fp32 copy first: 13B is 52 GB in fp32)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
     text = {k: v for k, v in asdict(config.text_config).items() if v is not None}
-    with torch.device(device):
+    with torch.device("meta" if weights is not None else device):
         clip = CLIPVisionModel._from_config(CLIPVisionConfig(**asdict(config.vision_config)), dtype=dtype).eval()
         lm = LlamaForCausalLM._from_config(LlamaConfig(**text), dtype=dtype).eval()
-    if weights is not None:
-        clip.load_state_dict(weights.vision_tower.vision_model.state_dict())   # transformers 5: no vision_model level
-        lm.load_state_dict(weights.language_model.state_dict())
+    if weights is not None:   # transformers 5: no vision_model level; assign: the very same tensors
+        clip.load_state_dict(weights.vision_tower.vision_model.state_dict(), assign=True)
+        lm.load_state_dict(weights.language_model.state_dict(), assign=True)
+        # the buffers transformers derives, made again on the device
+        embeddings = clip.embeddings
+        embeddings.position_ids = torch.arange(embeddings.num_positions, device=device)[None]
+        with torch.device(device):
+            lm.model.rotary_emb = type(lm.model.rotary_emb)(lm.config)
+        left = [name for module in (clip, lm) for name, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+        if left:
+            raise RuntimeError(f"transformers' {left[:3]} were not set from our weights")
     return clip, lm
 
 

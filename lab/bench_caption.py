@@ -127,7 +127,7 @@ def bench_int8(ctx):
     """int8 weights (quant.py) against the fp32 path caption.py runs (packed on a CPU), same weights."""
     a, model = ctx["args"], ctx["model"]
     fp = model.language_model if a.device != "cpu" else pack_for_cpu(copy.deepcopy(model.language_model))
-    q8 = quantize_int8(copy.deepcopy(model.language_model))
+    q8 = int8_copy(model.language_model)
     rows = [value("int8 weights / fp32 weights, the language model", "x",
                   weight_bytes(q8) / weight_bytes(model.language_model))]
     with torch.no_grad():
@@ -144,10 +144,20 @@ def bench_int8(ctx):
             fp.clear_cache()
             rows.append(row(f"decode int8 (ours) vs fp32{' packed' if a.device == 'cpu' else ''}, batch {batch}",
                             "tokens/s", result, batch * ctx["new_tokens"]))
+    del q8, fp
+    if a.device.startswith("cuda"):   # what the children load must find the card as free as it can be
+        torch.cuda.empty_cache()
     rss = {q: caption_peak_rss(ctx, q) for q in ("int8", "none")}
     rows.append(value("caption.py peak RSS, --quantize int8 / none", "x", rss["int8"] / rss["none"])
                 | {"detail": {"int8_mb": rss["int8"], "none_mb": rss["none"]}})
     return rows
+
+
+def int8_copy(lm):
+    """The language model quantized beside the original: its modules copied, its weights shared until each
+    is quantized (13B: 13 GB more on the card, not a 26 GB copy first)."""
+    shared = {id(t): t for t in list(lm.parameters()) + list(lm.buffers())}
+    return quantize_int8(copy.deepcopy(lm, memo=shared))
 
 
 def caption_peak_rss(ctx, quantize):
@@ -207,13 +217,20 @@ def caption_world(ctx, n):
 
 
 def bench_end2end(ctx):
-    """caption.py's own path on synthetic videos: videos/s, and the time spent waiting for decoding."""
-    import caption
+    """caption.py's own path on synthetic videos, in a process of its own (as a user starts it): videos/s,
+    and the time spent waiting for decoding."""
     a = ctx["args"]
     folder, ckpt = caption_world(ctx, 8)
-    stats = caption.main([folder, "--model", ckpt, "--out", os.path.join(folder, "c.jsonl"), "--overwrite",
-                          "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", "4", "--workers", "2",
-                          "--device", a.device, "--dtype", str(ctx["dtype"]).split(".")[1]])
+    args = [folder, "--model", ckpt, "--out", os.path.join(folder, "c.jsonl"), "--overwrite", "--max-new-tokens",
+            str(ctx["new_tokens"]), "--batch-size", "4", "--workers", "2", "--device", a.device, "--dtype",
+            str(ctx["dtype"]).split(".")[1]]
+    if a.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    r = subprocess.run([sys.executable, "-c", f"import caption, json; print(json.dumps(caption.main({args!r})))"],
+                       capture_output=True, text=True, cwd=measure.ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"caption.py failed: {r.stderr[-2000:]}")
+    stats = json.loads(r.stdout.splitlines()[-1])
     n = stats["captions"] + stats["errors"]
     return [value(f"caption.py end to end, {n} videos", "videos/s", n / stats["seconds"]),
             value("caption.py: time waiting for video decoding", "%", 100 * stats["wait"] / stats["seconds"])]
@@ -306,3 +323,30 @@ def bench_shots(ctx):
             value(f"shot detection: peak RSS of its process, {minutes / 4:g} min clip", "MB", peaks[0]),
             value(f"shot detection: peak RSS of its process, {minutes:g} min clip (Python and PyAV included)", "MB",
                   peaks[1])]
+
+
+def bench_rehearsal(ctx):
+    """No GPU needed: the engine at 13B's shape (or the 7b / 13b size asked for) rehearsed on fake tensors
+    (plumbing/rehearse.py): one steady-state decode step of 16 rows around 2,400 tokens, eager and as
+    compiled, and the peak memory of captioning at 16 slots against memory.py's estimate."""
+    from config import PRESETS, Config
+    from plumbing import memory, rehearse
+    size = ctx["args"].size if ctx["args"].size in ("7b", "13b") else "13b"
+    config, rows = Config.from_dict(PRESETS[f"pllava-{size}"]), []
+    context = config.num_visual_tokens + 99
+    for compiled in (False, True):
+        step = rehearse.decode_step(config, 16, context, compiled=compiled)
+        how = "compiled (block mask)" if compiled else "eager"
+        rows += [value(f"rehearsed {size} decode step, 16 rows near {context} tokens, {how}: aten operations", "ops",
+                       step["aten_ops"]),
+                 value(f"rehearsed {size} decode step, {how}: host reads (syncs), dense masks", "reads",
+                       step["host_reads"]) | {"detail": {"dense_masks": step["dense_masks"]}},
+                 value(f"rehearsed {size} decode step, {how}: bytes to read (weights + each row's KV)", "GB",
+                       step["weights_gb"] + step["kv_gb"]) | {"detail": step},
+                 value(f"rehearsed {size} decode step, {how}: its bound at 3.35 TB/s (H100 SXM)", "ms",
+                       step["bound_ms"])]
+    peak = rehearse.captioning(config, 16, 256)
+    plan = memory.captioning(config, 16, 256, 2)
+    rows.append(value(f"rehearsed {size} captioning, 16 slots, bf16: peak memory (memory.py's estimate in detail)",
+                      "GB", peak["peak_gb"] + memory.CONTEXT_GB) | {"detail": {"estimate_gb": plan["total"], **peak}})
+    return rows

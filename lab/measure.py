@@ -18,6 +18,7 @@ import time
 import torch
 
 from generate import compiled_decode, decode_one_token, prefill
+from plumbing.jsonl import replace_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
@@ -100,7 +101,7 @@ def our_decoder(lm, x, n, mode, device):
         mask = (ones & (slots <= s))[:, None, None, :] if mode else None
         state["logits"] = step_fn(lm, state["logits"].argmax(-1), positions[:, s:s + 1], mask, slots[s:s + 1],
                                   None if mode else s + 1)
-    return measure.decode_steps(first, step, n, device)
+    return decode_steps(first, step, n, device)
 
 
 def cpu_model() -> str:
@@ -137,9 +138,7 @@ def check_quiet(strict):
 
 
 def save(path, report):
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
+    replace_atomic(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 
 def machine(device) -> dict:
@@ -203,7 +202,7 @@ def alternate(module, name, kwargs, rounds):
     got = {impl: [] for impl in ("ours", "reference")}
     for _ in range(rounds):
         for impl in got:
-            got[impl].append(child(script, name, {**kwargs, "impl": impl}))
+            got[impl].append(child(module, name, {**kwargs, "impl": impl}))
     times = {impl: [t for r in runs for t in r["times"]] for impl, runs in got.items()}
     result = {"ours": spread(times["ours"]), "reference": spread(times["reference"]),
               "pair_ratios": [b / a for a, b in zip(times["ours"], times["reference"])]}

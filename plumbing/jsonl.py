@@ -4,11 +4,13 @@ A process killed mid-write (or a full disk) leaves at most one torn last line, c
 a UTF-8 character. Readers skip it, and any line that is not a JSON object; `Appender` cuts it off before
 appending, but keeps a whole last row that only lacks its newline (another tool wrote it so). While open,
 an Appender holds a lock (FILE.lock, removed at the end), so a second run writing the same file stops at once
-instead of doubling its rows.
+instead of doubling its rows. Neither the lock nor a rewrite's temporary file follows a planted symlink.
 """
 
+import errno
 import json
 import os
+import tempfile
 
 
 class Busy(Exception):
@@ -75,10 +77,16 @@ def _mend_last_line(f):
 
 def _lock(path: str) -> int:
     """An exclusive lock on path + ".lock", held as long as the returned descriptor is open (_unlock
-    removes the file; a lock taken on a file that was removed meanwhile is taken again on the new one)."""
+    removes the file; a lock taken on a file that was removed meanwhile is taken again on the new one).
+    A symlink planted at the lock's name is refused, never followed."""
     import fcntl
     while True:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ValueError(f"{path}.lock is a symbolic link: remove it (a lock is never followed)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -87,7 +95,7 @@ def _lock(path: str) -> int:
             raise Busy(f"{path} is being written by another run (pid {other}): wait for it to end, or use "
                        f"another output") from None
         try:
-            if os.stat(path + ".lock").st_ino == os.fstat(fd).st_ino:
+            if os.stat(path + ".lock", follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 break
         except FileNotFoundError:
             pass
@@ -102,26 +110,53 @@ def _unlock(path: str, fd: int):
     os.close(fd)
 
 
+def replace_atomic(path: str, write):
+    """write(f) into a new temporary file beside `path` (a name of its own, created exclusively: nothing
+    planted there is followed or overwritten), fsynced, then renamed over `path`: a kill leaves the old
+    file whole."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class Appender:
+    """Rows appended to a JSONL file under its lock. The file itself is made at the first row, so a run
+    that stops before it has anything to write leaves nothing behind."""
+
     def __init__(self, path: str, fsync: bool = False, truncate: bool = False):
         path = os.path.realpath(path)   # a symlink's target: one lock, and a rewrite keeps the link
         if os.path.exists(path) and not os.path.isfile(path):
             raise ValueError(f"{path}: not a regular file (a folder or a device cannot take rows)")
-        self.path, self.fsync = path, fsync
+        self.path, self.fsync, self.truncate, self.f = path, fsync, truncate, None
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.lock = _lock(path)
         try:
-            if truncate:
-                open(path, "wb").close()
-            elif os.path.exists(path):
+            if os.path.exists(path) and not truncate:
                 with open(path, "rb+") as f:
                     _mend_last_line(f)
-            self.f = open(path, "ab", buffering=0)   # one write() per row: never half a row from a buffer
         except BaseException:
             _unlock(path, self.lock)
             raise
 
     def write(self, row: dict):
+        if self.f is None:   # one write() per row (no buffer): never half a row from a buffer
+            self.f = open(self.path, "wb" if self.truncate else "ab", buffering=0)
+            self.truncate = False
         rest = memoryview(_line(row))
         while rest:   # a short write (the disk filled up) is finished, or raises: never silently half a row
             rest = rest[self.f.write(rest):]
@@ -131,36 +166,47 @@ class Appender:
     def rewrite(self, rows):
         """Replace the file's rows with `rows` (atomically: a kill leaves the old file whole), and go on
         appending to the new one."""
-        tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:
-            for row in rows:
-                f.write(_line(row))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self.f.close()
-        self.f = open(self.path, "ab", buffering=0)
+        replace_atomic(self.path, lambda f: f.writelines(map(_line, rows)))
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        self.truncate = False
 
-    def settle(self, key, done) -> set:
-        """Where a rerun starts: the keys of the rows that are done. Rows that are not (failures worth
-        another try), rows without a key, and repeats of a key already done are dropped from the file first,
-        so that when the run ends every key has exactly one row."""
-        def kept():
-            seen = set()
-            for row in iter_rows(self.path):
-                k = key(row)
-                if k is not None and k not in seen and done(row):
-                    seen.add(k)
-                    yield row
-        keys = {key(row) for row in kept()}
-        total = sum(1 for _ in iter_rows(self.path))
+    def resume(self, key, done, look=None) -> set:
+        """Where a rerun starts: the keys of the rows that are done. The file is read once; look(row) sees
+        every row on the way (and may raise: nothing is changed then). Rows that are not done (failures
+        worth another try), rows without a key, and repeats of a key already done are then dropped from
+        the file (a second read, only when there are such rows), so that when the run ends every key has
+        exactly one row. With truncate (--overwrite) nothing is read: nothing is done."""
+        if self.truncate:
+            return set()
+        keys, total = set(), 0
+        for row in iter_rows(self.path):
+            total += 1
+            if look:
+                look(row)
+            k = key(row)
+            if k is not None and done(row):
+                keys.add(k)
         if len(keys) < total:
-            self.rewrite(kept())
+            self.rewrite(self._kept(key, done))
         return keys
 
+    def _kept(self, key, done):
+        seen = set()
+        for row in iter_rows(self.path):
+            k = key(row)
+            if k is not None and k not in seen and done(row):
+                seen.add(k)
+                yield row
+
     def close(self):
-        self.f.close()
+        if self.lock is None:   # closed already
+            return
+        if self.f is not None:
+            self.f.close()
         _unlock(self.path, self.lock)
+        self.lock = None
 
     def __enter__(self):
         return self

@@ -29,21 +29,44 @@ def _vision(config):
         + 2 * t.hidden_size * (v.hidden_size + t.hidden_size)
 
 
-def captioning(config, slots: int, new_tokens: int, dtype_bytes: int, int8: bool = False, prompt_tokens: int = 100) -> dict:
+def captioning(config, slots: int, new_tokens: int, dtype_bytes: int, int8: bool = False, prompt_tokens: int = 100,
+               compiled: bool = False) -> dict:
     """GB the captioning engine (engine.py) needs on the device: the weights (int8: the LLM's linear
-    layers and embedding), the KV cache of every slot at its longest plus the cache its arrivals are
-    prefilled in before they are copied over (every slot at once, at the start), and the activations of the
-    largest step (a prefill of every slot at once: hidden states and the MLP's intermediates, in the LLM
-    and in the vision tower over every frame)."""
+    layers and embedding, with a scale per row); the KV cache, every slot at its longest (compiled: in
+    steps of 256 slots); and the activations: those of one video's prefill, the larger of its vision tower
+    and projector (every frame's patches: the tower's hidden states and the projector's three outputs) and
+    of its LLM prefill (hidden states and the MLP's three intermediates), plus the frames of every slot's
+    video, kept until it ends. Held within 10% of a rehearsal on fake tensors (tests/test_rehearse.py)."""
     t, v = config.text_config, config.vision_config
-    weights = (_llm_linear(t) + t.vocab_size * t.hidden_size) * (1 if int8 else dtype_bytes) + _vision(config) * dtype_bytes
-    length = prompt_tokens + config.num_visual_tokens + new_tokens + 1
-    per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
-    kv = per_token * length * slots + per_token * (length - new_tokens) * slots   # and the arrivals' own, at a refill
-    patches = (v.image_size // v.patch_size) ** 2 + 1
-    activations = slots * dtype_bytes * ((length - new_tokens) * (4 * t.hidden_size + 3 * t.intermediate_size)
-                                         + config.num_frames * patches * (4 * v.hidden_size + 2 * v.intermediate_size))
-    return _total(weights=weights, kv_cache=kv, activations=activations)
+    llm = _llm_linear(t) + t.vocab_size * t.hidden_size
+    weights = llm * (1 if int8 else dtype_bytes) + _vision(config) * dtype_bytes
+    if int8:   # a scale per output row of every linear layer, and per token of the embedding
+        weights += (t.num_hidden_layers * (t.hidden_size * 3 + (t.num_attention_heads + 2 * t.num_key_value_heads)
+                    * t.head_dim + 2 * t.intermediate_size) + 2 * t.vocab_size) * dtype_bytes
+    prompt = prompt_tokens - 1 + config.num_visual_tokens
+    length = prompt + new_tokens + 1
+    if compiled:
+        length = -(-length // 256) * 256
+    kv = _kv_per_token(t, dtype_bytes) * length * slots
+    patches = config.num_frames * (v.image_size // v.patch_size) ** 2
+    vision = patches * (3 * t.hidden_size + 3 * v.hidden_size) * dtype_bytes
+    prefill = prompt * (2 * t.hidden_size + 3 * t.intermediate_size) * dtype_bytes
+    frames = config.num_frames * 3 * v.image_size ** 2 * dtype_bytes
+    return _total(weights=weights, kv_cache=kv, activations=max(vision, prefill) + slots * frames)
+
+
+def slots_that_fit(config, free_gb: float, new_tokens: int, dtype_bytes: int, prompt_tokens: int = 100) -> int:
+    """How many slots `free_gb` of device memory holds once the weights are loaded: the KV cache and frames
+    of each, beside one video's prefill and a margin of 5%."""
+    one = captioning(config, 1, new_tokens, dtype_bytes, prompt_tokens=prompt_tokens)
+    two = captioning(config, 2, new_tokens, dtype_bytes, prompt_tokens=prompt_tokens)
+    per_slot = two["total"] - one["total"]                                  # its KV cache and its frames
+    prefill = 2 * one["activations"] - two["activations"]                  # one video's, whatever the slots
+    return int((0.95 * free_gb - prefill) // per_slot)
+
+
+def _kv_per_token(t, dtype_bytes):
+    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
 
 
 def training(config, batch: int, text_tokens: int, world: int, trainable: int, checkpointing: bool) -> dict:

@@ -73,8 +73,8 @@ def guarded(work, identify):
 def run_items(client, jobs, work, concurrency, out, limit, identify, neutral=(), seen=None):
     """work(job) -> row for every job, on `concurrency` threads (guarded: an exception is that job's row);
     each row scrubbed of the key, written to `out` (an Appender) and shown to `seen` as it comes. Ends
-    with Stop when the Breaker says the run is broken. Ctrl-C starts no new request and writes the answers
-    in flight as they come (they are paid for); a second Ctrl-C abandons them. Final refusals that come
+    with Stop when the Breaker says the run is broken. Ctrl-C (or SIGTERM) starts no new request and
+    writes the answers in flight as they come (they are paid for); a second one abandons them. Final refusals that come
     before any answer are held back, and dropped if the run stops for them, so that a request the server
     refuses as a whole marks nothing done."""
     breaker, reason, interrupts, held = Breaker(client, limit, neutral), None, [], []
@@ -88,7 +88,8 @@ def run_items(client, jobs, work, concurrency, out, limit, identify, neutral=(),
         else:
             client.abort()
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    # SIGTERM (Slurm, Kubernetes, `timeout`) is a Ctrl-C: the answers in flight are paid for, written
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for row in run_concurrently(jobs, guarded(work, identify), concurrency, client.stop):
             if row is None:   # not asked: the run was stopping
@@ -107,7 +108,8 @@ def run_items(client, jobs, work, concurrency, out, limit, identify, neutral=(),
                 reason = why
                 client.stop.set()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if interrupts:
         raise KeyboardInterrupt
     if reason:

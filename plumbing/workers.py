@@ -20,7 +20,7 @@ import time
 from multiprocessing.connection import wait
 
 import data
-from data import VideoError
+from data import UNREADABLE, VideoError
 
 
 def _send(stream, obj):
@@ -29,15 +29,21 @@ def _send(stream, obj):
     stream.flush()
 
 
+def _read(stream, n):
+    """Exactly n bytes (the parent reads its workers unbuffered, so that select() sees every message)."""
+    parts, got = [], 0
+    while got < n:
+        part = stream.read(n - got)
+        if not part:
+            raise EOFError
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 def _recv(stream):
-    head = stream.read(8)
-    if len(head) < 8:
-        raise EOFError
-    n = struct.unpack("<Q", head)[0]
-    data = stream.read(n)
-    if len(data) < n:
-        raise EOFError
-    return pickle.loads(data)
+    n = struct.unpack("<Q", _read(stream, 8))[0]
+    return pickle.loads(_read(stream, n))
 
 
 def _serve():
@@ -50,6 +56,7 @@ def _serve():
     try:
         fn, limit, threads = _recv(inp)
         data.CODEC_THREADS = threads
+        data.heartbeat = _beats(out)
         if limit:
             import resource
             resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
@@ -58,9 +65,12 @@ def _serve():
             try:
                 _send(out, (True, fn(item)))
             except MemoryError:
-                _send(out, (False, f"{item}: decoding needed more than {limit / 2**30:.1f} GiB of memory"))
+                _send(out, (False, VideoError(f"{item}: decoding needed more than {limit / 2**30:.1f} GiB of "
+                                              f"memory", "decode_memory")))
+            except VideoError as e:
+                _send(out, (False, e))
             except Exception as e:   # any failure is reported for this item; the worker lives on
-                _send(out, (False, str(e) if isinstance(e, VideoError) else f"{item}: {type(e).__name__}: {e}"))
+                _send(out, (False, VideoError(f"{item}: {type(e).__name__}: {e}")))
     except (EOFError, BrokenPipeError):
         return
 
@@ -79,6 +89,20 @@ def _import_path(fn) -> list:
     return list(dict.fromkeys([ROOT, folder]))
 
 
+def _beats(out, every=1.0):
+    """data.heartbeat in a worker: a (None, None) message to the parent, at most once every `every` s."""
+    last = [time.monotonic()]
+
+    def beat():
+        if time.monotonic() - last[0] >= every:
+            last[0] = time.monotonic()
+            _send(out, (None, None))
+    return beat
+
+
+BEAT = object()   # what _Worker.result() gives for a heartbeat: the item is still being decoded
+
+
 class _Worker:
     def __init__(self, fn, limit, threads):
         # -I: an isolated interpreter (neither the current folder nor PYTHONPATH on its import path); no
@@ -86,7 +110,7 @@ class _Worker:
         env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
         boot = f"import sys; sys.path[:0] = {_import_path(fn)!r}; from plumbing import workers; workers._serve()"
         self.proc = subprocess.Popen([sys.executable, "-I", "-c", boot], env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, bufsize=0)
         _send(self.proc.stdin, (fn, limit, threads))
         self.item, self.deadline = None, None
 
@@ -100,10 +124,11 @@ class _Worker:
     def result(self):
         try:
             ok, value = _recv(self.proc.stdout)
-        except (EOFError, OSError):   # the worker died: a decoder crash
+        except (EOFError, OSError):   # the worker died: a decoder crash, or the OOM killer
             self.proc.wait()
-            return VideoError(f"{self.item}: the decoder process died (exit code {self.proc.returncode})")
-        return value if ok else VideoError(value)
+            return VideoError(f"{self.item}: the decoder process died (exit code {self.proc.returncode})",
+                              "decoder_died")
+        return BEAT if ok is None else value
 
     def kill(self):
         self.proc.kill()
@@ -120,6 +145,26 @@ class _Worker:
             self.kill()
 
 
+RETRIED = ("decode_timeout", "decoder_died", "decode_memory")   # failures that may not happen again
+TRIES = 3   # runs in which one video may meet them before it counts as unreadable
+
+
+def failure(error: VideoError, tries_before: int = 0) -> dict:
+    """The fields of a decode failure's row: a failure that may not happen again (a stalled or slow disk,
+    a decoder killed for memory) is not final, and the next run tries the video again, up to TRIES runs;
+    after that, and for a file that cannot be read at all, the code is UNREADABLE (final)."""
+    tries = tries_before + 1
+    if error.code in RETRIED and tries < TRIES:
+        return {"error": str(error), "code": error.code, "tries": tries}
+    why = f" (after {tries} tries)" if error.code in RETRIED else ""
+    return {"error": str(error) + why, "code": UNREADABLE, **({"tries": tries} if why else {})}
+
+
+def tries_of(row) -> int:
+    """How many runs have tried a row's video and met a failure that may not happen again."""
+    return row.get("tries", 1) if row.get("code") in RETRIED and isinstance(row.get("tries", 1), int) else 0
+
+
 class PoolError(Exception):
     """The decoding processes themselves failed (not one item): nothing more will come from them."""
 
@@ -130,9 +175,11 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
 
     fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
     (up to `buffer` finished ones wait for it). A call that takes longer than `timeout` seconds (native
-    decoders can hang, and a hang cannot be interrupted from Python) gets its worker killed and
-    replaced, and its item a VideoError; so does one that needs more than `memory_gb` GiB. fn must be picklable (a module-level function or a partial) from a
-    module the workers can import, not from the script being run (its __main__ is not theirs)."""
+    decoders can hang, and a hang cannot be interrupted from Python), or as long since its last
+    data.heartbeat() (a long decode that moves on), gets its worker killed and replaced, and its item a
+    VideoError; so does one that needs more than `memory_gb` GiB. Each decoder gets `threads` threads
+    (default: this rank's cores shared by the workers). fn must be picklable (a module-level function or
+    a partial) from a module the workers can import, not from the script being run."""
     if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
         raise ValueError("imap_unordered needs a function from an importable module, not from __main__")
     out = queue.Queue(maxsize=buffer)
@@ -157,14 +204,18 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
                     break
                 soonest = min(w.deadline for w in busy)
                 for w in wait(busy, timeout=max(0.0, soonest - time.monotonic())):
-                    busy.remove(w)
                     result = w.result()
+                    if result is BEAT:   # moving on: its time limit counts from now
+                        w.deadline = time.monotonic() + timeout
+                        continue
+                    busy.remove(w)
                     out.put((w.item, result))
                     idle.append(w if w.proc.poll() is None else _Worker(fn, limit, threads))
                 for w in [w for w in busy if time.monotonic() > w.deadline and not wait([w], 0)]:
                     w.kill()
                     busy.remove(w)
-                    out.put((w.item, VideoError(f"{w.item}: decoding took longer than {timeout:.0f} s")))
+                    out.put((w.item, VideoError(f"{w.item}: decoding took longer than {timeout:.0f} s",
+                                                "decode_timeout")))
                     idle.append(_Worker(fn, limit, threads))
         except BaseException as e:   # told to the caller, not lost with this thread
             failed.append(e)

@@ -286,7 +286,7 @@ def test_a_symlinked_output_is_one_file_with_one_lock(tmp_path):
         out.write({"video": "a", "error": "x"})
         with pytest.raises(Busy):
             Appender(str(tmp_path / "real.jsonl"))
-        out.settle(lambda r: r["video"], lambda r: "error" not in r)       # rewrites: the link stays a link
+        out.resume(lambda r: r["video"], lambda r: "error" not in r)       # rewrites: the link stays a link
         out.write({"video": "b", "caption": "y"})
     assert os.path.islink(tmp_path / "link.jsonl") and read_rows(str(tmp_path / "real.jsonl")) == [
         {"video": "b", "caption": "y"}]

@@ -162,7 +162,7 @@ def test_a_file_changed_between_a_partial_download_and_its_resume(served, model_
 def test_four_processes_resolving_one_model_download_it_once(served):
     url, cache = served
     Hub.faults = {"model.safetensors": {"delay": 0.002}}
-    code = f"import hub; print(hub.resolve({REPO!r}, cache={cache!r}))"
+    code = f"from plumbing import hub; print(hub.resolve({REPO!r}, cache={cache!r}))"
     env = {"HF_ENDPOINT": url, "PYTHONPATH": ROOT}
     procs = [run_command([sys.executable, "-c", code], env=env, wait=False) for _ in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]

@@ -230,7 +230,7 @@ def test_an_unexpected_exception_is_that_items_row(tmp_path):
         max_new_tokens, temperature, frames_as = 10, None, "video"
     jobs = [(("v.mp4", None, None), ["data:image/jpeg;base64,AA=="]), (("w.mp4", (1, 3, 2.0, 4.0), None), ["x"])]
     with Appender(str(tmp_path / "out.jsonl")) as out:
-        run_items(Broken(), jobs, lambda job: label.label_one(Broken(), Args, "prompt", job), 2, out, 10,
+        run_items(Broken(), jobs, lambda job: label.label_one(Broken(), Args, "prompt", {}, "s", job), 2, out, 10,
                   label.identify)
     rows = sorted(read_rows(str(tmp_path / "out.jsonl")), key=lambda r: r["video"])
     assert rows[0]["code"] == "internal_error" and "KeyError" in rows[0]["error"] and not label.is_done(rows[0])
