@@ -29,7 +29,7 @@ from plumbing.jsonl import Busy
 from plumbing.outputs import Outputs, settings_id
 from plumbing.sources import canonical, find_videos
 from plumbing.workers import PoolError, cores_per_rank, failure, imap_unordered, tries_of
-from tokenizer import QUESTION, SYSTEM, TEMPLATES, Tokenizer, load_prompt, prompt_ids, stop_id, template_for
+from tokenizer import TEMPLATES, Tokenizer, prompt_for, prompt_ids, stop_id
 from weights import RELEASES, ModelFolderError, model_config, read_config
 
 
@@ -69,7 +69,8 @@ class Captioner:
             raise ModelFolderError(f"{folder}: the tokenizer has no <image> token")
         self.config = read_config(folder)
         recipe(self.config, args)   # flags that cannot work with this model fail before anything loads
-        asks = prompt_for(args, folder, self.tok)
+        asks = prompt_for(folder, self.tok, args.prompt, args.system, args.template)
+        del asks["source"]
         self.settings = settings_id(args, folder, asks)
         self.prompt = prompt_ids(self.tok, asks["question"], asks["template"], asks["system"])
         self.stops = args.stop or (["USER:"] if asks["template"] == "vicuna" else [])
@@ -192,15 +193,6 @@ def is_done(row, retry_errors=False):
     """A caption, or (unless retry_errors) a file that cannot be read however often it is tried; a missing
     file, a failure in the model and one that may not happen again (a decoder's time limit) are not."""
     return "caption" in row or (not retry_errors and "error" in row and row.get("code", UNREADABLE) == UNREADABLE)
-
-
-def prompt_for(args, folder, tok):
-    """The prompt (question, system line, template): the flags, else the model folder's prompt.json (what
-    it was trained with), else PLLaVA's."""
-    saved = load_prompt(folder)
-    return {"question": args.prompt or saved.get("question", QUESTION),
-            "system": args.system or saved.get("system", SYSTEM),
-            "template": args.template or saved.get("template") or template_for(tok)}
 
 
 def recipe(config, args):

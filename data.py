@@ -69,7 +69,14 @@ def read_frames(path, n: int, mode: str = "middle", short_side: int = None, keyf
         raise VideoError(f"{path}: not readable as a video ({e.strerror or e})") from None
     except VideoError as e:
         raise VideoError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-    return np.stack(frames)
+    shape = frames[0].shape   # a stream whose frame size changes (a capture joining 16:9 and portrait)
+    return np.stack([f if f.shape == shape else _resized(f, shape) for f in frames])
+
+
+def _resized(a, shape):
+    """An RGB frame scaled (bicubic, in FFmpeg's scaler) to another frame's (H, W, 3)."""
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=shape[1], height=shape[0], interpolation="BICUBIC")
 
 
 def open_video(path, keyframes_only=False):
@@ -335,6 +342,21 @@ def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
 def read_clip_frames(path, n, size=336, mode="middle", keyframes_only=False, rng=None, span=None) -> np.ndarray:
     """n frames resized (short side = size, bicubic) and center-cropped: (n, size, size, 3) uint8."""
     return np.ascontiguousarray(center_crop(read_frames(path, n, mode, size, keyframes_only, rng, span=span), size))
+
+
+def read_sample(job) -> np.ndarray:
+    """A training sample's frames, in a decode worker: job = (key, path, is_image, n, size, mode, seed, span),
+    the seed (a list of ints) fixing the random frames whichever process reads them; (1, size, size, 3)
+    for an image. Anything that goes wrong is a VideoError that starts with the path."""
+    _, path, is_image, n, size, mode, seed, span = job
+    try:
+        if is_image:
+            return center_crop(read_image(path, short_side=size), size)
+        return read_clip_frames(path, n, size, mode, rng=np.random.default_rng(seed), span=span)
+    except VideoError:
+        raise
+    except Exception as e:
+        raise VideoError(f"{path}: {type(e).__name__}: {e}") from None
 
 
 def mean_std(folder):

@@ -13,18 +13,26 @@ process with batch 4 sees the same global batches as two with batch 2.
 """
 
 import json
+import math
 import os
+import sys
+import threading
 
 import numpy as np
 import torch
 
-from data import VideoError, center_crop, read_clip_frames, read_image
-from tokenizer import QUESTION, training_ids
+from data import VideoError, read_sample
+from plumbing.workers import imap_unordered
+from tokenizer import training_ids
 
 
 def _text(value, what):
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} is not a text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate ("\\ud800" in the JSON): no tokenizer can take it
+        raise ValueError(f"{what} is not valid Unicode") from None
     return value
 
 
@@ -55,13 +63,19 @@ def _span(row):
     if "start" not in row and "end" not in row:
         return None
     start, end = row.get("start"), row.get("end")
-    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (start, end)) or not 0 <= start < end:
+    try:
+        ok = all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(float(x))
+                 for x in (start, end)) and 0 <= start < end
+    except OverflowError:   # 10**400: an int no float holds
+        ok = False
+    if not ok:
         raise ValueError("start / end are not a span of seconds")
     return float(start), float(end)
 
 
-def read_samples(paths, video_root=None, prompt=QUESTION):
-    """[(media path, is_image, [(question, answer), ...], system or None, span or None)] from JSONL files; how many rows
+def read_samples(paths, video_root=None, prompt=None):
+    """[(media path, is_image, [(question, answer), ...], system or None, span or None)] from JSONL files (a
+    plain caption's question is `prompt`, None: the run's, told later); how many rows
     were left out on purpose (error rows of label.py, empty captions, rows of another shape); and the rows
     that are broken (not JSON, not UTF-8, a field of the wrong type) as "file:line: why"."""
     samples, dropped, bad = [], 0, []
@@ -93,39 +107,78 @@ def read_samples(paths, video_root=None, prompt=QUESTION):
     return samples, dropped, bad
 
 
-class TrainSet(torch.utils.data.Dataset):
-    """Item (epoch, index) -> dict(frames (T, S, S, 3) uint8, ids, labels, skipped). A video that cannot
-    be read gives a stand-in with no loss (black frames, labels all -100), so every rank still runs the
-    same number of forward passes (FSDP's collectives need that), and is reported in `skipped`."""
+class TrainSet:
+    """Samples by key (epoch, index). job(key) is what a decode worker reads (data.read_sample); sample(key,
+    frames) -> dict(frames (T, S, S, 3) uint8, ids, labels, skipped). A sample whose frames could not be read
+    (a VideoError: a broken file, a decoder's time or memory limit, its crash) is a stand-in with no loss
+    (black frames, labels all -100), so every rank still runs the same forward passes (FSDP's collectives
+    need that), with its reason in `skipped`."""
 
-    def __init__(self, samples, tok, template, system, frames, size, seed=0, mode="random", max_tokens=1024):
-        self.samples, self.tok, self.template, self.system = samples, tok, template, system
+    def __init__(self, samples, tok, prompt, frames, size, seed=0, mode="random", max_tokens=1024):
+        """prompt: {"question", "system", "template"}, the question paired with plain captions, the system
+        line of rows that bring none."""
+        self.samples, self.tok, self.prompt = samples, tok, prompt
         self.frames, self.size, self.seed, self.mode, self.max_tokens = frames, size, seed, mode, max_tokens
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, key):
+    def job(self, key):
+        """(key, path, is_image, frames, size, mode, seed, span): the same frames whichever rank reads them;
+        a path of None for padding (an uneven evaluation split), which is never read."""
         epoch, index = key
-        if index is None:   # padding for an uneven evaluation split
+        if index is None:
+            return (key, None, False, 0, 0, "", None, None)
+        media, is_image, _, _, span = self.samples[index]
+        return (key, media, is_image, self.frames, self.size, self.mode, [self.seed, epoch, index], span)
+
+    def sample(self, key, frames):
+        epoch, index = key
+        if index is None:
             return self._stand_in(None)
-        media, is_image, turns, system, span = self.samples[index]
-        ids, labels = training_ids(self.tok, turns, self.template, system or self.system)
+        media, _, turns, system, _ = self.samples[index]
+        turns = [(q or self.prompt["question"], a) for q, a in turns]   # a plain caption: the question asked
+        ids, labels = training_ids(self.tok, turns, self.prompt["template"], system or self.prompt["system"])
         ids, labels = ids[:self.max_tokens], labels[:self.max_tokens]
-        rng = np.random.default_rng([self.seed, epoch, index])   # the same frames whichever rank reads it
-        try:
-            if is_image:   # one frame: collate or the model repeats it to the clip length
-                frames = center_crop(read_image(media, short_side=self.size), self.size)
-            else:
-                frames = read_clip_frames(media, self.frames, self.size, self.mode, rng=rng, span=span)
-        except VideoError as e:
-            return self._stand_in(str(e), ids)
+        if isinstance(frames, VideoError) or frames is None:
+            return self._stand_in(str(frames) if frames is not None else f"{media}: not read", ids)
         return dict(frames=frames, ids=ids, labels=labels, skipped=None)
 
     def _stand_in(self, reason, ids=None):
         ids = ids or [self.tok.bos_id, self.tok.image_id]
         return dict(frames=np.zeros((self.frames, self.size, self.size, 3), np.uint8), ids=ids,
                     labels=[-100] * len(ids), skipped=reason)
+
+
+class Batches:
+    """The sampler's micro-batches, collated, in order, their media decoded in worker processes while the
+    model trains, `ahead` micro-batches in advance: as caption.py decodes (plumbing/workers.py), each sample
+    under a time and a memory limit, so a file that hangs or crashes FFmpeg is that sample's stand-in,
+    reported with its path, and no rank waits on it."""
+
+    def __init__(self, trainset, batch_sampler, pad_id, workers=2, timeout=300.0, memory_gb=8.0, ahead=2):
+        self.trainset, self.batch_sampler, self.pad_id = trainset, batch_sampler, pad_id
+        self.workers, self.timeout, self.memory_gb, self.ahead = max(1, workers), timeout, memory_gb, ahead
+
+    def __iter__(self):
+        room = threading.Semaphore(self.ahead)
+
+        def jobs():
+            for keys in self.batch_sampler:
+                room.acquire()   # released as the loop below hands a micro-batch on
+                yield from (job for job in map(self.trainset.job, keys) if job[1] is not None)
+        stream = imap_unordered(read_sample, jobs(), workers=self.workers, timeout=self.timeout,
+                                memory_gb=self.memory_gb, buffer=2 * self.workers)
+        got = {}
+        try:
+            for keys in self.batch_sampler:   # the same order again: the sampler is a function of the step
+                while any(k not in got for k in keys if k[1] is not None):
+                    job, frames = next(stream)
+                    got[job[0]] = frames
+                room.release()
+                yield collate([self.trainset.sample(k, got.pop(k, None)) for k in keys], self.pad_id)
+        finally:
+            stream.close()
 
 
 def collate(items, pad_id):
@@ -172,3 +225,22 @@ def eval_keys(n, rank, world):
     per = -(-n // world)
     mine = list(range(rank * per, min(n, (rank + 1) * per)))
     return [(0, i) for i in mine] + [(0, None)] * (per - len(mine))
+
+
+def load_data(files, video_root=None, rank=0):
+    """Samples of comma-separated JSONL files, and how many rows were left out; broken rows and rows that
+    name no file are reported (file:line) and left out; none left is an error."""
+    samples, dropped, bad = read_samples(files.split(","), video_root)
+    missing = [s[0] for s in samples if not os.path.isfile(s[0])]
+    samples = [s for s in samples if os.path.isfile(s[0])] if missing else samples
+    if not samples:
+        raise ValueError(f"{files}: no rows to train on ({dropped} left out, {len(bad)} broken"
+                         f"{', the first: ' + bad[0] if bad else ''}, {len(missing)} naming no file"
+                         f"{', the first: ' + missing[0] + ' (is --video-root right?)' if missing else ''})")
+    if bad and rank == 0:
+        print(f"warning: {len(bad)} broken rows left out, the first: " + "; ".join(bad[:3]), file=sys.stderr,
+              flush=True)
+    if missing and rank == 0:
+        print(f"warning: {len(missing)} rows name no file and are left out, the first: {missing[0]} (is "
+              f"--video-root right?)", file=sys.stderr, flush=True)
+    return samples, dropped + len(bad) + len(missing)

@@ -361,25 +361,29 @@ class PLLaVA(nn.Module):
     def hidden(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
         """Final hidden states (B, L', D), the valid mask and the spliced labels."""
         x, valid, labels = self.prepare(input_ids, pixel_values, attention_mask, labels)
-        mask = None if valid.all() else causal_mask(valid)
+        mask = None if attention_mask is None else causal_mask(valid)   # None: plain causal, unpadded
         return self.language_model(x, positions_of(valid), mask), valid, labels
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, loss_reduction="mean"):
         """input_ids (B, L) with one image_token_index per row, pixel_values (B, T, 3, H, W) normalized
         -> logits (B, L - 1 + N, vocab). attention_mask (B, L): 1 for real tokens, 0 for padding.
 
-        With labels (B, L) (-100 where no loss is wanted) it returns the next-token cross-entropy over the
-        other positions instead (their mean, or with loss_reduction="sum" their sum: train.py divides by
-        the token count of the whole step), and projects only those onto the vocabulary: the (B, 2400,
-        32064) fp32 logits of a training batch would be ~4 GB at B=12. (Training goes through forward,
-        not a separate method, because FSDP gathers the root's weights in forward's hooks.)"""
+        With labels (B, L) (-100 where no loss is wanted) it returns the next-token cross-entropy instead
+        (self.loss). Training goes through forward, not a method of its own, because FSDP gathers the
+        root's weights in forward's hooks."""
         h, _, labels = self.hidden(input_ids, pixel_values, attention_mask, labels)
         if labels is None:
             return self.language_model.lm_head(h)
+        return self.loss(h, labels, loss_reduction)
+
+    def loss(self, h, labels, reduction="mean"):
+        """The next-token cross-entropy of the labelled positions (their mean, or with reduction="sum" their
+        sum: train.py divides by the token count of the whole step). Only those are projected onto the
+        vocabulary: the (B, 2400, 32064) fp32 logits of a training batch would be ~4 GB at B=12."""
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.language_model.lm_head(h[:, :-1][keep])          # (n, vocab)
-        return F.cross_entropy(logits.float(), targets[keep], reduction=loss_reduction)
+        return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):

@@ -158,15 +158,18 @@ class Tokenizer:
             text = " " + text
         return self.sp.encode(text)
 
-    def encode(self, text: str, bos: bool = None) -> list:
+    def encode(self, text: str, bos: bool = None, literal=()) -> list:
+        """Ids of text, the added tokens spelled in it (<image>, </s>, ChatML's) as their ids, except inside
+        the `literal` (start, end) spans: text from a data row or a flag, never read as a control token."""
         ids = [self.bos_id] if (self.add_bos if bos is None else bos) else []
-        parts = self._split.split(text) if self._split else [text]
-        for k, part in enumerate(parts):
-            if k % 2:   # the split pattern is one group, so odd parts are the added tokens
-                ids.append(self.added[part])
-            else:
-                ids += self.encode_text(part, at_start=k == 0)
-        return ids
+        start = 0
+        for m in self._split.finditer(text) if self._split else ():
+            if any(a < m.end() and m.start() < b for a, b in literal):
+                continue
+            ids += self.encode_text(text[start:m.start()], at_start=start == 0)
+            ids.append(self.added[m.group()])
+            start = m.end()
+        return ids + self.encode_text(text[start:], at_start=start == 0)
 
     def decode(self, ids, skip_special: bool = True) -> str:
         out, run, size = [], [], self.sp.get_piece_size()
@@ -190,7 +193,20 @@ def template_for(tok: Tokenizer) -> str:
 
 def prompt_ids(tok: Tokenizer, question: str = QUESTION, template: str = "vicuna", system: str = SYSTEM) -> list:
     """The ids of a captioning prompt: the model's answer starts right after them."""
-    return tok.encode(TEMPLATES[template]["first"].replace("{system}", system).replace("{question}", question))
+    text, literal = fill(TEMPLATES[template]["first"], system=system, question=question)
+    return tok.encode(text, literal=literal)
+
+
+def fill(template: str, **values) -> tuple:
+    """The template with each {name} replaced by values[name], and the (start, end) spans of those values:
+    what a user wrote is encoded as plain text (Tokenizer.encode's literal), a "<image>" in it included."""
+    text, spans, i = "", [], 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        text += template[i:m.start()]
+        spans.append((len(text), len(text) + len(values[m.group(1)])))
+        text += values[m.group(1)]
+        i = m.end()
+    return text + template[i:], spans
 
 
 PROMPT_FILE = "prompt.json"   # in a model folder train.py exported: the prompt it was trained with
@@ -217,6 +233,17 @@ def load_prompt(folder: str) -> dict:
     return {k: got[k] for k in ("question", "system", "template") if k in got}
 
 
+def prompt_for(folder: str, tok: Tokenizer, question: str = None, system: str = None, template: str = None) -> dict:
+    """The prompt a model is asked with (question, system, template): each from its flag when given, else
+    from the model folder's prompt.json (what the model was trained with), else PLLaVA's; "source" says
+    where the question came from (captioning and training both take it from here)."""
+    saved = load_prompt(folder) if folder else {}
+    source = "--prompt" if question else f"{os.path.join(folder, PROMPT_FILE)}" if "question" in saved else \
+        "PLLaVA's detailed-caption question"
+    return {"question": question or saved.get("question", QUESTION), "system": system or saved.get("system", SYSTEM),
+            "template": template or saved.get("template") or template_for(tok), "source": source}
+
+
 def stop_id(tok: Tokenizer, template: str) -> int:
     return tok.added.get(TEMPLATES[template]["end"], tok.eos_id)
 
@@ -228,8 +255,8 @@ def training_ids(tok: Tokenizer, turns, template: str = "vicuna", system: str = 
     t = TEMPLATES[template]
     ids, labels = [], []
     for k, (question, answer) in enumerate(turns):
-        prompt = prompt_ids(tok, question, template, system) if k == 0 else \
-            tok.encode(t["turn"].replace("{question}", question), bos=False)
+        text, literal = fill(t["turn"], question=question)
+        prompt = prompt_ids(tok, question, template, system) if k == 0 else tok.encode(text, False, literal)
         reply = tok.encode_text(t["answer"].replace("{answer}", answer.strip()), at_start=False) + [stop_id(tok, template)]
         ids += prompt + reply
         labels += [-100] * len(prompt) + reply

@@ -93,7 +93,7 @@ def threads(nproc=1):
 def train(out, data, model, steps, batch, lr, log, seed, extra=(), nproc=1):
     args = [os.path.join(HERE, "train.py"), "--data", data, "--out", out + "_run", "--export", out,
             "--max-steps", str(steps), "--batch-size", str(batch // nproc), "--lr", str(lr),
-            "--warmup-steps", str(steps // 20), "--workers", "0", "--log-every", "25", "--seed", str(seed),
+            "--warmup-steps", str(steps // 20), "--workers", "1", "--log-every", "25", "--seed", str(seed),
             "--system", SYSTEM, "--max-text-tokens", "64", *model, *extra]
     metrics = os.path.join(out + "_run", "metrics.jsonl")
     return run(args, log, nproc, lambda: (max([r.get("step", 0) for r in read_rows(metrics)], default=0), steps))

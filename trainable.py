@@ -9,9 +9,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import lora
-from config import PRESETS, Config
 from model import PLLaVA
-from weights import read_config
+from weights import model_config, read_config
 
 
 def build_source(args, folder):
@@ -38,7 +37,7 @@ def preprocessing_folder(folder, tok_folder):
 def probe(args, folder):
     """(config, trainable parameters) of the run, from a copy on the meta device (no memory): the LoRA
     targets that name no linear layer of the model fail here, before it loads."""
-    config = Config.from_dict(PRESETS[args.model]) if args.model in PRESETS else read_config(folder or args.init_from_config)
+    config = model_config(folder or args.model) if args.model else read_config(args.init_from_config)
     with torch.device("meta"):
         model = PLLaVA(config)
     try:
@@ -72,12 +71,25 @@ def set_trainable(model, args):
         layer.lora_dropout = torch.nn.Dropout(args.lora_dropout) if args.lora_dropout > 0 else torch.nn.Identity()
 
 
-def shard(model, device, world):
-    """FSDP2: every decoder block and the vision tower a unit of its own, then the root."""
+def mesh_shape(world: int, per_node: int) -> tuple:
+    """(world,): shard over every rank; over several nodes (replicas, ranks a node): HSDP, each node holding
+    a whole copy sharded over its own GPUs, so the frozen weights are gathered over NVLink, not over the
+    network between nodes (which carries only the trainable gradients' reduction)."""
+    if 1 < per_node < world and world % per_node == 0:
+        return world // per_node, per_node
+    return (world,)
+
+
+def shard(model, device, world, gpu_precision=None):
+    """FSDP2: every decoder block and the vision tower a unit of its own, then the root; bf16 compute with
+    fp32 weights and reductions on GPUs (gpu_precision: that policy whatever the device, for a rehearsal)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+    shape = mesh_shape(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    gpu = device.type == "cuda" if gpu_precision is None else gpu_precision
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu \
         else MixedPrecisionPolicy()
     for block in model.language_model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
@@ -100,7 +112,9 @@ def setup_model(args, folder, rank, world, device):
     set_trainable(model, args)
     shard(model, device, world)
     model.to_empty(device=device)
-    state = {k: v.float() for k, v in source.state_dict().items()} if rank == 0 else {}
+    # tensor by tensor, in the checkpoint's own dtype: each widened to fp32 only in its shard (a whole fp32
+    # copy would be 28 GB on rank 0 for 7B, 136 GB for 34B)
+    state = source.state_dict() if rank == 0 else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del source, state
     return model

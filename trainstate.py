@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,32 @@ def check_out(out, resume):
     open(probe, "w").close()
     os.remove(probe)
     return found
+
+
+def check_shared_out(out, rank, world):
+    """Every rank must see the same --out: each writes its shards of a checkpoint there and rank 0 renames
+    the folder, so on disks of each node's own another node's shards would vanish. Rank 0 leaves a token;
+    a rank that does not find it stops the run (all of them) at start, in one line."""
+    token = os.path.join(out, ".shared-check")
+    mine = f"{os.getpid()}-{time.time_ns()}" if rank == 0 else None
+    if rank == 0:
+        with open(token, "w") as f:
+            f.write(mine)
+    box = [mine]
+    dist.broadcast_object_list(box, src=0)
+    dist.barrier()
+    try:
+        with open(token) as f:
+            seen = f.read() == box[0]
+    except OSError:
+        seen = False
+    everyone = [None] * world
+    dist.all_gather_object(everyone, seen)
+    if rank == 0:
+        os.remove(token)
+    if not all(everyone):
+        raise ValueError(f"--out {out} is not the same folder on every node ({everyone.count(False)} of {world} "
+                         f"ranks do not see what rank 0 wrote there): use a shared file system for --out")
 
 
 def _rng_state():
@@ -110,7 +137,7 @@ def load_checkpoint(model, optimizer, path, rank):
         return json.load(f)
 
 
-def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, template):
+def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, prompt):
     """A folder caption.py loads: config.json, model.safetensors, the adapter, the tokenizer files, the
     preprocessor_config.json training normalized with, and prompt.json: the question, system line and
     template it was trained with, which caption.py uses."""
@@ -127,4 +154,4 @@ def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, tem
     for folder, name in [(tokenizer_folder, n) for n in TOKENIZER_FILES] + [(preprocessing_folder, "preprocessor_config.json")]:
         if os.path.exists(os.path.join(folder, name)):
             shutil.copy(os.path.join(folder, name), os.path.join(args.export, name))
-    save_prompt(args.export, args.prompt, args.system, template)
+    save_prompt(args.export, prompt["question"], prompt["system"], prompt["template"])

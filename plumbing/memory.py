@@ -70,21 +70,29 @@ def _kv_per_token(t, dtype_bytes):
 
 
 def training(config, batch: int, text_tokens: int, world: int, trainable: int, checkpointing: bool) -> dict:
-    """GB train.py needs on each of `world` GPUs: fp32 weights sharded by FSDP2 (and two decoder blocks
-    gathered in bf16, the one computing and the next), fp32 gradients and AdamW's two moments for the
-    `trainable` parameters, sharded too; and the activations kept for the backward pass of `batch` samples
-    of visual + text tokens: per decoder layer and token its inputs, q, k, v, the attention output and the
-    MLP's three intermediates in bf16, or with activation checkpointing each layer's input alone plus one
-    layer's worth while it is recomputed. The frozen vision tower keeps nothing for the backward pass."""
-    t = config.text_config
-    params = _llm_linear(t) + t.vocab_size * t.hidden_size + _vision(config)
-    block = (_llm_linear(t) - t.vocab_size * t.hidden_size) // t.num_hidden_layers
-    weights = 4 * params / world + 2 * 2 * block
+    """GB train.py needs on each of `world` GPUs: fp32 weights sharded by FSDP2, with two decoder blocks
+    gathered in bf16 (the one computing and the next) and the root's own (embedding, lm_head, projector)
+    gathered throughout; fp32 gradients and AdamW's two moments for the `trainable` parameters, sharded
+    too; and the activations kept for the backward pass of `batch` samples of visual + text tokens: per
+    decoder layer and token its inputs, q, k, v, the attention output and the MLP's intermediates in bf16,
+    or with activation checkpointing each layer's input alone plus the layer being recomputed and its
+    gradients; and the projector's, over every frame's patches. The frozen vision tower keeps nothing for
+    the backward pass. Held within 10% of one step rehearsed on fake tensors (tests/test_rehearse.py)."""
+    t, v = config.text_config, config.vision_config
+    D, F = t.hidden_size, t.intermediate_size
+    params = _llm_linear(t) + t.vocab_size * D + _vision(config)
+    block = (_llm_linear(t) - t.vocab_size * D) // t.num_hidden_layers
+    root = 2 * t.vocab_size * D + 2 * D * (v.hidden_size + D)
+    weights = 4 * params / world + 2 * 2 * block + 2 * root
     optimizer = 12 * trainable / world
     tokens = batch * (config.num_visual_tokens + text_tokens)
-    layer = tokens * 2 * (6 * t.hidden_size + 4 * t.intermediate_size)
-    activations = tokens * 2 * t.hidden_size * t.num_hidden_layers + layer if checkpointing else layer * t.num_hidden_layers
-    return _total(weights=weights, optimizer=optimizer, activations=activations)
+    patches = batch * config.num_frames * (v.image_size // v.patch_size) ** 2
+    projector = patches * 2 * (v.hidden_size + 3 * D)
+    if checkpointing:
+        activations = tokens * 2 * D * t.num_hidden_layers + tokens * 2 * (8 * D + 6 * F)
+    else:
+        activations = tokens * 2 * (7 * D + 4 * F) * t.num_hidden_layers
+    return _total(weights=weights, optimizer=optimizer, activations=activations + projector)
 
 
 def card_gb(device=0) -> float:

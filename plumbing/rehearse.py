@@ -113,11 +113,12 @@ def fused_flex_attention():
 
 class LiveBytes(TorchDispatchMode):
     """The bytes of the tensors alive, as a device's allocator holds them: those given at the start (the
-    weights), and every storage an operation makes, until it is freed; `peak` is the most at any time."""
+    weights), and every storage an operation makes, until it is freed or resized (FSDP2 frees a gathered
+    block by resizing its storage to 0, and gathers into it again); `peak` is the most at any time."""
 
     def __init__(self, tensors=()):
         super().__init__()
-        self.alive, self.now, self.peak = {}, 0, 0
+        self.alive, self.size, self.now, self.peak = {}, {}, 0, 0
         for t in tensors:
             self._count(t)
         self.start = self.now
@@ -130,13 +131,32 @@ class LiveBytes(TorchDispatchMode):
         key = id(holder)
         if key in self.alive:
             return
-        self.alive[key] = weakref.ref(holder, lambda _, key=key, n=n: self._free(key, n))
-        self.now += n
+        self.alive[key] = weakref.ref(holder, lambda _, key=key: self._free(key))
+        self._set(key, n)
+
+    def _set(self, key, n):
+        self.now += n - self.size.get(key, 0)
+        self.size[key] = n
         self.peak = max(self.peak, self.now)
 
-    def _free(self, key, n):
+    def _free(self, key):
         if self.alive.pop(key, None) is not None:
-            self.now -= n
+            self.now -= self.size.pop(key)
+
+    def __enter__(self):
+        real, live = torch.UntypedStorage.resize_, self
+
+        def resize_(storage, n):
+            out = real(storage, n)
+            if id(storage) in live.alive:
+                live._set(id(storage), n)
+            return out
+        self._real_resize, torch.UntypedStorage.resize_ = real, resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._real_resize
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -214,3 +234,57 @@ def _counting_reads(reads):
     finally:
         for name in names:
             setattr(torch.Tensor, name, real[name])
+
+
+def training(args, config, world, checkpointing, batch=None, text_tokens=None) -> dict:
+    """The peak memory (GB) of one rank in one training step at `world` ranks, as train.py runs it on GPUs
+    (its trainable parameters, FSDP2 over a fake process group with the GPU precision policy, activation
+    checkpointing as planned), on fake tensors: forward, backward and the optimizer's step."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import trainable
+    B, L = batch or args.batch_size, text_tokens or args.max_text_tokens
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        with torch.device("meta"):
+            model = _Trained(config)
+        trainable.add_lora(model, args)
+        trainable.set_trainable(model, args)
+        trainable.shard(model, torch.device("cpu"), world, gpu_precision=True)   # on meta, as train.py does
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake:
+            model.to_empty(device="cpu")
+            trainable.checkpointing(model, checkpointing)
+            model.train()
+            learn = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(learn, lr=1e-5, foreach=True)
+            ids = torch.ones(B, L, dtype=torch.long)
+            ids[:, 1] = config.image_token_index
+            size = config.vision_config.image_size
+            pixels = torch.empty(B, config.num_frames, 3, size, size)
+            with LiveBytes([_local(t) for t in list(model.parameters()) + list(model.buffers())]) as live:
+                model(ids, pixels, labels=ids, loss_reduction="sum").backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        dist.destroy_process_group()
+    return {"peak_gb": live.peak / 1e9, "weights_gb": live.start / 1e9}
+
+
+class _Trained(PLLaVA):
+    """PLLaVA with the two reads a fake tensor cannot answer told instead: where the <image> sits (position 1
+    of every row here), and which positions learn (every text one: a bound, as a real batch learns from
+    its answers only)."""
+
+    def prepare(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_pos=None):
+        return super().prepare(input_ids, pixel_values, attention_mask, labels, [1] * input_ids.shape[0])
+
+    def loss(self, h, labels, reduction="mean"):
+        text = labels.shape[1] - self.config.num_visual_tokens   # the positions after the video
+        logits = self.language_model.lm_head(h[:, -text:-1].flatten(0, 1))
+        return torch.nn.functional.cross_entropy(logits.float(), labels[:, -text + 1:].flatten(), reduction=reduction)
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t

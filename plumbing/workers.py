@@ -84,7 +84,8 @@ def _import_path(fn) -> list:
     helper, say): never the folder the tool was started in, where a user's `data.py` would shadow ours."""
     module = sys.modules[getattr(fn, "func", fn).__module__]
     folder = os.path.dirname(os.path.abspath(module.__file__))
-    for _ in range(module.__name__.count(".")):
+    package = os.path.basename(module.__file__) == "__init__.py"   # numpy's own folder holds its "typing"
+    for _ in range(module.__name__.count(".") + package):
         folder = os.path.dirname(folder)
     return list(dict.fromkeys([ROOT, folder]))
 
@@ -182,16 +183,44 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     a partial) from a module the workers can import, not from the script being run."""
     if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
         raise ValueError("imap_unordered needs a function from an importable module, not from __main__")
-    out = queue.Queue(maxsize=buffer)
-    done, failed = object(), []
+    out, todo = queue.Queue(maxsize=buffer), queue.Queue(maxsize=max(1, workers))
+    done, failed, stop = object(), [], threading.Event()
     limit = int(memory_gb * 2**30) if memory_gb else None
     threads = threads or codec_threads(workers)
+    wake_r, wake_w = os.pipe()   # a byte when the feeder hands over an item: the loop waits on it too
+    os.set_blocking(wake_w, False)
+    pipe = threading.Lock()      # held to write to the pipe, and to close it: no write after the close
+
+    def wake():
+        with pipe:
+            if wake_w is not None:
+                try:
+                    os.write(wake_w, b".")
+                except BlockingIOError:   # bytes already wait to be read: the loop wakes anyway
+                    pass
+
+    def feed():   # items are read on a thread of their own: a source that blocks never holds up results
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                todo.put(item)
+                wake()
+        except BaseException as e:
+            failed.append(e)
+        finally:
+            todo.put(done)
+            wake()
 
     def run():
-        todo, idle, busy = iter(items), [_Worker(fn, limit, threads) for _ in range(max(1, workers))], []
+        idle, busy, ended = [_Worker(fn, limit, threads) for _ in range(max(1, workers))], [], False
         try:
-            while True:
-                while idle and (item := next(todo, done)) is not done:
+            while not stop.is_set():
+                while idle and not ended and not todo.empty():
+                    item = todo.get_nowait()
+                    if item is done:
+                        ended = True
+                        break
                     w = idle.pop()
                     try:
                         w.start(item, timeout)
@@ -200,10 +229,13 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
                         w = _Worker(fn, limit, threads)
                         w.start(item, timeout)
                     busy.append(w)
-                if not busy:
+                if ended and not busy:
                     break
-                soonest = min(w.deadline for w in busy)
-                for w in wait(busy, timeout=max(0.0, soonest - time.monotonic())):
+                soonest = min((w.deadline for w in busy), default=time.monotonic() + 60)
+                for w in wait(busy + [wake_r], timeout=max(0.0, soonest - time.monotonic())):
+                    if w == wake_r:
+                        os.read(wake_r, 1 << 16)
+                        continue
                     result = w.result()
                     if result is BEAT:   # moving on: its time limit counts from now
                         w.deadline = time.monotonic() + timeout
@@ -220,13 +252,30 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
         except BaseException as e:   # told to the caller, not lost with this thread
             failed.append(e)
         finally:
-            for w in idle + busy:
+            for w in idle:
                 w.close()
+            for w in busy:
+                w.kill()
+            nonlocal wake_w
+            with pipe:
+                os.close(wake_r)
+                os.close(wake_w)
+                wake_w = None
             out.put(done)
 
+    threading.Thread(target=feed, daemon=True).start()
     threading.Thread(target=run, daemon=True).start()
-    while (got := out.get()) is not done:
-        yield got
+    finished = False
+    try:
+        while (got := out.get()) is not done:
+            yield got
+        finished = True
+    finally:
+        if not finished:   # ended early (an error, a Stop): the workers go, the threads end
+            stop.set()
+            wake()
+            while out.get() is not done:   # let the loop finish putting what it has
+                pass
     if failed:
         raise PoolError(f"the decoding processes failed: {type(failed[0]).__name__}: {failed[0]}") from failed[0]
 
