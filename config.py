@@ -140,7 +140,7 @@ def _known(cls, d: dict) -> dict:
     return {k: v for k, v in d.items() if k in _names(cls)}
 
 
-PRESETS = {   # the released PLLaVA models (DESIGN.md section 1); build them with random weights for benchmarks
+PRESETS = {   # the released PLLaVA models (pllava-7b: Vicuna-7B, 13b: Vicuna-13B, 34b: Yi-34B); random weights for benchmarks
     "pllava-7b": dict(text_config=dict(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
                                        pad_token_id=0)),
     "pllava-13b": dict(text_config=dict(vocab_size=32064, hidden_size=5120, intermediate_size=13824,

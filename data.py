@@ -267,10 +267,11 @@ def _seek(path, container, stream, t, start):
     MPEG-TS seeks by guessing a byte position, so a backward seek can land after the target, or after the
     last keyframe before it (then nothing decodes until the next keyframe, and a short capture has only
     one): seek again 1, 2, 4 ... s earlier, down to the stream's start (broadcast captures start hours
-    in, not at 0). Nothing decodable even from the start: _NoSeek, and the file is read in one pass."""
+    in, not at 0), and then to 0: with B-frames, a seek to the start time itself can land on the second
+    keyframe. Nothing decodable even from there: _NoSeek, and the file is read in one pass."""
     back = 0.0
     while True:
-        target = max(t - back, start)
+        target = max(t - back, start) if back >= 0 else 0.0
         try:
             container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
         except av.error.FFmpegError:
@@ -281,6 +282,9 @@ def _seek(path, container, stream, t, start):
             return it, None, first
         if first is not None and first.time is None:
             raise _NoTimestamps
+        if target <= start and start > 0 and back >= 0:
+            back = -1.0   # once more, from 0
+            continue
         if target <= start:
             if first is None:
                 raise _NoSeek

@@ -46,7 +46,16 @@ def parse_events(text, n):
     events = (_json(text) or {}).get("events")
     if not isinstance(events, list) or not events or not all(isinstance(e, str) and e.strip() for e in events):
         return None
-    return [e.strip()[:300] for e in events[:n]]
+    return distinct([e.strip()[:300] for e in events])[:n]
+
+
+def distinct(events):
+    """Each event once (case, spacing and a closing full stop aside): an event listed ten times is one event,
+    not ten that the reference entails."""
+    seen = {}
+    for event in events:
+        seen.setdefault(" ".join(event.casefold().split()).rstrip("."), event)
+    return list(seen.values())
 
 
 def parse_verdicts(text, n):
@@ -84,6 +93,7 @@ def extract_job(caption, args):
 
 
 def entail_job(events, caption, args):
+    events = distinct(events)   # also those of a cache written before events were made distinct
     listed = "\n".join(f"{i + 1}. {e}" for i, e in enumerate(events))
     return {"key": key("entail", events, caption, ENTAIL_VERSION, args.model), "kind": "verdicts",
             "prompt": ENTAIL.format(caption=caption, events=listed), "parse": lambda text: parse_verdicts(text, len(events))}

@@ -22,13 +22,13 @@ import sys
 import numpy as np
 
 import events
+import shots
 from plumbing import cli
 from plumbing.cli import Stop
 from plumbing.client import add_api_flags, api_client
 from plumbing.jsonl import Appender, Busy, iter_rows, replace_atomic
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
-from plumbing.sources import canonical
 
 PROMPT_VERSION = "judge-v1"
 SYSTEM = ("You evaluate video captions. You are given a ground-truth description of a video and a candidate "
@@ -61,11 +61,12 @@ def parse_args(argv=None):
 
 
 def captions(path):
-    """{canonical video path: (the path as written, caption)} of a JSONL file; an error if there is none."""
+    """{(canonical video path, shot or None): (the path as written, caption)} of a JSONL file (rows per shot,
+    caption.py --shots, are keyed by their shot too); an error if there is none."""
     rows = {}
     for r in iter_rows(path, must_exist=True):
         if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str) and r["caption"].strip():
-            rows.setdefault(canonical(r["video"]), (r["video"], r["caption"]))
+            rows.setdefault(shots.row_key(r), (r["video"], r["caption"]))
     if not rows:
         raise ValueError(f"{path}: no rows with a \"video\" and a \"caption\" (is it the right file?)")
     return rows
@@ -177,7 +178,7 @@ def judge(args):
     client = api_client(args)
     gt, files = captions(args.gt), {"a": args.pred, **({"b": args.pred_b} if args.pred_b else {})}
     preds = {name: captions(path) for name, path in files.items()}
-    videos = sorted(set(gt).intersection(*preds.values()))
+    videos = sorted(set(gt).intersection(*preds.values()), key=lambda k: (k[0], -1 if k[1] is None else k[1]))
     dropped = len(set(gt).union(*preds.values())) - len(videos)
     if not videos:
         raise ValueError(f"no video is in both --gt and --pred ({len(gt)} and "
@@ -255,7 +256,8 @@ def write_report(args, files, judged, n_videos, dropped, gt, by_events=None):
                              "systems": {n: events.summarize(s, interval, args.bootstrap) for n, s in by_events.items()}}
         if "b" in by_events:
             summary["events"]["b_minus_a"] = events.compare(by_events["a"], by_events["b"], interval, args.bootstrap)
-    per_video = "".join(json.dumps({"video": gt[v][0], **{name: judged[name][v] for name in judged},
+    per_video = "".join(json.dumps({"video": gt[v][0], **({"shot": v[1]} if v[1] is not None else {}),
+                                    **{name: judged[name][v] for name in judged},
                                     **({"events": {n: s[v] for n, s in by_events.items()}} if by_events else {})}) + "\n"
                         for v in sorted(judged["a"]))
     for name, text in (("summary.json", json.dumps(summary, indent=2)), ("per_video.jsonl", per_video),

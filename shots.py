@@ -226,8 +226,12 @@ def finder(args):
 
 
 def row_key(row):
-    """What a row is the answer for: a video, or one of its shots (a "shot" field)."""
-    return (canonical(row["video"]), row.get("shot")) if isinstance(row.get("video"), str) else None
+    """What a row is the answer for: a video, or one of its shots (a "shot" field, a whole number); None for
+    a row that says neither."""
+    shot = row.get("shot")
+    if not isinstance(row.get("video"), str) or (shot is not None and (type(shot) is not int)):
+        return None
+    return canonical(row["video"]), shot
 
 
 def counts(paths):

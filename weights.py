@@ -1,10 +1,11 @@
-"""Checkpoint folders: read every layout LLaVA / PLLaVA weights ship in, write llava-hf's.
+"""Model folders: read the layouts LLaVA, LLaVA-NeXT and PLLaVA weights ship in, write llava-hf's.
 
 A folder holds config.json and safetensors weights, one file or shards listed in
 model.safetensors.index.json, and optionally a peft adapter (adapter_config.json +
-adapter_model.safetensors). The key layouts seen in the wild (DESIGN.md section 2):
+adapter_model.safetensors). The key layouts seen in the wild:
 
   llava-hf on the hub          vision_tower.vision_model.*   language_model.model.*   language_model.lm_head.*
+  llava-hf LLaVA-NeXT (v1.6)   as above, and image_newline (left out, and said so: UNUSED)
   transformers 5 save          vision_tower.*                language_model.model.*   language_model.lm_head.*
   transformers 5 state_dict    model.vision_tower.*          model.language_model.*   lm_head.*
   PLLaVA release               vision_tower.vision_model.*   language_model.base_model.model.model.* (peft-wrapped,
@@ -19,6 +20,7 @@ weights never sit in memory twice.
 import json
 import os
 import re
+import sys
 import tempfile
 
 import torch
@@ -40,6 +42,8 @@ RENAMES = [   # (prefix in the file, our prefix); the first that matches wins
 ]
 # buffers that older checkpoints saved though they are derived, never learned
 DERIVED = re.compile(r".*(\.rotary_emb\.inv_freq|embeddings\.position_ids)$")
+# weights of the image-LLMs PLLaVA starts from that it has no use for: left out by name, and said so
+UNUSED = {"image_newline": "LLaVA-NeXT's end-of-row embedding for its image tiles (PLLaVA pools frames instead)"}
 RELEASES = {f"pllava-{size}": f"ermu2001/pllava-{size}" for size in ("7b", "13b", "34b")}   # name: hub id
 RELEASE_LORA_ALPHA = 4.0   # PLLaVA records no alpha; its demo and evals load r=128 adapters with alpha 4
 
@@ -110,16 +114,21 @@ def weight_files(path: str) -> list:
 
 
 def tensor_index(path: str) -> dict:
-    """{our name: (file, key in the file, shape)} over all shards."""
-    index = {}
+    """{our name: (file, key in the file, shape)} over all shards; the UNUSED weights left out and named."""
+    index, unused = {}, set()
     for file in weight_files(path):
         try:
             with safe_open(file, "pt") as f:
                 for key in f.keys():
-                    if not DERIVED.match(key):
+                    name = key.removeprefix("model.")
+                    if name in UNUSED:
+                        unused.add(name)
+                    elif not DERIVED.match(key):
                         index[our_name(key)] = (file, key, tuple(f.get_slice(key).get_shape()))
         except Exception as e:   # safetensors raises its own error types for a corrupt header
             raise ModelFolderError(f"{file}: not a readable safetensors file ({e})") from None
+    for name in sorted(unused):
+        print(f"note: {path}: {name} left out: {UNUSED[name]}", file=sys.stderr)
     return index
 
 

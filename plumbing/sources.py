@@ -22,7 +22,7 @@ def find_videos(source: str) -> list:
     UTF-8 as Python holds them (os.fsdecode's escapes), so they reopen. No video at all: ValueError."""
     import json
     if os.path.isdir(source):
-        found = sorted(canonical(os.path.join(root, f)) for root, _, files in os.walk(source) for f in files
+        found = sorted(canonical(os.path.join(root, f)) for root, files in _walk(source) for f in files
                        if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS)
         if not found:
             raise ValueError(f"{source}: no videos found (the extensions looked for: "
@@ -37,7 +37,7 @@ def find_videos(source: str) -> list:
         data = f.read()
     text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else \
         data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")   # names as the file system holds them
-    videos, seen, lines = [], set(), text.splitlines()
+    videos, seen, lines = [], set(), text.split("\n")   # not splitlines(): a row may hold U+2028
     for i, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -59,6 +59,20 @@ def find_videos(source: str) -> list:
     if not videos:
         raise ValueError(f"{source}: the list names no videos")
     return videos
+
+
+def _walk(folder):
+    """(folder, files) of every folder under `folder`, symlinked ones followed, each real folder once (a
+    link to a folder above is a loop, walked no further)."""
+    seen = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        yield root, files
 
 
 def video_base(source: str) -> str:

@@ -1,4 +1,4 @@
-"""Every checkpoint layout of DESIGN.md section 2 loads and gives the reference logits; bad files fail clearly."""
+"""Every layout of model folder (weights.py) loads and gives the reference logits; bad files fail clearly."""
 
 import copy
 import json
@@ -169,3 +169,42 @@ def test_bf16_greedy_tokens_equal_transformers_in_bf16(tiny, tmp_path):
     got = generate_from_embeddings(ours, x, torch.ones(2, 12, dtype=torch.bool),
                                    sampling=Sampling(max_new_tokens=10, stop_ids=()))
     assert got == want
+
+
+def test_a_llava_next_model_saved_by_transformers_loads_leaving_out_image_newline(tmp_path, capfd):
+    """llava-hf/llava-v1.6-* (what PLLaVA was trained from) as transformers saves a LlavaNext model: it loads,
+    leaving out image_newline alone (named in one line), and its language model and vision tower give
+    transformers' outputs."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from helpers import IMAGE_ID, TEXT, VISION, randomize
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT),
+                             image_token_index=IMAGE_ID, image_grid_pinpoints=[[28, 28]])
+    hf = randomize(LlavaNextForConditionalGeneration(config), seed=3).eval()
+    hf.save_pretrained(str(tmp_path))
+    ours = PLLaVA.from_pretrained(str(tmp_path))
+    note = [line for line in capfd.readouterr().err.splitlines() if "left out" in line]
+    assert len(note) == 1 and "image_newline" in note[0]
+    x = torch.randn(2, 9, TEXT["hidden_size"], generator=torch.Generator().manual_seed(0))
+    want = hf.lm_head(hf.model.language_model(inputs_embeds=x).last_hidden_state)
+    got = ours.language_model.lm_head(ours.language_model(x, torch.arange(9)[None].expand(2, -1)))
+    assert max_rel_err(got, want) <= 1e-5
+    pixels = torch.randn(3, 3, VISION["image_size"], VISION["image_size"], generator=torch.Generator().manual_seed(1))
+    want = hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+    assert max_rel_err(ours.vision_tower.vision_model(pixels), want) <= 1e-5
+    projected = hf.model.multi_modal_projector(want[:, 1:])
+    assert max_rel_err(ours.multi_modal_projector(want[:, 1:]), projected) <= 1e-5
+
+
+def test_only_the_weights_pllava_has_no_use_for_are_left_out(tmp_path):
+    """Any other key that no part of the model takes is still an error that names it."""
+    hf, config = tiny_llava(seed=4)
+    tensors = hub_layout(hf.state_dict())
+    tensors["image_newline"] = torch.zeros(TEXT_HIDDEN)
+    tensors["language_model.model.extra_newline"] = torch.zeros(TEXT_HIDDEN)
+    write_checkpoint(tmp_path, tensors, config)
+    with pytest.raises(ModelFolderError, match="extra_newline"):
+        PLLaVA.from_pretrained(str(tmp_path))
+
+
+TEXT_HIDDEN = 64
