@@ -1,12 +1,13 @@
-"""Caption a folder of videos: python caption.py videos/ [--model pllava-7b|DIR|hub-id] [--out FILE] [--shots]
+"""Caption a folder of videos: python caption.py videos/ [--model pllava-7b|DIR|hub-id] [--out
+FILE] [--shots]
 
 Videos are decoded in worker processes while the model generates: the engine (engine.py) keeps
---batch-size videos in its slots and hands a finished video's slot to the next at once. Each video gets
-one JSONL row, a caption or the reason it has none, appended as soon as it ends; with --shots (or
---window) each shot gets one, with its start and end in seconds. A rerun skips what is done, whatever
-folder it runs from, and tries again what may succeed now. Every caption carries the id of the settings
-and weights that made it, and a rerun with others refuses the file. Under torchrun every rank captions
-its share into a file of its own, and rank 0 merges them into --out at the end.
+--batch-size videos in its slots and hands a finished video's slot to the next at once. Each video
+gets one JSONL row, a caption or the reason it has none, appended as soon as it ends; with --shots
+(or --window) each shot gets one, with its start and end in seconds. A rerun skips what is done,
+whatever folder it runs from, and tries again what may succeed now. Every caption carries the id of
+the settings and weights that made it, and a rerun with others refuses the file. Under torchrun
+every rank captions its share into a file of its own, and rank 0 merges them into --out at the end.
 """
 
 import datetime
@@ -34,8 +35,8 @@ from weights import RELEASES, ModelFolderError, model_config, read_config
 
 
 def caption(args):
-    """The run, as it reads: where it runs; the model's folder; its prompt and settings; --out locked and
-    read once; the weights; then every video not done through the engine, a row each."""
+    """The run, as it reads: where it runs; the model's folder; its prompt and settings; --out
+    locked and read once; the weights; then every video not done through the engine, a row each."""
     device, dtype, rank, world = placement(args)
     videos = find_videos(args.source)
     folder = hub.resolve(RELEASES.get(args.model, args.model))
@@ -59,8 +60,8 @@ def caption(args):
 
 
 class Captioner:
-    """The model of a folder made ready to caption for these flags: its prompt, its settings id, and (after
-    load()) the weights and the engine."""
+    """The model of a folder made ready to caption for these flags: its prompt, its settings id,
+    and (after load()) the weights and the engine."""
 
     def __init__(self, args, folder):
         self.args, self.folder = args, folder
@@ -68,7 +69,7 @@ class Captioner:
         if self.tok.image_id is None:
             raise ModelFolderError(f"{folder}: the tokenizer has no <image> token")
         self.config = read_config(folder)
-        recipe(self.config, args)   # flags that cannot work with this model fail before anything loads
+        self.config.recipe(args.frames, args.pooling_shape)   # flags that cannot work fail before anything loads
         asks = prompt_for(folder, self.tok, args.prompt, args.system, args.template)
         del asks["source"]
         self.settings = settings_id(args, folder, asks)
@@ -77,8 +78,8 @@ class Captioner:
         self.stop_ids = tuple({stop_id(self.tok, asks["template"]), self.tok.eos_id} - {None})
 
     def load(self, device, dtype):
-        """The weights, made ready for inference (int8: quantized onto the device a weight at a time from
-        the memory-mapped checkpoint), and the engine over them."""
+        """The weights, made ready for inference (int8: quantized onto the device a weight at a
+        time from the memory-mapped checkpoint), and the engine over them."""
         args, int8 = self.args, self.args.quantize == "int8"
         self.device, self.dtype = device, dtype
         self.model = PLLaVA.from_pretrained(self.folder, lora_alpha=args.lora_alpha, dtype=dtype,
@@ -88,7 +89,7 @@ class Captioner:
             print(f"note: using the tokenizer's <image> id {self.tok.image_id}, not config.json's "
                   f"{config.image_token_index}", file=sys.stderr)
             config.image_token_index = self.tok.image_id
-        recipe(config, args)
+        config.recipe(args.frames, args.pooling_shape)
         ready_for_inference(self.model, int8, device, args.compile)
         if int8 and device.startswith("cuda") and not args.compile:
             print("note: int8 on a GPU without --compile saves memory, not time (each weight is widened "
@@ -102,13 +103,15 @@ class Captioner:
                              compile_mode="auto" if args.compile else None)
 
     def frame_reader(self):
-        """The decode workers' job: (video, shot or None, None) -> the frames of the shot, or of the video."""
+        """The decode workers' job: (video, shot or None, None) -> the frames of the shot, or of
+        the video."""
         return functools.partial(shots.shot_frames, n=self.frames, size=self.size,
                                  keyframes_only=self.args.keyframes_only)
 
     def items(self, stream, unreadable, failed):
-        """The decoder's (job, frames) stream as the engine's Items; a job that cannot be read goes to
-        unreadable(job, error) instead, one whose frames cannot go to the device to failed(job, error)."""
+        """The decoder's (job, frames) stream as the engine's Items; a job that cannot be read goes
+        to unreadable(job, error) instead, one whose frames cannot go to the device to failed(job,
+        error)."""
         for job, frames in stream:
             if isinstance(frames, VideoError):
                 unreadable(job, frames)
@@ -138,8 +141,8 @@ class Captioner:
 
 
 def run(captioner, out, todo, done, tries, rank, args, already):
-    """Caption the videos `todo` (or their shots not `done`) into `out`; the summary on stderr, and the
-    counts returned."""
+    """Caption the videos `todo` (or their shots not `done`) into `out`; the summary on stderr, and
+    the counts returned."""
     stats = dict(captions=0, errors=0, missing=0, failed=0, retry=0, tokens=0, wait=0.0)
     if shots.finder(args):
         stats["cut"] = 0
@@ -190,22 +193,10 @@ def run(captioner, out, todo, done, tries, rank, args, already):
 
 
 def is_done(row, retry_errors=False):
-    """A caption, or (unless retry_errors) a file that cannot be read however often it is tried; a missing
-    file, a failure in the model and one that may not happen again (a decoder's time limit) are not."""
+    """A caption, or (unless retry_errors) a file that cannot be read however often it is tried; a
+    missing file, a failure in the model and one that may not happen again (a decoder's time limit)
+    are not."""
     return "caption" in row or (not retry_errors and "error" in row and row.get("code", UNREADABLE) == UNREADABLE)
-
-
-def recipe(config, args):
-    """--frames and --pooling-shape at inference: PLLaVA's pooling has no weights, so fewer frames and
-    tokens need no retraining (Open-Sora captioned with 4 frames pooled to 4x12x12: 576 visual tokens)."""
-    if args.frames:
-        config.num_frames = args.frames   # taken as they are, not repeated up to the checkpoint's count
-    if args.pooling_shape:
-        t, h, w = args.pooling_shape
-        if max(h, w) > config.grid:
-            raise ValueError(f"--pooling-shape {t},{h},{w}: a frame holds {config.grid}x{config.grid} patches, "
-                             f"so at most {config.grid} a side")
-        config.pooling_shape = (t, h, w)
 
 
 def placement(args):
@@ -224,8 +215,9 @@ def placement(args):
 
 
 def starting_slots(args, config, device, dtype):
-    """--batch-size, or on a GPU the slots that its free memory holds beside the weights (memory.py's KV
-    cache and activations per slot), if fewer: the engine starts where it fits instead of running out."""
+    """--batch-size, or on a GPU the slots that its free memory holds beside the weights
+    (memory.py's KV cache and activations per slot), if fewer: the engine starts where it fits
+    instead of running out."""
     if not device.startswith("cuda"):
         return args.batch_size
     free, _ = torch.cuda.mem_get_info(torch.device(device))
@@ -237,7 +229,8 @@ def starting_slots(args, config, device, dtype):
 
 
 def decoder_threads(args):
-    """Threads per decoder: this rank's cores shared by its decoding processes (twice as many with shots)."""
+    """Threads per decoder: this rank's cores shared by its decoding processes (twice as many with
+    shots)."""
     return max(1, cores_per_rank() // (args.workers * (2 if shots.finder(args) else 1)))
 
 
@@ -277,11 +270,12 @@ def summary(rank, stats, already, elapsed, e):
 
 
 def dry_run(args):
-    """What the run needs on each GPU: memory.py's estimate, and the same run rehearsed on fake tensors
-    at the real sizes (plumbing/rehearse.py), beside the card's memory. Nothing is loaded or downloaded."""
+    """What the run needs on each GPU: memory.py's estimate, and the same run rehearsed on fake
+    tensors at the real sizes (plumbing/rehearse.py), beside the card's memory. Nothing is loaded
+    or downloaded."""
     from plumbing import rehearse
     config = model_config(args.model)
-    recipe(config, args)
+    config.recipe(args.frames, args.pooling_shape)
     card = args.card_gb or memory.card_gb()
     dtype = getattr(torch, args.dtype or "bfloat16")
     int8 = args.quantize == "int8"

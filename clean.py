@@ -1,10 +1,12 @@
-"""Clean teacher captions before training on them (`python label.py clean labels.jsonl --out clean.jsonl`).
+"""Clean teacher captions before training on them (`python label.py clean labels.jsonl --out
+clean.jsonl`).
 
-The seed found that the teacher's captions themselves hallucinate and are sometimes unusable. Rules, in
-order, each counted: error rows and empty captions, refusals, captions cut at the token limit,
-degenerate ones (a phrase repeated in a loop), boilerplate openings stripped ("The video shows ..."),
-then exact and near duplicates (MinHash over word 3-grams, Jaccard >= --near) dropped, unless
---keep-duplicates (a templated data set, where many videos rightly share a caption).
+The seed found that the teacher's captions themselves hallucinate and are sometimes unusable.
+Rules, in order, each counted: error rows and empty captions, a video (or shot) already seen (its
+first row is kept: one label a video, or a shot), refusals, captions cut at the token limit,
+degenerate ones (a phrase repeated in a loop), boilerplate openings stripped ("The video shows
+..."), then exact and near duplicates (MinHash over word 3-grams, Jaccard >= --near) dropped,
+unless --keep-duplicates (a templated data set, where many videos rightly share a caption).
 """
 
 import collections
@@ -17,7 +19,7 @@ import numpy as np
 
 from plumbing import cli
 from plumbing.jsonl import Appender, Busy, read_rows
-from plumbing.sources import canonical
+from shots import row_key
 
 REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i (cannot|can't|can not|am unable|'m unable)"
                      r"|as an ai|unfortunately, i|抱歉|对不起|我无法|无法(识别|描述|提供))", re.IGNORECASE)
@@ -28,7 +30,8 @@ PRIME = (1 << 61) - 1
 
 
 def degenerate(text: str, n: int = 4) -> bool:
-    """A loop: one n-word phrase said 4 or more times, or fewer than half of the n-grams distinct."""
+    """A loop: one n-word phrase said 4 or more times, or fewer than half of the n-grams
+    distinct."""
     words = re.findall(r"\w+", text.lower())
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     if not grams:
@@ -43,8 +46,9 @@ def strip_boilerplate(text: str) -> str:
 
 
 class NearDuplicates:
-    """MinHash with locality-sensitive hashing: a caption is a near duplicate when it agrees with one kept
-    before on the estimated Jaccard similarity of word 3-grams. Memory is a signature per kept caption."""
+    """MinHash with locality-sensitive hashing: a caption is a near duplicate when it agrees with
+    one kept before on the estimated Jaccard similarity of word 3-grams. Memory is a signature per
+    kept caption."""
 
     def __init__(self, threshold=0.8, hashes=64, bands=16, seed=0):
         rng = np.random.default_rng(seed)
@@ -57,7 +61,8 @@ class NearDuplicates:
         words = re.findall(r"\w+", text.lower())
         grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
         h = np.array([zlib.crc32(g.encode()) for g in grams], dtype=np.uint64)
-        # (a*h + b) mod p for every hash function at once; uint64 wraps, which keeps it a fine hash family
+        # (a*h + b) mod p for every hash function at once; uint64 wraps, which keeps it a fine hash
+        # family
         return ((h[:, None] * self.a + self.b) % np.uint64(PRIME)).min(axis=0)
 
     def seen(self, text) -> bool:
@@ -76,14 +81,15 @@ class NearDuplicates:
 
 def clean_rows(rows, counts: collections.Counter, near=0.8, drop_duplicates=True):
     """Yield the rows worth training on (caption cleaned), counting in `counts` what each rule did;
-    drop_duplicates=False keeps captions that other videos have too (a templated data set: toy.py's)."""
+    drop_duplicates=False keeps captions that other videos have too (a templated data set:
+    toy.py's)."""
     exact, dupes, videos = set(), NearDuplicates(near), set()
     for row in rows:
         caption, video = row.get("caption"), row.get("video")
         caption = caption.strip() if isinstance(caption, str) else ""
         if "error" in row or not caption or not isinstance(video, str):
             counts["error or empty"] += 1
-        elif canonical(video) in videos:
+        elif row_key(row) in videos:
             counts["video already seen"] += 1
         elif REFUSAL.search(caption):
             counts["refused"] += 1
@@ -101,7 +107,7 @@ def clean_rows(rows, counts: collections.Counter, near=0.8, drop_duplicates=True
                 counts["near duplicate"] += 1
             else:
                 exact.add(key)
-                videos.add(canonical(video))
+                videos.add(row_key(row))
                 counts["kept"] += 1
                 yield {**row, "caption": stripped}
 

@@ -7,9 +7,9 @@ Three row shapes are understood, detected file by file:
                                                           LLaVA
 An "image" is one frame repeated to the clip length, as the model repeats short clips.
 
-The order is a pure function of (seed, step): step s of epoch e takes the s-th block of a permutation
-seeded by (seed, e), and rank r takes its slice of each micro-batch. Resuming needs only the step, and one
-process with batch 4 sees the same global batches as two with batch 2.
+The order is a pure function of (seed, step): step s of epoch e takes the s-th block of a
+permutation seeded by (seed, e), and rank r takes its slice of each micro-batch. Resuming needs
+only the step, and one process with batch 4 sees the same global batches as two with batch 2.
 """
 
 import json
@@ -37,7 +37,8 @@ def _text(value, what):
 
 
 def _turns(row, kind, prompt):
-    """([(question, answer), ...], system or None) of one row; ValueError naming what is wrong with it."""
+    """([(question, answer), ...], system or None) of one row; ValueError naming what is wrong with
+    it."""
     if kind == "caption":
         return [(prompt, _text(row["caption"], "caption"))], None
     if kind == "qa":
@@ -59,7 +60,8 @@ SHAPES = (("caption", "caption"), ("QA", "qa"), ("conversations", "llava"))   # 
 
 
 def _span(row):
-    """A shot's (start, end) in seconds when the row carries them (caption.py --shots, label.py --shots)."""
+    """A shot's (start, end) in seconds when the row carries them (caption.py --shots, label.py
+    --shots)."""
     if "start" not in row and "end" not in row:
         return None
     start, end = row.get("start"), row.get("end")
@@ -74,10 +76,10 @@ def _span(row):
 
 
 def read_samples(paths, video_root=None, prompt=None):
-    """[(media path, is_image, [(question, answer), ...], system or None, span or None)] from JSONL files (a
-    plain caption's question is `prompt`, None: the run's, told later); how many rows
-    were left out on purpose (error rows of label.py, empty captions, rows of another shape); and the rows
-    that are broken (not JSON, not UTF-8, a field of the wrong type) as "file:line: why"."""
+    """[(media path, is_image, [(question, answer), ...], system or None, span or None)] from JSONL
+    files (a plain caption's question is `prompt`, None: the run's, told later); how many rows were
+    left out on purpose (error rows of label.py, empty captions, rows of another shape); and the
+    rows that are broken (not JSON, not UTF-8, a field of the wrong type) as "file:line: why"."""
     samples, dropped, bad = [], 0, []
     for path in paths:
         shape = None   # decided by the file's first row that has one of the fields
@@ -108,15 +110,15 @@ def read_samples(paths, video_root=None, prompt=None):
 
 
 class TrainSet:
-    """Samples by key (epoch, index). job(key) is what a decode worker reads (data.read_sample); sample(key,
-    frames) -> dict(frames (T, S, S, 3) uint8, ids, labels, skipped). A sample whose frames could not be read
-    (a VideoError: a broken file, a decoder's time or memory limit, its crash) is a stand-in with no loss
-    (black frames, labels all -100), so every rank still runs the same forward passes (FSDP's collectives
-    need that), with its reason in `skipped`."""
+    """Samples by key (epoch, index). job(key) is what a decode worker reads (data.read_sample);
+    sample(key, frames) -> dict(frames (T, S, S, 3) uint8, ids, labels, skipped). A sample whose
+    frames could not be read (a VideoError: a broken file, a decoder's time or memory limit, its
+    crash) is a stand-in with no loss (black frames, labels all -100), so every rank still runs the
+    same forward passes (FSDP's collectives need that), with its reason in `skipped`."""
 
     def __init__(self, samples, tok, prompt, frames, size, seed=0, mode="random", max_tokens=1024):
-        """prompt: {"question", "system", "template"}, the question paired with plain captions, the system
-        line of rows that bring none."""
+        """prompt: {"question", "system", "template"}, the question paired with plain captions, the
+        system line of rows that bring none."""
         self.samples, self.tok, self.prompt = samples, tok, prompt
         self.frames, self.size, self.seed, self.mode, self.max_tokens = frames, size, seed, mode, max_tokens
 
@@ -124,8 +126,9 @@ class TrainSet:
         return len(self.samples)
 
     def job(self, key):
-        """(key, path, is_image, frames, size, mode, seed, span): the same frames whichever rank reads them;
-        a path of None for padding (an uneven evaluation split), which is never read."""
+        """(key, path, is_image, frames, size, mode, seed, span): the same frames whichever rank
+        reads them; a path of None for padding (an uneven evaluation split), which is never
+        read."""
         epoch, index = key
         if index is None:
             return (key, None, False, 0, 0, "", None, None)
@@ -151,10 +154,10 @@ class TrainSet:
 
 
 class Batches:
-    """The sampler's micro-batches, collated, in order, their media decoded in worker processes while the
-    model trains, `ahead` micro-batches in advance: as caption.py decodes (plumbing/workers.py), each sample
-    under a time and a memory limit, so a file that hangs or crashes FFmpeg is that sample's stand-in,
-    reported with its path, and no rank waits on it."""
+    """The sampler's micro-batches, collated, in order, their media decoded in worker processes
+    while the model trains, `ahead` micro-batches in advance: as caption.py decodes
+    (plumbing/workers.py), each sample under a time and a memory limit, so a file that hangs or
+    crashes FFmpeg is that sample's stand-in, reported with its path, and no rank waits on it."""
 
     def __init__(self, trainset, batch_sampler, pad_id, workers=2, timeout=300.0, memory_gb=8.0, ahead=2):
         self.trainset, self.batch_sampler, self.pad_id = trainset, batch_sampler, pad_id
@@ -182,8 +185,9 @@ class Batches:
 
 
 def collate(items, pad_id):
-    """Right-padded ids and labels (B, L), frames (B, T, S, S, 3) uint8, and the skipped videos' reasons.
-    Right padding needs no attention mask: causal attention never looks ahead at the padding."""
+    """Right-padded ids and labels (B, L), frames (B, T, S, S, 3) uint8, and the skipped videos'
+    reasons. Right padding needs no attention mask: causal attention never looks ahead at the
+    padding."""
     L = max(len(x["ids"]) for x in items)
     ids = torch.full((len(items), L), pad_id, dtype=torch.long)
     labels = torch.full((len(items), L), -100, dtype=torch.long)
@@ -197,7 +201,8 @@ def collate(items, pad_id):
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """This rank's micro-batches of keys (epoch, index), step after step, from `start` to `steps`."""
+    """This rank's micro-batches of keys (epoch, index), step after step, from `start` to
+    `steps`."""
 
     def __init__(self, n, batch, accum, rank, world, seed, start, steps):
         self.n, self.batch, self.accum, self.rank, self.world = n, batch, accum, rank, world
@@ -228,8 +233,8 @@ def eval_keys(n, rank, world):
 
 
 def load_data(files, video_root=None, rank=0):
-    """Samples of comma-separated JSONL files, and how many rows were left out; broken rows and rows that
-    name no file are reported (file:line) and left out; none left is an error."""
+    """Samples of comma-separated JSONL files, and how many rows were left out; broken rows and
+    rows that name no file are reported (file:line) and left out; none left is an error."""
     samples, dropped, bad = read_samples(files.split(","), video_root)
     missing = [s[0] for s in samples if not os.path.isfile(s[0])]
     samples = [s for s in samples if os.path.isfile(s[0])] if missing else samples

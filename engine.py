@@ -1,24 +1,28 @@
-"""Continuous batching: `slots` videos decode together, and a video that ends hands its slot to the next.
+"""Continuous batching: `slots` videos decode together, and a video that ends hands its slot to the
+next.
 
-A static batch (generate.generate) decodes until its longest caption ends: with captions of 30 to 256+
-tokens, a third of its steps go to rows that are done. Here each row of the KV cache is a slot holding
-one video at a time, at its own length: a step writes each row's new key and value at that row's own
-position and attends to that row's own slots. When a row ends, the next video is prefilled straight
-into that row of the cache (no second cache: at 13B and 16 slots it would not fit beside the first),
-while the others wait. Each video's greedy output equals captioning it alone (tests/test_engine.py).
+A static batch (generate.generate) decodes until its longest caption ends: with captions of 30 to
+256+ tokens, a third of its steps go to rows that are done. Here each row of the KV cache is a slot
+holding one video at a time, at its own length: a step writes each row's new key and value at that
+row's own position and attends to that row's own slots. When a row ends, the next video is
+prefilled straight into that row of the cache (no second cache: at 13B and 16 slots it would not
+fit beside the first), while the others wait. Each video's greedy output equals captioning it alone
+(tests/test_engine.py).
 
-How a step attends (model.attend): every row at one length, no mask (SDPA's fastest kernel); rows at
-different lengths, a boolean mask over the slots in use (eager, the reference); compiled, a FlexAttention
-block mask built on the device from the rows' lengths, so each row reads its own blocks of the cache.
+How a step attends (model.attend): every row at one length, no mask (SDPA's fastest kernel); rows
+at different lengths, a boolean mask over the slots in use (eager, the reference); compiled, a
+FlexAttention block mask built on the device from the rows' lengths, so each row reads its own
+blocks of the cache.
 
-Stops are read on the host every `check_every` steps, all rows in one copy. On a CPU that is every step;
-on a GPU each read is a sync, so a few steps pass between reads, and a row may run that many steps past
-its stop (the extra tokens are dropped). Nothing else is read on the host between two checks.
+Stops are read on the host every `check_every` steps, all rows in one copy. On a CPU that is every
+step; on a GPU each read is a sync, so a few steps pass between reads, and a row may run that many
+steps past its stop (the extra tokens are dropped). Nothing else is read on the host between two
+checks.
 
-Running out of device memory halves the slots, the videos in flight start again, and the batch never
-shrinks below one: a video that does not fit alone gets its error. Once `grow_after` videos a slot have
-ended without another error, the slots double again, but never back to a count that failed.
-Everything runs under torch.inference_mode(): no autograd graph hangs off the cache.
+Running out of device memory halves the slots, the videos in flight start again, and the batch
+never shrinks below one: a video that does not fit alone gets its error. Once `grow_after` videos a
+slot have ended without another error, the slots double again, but never back to a count that
+failed. Everything runs under torch.inference_mode(): no autograd graph hangs off the cache.
 """
 
 import sys
@@ -36,7 +40,7 @@ class Item:
     key: object                 # what the caller knows the video by
     ids: list                   # its prompt's token ids, one <image> among them
     pixels: torch.Tensor        # (T, 3, H, W), normalized, on the model's device
-    max_new_tokens: int = None  # its own limit, at most the sampling's (bench.py forces a mix of lengths)
+    max_new_tokens: int = None  # its own limit, at most the sampling's (bench.py mixes lengths)
 
 
 class OutOfMemory(Exception):
@@ -50,20 +54,24 @@ class Engine:
         self.to_text, self.generator = to_text, generator   # to_text(ids): for the stop strings
         self.device = model.language_model.model.embed_tokens.weight.device
         self.check_every = check_every or (1 if self.device.type == "cpu" else 4)
-        self.compiled = bool(compile_mode)   # then every step attends over the whole cache: one shape
-        self.step_fn = compiled_decode(model.language_model, compile_mode) if compile_mode else decode_one_token
-        self.ceiling = slots          # the most slots to grow back to: below any count that ran out of memory
+        self.compiled = bool(compile_mode)   # every step attends over the whole cache: one shape
+        lm = model.language_model
+        self.step_fn = compiled_decode(lm, compile_mode) if compile_mode else decode_one_token
+        self.ceiling = slots          # the most slots to grow back to: below any count that failed
         self.grow_after = grow_after
         self.ended_since_oom = 0      # videos ended since the last out-of-memory error
         self.waiting = []             # the videos taken and not yet ended, in their order
         self.occupied = 0             # slots holding a video now
-        self.counts = torch.zeros(2, dtype=torch.long, device=self.device)   # steps of ended rows, all
+        # steps of rows that had ended (read late), and all row steps: kept on the device
+        self.counts = torch.zeros(2, dtype=torch.long, device=self.device)
         self.stop_ids = torch.tensor(sorted(sampling.stop_ids) or [-1], device=self.device)
-        self.stats = dict(steps=0, row_steps=0, finished_row_steps=0, tokens=0, prefills=0, prefill_s=0.0)
+        self.stats = dict(steps=0, row_steps=0, finished_row_steps=0, tokens=0, prefills=0,
+                          prefill_s=0.0)
 
     @torch.inference_mode()
     def run(self, items):
-        """Yield (key, tokens or OutOfMemory) for every Item, as each video ends (not in arrival order)."""
+        """Yield (key, tokens or OutOfMemory) for every Item, as each video ends (not in arrival
+        order)."""
         items = iter(items)
         try:
             while True:
@@ -73,14 +81,16 @@ class Engine:
                     self._free()   # grown back: the old cache goes before a wider one
                     continue       # and the videos in flight start again in it
                 except torch.OutOfMemoryError:
-                    pass   # handled here, outside the except block, so that its traceback frees the tensors
+                    pass   # handled below, outside the except: its traceback frees the tensors
                 self._free()
                 self.ended_since_oom, self.ceiling = 0, min(self.ceiling, self.slots - 1)
                 if self.slots > 1:
                     self.slots //= 2
-                    print(f"\nout of device memory: {self.slots} slots now", flush=True, file=sys.stderr)
+                    print(f"\nout of device memory: {self.slots} slots now", flush=True,
+                          file=sys.stderr)
                 elif self.waiting:   # the video alone does not fit: its error, and the next
-                    yield self.waiting.pop(0).key, OutOfMemory("out of device memory with this video alone")
+                    error = OutOfMemory("out of device memory with this video alone")
+                    yield self.waiting.pop(0).key, error
                 else:
                     raise OutOfMemory("out of device memory with no video in the batch")
         finally:
@@ -88,11 +98,12 @@ class Engine:
             self._tally()
 
     def _run(self, items):
-        """The loop proper: False when every item has ended; True when it stopped to grow the batch back
-        (`grow_after` videos per slot ended since the last out-of-memory error). After either, or an
-        out-of-memory error, run() calls it again and the videos taken and not yet ended (self.waiting)
-        start over, before new ones."""
-        lm, B, new, dev = self.model.language_model, self.slots, self.sampling.max_new_tokens, self.device
+        """The loop proper: False when every item has ended; True when it stopped to grow the batch
+        back (`grow_after` videos per slot ended since the last out-of-memory error). After either,
+        or an out-of-memory error, run() calls it again and the videos taken and not yet ended
+        (self.waiting) start over, before new ones."""
+        lm, B, dev = self.model.language_model, self.slots, self.device
+        new = self.sampling.max_new_tokens
         held, waiting = list(self.waiting), self.waiting   # they stay in waiting until they end
         slot_item = [None] * B
         max_len = 0
@@ -100,7 +111,7 @@ class Engine:
         count = torch.zeros(B, dtype=torch.long, device=dev)        # tokens generated, per row
         done = torch.ones(B, dtype=torch.bool, device=dev)          # an empty slot counts as done
         occupied = torch.zeros(B, dtype=torch.bool, device=dev)     # a video in the slot
-        out = torch.zeros(B, new + 1, dtype=torch.long, device=dev) # the tokens; a spare last column
+        out = torch.zeros(B, new + 1, dtype=torch.long, device=dev) # tokens; a spare last column
         limit = torch.full((B,), new, dtype=torch.long, device=dev) # takes the steps of ended rows
         seen = logits = None
         host_len, step = [0] * B, 0
@@ -137,7 +148,8 @@ class Engine:
             if all(it is None for it in slot_item):
                 return False
             s = self.sampling
-            token = pick(logits, seen, s.temperature, s.top_p, s.repetition_penalty, self.generator)
+            token = pick(logits, seen, s.temperature, s.top_p, s.repetition_penalty,
+                         self.generator)
             live = occupied & ~done
             stop = torch.isin(token, self.stop_ids)
             # ended rows write to the spare column
@@ -161,21 +173,25 @@ class Engine:
             host_len = [n + (it is not None) for n, it in zip(host_len, slot_item)]
 
     def _attention(self, length, lengths, max_len):
-        """(mask, kv_len) for the next step: what each row attends to (the choices of model.attend).
-        Compiled: a block mask over the whole cache (one shape for every step), from the rows' lengths on
-        the device. Eager: every row full and at one length, no mask over the slots in use (SDPA's fastest
-        kernel); else a boolean mask over the slots up to the longest row, the reference path."""
+        """(mask, kv_len) for the next step: what each row attends to (the choices of
+        model.attend). Compiled: a block mask over the whole cache (one shape for every step), from
+        the rows' lengths on the device. Eager: every row full and at one length, no mask over the
+        slots in use (SDPA's fastest kernel); else a boolean mask over the slots up to the longest
+        row, the reference path."""
         if self.compiled:
             return length_mask(length, max_len), None
         S = max(lengths) + 1
         if len(set(lengths)) == 1 and len(lengths) == self.slots:
             return None, S
-        return (torch.arange(S, device=self.device)[None, :] <= length[:, None])[:, None, None, :], S
+        seen = torch.arange(S, device=self.device)[None, :] <= length[:, None]     # (B, S)
+        return seen[:, None, None, :], S
 
     def _seat(self, rows, lengths, limits, length, count, done, limit, occupied):
-        """The arrivals' rows made ready to decode: host values copied to the device, once a refill."""
+        """The arrivals' rows made ready to decode: host values copied to the device, once a
+        refill."""
         index = torch.tensor(rows, device=self.device)
-        length[index], count[index], done[index] = torch.tensor(lengths, device=self.device), 0, False
+        length[index] = torch.tensor(lengths, device=self.device)
+        count[index], done[index] = 0, False
         limit[index], occupied[index] = torch.tensor(limits, device=self.device), True
 
     def _tally(self):
@@ -192,14 +208,15 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _grow_cache(self, B, old, need):
-        """A cache of `need` slots per row, what the old one held copied in (a longer prompt arrived):
-        layer by layer, so that at most one layer's cache exists twice."""
+        """A cache of `need` slots per row, what the old one held copied in (a longer prompt
+        arrived): layer by layer, so that at most one layer's cache exists twice."""
         for layer in self.model.language_model.model.layers:
             a, before = layer.self_attn, layer.self_attn.cache
-            a.cache = None   # the old one freed as soon as it is copied: memory for one layer, not all
+            a.cache = None   # the old one freed once copied: twice the memory of a layer, not all
             a.cache = KVCache(B, a.n_kv, need, a.head_dim, self.dtype, self.device)
             if before is not None and old:
-                a.cache.k[:, :, :old], a.cache.v[:, :, :old] = before.k[:, :, :old], before.v[:, :, :old]
+                a.cache.k[:, :, :old] = before.k[:, :, :old]
+                a.cache.v[:, :, :old] = before.v[:, :, :old]
         return need
 
     @property
@@ -207,9 +224,9 @@ class Engine:
         return self.model.language_model.model.norm.weight.dtype   # the embedding may be int8
 
     def _prefill(self, item, b, logits, seen):
-        """One arrival prefilled into row b of the cache (a view of it: nothing copied), its first logits
-        into logits[b]. One video a pass: its 2,000+ tokens keep a GPU busy alone, and its activations
-        are one video's."""
+        """One arrival prefilled into row b of the cache (a view of it: nothing copied), its first
+        logits into logits[b]. One video a pass: its 2,000+ tokens keep a GPU busy alone, and its
+        activations are one video's."""
         lm, dev, t0 = self.model.language_model, self.device, time.perf_counter()
         main = [layer.self_attn.cache for layer in lm.model.layers]
         ids = torch.tensor([item.ids], device=dev)
@@ -234,9 +251,10 @@ class Engine:
         return torch.cat([done[:, None].long(), count[:, None], out], dim=1).tolist()
 
     def _collect(self, slot_item, done, count, out, waiting, occupied):
-        """The rows that ended (a stop token, the token limit, a stop string): their tokens, their slots
-        freed."""
-        rows = {b: r for b, r in enumerate(self._read(done, count, out)) if slot_item[b] is not None}
+        """The rows that ended (a stop token, the token limit, a stop string): their tokens, their
+        slots freed."""
+        rows = {b: r for b, r in enumerate(self._read(done, count, out))
+                if slot_item[b] is not None}
         tokens = {b: r[2:2 + r[1]] for b, r in rows.items()}
         ended = [b for b, r in rows.items() if r[0] or self._stop_string(tokens[b])]
         if ended:

@@ -1,14 +1,15 @@
-"""Faithfulness as events, for judge.py --events: precision (how much of what a caption says the reference
-supports) and recall (how much of the reference the caption covers), DREAM-1K's AutoDQ over the judge's
-own client.
+"""Faithfulness as events, for judge.py --events: precision (how much of what a caption says the
+reference supports) and recall (how much of the reference the caption covers), DREAM-1K's AutoDQ
+over the judge's own client.
 
-The judge lists the events of each caption (at most --max-events; cached per caption and judge model, so
-a caption judged against two systems is listed once); then it marks every event of the candidate
-entailed, neutral or contradicted by the reference, and every event of the reference by the candidate.
-precision = entailed candidate events / candidate events, recall = entailed reference events / reference
-events, F1 their harmonic mean. Contradicted candidate events are counted apart: saying the opposite of
-what happened is worse than leaving something out. An answer that does not parse is asked again, then
-recorded as unparsed: that video gets no event scores (it is counted apart, never scored 0).
+The judge lists the events of each caption (at most --max-events; cached per caption and judge
+model, so a caption judged against two systems is listed once); then it marks every event of the
+candidate entailed, neutral or contradicted by the reference, and every event of the reference by
+the candidate. precision = entailed candidate events / candidate events, recall = entailed
+reference events / reference events, F1 their harmonic mean. Contradicted candidate events are
+counted apart: saying the opposite of what happened is worse than leaving something out. An answer
+that does not parse is asked again, then recorded as unparsed: that video gets no event scores (it
+is counted apart, never scored 0).
 """
 
 import hashlib
@@ -50,8 +51,8 @@ def parse_events(text, n):
 
 
 def distinct(events):
-    """Each event once (case, spacing and a closing full stop aside): an event listed ten times is one event,
-    not ten that the reference entails."""
+    """Each event once (case, spacing and a closing full stop aside): an event listed ten times is
+    one event, not ten that the reference entails."""
     seen = {}
     for event in events:
         seen.setdefault(" ".join(event.casefold().split()).rstrip("."), event)
@@ -75,8 +76,8 @@ def row(args, job):
 
 
 def ask(client, args, job):
-    """The judge's parsed JSON answer to a job's prompt, asked again while it does not parse: its row
-    with the answer as "value", or marked unparsed."""
+    """The judge's parsed JSON answer to a job's prompt, asked again while it does not parse: its
+    row with the answer as "value", or marked unparsed."""
     messages = [{"role": "user", "content": job["prompt"]}]
     for _ in range(args.parse_retries + 1):
         reply = client.chat(messages, response_format={"type": "json_object"}, temperature=0)
@@ -100,8 +101,8 @@ def entail_job(events, caption, args):
 
 
 def scores(pred_verdicts, gt_verdicts):
-    """Per video: precision (candidate events the reference entails), recall (reference events the candidate
-    entails), F1, and the share of candidate events the reference contradicts."""
+    """Per video: precision (candidate events the reference entails), recall (reference events the
+    candidate entails), F1, and the share of candidate events the reference contradicts."""
     p = sum(v == "entailed" for v in pred_verdicts) / len(pred_verdicts)
     r = sum(v == "entailed" for v in gt_verdicts) / len(gt_verdicts)
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
@@ -109,8 +110,8 @@ def scores(pred_verdicts, gt_verdicts):
 
 
 def summarize(per_video, interval, resamples):
-    """Means of precision / recall / F1 / contradicted (in %) with their bootstrap intervals; unparsed and
-    failed videos counted apart."""
+    """Means of precision / recall / F1 / contradicted (in %) with their bootstrap intervals;
+    unparsed and failed videos counted apart."""
     ok = [s for s in per_video.values() if "f1" in s]
     out = {"n": len(ok), "unparsed": sum(1 for s in per_video.values() if s.get("unparsed")),
            "failed": sum(1 for s in per_video.values() if "error" in s)}

@@ -2,13 +2,14 @@
 
     OPENAI_API_KEY=... python judge.py --gt labels.jsonl --pred captions.jsonl [--pred-b other.jsonl] --out report
 
-For each video the judge returns JSON: a semantic-similarity score (integer 0-5), whether the caption is
-correct (contradicts nothing in the ground truth and invents nothing), and a short reason. An answer that
-does not parse, or is out of range, is asked again, then recorded as unparsed and counted apart: never
-scored. Judgments are cached by (ground truth, caption, prompt version, judge model) in the report folder,
-so a rerun costs nothing; a failed request is not cached and is asked again on the next run, and a
-refused key, an empty account or an unreachable server stops the run early. The report (report.md, summary.json) gives accuracy and mean score with 95%
-bootstrap intervals; with --pred-b, the paired differences and wins / ties / losses: the seed's
+For each video the judge returns JSON: a semantic-similarity score (integer 0-5), whether the
+caption is correct (contradicts nothing in the ground truth and invents nothing), and a short
+reason. An answer that does not parse, or is out of range, is asked again, then recorded as
+unparsed and counted apart: never scored. Judgments are cached by (ground truth, caption, prompt
+version, judge model) in the report folder, so a rerun costs nothing; a failed request is not
+cached and is asked again on the next run, and a refused key, an empty account or an unreachable
+server stops the run early. The report (report.md, summary.json) gives accuracy and mean score with
+95% bootstrap intervals; with --pred-b, the paired differences and wins / ties / losses: the seed's
 "accuracy +8 points, mean score +0.2" comparison in one command.
 """
 
@@ -61,8 +62,8 @@ def parse_args(argv=None):
 
 
 def captions(path):
-    """{(canonical video path, shot or None): (the path as written, caption)} of a JSONL file (rows per shot,
-    caption.py --shots, are keyed by their shot too); an error if there is none."""
+    """{(canonical video path, shot or None): (the path as written, caption)} of a JSONL file (rows
+    per shot, caption.py --shots, are keyed by their shot too); an error if there is none."""
     rows = {}
     for r in iter_rows(path, must_exist=True):
         if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str) and r["caption"].strip():
@@ -77,7 +78,8 @@ def cache_key(gt, pred, model):
 
 
 def parse_judgment(text):
-    """{"score", "correct", "reason"} from the judge's answer, or None when it is not what was asked."""
+    """{"score", "correct", "reason"} from the judge's answer, or None when it is not what was
+    asked."""
     try:
         j = json.loads(text)
     except (TypeError, ValueError):
@@ -111,7 +113,8 @@ def judgment_row(args, job):
 
 
 def interval(values, stat, resamples, seed=0):
-    """95% percentile-bootstrap interval of stat over the rows of `values` (resampled with replacement)."""
+    """95% percentile-bootstrap interval of stat over the rows of `values` (resampled with
+    replacement)."""
     values = np.asarray(values, dtype=float)
     if len(values) == 0:
         return [None, None]
@@ -134,7 +137,8 @@ def summarize(judgments, resamples):
 
 
 def compare(a, b, resamples):
-    """B minus A over the videos both were judged on: differences with intervals, wins / ties / losses."""
+    """B minus A over the videos both were judged on: differences with intervals, wins / ties /
+    losses."""
     both = [v for v in a if v in b and "score" in a[v] and "score" in b[v]]
     d_acc = [100.0 * (b[v]["correct"] - a[v]["correct"]) for v in both]
     d_score = [b[v]["score"] - a[v]["score"] for v in both]
@@ -199,9 +203,10 @@ def judge(args):
 
 
 def cached_run(client, args, name, jobs, work, identify, verb):
-    """{key: row} for every job ({key: job}): the rows of the report folder's cache file `name`, and the
-    answers to the jobs it lacks, asked now (work(job), identify(job) the fields of its error row) and
-    appended. Failed requests are not cached (resume drops them), so a rerun asks them again."""
+    """{key: row} for every job ({key: job}): the rows of the report folder's cache file `name`,
+    and the answers to the jobs it lacks, asked now (work(job), identify(job) the fields of its
+    error row) and appended. Failed requests are not cached (resume drops them), so a rerun asks
+    them again."""
     with Appender(os.path.join(args.out, name), fsync=True) as out:
         done = out.resume(lambda r: r.get("key") if isinstance(r.get("key"), str) else None, lambda r: "error" not in r)
         cache = {r["key"]: r for r in iter_rows(out.path) if r.get("key") in done}
@@ -215,8 +220,8 @@ def cached_run(client, args, name, jobs, work, identify, verb):
 
 
 def judge_events(client, args, gt, preds, videos):
-    """{system: {video: event scores, or why there are none}}: the events of every caption listed, then each
-    side's events judged against the other caption (events.py)."""
+    """{system: {video: event scores, or why there are none}}: the events of every caption listed,
+    then each side's events judged against the other caption (events.py)."""
     work = functools.partial(events.ask, client, args)
     identify = functools.partial(events.row, args)
     texts = {gt[v][1] for v in videos} | {pred[v][1] for pred in preds.values() for v in videos}

@@ -4,17 +4,18 @@
     python label.py clean labels.jsonl --out clean.jsonl
     DASHSCOPE_API_KEY=... python label.py verify labels.jsonl --out verified.jsonl
 
-`verify` shows the teacher the same frames again (the same sampler and times: use the flags the labels were
-made with) with the label's sentences numbered, and keeps the ones the frames support: "caption" is the
-checked label (what train.py trains on), "caption_original" the teacher's, with the counts.
+`verify` shows the teacher the same frames again (the same sampler and times: use the flags the
+labels were made with) with the label's sentences numbered, and keeps the ones the frames support:
+"caption" is the checked label (what train.py trains on), "caption_original" the teacher's, with
+the counts.
 
-Four frames per video (segment middles, as the seed) become JPEGs in decoding processes while the HTTP
-requests run on threads. One row per video, appended and fsynced as it finishes:
-{"video", "caption", "model", "usage", "finish_reason"} or {"video", "error", "status", "code"}. A video is
-done when it has a caption or a final answer (content moderation, an unreadable file); a rerun skips what
-is done and tries the rest again, so a kill loses at most the requests in flight. A refused key, an empty
-account or a server that stays unreachable stops the run early (runner.Breaker). The rows are train.py
-data as they are.
+Four frames per video (segment middles, as the seed) become JPEGs in decoding processes while the
+HTTP requests run on threads. One row per video, appended and fsynced as it finishes: {"video",
+"caption", "model", "usage", "finish_reason"} or {"video", "error", "status", "code"}. A video is
+done when it has a caption or a final answer (content moderation, an unreadable file); a rerun
+skips what is done and tries the rest again, so a kill loses at most the requests in flight. A
+refused key, an empty account or a server that stays unreachable stops the run early
+(runner.Breaker). The rows are train.py data as they are.
 """
 
 import collections
@@ -97,7 +98,8 @@ def request(urls, prompt, frames_as):
 
 
 def label_one(client, args, prompt, tries, settings, job):
-    """((video, shot, _), data URLs or VideoError) -> its row (with the shot's fields, for --shots)."""
+    """((video, shot, _), data URLs or VideoError) -> its row (with the shot's fields, for
+    --shots)."""
     (video, shot, _), urls = job
     row = _label_one(client, args, prompt, video, urls, tries.get((canonical(video), shot[0] if shot else None), 0))
     return {**shots.fields(shot), **row, **({"settings": settings} if "caption" in row else {})}
@@ -133,15 +135,15 @@ FILE_CODES = {UNREADABLE, "missing_video", *RETRIED}   # the file's trouble, whi
 
 
 def in_shard(name, shard):
-    """By the video's name inside its source (video_base), so that every machine agrees whatever its list
-    order, and whatever it mounts the folder as."""
+    """By the video's name inside its source (video_base), so that every machine agrees whatever
+    its list order, and whatever it mounts the folder as."""
     k, n = shard
     return zlib.crc32(os.fsencode(name)) % n == k
 
 
 def is_done(row, retry_errors=False):
-    """A caption, or (unless retry_errors) a final answer: content moderation, an unreadable video (not a
-    missing one: a wrong path is fixed, and the video labelled, by a rerun)."""
+    """A caption, or (unless retry_errors) a final answer: content moderation, an unreadable video
+    (not a missing one: a wrong path is fixed, and the video labelled, by a rerun)."""
     return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | {UNREADABLE})
 
 
@@ -156,8 +158,8 @@ def sentences(text):
 
 
 def verify_one(client, args, labels, tries, settings, job):
-    """((video, shot, _), data URLs) -> its label with the sentences its frames do not support taken out;
-    "usage" is the check's own (the label's stays in "label_usage")."""
+    """((video, shot, _), data URLs) -> its label with the sentences its frames do not support
+    taken out; "usage" is the check's own (the label's stays in "label_usage")."""
     (video, shot, _), urls = job
     if isinstance(urls, VideoError):
         key = (canonical(video), shot[0] if shot else None)
@@ -181,8 +183,8 @@ def verify_one(client, args, labels, tries, settings, job):
 
 
 def read_labels(args):
-    """{(video, shot): row} of the labels to verify; labels made from other --frames are refused, as the
-    check is fair only on the frames a label was made from."""
+    """{(video, shot): row} of the labels to verify; labels made from other --frames are refused,
+    as the check is fair only on the frames a label was made from."""
     labels = {shots.row_key(r): r for r in iter_rows(args.source, must_exist=True)
               if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str) and r["caption"].strip()
               and ("shot" not in r or shots.shot_of(r))}
@@ -257,7 +259,8 @@ def label(args, verify=False):
 
 
 def progress(stats, finished, total, failed, start):
-    """Items answered (labels, or shots) of `total`; per shot, the ETA goes by the videos cut so far."""
+    """Items answered (labels, or shots) of `total`; per shot, the ETA goes by the videos cut so
+    far."""
     elapsed = max(time.monotonic() - start, 1e-9)
     done, what = (stats["cut"], f"{finished} shots, {stats['cut']}/{total} videos cut") if "cut" in stats else \
         (finished, f"{finished}/{total} labels")

@@ -2,15 +2,15 @@
 
     y = W0 x + b + (alpha / r) * B(A(dropout(x)))
 
-A starts kaiming-uniform and B at zero (as peft does), so a fresh adapter changes nothing. The seed's
-post-training trains A and B (r=128, alpha=32, on q_proj and k_proj) and then, at inference, *lowers*
-alpha: alpha/r is the share of the learned update in the output, a knob that needs no retraining
-(PLLaVA's own inference uses alpha=4 with r=128).
+A starts kaiming-uniform and B at zero (as peft does), so a fresh adapter changes nothing. The
+seed's post-training trains A and B (r=128, alpha=32, on q_proj and k_proj) and then, at inference,
+*lowers* alpha: alpha/r is the share of the learned update in the output, a knob that needs no
+retraining (PLLaVA's own inference uses alpha=4 with r=128).
 
 LoRALinear subclasses nn.Linear and keeps the frozen weight under its usual name, so a checkpoint
-written without LoRA loads into a model with LoRA unchanged. Adapters are saved and loaded in peft's
-format (adapter_model.safetensors + adapter_config.json) for a LLaMA causal LM, so peft can load ours
-(`PeftModel.from_pretrained(LlamaForCausalLM, dir)`) and we can load peft's.
+written without LoRA loads into a model with LoRA unchanged. Adapters are saved and loaded in
+peft's format (adapter_model.safetensors + adapter_config.json) for a LLaMA causal LM, so peft can
+load ours (`PeftModel.from_pretrained(LlamaForCausalLM, dir)`) and we can load peft's.
 """
 
 import json
@@ -48,7 +48,8 @@ class LoRALinear(nn.Linear):
         return self.alpha / self.r
 
     def delta_weight(self):
-        """(alpha/r) * B @ A, computed in fp32 so that merging bf16 weights loses as little as possible."""
+        """(alpha/r) * B @ A, computed in fp32 so that merging bf16 weights loses as little as
+        possible."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def forward(self, x):
@@ -78,25 +79,27 @@ def lora_layers(model: nn.Module):
 
 
 def matches(name: str, targets) -> bool:
-    """peft's rule: a list matches the last name component(s); a string is a regex on the full name."""
+    """peft's rule: a list matches the last name component(s); a string is a regex on the full
+    name."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def add_lora(model: nn.Module, targets=("q_proj", "k_proj"), r=128, alpha=32.0, dropout=0.05, ranks=None,
-             alphas=None):
+def add_lora(model: nn.Module, targets=("q_proj", "k_proj"), r=128, alpha=32.0, dropout=0.05,
+             ranks=None, alphas=None):
     """Replace every nn.Linear whose name matches `targets` with a LoRALinear; returns the names.
 
-    `ranks` and `alphas` ({module name: value}) override r and alpha per module, as when they are read
-    from a checkpoint."""
+    `ranks` and `alphas` ({module name: value}) override r and alpha per module, as when they are
+    read from a checkpoint."""
     names = []
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and matches(name, targets):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            layer = LoRALinear(module, (ranks or {}).get(name, r), (alphas or {}).get(name, alpha), dropout)
-            setattr(parent, child, layer.train(module.training))   # no dropout in a model set to eval
+            rank, share = (ranks or {}).get(name, r), (alphas or {}).get(name, alpha)
+            layer = LoRALinear(module, rank, share, dropout)
+            setattr(parent, child, layer.train(module.training))   # no dropout in a model in eval
             names.append(name)
     if not names:
         raise ValueError(f"no linear layer matches LoRA targets {targets}")
@@ -104,14 +107,17 @@ def add_lora(model: nn.Module, targets=("q_proj", "k_proj"), r=128, alpha=32.0, 
 
 
 def lora_shape(model: nn.Module) -> dict:
-    """{module name: (r, alpha)} of a model's adapters: what add_lora_like needs to make them again."""
+    """{module name: (r, alpha)} of a model's adapters: what add_lora_like needs to make them
+    again."""
     return {n: (layer.r, layer.alpha) for n, layer in lora_layers(model).items()}
 
 
 def add_lora_like(model: nn.Module, shape: dict, dropout: float = 0.0):
-    """Adapters on exactly the modules that `shape` ({name: (r, alpha)}) names, each with its rank and alpha."""
-    return add_lora(model, targets="|".join(map(re.escape, shape)), ranks={n: r for n, (r, _) in shape.items()},
-                    alphas={n: a for n, (_, a) in shape.items()}, dropout=dropout)
+    """Adapters on exactly the modules that `shape` ({name: (r, alpha)}) names, each with its rank
+    and alpha."""
+    return add_lora(model, targets="|".join(map(re.escape, shape)), dropout=dropout,
+                    ranks={n: r for n, (r, _) in shape.items()},
+                    alphas={n: a for n, (_, a) in shape.items()})
 
 
 def set_lora_alpha(model: nn.Module, alpha: float):
@@ -131,8 +137,9 @@ def merge_lora(model: nn.Module):
 
 @torch.no_grad()
 def replace_linears(lm: nn.Module, make):
-    """Every linear layer of `lm` replaced by make(weight, bias), its adapter merged into the weight at its
-    current alpha first (generate.pack_for_cpu, quant.quantize_int8: layers for inference only)."""
+    """Every linear layer of `lm` replaced by make(weight, bias), its adapter merged into the
+    weight at its current alpha first (generate.pack_for_cpu, quant.quantize_int8: layers for
+    inference only)."""
     for name, m in list(lm.named_modules()):
         if isinstance(m, nn.Linear) and not name.endswith(("lora_A", "lora_B")):
             w = m.weight
@@ -149,8 +156,9 @@ def unmerge_lora(model: nn.Module):
 
 
 def save_adapter(lm: nn.Module, out_dir: str, base_model: str = None, weights: dict = None):
-    """Write `lm`'s adapters (lm is the LLaMA causal LM) in peft's format. `weights` ({name in lm: tensor})
-    gives the LoRA tensors when lm holds only shards of them (FSDP: the gathered full tensors)."""
+    """Write `lm`'s adapters (lm is the LLaMA causal LM) in peft's format. `weights` ({name in lm:
+    tensor}) gives the LoRA tensors when lm holds only shards of them (FSDP: the gathered full
+    tensors)."""
     layers = lora_layers(lm)
     if not layers:
         raise ValueError("the model holds no LoRA layers")
@@ -159,7 +167,8 @@ def save_adapter(lm: nn.Module, out_dir: str, base_model: str = None, weights: d
         weights = {f"{name}.lora_{ab}.weight": getattr(layer, f"lora_{ab}").weight
                    for name, layer in layers.items() for ab in "AB"}
     tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
     first = next(iter(layers.values()))
     ranks = {n: l.r for n, l in layers.items() if l.r != first.r}
     config = {
@@ -185,19 +194,20 @@ def read_adapter_config(adapter_dir: str) -> dict:
         if config.get(flag):
             raise ValueError(f"{adapter_dir}: adapters with {flag}=true are not supported")
     if config.get("peft_type", "LORA") != "LORA" or config.get("alpha_pattern"):
-        raise ValueError(f"{adapter_dir}: only plain LoRA adapters (no alpha_pattern) are supported")
+        raise ValueError(f"{adapter_dir}: only plain LoRA adapters (no alpha_pattern) are read")
     return config
 
 
 def load_adapter(lm: nn.Module, adapter_dir: str, alpha: float = None):
     """Add the peft adapter in `adapter_dir` to `lm` (our LLaMA causal LM) and load its weights.
 
-    The targets and ranks come from the weights themselves; alpha from adapter_config.json unless given."""
+    The targets and ranks come from the weights themselves; alpha from adapter_config.json unless
+    given."""
     config = read_adapter_config(adapter_dir)
     weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
     ranks = {}
     for key, t in weights.items():
-        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        if not key.startswith(PEFT_PREFIX) or not key.endswith(("lora_A.weight", "lora_B.weight")):
             raise ValueError(f"{adapter_dir}: unexpected adapter key {key}")
         if key.endswith(".lora_A.weight"):
             ranks[key[len(PEFT_PREFIX):-len(".lora_A.weight")]] = t.shape[0]
@@ -205,7 +215,7 @@ def load_adapter(lm: nn.Module, adapter_dir: str, alpha: float = None):
     existing = lora_layers(lm)
     new = [n for n in ranks if n not in existing]
     if new:
-        add_lora(lm, targets=re.compile("|".join(map(re.escape, new))).pattern, alpha=alpha, dropout=0.0, ranks=ranks)
+        add_lora(lm, targets="|".join(map(re.escape, new)), alpha=alpha, dropout=0.0, ranks=ranks)
     layers = lora_layers(lm)
     for name, layer in layers.items():
         for part in ("lora_A", "lora_B"):

@@ -1,12 +1,13 @@
 """How a video's frame features become a fixed number of LLM tokens.
 
-PLLaVA's answer is adaptive average pooling in 3-D: (T, H, W) features -> (T', H', W') tokens, so the
-LLM sees every frame's place in time (T' = T = 16) at a quarter of the spatial grid (24x24 -> 12x12).
-Beside it are the two strategies the seed argues against, kept for teaching and for the toy ablations:
+PLLaVA's answer is adaptive average pooling in 3-D: (T, H, W) features -> (T', H', W') tokens, so
+the LLM sees every frame's place in time (T' = T = 16) at a quarter of the spatial grid (24x24 ->
+12x12). Beside it are the two strategies the seed argues against: Video-ChatGPT's (the toy's
+--ablations train with it) and plain concatenation (for teaching; tests/test_pool.py holds it):
 
   "pllava"  (B, T, H, W, D) -> (B, T'*H'*W', D)   adaptive 3-D average pooling
-  "vcgpt"   (B, T, H, W, D) -> (B, T + H*W, D)      Video-ChatGPT: per-frame mean over space, followed
-                                                    by the per-position mean over time
+  "vcgpt"   (B, T, H, W, D) -> (B, T + H*W, D)      Video-ChatGPT: per-frame mean over space,
+                                                    then the per-position mean over time
   "concat"  (B, T, H, W, D) -> (B, T*H*W, D)        every token of every frame (compute-bound)
 """
 
@@ -21,11 +22,13 @@ STRATEGIES = ("pllava", "vcgpt", "concat")
 def adaptive_avg_pool3d(x: torch.Tensor, out_shape) -> torch.Tensor:
     """(B, T, H, W, D) -> (B, T', H', W', D): PLLaVA's own op, torch's adaptive average pooling.
 
-    Along each axis, output cell i averages inputs [floor(i*n/m), ceil((i+1)*n/m)) of n inputs for m
-    outputs: windows may overlap when m does not divide n, and when m > n an input is copied into several
-    outputs, which is how T < T' frames get stretched in time. A 3-D cell averages the box that its three
-    windows span. (tests/test_pool.py holds this equal to those windows written out.)"""
-    return F.adaptive_avg_pool3d(x.movedim(-1, 1), tuple(out_shape)).movedim(1, -1)   # D in and out of channels
+    Along each axis, output cell i averages inputs [floor(i*n/m), ceil((i+1)*n/m)) of n inputs for
+    m outputs: windows may overlap when m does not divide n, and when m > n an input is copied into
+    several outputs, which is how T < T' frames get stretched in time. A 3-D cell averages the box
+    that its three windows span. (tests/test_pool.py holds this equal to those windows written
+    out.)"""
+    # D moved into the channels and back out
+    return F.adaptive_avg_pool3d(x.movedim(-1, 1), tuple(out_shape)).movedim(1, -1)
 
 
 def pool_tokens(x: torch.Tensor, strategy: str, out_shape) -> torch.Tensor:
@@ -35,7 +38,7 @@ def pool_tokens(x: torch.Tensor, strategy: str, out_shape) -> torch.Tensor:
         return adaptive_avg_pool3d(x, out_shape).reshape(B, -1, D)
     if strategy == "vcgpt":
         temporal = x.mean(dim=(2, 3))                    # (B, T, D): what happens, frame by frame
-        spatial = x.mean(dim=1).reshape(B, H * W, D)     # (B, H*W, D): where things are, time averaged
+        spatial = x.mean(dim=1).reshape(B, H * W, D)     # (B, H*W, D): where, time averaged
         return torch.cat([temporal, spatial], dim=1)
     if strategy == "concat":
         return x.reshape(B, T * H * W, D)

@@ -1,17 +1,19 @@
-"""Shots: where a video cuts from one shot to the next, found with PyAV alone, streaming, at low resolution.
+"""Shots: where a video cuts from one shot to the next, found with PyAV alone, streaming, at low
+resolution.
 
     python shots.py episode.mkv [--min-shot 0.6] [--max-shot 20]
 
-Every frame is decoded and shrunk inside FFmpeg's scaler to 64x36 (nothing bigger is ever made), and two
-numbers compare it with the frame before: the share of its 4x4 blocks that changed once the camera's
-move is taken out (the whole frame shifted by the best of the shifts within 4 pixels: a pan moves the
-picture, a cut replaces it), and how far the colour histograms moved (16 bins a channel, half the L1
-distance). A hard cut is a frame whose changed share jumps far above what its shot did in the last second
-and does in the next few frames: the bar adapts, so motion inside a shot is not a cut. A fade or dissolve
-is a stretch of steady change that adds up (the frame now against the one a few frames back) without any
-single jump: it is reported as a stretch. Cuts closer than --min-shot to the last are flicker (a flash, a strobe) and
-merged; shots longer than --max-shot are split into equal windows, so no caption has to cover minutes.
-Memory does not grow with the video: a few frames of 64x36 and the last second of scores.
+Every frame is decoded and shrunk inside FFmpeg's scaler to 64x36 (nothing bigger is ever made),
+and two numbers compare it with the frame before: the share of its 4x4 blocks that changed once the
+camera's move is taken out (the whole frame shifted by the best of the shifts within 4 pixels: a
+pan moves the picture, a cut replaces it), and how far the colour histograms moved (16 bins a
+channel, half the L1 distance). A hard cut is a frame whose changed share jumps far above what its
+shot did in the last second and does in the next few frames: the bar adapts, so motion inside a
+shot is not a cut. A fade or dissolve is a stretch of steady change that adds up (the frame now
+against the one a few frames back) without any single jump: it is reported as a stretch. Cuts
+closer than --min-shot to the last are flicker (a flash, a strobe) and merged; shots longer than
+--max-shot are split into equal windows, so no caption has to cover minutes. Memory does not grow
+with the video: a few frames of 64x36 and the last second of scores.
 """
 
 import collections
@@ -22,7 +24,7 @@ import av
 import numpy as np
 
 import data
-from data import VideoError, jpeg_data_urls, open_video, read_clip_frames
+from data import VideoError, jpeg_data_urls, open_video, read_clip_frames, time_span
 from plumbing import cli
 from plumbing.jsonl import iter_rows
 from plumbing.sources import canonical
@@ -45,8 +47,8 @@ def _luma(a):
 
 
 def _best_shift(cur, prev, reach, around=(0, 0)):
-    """(dy, dx) within `reach` of `around` for which prev, shifted by it, matches cur best (mean absolute
-    difference over the middle, where no shift looks past the edge)."""
+    """(dy, dx) within `reach` of `around` for which prev, shifted by it, matches cur best (mean
+    absolute difference over the middle, where no shift looks past the edge)."""
     m = max(abs(around[0]), abs(around[1])) + reach
     padded = np.pad(prev, m, mode="edge")
     best, where = None, around
@@ -59,11 +61,11 @@ def _best_shift(cur, prev, reach, around=(0, 0)):
 
 
 def changed(cur, prev) -> float:
-    """The share of the frame's 4x4 blocks that changed since the frame before, once the camera's move
-    is taken out: the whole picture shifted by the one shift (within SEARCH pixels) that matches it best,
-    found at half the size first and refined (a fifth of the work of trying every shift), the SEARCH-pixel
-    border left out (a pan brings new things in there). About 0 for a still shot or a pan, the moving
-    things' share for motion inside a shot, nearly 1 at a cut."""
+    """The share of the frame's 4x4 blocks that changed since the frame before, once the camera's
+    move is taken out: the whole picture shifted by the one shift (within SEARCH pixels) that
+    matches it best, found at half the size first and refined (a fifth of the work of trying every
+    shift), the SEARCH-pixel border left out (a pan brings new things in there). About 0 for a
+    still shot or a pan, the moving things' share for motion inside a shot, nearly 1 at a cut."""
     half = lambda a: a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2).mean(axis=(1, 3))   # noqa: E731
     coarse = _best_shift(half(cur), half(prev), SEARCH // 2)
     dy, dx = _best_shift(cur, prev, 1, (2 * coarse[0], 2 * coarse[1]))
@@ -75,8 +77,8 @@ def changed(cur, prev) -> float:
 
 
 def _measured(container, stream, rate):
-    """(time from the first frame, changed share, histogram step, histogram, luma) of every frame; the
-    first frame's changes are 0. A file without timestamps is timed by its frame rate."""
+    """(time from the first frame, changed share, histogram step, histogram, luma) of every frame;
+    the first frame's changes are 0. A file without timestamps is timed by its frame rate."""
     prev, first = None, None
     for i, frame in enumerate(container.decode(stream)):
         data.heartbeat()   # a long episode is moving: its decode worker's time limit starts again
@@ -90,17 +92,17 @@ def _measured(container, stream, rate):
 
 
 def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5):
-    """Yield (time, kind) for every boundary, kind "cut" or "fade" (a fade's time is its middle), and at the
-    end ("end", duration). Times in seconds from the video's first frame.
+    """Yield (time, kind) for every boundary, kind "cut" or "fade" (a fade's time is its middle),
+    and at the end ("end", duration). Times in seconds from the video's first frame.
 
-    A cut is a frame whose changed share (changed()) is above `floor`, and `margin` above both the median
-    of the last `window` seconds of its shot and that of the `ahead` frames after it: a shot full of
-    motion raises its own bar, and a pan too fast to follow, which changes every frame from its first on,
-    is not a cut. Where nearly everything moves (the bar above 1), a cut still shows as a colour histogram
-    that jumps four times as far as it has been moving. A flash (lightning, a camera flash, a frame or two
-    of white) is no cut: within the `ahead` frames the picture comes back to the one before it. A fade or
-    dissolve changes little from one frame to the next and much over GRADUAL frames: its histogram drifts
-    past `fade` from GRADUAL frames back."""
+    A cut is a frame whose changed share (changed()) is above `floor`, and `margin` above both the
+    median of the last `window` seconds of its shot and that of the `ahead` frames after it: a shot
+    full of motion raises its own bar, and a pan too fast to follow, which changes every frame from
+    its first on, is not a cut. Where nearly everything moves (the bar above 1), a cut still shows
+    as a colour histogram that jumps four times as far as it has been moving. A flash (lightning, a
+    camera flash, a frame or two of white) is no cut: within the `ahead` frames the picture comes
+    back to the one before it. A fade or dissolve changes little from one frame to the next and
+    much over GRADUAL frames: its histogram drifts past `fade` from GRADUAL frames back."""
     container, stream = open_video(path)
     with container:
         rate = float(stream.average_rate or 25)
@@ -144,8 +146,9 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5):
 
 
 def shots(path, min_shot=0.6, max_shot=20.0, **detector):
-    """[(start, end, kind)] covering the video: kind is how the shot began ("start", "cut", "fade" or
-    "window" for a long shot split in equal parts). Boundaries within min_shot of the last are merged."""
+    """[(start, end, kind)] covering the video: kind is how the shot began ("start", "cut", "fade"
+    or "window" for a long shot split in equal parts). Boundaries within min_shot of the last are
+    merged."""
     cuts, end = [(0.0, "start")], 0.0
     for t, kind in boundaries(path, **detector):
         if kind == "end":
@@ -170,18 +173,15 @@ def windows(duration, seconds):
 
 def duration(path):
     """Seconds from the first frame to the end, from the headers (what fixed windows cover)."""
-    with av.open(str(path), metadata_errors="ignore") as container:
-        stream = container.streams.video[0]
-        if stream.duration and stream.time_base:
-            return float(stream.duration * stream.time_base)
-        if container.duration:
-            return container.duration / av.time_base
-    return next(t for t, kind in boundaries(path) if kind == "end")   # no header says: decode it
+    container, stream = open_video(path)
+    with container:
+        seconds = time_span(container, stream)[1]
+    return seconds or next(t for t, kind in boundaries(path) if kind == "end")   # no header says: decode it
 
 
 def spans(path, window=None, min_shot=0.6, max_shot=20.0):
-    """A decode worker's job (workers.imap_unordered): the video's shots, or its fixed windows of `window` s;
-    a VideoError when it cannot be read."""
+    """A decode worker's job (workers.imap_unordered): the video's shots, or its fixed windows of
+    `window` s; a VideoError when it cannot be read."""
     try:
         return windows(duration(path), window) if window else shots(path, min_shot, max_shot)
     except (av.error.FFmpegError, IndexError, StopIteration, OSError) as e:
@@ -189,8 +189,9 @@ def spans(path, window=None, min_shot=0.6, max_shot=20.0):
 
 
 def shot_frames(job, n, size, keyframes_only=False):
-    """A decode worker's job: (video, (shot, of, start, end), None) -> the shot's n frames, sampled inside it
-    as a whole video's are (data.read_clip_frames); (video, None, why): that VideoError."""
+    """A decode worker's job: (video, (shot, of, start, end), None) -> the shot's n frames, sampled
+    inside it as a whole video's are (data.read_clip_frames); (video, None, why): that
+    VideoError."""
     return read_clip_frames(job[0], n, size, keyframes_only=keyframes_only, span=_span(job))
 
 
@@ -200,14 +201,16 @@ def shot_urls(job, n, max_side, q):
 
 
 def _span(job):
-    """A job's (start, end), None for a whole video; its VideoError when its shots could not be found."""
+    """A job's (start, end), None for a whole video; its VideoError when its shots could not be
+    found."""
     _, shot, why = job
     if why:
         raise VideoError(why)
     return None if shot is None else (shot[2], shot[3])
 
 
-# ------------------------------------------------- rows per shot, for caption.py and label.py --shots / --window
+# ------------------------------------------------- rows per shot, for caption.py and label.py
+# --shots / --window
 
 
 def add_flags(p):
@@ -219,15 +222,16 @@ def add_flags(p):
 
 
 def finder(args):
-    """The decode workers' job that finds a video's spans for these flags; None for whole videos."""
+    """The decode workers' job that finds a video's spans for these flags; None for whole
+    videos."""
     if not (args.shots or args.window):
         return None
     return functools.partial(spans, window=args.window, min_shot=args.min_shot, max_shot=args.max_shot)
 
 
 def row_key(row):
-    """What a row is the answer for: a video, or one of its shots (a "shot" field, a whole number); None for
-    a row that says neither."""
+    """What a row is the answer for: a video, or one of its shots (a "shot" field, a whole number);
+    None for a row that says neither."""
     shot = row.get("shot")
     if not isinstance(row.get("video"), str) or (shot is not None and (type(shot) is not int)):
         return None
@@ -247,16 +251,17 @@ def whole(video, done, of):
 
 
 def counted(found, stats):
-    """The shot finders' stream, counting the videos it has cut in stats["cut"] (for a progress line)."""
+    """The shot finders' stream, counting the videos it has cut in stats["cut"] (for a progress
+    line)."""
     for got in found:
         stats["cut"] += 1
         yield got
 
 
 def jobs(found, done):
-    """(video, (shot, of, start, end), None) for every shot not done yet of every video, from the decode
-    workers' stream of spans(); (video, None, why) for a video whose shots cannot be found (decoding it
-    then fails with that reason, so it comes back as any unreadable video does)."""
+    """(video, (shot, of, start, end), None) for every shot not done yet of every video, from the
+    decode workers' stream of spans(); (video, None, why) for a video whose shots cannot be found
+    (decoding it then fails with that reason, so it comes back as any unreadable video does)."""
     for video, found_spans in found:
         if isinstance(found_spans, VideoError):
             yield video, None, str(found_spans)
@@ -267,7 +272,8 @@ def jobs(found, done):
 
 
 def shot_of(row):
-    """A row's (shot, of, start, end), None when it is for a whole video or its fields are not a shot's."""
+    """A row's (shot, of, start, end), None when it is for a whole video or its fields are not a
+    shot's."""
     shot = tuple(row.get(k) for k in ("shot", "of", "start", "end"))
     number = all(isinstance(x, int | float) and not isinstance(x, bool) for x in shot)
     return shot if number and isinstance(shot[0], int) and 0 <= shot[0] < shot[1] and 0 <= shot[2] < shot[3] else None

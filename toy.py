@@ -1,22 +1,30 @@
-"""The whole loop on a laptop CPU, on a synthetic video world: python toy.py [--out DIR] [--quick] [--ablations] [--nproc N]
+"""The whole loop on a laptop CPU, on a synthetic video world: python toy.py [--out DIR] [--quick]
+[--ablations] [--nproc N]
 
-1. A world (toyworld.py): videos of a coloured shape that rests, moves (one direction, or two in turn) and
+1. A world (toyworld.py): videos of a coloured shape that rests, moves (one direction, or two in
+turn) and
    rests again, at times drawn per video, on named dark backgrounds; stills of the same objects, whose
    captions also name the background; a SentencePiece tokenizer trained on the captions.
-2. The seed's teacher in miniature: each training video labelled from 4 of its 16 frames; what happens
+2. The seed's teacher in miniature: each training video labelled from 4 of its 16 frames; what
+happens
    between them it gets wrong or guesses, one label in ten invents a size, a few are refusals, loops,
    boilerplate or cut; `label.py clean` cleans them.
-3. Stage 1, an image-LLM from scratch: `train.py --train-all` on stills ("a red circle at the top left, on
+3. Stage 1, an image-LLM from scratch: `train.py --train-all` on stills ("a red circle at the top
+left, on
    a navy background.") and on long-exposure stills whose motion shows as a fading trail. The trails stand
    in for what a real image-LLM brings from its text pretraining: the words of motion. Videos never have
    trails: reading motion from time is what stage 2 must learn.
-4. Stage 2, the seed's post-training: `train.py` (LoRA on q_proj/k_proj + the projector) on the teacher's
+4. Stage 2, the seed's post-training: `train.py` (LoRA on q_proj/k_proj + the projector) on the
+teacher's
    cleaned labels. The student sees all 16 frames (pooled to 4 x 3 x 3 tokens).
-5. `caption.py` on held-out videos and stills, scored attribute by attribute against the generator's truth
+5. `caption.py` on held-out videos and stills, scored attribute by attribute against the
+generator's truth
    and against the teacher, with the seed's two judge figures (a 0-5 score and a verdict) by rule.
-6. --ablations: pooling that collapses time (T'=1) and Video-ChatGPT's pooling; the LoRA share swept at
+6. --ablations: pooling that collapses time (T'=1) and Video-ChatGPT's pooling; the LoRA share
+swept at
    inference with the projector trained and frozen; full fine-tuning; LoRA on the true captions; int8.
-Everything runs through the same train.py / caption.py / label.py a 16-GPU run uses, as subprocesses.
+Everything runs through the same train.py / caption.py / label.py a 16-GPU run uses, as
+subprocesses.
 """
 
 import json
@@ -44,13 +52,14 @@ SIZES = {   # (train videos, test videos, train stills, test stills, stage 1 ste
 
 
 def toy_config(tok_folder, frames, pooling="pllava", t_pool=None):
-    """A 3-layer ViT on 48 px frames (9 patches) and a 2-layer LLaMA; PLLaVA pooling to T' x 3 x 3 tokens
-    (T' = 4 from 16 frames: every frame seen, 4 frames' worth of tokens)."""
+    """A 3-layer ViT on 48 px frames (9 patches) and a 2-layer LLaMA; PLLaVA pooling to T' x 3 x 3
+    tokens (T' = 4 from 16 frames: every frame seen, 4 frames' worth of tokens)."""
     from tokenizer import Tokenizer
     tok = Tokenizer(tok_folder)
     return dict(vision_config=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                                    image_size=48, patch_size=16),
-                # two wide-headed layers: deeper ones took several times the steps to learn to read shapes
+                # two wide-headed layers: deeper ones took several times the steps to learn to read
+                # shapes
                 text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
                                  rms_norm_eps=1e-5),
@@ -59,8 +68,9 @@ def toy_config(tok_folder, frames, pooling="pllava", t_pool=None):
 
 
 def run(cmd, log, nproc=1, watch=None):
-    """A stage as its own process (torchrun for nproc > 1); its output goes to a log file, and every few
-    seconds a progress line with an ETA: watch() gives (done, total), from the rows the stage has written."""
+    """A stage as its own process (torchrun for nproc > 1); its output goes to a log file, and
+    every few seconds a progress line with an ETA: watch() gives (done, total), from the rows the
+    stage has written."""
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] + cmd
     start = time.monotonic()
@@ -109,7 +119,8 @@ def caption(model, rows_file, out, question, log, extra=()):
 
 
 def clean(labels, out, log):
-    """label.py clean's rules on the teacher's labels (duplicates kept: a templated world shares captions)."""
+    """label.py clean's rules on the teacher's labels (duplicates kept: a templated world shares
+    captions)."""
     run([os.path.join(HERE, "label.py"), "clean", labels, "--out", out, "--keep-duplicates"], log)
     return read_rows(out)
 
@@ -153,7 +164,8 @@ def main(argv=None):
     say(f"world: {n_train} + {n_test} videos, {n_stills} + {n_test_stills} stills, in {world} (logs: {logs})")
     data = {k: os.path.join(world, f"{k}.jsonl") for k in files}
     results, videos, stills = {}, files["test_videos"], files["test_stills"]
-    # the teacher: 4 frames a video, its labels cleaned by label.py clean's rules before stage 2 sees them
+    # the teacher: 4 frames a video, its labels cleaned by label.py clean's rules before stage 2
+    # sees them
     labels = {}
     for split in ("train", "test"):
         rows = teacher(files[f"{split}_videos"], args.seed + (split == "test"))
@@ -175,7 +187,8 @@ def main(argv=None):
     say(f"stage 1 (image-LLM from scratch, --train-all): {steps1} steps in {seconds:.0f} s")
 
     def evaluate(name, model, extra=(), on_stills=True):
-        """The model's captions of the held-out videos (returned) and stills, scored into `results`."""
+        """The model's captions of the held-out videos (returned) and stills, scored into
+        `results`."""
         caps = caption(model, data["test_videos"], os.path.join(out, f"captions_{name}.jsonl"), VIDEO_Q,
                        os.path.join(logs, f"caption_{name}.log"), extra)
         results[name] = {**score(videos, caps), **judged(videos, caps, labels["test"])}
@@ -209,17 +222,18 @@ def main(argv=None):
 
 
 def teacher_truth(rows, labels):
-    """The teacher's labels read as truth: what the student is compared with to see how close it is to
-    its teacher (what the seed's judge measured)."""
+    """The teacher's labels read as truth: what the student is compared with to see how close it is
+    to its teacher (what the seed's judge measured)."""
     from lab.toyworld import parse
     return {r["video"]: parse(labels[r["video"]]) for r in rows}
 
 
 def versions(nproc=1):
-    """What the numbers depend on besides the seed: the libraries that encode the world and train on it,
-    the threads each stage runs on and the CPU's vector kernels (either changes the order floats are added
-    in: the README's toy numbers of 2026-11-25 came back to the digit here only with AVX2 kernels forced,
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2)."""
+    """What the numbers depend on besides the seed: the libraries that encode the world and train
+    on it, the threads each stage runs on and the CPU's vector kernels (either changes the order
+    floats are added in: the README's toy numbers of 2026-11-25 came back to the digit here only
+    with AVX2 kernels forced, ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+    MKL_ENABLE_INSTRUCTIONS=AVX2)."""
     import platform
 
     import av
@@ -233,10 +247,11 @@ def versions(nproc=1):
 
 
 def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, say):
-    """The seed's two claims. 1: pooling must keep time (T' = 1; Video-ChatGPT's pooling). 2: post-training
-    an image-LLM with LoRA, and a lower LoRA share at inference, limits what poor video labels do to it:
-    the share swept at inference with the projector trained (the seed's recipe) and frozen (then alpha 0
-    is stage 1 itself), full fine-tuning, and the same LoRA on the generator's true captions; int8 too."""
+    """The seed's two claims. 1: pooling must keep time (T' = 1; Video-ChatGPT's pooling). 2:
+    post-training an image-LLM with LoRA, and a lower LoRA share at inference, limits what poor
+    video labels do to it: the share swept at inference with the projector trained (the seed's
+    recipe) and frozen (then alpha 0 is stage 1 itself), full fine-tuning, and the same LoRA on the
+    generator's true captions; int8 too."""
     tok = os.path.join(out, "world", "tokenizer")
     for name, pooling, t_pool in (("pooling T'=1", "pllava", 1), ("Video-ChatGPT pooling", "vcgpt", None)):
         tag = name.split()[0].lower()

@@ -4,16 +4,17 @@
     torchrun --nproc_per_node=8 train.py ...                      one node
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 train.py ...
 
-The model is sharded with FSDP2 over the processes (trainable.py; NCCL on GPUs, gloo on CPUs; one process
-is a one-rank mesh, several nodes HSDP): each decoder block and the vision tower are their own units, bf16
-compute with fp32 weights and gradient reductions on GPUs. Rank 0 reads the checkpoint (memory-mapped) and
-broadcasts it tensor by tensor; the others build on the meta device and receive their shards only. Before
-that, the memory of each GPU is planned (plumbing/memory.py; `--dry-run` prints it, and rehearses one step
-on fake tensors) and a run that cannot fit is refused. Videos are decoded in worker processes under a time
-and memory limit each (dataset.Batches), so one bad file never stalls a rank. Checkpoints (trainable
-weights, optimizer, step, RNG) go to --out every --save-every steps; --resume continues from the newest
-(trainstate.py). The loss is the mean over the answer tokens of the whole global batch, so one process and
-N processes with the same global batch train the same weights.
+The model is sharded with FSDP2 over the processes (trainable.py; NCCL on GPUs, gloo on CPUs; one
+process is a one-rank mesh, several nodes HSDP): each decoder block and the vision tower are their
+own units, bf16 compute with fp32 weights and gradient reductions on GPUs. Rank 0 reads the
+checkpoint (memory-mapped) and broadcasts it tensor by tensor; the others build on the meta device
+and receive their shards only. Before that, the memory of each GPU is planned (plumbing/memory.py;
+`--dry-run` prints it, and rehearses one step on fake tensors) and a run that cannot fit is
+refused. Videos are decoded in worker processes under a time and memory limit each
+(dataset.Batches), so one bad file never stalls a rank. Checkpoints (trainable weights, optimizer,
+step, RNG) go to --out every --save-every steps; --resume continues from the newest
+(trainstate.py). The loss is the mean over the answer tokens of the whole global batch, so one
+process and N processes with the same global batch train the same weights.
 """
 
 import datetime
@@ -32,7 +33,7 @@ from plumbing import cli, hub, memory
 from plumbing.jsonl import Appender, Busy
 from plumbing.workers import cores_per_rank
 from tokenizer import TEMPLATES, Tokenizer, prompt_for
-from trainable import checkpointing, mesh_shape, preprocessing_folder, probe, setup_model
+from trainable import mesh_shape, preprocessing_folder, probe, recompute, setup_model
 from trainstate import barrier, check_out, check_shared_out, export, load_checkpoint, save_checkpoint
 from weights import RELEASES, ModelFolderError
 
@@ -81,7 +82,7 @@ def train(args):
               flush=True)
     model = setup_model(args, folder, rank, world, device)
     torch.manual_seed(args.seed + rank)   # LoRA dropout: each rank draws its own masks
-    checkpointing(model, checkpoints_on)
+    recompute(model, checkpoints_on)
     frames, size = args.frames or model.config.num_frames, model.config.vision_config.image_size
     optimizer = make_optimizer(model, args)
     start, stats = 0, {"skipped": 0}
@@ -223,9 +224,10 @@ def peak_memory_gb(device):
 
 
 def dry_run(args):
-    """The plan of a release (pllava-7b/13b/34b or its hub id), a local model folder or --init-from-config on
-    --gpus GPUs of --card-gb each, beside one training step rehearsed on fake tensors (plumbing/rehearse.py)
-    with the FSDP2 wrapping at that world size: nothing is read, loaded, downloaded or started."""
+    """The plan of a release (pllava-7b/13b/34b or its hub id), a local model folder or
+    --init-from-config on --gpus GPUs of --card-gb each, beside one training step rehearsed on fake
+    tensors (plumbing/rehearse.py) with the FSDP2 wrapping at that world size: nothing is read,
+    loaded, downloaded or started."""
     from plumbing import rehearse
     config, trainable = probe(args, args.model if args.model and os.path.isdir(args.model) else None)
     shards = mesh_shape(args.gpus, int(os.environ.get("LOCAL_WORLD_SIZE", args.gpus)))[-1]

@@ -1,5 +1,5 @@
-"""What trains, and where, for train.py: the model a run starts from (a checkpoint, or random weights),
-its LoRA, which parameters learn, and FSDP2 over the ranks (one rank too).
+"""What trains, and where, for train.py: the model a run starts from (a checkpoint, or random
+weights), its LoRA, which parameters learn, and FSDP2 over the ranks (one rank too).
 """
 
 import os
@@ -14,8 +14,9 @@ from weights import model_config, read_config
 
 
 def build_source(args, folder):
-    """The starting model, whole, on the CPU: the checkpoint memory-mapped in its stored dtype, or random
-    weights; LoRA added with seeded weights. Only rank 0 builds this; the others get a meta copy."""
+    """The starting model, whole, on the CPU: the checkpoint memory-mapped in its stored dtype, or
+    random weights; LoRA added with seeded weights. Only rank 0 builds this; the others get a meta
+    copy."""
     if folder:
         model = PLLaVA.from_pretrained(folder, dtype=None)
     else:
@@ -25,9 +26,9 @@ def build_source(args, folder):
 
 
 def preprocessing_folder(folder, tok_folder):
-    """Where the model's preprocessor_config.json is: its own folder, else the tokenizer's (a model made
-    from --init-from-config); when neither has one, the tokenizer's folder, where data.mean_std finds none
-    and gives CLIP's mean and std."""
+    """Where the model's preprocessor_config.json is: its own folder, else the tokenizer's (a model
+    made from --init-from-config); when neither has one, the tokenizer's folder, where
+    data.mean_std finds none and gives CLIP's mean and std."""
     for f in (folder, tok_folder):
         if f and os.path.isfile(os.path.join(f, "preprocessor_config.json")):
             return f
@@ -35,8 +36,8 @@ def preprocessing_folder(folder, tok_folder):
 
 
 def probe(args, folder):
-    """(config, trainable parameters) of the run, from a copy on the meta device (no memory): the LoRA
-    targets that name no linear layer of the model fail here, before it loads."""
+    """(config, trainable parameters) of the run, from a copy on the meta device (no memory): the
+    LoRA targets that name no linear layer of the model fail here, before it loads."""
     config = model_config(folder or args.model) if args.model else read_config(args.init_from_config)
     with torch.device("meta"):
         model = PLLaVA(config)
@@ -58,8 +59,8 @@ def add_lora(model, args):
 
 
 def set_trainable(model, args):
-    """The seed's split: projector + LoRA learn (LoRA alone with --freeze-projector); --full-finetune adds
-    the whole LLM; --train-all all."""
+    """The seed's split: projector + LoRA learn (LoRA alone with --freeze-projector);
+    --full-finetune adds the whole LLM; --train-all all."""
     for name, p in model.named_parameters():
         if args.train_all:
             p.requires_grad = True
@@ -72,17 +73,19 @@ def set_trainable(model, args):
 
 
 def mesh_shape(world: int, per_node: int) -> tuple:
-    """(world,): shard over every rank; over several nodes (replicas, ranks a node): HSDP, each node holding
-    a whole copy sharded over its own GPUs, so the frozen weights are gathered over NVLink, not over the
-    network between nodes (which carries only the trainable gradients' reduction)."""
+    """(world,): shard over every rank; over several nodes (replicas, ranks a node): HSDP, each
+    node holding a whole copy sharded over its own GPUs, so the frozen weights are gathered over
+    NVLink, not over the network between nodes (which carries only the trainable gradients'
+    reduction)."""
     if 1 < per_node < world and world % per_node == 0:
         return world // per_node, per_node
     return (world,)
 
 
 def shard(model, device, world, gpu_precision=None):
-    """FSDP2: every decoder block and the vision tower a unit of its own, then the root; bf16 compute with
-    fp32 weights and reductions on GPUs (gpu_precision: that policy whatever the device, for a rehearsal)."""
+    """FSDP2: every decoder block and the vision tower a unit of its own, then the root; bf16
+    compute with fp32 weights and reductions on GPUs (gpu_precision: that policy whatever the
+    device, for a rehearsal)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     shape = mesh_shape(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -99,8 +102,9 @@ def shard(model, device, world, gpu_precision=None):
 
 
 def setup_model(args, folder, rank, world, device):
-    """The model sharded with FSDP2 over every rank, one process too (a one-rank mesh, as torchtitan): one
-    path, one precision policy. Rank 0 reads the weights and broadcasts them; the others build on meta."""
+    """The model sharded with FSDP2 over every rank, one process too (a one-rank mesh, as
+    torchtitan): one path, one precision policy. Rank 0 reads the weights and broadcasts them; the
+    others build on meta."""
     source = build_source(args, folder) if rank == 0 else None
     box = [(source.config, lora.lora_shape(source.language_model)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -112,7 +116,8 @@ def setup_model(args, folder, rank, world, device):
     set_trainable(model, args)
     shard(model, device, world)
     model.to_empty(device=device)
-    # tensor by tensor, in the checkpoint's own dtype: each widened to fp32 only in its shard (a whole fp32
+    # tensor by tensor, in the checkpoint's own dtype: each widened to fp32 only in its shard (a
+    # whole fp32
     # copy would be 28 GB on rank 0 for 7B, 136 GB for 34B)
     state = source.state_dict() if rank == 0 else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -120,6 +125,7 @@ def setup_model(args, folder, rank, world, device):
     return model
 
 
-def checkpointing(model, on):
-    model.language_model.checkpointing = on
-    model.vision_tower.vision_model.checkpointing = on
+def recompute(model, on):
+    """Activation checkpointing: each layer's activations recomputed in the backward pass."""
+    model.language_model.recompute = on
+    model.vision_tower.vision_model.recompute = on

@@ -1,10 +1,12 @@
-"""What a training run leaves in --out and starts again from: checkpoints, resume, the exported model.
+"""What a training run leaves in --out and starts again from: checkpoints, resume, the exported
+model.
 
-out/checkpoints/step_N holds the trainable weights and the optimizer (sharded, torch.distributed.checkpoint),
-each rank's RNG state (safetensors), the step (state.json), and for LoRA runs the adapter + projector as
-safetensors. A checkpoint is written under a temporary name and renamed when complete, so a kill mid-save
-leaves the previous one intact. Nothing here unpickles, except the metadata file of torch's DCP format,
-which torch itself pickles: checkpoints, like code, should come from people you trust.
+out/checkpoints/step_N holds the trainable weights and the optimizer (sharded,
+torch.distributed.checkpoint), each rank's RNG state (safetensors), the step (state.json), and for
+LoRA runs the adapter + projector as safetensors. A checkpoint is written under a temporary name
+and renamed when complete, so a kill mid-save leaves the previous one intact. Nothing here
+unpickles, except the metadata file of torch's DCP format, which torch itself pickles: checkpoints,
+like code, should come from people you trust.
 """
 
 import json
@@ -43,8 +45,8 @@ def newest_checkpoint(out):
 
 
 def check_out(out, resume):
-    """Before anything slow: --out can be written, and holds checkpoints exactly when --resume asks for them
-    (a rerun without --resume would train for hours and then fail to save beside them)."""
+    """Before anything slow: --out can be written, and holds checkpoints exactly when --resume asks
+    for them (a rerun without --resume would train for hours and then fail to save beside them)."""
     found = newest_checkpoint(out)
     if found and not resume:
         raise ValueError(f"{out} already holds checkpoints (newest: {os.path.basename(found)}): add --resume to "
@@ -57,9 +59,10 @@ def check_out(out, resume):
 
 
 def check_shared_out(out, rank, world):
-    """Every rank must see the same --out: each writes its shards of a checkpoint there and rank 0 renames
-    the folder, so on disks of each node's own another node's shards would vanish. Rank 0 leaves a token;
-    a rank that does not find it stops the run (all of them) at start, in one line."""
+    """Every rank must see the same --out: each writes its shards of a checkpoint there and rank 0
+    renames the folder, so on disks of each node's own another node's shards would vanish. Rank 0
+    leaves a token; a rank that does not find it stops the run (all of them) at start, in one
+    line."""
     token = os.path.join(out, ".shared-check")
     mine = f"{os.getpid()}-{time.time_ns()}" if rank == 0 else None
     if rank == 0:
@@ -125,7 +128,8 @@ def load_checkpoint(model, optimizer, path, rank):
     keep = trainable_names(model)
     state = {"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)   # fails on any requested key the checkpoint lacks
-    # a checkpoint holds the trainable weights only: the frozen ones are set to what they already are,
+    # a checkpoint holds the trainable weights only: the frozen ones are set to what they already
+    # are,
     # so that the load stays strict (a key the model has and nothing gives is an error)
     set_state_dict(model, optimizer, model_state_dict={**model_sd, **state["model"]},
                    optim_state_dict=state["optim"])
@@ -138,9 +142,9 @@ def load_checkpoint(model, optimizer, path, rank):
 
 
 def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, prompt):
-    """A folder caption.py loads: config.json, model.safetensors, the adapter, the tokenizer files, the
-    preprocessor_config.json training normalized with, and prompt.json: the question, system line and
-    template it was trained with, which caption.py uses."""
+    """A folder caption.py loads: config.json, model.safetensors, the adapter, the tokenizer files,
+    the preprocessor_config.json training normalized with, and prompt.json: the question, system
+    line and template it was trained with, which caption.py uses."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return

@@ -222,7 +222,7 @@ def train_step_child(k):
     if k["impl"] == "ours":
         lm = PLLaVA.from_config(config, dtype=dtype, device=device).language_model
         add_lora(lm, r=128, alpha=32, dropout=0.0)
-        lm.checkpointing = k["checkpointing"]
+        lm.recompute = k["checkpointing"]
         for n, p in lm.named_parameters():
             p.requires_grad = ".lora_" in n
 

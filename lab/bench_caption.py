@@ -28,12 +28,6 @@ from quant import quantize_int8, weight_bytes
 SLOTS, VIDEOS = 8, 16
 
 
-def recipe(model, frames, shape):
-    """The model's config set to `frames` frames pooled to `shape`, as caption.py's flags set it."""
-    model.config.num_frames, model.config.pooling_shape = frames, tuple(shape)
-    return model
-
-
 def same_weights(model):
     """The model's weights under a config of its own (recipe() changes only the config): no second copy
     of 26 GB on the card for 13B."""
@@ -56,8 +50,8 @@ def bench_engine(ctx):
     decode phase (its prefills timed apart and taken out) and its whole run."""
     a = ctx["args"]
     cpu = a.device == "cpu"   # packing for a CPU (what caption.py runs there) changes the layers: a copy
-    model = recipe((copy.deepcopy if cpu else same_weights)(ctx["model"]), 4,
-                   (4,) + tuple(ctx["model"].config.pooling_shape[1:]))
+    model = (copy.deepcopy if cpu else same_weights)(ctx["model"])
+    model.config.recipe(4, (4,) + tuple(ctx["model"].config.pooling_shape[1:]))
     if cpu:
         pack_for_cpu(model.language_model)
     items = videos(model, VIDEOS, 4)
@@ -179,7 +173,7 @@ def bench_recipe(ctx):
     a = ctx["args"]
     full, few = same_weights(ctx["model"]), same_weights(ctx["model"])
     T, H, W = full.config.pooling_shape
-    recipe(few, 4, (4, H, W))
+    few.config.recipe(4, (4, H, W))
     lm = full.language_model   # the same weights for both
 
     def prefill_of(model, frames):

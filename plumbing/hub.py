@@ -23,6 +23,8 @@ import time
 
 import requests
 
+from plumbing.jsonl import hold
+from tokenizer import read_json
 from weights import ModelFolderError, safe_name
 
 REQUIRED = ["config.json", "tokenizer.model"]
@@ -54,29 +56,22 @@ def resolve(name: str, revision: str = "main", cache: str = None) -> str:
     complete = os.path.join(folder, ".complete")
     if os.path.exists(complete):
         return folder
+    made = [p for p in (os.path.dirname(folder), folder) if not os.path.isdir(p)]
     os.makedirs(folder, exist_ok=True)
-    with _Lock(os.path.join(folder, ".lock"), f"{name} is being downloaded by another process: waiting"):
+    lock = hold(os.path.join(folder, ".lock"), f"{name} is being downloaded by another process: waiting")
+    try:
         if not os.path.exists(complete):   # another process may have finished it while we waited
             _download_folder(name, revision, folder)
             open(complete, "w").close()
+    except BaseException:   # nothing came (offline, say): the folders this call made go, empty
+        if set(os.listdir(folder)) <= {".lock"}:
+            os.remove(os.path.join(folder, ".lock"))
+            for path in reversed(made):
+                os.rmdir(path)
+        raise
+    finally:
+        os.close(lock)
     return folder
-
-
-class _Lock:
-    def __init__(self, path, waiting):
-        self.path, self.waiting = path, waiting
-
-    def __enter__(self):
-        import fcntl
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(self.waiting, file=sys.stderr, flush=True)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
 
 
 def _download_folder(name, revision, folder):
@@ -196,7 +191,10 @@ def download(session, url: str, dest: str, optional: bool = False, retries: int 
     if os.path.exists(dest):
         return True
     partial, meta_path = dest + ".partial", dest + ".partial.json"
-    meta = _read_json(meta_path)   # what the server said of the file when the partial download began
+    try:   # what the server said of the file when the partial download began: a hint, {} when cut
+        meta = read_json(meta_path)
+    except (OSError, ValueError):
+        meta = {}
     for attempt in range(retries):
         try:
             meta = _fetch(session, url, partial, meta_path, meta, optional)
@@ -303,15 +301,6 @@ def _progress(name, got, size, rate, end=""):
     total = f"/{size / 1e6:.1f}" if size else ""
     eta = f", ETA {(size - got) / rate:.0f} s" if size and rate > 0 else ""
     print(f"\r{name}: {got / 1e6:.1f}{total} MB, {rate / 1e6:.1f} MB/s{eta}  ", end=end, file=sys.stderr, flush=True)
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            value = json.load(f)
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _remove(*paths):

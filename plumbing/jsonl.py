@@ -10,6 +10,7 @@ instead of doubling its rows. Neither the lock nor a rewrite's temporary file fo
 import errno
 import json
 import os
+import sys
 import tempfile
 
 
@@ -75,31 +76,40 @@ def _mend_last_line(f):
         f.truncate(pos)
 
 
-def _lock(path: str) -> int:
-    """An exclusive lock on path + ".lock", held as long as the returned descriptor is open (_unlock
-    removes the file; a lock taken on a file that was removed meanwhile is taken again on the new one).
-    A symlink planted at the lock's name is refused, never followed."""
+def hold(lock_path: str, waiting: str = None) -> int:
+    """An exclusive lock on the file lock_path (made if need be; a symlink planted there is refused, never
+    followed), held as long as the returned descriptor is open. Held by another process: Busy, or with
+    `waiting`, that line said once and the lock waited for. A lock file its holder removed meanwhile
+    (_unlock) is taken again on the new one."""
     import fcntl
     while True:
         try:
-            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             if e.errno != errno.ELOOP:
                 raise
-            raise ValueError(f"{path}.lock is a symbolic link: remove it (a lock is never followed)") from None
+            raise ValueError(f"{lock_path} is a symbolic link: remove it (a lock is never followed)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise Busy(f"{path} is being written by another run (pid {other}): wait for it to end, or use "
-                       f"another output") from None
+            if waiting is None:
+                other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise Busy(f"{lock_path[:-5]} is being written by another run (pid {other}): wait for it to "
+                           f"end, or use another output") from None
+            print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            if os.stat(path + ".lock", follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
-                break
+            if os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _lock(path: str) -> int:
+    """The lock of a JSONL file: FILE.lock, holding the writer's pid."""
+    fd = hold(path + ".lock")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd

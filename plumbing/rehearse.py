@@ -255,7 +255,7 @@ def training(args, config, world, checkpointing, batch=None, text_tokens=None) -
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         with fake:
             model.to_empty(device="cpu")
-            trainable.checkpointing(model, checkpointing)
+            trainable.recompute(model, checkpointing)
             model.train()
             learn = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(learn, lr=1e-5, foreach=True)

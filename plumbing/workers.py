@@ -2,9 +2,11 @@
 
 Native decoders can crash or hang on a bad file, and a hang cannot be interrupted from Python, so each
 call runs in a worker process that is killed and replaced when it takes too long or dies; the caller gets
-a VideoError for that item and the rest go on. Workers are plain `python` subprocesses that import this
-file and data.py only (no torch: they start in a fraction of a second), fed pickled (function, item)
-messages over their stdin and answering over their stdout.
+a VideoError for that item and the rest go on. Workers are isolated `python -I` subprocesses (no current
+folder, no PYTHONPATH, no secrets in their environment: they parse untrusted files) that import this file,
+data.py and fn's own module (shots.py: no torch, so they start in a fraction of a second), fed pickled
+(function, item) messages over their stdin and answering over their stdout, with heartbeats from a long
+decode that moves on (data.heartbeat).
 """
 
 import os

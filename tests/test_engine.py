@@ -227,11 +227,12 @@ def test_out_of_memory_at_cache_setup_too(tiny, monkeypatch):
 def test_a_model_built_for_bf16_never_holds_fp32_weights(monkeypatch):
     from helpers import TEXT, VISION
     seen = []
-    real = PLLaVA.init_weights
+    import weights
+    real = weights.init_weights
 
-    def init_weights(self, *a, **kw):   # the weights as they are first made: already bf16
-        seen.extend({p.dtype for p in self.parameters()})
-        return real(self, *a, **kw)
-    monkeypatch.setattr(PLLaVA, "init_weights", init_weights)
+    def init_weights(model, *a, **kw):   # the weights as they are first made: already bf16
+        seen.extend({p.dtype for p in model.parameters()})
+        return real(model, *a, **kw)
+    monkeypatch.setattr(weights, "init_weights", init_weights)
     model = PLLaVA.from_config(dict(vision_config=VISION, text_config=TEXT, image_token_index=110), dtype=torch.bfloat16)
     assert set(seen) == {torch.bfloat16} and {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from config import Config, VisionConfig
-from model import CLIPVision, LLaMA, PLLaVA, causal_mask, positions_of
+from model import LLaMA, PLLaVA, causal_mask, positions_of
+from vision import CLIPVision
 
 from helpers import (IMAGE_ID, TEXT, VISION, causal_lm, max_rel_err, randomize, reference_logits,
                      sample_inputs, tiny_llava)
@@ -119,7 +120,7 @@ def test_prompt_must_hold_one_image_token():
     hf, config = tiny_llava()
     ours = pllava_from(hf, config)
     ids, pixels, _ = sample_inputs(batch=1)
-    with pytest.raises(ValueError, match="exactly one <image>"):
+    with pytest.raises(ValueError, match="needs one <image>"):
         ours(ids.masked_fill(ids == IMAGE_ID, 5), pixels)
     with pytest.raises(ValueError, match="none without"):
         ours(ids)

@@ -184,7 +184,7 @@ def test_activation_checkpointing_gives_the_same_gradients(world, monkeypatch):
     pixels = torch.randn(2, 4, 3, 28, 28)
     grads = []
     for on in (False, True):
-        model.language_model.checkpointing = model.vision_tower.vision_model.checkpointing = on
+        model.language_model.recompute = model.vision_tower.vision_model.recompute = on
         model.zero_grad()
         calls.clear()
         model(ids, pixels, labels=labels).backward()

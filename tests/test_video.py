@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import data
+import sampler
 from data import VideoError, read_frames
 from plumbing.sources import find_videos
 from plumbing.workers import imap_unordered
@@ -96,13 +97,13 @@ def test_short_side_resize_and_keyframes_only(tmp_path):
 
 def counting_decoder(monkeypatch):
     seen = []
-    real = data._decoded
+    real = sampler.decoded
 
     def counted(path, container, stream):
         for frame in real(path, container, stream):
             seen.append(frame.time)
             yield frame
-    monkeypatch.setattr(data, "_decoded", counted)
+    monkeypatch.setattr(sampler, "decoded", counted)
     return seen
 
 
