@@ -19,7 +19,6 @@ import time
 import torch
 
 import shots
-from config import PRESETS, Config
 from data import UNREADABLE, VideoError, mean_std, normalize
 from engine import Engine, Item, OutOfMemory
 from generate import Sampling, ready_for_inference
@@ -29,7 +28,7 @@ from plumbing.cli import Stop
 from plumbing.jsonl import Busy
 from plumbing.outputs import Outputs, settings_id
 from plumbing.sources import canonical, find_videos
-from plumbing.workers import PoolError, cores_per_rank, failure, imap_unordered, tries_of
+from plumbing.workers import PoolError, cores_per_rank, failure, imap_unordered
 from tokenizer import TEMPLATES, Tokenizer, prompt_for, prompt_ids, stop_id
 from weights import RELEASES, ModelFolderError, model_config, read_config
 

@@ -133,14 +133,14 @@ def compare(a, b, interval, resamples):
     return out
 
 
-def table(summary):
-    """Markdown lines of the event table of judge.py's report."""
+def table(summary, files):
+    """Markdown lines of the event table of judge.py's report; `files`: {system: the file it came from}."""
     def fmt(s, name):
         return "-" if s[name] is None else f"{s[name]:.1f} [{s[name + '_ci'][0]:.1f}, {s[name + '_ci'][1]:.1f}]"
     lines = ["", f"Events ({summary['versions']}, at most {summary['max_events']} a caption; % with 95% CI):", "",
              "| system | n | precision | recall | F1 | contradicted | unparsed | failed |", "|---|---|---|---|---|---|---|---|"]
     for name, s in summary["systems"].items():
-        lines.append(f"| {name} | {s['n']} | {fmt(s, 'precision')} | {fmt(s, 'recall')} | {fmt(s, 'f1')} | "
+        lines.append(f"| {name}: {files[name]} | {s['n']} | {fmt(s, 'precision')} | {fmt(s, 'recall')} | {fmt(s, 'f1')} | "
                      f"{fmt(s, 'contradicted')} | {s['unparsed']} | {s['failed']} |")
     if "b_minus_a" in summary:
         c = summary["b_minus_a"]

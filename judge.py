@@ -168,7 +168,7 @@ def report_md(summary):
                       f"mean score {fmt(c['mean_score_diff'], c['mean_score_diff_ci'])}; "
                       f"B wins {c['b_wins']}, ties {c['ties']}, loses {c['b_losses']} (by score)."]
     if "events" in summary:
-        lines += events.table(summary["events"])
+        lines += events.table(summary["events"], summary["files"])
     return "\n".join(lines) + "\n"
 
 

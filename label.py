@@ -3,11 +3,13 @@
     DASHSCOPE_API_KEY=... python label.py videos/ --out labels.jsonl [--concurrency 16 --rpm 600 --shard 0/8]
     python label.py clean labels.jsonl --out clean.jsonl
     DASHSCOPE_API_KEY=... python label.py verify labels.jsonl --out verified.jsonl
+    DASHSCOPE_API_KEY=... python label.py recheck labels.jsonl --student captions.jsonl --share 0.3 --out rechecked.jsonl
 
 `verify` shows the teacher the same frames again (the same sampler and times: use the flags the
 labels were made with) with the label's sentences numbered, and keeps the ones the frames support:
 "caption" is the checked label (what train.py trains on), "caption_original" the teacher's, with
-the counts.
+the counts. `recheck` asks the teacher again, from --frames 8, for the --share of labels that a
+student (a model trained on them) agrees with least; the rest are copied (checks.py).
 
 Four frames per video (segment middles, as the seed) become JPEGs in decoding processes while the
 HTTP requests run on threads. One row per video, appended and fsynced as it finishes: {"video",
@@ -20,13 +22,12 @@ refused key, an empty account or a server that stays unreachable stops the run e
 
 import collections
 import functools
-import json
 import os
-import re
 import sys
 import time
 import zlib
 
+import checks
 import shots
 from clean import clean_file
 from data import UNREADABLE, VideoError
@@ -47,16 +48,18 @@ PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describ
           "do not guess names, sounds or anything outside the frames, and do not mention frames or images.")
 
 
-def parse_args(argv=None, verify=False):
+def parse_args(argv=None, mode="label"):
     p = cli.Parser(description="Label videos with an OpenAI-compatible vision model (`label.py clean FILE --out "
-                               "FILE` cleans the labels; `label.py verify FILE --out FILE` checks them against their frames).")
+                               "FILE` cleans the labels; `label.py verify FILE` checks them against their frames; `label.py recheck FILE "
+                               "--student CAPTIONS` asks again where a student disagrees).")
     p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
     p.add_argument("--out", help="the JSONL file the rows are appended to (default: labels.jsonl; verify: "
                                  "the input's name with .verified.jsonl)")
     add_api_flags(p, DASHSCOPE, "qwen-vl-max", "DASHSCOPE_API_KEY", concurrency=16)
     p.add_argument("--prompt", default=PROMPT, help="the instruction ({n}: the frame count)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--frames", type=cli.positive_int, default=4, help="frames sent per video (or shot), at the middles of equal segments")
+    p.add_argument("--frames", type=cli.positive_int, default=8 if mode == "recheck" else 4,
+                   help="frames sent per video (or shot), at the middles of equal segments (recheck: 8)")
     p.add_argument("--frames-as", choices=["video", "images"], default="video",
                    help="one Qwen 'video' part, or one image_url part per frame")
     p.add_argument("--max-side", type=cli.positive_int, default=768, help="longest side of each JPEG, pixels")
@@ -69,6 +72,9 @@ def parse_args(argv=None, verify=False):
     p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
     shots.add_flags(p)
     p.add_argument("--shard", default="0/1", help="K/N: label only the videos of shard K of N")
+    p.add_argument("--student", help="recheck: the student's captions (caption.py rows) of the labelled videos")
+    p.add_argument("--share", type=cli.fraction, default=0.3,
+                   help="recheck: the share of labels asked again, those the student agrees with least")
     p.add_argument("--overwrite", action="store_true",
                    help="label everything again (also what --out holds from a run with other settings)")
     p.add_argument("--retry-errors", action="store_true",
@@ -81,10 +87,14 @@ def parse_args(argv=None, verify=False):
         assert len(args.shard) == 2 and 0 <= args.shard[0] < args.shard[1]
     except (ValueError, AssertionError):
         p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
-    if verify:
-        args.out = args.out or os.path.splitext(args.source)[0] + ".verified.jsonl"
+    if mode != "label":
+        args.out = args.out or os.path.splitext(args.source)[0] + {"verify": ".verified.jsonl",
+                                                                     "recheck": ".rechecked.jsonl"}[mode]
         if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.out, args.source):
-            p.error(f"--out {args.out} is the labels being verified: write the checked labels to another file")
+            p.error(f"--out {args.out} is the labels being checked: write the checked labels to another file")
+    if mode == "recheck" and not args.student:
+        p.error("recheck needs --student CAPTIONS (caption.py's captions of the same videos by a model trained "
+                "on these labels)")
     args.out = args.out or "labels.jsonl"
     return args
 
@@ -147,16 +157,6 @@ def is_done(row, retry_errors=False):
     return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | {UNREADABLE})
 
 
-VERIFY = ("These are {frames} frames sampled evenly from one video, in order. Below are {n} numbered sentences "
-          "that describe it. For each sentence, say whether the frames support it (true) or not (false: it "
-          "describes something not visible, or different from what is visible).\n\n{sentences}\n\nAnswer with a "
-          "JSON object {{\"supported\": [true | false, ...]}}, one value per sentence, in order.")
-
-
-def sentences(text):
-    return [s.strip() for s in re.split(r"(?<=[.!?。！？])\s*", text) if s.strip()]
-
-
 def verify_one(client, args, labels, tries, settings, job):
     """((video, shot, _), data URLs) -> its label with the sentences its frames do not support
     taken out; "usage" is the check's own (the label's stays in "label_usage")."""
@@ -165,12 +165,13 @@ def verify_one(client, args, labels, tries, settings, job):
         key = (canonical(video), shot[0] if shot else None)
         return {**identify(job), **_label_one(client, args, "", video, urls, tries.get(key, 0))}
     label = labels[(canonical(video), shot[0] if shot else None)]
-    said = sentences(label["caption"])
-    prompt = VERIFY.format(frames=len(urls), n=len(said), sentences="\n".join(f"{i + 1}. {s}" for i, s in enumerate(said)))
+    said = checks.sentences(label["caption"])
+    listed = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(said))
+    prompt = checks.VERIFY.format(frames=len(urls), n=len(said), sentences=listed)
     for _ in range(3):   # an answer that does not parse is asked again, twice
         reply = client.chat(request(urls, prompt, args.frames_as), response_format={"type": "json_object"},
                             max_tokens=args.max_new_tokens)
-        marks = parse_marks(reply.content, len(said))
+        marks = checks.parse_marks(reply.content, len(said))
         if marks is not None:
             break
     else:
@@ -182,50 +183,54 @@ def verify_one(client, args, labels, tries, settings, job):
             "finish_reason": reply.finish_reason, "label_usage": label.get("usage"), "settings": settings}
 
 
-def read_labels(args):
-    """{(video, shot): row} of the labels to verify; labels made from other --frames are refused,
-    as the check is fair only on the frames a label was made from."""
-    labels = {shots.row_key(r): r for r in iter_rows(args.source, must_exist=True)
-              if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str) and r["caption"].strip()
-              and ("shot" not in r or shots.shot_of(r))}
-    made = {r["frames"] for r in labels.values() if isinstance(r.get("frames"), int)} - {args.frames}
-    if made:
-        raise ValueError(f"{args.source}: labels made from {sorted(made)[0]} frames: verify them with "
-                         f"--frames {sorted(made)[0]} (and the --max-side they were made with)")
-    return labels
-
-
-def parse_marks(text, n):
-    try:
-        marks = json.loads(text).get("supported")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return marks if isinstance(marks, list) and len(marks) == n and all(isinstance(m, bool) for m in marks) else None
-
-
 LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens", "temperature", "shots", "window",
                   "min_shot", "max_shot")
 
 
-def label(args, verify=False):
+def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
+    """((video, shot, _), data URLs of more frames) -> a new label from them, the old kept beside."""
+    row = label_one(client, args, prompt, tries, settings, job)
+    (video, shot, _), _ = job
+    key = (canonical(video), shot[0] if shot else None)
+    if "caption" not in row:
+        return row
+    return {**row, "caption_first": labels[key]["caption"], "frames_first": labels[key].get("frames"),
+            "rechecked": True, "agreement": round(chosen[key], 3)}
+
+
+def label(args, mode="label"):
+    """mode "label": the videos of args.source; "verify": the labels of args.source, each against its own
+    frames; "recheck": the labels the student agrees with least, each labelled again from more frames
+    (checks.py), the others copied as they are."""
     prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
     prompt = prompt.replace("{n}", str(args.frames))
     client = api_client(args)
     base = video_base(args.source)
-    videos = [] if verify else [v for v in find_videos(args.source) if in_shard(os.path.relpath(v, base), args.shard)]
+    videos = [v for v in find_videos(args.source) if in_shard(os.path.relpath(v, base), args.shard)] \
+        if mode == "label" else []
     decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
                                buffer=2 * args.concurrency, memory_gb=args.decode_memory)
-    stats = collections.Counter(cut=0) if shots.finder(args) and not verify else collections.Counter()
-    labels = read_labels(args) if verify else None
-    settings = settings_id(args, None, {"prompt": VERIFY if verify else prompt}, names=LABEL_SETTINGS)
+    stats = collections.Counter(cut=0) if shots.finder(args) and mode == "label" else collections.Counter()
+    labels = checks.read_labels(args.source, args.frames if mode == "verify" else None) if mode != "label" else {}
+    mine = {k: r for k, r in labels.items() if in_shard(os.path.relpath(k[0], base), args.shard)}
+    chosen = checks.to_recheck(labels, student_captions(args.student), args.share) if mode == "recheck" else {}
+    chosen = {k: a for k, a in chosen.items() if k in mine}   # chosen among all labels: shards agree
+    what = {"prompt": checks.VERIFY if mode == "verify" else prompt, "mode": mode}
+    names = LABEL_SETTINGS + (("share",) if mode == "recheck" else ())
+    settings = settings_id(args, None, what, names=names)
     tries = {}
     with Outputs(args.out, overwrite=args.overwrite) as out:
         done = out.resume(shots.row_key, functools.partial(is_done, retry_errors=args.retry_errors), settings,
                           tries)
-        if verify:   # the labels' own frames again (the same sampler, the same shot), one job a label
-            todo = [(r["video"], shots.shot_of(r), None) for k, r in labels.items()
-                    if k not in done and in_shard(os.path.relpath(k[0], base), args.shard)]
-            work = functools.partial(verify_one, client, args, labels, tries, settings)
+        if mode == "recheck":   # the labels kept as they are: written now, no request
+            for k, r in mine.items():
+                if k not in chosen and k not in done:
+                    out.write({**r, "settings": settings, "rechecked": False})
+        if mode != "label":   # the labels' videos (and shots) again, one job a label
+            todo = [(r["video"], shots.shot_of(r), None) for k, r in mine.items()
+                    if k not in done and (mode == "verify" or k in chosen)]
+            work = functools.partial(verify_one, client, args, labels, tries, settings) if mode == "verify" \
+                else functools.partial(recheck_one, client, args, prompt, labels, chosen, tries, settings)
         elif shots.finder(args):   # shots found in the decode workers, then each shot labelled alone
             todo = [v for v in videos if not shots.whole(v, done, out.shot_counts)]
             shots_of = shots.jobs(shots.counted(decode(shots.finder(args), todo), stats), done)
@@ -233,7 +238,7 @@ def label(args, verify=False):
         else:
             todo = [v for v in videos if (canonical(v), None) not in done]
             work = functools.partial(label_one, client, args, prompt, tries, settings)
-        asked = todo if verify else shots_of if shots.finder(args) else [(v, None, None) for v in todo]
+        asked = todo if mode != "label" else shots_of if shots.finder(args) else [(v, None, None) for v in todo]
         jobs = decode(functools.partial(shots.shot_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q), asked)
         failed, start = collections.Counter(), time.monotonic()
 
@@ -251,11 +256,23 @@ def label(args, verify=False):
             run_items(client, jobs, work, args.concurrency, out, args.max_failures_in_a_row, identify,
                       neutral=FILE_CODES, seen=seen)
         finally:
-            summary(args, stats, failed, (len(labels) if verify else len(videos)) - len(todo), start, verify)
+            total = len(mine) if mode != "label" else len(videos)
+            summary(args, stats, failed, total - len(todo), start, mode)
+            if mode == "recheck":
+                print(f"rechecked {len(chosen)} of {len(mine)} labels from {args.frames} frames: "
+                      f"{1 + len(chosen) / max(len(mine), 1):.2f} teacher calls a label in all", file=sys.stderr)
     retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] not in FINAL_CODES | {UNREADABLE})
     if retry and not stats["done"]:   # a run that did nothing did not work, whatever stopped it
-        raise Stop(f"no video was {'verified' if verify else 'labelled'} and {retry} failed (see above); they "
-                   f"are not marked done")
+        verb = {"label": "labelled", "verify": "verified", "recheck": "labelled again"}[mode]
+        raise Stop(f"no video was {verb} and {retry} failed (see above); they are not marked done")
+
+
+def student_captions(path):
+    """{(video, shot): caption} of the student's captions (caption.py's rows), for recheck."""
+    if not path:
+        raise ValueError("recheck needs --student CAPTIONS: the student's captions of the same videos")
+    return {shots.row_key(r): r["caption"] for r in iter_rows(path, must_exist=True)
+            if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str)}
 
 
 def progress(stats, finished, total, failed, start):
@@ -269,12 +286,13 @@ def progress(stats, finished, total, failed, start):
           end="", file=sys.stderr, flush=True)
 
 
-def summary(args, stats, failed, already, start, verify=False):
+def summary(args, stats, failed, already, start, mode="label"):
     elapsed = time.monotonic() - start
     n_failed = sum(failed.values())
     cost = (stats["in"] * args.price_in + stats["out"] * args.price_out) / 1e6
     retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] in RETRIED)
-    print(f"\n{'verified' if verify else 'labelled'} {stats['done']} ({stats['length']} cut at --max-new-tokens), "
+    done = {"label": "labelled", "verify": "verified", "recheck": "labelled again"}[mode]
+    print(f"\n{done} {stats['done']} ({stats['length']} cut at --max-new-tokens), "
           f"failed {n_failed}{f' ({retry} to try again: a decoder time or memory limit, or its crash)' if retry else ''}"
           f"{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
           f"{already} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost ${cost:.2f}; "
@@ -285,10 +303,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "clean":
         return cli.run(lambda: clean_file(argv[1:]), (OSError, ValueError, Busy))
-    verify = bool(argv) and argv[0] == "verify"
-    args = parse_args(argv[1:] if verify else argv, verify)
+    mode = argv[0] if argv and argv[0] in ("verify", "recheck") else "label"
+    args = parse_args(argv[1:] if mode != "label" else argv, mode)
     scrub = Redactor(os.environ.get(args.api_key_env, "").strip())
-    return cli.run(lambda: label(args, verify), (OSError, ValueError, Busy, Stop, PoolError), scrub)
+    return cli.run(lambda: label(args, mode), (OSError, ValueError, Busy, Stop, PoolError), scrub)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ import sys
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 
 from config import PRESETS, Config
-from generate import can_pack, compiled_decode, decode_one_token, pack_for_cpu, prefill
+from generate import can_pack, pack_for_cpu, prefill
 from lab import bench_caption, measure
 from lab.measure import PeakRSS, embeddings, format_row, our_decoder, row, value
 from lab.synthetic import clip
@@ -43,13 +42,17 @@ SIZES = {
 }
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
             "steps", "shots", "end2end", "rehearsal")   # from engine on: bench_caption.py
+CPU_SMALL_S = {}   # seconds each section took at --size small on this project's 2-core CPU (README)
+DEFAULT = ()       # the sections run without --only or --all: about 10 minutes there
 
 
 def parse_args(argv=None):
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="the model's size (random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
-    p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)} (default: "
+                                  f"{','.join(DEFAULT)}; --all: every one)")
+    p.add_argument("--all", action="store_true", help="every section (about 30 minutes at --size small on 2 cores)")
     p.add_argument("--repeats", type=cli.positive_int, default=5, help="timed turns of each side, after one warm-up")
     p.add_argument("--new-tokens", type=cli.positive_int, help="decode steps timed (default 200 on GPU, 32 on CPU)")
     p.add_argument("--decode-context", type=cli.positive_int, help="prompt length for the decode test (default: "
@@ -321,8 +324,6 @@ def main(argv=None):
 
 
 def bench(args):
-    sys.modules.setdefault("bench", sys.modules[__name__])   # bench_caption imports this, not a second copy
-    from lab import bench_caption
     if args.child:
         k = json.loads(args.child)
         torch.manual_seed(0)
@@ -333,7 +334,15 @@ def bench(args):
     cached = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.cache) for f in fs)
     print(f"cache: {args.cache} ({cached / 2**20:.0f} MB; --cache to move it)", file=sys.stderr)
     dtype = torch.bfloat16 if args.size in ("7b", "13b") else torch.float32
-    sections = args.only.split(",") if args.only else list(SECTIONS)
+    sections = args.only.split(",") if args.only else list(SECTIONS) if args.all else list(DEFAULT)
+    known = [CPU_SMALL_S[s] for s in sections if s in CPU_SMALL_S]
+    if args.size == "small" and not args.device.startswith("cuda") and known:
+        print(f"sections {','.join(sections)}: about {sum(known) / 60:.0f} minutes on a 2-core CPU (this "
+              f"project's machine; more on a busy one){'' if args.all else '; --all runs every section'}",
+              file=sys.stderr)
+    if args.size == "tiny":
+        print("size tiny: a check that every section runs; its timings are mostly too small to time (rows say "
+              "so), use --size small for numbers", file=sys.stderr)
     gpu = args.device.startswith("cuda")
     model = PLLaVA.from_config(Config.from_dict(SIZES[args.size]), dtype=dtype, device=args.device).eval()
     ctx = dict(args=args, model=model, dtype=dtype, new_tokens=args.new_tokens or (200 if gpu else 32),
@@ -350,21 +359,24 @@ def bench(args):
         ctx["fast_lm"] = ctx["paths"].get("packed", ctx["paths"]["plain"])[0]
     print(f"{env['device']}, torch {torch.__version__}, size {args.size} "
           f"({sum(p.numel() for p in model.language_model.parameters()) / 1e6:.0f}M LLM parameters), {dtype}")
-    rows = []
+    rows, seconds = [], {}
     for name in SECTIONS:
         if name in sections:
+            t = time.monotonic()
             try:
                 got = (globals().get(f"bench_{name}") or getattr(bench_caption, f"bench_{name}"))(ctx)
             except Exception as e:   # one section's failure (out of memory on a card, say) ends that section only
                 got = [value(f"{name}: failed ({type(e).__name__}: {str(e)[:200]})", "-", None)]
                 if gpu:
                     torch.cuda.empty_cache()
+            seconds[name] = round(time.monotonic() - t, 1)
             for r in got:
                 rows.append(r)
                 print(format_row(r), flush=True)
-                if args.json:   # written as each row comes: a section that fails later loses nothing
-                    measure.save(args.json, {"machine": {**env, "load_after": os.getloadavg()}, "size": args.size,
-                                             "rows": rows})
+            print(f"[{name}: {seconds[name]:.0f} s]", file=sys.stderr, flush=True)
+            if args.json:   # written after each section: a section that fails later loses nothing
+                measure.save(args.json, {"machine": {**env, "load_after": os.getloadavg()}, "size": args.size,
+                                         "section_seconds": seconds, "rows": rows})
         if name in ("vision", "roofline"):   # what later sections no longer need goes
             ctx.pop("clip", None)
             if name == "roofline":

@@ -62,7 +62,6 @@ def main(argv=None):
         f.writelines(json.dumps({"video": os.path.join(videos, f"v{i:02d}.mp4"), "caption": f"clip {i}"}) + "\n"
                      for i in range(16))
     tok = make_tokenizer(os.path.join(work, "tok"))
-    caption = os.path.join(ROOT, "caption.py")
 
     def captioned(name, model, *flags, timeout=180):
         out = os.path.join(work, f"{name}.jsonl")

@@ -160,15 +160,15 @@ def row(name, unit, result, work=None):
     """A table row from compare()'s result: times (seconds, lower is better), or with `work` (units done per
     call) rates (units/s). ratio > 1: ours better, either way; ratio_range: the pairs' ratios."""
     def side(s):
-        if s is None:
-            return None
-        if work is None:
+        if s is None or work is None:
             return s
+        if s["min"] <= 0:   # a time found by subtraction, below zero: the noise is larger than the work
+            return {"min": None, "median": None, "max": None, "n": s["n"]}
         return {"min": work / s["max"], "median": work / s["median"], "max": work / s["min"], "n": s["n"]}
     ours, ref = side(result["ours"]), side(result.get("reference"))
-    ratio = result["reference"]["median"] / result["ours"]["median"] if ref else None
+    small = result["ours"]["median"] < TOO_SMALL or any(s and s["median"] is None for s in (ours, ref))
+    ratio = result["reference"]["median"] / result["ours"]["median"] if ref and not small else None
     pairs = result.get("pair_ratios") or []
-    small = result["ours"]["median"] < TOO_SMALL
     return {"name": name, "unit": unit, "ours": ours, "reference": ref, "ratio": ratio,
             "ratio_range": [min(pairs), max(pairs)] if pairs else None, "too_small_to_time": small}
 

@@ -37,6 +37,7 @@ MOTIONS = [(d,) for d in DIRS] + [(a, b) for a in DIRS for b in DIRS if DIRS[a][
                                    and DIRS[a] != DIRS[b]]
 FRAMES = 16
 TEACHER_FRAMES = [int((i + 0.5) * FRAMES / 4) for i in range(4)]   # 2, 6, 10, 14
+RECHECK_FRAMES = [int((i + 0.5) * FRAMES / 8) for i in range(8)]   # 1, 3, ..., 15: label.py --frames 8
 SIZE_WORDS = ("large", "small", "tiny", "big")
 REFUSAL = "I'm sorry, but I cannot describe this video."
 
@@ -118,7 +119,8 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
             rows.append({"video": name, "caption": video_caption(colour, shape, cell, motion),
                          "truth": {"colour": colour, "shape": shape, "position": NAMES[cell], "motion": list(motion),
                                    "background": bg, "size": None},
-                         "seen": [list(map(float, centres[k])) for k in TEACHER_FRAMES]})
+                         # what each frame shows: the object's centre (a teacher reads the frames it gets)
+                         "centres": [[round(float(x), 2), round(float(y), 2)] for x, y in centres]})
         files[f"{split}_videos"] = rows
     for split, n in (("train", n_stills), ("test", n_test_stills)):
         rows = []
@@ -145,13 +147,15 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
     return files
 
 
-def teacher(rows, seed):
-    """label.py-shaped rows: each video labelled from what its 4 frames show (see the docstring)."""
-    rng = np.random.default_rng([seed, 4])
+def teacher(rows, seed, frames=TEACHER_FRAMES):
+    """label.py-shaped rows: each video labelled from what the frames it is shown show (the docstring);
+    shown more frames (label.py recheck --frames 8), it behaves the same, seeing more."""
+    rng = np.random.default_rng([seed, len(frames)])
     out = []
     for row in rows:
         t = row["truth"]
-        cells = [tuple(int(np.abs(np.array(CENTRES) - v).argmin()) for v in xy) for xy in row["seen"]]
+        seen = [row["centres"][k] for k in frames]
+        cells = [tuple(int(np.abs(np.array(CENTRES) - v).argmin()) for v in xy) for xy in seen]
         moves = []
         for (x0, y0), (x1, y1) in zip(cells, cells[1:]):
             step = [d for d, (dx, dy) in DIRS.items() if (dx and np.sign(x1 - x0) == dx) or (dy and np.sign(y1 - y0) == dy)]
@@ -160,7 +164,8 @@ def teacher(rows, seed):
             moves += [d for d in step if not moves or moves[-1] != d]
         size = "large" if rng.random() < 0.1 else ""
         caption = video_caption(t["colour"], t["shape"], cells[0], moves or ["nowhere"], size)
-        label = {"video": row["video"], "caption": caption, "model": "toy-teacher", "frames": 4, "finish_reason": "stop"}
+        label = {"video": row["video"], "caption": caption, "model": "toy-teacher", "frames": len(frames),
+                 "finish_reason": "stop"}
         u = rng.random()
         if u < 0.02:
             label["caption"] = REFUSAL

@@ -48,6 +48,7 @@ positive_int = _typed(int, lambda v: v > 0, "a whole number above 0")
 count = _typed(int, lambda v: v >= 0, "a whole number, 0 or more")
 positive = _typed(float, lambda v: 0 < v < float("inf"), "a number above 0")
 non_negative = _typed(float, lambda v: 0 <= v < float("inf"), "a number, 0 or more")
+fraction = _typed(float, lambda v: 0 <= v <= 1, "a share from 0 to 1")
 
 
 def shape(text):

@@ -40,8 +40,10 @@ def echoes(key):
 
 
 class ChaosAPI:
-    def __init__(self, answer, seed=0, final=lambda item: False, stall=4.0, trickle_gap=0.1, identify=None, script=None):
+    def __init__(self, answer, seed=0, final=lambda item: False, stall=4.0, trickle_gap=0.1, identify=None, script=None,
+                 key=KEY):
         self.answer, self.seed, self.final, self.stall, self.gap = answer, seed, final, stall, trickle_gap
+        self.key = key   # the key it accepts (None: any, as a local server)
         self.script = script or {}   # item: [action of attempt 1, of attempt 2, ...]; then the seed decides
         self.identify = identify or (lambda body: hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest())
         self.attempts, self.log, self.lock = {}, [], threading.Lock()
@@ -87,7 +89,7 @@ class ChaosAPI:
                 action = self.script[item].pop(0)
         if isinstance(action, tuple):   # (action, its argument): ("r429_long", "3600")
             action, arg = action
-        if headers.get("authorization") != f"Bearer {KEY}":
+        if self.key and headers.get("authorization") != f"Bearer {self.key}":
             action = "401"
         elif action.startswith("ok") and self.final(item):
             action = "moderated"

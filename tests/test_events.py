@@ -97,6 +97,8 @@ def test_event_precision_recall_f1_as_computed_by_hand(judged):
     assert diff["n"] == 2 and diff["f1_diff"] == pytest.approx(100 * (b["f1"] - a["f1"]) / 2)
     report = (rep / "report.md").read_text()
     assert "precision" in report and "events-v1, entail-v1" in report and "contradicted" in report
+    events_table = report[report.index("| system | n | precision"):]
+    assert "| a: " in events_table and "| b: " in events_table and "a.jsonl" in events_table   # named as above
 
 
 def test_events_are_listed_once_per_caption_and_cached(judged):

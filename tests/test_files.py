@@ -16,7 +16,7 @@ from plumbing.jsonl import Appender, Busy, read_rows
 from plumbing.workers import imap_unordered
 
 from fake_api import KEY, label_server
-from tools import ROOT, run_tool
+from tools import ROOT, run_main, run_tool
 from videos import read_index, solid_videos, write_video
 
 
@@ -160,7 +160,7 @@ def test_two_label_runs_on_one_output(tmp_path):
     ("train.py", ["--data", "a", "--out", "o", "--model", "m", "--keep", "0"])])
 def test_values_that_can_never_work_fail_once_at_start(tmp_path, tool, args):
     source = [] if tool in ("judge.py", "train.py") else [str(tmp_path)]
-    r = run_tool(tool, [*source, "--out", tmp_path / "o.jsonl", *args], env={"DASHSCOPE_API_KEY": KEY}, timeout=120)
+    r = run_main(tool, [*source, "--out", tmp_path / "o.jsonl", *args], env={"DASHSCOPE_API_KEY": KEY})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
     assert not os.path.exists(tmp_path / "o.jsonl")
 
@@ -189,7 +189,7 @@ def test_a_broken_checkpoint_fails_once_at_start(tmp_path, ckpt, breakage):
     videos.mkdir()
     write_video(str(videos / "a.mp4"), n_frames=6)
     out = tmp_path / "captions.jsonl"
-    r = run_tool("caption.py", [videos, "--model", model, "--out", out])
+    r = run_main("caption.py", [videos, "--model", model, "--out", out])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
     assert read_rows(str(out)) == []                                    # no row that a rerun would then skip
@@ -201,14 +201,14 @@ def test_missing_or_mistyped_inputs_leave_the_outputs_alone(tmp_path):
     (report / "summary.json").write_text("{\"earlier\": true}")
     (tmp_path / "clean.jsonl").write_text("{\"video\": \"kept\"}\n")
     video = write_video(str(tmp_path / "a.mp4"), n_frames=4)
-    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    env = {"OPENAI_API_KEY": KEY}
     cases = [["judge.py", "--gt", str(tmp_path / "missing.jsonl"), "--pred", str(tmp_path / "clean.jsonl"),
               "--out", str(report)],
              ["judge.py", "--gt", video, "--pred", str(tmp_path / "clean.jsonl"), "--out", str(report)],
              ["label.py", "clean", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "clean.jsonl")],
              ["label.py", "clean", video, "--out", str(tmp_path / "clean.jsonl")]]
     for args in cases:
-        r = run_tool(args[0], args[1:], env=env, timeout=60)
+        r = run_main(args[0], args[1:], env=env)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
     assert (report / "summary.json").read_text() == "{\"earlier\": true}"
@@ -300,7 +300,7 @@ def test_outputs_that_are_not_files_and_clean_into_its_own_input(tmp_path):
              ("label.py", ["clean", str(tmp_path / "labels.jsonl"), "--out", str(tmp_path / "labels.jsonl")]),
              ("label.py", [str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--rpm", "1e-300"])]
     for tool, args in cases:
-        r = run_tool(tool, args, env={"DASHSCOPE_API_KEY": KEY})
+        r = run_main(tool, args, env={"DASHSCOPE_API_KEY": KEY})
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
     assert (tmp_path / "labels.jsonl").read_text() == before and not os.path.exists("/dev/null.lock")

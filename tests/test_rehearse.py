@@ -2,7 +2,6 @@
 forgets), and the real code at the real sizes on fake tensors (plumbing/rehearse.py): memory against the
 plan, the ops a CUDA tensor takes, the attention a steady decode step chooses."""
 
-import os
 
 import pytest
 import torch

@@ -9,19 +9,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from test_train import coloured, train_args, world  # noqa: F401  (the module's world fixture)
+from test_train import train_args, world  # noqa: F401  (the module's world fixture)
 
-import train
 from data import read_clip_frames
 from plumbing.jsonl import read_rows
 from plumbing.workers import codec_threads, cores_per_rank
-from tokenizer import load_prompt, save_prompt, training_ids
+from tokenizer import load_prompt, training_ids
 from trainable import mesh_shape
 
-from helpers import make_tokenizer
 from tools import ROOT, run_command
 from videos import write_video
 

@@ -8,7 +8,6 @@ import av
 import numpy as np
 import pytest
 
-import data
 import sampler
 from data import VideoError, read_frames
 from plumbing.sources import find_videos

@@ -1,0 +1,64 @@
+"""The teacher's labels checked against frames (label.py verify, label.py recheck): the pure parts.
+
+verify shows the teacher a label's own frames again with its sentences numbered and keeps those the
+frames support: it catches what those frames contradict (an invented size), never a wrong guess about
+what happens between them. recheck brings evidence the label did not have, at a stated cost: the
+student (a model trained on the labels, which sees 16 frames) captions the same videos, and the share
+of labels it agrees with least is asked again of the teacher from more frames (--frames 8): a new label
+replaces the old. Calls per video: 1 + the share.
+"""
+
+import collections
+import json
+import re
+
+import shots
+from plumbing.jsonl import iter_rows
+
+VERIFY = ("These are {frames} frames sampled evenly from one video, in order. Below are {n} numbered sentences "
+          "that describe it. For each sentence, say whether the frames support it (true) or not (false: it "
+          "describes something not visible, or different from what is visible).\n\n{sentences}\n\nAnswer with a "
+          "JSON object {{\"supported\": [true | false, ...]}}, one value per sentence, in order.")
+
+
+def sentences(text):
+    return [s.strip() for s in re.split(r"(?<=[.!?。！？])\s*", text) if s.strip()]
+
+
+def parse_marks(text, n):
+    try:
+        marks = json.loads(text).get("supported")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return marks if isinstance(marks, list) and len(marks) == n and all(isinstance(m, bool) for m in marks) else None
+
+
+def read_labels(path, frames=None):
+    """{(video, shot): row} of the labelled rows of a file; with `frames`, labels made from other frames
+    are refused (verify is fair only on the frames a label was made from)."""
+    labels = {shots.row_key(r): r for r in iter_rows(path, must_exist=True)
+              if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str)
+              and r["caption"].strip() and ("shot" not in r or shots.shot_of(r))}
+    made = {r["frames"] for r in labels.values() if isinstance(r.get("frames"), int)} - {frames}
+    if frames and made:
+        raise ValueError(f"{path}: labels made from {sorted(made)[0]} frames: verify them with "
+                         f"--frames {sorted(made)[0]} (and the --max-side they were made with)")
+    return labels
+
+
+def agreement(a: str, b: str) -> float:
+    """How far two captions say the same: the F1 of their word pairs, case and punctuation aside. Word
+    pairs, not words: "moves right, then down" and "moves down, then right" hold the same words."""
+    def pairs(text):
+        words = re.findall(r"\w+", text.lower())
+        return collections.Counter(zip(words, words[1:]))
+    pa, pb = pairs(a), pairs(b)
+    return 2 * sum((pa & pb).values()) / max(sum(pa.values()) + sum(pb.values()), 1)
+
+
+def to_recheck(labels: dict, student: dict, share: float) -> dict:
+    """{key: agreement} of the labels to ask again: the `share` of all labels whose student caption
+    agrees with them least (ties by key, so the choice is the same on every run and every shard); a
+    label with no student caption is not among them."""
+    scored = sorted((agreement(labels[k]["caption"], student[k]), str(k), k) for k in labels if k in student)
+    return {k: a for a, _, k in scored[:int(round(share * len(labels)))]}

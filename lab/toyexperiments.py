@@ -1,0 +1,130 @@
+"""toy.py's experiments on the seed's claims and on cleaning the teacher's labels: each trains stage 2
+again from the same stage 1 with one change, and scores it on the held-out videos (and stills).
+
+ablations: the seed's two claims (pooling must keep time; LoRA and a lower share at inference limit the
+harm of poor video labels). cleaning: the teacher's labels cleaned with evidence they did not have, at
+a stated number of teacher calls a video (label.py recheck, and the alternatives it was chosen over).
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+import checks
+from lab.toyworld import FRAMES, RECHECK_FRAMES, TEACHER_FRAMES, teacher
+from plumbing.jsonl import read_rows
+
+
+def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, say, **_):
+    """The seed's two claims. 1: pooling must keep time (T' = 1; Video-ChatGPT's pooling). 2:
+    post-training an image-LLM with LoRA, and a lower LoRA share at inference, limits what poor
+    video labels do to it: the share swept at inference with the projector trained (the seed's
+    recipe) and frozen (then alpha 0 is stage 1 itself), full fine-tuning, and the same LoRA on the
+    generator's true captions; int8 too."""
+    from toy import VIDEO_Q, toy_config, train
+    tok = os.path.join(out, "world", "tokenizer")
+    for name, pooling, t_pool in (("pooling T'=1", "pllava", 1), ("Video-ChatGPT pooling", "vcgpt", None)):
+        tag = name.split()[0].lower()
+        start = os.path.join(out, f"stage1_{tag}")   # stage 1 with the other pooling
+        shutil.copytree(stage1, start)
+        cfg = json.load(open(os.path.join(start, "config.json")))
+        cfg.update(pooling=pooling, pooling_shape=toy_config(tok, args.frames, pooling, t_pool)["pooling_shape"])
+        json.dump(cfg, open(os.path.join(start, "config.json"), "w"), indent=2)
+        model = os.path.join(out, f"stage2_{tag}")
+        seconds = train(model, data["train_clean"], ["--model", start, "--prompt", VIDEO_Q], steps, batch, 2e-3,
+                        os.path.join(out, "logs", f"{os.path.basename(model)}.log"), args.seed)
+        evaluate(name, model, on_stills=False)
+        say(f"ablation {name}: stage 2 again in {seconds:.0f} s")
+    frozen = os.path.join(out, "stage2_frozen_projector")
+    train(frozen, data["train_clean"], ["--model", stage1, "--prompt", VIDEO_Q, "--freeze-projector"], steps, batch,
+          2e-3, os.path.join(out, "logs", "stage2_frozen_projector.log"), args.seed)
+    for alpha in (0, 8, 16, 64):   # trained with 32
+        evaluate(f"LoRA alpha {alpha}", stage2, ["--lora-alpha", str(alpha)])
+    for alpha in (0, 16, 32):
+        evaluate(f"frozen projector, LoRA alpha {alpha}", frozen, ["--lora-alpha", str(alpha)])
+    say("ablation: LoRA alpha swept at inference, projector trained and frozen")
+    full = os.path.join(out, "stage2_full")
+    seconds = train(full, data["train_clean"], ["--model", stage1, "--prompt", VIDEO_Q, "--full-finetune"], steps,
+                    batch, 1e-3, os.path.join(out, "logs", "stage2_full.log"), args.seed)
+    evaluate("full fine-tune", full)
+    say(f"ablation: full fine-tuning in {seconds:.0f} s")
+    truth = os.path.join(out, "stage2_truth")
+    train(truth, data["train_videos"], ["--model", stage1, "--prompt", VIDEO_Q], steps, batch, 2e-3,
+          os.path.join(out, "logs", "stage2_truth.log"), args.seed)
+    evaluate("LoRA on true captions", truth)
+    plain = {r["video"]: r["caption"] for r in read_rows(os.path.join(out, "captions_stage 2.jsonl"))}
+    int8 = evaluate("stage 2, int8 weights", stage2, ["--quantize", "int8"], on_stills=False)
+    results["stage 2, int8 weights"]["same caption as fp32"] = round(
+        100.0 * np.mean([int8.get(v) == c for v, c in plain.items()]), 1)
+    say("ablations: on true captions, and int8")
+
+
+
+
+OTHER_FRAMES = [k - 2 for k in TEACHER_FRAMES]   # 0, 4, 8, 12: the four between the teacher's own
+
+
+def cleaning(args, out, data, stage1, stage2, steps, batch, evaluate, results, say, files, **_):
+    """The teacher's cleaned labels, cleaned again with evidence the labels did not have, and stage 2
+    trained anew on each result: its calls to the teacher a video, the share of labels changed or
+    dropped, and the student's scores (in results, "cleaning: ..."). The teacher sees only the frames it
+    is shown; nothing is told the truth."""
+    from toy import VIDEO_Q, caption, clean, train
+    world, logs = os.path.join(out, "world"), os.path.join(out, "logs")
+    rows = {r["video"]: r for r in files["train_videos"]}
+    kept = {r["video"]: r for r in read_rows(data["train_clean"])}
+    student = caption(stage2, data["train_videos"], os.path.join(out, "student_on_train.jsonl"), VIDEO_Q,
+                      os.path.join(logs, "student_on_train.log"))
+    agree = {v: checks.agreement(kept[v]["caption"], student.get(v, "")) for v in kept}
+    results["cleaning: student agrees with its labels (exact, %)"] = {
+        "exact": round(100 * float(np.mean([a == 1.0 for a in agree.values()])), 1)}
+
+    def relabel(videos, frames, seed):
+        return {r["video"]: r for r in teacher([rows[v] for v in sorted(videos)], seed, frames)}
+
+    def recheck(share, frames):   # label.py recheck: the least agreeing share asked again from more frames
+        chosen = checks.to_recheck({(v, None): r for v, r in kept.items()},
+                                   {(v, None): c for v, c in student.items()}, share)
+        new = relabel({k[0] for k in chosen}, frames, args.seed + 17)
+        return {v: new.get(v, r) for v, r in kept.items()}, 1 + len(chosen) / len(rows), \
+            (len(TEACHER_FRAMES) * len(rows) + len(frames) * len(chosen)) / len(rows)
+
+    def drop(share):   # the disputed share left out, no call
+        chosen = checks.to_recheck({(v, None): r for v, r in kept.items()},
+                                   {(v, None): c for v, c in student.items()}, share)
+        return {v: r for v, r in kept.items() if (v, None) not in chosen}, 1.0, len(TEACHER_FRAMES)
+
+    def consensus():   # a second label from four other frames: a label both agree on, else none
+        other = relabel(kept, OTHER_FRAMES, args.seed + 29)
+        return {v: r for v, r in kept.items() if other[v]["caption"] == r["caption"]}, 2.0, 2 * len(TEACHER_FRAMES)
+
+    def from_the_start(frames):   # every video labelled from more frames in the first place
+        return relabel(rows, frames, args.seed + 31), 1.0, len(frames)
+
+    every = list(range(FRAMES))
+    variants = {"recheck 30% from 8 frames (label.py recheck's default)": lambda: recheck(0.3, RECHECK_FRAMES),
+                "recheck 30% from 16 frames": lambda: recheck(0.3, every),
+                "recheck 15% from 16 frames": lambda: recheck(0.15, every),
+                "drop the disputed 30%": lambda: drop(0.3), "two labels from 4 frames each, kept where they agree":
+                consensus, "every video from 8 frames": lambda: from_the_start(RECHECK_FRAMES),
+                "every video from 16 frames": lambda: from_the_start(every)}
+    for name, make in variants.items():
+        labels, calls, frames = make()
+        raw = os.path.join(world, f"cleaning_{len(results)}.jsonl")
+        with open(raw, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in labels.values()))
+        cleaned = clean(raw, raw.replace(".jsonl", "_clean.jsonl"), os.path.join(logs, "clean.log"))
+        after = {r["video"]: r["caption"] for r in cleaned}
+        changed = sum(after.get(v) != r["caption"] for v, r in kept.items()) / len(kept)
+        model = os.path.join(out, f"stage2_cleaning_{len(results)}")
+        seconds = train(model, raw.replace(".jsonl", "_clean.jsonl"), ["--model", stage1, "--prompt", VIDEO_Q],
+                        steps, batch, 2e-3, os.path.join(logs, f"{os.path.basename(model)}.log"), args.seed)
+        evaluate(f"cleaning: {name}", model, on_stills=False)
+        results[f"cleaning: {name}"].update({"teacher calls a video": round(calls, 3),
+                                             "frames sent a video": round(frames, 2),
+                                             "labels changed or dropped (%)": round(100 * changed, 1)})
+        say(f"cleaning {name}: {calls:.2f} calls and {frames:.1f} frames a video, {100 * changed:.0f}% of labels "
+            f"changed or dropped, "
+            f"stage 2 again in {seconds:.0f} s")

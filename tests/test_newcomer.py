@@ -1,0 +1,89 @@
+"""A newcomer's first hour: the README's path from a folder of one's own videos and a local
+OpenAI-compatible endpoint to captions from one's own fine-tuned model, command by command as the README
+gives them (docs/quickstart.md); and what a first try gets wrong: a failed start leaves nothing behind, a
+model is named one way everywhere."""
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+from plumbing.jsonl import read_rows
+
+from chaos_api import ChaosAPI
+from tools import ROOT, free_port, run_tool
+from videos import solid_videos
+
+GUIDE = os.path.join(ROOT, "docs", "quickstart.md")
+
+
+def guide_commands():
+    """The shell commands of docs/quickstart.md's code blocks, in order (comments and blanks left out)."""
+    text = open(GUIDE).read()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_the_quickstart_runs_as_written_against_a_local_teacher(ckpt, tmp_path):
+    """The guide's commands, with its placeholders filled: my_videos/ (12 videos), the endpoint (a fake
+    teacher on localhost), the model to start from (a tiny one in toy_out/stage2's place)."""
+    solid_videos(str(tmp_path / "my_videos"), 12, size=(64, 48))
+    shutil.copytree(ckpt, tmp_path / "toy_out" / "stage2")
+    api = ChaosAPI(lambda body, item: "A small square glows in the middle of the frame.", identify=lambda b: "x",
+                   script={"x": ["ok"] * 1000}, key=None)   # a local server: any key, no faults
+    commands = guide_commands()
+    tools = [c.split()[c.split().index("python") + 1] for c in commands]
+    assert tools == ["label.py", "label.py", "train.py", "caption.py", "label.py", "train.py", "caption.py"], commands
+    try:
+        for command in commands:
+            words = command.replace("http://localhost:8000/v1", api.url).split()
+            env = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_]+=.*", w))
+            args = [w for w in words if not re.fullmatch(r"[A-Z_]+=.*", w)]
+            assert args[0] == "python", command
+            r = run_tool(args[1], args[2:], env=env, cwd=tmp_path, timeout=600)
+            assert r.returncode == 0, (command, r.stderr[-3000:])
+    finally:
+        api.close()
+    labels, clean = read_rows(str(tmp_path / "labels.jsonl")), read_rows(str(tmp_path / "clean.jsonl"))
+    assert len(labels) == 12 and len(clean) == 12   # a templated answer: kept, not dropped as duplicates
+    captions = read_rows(str(tmp_path / "captions.jsonl"))
+    assert len(captions) == 12 and all("caption" in r for r in captions)
+    model = tmp_path / "runs" / "mine" / "model"
+    assert json.load(open(model / "prompt.json"))["template"] == "vicuna"
+    rechecked = read_rows(str(tmp_path / "rechecked.jsonl"))               # the share the student disputes, again
+    assert len(rechecked) == 12 and 1 <= sum(r["rechecked"] for r in rechecked) <= 4
+    assert all(len(captions) == 12 for captions in [read_rows(str(tmp_path / "captions2.jsonl"))])
+
+
+def test_a_failed_start_leaves_nothing_behind(ckpt, tmp_path, monkeypatch):
+    """Offline with the default model: no captions.jsonl, no cache folder. A model folder without a
+    tokenizer.model: no output file either."""
+    video = tmp_path / "v.mp4"
+    solid_videos(str(tmp_path / "v"), 1)
+    shutil.copy(tmp_path / "v" / "v00.mp4", video)
+    cache = tmp_path / "cache"
+    r = run_tool("caption.py", [video], cwd=tmp_path, env={"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+                                                          "PLLAVA_CACHE": str(cache)}, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "ermu2001/pllava-7b" in r.stderr and not (tmp_path / "captions.jsonl").exists()
+    assert not cache.exists() or not any(cache.rglob("*")), list(cache.rglob("*"))
+    broken = tmp_path / "model"
+    shutil.copytree(ckpt, broken)
+    os.remove(broken / "tokenizer.model")
+    r = run_tool("caption.py", [video, "--model", broken, "--out", tmp_path / "out.jsonl"], timeout=300)
+    assert r.returncode == 1 and "tokenizer.model" in r.stderr and not (tmp_path / "out.jsonl").exists()
+    assert not list(tmp_path.glob("out.jsonl*"))
+
+
+@pytest.mark.parametrize("model", ["pllava-13b", "ermu2001/pllava-13b"])
+def test_a_model_is_named_one_way_everywhere(model, tmp_path):
+    """A release by its name or its hub id: the plans read it without a download, and a refusal never
+    suggests the flag already given."""
+    r = run_tool("caption.py", [tmp_path, "--model", model, "--dry-run", "--card-gb", "24", "--quantize", "int8",
+                                "--batch-size", "32"])
+    assert r.returncode == 1 and "does not fit" in r.stderr and "--quantize int8" not in r.stderr, r.stderr
+    r = run_tool("train.py", ["--model", model, "--dry-run", "--gpus", "8", "--batch-size", "2"])
+    assert r.returncode == 0 and "on 8 GPU(s)" in r.stdout, r.stderr
