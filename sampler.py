@@ -1,13 +1,13 @@
 """How data.read_frames finds the frame on screen at each time it asks for, in four named steps
 (read):
 
-1. plan by time: n times over the duration the file states (or over a span inside it), and the
-frame
-   on screen at each, seeking to the keyframe before a far one and decoding forward (a _Cursor);
-2. re-plan over the true end: when the file ends well before the end its header states, plan again
-   over where it really ends;
-3. no seeking: when FFmpeg cannot seek in the file, the same plan read in one pass from the start;
-4. by index: a file with no timestamps, or no duration to plan over, gives frames by their index.
+1. by time: n times over the duration the file states (or over a span inside it), and the frame on
+   screen at each, seeking to the keyframe before a far one and decoding forward (a _Cursor);
+2. over the true end: when the file ends well before the end its header states, the times again over
+   where it really ends;
+3. no seeking: when FFmpeg cannot seek in the file, the same times read in one pass from the start;
+4. by index: a file with no timestamps, or no duration to spread times over, gives frames by their
+   index.
 """
 
 import av
@@ -22,7 +22,7 @@ SCAN_MARGIN = 8     # frames before a target from where every frame is decoded (
 
 
 def read(path, n, offsets, size, keyframes_only, span=None):
-    """n frames, one at each planned time: the four steps of this file's docstring."""
+    """n frames, one at each of n times: the four steps of this file's docstring."""
     with open_video(path, keyframes_only)[0] as container:
         start, duration = time_span(container, container.streams.video[0])
     try:
@@ -56,14 +56,14 @@ def _times(start, duration, n, offsets, span):
     return [start + lo + (i + u) * (hi - lo) / n for i, u in enumerate(offsets)]
 
 
-def _sample_by_time(path, plan, size, keyframes_only):
+def _sample_by_time(path, times, size, keyframes_only):
     """Steps 1 and 3: (frames, None), or (frames, the true end) when the file ended early (step 2's
     cue)."""
     for seekable in (True, False):
         with open_video(path, keyframes_only)[0] as container:
             try:
                 stream = container.streams.video[0]
-                return _by_time(path, container, stream, plan, size, seekable, not keyframes_only)
+                return _by_time(path, container, stream, times, size, seekable, not keyframes_only)
             except _NoSeek:
                 continue
 
@@ -99,18 +99,18 @@ def to_rgb(frame, size):
     return np.ascontiguousarray(a)
 
 
-def _by_time(path, container, stream, plan, size, seekable, skip_b_frames=True):
-    """The frame on screen at each planned time: (frames, None), or (frames, true end) when the
-    file ended well before the plan (its header lied about the duration)."""
+def _by_time(path, container, stream, times, size, seekable, skip_b_frames=True):
+    """The frame on screen at each of `times`: (frames, None), or (frames, true end) when the file
+    ended well before the last (its header lied about the duration)."""
     cursor, frames = _Cursor(path, container, stream, skip_b_frames), []
-    for t in plan:
+    for t in times:
         if cursor.frames is None and not seekable:   # step 3: one pass from the start
             cursor.frames = decoded(path, container, stream)
         elif cursor.frames is None or (seekable and not cursor.eof and cursor.worth_seeking(t)):
             cursor.seek(t)
         frames.append(to_rgb(cursor.frame_at(t), size))
     step = 1 / float(stream.average_rate) if stream.average_rate else 0.04
-    if cursor.eof and plan[-1] > cursor.cur.time + 2 * step:
+    if cursor.eof and times[-1] > cursor.cur.time + 2 * step:
         return frames, cursor.cur.time + step
     return frames, None
 

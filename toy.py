@@ -1,28 +1,27 @@
-"""The whole loop on a laptop CPU, on a synthetic video world: python toy.py [--out DIR] [--quick]
-[--ablations] [--nproc N]
+"""The whole loop on a laptop CPU, on a synthetic video world:
 
-1. A world (toyworld.py): videos of a coloured shape that rests, moves (one direction, or two in
-turn) and
-   rests again, at times drawn per video, on named dark backgrounds; stills of the same objects, whose
-   captions also name the background; a SentencePiece tokenizer trained on the captions.
+    python toy.py [--out DIR] [--quick] [--ablations] [--cleaning] [--nproc N]
+
+1. A world (lab/toyworld.py): videos of a coloured shape that rests, moves (one direction, or two
+   in turn) and rests again, at times drawn per video, on named dark backgrounds; stills of the
+   same objects, whose captions also name the background; a SentencePiece tokenizer trained on the
+   captions.
 2. The seed's teacher in miniature: each training video labelled from 4 of its 16 frames; what
-happens
-   between them it gets wrong or guesses, one label in ten invents a size, a few are refusals, loops,
-   boilerplate or cut; `label.py clean` cleans them.
+   happens between them it gets wrong or guesses, one label in ten invents a size, a few are
+   refusals, loops, boilerplate or cut; `label.py clean` cleans them.
 3. Stage 1, an image-LLM from scratch: `train.py --train-all` on stills ("a red circle at the top
-left, on
-   a navy background.") and on long-exposure stills whose motion shows as a fading trail. The trails stand
-   in for what a real image-LLM brings from its text pretraining: the words of motion. Videos never have
-   trails: reading motion from time is what stage 2 must learn.
+   left, on a navy background.") and on long-exposure stills whose motion shows as a fading
+   trail. The trails stand in for what a real image-LLM brings from its text pretraining: the
+   words of motion. Videos never have trails: reading motion from time is what stage 2 must learn.
 4. Stage 2, the seed's post-training: `train.py` (LoRA on q_proj/k_proj + the projector) on the
-teacher's
-   cleaned labels. The student sees all 16 frames (pooled to 4 x 3 x 3 tokens).
+   teacher's cleaned labels. The student sees all 16 frames (pooled to 4 x 3 x 3 tokens).
 5. `caption.py` on held-out videos and stills, scored attribute by attribute against the
-generator's truth
-   and against the teacher, with the seed's two judge figures (a 0-5 score and a verdict) by rule.
+   generator's truth and against the teacher, with the seed's two judge figures (a 0-5 score and
+   a verdict) by rule.
 6. --ablations: pooling that collapses time (T'=1) and Video-ChatGPT's pooling; the LoRA share
-swept at
-   inference with the projector trained and frozen; full fine-tuning; LoRA on the true captions; int8.
+   swept at inference with the projector trained and frozen; full fine-tuning; LoRA on the true
+   captions; int8. --cleaning: the teacher's labels cleaned with evidence they did not have
+   (label.py recheck and the alternatives; lab/toyexperiments.py).
 Everything runs through the same train.py / caption.py / label.py a 16-GPU run uses, as
 subprocesses.
 """

@@ -23,6 +23,7 @@ from generate import Sampling, generate, pack_for_cpu, prefill
 from lab import measure
 from lab.measure import row, value
 from lab.synthetic import clip
+from plumbing.rehearse import counting_reads
 from quant import quantize_int8, weight_bytes
 
 SLOTS, VIDEOS = 8, 16
@@ -248,21 +249,9 @@ def count_ops(fn):
 def host_reads(fn):
     """How many times fn() reads a tensor back on the host (.tolist(), .item(), bool(), int()): each one a
     sync on a GPU."""
-    reads, names = [0], ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
-    real = {name: getattr(torch.Tensor, name) for name in names}
-
-    def counting(name):
-        def read(self, *a, **kw):
-            reads[0] += 1
-            return real[name](self, *a, **kw)
-        return read
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, counting(name))
+    reads = [0]
+    with counting_reads(reads):
         fn()
-    finally:
-        for name in names:
-            setattr(torch.Tensor, name, real[name])
     return reads[0]
 
 

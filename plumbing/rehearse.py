@@ -194,7 +194,7 @@ def decode_step(config, slots, context, dtype=torch.bfloat16, int8=False, compil
     reads = [0]
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_model(config, dtype, fake, int8)
-    with fake, _counting_reads(reads), fused_flex_attention():
+    with fake, counting_reads(reads), fused_flex_attention():
         lm, c = model.language_model, config.text_config
         engine = RehearsedEngine(model, slots, Sampling(max_new_tokens=256, stop_ids=()), compile_mode=None)
         engine.compiled = compiled
@@ -216,7 +216,7 @@ def decode_step(config, slots, context, dtype=torch.bfloat16, int8=False, compil
 
 
 @contextlib.contextmanager
-def _counting_reads(reads):
+def counting_reads(reads):
     """Every read of a tensor on the host (.tolist(), .item(), bool(), int()...) counted: each is a sync
     on a GPU (on fake tensors it would fail anyway)."""
     names = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")

@@ -92,10 +92,10 @@ def test_turns_alternate_and_the_spread_is_reported(clock):
 
 
 def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path):
-    """The tool as a user starts it, on the tiny size and sections of both kinds (model steps against
-    transformers, the engine and the whole caption.py): sane numbers (or "too small to time"), the
-    machine recorded, and no section failed."""
-    sections = "decode,load,engine,int8,end2end"
+    """The tool as a user starts it, on the tiny size, with the sections that take seconds there (the
+    model's steps against transformers, the sampler, the recipe, the decode step's counts, shots): sane
+    numbers (or "too small to time"), the machine and each section's time recorded, no section failed."""
+    sections = "vision,prefill,decode,roofline,sampler,recipe,steps,shots"
     out = tmp_path / "bench.json"
     r = run_command([sys.executable, "-m", "lab.bench", "--size", "tiny", "--only", sections, "--repeats", "2", "--new-tokens", "4",
                               "--load-gb", "0.02", "--sampler-minutes", "0.2", "--cache", str(tmp_path / "cache"),
@@ -107,9 +107,11 @@ def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path):
         assert machine.get(key) is not None, key
     names = [row["name"] for row in report["rows"]]
     assert not [n for n in names if "failed (" in n], names
-    assert sum(n.startswith("decode (") and "steps after" in n for n in names) >= 2 and any("load a" in n for n in names)
-    for prefix in ("continuous", "int8", "decode int8", "caption.py end to end"):
+    assert sum(n.startswith("decode (") and "steps after" in n for n in names) >= 4
+    for prefix in ("vision tower", "prefill", "memory bandwidth", "16 frames from", "frames + prefill", "decode step",
+                   "shot detection"):
         assert any(n.startswith(prefix) for n in names), prefix
+    assert sorted(report["section_seconds"]) == sorted(sections.split(","))
     for row in report["rows"]:
         for side in ("ours", "reference"):
             s = row[side]

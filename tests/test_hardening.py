@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from work import beating, silent, worker_env
+from work import beating, decode_workers, silent, worker_env
 
 import caption
 import data
@@ -71,18 +71,6 @@ def test_3_a_failure_that_may_not_repeat_is_tried_again_up_to_a_stated_number_of
     assert not caption.is_done(rows[0]) and caption.is_done(rows[-1])
     assert failure(data.VideoError("v.mp4: no video stream"))["code"] == "unreadable_video"
     assert set(RETRIED) == {"decode_timeout", "decoder_died", "decode_memory"}
-
-
-def decode_workers(parent):
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat, cmd = open(f"/proc/{pid}/stat").read(), open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"workers._serve" in cmd:
-            found.append(int(pid))
-    return found
 
 
 def test_3_chaos_a_stalled_decoder_is_retried_by_the_next_run_not_final(ckpt, tmp_path):

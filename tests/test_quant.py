@@ -14,7 +14,7 @@ from quant import Int8Linear, quantize_int8, weight_bytes
 from tokenizer import prompt_ids
 
 from conftest import tiny_model
-from tools import run_tool
+from tools import run_main, run_tool
 from videos import write_video
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -75,7 +75,8 @@ def test_caption_with_int8_fewer_frames_and_tokens(tiny, tmp_path):
 def test_recipe_flags_that_cannot_work_say_so_in_one_line(tiny, tmp_path, args, says):
     _, _, folder = tiny
     write_video(str(tmp_path / "v.mp4"), n_frames=8)
-    r = run_tool("caption.py", [tmp_path, "--model", folder, "--out", tmp_path / "c.jsonl", *args])
+    with torch.enable_grad():   # as a user's process starts: not under this file's no_grad
+        r = run_main("caption.py", [tmp_path, "--model", folder, "--out", tmp_path / "c.jsonl", *args])
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
     assert not (tmp_path / "c.jsonl").exists() or not read_rows(str(tmp_path / "c.jsonl"))
@@ -84,17 +85,20 @@ def test_recipe_flags_that_cannot_work_say_so_in_one_line(tiny, tmp_path, args, 
 RECIPE = ["--frames", "4", "--pooling-shape", "4,12,12"]   # Open-Sora's: 576 visual tokens
 
 
-@pytest.mark.parametrize("model, card, quantize, recipe, batch, fits", [("pllava-13b", "80", "none", [], 8, True),
-                                                                        ("pllava-13b", "24", "none", RECIPE, 4, False),
-                                                                        ("pllava-13b", "24", "int8", RECIPE, 12, False),
-                                                                        ("pllava-13b", "24", "int8", RECIPE, 8, True),
-                                                                        ("pllava-34b", "80", "none", [], 8, False),
-                                                                        ("pllava-34b", "80", "int8", [], 8, True)])
+SLOW = pytest.mark.slow   # a rehearsal of every layer at 13B / 34B on fake tensors: 10-25 s each
+
+
+@pytest.mark.parametrize("model, card, quantize, recipe, batch, fits", [
+    ("pllava-13b", "80", "none", [], 8, True), ("pllava-13b", "24", "none", RECIPE, 4, False),
+    pytest.param("pllava-13b", "24", "int8", RECIPE, 12, False, marks=SLOW), ("pllava-13b", "24", "int8", RECIPE, 8, True),
+    pytest.param("pllava-34b", "80", "none", [], 8, False, marks=SLOW),
+    pytest.param("pllava-34b", "80", "int8", [], 8, True, marks=SLOW)])
 def test_a_dry_run_plans_13b_and_34b_on_a_card_before_loading_anything(tmp_path, model, card, quantize, recipe, batch,
                                                                       fits):
     """13B bf16 is 26.8 GB of weights: never on a 24 GB card; int8 is 13.8 GB, and with Open-Sora's 576
     tokens 8 slots fit (12 do not: their KV cache is 9.2 GB). The rehearsal on fake tensors agrees."""
-    r = run_tool("caption.py", [tmp_path, "--model", model, "--dry-run", "--card-gb", card, "--batch-size", str(batch),
-                                "--quantize", quantize, *recipe])
+    with torch.enable_grad():   # as a user's process starts: not under this file's no_grad
+        r = run_main("caption.py", [tmp_path, "--model", model, "--dry-run", "--card-gb", card, "--batch-size",
+                                    str(batch), "--quantize", quantize, *recipe])
     assert (r.returncode == 0) == fits, r.stdout + r.stderr
     assert ("weights" in r.stdout and "kv_cache" in r.stdout) if fits else "does not fit" in r.stderr

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 from test_train import train_args, world  # noqa: F401  (the module's world fixture)
+from work import decode_workers
 
 from data import read_clip_frames
 from plumbing.jsonl import read_rows
@@ -21,20 +22,6 @@ from trainable import mesh_shape
 
 from tools import ROOT, run_command
 from videos import write_video
-
-
-def decode_workers(parent):
-    """The pids of the decode workers a process started (their command line names workers._serve)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = open(f"/proc/{pid}/stat").read()
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"workers._serve" in cmd:
-            found.append(int(pid))
-    return found
 
 
 def test_a_stalled_decoder_is_that_sample_skipped_with_its_path_and_training_goes_on(world, tmp_path):
