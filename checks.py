@@ -4,8 +4,8 @@ verify shows the teacher a label's own frames again with its sentences numbered 
 frames support: it catches what those frames contradict (an invented size), never a wrong guess about
 what happens between them. recheck brings evidence the label did not have, at a stated cost: the
 student (a model trained on the labels, which sees 16 frames) captions the same videos, and the share
-of labels it agrees with least is asked again of the teacher from more frames (--frames 8): a new label
-replaces the old. Calls per video: 1 + the share.
+of labels it agrees with least is asked again of the teacher from more frames (--frames 16): a new
+label replaces the old. Calls per video: 1 + the share (docs/toy.md compares it with other cleanings).
 """
 
 import collections

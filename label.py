@@ -3,12 +3,12 @@
     DASHSCOPE_API_KEY=... python label.py videos/ --out labels.jsonl [--concurrency 16 --rpm 600 --shard 0/8]
     python label.py clean labels.jsonl --out clean.jsonl
     DASHSCOPE_API_KEY=... python label.py verify labels.jsonl --out verified.jsonl
-    DASHSCOPE_API_KEY=... python label.py recheck labels.jsonl --student captions.jsonl --share 0.3 --out rechecked.jsonl
+    DASHSCOPE_API_KEY=... python label.py recheck labels.jsonl --student captions.jsonl --out rechecked.jsonl
 
 `verify` shows the teacher the same frames again (the same sampler and times: use the flags the
 labels were made with) with the label's sentences numbered, and keeps the ones the frames support:
 "caption" is the checked label (what train.py trains on), "caption_original" the teacher's, with
-the counts. `recheck` asks the teacher again, from --frames 8, for the --share of labels that a
+the counts. `recheck` asks the teacher again, from --frames 16, for the --share (0.3) of labels that a
 student (a model trained on them) agrees with least; the rest are copied (checks.py).
 
 Four frames per video (segment middles, as the seed) become JPEGs in decoding processes while the
@@ -58,8 +58,8 @@ def parse_args(argv=None, mode="label"):
     add_api_flags(p, DASHSCOPE, "qwen-vl-max", "DASHSCOPE_API_KEY", concurrency=16)
     p.add_argument("--prompt", default=PROMPT, help="the instruction ({n}: the frame count)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--frames", type=cli.positive_int, default=8 if mode == "recheck" else 4,
-                   help="frames sent per video (or shot), at the middles of equal segments (recheck: 8)")
+    p.add_argument("--frames", type=cli.positive_int, default=16 if mode == "recheck" else 4,
+                   help="frames sent per video (or shot), at the middles of equal segments (recheck: 16)")
     p.add_argument("--frames-as", choices=["video", "images"], default="video",
                    help="one Qwen 'video' part, or one image_url part per frame")
     p.add_argument("--max-side", type=cli.positive_int, default=768, help="longest side of each JPEG, pixels")

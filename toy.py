@@ -1,6 +1,6 @@
 """The whole loop on a laptop CPU, on a synthetic video world:
 
-    python toy.py [--out DIR] [--quick] [--ablations] [--cleaning] [--nproc N]
+    python toy.py [--out DIR] [--quick] [--ablations] [--cleaning] [--nproc N] [--seed S] [--threads T]
 
 1. A world (lab/toyworld.py): videos of a coloured shape that rests, moves (one direction, or two
    in turn) and rests again, at times drawn per video, on named dark backgrounds; stills of the
@@ -95,9 +95,12 @@ def run(cmd, log, nproc=1, watch=None):
     return time.monotonic() - start
 
 
+THREADS = 2   # --threads: the same on every machine, for the count changes the sums' order, so the scores
+
+
 def threads(nproc=1):
-    """The threads each stage's processes use: the machine's cores shared among them."""
-    return max(1, len(os.sched_getaffinity(0)) // nproc)
+    """The threads each stage's processes use: --threads shared among them."""
+    return max(1, THREADS // nproc)
 
 
 def train(out, data, model, steps, batch, lr, log, seed, extra=(), nproc=1):
@@ -134,6 +137,7 @@ def table(results, keys=("shape", "colour", "position", "motion", "order", "exac
 
 
 def main(argv=None):
+    global THREADS
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="toy_out", help="the folder for the world, the models, the logs and results.json")
     p.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (the CI test)")
@@ -143,7 +147,10 @@ def main(argv=None):
     p.add_argument("--nproc", type=cli.positive_int, default=1, help="processes for stage 2 (torchrun, FSDP2)")
     p.add_argument("--frames", type=cli.positive_int, default=FRAMES, help="frames the student sees per video")
     p.add_argument("--seed", type=int, default=0, help="of the world, the teacher and training")
+    p.add_argument("--threads", type=cli.positive_int, default=THREADS,
+                   help="CPU threads for the stages, whatever the machine has (another count trains another model)")
     args = p.parse_args(argv)
+    THREADS = args.threads
     n_train, n_test, n_stills, n_test_stills, steps1, steps2, batch = SIZES["quick" if args.quick else "default"]
     out, start = os.path.abspath(args.out), time.monotonic()
     if os.path.exists(out) and not os.path.isdir(out):
@@ -231,8 +238,8 @@ def main(argv=None):
 def against_ranges(results, size):
     """Each score beside the range three seeds gave on this project's machine
     (results/toy-ranges.json), in or out. Another CPU moves them: its float kernels differ in their last
-    bits and a model trained from scratch amplifies them (README: toy numbers of AVX2 against
-    AVX-512 kernels); a machine under load changes the time, never the numbers."""
+    bits and a model trained from scratch amplifies them (docs/toy.md: AVX2 against AVX-512 kernels,
+    and thread counts); a machine under load changes the time, never the numbers."""
     path = os.path.join(HERE, "results", "toy-ranges.json")
     ranges = json.load(open(path)).get(size, {}) if os.path.exists(path) else {}
     lines, outside = [], 0

@@ -1,6 +1,6 @@
 """Speed and memory, ours against transformers (+ peft), side by side in one run, and against the hardware.
 
-    python bench.py [--size tiny|small|7b|13b] [--device cpu|cuda] [--only vision,decode,...] [--json FILE]
+    python -m lab.bench [--size tiny|small|7b|13b] [--device cpu|cuda] [--only vision,decode,...] [--json FILE]
 
 The same random weights go into our model and into transformers' CLIPVisionModel / LlamaForCausalLM. Each
 row times exactly the work its name says, the same work on both sides, ours and the reference in turns
@@ -42,7 +42,7 @@ SIZES = {
 }
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
             "steps", "shots", "end2end", "rehearsal")   # from engine on: bench_caption.py
-CPU_SMALL_S = {}   # seconds each section took at --size small on this project's 2-core CPU (README)
+CPU_SMALL_S = {}   # seconds each section took at --size small on this project's 2-core CPU (docs/speed.md)
 DEFAULT = ()       # the sections run without --only or --all: about 10 minutes there
 
 

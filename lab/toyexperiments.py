@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 
 import checks
-from lab.toyworld import FRAMES, RECHECK_FRAMES, TEACHER_FRAMES, teacher
+from lab.toyworld import EIGHT_FRAMES, FRAMES, TEACHER_FRAMES, teacher
 from plumbing.jsonl import read_rows
 
 
@@ -104,11 +104,11 @@ def cleaning(args, out, data, stage1, stage2, steps, batch, evaluate, results, s
         return relabel(rows, frames, args.seed + 31), 1.0, len(frames)
 
     every = list(range(FRAMES))
-    variants = {"recheck 30% from 8 frames (label.py recheck's default)": lambda: recheck(0.3, RECHECK_FRAMES),
-                "recheck 30% from 16 frames": lambda: recheck(0.3, every),
+    variants = {"recheck 30% from 8 frames": lambda: recheck(0.3, EIGHT_FRAMES),
+                "recheck 30% from 16 frames (label.py recheck's default)": lambda: recheck(0.3, every),
                 "recheck 15% from 16 frames": lambda: recheck(0.15, every),
                 "drop the disputed 30%": lambda: drop(0.3), "two labels from 4 frames each, kept where they agree":
-                consensus, "every video from 8 frames": lambda: from_the_start(RECHECK_FRAMES),
+                consensus, "every video from 8 frames": lambda: from_the_start(EIGHT_FRAMES),
                 "every video from 16 frames": lambda: from_the_start(every)}
     for name, make in variants.items():
         labels, calls, frames = make()

@@ -37,7 +37,7 @@ MOTIONS = [(d,) for d in DIRS] + [(a, b) for a in DIRS for b in DIRS if DIRS[a][
                                    and DIRS[a] != DIRS[b]]
 FRAMES = 16
 TEACHER_FRAMES = [int((i + 0.5) * FRAMES / 4) for i in range(4)]   # 2, 6, 10, 14
-RECHECK_FRAMES = [int((i + 0.5) * FRAMES / 8) for i in range(8)]   # 1, 3, ..., 15: label.py --frames 8
+EIGHT_FRAMES = [int((i + 0.5) * FRAMES / 8) for i in range(8)]   # 1, 3, ..., 15: label.py --frames 8
 SIZE_WORDS = ("large", "small", "tiny", "big")
 REFUSAL = "I'm sorry, but I cannot describe this video."
 
@@ -149,7 +149,7 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
 
 def teacher(rows, seed, frames=TEACHER_FRAMES):
     """label.py-shaped rows: each video labelled from what the frames it is shown show (the docstring);
-    shown more frames (label.py recheck --frames 8), it behaves the same, seeing more."""
+    shown more frames (label.py recheck --frames 16), it behaves the same, seeing more."""
     rng = np.random.default_rng([seed, len(frames)])
     out = []
     for row in rows:

@@ -1,10 +1,18 @@
 """Fixtures shared by the test files."""
 
+import os
+
 import pytest
 import torch
 
 from helpers import tiny_checkpoint
 from tools import kill_started
+
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))   # pytest -n N
+if WORKERS > 1:   # the cores shared among the workers and the tools they start, not each taking all
+    THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+    torch.set_num_threads(THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 @pytest.fixture(scope="session")

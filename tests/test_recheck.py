@@ -1,5 +1,5 @@
 """label.py recheck against a fake teacher: only the labels a student agrees with least are asked again,
-from 8 frames; the rest are copied; resume after a kill, faults, shards, and the key never written."""
+from 16 frames; the rest are copied; resume after a kill, faults, shards, and the key never written."""
 
 import collections
 import json
@@ -56,11 +56,11 @@ def test_recheck_asks_again_only_where_the_student_disagrees_most(tmp_path):
     rows = {row["video"]: row for row in read_rows(str(out))}
     assert sorted(rows) == sorted(videos)                          # every label once; the error row is no label
     assert sorted(e["item"] for e in api.log) == [2, 6]           # 2 of 8: the two the student disputes
-    assert all(len(frames_of(e["body"])) == 8 for e in api.log)   # asked from 8 frames, not the label's 4
+    assert all(len(frames_of(e["body"])) == 16 for e in api.log)   # asked from 16 frames, not the label's 4
     for i, v in enumerate(videos):
         row = rows[v]
         if i in (2, 6):
-            assert row["caption"] == f"Video {i} seen in 8 frames." and row["rechecked"] is True
+            assert row["caption"] == f"Video {i} seen in 16 frames." and row["rechecked"] is True
             assert row["caption_first"] == f"Video {i}: a square moves right, then down." and row["agreement"] == 0
         else:
             assert row["caption"] == f"Video {i}: a square moves right, then down." and row["rechecked"] is False
