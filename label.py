@@ -296,7 +296,8 @@ def summary(args, stats, failed, already, start, mode="label"):
           f"failed {n_failed}{f' ({retry} to try again: a decoder time or memory limit, or its crash)' if retry else ''}"
           f"{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
           f"{already} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost ${cost:.2f}; "
-          f"{elapsed:.1f} s, {(stats['done'] + n_failed) / max(elapsed, 1e-9):.2f} videos/s", file=sys.stderr)
+          f"{elapsed:.1f} s, {(stats['done'] + n_failed) / max(elapsed, 1e-9):.2f} "
+          f"{'shots' if shots.finder(args) else 'videos'}/s", file=sys.stderr)
 
 
 def main(argv=None):

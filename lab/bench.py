@@ -42,8 +42,12 @@ SIZES = {
 }
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
             "steps", "shots", "end2end", "rehearsal")   # from engine on: bench_caption.py
-CPU_SMALL_S = {}   # seconds each section took at --size small on this project's 2-core CPU (docs/speed.md)
-DEFAULT = ()       # the sections run without --only or --all: about 10 minutes there
+# seconds each section took at --size small --all --compile on this project's 2-core CPU, alone
+# (results/bench-cpu-small-2026-12-02.json): printed as the expected time at start
+CPU_SMALL_S = {"vision": 47, "prefill": 37, "decode": 133, "roofline": 1, "sampler": 65, "train": 138, "load": 73,
+               "engine": 276, "int8": 406, "recipe": 35, "steps": 40, "shots": 20, "end2end": 67, "rehearsal": 18}
+DEFAULT = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "recipe", "steps", "shots",
+           "rehearsal")   # without --only or --all: about 10 minutes there; --all adds engine, int8, end2end
 
 
 def parse_args(argv=None):
@@ -52,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)} (default: "
                                   f"{','.join(DEFAULT)}; --all: every one)")
-    p.add_argument("--all", action="store_true", help="every section (about 30 minutes at --size small on 2 cores)")
+    p.add_argument("--all", action="store_true", help="every section (about 23 minutes at --size small on 2 cores)")
     p.add_argument("--repeats", type=cli.positive_int, default=5, help="timed turns of each side, after one warm-up")
     p.add_argument("--new-tokens", type=cli.positive_int, help="decode steps timed (default 200 on GPU, 32 on CPU)")
     p.add_argument("--decode-context", type=cli.positive_int, help="prompt length for the decode test (default: "
@@ -323,6 +327,15 @@ def main(argv=None):
     cli.run(lambda: bench(args))
 
 
+def expected(args, sections):
+    """The time these sections took on this project's CPU, said before they start (at --size small)."""
+    if args.size != "small" or args.device.startswith("cuda"):
+        return None
+    known = [CPU_SMALL_S[s] for s in sections if s in CPU_SMALL_S]
+    return (f"sections {','.join(sections)}: about {sum(known) / 60:.0f} minutes on a 2-core CPU (this project's "
+            f"machine, alone; more on a busy one){'' if args.all else '; --all runs every section'}")
+
+
 def bench(args):
     if args.child:
         k = json.loads(args.child)
@@ -335,11 +348,8 @@ def bench(args):
     print(f"cache: {args.cache} ({cached / 2**20:.0f} MB; --cache to move it)", file=sys.stderr)
     dtype = torch.bfloat16 if args.size in ("7b", "13b") else torch.float32
     sections = args.only.split(",") if args.only else list(SECTIONS) if args.all else list(DEFAULT)
-    known = [CPU_SMALL_S[s] for s in sections if s in CPU_SMALL_S]
-    if args.size == "small" and not args.device.startswith("cuda") and known:
-        print(f"sections {','.join(sections)}: about {sum(known) / 60:.0f} minutes on a 2-core CPU (this "
-              f"project's machine; more on a busy one){'' if args.all else '; --all runs every section'}",
-              file=sys.stderr)
+    if expected(args, sections):
+        print(expected(args, sections), file=sys.stderr)
     if args.size == "tiny":
         print("size tiny: a check that every section runs; its timings are mostly too small to time (rows say "
               "so), use --size small for numbers", file=sys.stderr)

@@ -85,14 +85,10 @@ def test_recipe_flags_that_cannot_work_say_so_in_one_line(tiny, tmp_path, args, 
 RECIPE = ["--frames", "4", "--pooling-shape", "4,12,12"]   # Open-Sora's: 576 visual tokens
 
 
-SLOW = pytest.mark.slow   # a rehearsal of every layer at 13B / 34B on fake tensors: 10-25 s each
-
-
 @pytest.mark.parametrize("model, card, quantize, recipe, batch, fits", [
     ("pllava-13b", "80", "none", [], 8, True), ("pllava-13b", "24", "none", RECIPE, 4, False),
-    pytest.param("pllava-13b", "24", "int8", RECIPE, 12, False, marks=SLOW), ("pllava-13b", "24", "int8", RECIPE, 8, True),
-    pytest.param("pllava-34b", "80", "none", [], 8, False, marks=SLOW),
-    pytest.param("pllava-34b", "80", "int8", [], 8, True, marks=SLOW)])
+    ("pllava-13b", "24", "int8", RECIPE, 12, False), ("pllava-13b", "24", "int8", RECIPE, 8, True),
+    ("pllava-34b", "80", "none", [], 8, False), ("pllava-34b", "80", "int8", [], 8, True)])
 def test_a_dry_run_plans_13b_and_34b_on_a_card_before_loading_anything(tmp_path, model, card, quantize, recipe, batch,
                                                                       fits):
     """13B bf16 is 26.8 GB of weights: never on a 24 GB card; int8 is 13.8 GB, and with Open-Sora's 576
