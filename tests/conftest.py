@@ -110,12 +110,9 @@ SLOW = {
 
 
 def pytest_collection_modifyitems(items):
-    """Marks the slow tests, and runs them first (the toy first of all), so that with two workers no
-    long test starts last while the other worker idles."""
     for item in items:
         if getattr(item, "originalname", item.name) in SLOW.get(os.path.basename(str(item.fspath)), ()):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: ("test_toy.py" not in str(item.fspath), item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session")
