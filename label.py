@@ -213,7 +213,10 @@ def label(args, mode="label"):
     stats = collections.Counter(cut=0) if shots.finder(args) and mode == "label" else collections.Counter()
     labels = checks.read_labels(args.source, args.frames if mode == "verify" else None) if mode != "label" else {}
     mine = {k: r for k, r in labels.items() if in_shard(os.path.relpath(k[0], base), args.shard)}
-    chosen = checks.to_recheck(labels, student_captions(args.student), args.share) if mode == "recheck" else {}
+    if mode != "label" and not labels:
+        raise ValueError(f"{args.source}: no labelled rows in it (rows with a video and a caption)")
+    chosen = checks.to_recheck(labels, student_captions(args.student, labels), args.share) \
+        if mode == "recheck" else {}
     chosen = {k: a for k, a in chosen.items() if k in mine}   # chosen among all labels: shards agree
     what = {"prompt": checks.VERIFY if mode == "verify" else prompt, "mode": mode}
     names = LABEL_SETTINGS + (("share",) if mode == "recheck" else ())
@@ -267,12 +270,17 @@ def label(args, mode="label"):
         raise Stop(f"no video was {verb} and {retry} failed (see above); they are not marked done")
 
 
-def student_captions(path):
-    """{(video, shot): caption} of the student's captions (caption.py's rows), for recheck."""
+def student_captions(path, labels):
+    """{(video, shot): caption} of the student's captions (caption.py's rows), for recheck; a file
+    that names none of the labelled videos is refused (every label would be copied, unchecked)."""
     if not path:
         raise ValueError("recheck needs --student CAPTIONS: the student's captions of the same videos")
-    return {shots.row_key(r): r["caption"] for r in iter_rows(path, must_exist=True)
-            if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str)}
+    student = {shots.row_key(r): r["caption"] for r in iter_rows(path, must_exist=True)
+               if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str)}
+    if labels and not student.keys() & labels.keys():
+        raise ValueError(f"{path}: no caption of a labelled video ({len(student)} captions, {len(labels)} labels): "
+                         f"caption the videos the labels name, as the labels spell them (and per shot if they are)")
+    return student
 
 
 def progress(stats, finished, total, failed, start):

@@ -125,3 +125,12 @@ def test_recheck_refuses_what_cannot_work(tmp_path):
                  env={"DASHSCOPE_API_KEY": KEY})
     assert r.returncode == 1 and r.stderr.strip().startswith("error:") and "nothing.jsonl" in r.stderr
     assert not (tmp_path / "labels.rechecked.jsonl").exists()
+    (tmp_path / "other.jsonl").write_bytes(b'{"video": 5, "caption": ["x"]}\n\xff\xfe\n{"video": "elsewhere.mp4", "capt')
+    (tmp_path / "none.jsonl").write_text("")
+    for labels, student in [("labels.jsonl", "other.jsonl"), ("none.jsonl", "student.jsonl")]:
+        # a student that names none of the labelled videos, or no labels: nothing would be checked
+        r = run_tool("label.py", ["recheck", tmp_path / labels, "--student", tmp_path / student],
+                     env={"DASHSCOPE_API_KEY": KEY})
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+        assert not list(tmp_path.glob("*.rechecked.jsonl"))
