@@ -348,8 +348,8 @@ def bench(args):
     print(f"cache: {args.cache} ({cached / 2**20:.0f} MB; --cache to move it)", file=sys.stderr)
     dtype = torch.bfloat16 if args.size in ("7b", "13b") else torch.float32
     sections = args.only.split(",") if args.only else list(SECTIONS) if args.all else list(DEFAULT)
-    if expected(args, sections):
-        print(expected(args, sections), file=sys.stderr)
+    if said := expected(args, sections):
+        print(said, file=sys.stderr)
     if args.size == "tiny":
         print("size tiny: a check that every section runs; its timings are mostly too small to time (rows say "
               "so), use --size small for numbers", file=sys.stderr)
