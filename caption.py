@@ -27,7 +27,7 @@ from plumbing import cli, hub, memory
 from plumbing.cli import Stop
 from plumbing.jsonl import Busy
 from plumbing.outputs import Outputs, settings_id
-from plumbing.sources import canonical, find_videos
+from plumbing.sources import find_videos, in_shard, names_of
 from plumbing.workers import PoolError, cores_per_rank, failure, imap_unordered
 from tokenizer import TEMPLATES, Tokenizer, prompt_for, prompt_ids, stop_id
 from weights import RELEASES, ModelFolderError, model_config, read_config
@@ -42,14 +42,15 @@ def caption(args):
     captioner = Captioner(args, folder)   # the tokenizer, the prompt, the settings id: no weights yet
     with Outputs(args.out, rank, world, overwrite=args.overwrite) as out:   # a second run stops here
         tries = {}
-        done = out.resume(shots.row_key, functools.partial(is_done, retry_errors=args.retry_errors),
+        key = functools.partial(shots.row_key, names=names_of(videos))   # by name: any mount, any node
+        done = out.resume(key, functools.partial(is_done, retry_errors=args.retry_errors),
                           captioner.settings, tries)
         captioner.load(device, dtype)
-        mine = videos[rank::world]
+        mine = [v for v in videos if in_shard(v.name, (rank, world))]
         if shots.finder(args):   # a video is done when each of its shots is
             todo = [v for v in mine if not shots.whole(v, done, out.shot_counts)]
         else:
-            todo = [v for v in mine if (canonical(v), None) not in done]
+            todo = [v for v in mine if (v.name, None) not in done]
         stats = run(captioner, out, todo, done, tries, rank, args, len(mine) - len(todo))
         captions, failures = out.finish([stats["captions"], stats["failed_total"]])
     if failures and not captions:   # a run that captioned nothing did not work, whatever stopped it
@@ -129,14 +130,14 @@ class Captioner:
         text = self.tok.decode(tokens)
         for s in self.stops:
             text = text.split(s)[0]
-        return {"video": job[0], **shots.fields(job[1]), "caption": text.strip(), "tokens": len(tokens),
+        return {**shots.identity(job[0], job[1]), "caption": text.strip(), "tokens": len(tokens),
                 "truncated": len(tokens) >= self.args.max_new_tokens, "frames": self.frames,
                 "model": self.args.model, "settings": self.settings}
 
     @staticmethod
     def error(job, error, code):
         why = str(error) if isinstance(error, (VideoError, OutOfMemory)) else f"{type(error).__name__}: {error}"
-        return {"video": job[0], **shots.fields(job[1]), "error": why, "code": code}
+        return {**shots.identity(job[0], job[1]), "error": why, "code": code}
 
 
 def run(captioner, out, todo, done, tries, rank, args, already):
@@ -162,8 +163,8 @@ def run(captioner, out, todo, done, tries, rank, args, already):
     def unreadable(job, error):   # a missing file is not done: a fixed path gets it captioned
         if not os.path.exists(job[0]):
             return write(captioner.error(job, error, "missing_video"))
-        key = (canonical(job[0]), job[1][0] if job[1] else None)
-        write({"video": job[0], **shots.fields(job[1]), **failure(error, tries.get(key, 0))})
+        key = (job[0].name, job[1][0] if job[1] else None)
+        write({**shots.identity(job[0], job[1]), **failure(error, tries.get(key, 0))})
     decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
                                buffer=2 * args.batch_size, memory_gb=args.decode_memory,
                                threads=decoder_threads(args))

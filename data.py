@@ -59,8 +59,7 @@ def read_frames(path, n: int, mode: str = "middle", short_side: int = None,
         raise ValueError(f"mode must be 'middle' or 'random', not {mode!r}")
     rng = rng if rng is not None else np.random.default_rng()
     offsets = [0.5] * n if mode == "middle" else rng.random(n).tolist()   # where in each segment
-    if not os.path.isfile(path):
-        raise VideoError(f"{path}: no such file")
+    must_be_a_file(path)
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file")
     import sampler  # here: sampler.py opens videos through this module (open_video)
@@ -114,12 +113,20 @@ def time_span(container, stream):
     return start, None
 
 
+def must_be_a_file(path):
+    """A VideoError unless `path` is a regular file: none there, or a FIFO, a device or a folder (never
+    opened: a FIFO would block the decoder)."""
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: not a regular file (a FIFO, a device or a folder)")
+
+
 def read_image(path, short_side: int = None) -> np.ndarray:
     """A still image (any format FFmpeg reads: PNG, JPEG, WebP ...) as (1, H, W, 3) uint8: its
     first frame."""
     import sampler
-    if not os.path.isfile(path):
-        raise VideoError(f"{path}: no such file")
+    must_be_a_file(path)
     try:
         container, stream = open_video(path, False)
         with container:

@@ -103,8 +103,9 @@ def read_samples(paths, video_root=None, prompt=None):
                 except (ValueError, RecursionError) as e:   # not UTF-8, not JSON (or nested past reading), wrong types
                     bad.append(f"{path}:{n}: {str(e)[:100] or type(e).__name__}")
                     continue
-                if video_root and not os.path.isabs(media):
-                    media = os.path.join(video_root, media)
+                if video_root:   # a row's name (label.py, caption.py) is inside the folder it was made from
+                    name = row.get("name") if isinstance(row.get("name"), str) and row["name"] else media
+                    media = media if os.path.isabs(name) else os.path.join(video_root, name)
                 samples.append((media, "video" not in row, turns, system, span))
     return samples, dropped, bad
 

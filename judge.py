@@ -30,6 +30,7 @@ from plumbing.client import add_api_flags, api_client
 from plumbing.jsonl import Appender, Busy, iter_rows, replace_atomic
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
+from plumbing.sources import canonical
 
 PROMPT_VERSION = "judge-v1"
 SYSTEM = ("You evaluate video captions. You are given a ground-truth description of a video and a candidate "
@@ -62,15 +63,29 @@ def parse_args(argv=None):
 
 
 def captions(path):
-    """{(canonical video path, shot or None): (the path as written, caption)} of a JSONL file (rows
-    per shot, caption.py --shots, are keyed by their shot too); an error if there is none."""
+    """{(video name, shot or None): (the path as written, caption)} of a JSONL file (rows per shot,
+    caption.py --shots, are keyed by their shot too; names: plumbing/sources.py); an error if there
+    is none."""
     rows = {}
     for r in iter_rows(path, must_exist=True):
-        if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str) and r["caption"].strip():
+        if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str) and r["caption"].strip() \
+                and shots.row_key(r) is not None:
             rows.setdefault(shots.row_key(r), (r["video"], r["caption"]))
     if not rows:
         raise ValueError(f"{path}: no rows with a \"video\" and a \"caption\" (is it the right file?)")
     return rows
+
+
+def matched(gt, pred):
+    """{gt key: pred key} of the videos in both: each caption found by its video's name (and shot), else by its path on this
+    machine (two files made from different sources name a video differently)."""
+    by_path = {(canonical(video), k[1]): k for k, (video, _) in pred.items()}
+    out = {}
+    for k, (video, _) in gt.items():
+        found = k if k in pred else by_path.get((canonical(video), k[1]))
+        if found:
+            out[k] = found
+    return out
 
 
 def cache_key(gt, pred, model):
@@ -181,9 +196,12 @@ def main(argv=None):
 def judge(args):
     client = api_client(args)
     gt, files = captions(args.gt), {"a": args.pred, **({"b": args.pred_b} if args.pred_b else {})}
-    preds = {name: captions(path) for name, path in files.items()}
+    read = {name: captions(path) for name, path in files.items()}
+    pairs = {name: matched(gt, pred) for name, pred in read.items()}
+    preds = {name: {k: read[name][p] for k, p in pairs[name].items()} for name in read}
     videos = sorted(set(gt).intersection(*preds.values()), key=lambda k: (k[0], -1 if k[1] is None else k[1]))
-    dropped = len(set(gt).union(*preds.values())) - len(videos)
+    alone = set().union(*(set(read[name]) - set(pairs[name].values()) for name in read))   # in no --gt
+    dropped = len(set(gt) - set(videos)) + len(alone)
     if not videos:
         raise ValueError(f"no video is in both --gt and --pred ({len(gt)} and "
                          f"{' / '.join(str(len(p)) for p in preds.values())} rows): are the paths the same videos?")
@@ -261,7 +279,7 @@ def write_report(args, files, judged, n_videos, dropped, gt, by_events=None):
                              "systems": {n: events.summarize(s, interval, args.bootstrap) for n, s in by_events.items()}}
         if "b" in by_events:
             summary["events"]["b_minus_a"] = events.compare(by_events["a"], by_events["b"], interval, args.bootstrap)
-    per_video = "".join(json.dumps({"video": gt[v][0], **({"shot": v[1]} if v[1] is not None else {}),
+    per_video = "".join(json.dumps({"video": gt[v][0], "name": v[0], **({"shot": v[1]} if v[1] is not None else {}),
                                     **{name: judged[name][v] for name in judged},
                                     **({"events": {n: s[v] for n, s in by_events.items()}} if by_events else {})}) + "\n"
                         for v in sorted(judged["a"]))

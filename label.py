@@ -25,7 +25,6 @@ import functools
 import os
 import sys
 import time
-import zlib
 
 import checks
 import shots
@@ -35,10 +34,10 @@ from plumbing import cli
 from plumbing.cli import Stop
 from plumbing.client import FINAL_CODES, add_api_flags, api_client
 from plumbing.jsonl import Busy, iter_rows
-from plumbing.outputs import Outputs, settings_id
+from plumbing.outputs import Outputs, file_hash, settings_id
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
-from plumbing.sources import canonical, find_videos, video_base
+from plumbing.sources import Video, canonical, find_videos, in_shard, names_of, video_base
 from plumbing.workers import RETRIED, PoolError, failure, imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
@@ -71,7 +70,10 @@ def parse_args(argv=None, mode="label"):
     p.add_argument("--decode-timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
     p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
     shots.add_flags(p)
-    p.add_argument("--shard", default="0/1", help="K/N: label only the videos of shard K of N")
+    p.add_argument("--shard", default="0/1",
+                   help="K/N: only the videos of shard K of N, by their names (the same on every node)")
+    p.add_argument("--video-root", help="verify, recheck: the folder the labels' video names are inside on this "
+                                        "machine (default: their paths as the labels write them)")
     p.add_argument("--student", help="recheck: the student's captions (caption.py rows) of the labelled videos")
     p.add_argument("--share", type=cli.fraction, default=0.3,
                    help="recheck: the share of labels asked again, those the student agrees with least")
@@ -95,7 +97,7 @@ def parse_args(argv=None, mode="label"):
     if mode == "recheck" and not args.student:
         p.error("recheck needs --student CAPTIONS (caption.py's captions of the same videos by a model trained "
                 "on these labels)")
-    args.out = args.out or "labels.jsonl"
+    args.out, args.mode = args.out or "labels.jsonl", mode
     return args
 
 
@@ -107,25 +109,31 @@ def request(urls, prompt, frames_as):
     return [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
 
 
+def key_of(job):
+    """A job's (video name, shot or None): what its row is stored and resumed under."""
+    (video, shot, _), _ = job
+    return video.name, shot[0] if shot else None
+
+
 def label_one(client, args, prompt, tries, settings, job):
     """((video, shot, _), data URLs or VideoError) -> its row (with the shot's fields, for
     --shots)."""
     (video, shot, _), urls = job
-    row = _label_one(client, args, prompt, video, urls, tries.get((canonical(video), shot[0] if shot else None), 0))
-    return {**shots.fields(shot), **row, **({"settings": settings} if "caption" in row else {})}
+    row = _label_one(client, args, prompt, video, urls, tries.get(key_of(job), 0))
+    return {**identify(job), **row, **({"settings": settings} if "caption" in row else {})}
 
 
 def identify(job):
     """The fields of a job's row that say which video (and shot) it is for (runner.guarded)."""
     (video, shot, _), _ = job
-    return {"video": video, **shots.fields(shot)}
+    return shots.identity(video, shot)
 
 
 def _label_one(client, args, prompt, video, urls, tries_before=0):
     if isinstance(urls, VideoError):
-        if not os.path.exists(video):
-            return {"video": video, "error": str(urls), "status": None, "code": "missing_video"}
-        return {"video": video, "status": None, **failure(urls, tries_before)}
+        if not os.path.lexists(video):
+            return {"error": str(urls), "status": None, "code": "missing_video"}
+        return {"status": None, **failure(urls, tries_before)}
     params = {"max_tokens": args.max_new_tokens}
     if args.temperature is not None:
         params["temperature"] = args.temperature
@@ -134,21 +142,14 @@ def _label_one(client, args, prompt, video, urls, tries_before=0):
         if reply.content.strip() or reply.finish_reason == "content_filter":
             break
     if reply.finish_reason == "content_filter":   # moderated on the way out: a final answer
-        return {"video": video, "error": "the reply was filtered", "status": 200, "code": "content_filter"}
+        return {"error": "the reply was filtered", "status": 200, "code": "content_filter"}
     if not reply.content.strip():
-        return {"video": video, "error": "the reply was empty, three times", "status": 200, "code": "empty_reply"}
-    return {"video": video, "caption": reply.content.strip(), "model": reply.model or args.model,
+        return {"error": "the reply was empty, three times", "status": 200, "code": "empty_reply"}
+    return {"caption": reply.content.strip(), "model": reply.model or args.model,
             "frames": args.frames, "usage": reply.usage, "finish_reason": reply.finish_reason}
 
 
 FILE_CODES = {UNREADABLE, "missing_video", *RETRIED}   # the file's trouble, which says nothing of the API
-
-
-def in_shard(name, shard):
-    """By the video's name inside its source (video_base), so that every machine agrees whatever
-    its list order, and whatever it mounts the folder as."""
-    k, n = shard
-    return zlib.crc32(os.fsencode(name)) % n == k
 
 
 def is_done(row, retry_errors=False):
@@ -162,9 +163,8 @@ def verify_one(client, args, labels, tries, settings, job):
     taken out; "usage" is the check's own (the label's stays in "label_usage")."""
     (video, shot, _), urls = job
     if isinstance(urls, VideoError):
-        key = (canonical(video), shot[0] if shot else None)
-        return {**identify(job), **_label_one(client, args, "", video, urls, tries.get(key, 0))}
-    label = labels[(canonical(video), shot[0] if shot else None)]
+        return {**identify(job), **_label_one(client, args, "", video, urls, tries.get(key_of(job), 0))}
+    label = labels[key_of(job)]
     said = checks.sentences(label["caption"])
     listed = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(said))
     prompt = checks.VERIFY.format(frames=len(urls), n=len(said), sentences=listed)
@@ -178,9 +178,10 @@ def verify_one(client, args, labels, tries, settings, job):
         return {**identify(job), "error": f"unparsed: {client.scrub(reply.content, 200)}", "status": 200,
                 "code": "unparsed"}
     kept = [s for s, ok in zip(said, marks) if ok]
-    return {**label, "caption": " ".join(kept), "caption_original": label["caption"], "sentences": len(said),
-            "supported": len(kept), "verifier": reply.model or args.model, "usage": reply.usage,
-            "finish_reason": reply.finish_reason, "label_usage": label.get("usage"), "settings": settings}
+    return {**label, **identify(job), "caption": " ".join(kept), "caption_original": label["caption"],
+            "sentences": len(said), "supported": len(kept), "verifier": reply.model or args.model,
+            "usage": reply.usage, "finish_reason": reply.finish_reason, "label_usage": label.get("usage"),
+            "settings": settings}
 
 
 LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens", "temperature", "shots", "window",
@@ -188,58 +189,71 @@ LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens",
 
 
 def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
-    """((video, shot, _), data URLs of more frames) -> a new label from them, the old kept beside."""
+    """((video, shot, _), data URLs of more frames) -> a new label from them, the old kept beside.
+    A final "no" (the teacher refuses the new request, the video cannot be read from more frames)
+    keeps the old label as it was, saying why: a good label is not lost to a refusal."""
     row = label_one(client, args, prompt, tries, settings, job)
-    (video, shot, _), _ = job
-    key = (canonical(video), shot[0] if shot else None)
-    if "caption" not in row:
-        return row
-    return {**row, "caption_first": labels[key]["caption"], "frames_first": labels[key].get("frames"),
-            "rechecked": True, "agreement": round(chosen[key], 3)}
+    old = labels[key_of(job)]
+    if "caption" in row:
+        return {**row, "caption_first": old["caption"], "frames_first": old.get("frames"), "rechecked": True,
+                "agreement": round(chosen[key_of(job)], 3)}
+    if row.get("code") in FINAL_CODES | {UNREADABLE}:
+        return {**old, **identify(job), "settings": settings, "rechecked": False, "recheck_refused": row["code"]}
+    return row
 
 
 def label(args, mode="label"):
     """mode "label": the videos of args.source; "verify": the labels of args.source, each against its own
     frames; "recheck": the labels the student agrees with least, each labelled again from more frames
-    (checks.py), the others copied as they are."""
+    (checks.py), the others copied as they are. Every video is sharded and resumed by its name
+    (plumbing/sources.py), so nodes that mount the files elsewhere agree."""
     prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
     prompt = prompt.replace("{n}", str(args.frames))
     client = api_client(args)
-    base = video_base(args.source)
-    videos = [v for v in find_videos(args.source) if in_shard(os.path.relpath(v, base), args.shard)] \
-        if mode == "label" else []
     decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
-                               buffer=2 * args.concurrency, memory_gb=args.decode_memory)
+                               buffer=2 * args.concurrency, memory_gb=args.decode_memory, stop=client.stop)
     stats = collections.Counter(cut=0) if shots.finder(args) and mode == "label" else collections.Counter()
-    labels = checks.read_labels(args.source, args.frames if mode == "verify" else None) if mode != "label" else {}
-    mine = {k: r for k, r in labels.items() if in_shard(os.path.relpath(k[0], base), args.shard)}
+    videos, labels, names = [], {}, {}
+    if mode == "label":
+        found = find_videos(args.source)
+        names = names_of(found)   # the rows of a run from before names, known by their paths
+        videos = [v for v in found if in_shard(v.name, args.shard)]
+    else:
+        labels = labelled_videos(args)
+        names = {str(r["_video"]): k[0] for k, r in labels.items()}
+    mine = {k: r for k, r in labels.items() if in_shard(k[0], args.shard)}
     if mode != "label" and not labels:
         raise ValueError(f"{args.source}: no labelled rows in it (rows with a video and a caption)")
     chosen = checks.to_recheck(labels, student_captions(args.student, labels), args.share) \
         if mode == "recheck" else {}
     chosen = {k: a for k, a in chosen.items() if k in mine}   # chosen among all labels: shards agree
     what = {"prompt": checks.VERIFY if mode == "verify" else prompt, "mode": mode}
-    names = LABEL_SETTINGS + (("share",) if mode == "recheck" else ())
-    settings = settings_id(args, None, what, names=names)
-    tries = {}
+    if mode != "label":   # what is checked, and against whom: another labels or student file is another run
+        what |= {"labels": file_hash(args.source), "student": file_hash(args.student) if args.student else None}
+    names_set = LABEL_SETTINGS + (("share",) if mode == "recheck" else ())
+    settings = settings_id(args, None, what, names=names_set)
+    tries, key = {}, functools.partial(shots.row_key, names=names)
     with Outputs(args.out, overwrite=args.overwrite) as out:
-        done = out.resume(shots.row_key, functools.partial(is_done, retry_errors=args.retry_errors), settings,
-                          tries)
+        done = out.resume(key, functools.partial(is_done, retry_errors=args.retry_errors), settings, tries)
+        copied = 0
         if mode == "recheck":   # the labels kept as they are: written now, no request
             for k, r in mine.items():
                 if k not in chosen and k not in done:
-                    out.write({**r, "settings": settings, "rechecked": False})
+                    out.write({**_row(r), "settings": settings, "rechecked": False})
+                    copied += 1
         if mode != "label":   # the labels' videos (and shots) again, one job a label
-            todo = [(r["video"], shots.shot_of(r), None) for k, r in mine.items()
+            todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items()
                     if k not in done and (mode == "verify" or k in chosen)]
-            work = functools.partial(verify_one, client, args, labels, tries, settings) if mode == "verify" \
-                else functools.partial(recheck_one, client, args, prompt, labels, chosen, tries, settings)
+            work = functools.partial(verify_one, client, args, {k: _row(r) for k, r in labels.items()}, tries,
+                                     settings) if mode == "verify" else \
+                functools.partial(recheck_one, client, args, prompt, {k: _row(r) for k, r in labels.items()},
+                                  chosen, tries, settings)
         elif shots.finder(args):   # shots found in the decode workers, then each shot labelled alone
             todo = [v for v in videos if not shots.whole(v, done, out.shot_counts)]
             shots_of = shots.jobs(shots.counted(decode(shots.finder(args), todo), stats), done)
             work = functools.partial(label_one, client, args, prompt, tries, settings)
         else:
-            todo = [v for v in videos if (canonical(v), None) not in done]
+            todo = [v for v in videos if (v.name, None) not in done]
             work = functools.partial(label_one, client, args, prompt, tries, settings)
         asked = todo if mode != "label" else shots_of if shots.finder(args) else [(v, None, None) for v in todo]
         jobs = decode(functools.partial(shots.shot_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q), asked)
@@ -249,20 +263,22 @@ def label(args, mode="label"):
             if "error" in row:
                 failed[f"{row['status'] or '-'} {row['code']}"] += 1
             else:
-                stats["done"] += 1
+                stats["done" if "recheck_refused" not in row else "refused"] += 1
                 usage = row.get("usage") if isinstance(row.get("usage"), dict) else {}
-                stats["in"] += usage.get("prompt_tokens", 0)
-                stats["out"] += usage.get("completion_tokens", 0)
+                stats["in"] += usage.get("prompt_tokens", 0) if "recheck_refused" not in row else 0
+                stats["out"] += usage.get("completion_tokens", 0) if "recheck_refused" not in row else 0
                 stats["length"] += row.get("finish_reason") == "length"
-            progress(stats, stats["done"] + sum(failed.values()), len(todo), sum(failed.values()), start)
+            progress(stats, stats["done"] + stats["refused"] + sum(failed.values()), len(todo),
+                     sum(failed.values()), start)
         try:
             run_items(client, jobs, work, args.concurrency, out, args.max_failures_in_a_row, identify,
                       neutral=FILE_CODES, seen=seen)
         finally:
             total = len(mine) if mode != "label" else len(videos)
-            summary(args, stats, failed, total - len(todo), start, mode)
+            summary(args, stats, failed, total - len(todo) - copied, start, mode)
             if mode == "recheck":
-                print(f"rechecked {len(chosen)} of {len(mine)} labels from {args.frames} frames: "
+                print(f"copied {copied} labels as they were; asked again {len(chosen)} of {len(mine)} labels from "
+                      f"{args.frames} frames ({stats['refused']} refused, their first label kept): "
                       f"{1 + len(chosen) / max(len(mine), 1):.2f} teacher calls a label in all", file=sys.stderr)
     retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] not in FINAL_CODES | {UNREADABLE})
     if retry and not stats["done"]:   # a run that did nothing did not work, whatever stopped it
@@ -270,15 +286,44 @@ def label(args, mode="label"):
         raise Stop(f"no video was {verb} and {retry} failed (see above); they are not marked done")
 
 
+def labelled_videos(args):
+    """{(name, shot): label row} of the labels file args.source (verify, recheck), each row holding
+    under "_video" the Video to open on this machine: under --video-root by its name when that is
+    given, else by its path as the row writes it (relative to the labels file's folder)."""
+    labels = checks.read_labels(args.source, args.frames if args.mode == "verify" else None)
+    base = video_base(args.source)
+    for (name, _), row in labels.items():
+        path = os.path.join(args.video_root, name) if args.video_root and not os.path.isabs(name) else \
+            os.path.join(base, row["video"])
+        row["_video"] = Video(canonical(path), name)
+    return labels
+
+
+def _row(label):
+    """A label row as it is written: its video's path here and its name, nothing of ours beside."""
+    video = label["_video"]
+    return {**{k: v for k, v in label.items() if k != "_video"}, "video": str(video), "name": video.name}
+
+
 def student_captions(path, labels):
-    """{(video, shot): caption} of the student's captions (caption.py's rows), for recheck; a file
-    that names none of the labelled videos is refused (every label would be copied, unchecked)."""
+    """{label key: the student's caption} of the student's captions (caption.py's rows), for recheck,
+    matched by the video's name (and shot), else by its path on this machine; a file that names none
+    of the labelled videos is refused (every label would be copied, unchecked)."""
     if not path:
         raise ValueError("recheck needs --student CAPTIONS: the student's captions of the same videos")
-    student = {shots.row_key(r): r["caption"] for r in iter_rows(path, must_exist=True)
-               if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str)}
-    if labels and not student.keys() & labels.keys():
-        raise ValueError(f"{path}: no caption of a labelled video ({len(student)} captions, {len(labels)} labels): "
+    by_name, by_path = {}, {}
+    for r in iter_rows(path, must_exist=True):
+        k = shots.row_key(r)
+        if k is not None and isinstance(r.get("caption"), str):
+            by_name.setdefault(k, r["caption"])
+            by_path.setdefault((canonical(r["video"]), k[1]), r["caption"])
+    student = {}
+    for k, r in labels.items():
+        caption = by_name.get(k) or by_path.get((str(r["_video"]), k[1]))
+        if caption is not None:
+            student[k] = caption
+    if labels and not student:
+        raise ValueError(f"{path}: no caption of a labelled video ({len(by_name)} captions, {len(labels)} labels): "
                          f"caption the videos the labels name, as the labels spell them (and per shot if they are)")
     return student
 

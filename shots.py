@@ -19,6 +19,7 @@ with the video: a few frames of 64x36 and the last second of scores.
 import collections
 import functools
 import sys
+import time
 
 import av
 import numpy as np
@@ -26,8 +27,7 @@ import numpy as np
 import data
 from data import VideoError, jpeg_data_urls, open_video, read_clip_frames, time_span
 from plumbing import cli
-from plumbing.jsonl import iter_rows
-from plumbing.sources import canonical
+from plumbing.sources import row_name
 
 W, H = 64, 36        # every frame is compared at this size
 BINS = 16            # histogram bins per colour channel
@@ -35,6 +35,9 @@ SEARCH = 4           # pixels (at 64x36) the camera may move the picture between
 BLOCK = 4            # the changed share counts blocks of 4x4 pixels
 LEVEL = 0.07         # a block changed: it differs by 7% of the luma range on average (18 of 255)
 GRADUAL = 8          # frames back that a fade or dissolve is measured against
+RATE = 30            # frames a second of video compared at most: a file of 1,000 frames a second costs 30
+MAX_SHOTS = 1000     # rows a video gives at most (--max-shots): a 2-hour film has 1,000 to 2,000 shots
+PER_TEN_MINUTES = 2  # --decode-timeout's: finding shots takes at most this many a 10 minutes of video
 
 
 def _histogram(a):
@@ -76,22 +79,30 @@ def changed(cur, prev) -> float:
     return float((diff[:h * BLOCK, :w * BLOCK].reshape(h, BLOCK, w, BLOCK).mean(axis=(1, 3)) > LEVEL).mean())
 
 
-def _measured(container, stream, rate):
-    """(time from the first frame, changed share, histogram step, histogram, luma) of every frame;
-    the first frame's changes are 0. A file without timestamps is timed by its frame rate."""
-    prev, first = None, None
+def _measured(container, stream, rate, budget=None):
+    """(time from the first frame, changed share, histogram step, histogram, luma) of every frame,
+    at most RATE a second of video; the first frame's changes are 0. A file without timestamps is
+    timed by its frame rate. Past `budget` seconds (PER_TEN_MINUTES of them a 10 minutes of video
+    reached): a VideoError, whatever the heartbeats said (a small file can hold 60,000 frames)."""
+    prev, first, start = None, None, time.monotonic()
     for i, frame in enumerate(container.decode(stream)):
         data.heartbeat()   # a long episode is moving: its decode worker's time limit starts again
         t = frame.time if frame.time is not None else i / rate
         first = t if first is None else first
+        spent = time.monotonic() - start
+        if budget and spent > budget * PER_TEN_MINUTES * max(1.0, (t - first) / 600):
+            raise VideoError(f"finding shots took {spent:.0f} s for {t - first:.0f} s of video, more than "
+                             f"{PER_TEN_MINUTES} x --decode-timeout a 10 minutes", "decode_timeout")
+        if prev is not None and t - prev[2] < 0.9 / RATE:
+            continue
         a = frame.to_ndarray(format="rgb24", width=W, height=H, interpolation="AREA")
         hist, luma = _histogram(a), _luma(a)
         change, step = (changed(luma, prev[1]), 0.5 * float(np.abs(hist - prev[0]).sum())) if prev else (0.0, 0.0)
         yield t - first, change, step, hist, luma
-        prev = (hist, luma)
+        prev = (hist, luma, t)
 
 
-def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5):
+def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5, budget=None):
     """Yield (time, kind) for every boundary, kind "cut" or "fade" (a fade's time is its middle),
     and at the end ("end", duration). Times in seconds from the video's first frame.
 
@@ -105,11 +116,11 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5):
     much over GRADUAL frames: its histogram drifts past `fade` from GRADUAL frames back."""
     container, stream = open_video(path)
     with container:
-        rate = float(stream.average_rate or 25)
+        rate = min(float(stream.average_rate or 25), RATE)
         recent = collections.deque(maxlen=max(4, int(window * rate)))   # (changed, step) of the shot so far
         back = collections.deque(maxlen=GRADUAL + 1)                    # histograms of the last frames
         queue = collections.deque()                                     # measured, not yet decided
-        t, in_fade, frames = 0.0, None, _measured(container, stream, rate)
+        t, in_fade, frames = 0.0, None, _measured(container, stream, float(stream.average_rate or 25), budget)
         before, flash_until = None, -1.0   # the luma of the frame before; the last frame of a flash
         while True:
             while len(queue) <= ahead and (m := next(frames, None)) is not None:
@@ -145,10 +156,10 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5):
         yield t + 1 / rate, "end"
 
 
-def shots(path, min_shot=0.6, max_shot=20.0, **detector):
+def shots(path, min_shot=0.6, max_shot=20.0, max_shots=MAX_SHOTS, **detector):
     """[(start, end, kind)] covering the video: kind is how the shot began ("start", "cut", "fade"
     or "window" for a long shot split in equal parts). Boundaries within min_shot of the last are
-    merged."""
+    merged; more than max_shots (each a paid request in label.py) are merged down to it (at_most)."""
     cuts, end = [(0.0, "start")], 0.0
     for t, kind in boundaries(path, **detector):
         if kind == "end":
@@ -162,7 +173,21 @@ def shots(path, min_shot=0.6, max_shot=20.0, **detector):
         parts = max(1, int(np.ceil((b - a) / max_shot)))
         for i in range(parts):
             out.append((a + (b - a) * i / parts, a + (b - a) * (i + 1) / parts, kind if i == 0 else "window"))
-    return out
+    return at_most(out, max_shots)
+
+
+def at_most(spans, n):
+    """Spans merged into the one before until at most n are left: a span starts a new one only when
+    it begins 1/n of the video or more after the last one kept."""
+    if len(spans) <= n:
+        return spans
+    gap, kept = spans[-1][1] / n, []
+    for a, b, kind in spans:
+        if kept and a - kept[-1][0] < gap:
+            kept[-1][1] = b
+        else:
+            kept.append([a, b, kind])
+    return [tuple(k) for k in kept]
 
 
 def windows(duration, seconds):
@@ -179,11 +204,14 @@ def duration(path):
     return seconds or next(t for t, kind in boundaries(path) if kind == "end")   # no header says: decode it
 
 
-def spans(path, window=None, min_shot=0.6, max_shot=20.0):
+def spans(path, window=None, min_shot=0.6, max_shot=20.0, max_shots=MAX_SHOTS, budget=None):
     """A decode worker's job (workers.imap_unordered): the video's shots, or its fixed windows of
-    `window` s; a VideoError when it cannot be read."""
+    `window` s, at most max_shots; a VideoError when it cannot be read or takes past its budget."""
+    data.must_be_a_file(path)
     try:
-        return windows(duration(path), window) if window else shots(path, min_shot, max_shot)
+        if window:
+            return at_most(windows(duration(path), window), max_shots)
+        return shots(path, min_shot, max_shot, max_shots, budget=budget)
     except (av.error.FFmpegError, IndexError, StopIteration, OSError) as e:
         raise VideoError(f"{path}: not readable as a video ({e})") from None
 
@@ -219,6 +247,9 @@ def add_flags(p):
     p.add_argument("--window", type=cli.positive, help="a row per window of this many seconds, instead of per shot")
     p.add_argument("--min-shot", type=cli.positive, default=0.6, help="--shots: seconds; closer cuts are merged")
     p.add_argument("--max-shot", type=cli.positive, default=20.0, help="--shots: seconds; longer shots are split")
+    p.add_argument("--max-shots", type=cli.positive_int, default=MAX_SHOTS,
+                   help="--shots / --window: a video's rows at most (each a request in label.py); more are "
+                        "merged with their neighbours")
 
 
 def finder(args):
@@ -226,27 +257,22 @@ def finder(args):
     videos."""
     if not (args.shots or args.window):
         return None
-    return functools.partial(spans, window=args.window, min_shot=args.min_shot, max_shot=args.max_shot)
+    return functools.partial(spans, window=args.window, min_shot=args.min_shot, max_shot=args.max_shot,
+                             max_shots=args.max_shots, budget=args.decode_timeout)
 
 
-def row_key(row):
-    """What a row is the answer for: a video, or one of its shots (a "shot" field, a whole number);
-    None for a row that says neither."""
-    shot = row.get("shot")
-    if not isinstance(row.get("video"), str) or (shot is not None and (type(shot) is not int)):
+def row_key(row, names=None):
+    """What a row is the answer for: (the video's name, its shot or None) (sources.row_name; `names`
+    for rows written before names); None for a row that says neither."""
+    shot, name = row.get("shot"), row_name(row, names)
+    if name is None or not isinstance(row.get("video"), str) or (shot is not None and type(shot) is not int):
         return None
-    return canonical(row["video"]), shot
-
-
-def counts(paths):
-    """{canonical video: how many shots it has}, from the rows that say so ("of")."""
-    return {canonical(r["video"]): r["of"] for p in paths for r in iter_rows(p)
-            if isinstance(r.get("of"), int) and isinstance(r.get("video"), str)}
+    return name, shot
 
 
 def whole(video, done, of):
     """Is nothing left to do for this video: its own row, or every one of its `of` shots?"""
-    key = canonical(video)
+    key = video.name
     return (key, None) in done or (key in of and all((key, i) in done for i in range(of[key])))
 
 
@@ -267,7 +293,7 @@ def jobs(found, done):
             yield video, None, str(found_spans)
             continue
         for i, (start, end, _) in enumerate(found_spans):
-            if (canonical(video), i) not in done:
+            if (video.name, i) not in done:
                 yield video, (i, len(found_spans), round(start, 3), round(end, 3)), None
 
 
@@ -277,6 +303,11 @@ def shot_of(row):
     shot = tuple(row.get(k) for k in ("shot", "of", "start", "end"))
     number = all(isinstance(x, int | float) and not isinstance(x, bool) for x in shot)
     return shot if number and isinstance(shot[0], int) and 0 <= shot[0] < shot[1] and 0 <= shot[2] < shot[3] else None
+
+
+def identity(video, shot=None) -> dict:
+    """The fields that say which video (and shot) a row is for: its path here, its name everywhere."""
+    return {"video": str(video), "name": video.name, **fields(shot)}
 
 
 def fields(shot):

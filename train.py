@@ -34,7 +34,8 @@ from plumbing.jsonl import Appender, Busy
 from plumbing.workers import cores_per_rank
 from tokenizer import TEMPLATES, Tokenizer, prompt_for
 from trainable import mesh_shape, preprocessing_folder, probe, recompute, setup_model
-from trainstate import barrier, check_out, check_shared_out, export, load_checkpoint, save_checkpoint
+from trainstate import (barrier, check_out, check_resumable, check_shared_out, export, load_checkpoint, restarts,
+                        sample_list, save_checkpoint, shared)
 from weights import RELEASES, ModelFolderError
 
 
@@ -43,26 +44,35 @@ def train(args):
     local = int(os.environ.get("LOCAL_RANK", 0))
     if args.init_from_config and not args.tokenizer:
         raise ValueError("--init-from-config needs --tokenizer FOLDER")
+    restarted = restarts()
+    if restarted and not args.resume and rank == 0:   # torchrun --max-restarts, or a Slurm requeue
+        print(f"note: {restarted}: resuming from the newest checkpoint in {args.out}", file=sys.stderr, flush=True)
+    args.resume = args.resume or bool(restarted)
     # everything a user can get wrong is found here, before the model loads
     resume_from = check_out(args.out, args.resume) if args.resume or rank == 0 else None
     if args.resume and not resume_from and rank == 0:
         print(f"note: --resume, but {args.out} holds no checkpoint: starting at step 0", file=sys.stderr, flush=True)
-    samples, dropped = load_data(args.data, args.video_root, rank)
-    eval_samples = load_data(args.eval_data, args.video_root, rank)[0] if args.eval_data else None
     per_step = args.batch_size * world * args.grad_accum
-    if len(samples) < per_step:
-        raise ValueError(f"{len(samples)} samples are fewer than one step takes ({per_step}: --batch-size x "
-                         f"processes x --grad-accum)")
-    total = args.max_steps or max(1, int(args.epochs * (len(samples) // per_step)))
+    if resume_from:
+        check_resumable(resume_from, per_step, world)
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1:
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+        dist.init_process_group(backend, timeout=collective_timeout(args))
         check_shared_out(args.out, rank, world)   # node-local disks would lose other nodes' checkpoint shards
     else:   # a one-rank group of its own, so that one process runs the same FSDP2 code as many
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    # the samples, listed once by rank 0 (each rank's own view of a network disk may differ) and kept in
+    # --out, so that a resumed run sees the same list whatever has happened to the files since
+    samples, dropped = shared(lambda: sample_list(args, resume_from), rank, world)
+    eval_samples = shared(lambda: load_data(args.eval_data, args.video_root)[0], rank, world) \
+        if args.eval_data else None
+    if len(samples) < per_step:
+        raise ValueError(f"{len(samples)} samples are fewer than one step takes ({per_step}: --batch-size x "
+                         f"processes x --grad-accum)")
+    total = args.max_steps or max(1, int(args.epochs * (len(samples) // per_step)))
     workers = args.workers or min(4, cores_per_rank())   # this rank's share of the node's cores
     folder = hub.resolve(RELEASES.get(args.model, args.model)) if args.model else None
     tok_folder = args.tokenizer or folder
@@ -111,11 +121,14 @@ def train(args):
         print(f"{len(samples)} samples ({dropped} rows left out), {world} process(es), global batch {per_step}, "
               f"steps {start}..{total}; training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters; "
               f"{workers} decoding processes per rank", flush=True, file=sys.stderr)
+    if rank == 0:
+        print(f"checkpoints every {args.save_minutes:g} minutes{f' and every {args.save_every} steps' if args.save_every else ''}"
+              f" and at the end, in {args.out}/checkpoints (--save-minutes, --save-every)", file=sys.stderr, flush=True)
     metrics = Appender(os.path.join(args.out, "metrics.jsonl"), truncate=not resume_from) if rank == 0 else None
     if metrics and resume_from:   # the rows of steps after the checkpoint are done again: they go
         metrics.resume(lambda r: (r.get("step"), "eval_loss" in r), lambda r: r.get("step", 0) <= start)
     model.train()
-    began = time.perf_counter()
+    began = saved = time.perf_counter()
     for step in range(start, total):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(args.grad_accum)]
@@ -141,10 +154,11 @@ def train(args):
         skipped = [r for b in micro for r in b["skipped"]]
         for reason in skipped:
             print(f"skipped: {reason}", flush=True, file=sys.stderr)
-        loss_sum, n_skip, n_videos, n_seq = all_sum(
+        due = rank == 0 and time.perf_counter() - saved >= 60 * args.save_minutes   # rank 0's clock decides
+        loss_sum, n_skip, n_videos, n_seq, due = all_sum(
             [loss_sum, len(skipped), sum(len(b["ids"]) for b in micro),
-             sum(b["ids"].numel() + len(b["ids"]) * (model.config.num_visual_tokens - 1) for b in micro)], world,
-            device)
+             sum(b["ids"].numel() + len(b["ids"]) * (model.config.num_visual_tokens - 1) for b in micro),
+             float(due)], world, device)
         stats["skipped"] += int(n_skip)
         dt = time.perf_counter() - t0
         if rank == 0 and (step % args.log_every == 0 or step == total - 1):
@@ -160,10 +174,13 @@ def train(args):
             if rank == 0:
                 metrics.write({"step": step + 1, "eval_loss": eval_loss})
                 print(f"step {step + 1} eval_loss {eval_loss:.4f}", flush=True, file=sys.stderr)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            save_checkpoint(model, optimizer, args, step + 1, {**stats, "total_steps": total}, rank, world)
+        if (due or args.save_every and (step + 1) % args.save_every == 0) and step + 1 < total:
+            save_checkpoint(model, optimizer, args, step + 1, {**stats, "total_steps": total,
+                                                               "global_batch": per_step}, rank, world)
+            saved = time.perf_counter()
     if total > start:
-        save_checkpoint(model, optimizer, args, total, {**stats, "total_steps": total}, rank, world)
+        save_checkpoint(model, optimizer, args, total, {**stats, "total_steps": total, "global_batch": per_step},
+                        rank, world)
     if args.export:
         dtype = getattr(torch, args.export_dtype) if args.export_dtype else \
             (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -174,6 +191,15 @@ def train(args):
               f"{', model ' + args.export if args.export else ''}", flush=True, file=sys.stderr)
     barrier(world)   # no rank leaves while another is still in a collective (rank 0 exporting)
     dist.destroy_process_group()
+
+
+def collective_timeout(args):
+    """How long a rank waits for the others before the run is declared lost (a node that died
+    without closing its sockets is found so): the longest wait a healthy run can have, a micro-batch
+    step whose every sample runs into --decode-timeout on one decoding process, or 10 minutes for a
+    checkpoint or an export, with 2 minutes to spare."""
+    worst = args.decode_timeout * args.batch_size * args.grad_accum / max(1, args.workers or 4)
+    return datetime.timedelta(seconds=max(600.0, worst) + 120)
 
 
 def make_optimizer(model, args):
@@ -244,7 +270,8 @@ def parse_args(argv=None):
     p = cli.Parser(description="LoRA post-training of PLLaVA (FSDP2 under torchrun).")
     p.add_argument("--data", help="training JSONL file(s), comma-separated (required)")
     p.add_argument("--eval-data", help="JSONL file(s) for the eval loss")
-    p.add_argument("--video-root", help="folder that relative video paths are relative to")
+    p.add_argument("--video-root", help="the folder the rows' video names (or relative paths) are inside on this "
+                                        "machine")
     p.add_argument("--out", help="checkpoints, logs and metrics go here (required)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help=f"a release ({', '.join(RELEASES)}), a llava-v1.6 / PLLaVA folder or hub id")
@@ -293,7 +320,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="of the LoRA weights, the data order and the frames sampled")
     p.add_argument("--log-every", type=cli.positive_int, default=10, help="steps between log lines")
     p.add_argument("--eval-every", type=cli.count, default=0, help="steps between eval losses (0: none)")
-    p.add_argument("--save-every", type=cli.count, default=0, help="0: only at the end")
+    p.add_argument("--save-every", type=cli.count, default=0, help="a checkpoint every this many steps too (0: none)")
+    p.add_argument("--save-minutes", type=cli.positive, default=30.0,
+                   help="a checkpoint every this many minutes (a lost node, a preemption loses at most that)")
     p.add_argument("--keep", type=cli.positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--export", help="write a model folder that caption.py loads")

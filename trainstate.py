@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import torch
@@ -133,12 +134,80 @@ def load_checkpoint(model, optimizer, path, rank):
     # so that the load stays strict (a key the model has and nothing gives is an error)
     set_state_dict(model, optimizer, model_state_dict={**model_sd, **state["model"]},
                    optim_state_dict=state["optim"])
-    rng = load_file(os.path.join(path, f"rng_{rank}.safetensors"))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    rng_file = os.path.join(path, f"rng_{rank}.safetensors")
+    if not os.path.exists(rng_file):   # resumed on more processes than saved it: this rank's dropout anew
+        torch.manual_seed(1_000_003 * state["step"] + rank)
+        return state
+    rng = load_file(rng_file)
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and "cuda_0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda_{i}"] for i in range(torch.cuda.device_count())])
+    return state
+
+
+# ------------------------------------------------------------------ on a cluster: restarts, resume
+
+
+def restarts():
+    """Why this process is a restart of a run ("" when it is not): torchrun --max-restarts starting
+    the ranks again after one failed (TORCHELASTIC_RESTART_COUNT), or Slurm requeueing the job
+    (SLURM_RESTART_COUNT). Either way the run goes on from its newest checkpoint by itself."""
+    for var, what in (("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), ("SLURM_RESTART_COUNT", "Slurm requeue")):
+        if os.environ.get(var, "0").isdigit() and int(os.environ.get(var, "0")) > 0:
+            return f"{what} {os.environ[var]}"
+    return ""
+
+
+def check_resumable(path, per_step, world):
+    """A checkpoint resumes on any number of processes that make the same global batch (the data
+    order is a function of the step and the global batch: dataset.StepSampler); another global batch
+    is refused here, at start."""
     with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+        state = json.load(f)
+    before = state.get("global_batch")
+    if before is None and state.get("world_size", world) != world:   # a checkpoint from before global_batch
+        raise ValueError(f"{path} was saved by {state['world_size']} processes: resume it on as many")
+    if before is not None and before != per_step:
+        raise ValueError(f"{path} was saved with a global batch of {before} videos a step, this run makes "
+                         f"{per_step} (--batch-size x processes x --grad-accum): resume with {before}")
+
+
+def shared(make, rank, world):
+    """make() run on rank 0 alone and its result given to every rank (its error too, as a ValueError
+    each rank raises: every rank stops at start in one line)."""
+    box = [None]
+    if rank == 0:
+        try:
+            box = [(True, make())]
+        except (OSError, ValueError) as e:
+            box = [(False, str(e))]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise ValueError(value)
+    return value
+
+
+def sample_list(args, resume_from):
+    """(samples, rows left out) of --data, listed once when the run begins and kept in
+    --out/samples.json: a resumed run (a restart, a requeue) reads the same list again, whatever has
+    happened to the files since, so that its steps are the ones it would have run."""
+    from dataset import load_data
+    from plumbing.jsonl import replace_atomic
+    kept = os.path.join(args.out, "samples.json")
+    if resume_from and os.path.exists(kept):
+        with open(kept, encoding="utf-8") as f:
+            listed = json.load(f)
+        print(f"resuming with the {len(listed['samples'])} samples the run began with ({kept})", file=sys.stderr,
+              flush=True)
+        return [tuple(s) for s in listed["samples"]], listed["dropped"]
+    samples, dropped = load_data(args.data, args.video_root)
+    text = json.dumps({"data": args.data, "samples": samples, "dropped": dropped})   # ASCII: any file name
+    replace_atomic(kept, lambda f: f.write(text.encode()))
+    return samples, dropped
 
 
 def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, prompt):

@@ -182,33 +182,51 @@ class Appender:
             self.f = None
         self.truncate = False
 
-    def resume(self, key, done, look=None) -> set:
+    def resume(self, key, done, look=None, keep=None) -> set:
         """Where a rerun starts: the keys of the rows that are done. The file is read once; look(row) sees
         every row on the way (and may raise: nothing is changed then). Rows that are not done (failures
         worth another try), rows without a key, and repeats of a key already done are then dropped from
-        the file (a second read, only when there are such rows), so that when the run ends every key has
-        exactly one row. With truncate (--overwrite) nothing is read: nothing is done."""
+        the file (a second read, only when there are such rows), except for a key with no done row the
+        last row that keep(row) holds (the count of its tries, say), named in self.kept: until this run
+        writes that key's next row, and compact() drops it. With truncate (--overwrite) nothing is read."""
+        self.kept = set()
         if self.truncate:
             return set()
-        keys, total = set(), 0
-        for row in iter_rows(self.path):
+        keys, last, total = set(), {}, 0
+        for i, row in enumerate(iter_rows(self.path)):
             total += 1
             if look:
                 look(row)
             k = key(row)
             if k is not None and done(row):
                 keys.add(k)
-        if len(keys) < total:
-            self.rewrite(self._kept(key, done))
+            elif k is not None and keep and keep(row):
+                last[k] = i
+        last = {k: i for k, i in last.items() if k not in keys}
+        self.kept = set(last)
+        if len(keys) + len(last) < total:
+            self.rewrite(self._kept(key, done, set(last.values())))
         return keys
 
-    def _kept(self, key, done):
+    def _kept(self, key, done, also=()):
         seen = set()
-        for row in iter_rows(self.path):
+        for i, row in enumerate(iter_rows(self.path)):
             k = key(row)
-            if k is not None and k not in seen and done(row):
+            if k is not None and ((k not in seen and done(row)) or i in also):
                 seen.add(k)
                 yield row
+
+    def compact(self, key, done):
+        """One row a key: its first done row, else its last; rows without a key go."""
+        rows, last = {}, {}
+        for i, row in enumerate(iter_rows(self.path)):
+            k = key(row)
+            if k is not None:
+                last[k] = i
+                if done(row) and k not in rows:
+                    rows[k] = i
+        chosen = set(rows.values()) | {i for k, i in last.items() if k not in rows}
+        self.rewrite(row for i, row in enumerate(iter_rows(self.path)) if i in chosen)
 
     def close(self):
         if self.lock is None:   # closed already

@@ -12,31 +12,54 @@ import json
 import os
 import re
 
-from plumbing.jsonl import Appender, iter_rows
+from plumbing.jsonl import Appender, Busy, hold, iter_rows, replace_atomic
 from plumbing.workers import tries_of
 
 
 def weights_id(folder: str) -> str:
-    """What the weights of a model folder are, without reading 15 GB: every file's name and size, the small
-    files (config, tokenizer, adapter, index) whole, and of each large one its first MB and 16 blocks of
-    64 KB spread through it. New weights written into the same folder get a new id; a copy of the folder
-    keeps it."""
+    """What the weights of a model folder are: every file's name and the hash of its whole content.
+    A 15 GB folder is read once (about 10 s); the hash is remembered per file (file_hash) for as long
+    as its size, mtime, ctime and inode say it cannot have changed. New weights written into the same
+    folder, even over the same files at the same size, get a new id; a copy of the folder keeps it."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or name.startswith(".") or name == "prompt.json":   # the prompt: apart
             continue
-        size = os.path.getsize(path)
-        h.update(f"{name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            if size <= 4 << 20:
-                h.update(f.read())
-                continue
-            h.update(f.read(1 << 20))
-            for i in range(16):
-                f.seek((size - (64 << 10)) * i // 15)
-                h.update(f.read(64 << 10))
+        h.update(f"{name}\0{file_hash(path)}\0".encode())
     return h.hexdigest()[:16]
+
+
+def file_hash(path: str) -> str:
+    """The sha256 of a file's content, remembered in ~/.cache/pllava/file-hashes.json under its real
+    path with its size, mtime, ctime and inode (a write changes the ctime, which nobody can set)."""
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    real = os.path.realpath(path)
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pllava",
+                         "file-hashes.json")
+    known = _remembered(cache)
+    if isinstance(known.get(real), dict) and known[real].get("stamp") == stamp:
+        return known[real]["sha256"]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    try:   # remembered if it can be: a read-only home only costs the next run the same read
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with os.fdopen(hold(cache + ".lock", waiting=None), "r"):
+            fresh = {**_remembered(cache), real: {"stamp": stamp, "sha256": digest}}
+            replace_atomic(cache, lambda f: f.write(json.dumps(fresh).encode()))
+    except (OSError, ValueError, Busy):
+        pass
+    return digest
+
+
+def _remembered(cache):
+    try:
+        with open(cache, "rb") as f:
+            known = json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def settings_id(args, folder: str, prompt: dict, names=None) -> str:
@@ -48,6 +71,8 @@ def settings_id(args, folder: str, prompt: dict, names=None) -> str:
     what = {"model": model, **prompt, **{k: getattr(args, k) for k in names}}
     if getattr(args, "temperature", 0) and "seed" in vars(args):
         what["seed"] = args.seed
+    if getattr(args, "shots", None) or getattr(args, "window", None):
+        what["max_shots"] = args.max_shots
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -64,13 +89,15 @@ class Outputs:
         self.out, self.rank, self.world, self.overwrite = out, rank, world, overwrite
         self.main = Appender(out, fsync=world > 1, truncate=overwrite) if rank == 0 else None
         self.mine = Appender(f"{out}.rank{rank}", truncate=True) if world > 1 else self.main
-        self.shot_counts = {}
+        self.shot_counts, self.key, self.done, self.retried, self.stale = {}, None, None, set(), False
 
     def resume(self, key, done, settings=None, tries=None) -> set:
         """The keys of the rows done, after one read of --out (and of any rank files an earlier run left,
         first folded into it). A row made with other settings stops the run (unless --overwrite); the
-        runs that met a failure worth another try are counted in `tries`, the shots of each video in
-        self.shot_counts."""
+        runs that met a failure worth another try are counted in `tries` (and their rows stay in --out
+        until the video's next row: a run killed before it keeps the count), the shots of each video
+        in self.shot_counts."""
+        self.key, self.done = key, done
         def look(row):
             if settings and "caption" in row and row.get("settings") != settings:
                 raise ValueError(f"{self.out} holds rows made with other settings (model weights, prompt, "
@@ -84,7 +111,8 @@ class Outputs:
         keys = set()
         if self.rank == 0:
             self._fold_rank_files(key, done, look)
-            keys = self.main.resume(key, done, look)
+            keys = self.main.resume(key, done, look, keep=tries_of)
+            self.retried = self.main.kept
         if self.world > 1:
             import torch.distributed as dist
             dist.barrier()   # rank 0 has folded and cleaned --out: every rank reads it now
@@ -99,18 +127,24 @@ class Outputs:
         for part in rank_files(os.path.realpath(self.out)):
             if not self.overwrite:
                 for row in iter_rows(part):
-                    if key(row) is not None and done(row):
+                    if key(row) is not None and (done(row) or tries_of(row)):
                         look(row)
                         self.main.write(row)
             os.remove(part)
 
     def write(self, row):
         self.mine.write(row)
+        self._seen(row)
+
+    def _seen(self, row):
+        if self.retried and self.key(row) in self.retried:   # the "try again" row kept for it is stale now
+            self.stale = True
 
     def finish(self, counts):
         """Every rank's counts summed (a barrier too: every rank has written its rows); rank 0 then merges
         the rank files into --out, keeping the first row of each key, and removes them."""
         if self.world == 1:
+            self._compact()
             return counts
         import torch
         import torch.distributed as dist
@@ -121,18 +155,28 @@ class Outputs:
             seen = set()
             for part in rank_files(self.main.path):
                 for row in iter_rows(part):
-                    if row.get("video") is not None and (row.get("video"), row.get("shot")) not in seen:
-                        seen.add((row.get("video"), row.get("shot")))
+                    if self.key(row) is not None and self.key(row) not in seen:
+                        seen.add(self.key(row))
                         self.main.write(row)
+                        self._seen(row)
                 os.remove(part)
             self.mine = self.main
+            self._compact()
         dist.barrier()
         return total.tolist()
+
+    def _compact(self):
+        """One row a video (or shot) again, when a kept "try again" row has a newer row now."""
+        if self.stale and self.main is not None:
+            self.main.compact(self.key, self.done)
+            self.stale = False
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        if self.world == 1:
+            self._compact()
         for appender in (self.mine, self.main):
             if appender is not None:
                 appender.close()

@@ -42,9 +42,12 @@ class Breaker:
         worst = max(set(self.streak), key=self.streak.count)
         if kind == "final":
             return (f"the first {len(self.streak)} items were all refused ({worst}) and none answered: is the "
-                    f"request right (--model, the frames)? They are not marked done")
+                    f"request right (--model, the frames)? Their refusals are written: if the request was "
+                    f"wrong, fix it and run again with --retry-errors; if these items are simply refused, run "
+                    f"again (they are skipped) or raise --max-failures-in-a-row")
         return (f"the last {len(self.streak)} items all failed ({worst} x {self.streak.count(worst)}): is "
-                f"{self.client.url} up and reachable? They are not marked done: run again to try them again")
+                f"{self.client.url} up and reachable? They are not marked done: run again to try them again "
+                f"(--max-failures-in-a-row sets how many in a row stop a run)")
 
     def _systemic(self, status, code):
         if code in QUOTA_CODES:
@@ -74,9 +77,10 @@ def run_items(client, jobs, work, concurrency, out, limit, identify, neutral=(),
     """work(job) -> row for every job, on `concurrency` threads (guarded: an exception is that job's row);
     each row scrubbed of the key, written to `out` (an Appender) and shown to `seen` as it comes. Ends
     with Stop when the Breaker says the run is broken. Ctrl-C (or SIGTERM) starts no new request and
-    writes the answers in flight as they come (they are paid for); a second one abandons them. Final refusals that come
-    before any answer are held back, and dropped if the run stops for them, so that a request the server
-    refuses as a whole marks nothing done."""
+    writes the answers in flight as they come (they are paid for); a second one abandons them. Final
+    refusals that come before any answer are held back while the run may still go on; they are written
+    when the run stops for them too (they are paid for, and a rerun must not ask them again: it goes on
+    past them, and --retry-errors asks them again if the request itself was wrong)."""
     breaker, reason, interrupts, held = Breaker(client, limit, neutral), None, [], []
 
     def interrupt(*_):
@@ -110,14 +114,14 @@ def run_items(client, jobs, work, concurrency, out, limit, identify, neutral=(),
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    for row in held:   # refusals no answer came after: they are answers too
+        out.write(row)
+        if seen:
+            seen(row)
     if interrupts:
         raise KeyboardInterrupt
     if reason:
         raise Stop(reason)
-    for row in held:   # a short run with nothing but refusals: they are its answers
-        out.write(row)
-        if seen:
-            seen(row)
 
 
 def run_concurrently(jobs, work, workers: int, stop: threading.Event = None):

@@ -1,7 +1,19 @@
-"""What to read: a folder, a video file or a list of them, as canonical paths, the key every tool's
-rows are stored and resumed under."""
+"""What to read: a folder, a video file or a list of them, and the one name of each video that every
+machine agrees on, the key every tool's rows are sharded, stored and resumed under.
+
+A video has two spellings. Its path is where this machine opens it (absolute, normalized): another
+node, or a requeue that mounts the share elsewhere, spells it otherwise. Its name is what every node
+calls it, whatever the mount, the symlink or the folder a tool runs from:
+  - in a folder given as the source: its path inside that folder (`season1/ep01.mkv`);
+  - in a list file (or a labels file): the path as the list writes it, normalized (`./a//b.mp4` is
+    `a/b.mp4`; an absolute line stays absolute), never where the list itself is kept;
+  - a single video file given alone: its file name.
+Rows carry both ("video": the path, "name": the name); shards (`--shard K/N`, torchrun's ranks) and
+resume go by the name. A row from before names is known by its path as far as this machine can.
+"""
 
 import os
+import zlib
 
 from data import TS_EXTENSIONS
 
@@ -9,21 +21,60 @@ VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m
                     ".3gp", ".ogv"} | TS_EXTENSIONS
 
 
+class Video(str):
+    """A video's path on this machine, with `name`: what every machine calls it (see above)."""
+
+    def __new__(cls, path: str, name: str):
+        video = super().__new__(cls, path)
+        video.name = name
+        return video
+
+    def __reduce__(self):   # the decode workers get the name too
+        return Video, (str(self), self.name)
+
+
 def canonical(path: str) -> str:
-    """The one spelling of a path that results are keyed on: `vids/a.mp4`, `./vids//a.mp4` and
-    `/home/me/vids/a.mp4` (run from /home/me) are one video, with one row."""
+    """This machine's one spelling of a path: `vids/a.mp4`, `./vids//a.mp4` and `/home/me/vids/a.mp4`
+    (run from /home/me) are one file."""
     return os.path.normpath(os.path.abspath(path))
+
+
+def written(path: str) -> str:
+    """A path as a list writes it, normalized but never made absolute: the name of a listed video."""
+    return os.path.normpath(path).replace(os.sep, "/")
+
+
+def in_shard(name: str, shard) -> bool:
+    """Is the video called `name` in shard (K, N)? By a hash of its name alone, so that every node
+    agrees whatever its mount, its list order or what else it sees."""
+    k, n = shard
+    return zlib.crc32(os.fsencode(name)) % n == k
+
+
+def row_name(row, names=None):
+    """The name a row is for: its "name", or for a row that has none (written before names) the name
+    `names` ({path: name}, this run's videos) gives its path, else its path as written. None for a
+    row that names no video."""
+    name, video = row.get("name"), row.get("video")
+    if isinstance(name, str) and name:
+        return name
+    if not isinstance(video, str) or not video:
+        return None
+    return (names or {}).get(canonical(video)) or written(video)
 
 
 def find_videos(source: str) -> list:
     """A folder (searched recursively for video files), one video file, or a list file: one path a line,
     or JSONL with a "video" field (relative paths are relative to the list file), in UTF-8 (a BOM is
-    fine) or UTF-16. Paths come canonical (absolute, normalized), each once; file names that are not
-    UTF-8 as Python holds them (os.fsdecode's escapes), so they reopen. No video at all: ValueError."""
+    fine) or UTF-16. Videos (paths with their names), each once, sorted by name in a folder; file
+    names that are not UTF-8 as Python holds them (os.fsdecode's escapes), so they reopen. No video at
+    all: ValueError."""
     import json
     if os.path.isdir(source):
-        found = sorted(canonical(os.path.join(root, f)) for root, files in _walk(source) for f in files
-                       if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS)
+        paths = [os.path.join(root, f) for root, files in _walk(source) for f in files
+                 if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS]
+        found = sorted((Video(canonical(p), written(os.path.relpath(p, source))) for p in paths),
+                       key=lambda v: v.name)
         if not found:
             raise ValueError(f"{source}: no videos found (the extensions looked for: "
                              f"{' '.join(sorted(VIDEO_EXTENSIONS))})")
@@ -31,7 +82,7 @@ def find_videos(source: str) -> list:
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such file or folder")
     if os.path.splitext(source)[1].lower() not in (".txt", ".jsonl", ".list"):
-        return [canonical(source)]
+        return [Video(canonical(source), os.path.basename(canonical(source)))]
     base = video_base(source)
     with open(source, "rb") as f:
         data = f.read()
@@ -39,13 +90,13 @@ def find_videos(source: str) -> list:
         data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")   # names as the file system holds them
     videos, seen, lines = [], set(), text.split("\n")   # not splitlines(): a row may hold U+2028
     for i, line in enumerate(lines, 1):
-        line = line.strip()
+        line, name = line.strip(), None
         if not line or line.startswith("#"):
             continue
         if line.startswith("{"):
             try:
                 row = json.loads(line)
-                line = row.get("video") or row["image"]
+                line, name = row.get("video") or row["image"], row.get("name")   # a labels file: its names
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 if i == len(lines) and not text.endswith("\n"):   # cut off by a run that was killed: not a row
                     break
@@ -55,7 +106,7 @@ def find_videos(source: str) -> list:
         path = canonical(os.path.join(base, line))   # an absolute line stays as it is
         if path not in seen:   # listed twice, perhaps spelled two ways: one video
             seen.add(path)
-            videos.append(path)
+            videos.append(Video(path, name if isinstance(name, str) and name else written(line)))
     if not videos:
         raise ValueError(f"{source}: the list names no videos")
     return videos
@@ -76,6 +127,10 @@ def _walk(folder):
 
 
 def video_base(source: str) -> str:
-    """The folder that a source's videos are named from: the folder itself, or a list's or file's own. A
-    path relative to it is the same on every machine, whatever the mount (label.py shards by it)."""
+    """The folder that a list's (or a labels file's) relative paths are relative to: its own."""
     return canonical(source) if os.path.isdir(source) else os.path.dirname(canonical(source))
+
+
+def names_of(videos) -> dict:
+    """{path: name} of these videos (for rows written before names: row_name)."""
+    return {str(v): v.name for v in videos}

@@ -52,6 +52,7 @@ def _serve():
     """The worker's loop: the function and the memory limit first, then items until the parent closes
     the pipe. The limit is on the data segment and private writable mappings (RLIMIT_DATA), which is
     where a decoder's frames live, so a file that lies about its size gets a MemoryError, not the machine."""
+    _die_with_parent()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # a stray print must not corrupt the protocol
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle; we end when it closes our pipe
@@ -75,6 +76,20 @@ def _serve():
                 _send(out, (False, VideoError(f"{item}: {type(e).__name__}: {e}")))
     except (EOFError, BrokenPipeError):
         return
+
+
+def _die_with_parent():
+    """SIGKILL for this worker when the process that started it ends, however it ends (Linux): a worker
+    stopped (SIGSTOP) or stuck in a decoder never reads the end of its pipe, and would outlive a client
+    that was killed."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):   # not Linux: the closed pipe ends it, when it reads again
+        return
+    if os.getppid() != parent:   # the parent died before the line above: nobody to serve
+        os._exit(0)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
@@ -173,7 +188,7 @@ class PoolError(Exception):
 
 
 def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8, memory_gb: float = None,
-                   threads: int = None):
+                   threads: int = None, stop: threading.Event = None):
     """Yield (item, result) for each item, result being fn(item) or a VideoError, as they finish.
 
     fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
@@ -181,12 +196,13 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     decoders can hang, and a hang cannot be interrupted from Python), or as long since its last
     data.heartbeat() (a long decode that moves on), gets its worker killed and replaced, and its item a
     VideoError; so does one that needs more than `memory_gb` GiB. Each decoder gets `threads` threads
-    (default: this rank's cores shared by the workers). fn must be picklable (a module-level function or
+    (default: this rank's cores shared by the workers). Once `stop` is set (SIGTERM in label.py) the
+    stream ends within a fraction of a second, even while a decode is stalled. fn must be picklable (a module-level function or
     a partial) from a module the workers can import, not from the script being run."""
     if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
         raise ValueError("imap_unordered needs a function from an importable module, not from __main__")
     out, todo = queue.Queue(maxsize=buffer), queue.Queue(maxsize=max(1, workers))
-    done, failed, stop = object(), [], threading.Event()
+    done, failed, told, stop = object(), [], stop, threading.Event()
     limit = int(memory_gb * 2**30) if memory_gb else None
     threads = threads or codec_threads(workers)
     wake_r, wake_w = os.pipe()   # a byte when the feeder hands over an item: the loop waits on it too
@@ -269,7 +285,15 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     threading.Thread(target=run, daemon=True).start()
     finished = False
     try:
-        while (got := out.get()) is not done:
+        while True:
+            try:
+                got = out.get(timeout=0.2)
+            except queue.Empty:
+                if told is not None and told.is_set():
+                    return
+                continue
+            if got is done:
+                break
             yield got
         finished = True
     finally:

@@ -228,7 +228,9 @@ def test_an_unexpected_exception_is_that_items_row(tmp_path):
 
     class Args:
         max_new_tokens, temperature, frames_as = 10, None, "video"
-    jobs = [(("v.mp4", None, None), ["data:image/jpeg;base64,AA=="]), (("w.mp4", (1, 3, 2.0, 4.0), None), ["x"])]
+    from plumbing.sources import Video
+    jobs = [((Video("v.mp4", "v.mp4"), None, None), ["data:image/jpeg;base64,AA=="]),
+            ((Video("w.mp4", "w.mp4"), (1, 3, 2.0, 4.0), None), ["x"])]
     with Appender(str(tmp_path / "out.jsonl")) as out:
         run_items(Broken(), jobs, lambda job: label.label_one(Broken(), Args, "prompt", {}, "s", job), 2, out, 10,
                   label.identify)
@@ -283,15 +285,24 @@ def test_judge_writes_no_key_in_any_report_file(tmp_path):
         assert KEY[:10] not in (tmp_path / "rep" / name).read_text(), name
 
 
-def test_a_server_that_refuses_every_request_as_moderated_marks_nothing_done(tmp_path, clips):
-    videos, folder = clips
+def test_refusals_before_any_answer_stop_the_run_but_are_never_paid_for_twice(tmp_path, clips):
+    videos, folder = clips   # the first videos refused (moderated), the others answered
     out = str(tmp_path / "labels.jsonl")
-    api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": ["moderated"] * 100},
-                   final=lambda item: True)
+    order = sorted(videos)
+    asked = iter(range(10**6))
+    api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: next(asked),
+                   script={i: ["moderated" if i < 4 else "ok"] for i in range(100)})
+    args = [folder, "--out", out, "--api-base", api.url, "--max-failures-in-a-row", "4", "--concurrency", "1"]
     try:
-        r = run_api_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--max-failures-in-a-row", "4",
-                                      "--concurrency", "1"])
+        first = run_api_tool("label.py", args)
+        calls, written = len(api.log), len(read_rows(out))
+        second = run_api_tool("label.py", args)
     finally:
         api.close()
-    assert r.returncode == 1 and "were all refused" in r.stderr.strip().splitlines()[-1]
-    assert read_rows(out) == [] and len(api.log) <= 6
+    said = first.stderr.strip().splitlines()[-1]
+    assert first.returncode == 1 and "were all refused" in said and "--retry-errors" in said
+    assert "--max-failures-in-a-row" in said
+    assert calls in (4, 5) and written == calls        # the refusals written (and an answer in flight)
+    assert second.returncode == 0 and len(api.log) == len(order), second.stderr   # each video asked once in all
+    rows = read_rows(out)
+    assert sum("caption" in r for r in rows) == len(order) - 4 and len({r["name"] for r in rows}) == len(order)
