@@ -32,7 +32,7 @@ from clean import clean_file
 from data import UNREADABLE, VideoError
 from plumbing import cli
 from plumbing.cli import Stop
-from plumbing.client import FINAL_CODES, add_api_flags, api_client
+from plumbing.client import FINAL_CODES, APIError, add_api_flags, api_client, failure_kind
 from plumbing.jsonl import Busy, iter_rows
 from plumbing.outputs import Outputs, file_hash, settings_id
 from plumbing.redact import Redactor
@@ -192,7 +192,12 @@ def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
     """((video, shot, _), data URLs of more frames) -> a new label from them, the old kept beside.
     A final "no" (the teacher refuses the new request, the video cannot be read from more frames)
     keeps the old label as it was, saying why: a good label is not lost to a refusal."""
-    row = label_one(client, args, prompt, tries, settings, job)
+    try:
+        row = label_one(client, args, prompt, tries, settings, job)
+    except APIError as e:   # refused outright (moderation): as final as a refusal in the reply
+        if failure_kind(e.status, e.code) != "final":
+            raise
+        row = {"code": e.code}
     old = labels[key_of(job)]
     if "caption" in row:
         return {**row, "caption_first": old["caption"], "frames_first": old.get("frames"), "rechecked": True,

@@ -202,3 +202,70 @@ def test_clean_rules(tmp_path):
     r = run_label(["clean", str(src), "--out", str(tmp_path / "all.jsonl"), "--keep-duplicates"])
     assert r.returncode == 0 and "duplicate" not in r.stderr.replace("--keep-duplicates", ""), r.stderr
     assert set(kept) < {row["video"] for row in read_rows(str(tmp_path / "all.jsonl"))}
+
+
+def stopped_worker(proc, deadline=60):
+    """SIGSTOP the first decode worker `proc` starts (a decoder stuck on a network disk); its pid."""
+    from work import decode_workers
+    end = time.time() + deadline
+    while time.time() < end and not decode_workers(proc.pid):
+        time.sleep(0.01)
+    pid = decode_workers(proc.pid)[0]
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def gone(pid):
+    """Has the process ended (no such process, or a zombie nobody has reaped yet)?"""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("signals, flags", [((signal.SIGTERM,), []), ((signal.SIGTERM,) * 2, []),
+                                            ((signal.SIGINT,) * 2, ["--shots"])])
+def test_sigterm_or_ctrl_c_ends_a_run_whose_decode_is_stalled(tmp_path, signals, flags):
+    """With a decode stalled for good (its worker stopped) and --decode-timeout far off, a SIGTERM (Slurm's
+    preemption: SIGKILL follows after its grace time), or two, or two Ctrl-C while shots are found, end
+    the run at once: one line, the lock gone, the stalled worker killed."""
+    videos, colours = solid_videos(str(tmp_path / "v"), 4)
+    api = label_server(colours)
+    out = str(tmp_path / "labels.jsonl")
+    try:
+        proc = run_label([tmp_path / "v", "--out", out, "--api-base", api.url, "--workers", "1",
+                          "--decode-timeout", "600", *flags], wait=False)
+        worker = stopped_worker(proc)
+        time.sleep(0.5)
+        for sig in signals:
+            proc.send_signal(sig)
+            time.sleep(0.2)
+        try:
+            _, err = proc.communicate(timeout=30)    # the decode's own limit is 600 s away
+        except Exception:
+            proc.kill()
+            raise AssertionError("the run did not end after " + " and ".join(s.name for s in signals))
+    finally:
+        api.close()
+    assert proc.returncode != 0 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert not os.path.exists(out + ".lock") and gone(worker)
+
+
+def test_a_decode_worker_stopped_while_idle_dies_with_its_killed_client(tmp_path):
+    videos, colours = solid_videos(str(tmp_path / "v"), 4)
+    api = label_server(colours)
+    api.script = {i: [("hang", 30)] for i in range(4)}     # the client waits on the server; its workers idle
+    try:
+        proc = run_label([tmp_path / "v", "--out", tmp_path / "l.jsonl", "--api-base", api.url, "--workers", "2"],
+                         wait=False)
+        while len(api.log) < 1:
+            time.sleep(0.01)
+        worker = stopped_worker(proc)
+        os.kill(proc.pid, signal.SIGKILL)                   # the client alone, as the OOM killer would
+        proc.wait()
+        end = time.time() + 20
+        while time.time() < end and not gone(worker):
+            time.sleep(0.05)
+    finally:
+        api.close()
+    assert gone(worker)

@@ -134,3 +134,43 @@ def test_recheck_refuses_what_cannot_work(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
         assert not list(tmp_path.glob("*.rechecked.jsonl"))
+
+
+def test_a_label_the_teacher_refuses_to_relabel_is_kept_as_it_was(tmp_path):
+    videos, colours = setup(tmp_path, 6, disagree={1, 4})
+    api = teacher(colours)
+    api.script = {1: [("status", 400, "data_inspection_failed", {})]}    # moderated from 16 frames
+    try:
+        r = recheck(tmp_path, api, "--share", "0.34")
+        again = recheck(tmp_path, api, "--share", "0.34")
+    finally:
+        api.close()
+    assert r.returncode == 0 and again.returncode == 0, r.stderr
+    rows = {row["video"]: row for row in read_rows(str(tmp_path / "labels.rechecked.jsonl"))}
+    assert len(rows) == 6 and all("error" not in row for row in rows.values())
+    kept = rows[videos[1]]
+    assert kept["caption"] == "Video 1: a square moves right, then down." and kept["rechecked"] is False
+    assert kept["recheck_refused"] == "data_inspection_failed"
+    assert rows[videos[4]]["caption"] == "Video 4 seen in 16 frames."
+    assert "1 refused, their first label kept" in r.stderr and len(api.log) == 2   # the rerun asks nothing
+
+
+def test_a_rerun_with_another_student_or_other_labels_is_refused(tmp_path):
+    videos, colours = setup(tmp_path, 4, disagree={2})
+    api = teacher(colours)
+    out = tmp_path / "r.jsonl"
+    try:
+        first = recheck(tmp_path, api, "--share", "0.25", "--out", out)
+        student = tmp_path / "student.jsonl"
+        student.write_text(student.read_text().replace("A circle spins in place.", "Video 2: a square."))
+        other_student = recheck(tmp_path, api, "--share", "0.25", "--out", out)
+        with open(tmp_path / "labels.jsonl", "a") as f:
+            f.write(json.dumps({"video": videos[0], "caption": "Another label.", "frames": 4}) + "\n")
+        other_labels = recheck(tmp_path, api, "--share", "0.25", "--out", out)
+    finally:
+        api.close()
+    assert first.returncode == 0
+    for r in (other_student, other_labels):
+        said = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and said.startswith("error:") and "other settings" in said, r.stderr
+    assert len(api.log) == 1 and len(read_rows(str(out))) == 4

@@ -1,10 +1,13 @@
 """shots.py on synthetic videos with known cuts: a long static shot, fast motion, a camera pan, shots a few
 frames long, a fade out and in; and caption.py --shots / --window rows per shot."""
 
+import os
+
 import numpy as np
 import pytest
 
 import shots
+from data import VideoError
 
 from videos import write_video
 
@@ -198,3 +201,28 @@ def test_caption_and_label_per_window_and_label_per_shot(cut_video, ckpt, tmp_pa
     assert r.returncode == 0, r.stderr
     want = [(round(a, 3), round(b, 3)) for a, b, _ in shots.shots(path)]
     assert sorted((row["start"], row["end"]) for row in read_rows(str(tmp_path / "s.jsonl"))) == want
+
+
+def test_a_small_file_of_many_frames_and_cuts_is_bounded_in_shots_and_in_time(tmp_path):
+    """A hostile file: 16x16 frames at 250 a second, a cut every 0.7 s. Its shots (each a paid
+    request in label.py) are capped by --max-shots, the frames compared by RATE a second of video, and
+    the time spent by a budget that grows with the video's time, not with its heartbeats."""
+    colours = [(250, 20, 20), (20, 250, 20), (20, 20, 250)]
+    path = write_video(str(tmp_path / "h.mp4"), n_frames=2500, fps=250, size=(16, 16),
+                       frame_fn=lambda i, w, h: np.full((h, w, 3), colours[int(i / 250 / 0.7) % 3], np.uint8))
+    assert os.path.getsize(path) < 200_000
+    found = shots.spans(path, min_shot=0.5, max_shot=20.0, max_shots=5)
+    assert len(found) == 5 and found[0][0] == 0 and all(a[1] == b[0] for a, b in zip(found, found[1:]))
+    uncapped = shots.spans(path, min_shot=0.5, max_shot=20.0)
+    assert 12 <= len(uncapped) <= 16                                       # 10 s of video: 14 shots
+    compared = []
+    real = shots.changed
+    shots.changed = lambda cur, prev: compared.append(1) or real(cur, prev)
+    try:
+        shots.spans(path, min_shot=0.5)
+    finally:
+        shots.changed = real
+    assert len(compared) < 2500 / 5               # about 300 frames compared (and the cuts checked), not 2,500
+    with pytest.raises(VideoError) as e:                                  # a budget far too small: refused
+        shots.spans(path, budget=1e-4)
+    assert e.value.code == "decode_timeout" and "finding shots took" in str(e.value)

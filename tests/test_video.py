@@ -266,3 +266,14 @@ def test_pixels_are_normalized_in_fp32_and_cast_once():
     m, s = torch.tensor((0.48145466, 0.4578275, 0.40821073))[:, None, None], torch.tensor((0.26862954, 0.26130258, 0.27577711))[:, None, None]
     in_bf16 = (x - m.to(torch.bfloat16)) / s.to(torch.bfloat16)
     assert not torch.equal(in_bf16, fp32.to(torch.bfloat16))                 # the difference is real
+
+
+def test_a_fifo_named_like_a_video_is_said_to_be_no_regular_file_and_never_opened(tmp_path):
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)
+    with pytest.raises(VideoError) as e:                 # opening it would block the decoder for good
+        read_frames(str(fifo), 4)
+    assert "not a regular file" in str(e.value) and "no such file" not in str(e.value)
+    with pytest.raises(VideoError):
+        import shots
+        shots.spans(str(fifo))
