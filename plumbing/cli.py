@@ -21,14 +21,20 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with every default shown in --help, and a mistake in the flags told in one line, not the
-    whole usage text."""
+    """argparse, with every default shown in --help, no abbreviations (`--max-new-token` is not quietly
+    `--max-new-tokens`), and a mistake in the flags told in one line, with the flag meant when one is
+    close, not the whole usage text."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=_Help, **kwargs)
+        super().__init__(*args, formatter_class=_Help, allow_abbrev=False, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        import difflib
+        flags = [o for a in self._actions for o in a.option_strings]
+        unknown = [w for w in message.split() if w.startswith("--")] if "unrecognized" in message else []
+        near = [m for w in unknown for m in difflib.get_close_matches(w.split("=")[0], flags, n=1, cutoff=0.75)]
+        hint = f"did you mean {' '.join(near)}? " if near else ""
+        self.exit(2, f"error: {message} ({hint}see {self.prog} --help)\n")
 
 
 def _typed(kind, ok, what):
@@ -70,8 +76,9 @@ def run(main, user_errors=(OSError, ValueError), scrub=str):
     """main(), with the errors a user can cause as one line and a non-zero exit."""
     try:
         return main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
+    except KeyboardInterrupt:   # 130, as a shell reports a Ctrl-C
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except user_errors as e:
         sys.exit(f"error: {scrub(e) or type(e).__name__}")
     except Exception:

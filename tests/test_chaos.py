@@ -161,3 +161,17 @@ def test_judge_chaos_kill_and_rerun(tmp_path, seed):
     no_key_anywhere(str(tmp_path), streams)
     check_deadlines(api)
     assert seconds < 60
+
+
+@pytest.mark.slow
+def test_a_labelling_day_loses_doubles_and_wrongly_finalizes_nothing(tmp_path):
+    """lab/labelling_day.py at 300 videos: cut bodies, stalls, 429s, moderation and a 3 s outage at the
+    server; three SIGKILLs, a SIGTERM and a stopped decoder at the client, each run restarted, every
+    other one through another mount of the folder."""
+    from lab.labelling_day import run_day
+    day = run_day(str(tmp_path), 300, seed=1, outage=3.0)
+    assert day["rows"] == 300 and day["lost"] == 0 and day["doubled"] == 0 and day["wrongly_final"] == 0, day
+    assert day["moderated"] > 0 and all(day["faults"].get(f) for f in ("cut", "stall", "429", "down")), day
+    ends = [r["exit"] for r in day["runs"]]
+    assert ends.count(-signal.SIGKILL) == 3 and ends[-1] == 0 and {"mnt", "videos"} <= {r["folder"] for r in day["runs"]}
+    assert any(r["event"] == "term" and r["exit"] != -signal.SIGKILL for r in day["runs"]), day["runs"]
