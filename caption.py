@@ -5,9 +5,15 @@ Videos are decoded in worker processes while the model generates: the engine (en
 --batch-size videos in its slots and hands a finished video's slot to the next at once. Each video
 gets one JSONL row, a caption or the reason it has none, appended as soon as it ends; with --shots
 (or --window) each shot gets one, with its start and end in seconds. A rerun skips what is done,
-whatever folder it runs from, and tries again what may succeed now. Every caption carries the id of
-the settings and weights that made it, and a rerun with others refuses the file. Under torchrun
-every rank captions its share into a file of its own, and rank 0 merges them into --out at the end.
+whatever folder or mount it runs from (rows are keyed by the video's name: plumbing/sources.py),
+and tries again what may succeed now. Every caption carries the id of the settings and weights that
+made it (plumbing/outputs.py: CAPTION_SETTINGS, the prompt, the weights' content), and a rerun with
+others refuses the file. Under torchrun every rank captions its share into a file of its own, and
+rank 0 merges them into --out at the end.
+
+A row: {"video": its path here, "name", "caption", "tokens", "truncated": it reached
+--max-new-tokens, "frames", "model", "settings"}, with "shot", "of", "start", "end" per shot; or
+{"video", "name", "error", "code"} ("tries" on a failure the next run tries again).
 """
 
 import datetime

@@ -1,7 +1,7 @@
 """Clean teacher captions before training on them (`python label.py clean labels.jsonl --out
 clean.jsonl`).
 
-The seed found that the teacher's captions themselves hallucinate and are sometimes unusable.
+The report found that the teacher's captions themselves hallucinate and are sometimes unusable.
 Rules, in order, each counted: error rows and empty captions, a video (or shot) already seen (its
 first row is kept: one label a video, or a shot), refusals, captions cut at the token limit,
 degenerate ones (a phrase repeated in a loop), boilerplate openings stripped ("The video shows

@@ -9,7 +9,7 @@ unparsed and counted apart: never scored. Judgments are cached by (ground truth,
 version, judge model) in the report folder, so a rerun costs nothing; a failed request is not
 cached and is asked again on the next run, and a refused key, an empty account or an unreachable
 server stops the run early. The report (report.md, summary.json) gives accuracy and mean score with
-95% bootstrap intervals; with --pred-b, the paired differences and wins / ties / losses: the seed's
+95% bootstrap intervals; with --pred-b, the paired differences and wins / ties / losses: the report's
 "accuracy +8 points, mean score +0.2" comparison in one command.
 """
 

@@ -11,9 +11,11 @@ labels were made with) with the label's sentences numbered, and keeps the ones t
 the counts. `recheck` asks the teacher again, from --frames 16, for the --share (0.3) of labels that a
 student (a model trained on them) agrees with least; the rest are copied (checks.py).
 
-Four frames per video (segment middles, as the seed) become JPEGs in decoding processes while the
+Four frames per video (segment middles, as the report) become JPEGs in decoding processes while the
 HTTP requests run on threads. One row per video, appended and fsynced as it finishes: {"video",
-"caption", "model", "usage", "finish_reason"} or {"video", "error", "status", "code"}. A video is
+"name", "caption", "model", "usage", "finish_reason"} or {"video", "name", "error", "status", "code"}
+("video": its path here; "name": what every node calls it, which shards and resume go by:
+plumbing/sources.py). A video is
 done when it has a caption or a final answer (content moderation, an unreadable file); a rerun
 skips what is done and tries the rest again, so a kill loses at most the requests in flight. A
 refused key, an empty account or a server that stays unreachable stops the run early

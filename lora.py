@@ -3,7 +3,7 @@
     y = W0 x + b + (alpha / r) * B(A(dropout(x)))
 
 A starts kaiming-uniform and B at zero (as peft does), so a fresh adapter changes nothing. The
-seed's post-training trains A and B (r=128, alpha=32, on q_proj and k_proj) and then, at inference,
+report's post-training trains A and B (r=128, alpha=32, on q_proj and k_proj) and then, at inference,
 *lowers* alpha: alpha/r is the share of the learned update in the output, a knob that needs no
 retraining (PLLaVA's own inference uses alpha=4 with r=128).
 

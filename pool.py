@@ -2,7 +2,7 @@
 
 PLLaVA's answer is adaptive average pooling in 3-D: (T, H, W) features -> (T', H', W') tokens, so
 the LLM sees every frame's place in time (T' = T = 16) at a quarter of the spatial grid (24x24 ->
-12x12). Beside it are the two strategies the seed argues against: Video-ChatGPT's (the toy's
+12x12). Beside it are the two strategies the report argues against: Video-ChatGPT's (the toy's
 --ablations train with it) and plain concatenation (for teaching; tests/test_pool.py holds it):
 
   "pllava"  (B, T, H, W, D) -> (B, T'*H'*W', D)   adaptive 3-D average pooling

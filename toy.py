@@ -6,17 +6,17 @@
    in turn) and rests again, at times drawn per video, on named dark backgrounds; stills of the
    same objects, whose captions also name the background; a SentencePiece tokenizer trained on the
    captions.
-2. The seed's teacher in miniature: each training video labelled from 4 of its 16 frames; what
+2. The report's teacher in miniature: each training video labelled from 4 of its 16 frames; what
    happens between them it gets wrong or guesses, one label in ten invents a size, a few are
    refusals, loops, boilerplate or cut; `label.py clean` cleans them.
 3. Stage 1, an image-LLM from scratch: `train.py --train-all` on stills ("a red circle at the top
    left, on a navy background.") and on long-exposure stills whose motion shows as a fading
    trail. The trails stand in for what a real image-LLM brings from its text pretraining: the
    words of motion. Videos never have trails: reading motion from time is what stage 2 must learn.
-4. Stage 2, the seed's post-training: `train.py` (LoRA on q_proj/k_proj + the projector) on the
+4. Stage 2, the report's post-training: `train.py` (LoRA on q_proj/k_proj + the projector) on the
    teacher's cleaned labels. The student sees all 16 frames (pooled to 4 x 3 x 3 tokens).
 5. `caption.py` on held-out videos and stills, scored attribute by attribute against the
-   generator's truth and against the teacher, with the seed's two judge figures (a 0-5 score and
+   generator's truth and against the teacher, with the report's two judge figures (a 0-5 score and
    a verdict) by rule.
 6. --ablations: pooling that collapses time (T'=1) and Video-ChatGPT's pooling; the LoRA share
    swept at inference with the projector trained and frozen; full fine-tuning; LoRA on the true
@@ -141,7 +141,7 @@ def main(argv=None):
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="toy_out", help="the folder for the world, the models, the logs and results.json")
     p.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (the CI test)")
-    p.add_argument("--ablations", action="store_true", help="also the seed's experiments, one change at a time")
+    p.add_argument("--ablations", action="store_true", help="also the report's experiments, one change at a time")
     p.add_argument("--cleaning", action="store_true",
                    help="also the cleanings of the teacher's labels compared (label.py recheck and others)")
     p.add_argument("--nproc", type=cli.positive_int, default=1, help="processes for stage 2 (torchrun, FSDP2)")
@@ -260,7 +260,7 @@ def against_ranges(results, size):
 
 def teacher_truth(rows, labels):
     """The teacher's labels read as truth: what the student is compared with to see how close it is
-    to its teacher (what the seed's judge measured)."""
+    to its teacher (what the report's judge measured)."""
     from lab.toyworld import parse
     return {r["video"]: parse(labels[r["video"]]) for r in rows}
 

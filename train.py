@@ -1,4 +1,4 @@
-"""Post-train PLLaVA the seed's way: LoRA on the LLM plus the projector, everything else frozen.
+"""Post-train PLLaVA the report's way: LoRA on the LLM plus the projector, everything else frozen.
 
     python train.py --data labels.jsonl --model llava-hf/llava-v1.6-vicuna-7b-hf --out runs/anime
     torchrun --nproc_per_node=8 train.py ...                      one node

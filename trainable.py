@@ -59,7 +59,7 @@ def add_lora(model, args):
 
 
 def set_trainable(model, args):
-    """The seed's split: projector + LoRA learn (LoRA alone with --freeze-projector);
+    """The report's split: projector + LoRA learn (LoRA alone with --freeze-projector);
     --full-finetune adds the whole LLM; --train-all all."""
     for name, p in model.named_parameters():
         if args.train_all:

@@ -260,7 +260,7 @@ def bench_steps(ctx):
     now (LoRA merged at load, stops read every 4th step as on a GPU): operations and host reads per step."""
     from lora import add_lora, merge_lora
     model, n = copy.deepcopy(ctx["model"]), 16
-    add_lora(model.language_model, r=128, alpha=32, dropout=0.0)   # the seed's adapter, as a release ships it
+    add_lora(model.language_model, r=128, alpha=32, dropout=0.0)   # the report's adapter, as a release ships it
     item = videos(model, 1, model.config.num_frames)[0]
     ids, pixels = torch.tensor([item.ids], device=item.pixels.device), item.pixels[None]
     with torch.no_grad():

@@ -1,7 +1,7 @@
-"""toy.py's experiments on the seed's claims and on cleaning the teacher's labels: each trains stage 2
+"""toy.py's experiments on the report's claims and on cleaning the teacher's labels: each trains stage 2
 again from the same stage 1 with one change, and scores it on the held-out videos (and stills).
 
-ablations: the seed's two claims (pooling must keep time; LoRA and a lower share at inference limit the
+ablations: the report's two claims (pooling must keep time; LoRA and a lower share at inference limit the
 harm of poor video labels). cleaning: the teacher's labels cleaned with evidence they did not have, at
 a stated number of teacher calls a video (label.py recheck, and the alternatives it was chosen over).
 """
@@ -18,9 +18,9 @@ from plumbing.jsonl import read_rows
 
 
 def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, say, **_):
-    """The seed's two claims. 1: pooling must keep time (T' = 1; Video-ChatGPT's pooling). 2:
+    """The report's two claims. 1: pooling must keep time (T' = 1; Video-ChatGPT's pooling). 2:
     post-training an image-LLM with LoRA, and a lower LoRA share at inference, limits what poor
-    video labels do to it: the share swept at inference with the projector trained (the seed's
+    video labels do to it: the share swept at inference with the projector trained (the report's
     recipe) and frozen (then alpha 0 is stage 1 itself), full fine-tuning, and the same LoRA on the
     generator's true captions; int8 too."""
     from toy import VIDEO_Q, toy_config, train

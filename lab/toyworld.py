@@ -5,9 +5,9 @@ A video: a shape of one colour on a dark background rests at a cell of a 3 x 3 g
 (one direction, or two in turn), and rests again; how long it rests before and after is drawn per video,
 so the move happens at a different time in each. Its truth caption names colour, shape, start and moves;
 a still's names its background too ("a red circle at the top left, on a navy background."): the image
-data is richer than the video labels, as in the seed's setting.
+data is richer than the video labels, as in the report's setting.
 
-The teacher labels a video the way the seed's Qwen-VL-Max did: from 4 frames (the middles of 4 equal
+The teacher labels a video the way the report's Qwen-VL-Max did: from 4 frames (the middles of 4 equal
 segments of its 16). It reads the object in each and snaps it to the grid; what happens between its frames
 it cannot see: when the object went right and down between two of them, it cannot tell the order and
 guesses; when it had already left its cell by the first, it names the wrong start. One label in ten

@@ -38,7 +38,7 @@ def verdict(event, caption):
 
 def answer(body, item):
     messages = body["messages"]
-    if messages[0]["role"] == "system":   # the seed's score + verdict
+    if messages[0]["role"] == "system":   # the report's score + verdict
         return json.dumps({"score": 3, "correct": True, "reason": "r"})
     prompt = messages[0]["content"]
     caption = prompt.split("Video description:\n", 1)[1].split("\n\n", 1)[0]

@@ -79,7 +79,7 @@ def test_loss_falls_on_a_tiny_set(world, tmp_path):
                    "--warmup-steps", "5", "--weight-decay", "0", "--log-every", "1"))
     curve = losses(tmp_path / "all")
     assert len(curve) == 100 and curve[-1] < 0.1 * curve[0]
-    # the seed's recipe (LoRA on q_proj, k_proj + projector) from a checkpoint folder, via --model
+    # the report's recipe (LoRA on q_proj, k_proj + projector) from a checkpoint folder, via --model
     ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=2)
     args = [a for a in train_args(world, tmp_path / "lora") if a not in ("--init-from-config", world["config"])]
     run(args + ["--model", ckpt, "--max-steps", "40", "--batch-size", "4", "--lr", "1e-2", "--lora-r", "8"])
