@@ -28,6 +28,7 @@ subprocesses.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -198,12 +199,13 @@ def main(argv=None):
     def evaluate(name, model, extra=(), on_stills=True):
         """The model's captions of the held-out videos (returned) and stills, scored into
         `results`."""
-        caps = caption(model, data["test_videos"], os.path.join(out, f"captions_{name}.jsonl"), VIDEO_Q,
-                       os.path.join(logs, f"caption_{name}.log"), extra)
+        file = re.sub(r"[^\w.-]+", "_", name).strip("_")   # "stage 2 (alpha 8)": stage_2_alpha_8
+        caps = caption(model, data["test_videos"], os.path.join(out, f"captions_{file}.jsonl"), VIDEO_Q,
+                       os.path.join(logs, f"caption_{file}.log"), extra)
         results[name] = {**score(videos, caps), **judged(videos, caps, labels["test"])}
         if on_stills:
-            still_caps = caption(model, data["test_stills"], os.path.join(out, f"stills_{name}.jsonl"), IMAGE_Q,
-                                 os.path.join(logs, f"stills_{name}.log"), extra)
+            still_caps = caption(model, data["test_stills"], os.path.join(out, f"stills_{file}.jsonl"), IMAGE_Q,
+                                 os.path.join(logs, f"stills_{file}.log"), extra)
             results[name + " (stills)"] = score(stills, still_caps, motion=False)
         return caps
 

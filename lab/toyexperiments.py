@@ -54,7 +54,7 @@ def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, 
     train(truth, data["train_videos"], ["--model", stage1, "--prompt", VIDEO_Q], steps, batch, 2e-3,
           os.path.join(out, "logs", "stage2_truth.log"), args.seed)
     evaluate("LoRA on true captions", truth)
-    plain = {r["video"]: r["caption"] for r in read_rows(os.path.join(out, "captions_stage 2.jsonl"))}
+    plain = {r["video"]: r["caption"] for r in read_rows(os.path.join(out, "captions_stage_2.jsonl"))}
     int8 = evaluate("stage 2, int8 weights", stage2, ["--quantize", "int8"], on_stills=False)
     results["stage 2, int8 weights"]["same caption as fp32"] = round(
         100.0 * np.mean([int8.get(v) == c for v, c in plain.items()]), 1)
