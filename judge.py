@@ -30,7 +30,7 @@ from plumbing.client import add_api_flags, api_client
 from plumbing.jsonl import Appender, Busy, iter_rows, replace_atomic
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
-from plumbing.sources import canonical
+from plumbing.sources import paired
 
 PROMPT_VERSION = "judge-v1"
 SYSTEM = ("You evaluate video captions. You are given a ground-truth description of a video and a candidate "
@@ -74,18 +74,6 @@ def captions(path):
     if not rows:
         raise ValueError(f"{path}: no rows with a \"video\" and a \"caption\" (is it the right file?)")
     return rows
-
-
-def matched(gt, pred):
-    """{gt key: pred key} of the videos in both: each caption found by its video's name (and shot), else by its path on this
-    machine (two files made from different sources name a video differently)."""
-    by_path = {(canonical(video), k[1]): k for k, (video, _) in pred.items()}
-    out = {}
-    for k, (video, _) in gt.items():
-        found = k if k in pred else by_path.get((canonical(video), k[1]))
-        if found:
-            out[k] = found
-    return out
 
 
 def cache_key(gt, pred, model):
@@ -197,7 +185,8 @@ def judge(args):
     client = api_client(args)
     gt, files = captions(args.gt), {"a": args.pred, **({"b": args.pred_b} if args.pred_b else {})}
     read = {name: captions(path) for name, path in files.items()}
-    pairs = {name: matched(gt, pred) for name, pred in read.items()}
+    pairs = {name: paired({k: v for k, (v, _) in gt.items()}, {k: v for k, (v, _) in pred.items()})
+             for name, pred in read.items()}   # by file here, else by name (plumbing/sources.py)
     preds = {name: {k: read[name][p] for k, p in pairs[name].items()} for name in read}
     videos = sorted(set(gt).intersection(*preds.values()), key=lambda k: (k[0], -1 if k[1] is None else k[1]))
     alone = set().union(*(set(read[name]) - set(pairs[name].values()) for name in read))   # in no --gt

@@ -39,7 +39,7 @@ from plumbing.jsonl import Busy, iter_rows
 from plumbing.outputs import Outputs, file_hash, settings_id
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
-from plumbing.sources import Video, canonical, find_videos, in_shard, names_of, video_base
+from plumbing.sources import Video, canonical, find_videos, in_shard, names_of, paired, video_base
 from plumbing.workers import RETRIED, PoolError, failure, imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
@@ -314,23 +314,19 @@ def _row(label):
 
 def student_captions(path, labels):
     """{label key: the student's caption} of the student's captions (caption.py's rows), for recheck,
-    matched by the video's name (and shot), else by its path on this machine; a file that names none
+    matched by the video's file on this machine, else by its name (and shot); a file that names none
     of the labelled videos is refused (every label would be copied, unchecked)."""
     if not path:
         raise ValueError("recheck needs --student CAPTIONS: the student's captions of the same videos")
-    by_name, by_path = {}, {}
+    captions, paths = {}, {}
     for r in iter_rows(path, must_exist=True):
         k = shots.row_key(r)
-        if k is not None and isinstance(r.get("caption"), str):
-            by_name.setdefault(k, r["caption"])
-            by_path.setdefault((canonical(r["video"]), k[1]), r["caption"])
-    student = {}
-    for k, r in labels.items():
-        caption = by_name.get(k) or by_path.get((str(r["_video"]), k[1]))
-        if caption is not None:
-            student[k] = caption
+        if k is not None and isinstance(r.get("caption"), str) and k not in captions:
+            captions[k], paths[k] = r["caption"], r["video"]
+    pairs = paired({k: str(r["_video"]) for k, r in labels.items()}, paths)   # by file, else by name
+    student = {k: captions[theirs] for k, theirs in pairs.items()}
     if labels and not student:
-        raise ValueError(f"{path}: no caption of a labelled video ({len(by_name)} captions, {len(labels)} labels): "
+        raise ValueError(f"{path}: no caption of a labelled video ({len(captions)} captions, {len(labels)} labels): "
                          f"caption the videos the labels name, as the labels spell them (and per shot if they are)")
     return student
 

@@ -104,8 +104,8 @@ def find_videos(source: str) -> list:
             if not isinstance(line, str) or not line:
                 raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field holding a path")
         path = canonical(os.path.join(base, line))   # an absolute line stays as it is
-        if path not in seen:   # listed twice, perhaps spelled two ways: one video
-            seen.add(path)
+        if os.path.realpath(path) not in seen:   # listed twice, spelled two ways, through links: one video
+            seen.add(os.path.realpath(path))
             videos.append(Video(path, name if isinstance(name, str) and name else written(line)))
     if not videos:
         raise ValueError(f"{source}: the list names no videos")
@@ -134,3 +134,18 @@ def video_base(source: str) -> str:
 def names_of(videos) -> dict:
     """{path: name} of these videos (for rows written before names: row_name)."""
     return {str(v): v.name for v in videos}
+
+
+def paired(ours: dict, theirs: dict) -> dict:
+    """{our key: their key} of the videos two files share ({(name, shot): path} each, made from two
+    sources): the same file on this machine (through any mount or link), else the same name and shot
+    unless both files are here and differ (`a.mp4` of videos/ is not `a.mp4` of videos/test/)."""
+    here = {(os.path.realpath(path), k[1]): k for k, path in theirs.items() if os.path.exists(path)}
+    out = {}
+    for k, path in ours.items():
+        found = here.get((os.path.realpath(path), k[1])) if os.path.exists(path) else None
+        if found is None and k in theirs and not (os.path.exists(path) and os.path.exists(theirs[k])):
+            found = k
+        if found is not None:
+            out[k] = found
+    return out

@@ -1,0 +1,38 @@
+"""plumbing/sources.py: one name per video whatever the mount, and files paired by what they are."""
+
+import os
+
+from plumbing.sources import find_videos, in_shard, paired
+
+
+def test_a_folder_gives_the_same_names_through_any_mount_and_shards_split_them_once(tmp_path):
+    (tmp_path / "share" / "season1").mkdir(parents=True)
+    for name in ("a.mp4", "season1/b.mkv", "season1/c.mp4"):
+        (tmp_path / "share" / name).write_bytes(b"x")
+    os.symlink(tmp_path / "share", tmp_path / "mnt")
+    direct, linked = find_videos(str(tmp_path / "share")), find_videos(str(tmp_path / "mnt") + "/./")
+    assert [v.name for v in direct] == [v.name for v in linked] == ["a.mp4", "season1/b.mkv", "season1/c.mp4"]
+    assert [str(v) for v in direct] != [str(v) for v in linked]            # paths differ, names do not
+    assert sorted(v.name for k in range(3) for v in direct if in_shard(v.name, (k, 3))) == \
+        sorted(v.name for v in direct)
+
+
+def test_a_video_listed_twice_through_a_link_is_one_video_on_every_mount(tmp_path):
+    (tmp_path / "share" / "videos").mkdir(parents=True)
+    (tmp_path / "share" / "videos" / "v.mp4").write_bytes(b"x")
+    (tmp_path / "share" / "dup.txt").write_text(f"videos/v.mp4\n{tmp_path}/share/videos/v.mp4\n")
+    os.symlink(tmp_path / "share", tmp_path / "mnt")
+    for listing in (tmp_path / "share" / "dup.txt", tmp_path / "mnt" / "dup.txt"):
+        assert len(find_videos(str(listing))) == 1, listing
+
+
+def test_two_files_pair_the_same_file_through_links_and_never_two_files_of_one_name(tmp_path):
+    (tmp_path / "share" / "test").mkdir(parents=True)
+    for name in ("a.mp4", "test/a.mp4"):
+        (tmp_path / "share" / name).write_bytes(name.encode())
+    os.symlink(tmp_path / "share", tmp_path / "mnt")
+    gt = {("a.mp4", None): str(tmp_path / "share/a.mp4"), ("test/a.mp4", None): str(tmp_path / "share/test/a.mp4")}
+    pred = {("a.mp4", None): str(tmp_path / "mnt/test/a.mp4")}               # made from share/test: another a.mp4
+    assert paired(gt, pred) == {("test/a.mp4", None): ("a.mp4", None)}
+    elsewhere = {("a.mp4", None): "/on/another/node/a.mp4"}                   # not here: the name decides
+    assert paired(gt, elsewhere) == {("a.mp4", None): ("a.mp4", None)}
