@@ -237,8 +237,8 @@ def label(args, mode="label"):
     what = {"prompt": checks.VERIFY if mode == "verify" else prompt, "mode": mode}
     if mode != "label":   # what is checked, and against whom: another labels or student file is another run
         what |= {"labels": file_hash(args.source), "student": file_hash(args.student) if args.student else None}
-    names_set = LABEL_SETTINGS + (("share",) if mode == "recheck" else ())
-    settings = settings_id(args, None, what, names=names_set)
+    settings_names = LABEL_SETTINGS + (("share",) if mode == "recheck" else ())
+    settings = settings_id(args, None, what, names=settings_names)
     tries, key = {}, functools.partial(shots.row_key, names=names)
     with Outputs(args.out, overwrite=args.overwrite) as out:
         done = out.resume(key, functools.partial(is_done, retry_errors=args.retry_errors), settings, tries)

@@ -122,7 +122,8 @@ def train(args):
               f"steps {start}..{total}; training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters; "
               f"{workers} decoding processes per rank", flush=True, file=sys.stderr)
     if rank == 0:
-        print(f"checkpoints every {args.save_minutes:g} minutes{f' and every {args.save_every} steps' if args.save_every else ''}"
+        steps = f" and every {args.save_every} steps" if args.save_every else ""
+        print(f"checkpoints every {args.save_minutes:g} minutes{steps}"
               f" and at the end, in {args.out}/checkpoints (--save-minutes, --save-every)", file=sys.stderr, flush=True)
     metrics = Appender(os.path.join(args.out, "metrics.jsonl"), truncate=not resume_from) if rank == 0 else None
     if metrics and resume_from:   # the rows of steps after the checkpoint are done again: they go

@@ -170,11 +170,12 @@ def run_day(work, n, seed=0, faults=True, outage=60.0, stall=3.0, retry_after=1)
                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
             err = threading.Thread(target=lambda p=proc: p.stderr.read(), daemon=True)
             err.start()
-            what = None
+            happened, what = [], None
             while proc.poll() is None:
                 time.sleep(0.02)
                 if events and len(read_rows(out)) >= events[0][0] * n and what not in ("kill", "term"):
                     what = events.pop(0)[1]   # one kill or term a run: it ends the run
+                    happened.append(what)
                     if what == "kill":
                         os.killpg(proc.pid, signal.SIGKILL)
                     elif what == "term":
@@ -185,7 +186,7 @@ def run_day(work, n, seed=0, faults=True, outage=60.0, stall=3.0, retry_after=1)
                         teacher.down_until = time.monotonic() + outage
             proc.wait()
             first = next((e["t"] for e in teacher.log[asked:]), None)
-            runs.append({"folder": os.path.basename(folder), "event": what, "exit": proc.returncode,
+            runs.append({"folder": os.path.basename(folder), "events": happened, "exit": proc.returncode,
                          "seconds": round(time.monotonic() - start, 2),
                          "start_up_s": round(first - start, 2) if first else None})
             rows = read_rows(out)

@@ -231,6 +231,8 @@ class Client:
         self.local = threading.local()
         self.stop = threading.Event()   # set: no new attempts, no more waiting (the run is stopping)
         self.in_flight = set()          # the watchdogs of the requests under way, for abort()
+        self.answered = threading.Condition()   # told of every answer: a server that was down is back
+        self.answers = 0
 
     def _session(self):
         if not hasattr(self.local, "session"):   # requests.Session is not thread-safe: one per thread
@@ -294,6 +296,9 @@ class Client:
             else:
                 reply = parse_reply(data) if status == 200 else None
                 if reply is not None:
+                    with self.answered:
+                        self.answers += 1
+                        self.answered.notify_all()
                     return reply
                 if status == 200:
                     error = APIError(200, "malformed_response", self.scrub(text, 200))
@@ -305,9 +310,22 @@ class Client:
                     wait_for = retry_after(headers.get("Retry-After"), self.max_retry_after)
             if attempt == self.retries:
                 raise error
-            if wait_for is None:   # exponential backoff with jitter, so retries do not arrive in waves
-                wait_for = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
-            self.stop.wait(wait_for)
+            if wait_for is not None:   # the server's Retry-After
+                self.stop.wait(wait_for)
+            else:   # exponential backoff with jitter, so retries do not arrive in waves
+                self._back_off(min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5),
+                               error.status is None)
+
+    def _back_off(self, seconds, unreachable):
+        """Wait `seconds` before the next attempt, or until the run stops. After a connection that
+        could not be made or finished (no HTTP status: a server that is down), also until any other
+        request gets an answer: the first one through after an outage wakes every thread waiting to
+        retry, instead of each sleeping out its backoff (up to --max-backoff, a minute)."""
+        end = time.monotonic() + seconds
+        with self.answered:
+            seen = self.answers
+            while not self.stop.is_set() and time.monotonic() < end and not (unreachable and self.answers != seen):
+                self.answered.wait(min(0.5, end - time.monotonic()))
 
 
 def add_api_flags(p, api_base, model, key_env, concurrency):

@@ -173,5 +173,7 @@ def test_a_labelling_day_loses_doubles_and_wrongly_finalizes_nothing(tmp_path):
     assert day["rows"] == 300 and day["lost"] == 0 and day["doubled"] == 0 and day["wrongly_final"] == 0, day
     assert day["moderated"] > 0 and all(day["faults"].get(f) for f in ("cut", "stall", "429", "down")), day
     ends = [r["exit"] for r in day["runs"]]
-    assert ends.count(-signal.SIGKILL) == 3 and ends[-1] == 0 and {"mnt", "videos"} <= {r["folder"] for r in day["runs"]}
-    assert any(r["event"] == "term" and r["exit"] != -signal.SIGKILL for r in day["runs"]), day["runs"]
+    assert ends.count(-signal.SIGKILL) == 3 and ends[-1] == 0
+    assert {"mnt", "videos"} <= {r["folder"] for r in day["runs"]}
+    assert any(r["events"][-1:] == ["term"] and r["exit"] == 130 for r in day["runs"]), day["runs"]
+    assert "stop a decoder" in [e for r in day["runs"] for e in r["events"]]

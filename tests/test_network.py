@@ -306,3 +306,27 @@ def test_refusals_before_any_answer_stop_the_run_but_are_never_paid_for_twice(tm
     assert second.returncode == 0 and len(api.log) == len(order), second.stderr   # each video asked once in all
     rows = read_rows(out)
     assert sum("caption" in r for r in rows) == len(order) - 4 and len({r["name"] for r in rows}) == len(order)
+
+
+def test_the_first_answer_after_an_outage_wakes_every_retry_waiting_out_its_backoff(monkeypatch):
+    """Threads backing off from a server that was down (no HTTP status) retry as soon as any request is
+    answered, not a minute later; those backing off from a 5xx keep their backoff."""
+    import threading
+    from plumbing.client import Client
+    monkeypatch.setenv("TEST_KEY", KEY)
+    client = Client("http://127.0.0.1:9/v1", "m", "TEST_KEY")
+    woken = []
+    waiters = [threading.Thread(target=lambda down=down: (client._back_off(60, down), woken.append(down)))
+               for down in (True, True, False)]
+    for w in waiters:
+        w.start()
+    time.sleep(0.3)
+    with client.answered:                       # what chat() does with an answer
+        client.answers += 1
+        client.answered.notify_all()
+    for w in waiters[:2]:
+        w.join(timeout=10)
+    assert woken.count(True) == 2 and False not in woken
+    client.stop.set()                           # the run stops: the last one ends its wait too
+    waiters[2].join(timeout=10)
+    assert woken.count(False) == 1
