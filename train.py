@@ -60,7 +60,7 @@ def train(args):
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1:
-        dist.init_process_group(backend, timeout=collective_timeout(args))
+        init_process_group(backend, collective_timeout(args))
         check_shared_out(args.out, rank, world)   # node-local disks would lose other nodes' checkpoint shards
     else:   # a one-rank group of its own, so that one process runs the same FSDP2 code as many
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -192,6 +192,16 @@ def train(args):
               f"{', model ' + args.export if args.export else ''}", flush=True, file=sys.stderr)
     barrier(world)   # no rank leaves while another is still in a collective (rank 0 exporting)
     dist.destroy_process_group()
+
+
+def init_process_group(backend, timeout):
+    """torchrun's ranks joined, in a namespace of the store of their own attempt: after a restart,
+    the ranks must not find the addresses that the ranks of the attempt before (one of them dead)
+    left in torchrun's store, or gloo connects to a port nobody listens on any more."""
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}/", store), rank=rank,
+                            world_size=world, timeout=timeout)
 
 
 def collective_timeout(args):

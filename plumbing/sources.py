@@ -104,8 +104,9 @@ def find_videos(source: str) -> list:
             if not isinstance(line, str) or not line:
                 raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field holding a path")
         path = canonical(os.path.join(base, line))   # an absolute line stays as it is
-        if os.path.realpath(path) not in seen:   # listed twice, spelled two ways, through links: one video
-            seen.add(os.path.realpath(path))
+        same = identity(path) or os.path.realpath(path)   # listed twice, spelled two ways, linked: one video
+        if same not in seen:
+            seen.add(same)
             videos.append(Video(path, name if isinstance(name, str) and name else written(line)))
     if not videos:
         raise ValueError(f"{source}: the list names no videos")
@@ -138,14 +139,23 @@ def names_of(videos) -> dict:
 
 def paired(ours: dict, theirs: dict) -> dict:
     """{our key: their key} of the videos two files share ({(name, shot): path} each, made from two
-    sources): the same file on this machine (through any mount or link), else the same name and shot
-    unless both files are here and differ (`a.mp4` of videos/ is not `a.mp4` of videos/test/)."""
-    here = {(os.path.realpath(path), k[1]): k for k, path in theirs.items() if os.path.exists(path)}
+    sources): the same file on this machine (through any mount, link or hard link), else the same
+    name and shot unless both files are here and differ (`a.mp4` of videos/ is not that of videos/test/)."""
+    here = {(identity(path), k[1]): k for k, path in theirs.items() if identity(path)}
     out = {}
     for k, path in ours.items():
-        found = here.get((os.path.realpath(path), k[1])) if os.path.exists(path) else None
-        if found is None and k in theirs and not (os.path.exists(path) and os.path.exists(theirs[k])):
+        found = here.get((identity(path), k[1])) if identity(path) else None
+        if found is None and k in theirs and not (identity(path) and identity(theirs[k])):
             found = k
         if found is not None:
             out[k] = found
     return out
+
+
+def identity(path: str):
+    """(device, inode) of the file at `path` on this machine, through any link; None if none is there."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
