@@ -40,6 +40,17 @@ def degenerate(text: str, n: int = 4) -> bool:
     return most >= 4 or (len(grams) >= 20 and len(set(grams)) < 0.5 * len(grams))
 
 
+def unusable(row):
+    """Why one label is not worth training on ("refused", "truncated", "degenerate loop"), or None:
+    the rules that need no other row (label.py recheck applies them to each new label too)."""
+    caption = row.get("caption", "")
+    if REFUSAL.search(caption):
+        return "refused"
+    if row.get("finish_reason") == "length":
+        return "truncated"
+    return "degenerate loop" if degenerate(caption) else None
+
+
 def strip_boilerplate(text: str) -> str:
     rest = BOILERPLATE.sub("", text, count=1)
     return rest[:1].upper() + rest[1:] if rest != text and rest else text
@@ -91,12 +102,8 @@ def clean_rows(rows, counts: collections.Counter, near=0.8, drop_duplicates=True
             counts["error or empty"] += 1
         elif row_key(row) in videos:
             counts["video already seen"] += 1
-        elif REFUSAL.search(caption):
-            counts["refused"] += 1
-        elif row.get("finish_reason") == "length":
-            counts["truncated"] += 1
-        elif degenerate(caption):
-            counts["degenerate loop"] += 1
+        elif unusable(row):
+            counts[unusable(row)] += 1
         else:
             stripped = strip_boilerplate(caption)
             counts["boilerplate stripped (kept)"] += stripped != caption

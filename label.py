@@ -30,7 +30,7 @@ import time
 
 import checks
 import shots
-from clean import clean_file
+from clean import clean_file, strip_boilerplate, unusable
 from data import UNREADABLE, VideoError
 from plumbing import cli
 from plumbing.cli import Stop
@@ -191,9 +191,11 @@ LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens",
 
 
 def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
-    """((video, shot, _), data URLs of more frames) -> a new label from them, the old kept beside.
-    A final "no" (the teacher refuses the new request, the video cannot be read from more frames)
-    keeps the old label as it was, saying why: a good label is not lost to a refusal."""
+    """((video, shot, _), data URLs of more frames) -> a new label from them, cleaned as
+    `label.py clean` cleans one label (boilerplate stripped), the old kept beside. A final "no" (the
+    teacher refuses the new request, the video cannot be read from more frames) or a new label the
+    cleaning would drop (a refusal in words, cut at the token limit, a loop) keeps the old label as it
+    was, saying why: a good label is not lost to a worse one."""
     try:
         row = label_one(client, args, prompt, tries, settings, job)
     except APIError as e:   # refused outright (moderation): as final as a refusal in the reply
@@ -201,10 +203,12 @@ def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
             raise
         row = {"code": e.code}
     old = labels[key_of(job)]
+    if "caption" in row and unusable(row):   # cleaned as the first labels were: a refusal keeps the first
+        row = {"code": unusable(row)}
     if "caption" in row:
-        return {**row, "caption_first": old["caption"], "frames_first": old.get("frames"), "rechecked": True,
-                "agreement": round(chosen[key_of(job)], 3)}
-    if row.get("code") in FINAL_CODES | {UNREADABLE}:
+        return {**row, "caption": strip_boilerplate(row["caption"]), "caption_first": old["caption"],
+                "frames_first": old.get("frames"), "rechecked": True, "agreement": round(chosen[key_of(job)], 3)}
+    if row.get("code") in FINAL_CODES | {UNREADABLE, "refused", "truncated", "degenerate loop"}:
         return {**old, **identify(job), "settings": settings, "rechecked": False, "recheck_refused": row["code"]}
     return row
 

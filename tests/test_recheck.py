@@ -174,3 +174,19 @@ def test_a_rerun_with_another_student_or_other_labels_is_refused(tmp_path):
         said = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 1 and said.startswith("error:") and "other settings" in said, r.stderr
     assert len(api.log) == 1 and len(read_rows(str(out))) == 4
+
+
+def test_new_labels_are_cleaned_as_the_first_ones_were(tmp_path):
+    videos, colours = setup(tmp_path, 6, disagree={1, 4})
+    api = teacher(colours)
+    api.script = {1: [("content", "The video shows a square that moves right, then down.")],
+                  4: [("content", "I'm sorry, I cannot describe this video.")]}
+    try:
+        r = recheck(tmp_path, api, "--share", "0.34")
+    finally:
+        api.close()
+    assert r.returncode == 0, r.stderr
+    rows = {row["video"]: row for row in read_rows(str(tmp_path / "labels.rechecked.jsonl"))}
+    assert rows[videos[1]]["caption"] == "A square that moves right, then down." and rows[videos[1]]["rechecked"]
+    assert rows[videos[4]]["caption"] == "Video 4: a square moves right, then down."       # the first, kept
+    assert rows[videos[4]]["recheck_refused"] == "refused" and "copied 4 labels" in r.stderr
