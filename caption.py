@@ -282,8 +282,9 @@ def dry_run(args):
     from plumbing import rehearse
     config = model_config(args.model)
     config.recipe(args.frames, args.pooling_shape)
-    card = args.card_gb or memory.card_gb()
-    dtype = getattr(torch, args.dtype or "bfloat16")
+    gpu = bool(args.card_gb) or torch.cuda.is_available()   # a card named, or this machine's; else its RAM
+    card = args.card_gb or (memory.card_gb() if gpu else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     int8 = args.quantize == "int8"
     need = memory.captioning(config, args.batch_size, args.max_new_tokens, torch.finfo(dtype).bits // 8, int8)
     peak = rehearse.captioning(config, args.batch_size, args.max_new_tokens, dtype, int8, args.compile)
@@ -291,7 +292,8 @@ def dry_run(args):
     print(f"{args.model}: {args.batch_size} slots, {config.num_visual_tokens} visual tokens, {args.max_new_tokens} "
           f"new tokens, {'int8' if int8 else str(dtype).split('.')[1]}: estimate " +
           ", ".join(f"{k} {v:.1f} GB" for k, v in need.items()) + f"; rehearsed on fake tensors: peak "
-          f"{peak['peak_gb']:.1f} GB + context {memory.CONTEXT_GB} = {total:.1f} GB; card {card:.0f} GB")
+          f"{peak['peak_gb']:.1f} GB + context {memory.CONTEXT_GB} = {total:.1f} GB; "
+          f"{f'card {card:.0f} GB' if gpu else f'no GPU here: RAM {card:.0f} GB (--card-gb N plans for a GPU)'}")
     if max(total, need["total"]) > 0.95 * card:
         tips = ([] if int8 else ["--quantize int8"]) + ([f"--batch-size {args.batch_size // 2}"]
                                                         if args.batch_size > 1 else [])
@@ -302,7 +304,8 @@ def dry_run(args):
 
 def parse_args(argv=None):
     p = cli.Parser(description="Caption videos with a PLLaVA model.")
-    p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
+    p.add_argument("source", nargs="?",
+                   help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
     p.add_argument("--model", default="pllava-7b",
                    help=f"a release ({', '.join(RELEASES)}: downloaded from the hub), a model folder, or a "
                         f"hub id")
@@ -348,10 +351,13 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="print the GPU memory this run needs (estimated, and rehearsed on fake tensors at the "
                         "real sizes) and whether it fits --card-gb; load and download nothing")
-    p.add_argument("--card-gb", type=cli.positive, help="the GPU's memory for --dry-run (default: this GPU's, or 80)")
+    p.add_argument("--card-gb", type=cli.positive,
+                   help="--dry-run for a GPU of this memory (default: this machine's GPU, else its RAM, in fp32)")
     args = p.parse_args(argv)
     if args.top_p > 1:
         p.error("--top-p must be at most 1")
+    if not args.source and not args.dry_run:
+        p.error("the videos to caption: a folder, a video file or a list")
     return args
 
 

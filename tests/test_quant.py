@@ -98,3 +98,12 @@ def test_a_dry_run_plans_13b_and_34b_on_a_card_before_loading_anything(tmp_path,
                                     str(batch), "--quantize", quantize, *recipe])
     assert (r.returncode == 0) == fits, r.stdout + r.stderr
     assert ("weights" in r.stdout and "kv_cache" in r.stdout) if fits else "does not fit" in r.stderr
+
+
+def test_a_dry_run_needs_no_source_and_plans_for_the_machine_it_runs_on(ckpt):
+    r = run_main("caption.py", ["--model", ckpt, "--dry-run"])
+    assert r.returncode == 0 and "float32" in r.stdout and "no GPU here: RAM" in r.stdout, r.stdout + r.stderr
+    gpu = run_main("caption.py", ["--model", ckpt, "--dry-run", "--card-gb", "80"])
+    assert gpu.returncode == 0 and "bfloat16" in gpu.stdout and "card 80 GB" in gpu.stdout
+    none = run_main("caption.py", ["--model", ckpt])
+    assert none.returncode == 2 and "the videos to caption" in none.stderr
