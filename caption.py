@@ -12,7 +12,8 @@ others refuses the file. Under torchrun every rank captions its share into a fil
 rank 0 merges them into --out at the end.
 
 A row: {"video": its path here, "name", "caption", "tokens", "truncated": it reached
---max-new-tokens, "frames", "model", "settings"}, with "shot", "of", "start", "end" per shot; or
+--max-new-tokens, "loop": it repeated itself and was ended there (--keep-loops), "frames", "model",
+"settings"}, with "shot", "of", "start", "end" per shot; or
 {"video", "name", "error", "code"} ("tries" on a failure the next run tries again).
 """
 
@@ -27,7 +28,7 @@ import torch
 import shots
 from data import UNREADABLE, VideoError, mean_std, normalize
 from engine import Engine, Item, OutOfMemory
-from generate import Sampling, ready_for_inference
+from generate import Sampling, looping, ready_for_inference
 from model import PLLaVA
 from plumbing import cli, hub, memory
 from plumbing.cli import Stop
@@ -50,7 +51,7 @@ def caption(args):
         tries = {}
         key = functools.partial(shots.row_key, names=names_of(videos))   # by name: any mount, any node
         done = out.resume(key, functools.partial(is_done, retry_errors=args.retry_errors),
-                          captioner.settings, tries)
+                          captioner.settings, tries, {v.name: str(v) for v in videos})
         captioner.load(device, dtype)
         mine = [v for v in videos if in_shard(v.name, (rank, world))]
         if shots.finder(args):   # a video is done when each of its shots is
@@ -103,7 +104,7 @@ class Captioner:
         self.frames, self.size = config.num_frames, config.vision_config.image_size
         self.mean, self.std = mean_std(self.folder)
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
-                            self.stop_ids, tuple(self.stops))
+                            self.stop_ids, tuple(self.stops), stop_loops=not args.keep_loops)
         self.engine = Engine(self.model, starting_slots(args, config, device, dtype), sampling,
                              self.tok.decode, torch.Generator(device=device).manual_seed(args.seed),
                              compile_mode="auto" if args.compile else None)
@@ -133,12 +134,13 @@ class Captioner:
         """A job's row: its caption, or why it has none."""
         if isinstance(tokens, Exception):
             return self.error(job, tokens, "internal_error")
-        text = self.tok.decode(tokens)
+        loop = 0 if self.args.keep_loops else looping(tokens)   # cut where the loop began
+        text = self.tok.decode(tokens[:loop] if loop else tokens)
         for s in self.stops:
             text = text.split(s)[0]
         return {**shots.identity(job[0], job[1]), "caption": text.strip(), "tokens": len(tokens),
-                "truncated": len(tokens) >= self.args.max_new_tokens, "frames": self.frames,
-                "model": self.args.model, "settings": self.settings}
+                "truncated": len(tokens) >= self.args.max_new_tokens and not loop, "loop": bool(loop),
+                "frames": self.frames, "model": self.args.model, "settings": self.settings}
 
     @staticmethod
     def error(job, error, code):
@@ -327,6 +329,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=cli.positive, default=1.0, help="nucleus sampling (with --temperature above 0)")
     p.add_argument("--repetition-penalty", type=cli.positive, default=1.0, help="1: none")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--keep-loops", action="store_true",
+                   help="let a caption that repeats itself run on to --max-new-tokens (by default it ends "
+                        "where the loop began, its row saying \"loop\": true)")
     p.add_argument("--lora-alpha", type=cli.non_negative,
                    help="LoRA alpha at load, the share alpha/r of the adapter (default: the adapter's own; a "
                         "PLLaVA release, LoRA inside its weights: 4, as PLLaVA's own scripts use)")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from generate import Sampling, compiled_decode, decode_one_token, length_mask, pick, prefill
+from generate import Sampling, compiled_decode, decode_one_token, length_mask, looping, pick, prefill
 from model import KVCache
 
 
@@ -268,5 +268,8 @@ class Engine:
             yield item.key, tokens[b]
 
     def _stop_string(self, tokens):
+        """A stop string in the row's text, or (with sampling.stop_loops) the row repeating itself."""
+        if self.sampling.stop_loops and looping(tokens):
+            return True
         stops = self.sampling.stop_strings
         return bool(stops and self.to_text) and any(s in self.to_text(tokens[-32:]) for s in stops)

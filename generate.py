@@ -28,6 +28,22 @@ class Sampling:
     repetition_penalty: float = 1.0       # as transformers: >1 makes tokens seen less likely
     stop_ids: tuple = (2,)                # a row ends at one of these tokens (not returned)
     stop_strings: tuple = ()              # ... or once its text holds one (needs `decode`)
+    stop_loops: bool = False              # ... or once it repeats itself (looping): the engine's guard
+
+
+LOOP = 6   # tokens: a row whose last LOOP tokens came LOOP_TIMES times before is looping
+LOOP_TIMES = 3
+
+
+def looping(tokens) -> int:
+    """Where a row that loops ("a forest forest forest ...", "starts square starts square ...")
+    should have ended: after the loop's first round (its last LOOP tokens said LOOP_TIMES times or
+    more); 0 when it does not loop."""
+    tail, n = tuple(tokens[-LOOP:]), len(tokens)
+    if n < LOOP + LOOP_TIMES - 1:
+        return 0
+    seen = [i for i in range(n - LOOP + 1) if tuple(tokens[i:i + LOOP]) == tail]
+    return seen[0] + (seen[1] - seen[0]) if len(seen) >= LOOP_TIMES else 0
 
 
 def pick(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):

@@ -39,7 +39,8 @@ from plumbing.jsonl import Busy, iter_rows
 from plumbing.outputs import Outputs, file_hash, settings_id
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
-from plumbing.sources import Video, canonical, find_videos, in_shard, names_of, paired, video_base
+from plumbing.sources import (NameCollision, Video, canonical, collision, find_videos, in_shard, names_of, paired,
+                              video_base)
 from plumbing.workers import RETRIED, PoolError, failure, imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
@@ -245,7 +246,8 @@ def label(args, mode="label"):
     settings = settings_id(args, None, what, names=settings_names)
     tries, key = {}, functools.partial(shots.row_key, names=names)
     with Outputs(args.out, overwrite=args.overwrite) as out:
-        done = out.resume(key, functools.partial(is_done, retry_errors=args.retry_errors), settings, tries)
+        here = {v.name: str(v) for v in videos} or {k[0]: str(r["_video"]) for k, r in labels.items()}
+        done = out.resume(key, functools.partial(is_done, retry_errors=args.retry_errors), settings, tries, here)
         copied = 0
         if mode == "recheck":   # the labels kept as they are: written now, no request
             for k, r in mine.items():
@@ -307,6 +309,10 @@ def labelled_videos(args):
         path = os.path.join(args.video_root, name) if args.video_root and not os.path.isabs(name) else \
             os.path.join(base, row["video"])
         row["_video"] = Video(canonical(path), name)
+    clash = collision((shots.row_key(r)[0], canonical(os.path.join(base, r["video"])))
+                      for r in iter_rows(args.source) if shots.row_key(r) in labels and "caption" in r)
+    if clash:
+        raise NameCollision(*clash, args.source)
     return labels
 
 

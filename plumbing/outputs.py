@@ -13,6 +13,7 @@ import os
 import re
 
 from plumbing.jsonl import Appender, Busy, hold, iter_rows, replace_atomic
+from plumbing.sources import NameCollision, collision
 from plumbing.workers import tries_of
 
 
@@ -91,12 +92,13 @@ class Outputs:
         self.mine = Appender(f"{out}.rank{rank}", truncate=True) if world > 1 else self.main
         self.shot_counts, self.key, self.done, self.retried, self.stale = {}, None, None, set(), False
 
-    def resume(self, key, done, settings=None, tries=None) -> set:
+    def resume(self, key, done, settings=None, tries=None, videos=None) -> set:
         """The keys of the rows done, after one read of --out (and of any rank files an earlier run left,
         first folded into it). A row made with other settings stops the run (unless --overwrite); the
         runs that met a failure worth another try are counted in `tries` (and their rows stay in --out
         until the video's next row: a run killed before it keeps the count), the shots of each video
-        in self.shot_counts."""
+        in self.shot_counts. A row whose video has the name of another file of this run's `videos`
+        ({name: path}), both here, stops the run: two folders' rows in one file (NameCollision)."""
         self.key, self.done = key, done
         def look(row):
             if settings and "caption" in row and row.get("settings") != settings:
@@ -104,6 +106,9 @@ class Outputs:
                                  f"frames, pooling, LoRA alpha, quantization, sampling or --shots / --window): "
                                  f"write to another --out, or pass --overwrite to do everything again")
             k = key(row)
+            mine = videos.get(k[0]) if videos and k is not None else None
+            if mine is not None and row.get("video") != mine and collision([(k[0], row["video"]), (k[0], mine)]):
+                raise NameCollision(k[0], row["video"], mine, self.out)
             if tries is not None and k is not None and tries_of(row):
                 tries[k] = max(tries.get(k, 0), tries_of(row))
             if isinstance(row.get("of"), int) and isinstance(row.get("video"), str):
@@ -131,6 +136,8 @@ class Outputs:
                         look(row)
                         self.main.write(row)
             os.remove(part)
+            if self.world == 1 and os.path.lexists(part + ".lock"):   # its killed run's; no rank of ours
+                os.remove(part + ".lock")
 
     def write(self, row):
         self.mine.write(row)

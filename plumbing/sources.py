@@ -110,6 +110,9 @@ def find_videos(source: str) -> list:
             videos.append(Video(path, name if isinstance(name, str) and name else written(line)))
     if not videos:
         raise ValueError(f"{source}: the list names no videos")
+    clash = collision((v.name, str(v)) for v in videos)
+    if clash:
+        raise NameCollision(*clash, source)
     return videos
 
 
@@ -159,3 +162,22 @@ def identity(path: str):
     except (OSError, ValueError):
         return None
     return st.st_dev, st.st_ino
+
+
+def collision(rows):
+    """The first (name, path, other path) of two different files on this machine under one name
+    ((name, path) pairs: a list or labels file made from two folders, say), or None. Paths that are
+    not here (another node's mount) may be one video: they do not collide."""
+    first = {}
+    for name, path in rows:
+        other = first.setdefault(name, path)
+        if other != path and identity(other) and identity(path) and identity(other) != identity(path):
+            return name, other, path
+    return None
+
+
+class NameCollision(ValueError):
+    def __init__(self, name, a, b, where):
+        super().__init__(f"{where}: two different videos are both named {name!r} ({a} and {b}): a name is "
+                         f"the path inside the folder given, so label (or caption) them from their common "
+                         f"folder, or write each folder's rows to an --out of its own")

@@ -236,3 +236,20 @@ def test_a_model_built_for_bf16_never_holds_fp32_weights(monkeypatch):
     monkeypatch.setattr(weights, "init_weights", init_weights)
     model = PLLaVA.from_config(dict(vision_config=VISION, text_config=TEXT, image_token_index=110), dtype=torch.bfloat16)
     assert set(seen) == {torch.bfloat16} and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_the_loop_guard_ends_a_row_that_repeats_itself_and_leaves_the_others_alone(tiny):
+    from generate import looping
+    assert looping([9, 1] + [5] * 30) == 3 and looping([1, 2] + [7, 8] * 12) == 4
+    assert looping(list(range(60))) == 0 and looping([3, 4, 5, 6, 7, 8, 9] * 2) == 0   # said twice: no loop
+    model, tok = tiny
+    items = videos(tok, 6, mixed_prompts=True)
+    free = dict(Engine(model, 3, Sampling(max_new_tokens=64, stop_ids=())).run(items))
+    guarded = dict(Engine(model, 3, Sampling(max_new_tokens=64, stop_ids=(), stop_loops=True)).run(items))
+    assert not any(looping(t) for t in free.values()) and guarded == free       # no loop: nothing changes
+    stuck = copy.deepcopy(model)
+    stuck.language_model.model.norm.weight.zero_()                             # every logit 0: token 0 for ever
+    free = dict(Engine(stuck, 3, Sampling(max_new_tokens=64, stop_ids=())).run(items))
+    guarded = dict(Engine(stuck, 3, Sampling(max_new_tokens=64, stop_ids=(), stop_loops=True)).run(items))
+    assert all(t == [0] * 64 for t in free.values())
+    assert all(8 <= len(t) < 64 and t == [0] * len(t) and looping(t) == 1 for t in guarded.values())

@@ -269,3 +269,31 @@ def test_a_decode_worker_stopped_while_idle_dies_with_its_killed_client(tmp_path
     finally:
         api.close()
     assert gone(worker)
+
+
+def test_two_folders_whose_videos_share_names_never_share_an_out_or_a_list(tmp_path):
+    """season1/ep00.mp4 and season2/ep00.mp4 are both "ep00.mp4" when each folder is the source: a second
+    folder into the first one's --out, or a list whose rows name two files alike, is refused at start,
+    nothing asked and nothing rewritten (before: "4 already done", season 2 never labelled)."""
+    import json
+    _, colours = solid_videos(str(tmp_path / "s" / "season1"), 8)
+    os.makedirs(tmp_path / "s" / "season2")
+    for i in range(4):   # season 2: other files, the same names
+        os.rename(tmp_path / "s" / "season1" / f"v{i + 4:02d}.mp4", tmp_path / "s" / "season2" / f"v{i:02d}.mp4")
+    api = label_server(colours)
+    out = tmp_path / "labels.jsonl"
+    try:
+        first = run_label([tmp_path / "s" / "season1", "--out", out, "--api-base", api.url])
+        before, calls = out.read_text(), len(api.log)
+        second = run_label([tmp_path / "s" / "season2", "--out", out, "--api-base", api.url])
+        listed = tmp_path / "both.jsonl"
+        listed.write_text("".join(json.dumps({"video": str(tmp_path / "s" / s / f"v{i:02d}.mp4"), "name": f"v{i:02d}.mp4"})
+                                  + "\n" for s in ("season1", "season2") for i in range(4)))
+        both = run_label([listed, "--out", tmp_path / "b.jsonl", "--api-base", api.url])
+    finally:
+        api.close()
+    assert first.returncode == 0 and out.read_text() == before and len(api.log) == calls == 4
+    for r in (second, both):
+        said = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and said.startswith("error:") and "are both named 'v00.mp4'" in said, r.stderr
+    assert not os.path.exists(tmp_path / "b.jsonl")
