@@ -278,3 +278,22 @@ def test_a_folder_with_no_videos_or_only_broken_ones_exits_1_in_one_line(ckpt, t
     assert r.returncode == 1 and lines[-1].startswith("error: ") and "no video was captioned" in lines[-1], r.stderr
     rows, counts = rows_by_video(str(out))
     assert set(counts) == set(broken) and all("error" in row for row in rows.values())   # their rows are kept
+
+
+def test_a_caption_that_loops_ends_where_the_loop_began_and_its_row_says_so(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+    stuck = tmp_path / "stuck"
+    shutil.copytree(ckpt, stuck)
+    weights = load_file(str(stuck / "model.safetensors"))
+    weights["language_model.model.norm.weight"].zero_()       # every logit 0: one token for ever
+    save_file(weights, str(stuck / "model.safetensors"))
+    os.makedirs(tmp_path / "v")
+    write_video(str(tmp_path / "v" / "a.mp4"), n_frames=8)
+    guarded = run_caption([tmp_path / "v", "--model", stuck, "--out", tmp_path / "g.jsonl", "--max-new-tokens", "40"])
+    free = run_caption([tmp_path / "v", "--model", stuck, "--out", tmp_path / "f.jsonl", "--max-new-tokens", "40",
+                        "--keep-loops"])
+    assert guarded.returncode == 0 and free.returncode == 0, guarded.stderr[-1000:]
+    g, f = read_rows(str(tmp_path / "g.jsonl"))[0], read_rows(str(tmp_path / "f.jsonl"))[0]
+    assert g["loop"] is True and g["truncated"] is False and g["tokens"] < 40
+    assert f["loop"] is False and f["truncated"] is True and f["tokens"] == 40
+    assert f["caption"].startswith(g["caption"])
