@@ -32,7 +32,7 @@ import numpy as np
 from data import jpeg_data_urls
 from lab.synthetic import write_video
 from plumbing.jsonl import read_rows
-from plumbing.workers import imap_unordered
+from plumbing.workers import decode_workers, imap_unordered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-labelling-day-0123456789"
@@ -134,19 +134,6 @@ def make_videos(folder, n):
     frames = functools.partial(jpeg_data_urls, n=4, max_side=768, q=4)   # what label.py sends
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".mp4"))
     return {digest(urls): os.path.basename(v) for v, urls in imap_unordered(frames, paths, workers=2)}
-
-
-def decode_workers(parent):
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = open(f"/proc/{pid}/stat").read()
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"workers._serve" in cmd:
-            found.append(int(pid))
-    return found
 
 
 def run_day(work, n, seed=0, faults=True, outage=60.0, stall=3.0, retry_after=1):

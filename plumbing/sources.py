@@ -104,9 +104,8 @@ def find_videos(source: str) -> list:
             if not isinstance(line, str) or not line:
                 raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field holding a path")
         path = canonical(os.path.join(base, line))   # an absolute line stays as it is
-        same = identity(path) or os.path.realpath(path)   # listed twice, spelled two ways, linked: one video
-        if same not in seen:
-            seen.add(same)
+        if os.path.realpath(path) not in seen:   # listed twice, spelled two ways, through links: one video
+            seen.add(os.path.realpath(path))
             videos.append(Video(path, name if isinstance(name, str) and name else written(line)))
     if not videos:
         raise ValueError(f"{source}: the list names no videos")

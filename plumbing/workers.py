@@ -306,6 +306,21 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
         raise PoolError(f"the decoding processes failed: {type(failed[0]).__name__}: {failed[0]}") from failed[0]
 
 
+def decode_workers(parent: int) -> list:
+    """The pids of the decode workers process `parent` started (their command line names
+    workers._serve): what a test or an operator stops or kills to see a decoder hang (Linux)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"workers._serve" in cmd:
+            found.append(int(pid))
+    return found
+
+
 def cores_per_rank() -> int:
     """This process's share of the cores it may run on. Under torchrun the ranks of a node either share
     one affinity (the default) or were each bound to cores of their own (numactl, Slurm's --cpu-bind):

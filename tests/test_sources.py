@@ -17,7 +17,7 @@ def test_a_folder_gives_the_same_names_through_any_mount_and_shards_split_them_o
         sorted(v.name for v in direct)
 
 
-def test_a_video_listed_twice_through_a_link_is_one_video_on_every_mount(tmp_path):
+def test_a_video_listed_twice_through_a_symlink_is_one_video_on_every_mount(tmp_path):
     (tmp_path / "share" / "videos").mkdir(parents=True)
     (tmp_path / "share" / "videos" / "v.mp4").write_bytes(b"x")
     (tmp_path / "share" / "dup.txt").write_text(f"videos/v.mp4\n{tmp_path}/share/videos/v.mp4\n")
