@@ -280,6 +280,7 @@ def test_a_folder_with_no_videos_or_only_broken_ones_exits_1_in_one_line(ckpt, t
     assert set(counts) == set(broken) and all("error" in row for row in rows.values())   # their rows are kept
 
 
+@pytest.mark.slow
 def test_a_caption_that_loops_ends_where_the_loop_began_and_its_row_says_so(ckpt, tmp_path):
     from safetensors.torch import load_file, save_file
     stuck = tmp_path / "stuck"

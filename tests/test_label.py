@@ -223,6 +223,7 @@ def gone(pid):
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signals, flags", [((signal.SIGTERM,), []), ((signal.SIGTERM,) * 2, []),
                                             ((signal.SIGINT,) * 2, ["--shots"])])
 def test_sigterm_or_ctrl_c_ends_a_run_whose_decode_is_stalled(tmp_path, signals, flags):
@@ -251,6 +252,7 @@ def test_sigterm_or_ctrl_c_ends_a_run_whose_decode_is_stalled(tmp_path, signals,
     assert not os.path.exists(out + ".lock") and gone(worker)
 
 
+@pytest.mark.slow
 def test_a_decode_worker_stopped_while_idle_dies_with_its_killed_client(tmp_path):
     videos, colours = solid_videos(str(tmp_path / "v"), 4)
     api = label_server(colours)
@@ -271,6 +273,7 @@ def test_a_decode_worker_stopped_while_idle_dies_with_its_killed_client(tmp_path
     assert gone(worker)
 
 
+@pytest.mark.slow
 def test_two_folders_whose_videos_share_names_never_share_an_out_or_a_list(tmp_path):
     """season1/ep00.mp4 and season2/ep00.mp4 are both "ep00.mp4" when each folder is the source: a second
     folder into the first one's --out, or a list whose rows name two files alike, is refused at start,

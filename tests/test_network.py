@@ -285,6 +285,7 @@ def test_judge_writes_no_key_in_any_report_file(tmp_path):
         assert KEY[:10] not in (tmp_path / "rep" / name).read_text(), name
 
 
+@pytest.mark.slow
 def test_refusals_before_any_answer_stop_the_run_but_are_never_paid_for_twice(tmp_path, clips):
     videos, folder = clips   # the first videos refused (moderated), the others answered
     out = str(tmp_path / "labels.jsonl")

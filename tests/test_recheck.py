@@ -8,6 +8,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from plumbing.jsonl import read_rows
 
@@ -136,6 +137,7 @@ def test_recheck_refuses_what_cannot_work(tmp_path):
         assert not list(tmp_path.glob("*.rechecked.jsonl"))
 
 
+@pytest.mark.slow
 def test_a_label_the_teacher_refuses_to_relabel_is_kept_as_it_was(tmp_path):
     videos, colours = setup(tmp_path, 6, disagree={1, 4})
     api = teacher(colours)
@@ -155,6 +157,7 @@ def test_a_label_the_teacher_refuses_to_relabel_is_kept_as_it_was(tmp_path):
     assert "1 refused, their first label kept" in r.stderr and len(api.log) == 2   # the rerun asks nothing
 
 
+@pytest.mark.slow
 def test_a_rerun_with_another_student_or_other_labels_is_refused(tmp_path):
     videos, colours = setup(tmp_path, 4, disagree={2})
     api = teacher(colours)
@@ -176,6 +179,7 @@ def test_a_rerun_with_another_student_or_other_labels_is_refused(tmp_path):
     assert len(api.log) == 1 and len(read_rows(str(out))) == 4
 
 
+@pytest.mark.slow
 def test_new_labels_are_cleaned_as_the_first_ones_were(tmp_path):
     videos, colours = setup(tmp_path, 6, disagree={1, 4})
     api = teacher(colours)
