@@ -298,5 +298,6 @@ def test_two_folders_whose_videos_share_names_never_share_an_out_or_a_list(tmp_p
     assert first.returncode == 0 and out.read_text() == before and len(api.log) == calls == 4
     for r in (second, both):
         said = r.stderr.strip().splitlines()[-1]
-        assert r.returncode == 1 and said.startswith("error:") and "are both named 'v00.mp4'" in said, r.stderr
+        assert r.returncode == 1 and said.startswith("error:") and "are both named 'v0" in said, r.stderr
+        assert "season1/v0" in said and "season2/v0" in said
     assert not os.path.exists(tmp_path / "b.jsonl")
