@@ -21,13 +21,14 @@ import datetime
 import functools
 import os
 import sys
+import threading
 import time
 
 import torch
 
 import shots
 from data import UNREADABLE, VideoError, mean_std, normalize
-from engine import Engine, Item, OutOfMemory
+from engine import CompileLimit, Engine, Item, OutOfMemory
 from generate import Sampling, looping, ready_for_inference
 from model import PLLaVA
 from plumbing import cli, hub, memory
@@ -97,10 +98,11 @@ class Captioner:
                   f"{config.image_token_index}", file=sys.stderr)
             config.image_token_index = self.tok.image_id
         config.recipe(args.frames, args.pooling_shape)
-        ready_for_inference(self.model, int8, device, args.compile)
+        ready_for_inference(self.model, int8, device, args.compile, rows=args.batch_size or CPU_SLOTS)
         if int8 and device.startswith("cuda") and not args.compile:
-            print("note: int8 on a GPU without --compile saves memory, not time (each weight is widened "
-                  "every step); add --compile for its speed", file=sys.stderr)
+            print("note: int8 on a GPU without --compile is slower than bf16 (each step widens every "
+                  "weight in memory): it saves memory only; --compile can fuse the widening",
+                  file=sys.stderr)
         self.frames, self.size = config.num_frames, config.vision_config.image_size
         self.mean, self.std = mean_std(self.folder)
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
@@ -151,44 +153,45 @@ class Captioner:
 def run(captioner, out, todo, done, tries, rank, args, already):
     """Caption the videos `todo` (or their shots not `done`) into `out`; the summary on stderr, and
     the counts returned."""
-    stats = dict(captions=0, errors=0, missing=0, failed=0, retry=0, tokens=0, wait=0.0)
+    stats = dict(captions=0, errors=0, missing=0, failed=0, retry=0, tokens=0)
     if shots.finder(args):
         stats["cut"] = 0
     kinds = {UNREADABLE: "errors", "missing_video": "missing", "internal_error": "failed"}
-    engine, failures, start = captioner.engine, [0], time.monotonic()
+    engine, failures, start, lock = captioner.engine, [0], time.monotonic(), threading.Lock()
 
-    def write(row):
-        out.write(row)
-        stats["captions" if "caption" in row else kinds.get(row["code"], "retry")] += 1
-        stats["tokens"] += row.get("tokens", 0)
-        failures[0] = failures[0] + 1 if row.get("code") == "internal_error" else 0 if "caption" in row \
-            else failures[0]
-        if failures[0] >= args.max_failures_in_a_row:
-            raise Stop(f"the last {failures[0]} videos all failed in the model ({row['error'][:200]}); "
-                       f"they are not marked done: fix the cause, then run again")
-        progress(rank, stats, len(todo), start, engine)
+    def write(row):   # from the engine's loop, and from the thread that reads the decoders
+        with lock:
+            out.write(row)
+            stats["captions" if "caption" in row else kinds.get(row["code"], "retry")] += 1
+            stats["tokens"] += row.get("tokens", 0)
+            failures[0] = failures[0] + 1 if row.get("code") == "internal_error" else 0 if "caption" in row \
+                else failures[0]
+            if failures[0] >= args.max_failures_in_a_row:
+                raise Stop(f"the last {failures[0]} videos all failed in the model ({row['error'][:200]}); "
+                           f"they are not marked done: fix the cause, then run again")
+            progress(rank, stats, len(todo), start, engine)
 
     def unreadable(job, error):   # a missing file is not done: a fixed path gets it captioned
         if not os.path.exists(job[0]):
             return write(captioner.error(job, error, "missing_video"))
         key = (job[0].name, job[1][0] if job[1] else None)
         write({**shots.identity(job[0], job[1]), **failure(error, tries.get(key, 0))})
-    decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
-                               buffer=2 * args.batch_size, memory_gb=args.decode_memory,
+    decode = functools.partial(imap_unordered, workers=decode_workers(args), timeout=args.decode_timeout,
+                               buffer=2 * engine.slots, memory_gb=args.decode_memory,
                                threads=decoder_threads(args))
     if shots.finder(args):   # each video's shots found in decode workers (the time limit counts from the
         # last frame decoded: a 24-minute episode takes minutes), then each shot captioned alone
         jobs = shots.jobs(shots.counted(decode(shots.finder(args), todo), stats), done)
     else:
         jobs = [(v, None, None) for v in todo]
-    items = captioner.items(waiting_time(decode(captioner.frame_reader(), jobs), stats), unreadable,
+    items = captioner.items(decode(captioner.frame_reader(), jobs), unreadable,
                             lambda job, e: write(captioner.error(job, e, "internal_error")))
     while True:
         try:
             for job, tokens in engine.run(items):
                 write(captioner.row(job, tokens))
             break
-        except (KeyboardInterrupt, Stop, PoolError):
+        except (KeyboardInterrupt, Stop, PoolError, CompileLimit):
             raise
         except Exception as e:   # a failure in the model: the videos in flight get its row, the others go on
             for item in list(engine.waiting):
@@ -196,7 +199,7 @@ def run(captioner, out, todo, done, tries, rank, args, already):
             engine.waiting.clear()
     elapsed = time.monotonic() - start
     stats["failed_total"] = stats["errors"] + stats["missing"] + stats["failed"] + stats["retry"]
-    summary(rank, stats, already, elapsed, engine.stats)
+    summary(rank, stats, already, elapsed, engine.stats, args)
     return {**stats, "seconds": elapsed, "already_done": already, "engine": dict(engine.stats)}
 
 
@@ -222,35 +225,40 @@ def placement(args):
     return device, getattr(torch, args.dtype) if args.dtype else default, rank, world
 
 
+CPU_SLOTS = 8   # a CPU's default slots: past about 8 rows a step costs what it saves
+
+
 def starting_slots(args, config, device, dtype):
-    """--batch-size, or on a GPU the slots that its free memory holds beside the weights
-    (memory.py's KV cache and activations per slot), if fewer: the engine starts where it fits
-    instead of running out."""
+    """--batch-size, or on a GPU (without it) the slots its free memory holds beside the weights
+    (memory.py: the KV cache and frames of each, a prefill pass; compiled, the cache's rounding and a
+    margin), at most memory.MAX_SLOTS; said at start. A --batch-size that does not fit starts at
+    what does: the engine starts where it fits instead of running out."""
     if not device.startswith("cuda"):
-        return args.batch_size
+        return args.batch_size or CPU_SLOTS
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    fit = memory.slots_that_fit(config, free / 1e9, args.max_new_tokens, torch.finfo(dtype).bits // 8)
+    fit = max(1, memory.slots_that_fit(config, free / 1e9, args.max_new_tokens, torch.finfo(dtype).bits // 8,
+                                       compiled=args.compile))
+    if args.batch_size is None:
+        slots = min(fit, memory.MAX_SLOTS)
+        print(f"note: {slots} slots, what {free / 1e9:.1f} GB free on the GPU holds (at most "
+              f"{memory.MAX_SLOTS}; --batch-size N to choose)", file=sys.stderr)
+        return slots
     if fit < args.batch_size:
-        print(f"note: {free / 1e9:.1f} GB free on the GPU holds {max(fit, 1)} slots, not --batch-size "
-              f"{args.batch_size}: starting with {max(fit, 1)}", file=sys.stderr)
-    return max(1, min(fit, args.batch_size))
+        print(f"note: {free / 1e9:.1f} GB free on the GPU holds {fit} slots, not --batch-size "
+              f"{args.batch_size}: starting with {fit}", file=sys.stderr)
+    return min(fit, args.batch_size)
+
+
+def decode_workers(args):
+    """--workers, or this rank's cores but one (the engine's), at most 32: 16 exact frames of a 1080p
+    video cost a core about a second, and 13B on an H100 takes a video every ~0.4 s."""
+    return args.workers or max(1, min(32, cores_per_rank() - 1))
 
 
 def decoder_threads(args):
     """Threads per decoder: this rank's cores shared by its decoding processes (twice as many with
     shots)."""
-    return max(1, cores_per_rank() // (args.workers * (2 if shots.finder(args) else 1)))
-
-
-def waiting_time(stream, stats):
-    """The decoder's stream, with the time spent waiting on it added to stats["wait"]."""
-    while True:
-        t = time.monotonic()
-        got = next(stream, None)
-        stats["wait"] += time.monotonic() - t
-        if got is None:
-            return
-        yield got
+    return max(1, cores_per_rank() // (decode_workers(args) * (2 if shots.finder(args) else 1)))
 
 
 def progress(rank, stats, total, start, engine):
@@ -265,8 +273,9 @@ def progress(rank, stats, total, start, engine):
           f"ETA {eta / 60:.1f} min ", end="", file=sys.stderr, flush=True)
 
 
-def summary(rank, stats, already, elapsed, e):
+def summary(rank, stats, already, elapsed, e, args):
     n, what = stats["failed_total"] + stats["captions"], "shots" if "cut" in stats else "videos"
+    waited = 100 * e["waited_steps"] / max(e["steps"], 1)
     print(f"\n[rank {rank}] {stats['captions']} captions, {stats['errors']} unreadable, {already} already "
           f"done, {stats['missing']} missing, {stats['failed']} "
           f"failed in the model, {stats['retry']} to try again (a decoder's time or memory limit, or its "
@@ -274,7 +283,11 @@ def summary(rank, stats, already, elapsed, e):
           f"{stats['tokens'] / max(elapsed, 1e-9):.1f} tokens/s, "
           f"{stats['tokens'] / max(stats['captions'], 1):.0f} tokens per caption, "
           f"{100 * e['finished_row_steps'] / max(e['row_steps'], 1):.1f}% of decode steps on finished rows, "
-          f"{100 * stats['wait'] / max(elapsed, 1e-9):.1f}% of the time waiting for decoding", file=sys.stderr)
+          f"waited for frames in {waited:.0f}% of steps and {100 * e['wait_s'] / max(elapsed, 1e-9):.0f}% of "
+          f"the time", file=sys.stderr)
+    if waited > 10:
+        print(f"note: decoding did not keep up with the model ({decode_workers(args)} --workers on "
+              f"{cores_per_rank()} cores): more cores, --keyframes-only, or fewer --frames", file=sys.stderr)
 
 
 def dry_run(args):
@@ -288,20 +301,23 @@ def dry_run(args):
     card = args.card_gb or (memory.card_gb() if gpu else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9)
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     int8 = args.quantize == "int8"
-    need = memory.captioning(config, args.batch_size, args.max_new_tokens, torch.finfo(dtype).bits // 8, int8)
-    peak = rehearse.captioning(config, args.batch_size, args.max_new_tokens, dtype, int8, args.compile)
+    nbytes = torch.finfo(dtype).bits // 8
+    slots = args.batch_size or (memory.default_slots(config, card, args.max_new_tokens, nbytes, int8, args.compile)
+                                if gpu else CPU_SLOTS)
+    need = memory.captioning(config, slots, args.max_new_tokens, nbytes, int8, compiled=args.compile)
+    peak = rehearse.captioning(config, slots, args.max_new_tokens, dtype, int8, args.compile)
     total = peak["peak_gb"] + memory.CONTEXT_GB
-    print(f"{args.model}: {args.batch_size} slots, {config.num_visual_tokens} visual tokens, {args.max_new_tokens} "
-          f"new tokens, {'int8' if int8 else str(dtype).split('.')[1]}: estimate " +
+    print(f"{args.model}: {slots} slots{'' if args.batch_size else ' (the default)'}, {config.num_visual_tokens} "
+          f"visual tokens, {args.max_new_tokens} new tokens, {'int8' if int8 else str(dtype).split('.')[1]}: estimate " +
           ", ".join(f"{k} {v:.1f} GB" for k, v in need.items()) + f"; rehearsed on fake tensors: peak "
           f"{peak['peak_gb']:.1f} GB + context {memory.CONTEXT_GB} = {total:.1f} GB; "
           f"{f'card {card:.0f} GB' if gpu else f'no GPU here: RAM {card:.0f} GB (--card-gb N plans for a GPU)'}")
     if max(total, need["total"]) > 0.95 * card:
-        tips = ([] if int8 else ["--quantize int8"]) + ([f"--batch-size {args.batch_size // 2}"]
-                                                        if args.batch_size > 1 else [])
+        tips = ([] if int8 else ["--quantize int8"]) + ([f"--batch-size {slots // 2}"]
+                                                        if slots > 1 else [])
         raise ValueError(f"{max(total, need['total']):.1f} GB does not fit in {card:.0f} GB: try "
                          f"{', '.join(tips + ['fewer tokens (--pooling-shape, --max-new-tokens)'])}")
-    return {**need, "rehearsed": total}
+    return {**need, "rehearsed": total, "slots": slots}
 
 
 def parse_args(argv=None):
@@ -321,9 +337,11 @@ def parse_args(argv=None):
     p.add_argument("--pooling-shape", type=cli.shape, metavar="T,H,W",
                    help="visual tokens per video, (time, height, width) (default: the model's; Open-Sora: 4,12,12)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: the LLM's weights as int8 (half of bf16's memory; on a GPU fast with --compile)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8,
-                   help="videos captioned together (the engine's slots); a video that ends hands its slot on")
+                   help="int8: the LLM's weights as int8 (half of bf16's memory; on a GPU slower than bf16 "
+                        "unless --compile fuses the widening)")
+    p.add_argument("--batch-size", type=cli.positive_int,
+                   help="videos captioned together (the engine's slots; a video that ends hands its slot on); "
+                        f"default: on a GPU what its memory holds, at most {memory.MAX_SLOTS}; on a CPU {CPU_SLOTS}")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=256, help="a caption's length, at most")
     p.add_argument("--temperature", type=cli.non_negative, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=cli.positive, default=1.0, help="nucleus sampling (with --temperature above 0)")
@@ -337,7 +355,8 @@ def parse_args(argv=None):
                         "PLLaVA release, LoRA inside its weights: 4, as PLLaVA's own scripts use)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", help="default: cuda when there is one, else cpu")
-    p.add_argument("--workers", type=cli.positive_int, default=4, help="video decoding processes")
+    p.add_argument("--workers", type=cli.positive_int,
+                   help="video decoding processes (default: this rank's cores but one, at most 32)")
     p.add_argument("--decode-timeout", type=cli.positive, default=300.0,
                    help="seconds allowed to read one video's (or shot's) frames; finding shots, seconds "
                         "without a frame decoded")
@@ -369,7 +388,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     return cli.run(lambda: dry_run(args) if args.dry_run else caption(args),
-                   (OSError, ValueError, hub.HubError, ModelFolderError, Busy, Stop, PoolError))
+                   (OSError, ValueError, hub.HubError, ModelFolderError, Busy, Stop, PoolError, CompileLimit))
 
 
 if __name__ == "__main__":

@@ -4,25 +4,35 @@ next.
 A static batch (generate.generate) decodes until its longest caption ends: with captions of 30 to
 256+ tokens, a third of its steps go to rows that are done. Here each row of the KV cache is a slot
 holding one video at a time, at its own length: a step writes each row's new key and value at that
-row's own position and attends to that row's own slots. When a row ends, the next video is
-prefilled straight into that row of the cache (no second cache: at 13B and 16 slots it would not
-fit beside the first), while the others wait. Each video's greedy output equals captioning it alone
-(tests/test_engine.py).
+row's own position and attends to that row's own slots. The videos that arrive together are
+prefilled together (those with prompts of one length, up to PREFILL_TOKENS a pass) straight into
+their rows of the cache (no second cache: at 13B and 16 slots it would not fit beside the first),
+while the others wait. Each video's greedy output equals captioning it alone (tests/test_engine.py).
+
+The videos come from a Feed: a list is ready as it is; an iterator (caption.py's decoders) is read
+by a thread, and the engine takes what is ready without waiting while any slot has work. The steps
+taken with a slot empty for want of frames are counted ("waited"): decoding that cannot keep up.
 
 How a step attends (model.attend): every row at one length, no mask (SDPA's fastest kernel); rows
 at different lengths, a boolean mask over the slots in use (eager, the reference); compiled, a
 FlexAttention block mask built on the device from the rows' lengths, so each row reads its own
-blocks of the cache.
+blocks of the cache (a row that has ended, none past its first).
 
 Stops are read on the host every `check_every` steps, all rows in one copy. On a CPU that is every
 step; on a GPU each read is a sync, so a few steps pass between reads, and a row may run that many
 steps past its stop (the extra tokens are dropped). Nothing else is read on the host between two
 checks.
 
-Running out of device memory halves the slots, the videos in flight start again, and the batch
-never shrinks below one: a video that does not fit alone gets its error. Once `grow_after` videos a
-slot have ended without another error, the slots double again, but never back to a count that
-failed. Everything runs under torch.inference_mode(): no autograd graph hangs off the cache.
+Compiled, every (slots, cache length) is a graph of its own, compiled for minutes at 13B: the slot
+counts come from a small set (SLOT_COUNTS: powers of two and their halfway points, and the count
+the run started with), the cache length grows in steps of 256 and never shrinks, and a run that
+reaches torch's recompile limit stops with CompileLimit instead of running on uncompiled.
+
+Running out of device memory moves the slots down to the largest count of the set at most half
+of them; the videos in flight start again, and the batch never shrinks below one: a video that
+does not fit alone gets its error. Once `grow_after` videos a slot have ended without another
+error, the slots double again, but never to a count that failed. Everything runs under
+torch.inference_mode(): no autograd graph hangs off the cache.
 """
 
 import sys
@@ -30,9 +40,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo
 
 from generate import Sampling, compiled_decode, decode_one_token, length_mask, looping, pick, prefill
 from model import KVCache
+from plumbing.feed import Feed
 
 
 @dataclass
@@ -45,6 +57,25 @@ class Item:
 
 class OutOfMemory(Exception):
     """One video does not fit on the device even alone."""
+
+
+class CompileLimit(RuntimeError):
+    """The compiled step reached torch's recompile limit: every video after would run uncompiled."""
+
+
+PREFILL_TOKENS = 8192   # the most prompt tokens prefilled in one pass (13B: 3 videos of 2,403)
+
+
+def prefill_videos(prompt_len: int) -> int:
+    """How many videos of this prompt length one prefill pass takes."""
+    return max(1, PREFILL_TOKENS // prompt_len)
+
+
+def slot_counts(below: int):
+    """The slot counts a run moves between (one compiled graph each): 1, 2, 3, 4, 6, 8, 12, 16, 24,
+    ... (powers of two and their halfway points) strictly below `below`, the largest first."""
+    counts = sorted({c for k in range(16) for c in (2 ** k, 3 * 2 ** k // 2) if 0 < c < below})
+    return counts[::-1]
 
 
 class Engine:
@@ -62,30 +93,40 @@ class Engine:
         self.ended_since_oom = 0      # videos ended since the last out-of-memory error
         self.waiting = []             # the videos taken and not yet ended, in their order
         self.occupied = 0             # slots holding a video now
+        self.max_len = 0              # compiled: the cache's length, kept from one batch to the next
         # steps of rows that had ended (read late), and all row steps: kept on the device
         self.counts = torch.zeros(2, dtype=torch.long, device=self.device)
         self.stop_ids = torch.tensor(sorted(sampling.stop_ids) or [-1], device=self.device)
         self.stats = dict(steps=0, row_steps=0, finished_row_steps=0, tokens=0, prefills=0,
-                          prefill_s=0.0)
+                          prefill_passes=0, prefill_s=0.0, waited_steps=0, wait_s=0.0,
+                          slot_counts=[slots])
 
     @torch.inference_mode()
     def run(self, items):
         """Yield (key, tokens or OutOfMemory) for every Item, as each video ends (not in arrival
         order)."""
-        items = iter(items)
+        feed = Feed(items, ahead=self.slots)
         try:
             while True:
                 try:
-                    if not (yield from self._run(items)):
+                    if not (yield from self._run(feed)):
                         return
                     self._free()   # grown back: the old cache goes before a wider one
                     continue       # and the videos in flight start again in it
                 except torch.OutOfMemoryError:
                     pass   # handled below, outside the except: its traceback frees the tensors
+                except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+                    raise CompileLimit(
+                        f"the compiled decoding step reached torch's recompile limit "
+                        f"({torch._dynamo.config.recompile_limit} graphs; slots "
+                        f"{self.stats['slot_counts']}): the videos after would run uncompiled; "
+                        f"run without --compile") from e
                 self._free()
-                self.ended_since_oom, self.ceiling = 0, min(self.ceiling, self.slots - 1)
+                self.ended_since_oom = 0
+                self.ceiling = min(self.ceiling, slot_counts(self.slots)[0] if self.slots > 1 else 1)
                 if self.slots > 1:
-                    self.slots //= 2
+                    self.slots = next(c for c in slot_counts(self.slots) if c <= self.slots // 2)
+                    self.stats["slot_counts"].append(self.slots)
                     print(f"\nout of device memory: {self.slots} slots now", flush=True,
                           file=sys.stderr)
                 elif self.waiting:   # the video alone does not fit: its error, and the next
@@ -94,10 +135,11 @@ class Engine:
                 else:
                     raise OutOfMemory("out of device memory with no video in the batch")
         finally:
+            feed.close()
             self._free()
             self._tally()
 
-    def _run(self, items):
+    def _run(self, feed):
         """The loop proper: False when every item has ended; True when it stopped to grow the batch
         back (`grow_after` videos per slot ended since the last out-of-memory error). After either,
         or an out-of-memory error, run() calls it again and the videos taken and not yet ended
@@ -118,19 +160,25 @@ class Engine:
         while True:
             if self.slots < self.ceiling and self.ended_since_oom >= self.grow_after * self.slots:
                 self.slots, self.ended_since_oom = min(2 * self.slots, self.ceiling), 0
+                self.stats["slot_counts"].append(self.slots)
                 return True
             free = [b for b in range(B) if slot_item[b] is None]
-            arrivals = []
-            while len(arrivals) < len(free) and (held or (item := next(items, None)) is not None):
-                if held:
-                    arrivals.append(held.pop(0))
-                else:
-                    arrivals.append(item)
-                    waiting.append(item)
+            arrivals, held = held[:len(free)], held[len(free):]
+            starved = False
+            if len(arrivals) < len(free):   # wait for frames only when no slot has work
+                idle = not arrivals and len(free) == B
+                t = time.perf_counter()
+                taken = feed.take(len(free) - len(arrivals), wait=idle)
+                if idle:
+                    self.stats["wait_s"] += time.perf_counter() - t
+                waiting += taken
+                arrivals += taken
+                starved = len(arrivals) < len(free) and not feed.ended   # frames not ready
             if arrivals:
                 need = max(self._prompt_len(item) for item in arrivals) + new + 1
                 if self.compiled:   # one shape per cache length: a few lengths, few compiles
-                    need = -(-need // 256) * 256
+                    need = max(-(-need // 256) * 256, self.max_len)
+                    self.max_len = need
                 if need > max_len:   # the cache holds the longest prompt so far and its answer
                     max_len = self._grow_cache(B, max_len, need)
                 if logits is None:
@@ -141,7 +189,7 @@ class Engine:
                 for b, item in zip(rows, arrivals):
                     slot_item[b] = item
                     host_len[b] = self._prompt_len(item)
-                    self._prefill(item, b, logits, seen)
+                self._prefill_all(arrivals, rows, logits, seen)
                 self._seat(rows, [host_len[b] for b in rows],
                            [min(it.max_new_tokens or new, new) for it in arrivals],
                            length, count, done, limit, occupied)
@@ -160,16 +208,17 @@ class Engine:
                 seen[torch.arange(B, device=dev), token] = True
             step += 1
             if step % self.check_every == 0 or max(host_len) + 1 >= max_len:
-                yield from self._collect(slot_item, done, count, out, waiting, occupied)
+                yield from self._collect(slot_item, done, count, out, waiting, occupied, length)
             if all(it is None for it in slot_item):
                 continue   # every row ended: refill before decoding anything
             lengths = [n for n, it in zip(host_len, slot_item) if it is not None]
+            self.stats["waited_steps"] += starved   # a slot empty while its next video decodes
             mask, kv_len = self._attention(length, lengths, max_len)
             self.occupied = len(lengths)
             self.counts += torch.stack([(occupied & done).sum(), occupied.sum()])   # unread; all
             logits = self.step_fn(lm, token, length[:, None], mask, length[:, None], kv_len)
             self.stats["steps"] += 1
-            length += occupied
+            length += occupied & ~done   # an ended row stays where it ended, reading no further
             host_len = [n + (it is not None) for n, it in zip(host_len, slot_item)]
 
     def _attention(self, length, lengths, max_len):
@@ -223,34 +272,50 @@ class Engine:
     def dtype(self):
         return self.model.language_model.model.norm.weight.dtype   # the embedding may be int8
 
-    def _prefill(self, item, b, logits, seen):
-        """One arrival prefilled into row b of the cache (a view of it: nothing copied), its first
-        logits into logits[b]. One video a pass: its 2,000+ tokens keep a GPU busy alone, and its
-        activations are one video's."""
+    def _prefill_all(self, items, rows, logits, seen):
+        """The arrivals prefilled into their rows: those whose prompts have one length together, up
+        to PREFILL_TOKENS a pass (a pass at 13B is compute-bound from one video on: batching saves
+        the weight reads and the launches of the passes it replaces, not arithmetic)."""
+        by_length = {}
+        for item, b in zip(items, rows):
+            by_length.setdefault(self._prompt_len(item), []).append((item, b))
+        for P, group in by_length.items():
+            n = prefill_videos(P)
+            for i in range(0, len(group), n):
+                part = group[i:i + n]
+                self._prefill([it for it, _ in part], [b for _, b in part], logits, seen)
+
+    def _prefill(self, items, rows, logits, seen):
+        """Videos whose prompts have one length prefilled in one pass into their rows of the cache
+        (a view of it: nothing copied), their first logits into logits[rows]."""
         lm, dev, t0 = self.model.language_model, self.device, time.perf_counter()
         main = [layer.self_attn.cache for layer in lm.model.layers]
-        ids = torch.tensor([item.ids], device=dev)
-        where = [item.ids.index(self.model.config.image_token_index)]   # known here: no host read
-        x, _, _ = self.model.prepare(ids, item.pixels[None], image_pos=where)     # (1, P, D)
-        P = x.shape[1]
+        ids = torch.tensor([item.ids for item in items], device=dev)
+        where = [item.ids.index(self.model.config.image_token_index) for item in items]   # no host read
+        pixels = torch.stack([item.pixels for item in items])
+        x, _, _ = self.model.prepare(ids, pixels, image_pos=where)     # (n, P, D)
+        n, P = x.shape[:2]
+        index = torch.tensor(rows, device=dev)
         try:
             for layer, cache in zip(lm.model.layers, main):
-                layer.self_attn.cache = cache.rows(b, b + 1)
-            logits[b] = prefill(lm, x, torch.arange(P, device=dev)[None], None)[0].to(logits.dtype)
+                layer.self_attn.cache = cache.rows(index)
+            first = prefill(lm, x, torch.arange(P, device=dev).expand(n, P), None)
+            logits[index] = first.to(logits.dtype)
         finally:
             for layer, cache in zip(lm.model.layers, main):
                 layer.self_attn.cache = cache
         if seen is not None:
-            seen[b] = False
-            seen[b, ids[0].clamp(0, seen.shape[1] - 1)] = ids[0] < seen.shape[1]
-        self.stats["prefills"] += 1
+            seen[index] = False
+            seen[index[:, None], ids.clamp(0, seen.shape[1] - 1)] = ids < seen.shape[1]
+        self.stats["prefills"] += n
+        self.stats["prefill_passes"] += 1
         self.stats["prefill_s"] += time.perf_counter() - t0
 
     def _read(self, done, count, out):
         """The one host read of the loop: every row's (done, count, tokens), in one copy."""
         return torch.cat([done[:, None].long(), count[:, None], out], dim=1).tolist()
 
-    def _collect(self, slot_item, done, count, out, waiting, occupied):
+    def _collect(self, slot_item, done, count, out, waiting, occupied, length):
         """The rows that ended (a stop token, the token limit, a stop string): their tokens, their
         slots freed."""
         rows = {b: r for b, r in enumerate(self._read(done, count, out))
@@ -259,7 +324,7 @@ class Engine:
         ended = [b for b, r in rows.items() if r[0] or self._stop_string(tokens[b])]
         if ended:
             index = torch.tensor(ended, device=occupied.device)
-            occupied[index], done[index] = False, True
+            occupied[index], done[index], length[index] = False, True, 0   # its cache unread
         for b in ended:
             item, slot_item[b] = slot_item[b], None
             waiting.remove(item)

@@ -7,6 +7,8 @@ other rows share its batch. `generate_reference` is the plain loop (a full forwa
 new token) that the fast path is tested against.
 """
 
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -150,13 +152,19 @@ def compiled_decode(lm, mode: str = "auto"):
     """decode_one_token compiled once per model and mode. mode "auto": on a GPU with CUDA graphs
     ("max-autotune"), on a CPU with inductor's GEMM kernels (there the packed layers of
     pack_for_cpu are faster, and cannot be compiled); any other value is torch.compile's mode
-    ("default" compiles fastest)."""
+    ("default" compiles fastest). Each new shape is a graph of its own; past torch's recompile
+    limit the call raises (engine.CompileLimit says what to do) instead of running uncompiled."""
     if mode == "auto":
         gpu = lm.model.embed_tokens.weight.is_cuda
         mode = "max-autotune" if gpu else "max-autotune-no-cudagraphs"
     compiled = lm.__dict__.setdefault("compiled_decode", {})   # not a submodule: a plain attribute
     if mode not in compiled:
-        compiled[mode] = torch.compile(decode_one_token, mode=mode, dynamic=False)
+        step = torch.compile(decode_one_token, mode=mode, dynamic=False)
+
+        def strict(*args):   # past the recompile limit an error, never a silent fall to eager
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return step(*args)
+        compiled[mode] = strict
     return compiled[mode]
 
 
@@ -208,18 +216,30 @@ def generate_from_embeddings(lm, x: torch.Tensor, valid: torch.Tensor, *,
 
 class PackedLinear(nn.Module):
     """A linear layer for CPU inference whose weight lives in oneDNN's blocked layout: the same
-    numbers, multiplied by oneDNN's kernels, which stream the weight faster than MKL's sgemm on the
-    plain layout in the few-row products of decoding (results/bench-cpu-small-2026-12-01-run*.json:
-    decoding 1.8-2.2x faster than the plain layers at batch 1, 1.8-2.6x at batch 8)."""
+    numbers, multiplied by oneDNN's kernels. Whether that beats MKL's sgemm on the plain layout
+    depends on the CPU and the shape (AMD EPYC: decoding 1.8-2.6x faster packed; an Intel Xeon with
+    AMX: 0.69-0.83x at one row, 1.52x at 8): pack_for_cpu measures it."""
 
     def __init__(self, weight, bias):
         super().__init__()
         # 8: a hint of the rows a product will have
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 8)
         self.bias = None if bias is None else bias.detach()
+        self.out_features = weight.shape[0]
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class PlainLinear(nn.Module):
+    """A linear layer for inference only (LoRA merged): the weight in the plain layout."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
 
 
 def can_pack(lm):
@@ -232,12 +252,62 @@ def can_pack(lm):
             and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
-def pack_for_cpu(lm):
-    """Every linear layer of the language model becomes a PackedLinear, LoRA merged in at its
-    current alpha; the plain weights are dropped, so memory stays the same (a tied lm_head gets its
-    own copy). For inference only: a packed model cannot be trained, saved or have its LoRA alpha
-    changed."""
-    return replace_linears(lm, PackedLinear)
+CHOICES = "packed-or-plain.json"   # in the cache folder (jsonl.cache_dir): measured once a machine
+
+
+def packed_is_faster(weight, rows: int, rounds: int = 5) -> bool:
+    """Whether the packed product of `weight` beats the plain one at `rows` rows on this CPU: timed
+    in turns (plain, packed, plain, ...), the medians compared; remembered in CHOICES by shape,
+    rows, CPU, threads and torch (a file in the cache folder). A few milliseconds a shape (the lm_head's, tens)."""
+    import json
+    import statistics
+    from plumbing.jsonl import cache_dir, replace_atomic
+    path = os.path.join(cache_dir(), CHOICES)
+    key = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()} threads|{tuple(weight.shape)}|{rows} rows"
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(key), bool):
+        layers = PlainLinear(weight, None), PackedLinear(weight, None)
+        x, times = torch.randn(rows, weight.shape[1]), ([], [])
+        for i in range(2 * rounds + 2):   # the first of each warms up
+            t = time.perf_counter()
+            layers[i % 2](x)
+            times[i % 2].append(time.perf_counter() - t)
+        known = {**(known if isinstance(known, dict) else {}),
+                 key: statistics.median(times[1][1:]) < statistics.median(times[0][1:])}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        replace_atomic(path, lambda f: f.write(json.dumps(known, indent=1).encode()))
+    return known[key]
+
+
+def cpu_model() -> str:
+    """The CPU's name (/proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return "cpu"
+
+
+def pack_for_cpu(lm, rows: int = 8):
+    """Every linear layer of the language model becomes a PackedLinear where that is faster for its
+    shape at `rows` rows a product on this CPU (packed_is_faster; the engine decodes all its slots
+    each step), else a PlainLinear; LoRA merged in at its current alpha, the old weights dropped (a
+    tied lm_head gets its own copy). lm.packed: {shape: packed or not}. For inference only: a packed
+    model cannot be trained, saved or have its LoRA alpha changed."""
+    chosen = {}
+
+    def make(weight, bias):
+        shape = tuple(weight.shape)
+        if shape not in chosen:
+            chosen[shape] = packed_is_faster(weight, rows)
+        return (PackedLinear if chosen[shape] else PlainLinear)(weight, bias)
+    replace_linears(lm, make)
+    lm.__dict__["packed"] = chosen   # a plain attribute
+    return lm
 
 
 @torch.no_grad()
@@ -258,11 +328,12 @@ def generate_reference(model, input_ids, pixel_values, attention_mask=None, max_
     return stopper.tokens
 
 
-def ready_for_inference(model, int8: bool = False, device=None, compiled: bool = False):
+def ready_for_inference(model, int8: bool = False, device=None, compiled: bool = False, rows: int = 8):
     """A loaded model made ready to generate, in place: nothing requires gradients; with int8 the
     language model quantized (quant.py; each weight moved to `device` and quantized there, one at a
-    time) and the rest moved there; else on a CPU in fp32 (not compiled) oneDNN's packed layout;
-    else LoRA merged into the weights (one product per layer instead of three)."""
+    time) and the rest moved there; else on a CPU in fp32 (not compiled) each linear layer in the
+    layout that multiplies faster at `rows` rows (pack_for_cpu); else LoRA merged into the weights
+    (one product per layer instead of three)."""
     model.requires_grad_(False)
     lm = model.language_model
     if int8:
@@ -270,7 +341,7 @@ def ready_for_inference(model, int8: bool = False, device=None, compiled: bool =
         if any(p.device != torch.device(device) for p in model.parameters()):
             model.to(device)   # the vision tower, projector and norms, in the compute dtype
     elif can_pack(lm) and not compiled:
-        pack_for_cpu(lm)
+        pack_for_cpu(lm, rows)
     else:
         merge_lora(lm)
     return model

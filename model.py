@@ -69,21 +69,24 @@ class KVCache(nn.Module):
     def update(self, input_pos, k, v):
         """Write k, v (B, nkv, L, hd) at cache slots input_pos: (L,) the same slots for every row,
         or (B, L) each row its own (continuous batching: rows at different lengths)."""
-        if input_pos.dim() == 1:
+        if input_pos.dim() == 1 and self.index is None:
             self.k.index_copy_(2, input_pos, k)
             self.v.index_copy_(2, input_pos, v)
         else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.k[rows, :, input_pos] = k.transpose(1, 2)      # indexed: (B, L, nkv, hd)
-            self.v[rows, :, input_pos] = v.transpose(1, 2)
+            rows = self.index if self.index is not None else torch.arange(k.shape[0], device=k.device)
+            slots = input_pos if input_pos.dim() == 2 else input_pos[None]
+            self.k[rows[:, None], :, slots] = k.transpose(1, 2)      # indexed: (B, L, nkv, hd)
+            self.v[rows[:, None], :, slots] = v.transpose(1, 2)
         return self.k, self.v
 
-    def rows(self, start, end):
-        """A cache over rows start..end-1 of this one: a view (what is written there is here)."""
+    index = None   # a view's rows of the cache it writes into
+
+    def rows(self, index):
+        """A cache whose row i is row index[i] of this one (a prefill of the videos that arrived
+        together, into their slots): what is written there is written here."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
-        view.register_buffer("k", self.k[start:end], persistent=False)
-        view.register_buffer("v", self.v[start:end], persistent=False)
+        view.k, view.v, view.index = self.k, self.v, index
         return view
 
 

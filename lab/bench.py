@@ -22,7 +22,7 @@ import torch
 
 from config import PRESETS, Config
 from generate import can_pack, pack_for_cpu, prefill
-from lab import bench_caption, measure
+from lab import bench_caption, bench_pipeline, measure
 from lab.measure import PeakRSS, embeddings, format_row, our_decoder, row, value
 from lab.synthetic import clip
 from lora import add_lora
@@ -41,7 +41,7 @@ SIZES = {
     "7b": PRESETS["pllava-7b"], "13b": PRESETS["pllava-13b"],
 }
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
-            "steps", "shots", "end2end", "rehearsal")   # from engine on: bench_caption.py
+            "steps", "shots", "end2end", "rehearsal", "pipeline")   # from engine on: bench_caption.py, pipeline
 # seconds each section took at --size small --all --compile on this project's 2-core CPU, alone
 # (results/bench-cpu-small-2026-12-02.json): printed as the expected time at start
 CPU_SMALL_S = {"vision": 47, "prefill": 37, "decode": 133, "roofline": 1, "sampler": 65, "train": 138, "load": 73,
@@ -89,8 +89,7 @@ def reference_models(config, device, dtype, weights=None):
         clip.load_state_dict(weights.vision_tower.vision_model.state_dict(), assign=True)
         lm.load_state_dict(weights.language_model.state_dict(), assign=True)
         # the buffers transformers derives, made again on the device
-        embeddings = clip.embeddings
-        embeddings.position_ids = torch.arange(embeddings.num_positions, device=device)[None]
+        clip.embeddings.position_ids = torch.arange(clip.embeddings.num_positions, device=device)[None]
         with torch.device(device):
             lm.model.rotary_emb = type(lm.model.rotary_emb)(lm.config)
         left = [name for module in (clip, lm) for name, t in module.state_dict(keep_vars=True).items() if t.is_meta]
@@ -100,7 +99,6 @@ def reference_models(config, device, dtype, weights=None):
 
 
 # ------------------------------------------------------------------------------------------ sections
-
 
 @torch.no_grad()
 def bench_vision(ctx):
@@ -169,7 +167,10 @@ def bench_decode(ctx):
             ctx["decode"][name, batch] = result
             rows.append(row(f"decode ({name}), batch {batch}, {n} steps after {ctx['context']} tokens", "tokens/s",
                             result, batch * n))
-    return rows
+    chosen = getattr(ctx["paths"].get("packed", [None])[0], "packed", {})   # pack_for_cpu's measured choice
+    return rows + [value(f"packed path: {sorted(s for s, p in chosen.items() if p)} packed, "
+                         f"{sorted(s for s, p in chosen.items() if not p)} plain (at 8 rows)", "shapes",
+                         sum(chosen.values()))] if chosen else rows
 
 
 def bench_roofline(ctx):
@@ -351,8 +352,7 @@ def bench(args):
     if said := expected(args, sections):
         print(said, file=sys.stderr)
     if args.size == "tiny":
-        print("size tiny: a check that every section runs; its timings are mostly too small to time (rows say "
-              "so), use --size small for numbers", file=sys.stderr)
+        print("size tiny: a check that every section runs; use --size small for numbers", file=sys.stderr)
     gpu = args.device.startswith("cuda")
     model = PLLaVA.from_config(Config.from_dict(SIZES[args.size]), dtype=dtype, device=args.device).eval()
     ctx = dict(args=args, model=model, dtype=dtype, new_tokens=args.new_tokens or (200 if gpu else 32),
@@ -374,7 +374,8 @@ def bench(args):
         if name in sections:
             t = time.monotonic()
             try:
-                got = (globals().get(f"bench_{name}") or getattr(bench_caption, f"bench_{name}"))(ctx)
+                got = (globals().get(f"bench_{name}") or getattr(bench_caption, f"bench_{name}", None)
+                       or getattr(bench_pipeline, f"bench_{name}"))(ctx)
             except Exception as e:   # one section's failure (out of memory on a card, say) ends that section only
                 got = [value(f"{name}: failed ({type(e).__name__}: {str(e)[:200]})", "-", None)]
                 if gpu:

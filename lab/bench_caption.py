@@ -17,7 +17,9 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+import engine as engine_module
 from engine import Engine, Item
 from generate import Sampling, generate, pack_for_cpu, prefill
 from lab import measure
@@ -92,17 +94,35 @@ def bench_engine(ctx):
         stats.update(eng.stats)
         return total - eng.stats["prefill_s"]
 
+    shares = {}
+
+    def prefilled(tokens):   # the engine's whole run with at most `tokens` prompt tokens a prefill pass
+        def run():
+            engine_module.PREFILL_TOKENS, before = tokens, engine_module.PREFILL_TOKENS
+            try:
+                total = continuous() + stats["prefill_s"]
+            finally:
+                engine_module.PREFILL_TOKENS = before
+            shares.setdefault(tokens, []).append(stats["prefill_s"] / total)
+            return total
+        return run
+
     with torch.no_grad():
         static(SLOTS // 2), continuous(SLOTS // 2)   # warm-up: a short run of each
         whole = {"static": [], "continuous": []}
         result = measure.compare(continuous, static, a.device, repeats=3, warmup=0)
-    ends = {"ours": measure.spread(whole["continuous"]), "reference": measure.spread(whole["static"]),
-            "pair_ratios": [s / c for s, c in zip(whole["static"], whole["continuous"])]}
+        ends = {"ours": measure.spread(whole["continuous"]), "reference": measure.spread(whole["static"]),
+                "pair_ratios": [s / c for s, c in zip(whole["static"], whole["continuous"])]}
+        batched = measure.compare(prefilled(engine_module.PREFILL_TOKENS), prefilled(1), a.device, repeats=3,
+                                  warmup=0)
     name = f"continuous (ours) vs static batching, {SLOTS} slots, {VIDEOS} videos of 30-256 tokens"
     return [row(f"{name}: decode phase", "tokens/s", result, sum(lengths)),
             row(f"{name}: end to end", "videos/s", ends, VIDEOS),
             value("continuous batching: share of decode row-steps spent on finished rows", "%",
                   100 * stats["finished_row_steps"] / max(stats["row_steps"], 1)),
+            row("continuous: arrivals prefilled together (ours) vs one a pass, whole run", "videos/s", batched, VIDEOS),
+            *[value(f"continuous: prefill share of the time, {what}", "%", 100 * min(shares[k]))
+              for what, k in (("one video a pass", 1), ("arrivals together", engine_module.PREFILL_TOKENS))],
             *[value(f"continuous vs static: decode steps of the schedules for {n} such videos (computed, not timed)",
                     "x", schedule_ratio(n)) for n in (VIDEOS, 128)]]
 
@@ -146,6 +166,23 @@ def bench_int8(ctx):
     rows.append(value("caption.py peak RSS, --quantize int8 / none", "x", rss["int8"] / rss["none"])
                 | {"detail": {"int8_mb": rss["int8"], "none_mb": rss["none"]}})
     return rows
+
+
+def widening_fused(layer, rows, dtype, device, mode=None) -> bool:
+    """Whether inductor fuses the widening of an int8 weight into its matmul, in the form a GPU runs
+    (quant.Int8Linear: F.linear(x, w.to(dtype)) * scales) at `rows` rows: true when the generated code
+    writes no buffer of the weight's shape (a widened copy, read again by the matmul: more bytes than
+    bf16)."""
+    import re
+    from torch._inductor.utils import run_and_get_code
+
+    def widened(x, w, s):
+        return F.linear(x, w.to(x.dtype)) * s.to(x.dtype)
+    mode = mode or ("max-autotune" if str(device).startswith("cuda") else "max-autotune-no-cudagraphs")
+    x = torch.randn(rows, layer.weight.shape[1], dtype=dtype, device=device)
+    _, code = run_and_get_code(torch.compile(widened, mode=mode, dynamic=False), x, layer.weight, layer.scales)
+    out, inp = layer.weight.shape
+    return not re.search(rf"empty_strided_\w+\(\({out}, {inp}\)", "\n".join(code))
 
 
 def int8_copy(lm):
@@ -227,8 +264,10 @@ def bench_end2end(ctx):
         raise RuntimeError(f"caption.py failed: {r.stderr[-2000:]}")
     stats = json.loads(r.stdout.splitlines()[-1])
     n = stats["captions"] + stats["errors"]
+    e = stats["engine"]
     return [value(f"caption.py end to end, {n} videos", "videos/s", n / stats["seconds"]),
-            value("caption.py: time waiting for video decoding", "%", 100 * stats["wait"] / stats["seconds"])]
+            value("caption.py: decode steps that waited for frames", "%", 100 * e["waited_steps"] / max(e["steps"], 1)),
+            value("caption.py: time the engine stood idle waiting for frames", "%", 100 * e["wait_s"] / stats["seconds"])]
 
 
 def count_ops(fn):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from generate import compiled_decode, decode_one_token, prefill
+from generate import compiled_decode, cpu_model, decode_one_token, prefill
 from plumbing.jsonl import replace_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
@@ -102,14 +102,6 @@ def our_decoder(lm, x, n, mode, device):
         state["logits"] = step_fn(lm, state["logits"].argmax(-1), positions[:, s:s + 1], mask, slots[s:s + 1],
                                   None if mode else s + 1)
     return decode_steps(first, step, n, device)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list:

@@ -1,7 +1,7 @@
 """Model folders from the Hugging Face hub over plain HTTP: `ermu2001/pllava-7b` -> a local folder.
 
 Files come from $HF_ENDPOINT (default https://huggingface.co) at /{repo}/resolve/{revision}/{file}, with
-$HF_TOKEN when set, into a cache folder ($PLLAVA_CACHE, default ~/.cache/pllava). Nothing is taken on faith:
+$HF_TOKEN when set, into a cache folder (jsonl.cache_dir: $PLLAVA_CACHE, default ~/.cache/pllava). Nothing is taken on faith:
 - a file name from the hub's index that would land outside the folder (`..`, an absolute path) is refused;
 - a download goes to `file.partial` and is resumed with Range + If-Range, so a file that changed on the
   server in between comes again from the start (so does one whose ETag or checksum changed): never a
@@ -23,7 +23,7 @@ import time
 
 import requests
 
-from plumbing.jsonl import hold
+from plumbing.jsonl import cache_dir, hold
 from tokenizer import read_json
 from weights import ModelFolderError, safe_name
 
@@ -51,7 +51,7 @@ def resolve(name: str, revision: str = "main", cache: str = None) -> str:
         raise HubError(f"{name}: no such model folder")
     if not is_hub_id(name) or not re.fullmatch(r"[\w.-]+", revision) or ".." in revision:
         raise HubError(f"{name}: neither a model folder nor a hub id like ermu2001/pllava-7b")
-    cache = cache or os.environ.get("PLLAVA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pllava")
+    cache = cache or cache_dir()
     folder = os.path.join(cache, name.replace("/", "--"), revision)
     complete = os.path.join(folder, ".complete")
     if os.path.exists(complete):

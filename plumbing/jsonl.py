@@ -120,6 +120,13 @@ def _unlock(path: str, fd: int):
     os.close(fd)
 
 
+def cache_dir() -> str:
+    """The folder for what is kept between runs (downloads, file hashes, measured choices):
+    $PLLAVA_CACHE, else $XDG_CACHE_HOME/pllava, else ~/.cache/pllava."""
+    return os.environ.get("PLLAVA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pllava")
+
+
 def replace_atomic(path: str, write):
     """write(f) into a new temporary file beside `path` (a name of its own, created exclusively: nothing
     planted there is followed or overwritten), fsynced, then renamed over `path`: a kill leaves the old

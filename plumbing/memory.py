@@ -9,6 +9,8 @@ import os
 import torch
 
 CONTEXT_GB = 1.5   # the CUDA context and what the allocator holds back
+COMPILED_GB = 2.0  # compiled: max-autotune's trial buffers and the CUDA graphs' memory pool, a margin
+MAX_SLOTS = 32     # the most slots caption.py starts with on its own (--batch-size: any)
 
 
 def _total(**parts):
@@ -33,10 +35,12 @@ def captioning(config, slots: int, new_tokens: int, dtype_bytes: int, int8: bool
                compiled: bool = False) -> dict:
     """GB the captioning engine (engine.py) needs on the device: the weights (int8: the LLM's linear
     layers and embedding, with a scale per row); the KV cache, every slot at its longest (compiled: in
-    steps of 256 slots); and the activations: those of one video's prefill, the larger of its vision tower
-    and projector (every frame's patches: the tower's hidden states and the projector's three outputs) and
-    of its LLM prefill (hidden states and the MLP's three intermediates), plus the frames of every slot's
-    video, kept until it ends. Held within 10% of a rehearsal on fake tensors (tests/test_rehearse.py)."""
+    steps of 256 slots); and the activations: those of one prefill pass (engine.prefill_videos videos),
+    the larger of its vision tower and projector (every frame's patches: the tower's hidden states and
+    the projector's three outputs) and of its LLM prefill (hidden states and the MLP's three
+    intermediates), plus the frames of every slot's video, kept until it ends. Held within 10% of a
+    rehearsal on fake tensors (tests/test_rehearse.py)."""
+    from engine import prefill_videos
     t, v = config.text_config, config.vision_config
     llm = _llm_linear(t) + t.vocab_size * t.hidden_size
     weights = llm * (1 if int8 else dtype_bytes) + _vision(config) * dtype_bytes
@@ -52,17 +56,31 @@ def captioning(config, slots: int, new_tokens: int, dtype_bytes: int, int8: bool
     vision = patches * (3 * t.hidden_size + 3 * v.hidden_size) * dtype_bytes
     prefill = prompt * (2 * t.hidden_size + 3 * t.intermediate_size) * dtype_bytes
     frames = config.num_frames * 3 * v.image_size ** 2 * dtype_bytes
-    return _total(weights=weights, kv_cache=kv, activations=max(vision, prefill) + slots * frames)
+    a_pass = min(slots, prefill_videos(prompt))
+    return _total(weights=weights, kv_cache=kv, activations=max(vision, prefill) * a_pass + slots * frames)
 
 
-def slots_that_fit(config, free_gb: float, new_tokens: int, dtype_bytes: int, prompt_tokens: int = 100) -> int:
-    """How many slots `free_gb` of device memory holds once the weights are loaded: the KV cache and frames
-    of each, beside one video's prefill and a margin of 5%."""
-    one = captioning(config, 1, new_tokens, dtype_bytes, prompt_tokens=prompt_tokens)
-    two = captioning(config, 2, new_tokens, dtype_bytes, prompt_tokens=prompt_tokens)
-    per_slot = two["total"] - one["total"]                                  # its KV cache and its frames
-    prefill = 2 * one["activations"] - two["activations"]                  # one video's, whatever the slots
-    return int((0.95 * free_gb - prefill) // per_slot)
+def slots_that_fit(config, free_gb: float, new_tokens: int, dtype_bytes: int, prompt_tokens: int = 100,
+                   compiled: bool = False) -> int:
+    """How many slots `free_gb` of device memory holds once the weights are loaded: the KV cache (compiled:
+    rounded up as the engine rounds it) and frames of each, beside one prefill pass, a margin of 5% and,
+    compiled, COMPILED_GB."""
+    def need(slots):
+        n = captioning(config, slots, new_tokens, dtype_bytes, prompt_tokens=prompt_tokens, compiled=compiled)
+        return n["kv_cache"] + n["activations"]
+    usable = 0.95 * free_gb - (COMPILED_GB if compiled else 0)
+    slots = 0
+    while slots < 4096 and need(slots + 1) <= usable:
+        slots += 1
+    return slots
+
+
+def default_slots(config, card: float, new_tokens: int, dtype_bytes: int, int8: bool = False,
+                  compiled: bool = False) -> int:
+    """The slots a card of `card` GB holds beside the weights and the context, at most MAX_SLOTS."""
+    weights = captioning(config, 1, new_tokens, dtype_bytes, int8)["weights"]
+    fit = slots_that_fit(config, card - weights - CONTEXT_GB, new_tokens, dtype_bytes, compiled=compiled)
+    return max(1, min(fit, MAX_SLOTS))
 
 
 def _kv_per_token(t, dtype_bytes):

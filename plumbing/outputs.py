@@ -12,7 +12,7 @@ import json
 import os
 import re
 
-from plumbing.jsonl import Appender, Busy, hold, iter_rows, replace_atomic
+from plumbing.jsonl import Appender, Busy, cache_dir, hold, iter_rows, replace_atomic
 from plumbing.sources import NameCollision, collision
 from plumbing.workers import tries_of
 
@@ -32,13 +32,12 @@ def weights_id(folder: str) -> str:
 
 
 def file_hash(path: str) -> str:
-    """The sha256 of a file's content, remembered in ~/.cache/pllava/file-hashes.json under its real
+    """The sha256 of a file's content, remembered in file-hashes.json in the cache folder (jsonl.cache_dir) under its real
     path with its size, mtime, ctime and inode (a write changes the ctime, which nobody can set)."""
     st = os.stat(path)
     stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     real = os.path.realpath(path)
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pllava",
-                         "file-hashes.json")
+    cache = os.path.join(cache_dir(), "file-hashes.json")
     known = _remembered(cache)
     if isinstance(known.get(real), dict) and known[real].get("stamp") == stamp:
         return known[real]["sha256"]

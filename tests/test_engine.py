@@ -253,3 +253,99 @@ def test_the_loop_guard_ends_a_row_that_repeats_itself_and_leaves_the_others_alo
     guarded = dict(Engine(stuck, 3, Sampling(max_new_tokens=64, stop_ids=(), stop_loops=True)).run(items))
     assert all(t == [0] * 64 for t in free.values())
     assert all(8 <= len(t) < 64 and t == [0] * len(t) and looping(t) == 1 for t in guarded.values())
+
+
+def counting_compiles(monkeypatch, lm):
+    """torch.compile with a backend that counts the graphs dynamo makes and runs them as they are."""
+    from torch._dynamo.testing import CompileCounter
+    counter, real = CompileCounter(), torch.compile
+    torch._dynamo.reset()
+    lm.__dict__.pop("compiled_decode", None)
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, dynamic=None: real(fn, backend=counter,
+                                                                                   dynamic=dynamic))
+    return counter
+
+
+def test_compiled_steps_make_one_graph_per_slot_count_whatever_the_ooms_and_prompt_lengths(tiny, monkeypatch):
+    """Compiled, every (slots, cache length) is a graph compiled for minutes at 13B. A run of 24 videos with two
+    prompt lengths and two out-of-memory errors (8 slots -> 4, grown back to 6, -> 3, grown back to 4) makes one
+    graph per slot count it decoded at, each from the fixed set, none for a prompt length or a restart."""
+    model, tok = tiny
+    items = videos(tok, 24, mixed_prompts=True, seed=11)
+    assert len({len(it.ids) for it in items}) >= 2
+    sampling = Sampling(max_new_tokens=6, stop_ids=())
+    want = {it.key: alone(model, it, sampling) for it in items}
+    counter = counting_compiles(monkeypatch, model.language_model)
+    real_prefill, real_mask, calls, widths = engine_module.prefill, engine_module.length_mask, itertools.count(), []
+
+    def prefill(lm, x, positions, mask):
+        if next(calls) in (1, 9):
+            raise torch.OutOfMemoryError("simulated")
+        return real_prefill(lm, x, positions, mask)
+
+    def length_mask(length, slots):   # once a step: the slots it decodes at
+        widths.append(length.shape[0])
+        return real_mask(length, slots)
+    monkeypatch.setattr(engine_module, "prefill", prefill)
+    monkeypatch.setattr(engine_module, "length_mask", length_mask)
+    eng = Engine(model, 8, sampling, compile_mode="default", grow_after=1)
+    got = dict(eng.run(items))
+    model.language_model.__dict__.pop("compiled_decode", None)
+    assert got == want
+    assert eng.stats["slot_counts"][:3] == [8, 4, 6] and len(eng.stats["slot_counts"]) >= 4
+    assert set(widths) <= {8, 6, 4, 3, 2, 1} and len(set(widths)) >= 3
+    assert counter.frame_count == len(set(widths)), (counter.frame_count, eng.stats["slot_counts"])
+
+
+def test_reaching_the_recompile_limit_is_an_error_that_says_so(tiny, monkeypatch):
+    model, tok = tiny
+    items = videos(tok, 6, seed=12)
+    counting_compiles(monkeypatch, model.language_model)
+    real, calls = engine_module.prefill, itertools.count()
+
+    def prefill(lm, x, positions, mask):   # out of memory once decoding at 4 slots has compiled: 2 slots next
+        if next(calls) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(lm, x, positions, mask)
+    monkeypatch.setattr(engine_module, "prefill", prefill)
+    eng = Engine(model, 4, Sampling(max_new_tokens=6, stop_ids=()), compile_mode="default", check_every=4)
+    with torch._dynamo.config.patch(recompile_limit=1), \
+            pytest.raises(engine_module.CompileLimit, match="recompile limit.*without --compile"):
+        dict(eng.run(items[:4] + [Item("late", items[4].ids, items[4].pixels)] + items[5:]))
+    model.language_model.__dict__.pop("compiled_decode", None)
+
+
+def test_the_engine_decodes_while_the_next_videos_frames_are_read_and_counts_the_steps_it_waited(tiny):
+    """The decoders hand over two videos, then the next only once the engine has ended one: an engine that waits
+    for frames while a slot has work never ends one (the old `next(items)` did), this one decodes on, counts
+    the steps a slot stood empty, and still gives each video its own tokens."""
+    import threading
+    model, tok = tiny
+    items = videos(tok, 5, seed=13)
+    sampling = Sampling(max_new_tokens=8, stop_ids=())
+    want = {it.key: alone(model, it, sampling) for it in items}
+    first_ended, timed_out = threading.Event(), []
+
+    def decoders():
+        yield from items[:2]
+        if not first_ended.wait(timeout=60):
+            timed_out.append(True)
+        yield from items[2:]
+    eng = Engine(model, 3, sampling)
+    got = {}
+    for key, tokens in eng.run(decoders()):
+        got[key] = tokens
+        first_ended.set()
+    assert got == want and not timed_out
+    assert 0 < eng.stats["waited_steps"] < eng.stats["steps"]
+
+
+def test_a_failure_in_the_decoders_reaches_the_caller_of_the_engine(tiny):
+    model, tok = tiny
+    items = videos(tok, 3, seed=14)
+
+    def decoders():
+        yield from items[:2]
+        raise RuntimeError("decoder pool broke")
+    with pytest.raises(RuntimeError, match="decoder pool broke"):
+        list(Engine(model, 2, Sampling(max_new_tokens=4, stop_ids=())).run(decoders()))

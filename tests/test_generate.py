@@ -1,6 +1,8 @@
 """generate.py: batched == one at a time, cached == the uncached reference loop, and the sampling knobs."""
 
 import copy
+import json
+import time
 
 import pytest
 import torch
@@ -109,9 +111,11 @@ def test_static_cache_path_and_compiled_step_equal_the_plain_path(tiny, monkeypa
     model.language_model.clear_cache()
 
 
-def test_cpu_packed_weights_equal_the_plain_path(tiny):
-    """caption.py on a CPU multiplies by oneDNN-packed weights, with LoRA merged in at its alpha: the same
-    logits (fp32 tolerance) and the same tokens as the plain layers."""
+def test_cpu_packed_weights_equal_the_plain_path(tiny, monkeypatch):
+    """caption.py on a CPU multiplies by oneDNN-packed weights where they are faster, with LoRA merged in at its
+    alpha: the same logits (fp32 tolerance) and the same tokens as the plain layers."""
+    import generate as g
+    monkeypatch.setattr(g, "packed_is_faster", lambda weight, rows: True)   # every layer packed
     model, tok = tiny
     model = copy.deepcopy(model)
     add_lora(model.language_model, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=3.0, dropout=0.0)
@@ -150,3 +154,40 @@ def test_decode_steps_pass_no_mask_when_no_row_is_padded(tiny, monkeypatch):
     masks.clear()
     generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=5, stop_ids=()))
     assert len(masks) == 4 and all(m is not None for m in masks)
+
+
+def test_each_shape_is_packed_only_where_packing_measured_faster_and_the_choice_is_remembered(tiny, tmp_path,
+                                                                                              monkeypatch):
+    """On an Intel Xeon with AMX the packed lm_head decodes at 0.69x the plain one: pack_for_cpu times both per
+    layer shape and keeps the faster. Here the packed head is made 5 ms slower: it stays plain, the logits are
+    the plain model's, and a second load (another process, same machine) reads the choice instead of timing."""
+    import generate as g
+    monkeypatch.setenv("PLLAVA_CACHE", str(tmp_path))
+    model, tok = tiny
+    vocab = model.language_model.config.vocab_size
+    real, slowed = g.PackedLinear.forward, []
+
+    def forward(self, x):
+        if self.out_features == vocab:
+            slowed.append(1)
+            time.sleep(0.005)
+        return real(self, x)
+    monkeypatch.setattr(g.PackedLinear, "forward", forward)
+    ids = torch.tensor([prompt_ids(tok, QUESTIONS[0])])
+    pixels = torch.randn(1, 4, 3, 28, 28, generator=torch.Generator().manual_seed(6))
+    want = generate(model, ids, pixels, sampling=Sampling(max_new_tokens=8, stop_ids=()))
+    first = copy.deepcopy(model)
+    pack_for_cpu(first.language_model, rows=8)
+    head = first.language_model.lm_head
+    assert slowed and not isinstance(head, PackedLinear) and first.language_model.packed[tuple(head.weight.shape)] is False
+    assert generate(first, ids, pixels, sampling=Sampling(max_new_tokens=8, stop_ids=())) == want
+    remembered = json.load(open(tmp_path / g.CHOICES))
+    assert len(remembered) == len(first.language_model.packed) and all(k.endswith("8 rows") for k in remembered)
+    slowed.clear()
+    second = copy.deepcopy(model)
+    pack_for_cpu(second.language_model, rows=8)
+    assert not slowed and second.language_model.packed == first.language_model.packed
+    (tmp_path / g.CHOICES).write_text("{torn")                              # a torn file: measured again
+    pack_for_cpu(copy.deepcopy(model).language_model, rows=8)
+    again = json.load(open(tmp_path / g.CHOICES))
+    assert slowed and again.keys() == remembered.keys() and [v for k, v in again.items() if str(vocab) in k] == [False]
