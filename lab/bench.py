@@ -22,7 +22,7 @@ import torch
 
 from config import PRESETS, Config
 from generate import can_pack, pack_for_cpu, prefill
-from lab import bench_caption, bench_pipeline, measure
+from lab import bench_caption, measure, pipeline
 from lab.measure import PeakRSS, embeddings, format_row, our_decoder, row, value
 from lab.synthetic import clip
 from lora import add_lora
@@ -41,7 +41,7 @@ SIZES = {
     "7b": PRESETS["pllava-7b"], "13b": PRESETS["pllava-13b"],
 }
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
-            "steps", "shots", "end2end", "rehearsal", "pipeline")   # from engine on: bench_caption.py, pipeline
+            "steps", "shots", "end2end", "rehearsal", "pipeline")   # from engine on: bench_caption.py, pipeline.py
 # seconds each section took at --size small --all --compile on this project's 2-core CPU, alone
 # (results/bench-cpu-small-2026-12-02.json): printed as the expected time at start
 CPU_SMALL_S = {"vision": 47, "prefill": 37, "decode": 133, "roofline": 1, "sampler": 65, "train": 138, "load": 73,
@@ -375,7 +375,7 @@ def bench(args):
             t = time.monotonic()
             try:
                 got = (globals().get(f"bench_{name}") or getattr(bench_caption, f"bench_{name}", None)
-                       or getattr(bench_pipeline, f"bench_{name}"))(ctx)
+                       or getattr(pipeline, f"bench_{name}"))(ctx)
             except Exception as e:   # one section's failure (out of memory on a card, say) ends that section only
                 got = [value(f"{name}: failed ({type(e).__name__}: {str(e)[:200]})", "-", None)]
                 if gpu:

@@ -159,6 +159,10 @@ def bench_int8(ctx):
             fp.clear_cache()
             rows.append(row(f"decode int8 (ours) vs fp32{' packed' if a.device == 'cpu' else ''}, batch {batch}",
                             "tokens/s", result, batch * ctx["new_tokens"]))
+    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+    rows.append(value("int8 in a GPU's form (widen, multiply, scale) compiled here, 8 rows: widening fused (1) "
+                      "or a widened copy written (0)", "-", int(widening_fused(q8.model.layers[0].mlp.up_proj, 8,
+                                                                               dtype, a.device))))
     del q8, fp
     if a.device.startswith("cuda"):   # what the children load must find the card as free as it can be
         torch.cuda.empty_cache()

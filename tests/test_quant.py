@@ -2,6 +2,7 @@
 its plain reference, LoRA is merged first; and the inference-time recipe flags and the memory plan."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -107,3 +108,16 @@ def test_a_dry_run_needs_no_source_and_plans_for_the_machine_it_runs_on(ckpt):
     assert gpu.returncode == 0 and "bfloat16" in gpu.stdout and "card 80 GB" in gpu.stdout
     none = run_main("caption.py", ["--model", ckpt])
     assert none.returncode == 2 and "the videos to caption" in none.stderr
+
+
+def test_the_fused_widening_check_tells_a_widened_copy_from_a_kernel_that_reads_int8():
+    """int8 on a GPU is faster than bf16 only if inductor fuses the widening into the matmul; gpu_check and the
+    bench read that from the generated code. The check itself: the GPU's form compiled on this CPU writes a
+    widened copy of the weight (inductor's CPU backend does not fuse it), and a layer whose weight already is
+    in the compute dtype has no such copy to find."""
+    from lab.bench_caption import widening_fused
+    from quant import Int8Linear
+    layer = Int8Linear(torch.randn(96, 64))
+    assert widening_fused(layer, 8, torch.float32, "cpu", mode="default") is False
+    plain = types.SimpleNamespace(weight=torch.randn(96, 64), scales=torch.ones(96))   # .to(fp32) is no copy
+    assert widening_fused(plain, 8, torch.float32, "cpu", mode="default") is True

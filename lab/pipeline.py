@@ -21,9 +21,8 @@ from lab import measure
 from lab.measure import value
 from lab.synthetic import clip
 
-CLIPS = 6
 FORMATS = {"640x360": (640, 360, 250), "1080p": (1920, 1080, 125)}   # width, height, frames (25 fps)
-MODELS = {"frames-bound": "tiny", "model-bound": "small"}
+MODELS = {"frames-bound": ("tiny", 24), "model-bound": ("small", 6)}   # lab/bench.py's size, clips
 
 
 def checkpoint(cache, size):
@@ -76,11 +75,11 @@ def bench_pipeline(ctx):
     from plumbing.sources import find_videos
     a, rows = ctx["args"], []
     for fmt, (w, h, n) in FORMATS.items():
-        folder = os.path.join(a.cache, "pipeline", fmt)
-        os.makedirs(folder, exist_ok=True)
-        for k in range(CLIPS):
-            clip(os.path.join(folder, f"clip_{k:02d}.mp4"), w, h, n, k, preset="ultrafast")
-        for regime, size in MODELS.items():
+        for regime, (size, clips) in MODELS.items():
+            folder = os.path.join(a.cache, "pipeline", f"{fmt}-{clips}")
+            os.makedirs(folder, exist_ok=True)
+            for k in range(clips):
+                clip(os.path.join(folder, f"clip_{k:02d}.mp4"), w, h, n, k, preset="ultrafast")
             ckpt = checkpoint(a.cache, size)
             argv = [folder, "--model", ckpt, "--out", os.path.join(a.cache, "pipeline", "c.jsonl"), "--overwrite",
                     "--max-new-tokens", str(ctx["new_tokens"]), "--device", a.device]
@@ -91,7 +90,7 @@ def bench_pipeline(ctx):
             frames, items = frames_alone(args, find_videos(folder), captioner)
             model = model_alone(captioner, items)
             both, waited = end_to_end(argv)
-            name = f"pipeline, {CLIPS} {fmt} clips, {regime} ({size})"
+            name = f"pipeline, {clips} {fmt} clips, {regime} ({size})"
             rows += [value(f"{name}: frames alone", "videos/s", frames),
                      value(f"{name}: model alone", "videos/s", model),
                      value(f"{name}: end to end", "videos/s", both),
