@@ -77,7 +77,8 @@ def run(cmd, log, nproc=1, watch=None):
     start = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": str(threads(nproc))})
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads(nproc)), "OMP_WAIT_POLICY":
+                                     os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
         shown, first = start, None
         while proc.poll() is None:
             time.sleep(0.5)
@@ -96,6 +97,8 @@ def run(cmd, log, nproc=1, watch=None):
     return time.monotonic() - start
 
 
+# Waiting threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE: the same threads, the same numbers):
+# with the cores shared, spinning threads took a step from 24 ms to 135 ms (docs/toy.md, "A busy machine").
 THREADS = 2   # --threads: the same on every machine, for the count changes the sums' order, so the scores
 
 
@@ -107,7 +110,7 @@ def threads(nproc=1):
 def train(out, data, model, steps, batch, lr, log, seed, extra=(), nproc=1):
     args = [os.path.join(HERE, "train.py"), "--data", data, "--out", out + "_run", "--export", out,
             "--max-steps", str(steps), "--batch-size", str(batch // nproc), "--lr", str(lr),
-            "--warmup-steps", str(steps // 20), "--workers", "1", "--log-every", "25", "--seed", str(seed),
+            "--warmup-steps", str(steps // 20), "--workers", "1", "--log-every", "5", "--seed", str(seed),
             "--system", SYSTEM, "--max-text-tokens", "64", *model, *extra]
     metrics = os.path.join(out + "_run", "metrics.jsonl")
     return run(args, log, nproc, lambda: (max([r.get("step", 0) for r in read_rows(metrics)], default=0), steps))
@@ -167,6 +170,11 @@ def main(argv=None):
     def say(text):
         print(f"[{time.monotonic() - start:6.1f} s] {text}", file=sys.stderr, flush=True)
 
+    cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+    if load > cores / 2:   # what the others hold: the stages' time stretches, their numbers do not change
+        say(f"note: the machine is busy (load {load:.1f} on {cores} cores): expect the stages to take about "
+            f"{1 + load / cores:.1f}x their time alone; they keep their {THREADS} threads (another count trains "
+            f"another model), which wait without spinning")
     files = make_world(world, n_train, n_test, n_stills, n_test_stills, args.seed)
     tok = os.path.join(world, "tokenizer")
     prompts = [SYSTEM, VIDEO_Q, IMAGE_Q, "USER: ASSISTANT:"] * 300   # frequent enough to become whole pieces

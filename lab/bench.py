@@ -42,10 +42,11 @@ SIZES = {
 }
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
             "steps", "shots", "end2end", "rehearsal", "pipeline")   # from engine on: bench_caption.py, pipeline.py
-# seconds each section took at --size small --all --compile on this project's 2-core CPU, alone
-# (results/bench-cpu-small-2026-12-02.json): printed as the expected time at start
+# seconds each took at --size small --all --compile on this 2-core CPU, alone (bench-cpu-small-2026-12-02.json;
+# engine, pipeline 2026-12-07): the expected time said at start
 CPU_SMALL_S = {"vision": 47, "prefill": 37, "decode": 133, "roofline": 1, "sampler": 65, "train": 138, "load": 73,
-               "engine": 276, "int8": 406, "recipe": 35, "steps": 40, "shots": 20, "end2end": 67, "rehearsal": 18}
+               "engine": 674, "int8": 406, "recipe": 35, "steps": 40, "shots": 20, "end2end": 67, "rehearsal": 18,
+               "pipeline": 498}
 DEFAULT = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "recipe", "steps", "shots",
            "rehearsal")   # without --only or --all: about 10 minutes there; --all adds engine, int8, end2end
 
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)} (default: "
                                   f"{','.join(DEFAULT)}; --all: every one)")
-    p.add_argument("--all", action="store_true", help="every section (about 23 minutes at --size small on 2 cores)")
+    p.add_argument("--all", action="store_true", help="every section (about 38 minutes at --size small on 2 cores)")
     p.add_argument("--repeats", type=cli.positive_int, default=5, help="timed turns of each side, after one warm-up")
     p.add_argument("--new-tokens", type=cli.positive_int, help="decode steps timed (default 200 on GPU, 32 on CPU)")
     p.add_argument("--decode-context", type=cli.positive_int, help="prompt length for the decode test (default: "
@@ -381,9 +382,8 @@ def bench(args):
                 if gpu:
                     torch.cuda.empty_cache()
             seconds[name] = round(time.monotonic() - t, 1)
-            for r in got:
-                rows.append(r)
-                print(format_row(r), flush=True)
+            rows += got
+            print("\n".join(map(format_row, got)), flush=True)
             print(f"[{name}: {seconds[name]:.0f} s]", file=sys.stderr, flush=True)
             if args.json:   # written after each section: a section that fails later loses nothing
                 measure.save(args.json, {"machine": {**env, "load_after": os.getloadavg()}, "size": args.size,

@@ -87,3 +87,40 @@ def test_a_model_is_named_one_way_everywhere(model, tmp_path):
     assert r.returncode == 1 and "does not fit" in r.stderr and "--quantize int8" not in r.stderr, r.stderr
     r = run_tool("train.py", ["--model", model, "--dry-run", "--gpus", "8", "--batch-size", "2"])
     assert r.returncode == 0 and "on 8 GPU(s)" in r.stdout, r.stderr
+
+
+def test_the_stand_in_teacher_starts_with_one_command_and_labels_what_the_frames_show(tmp_path):
+    """`python -m lab.standin_teacher` as the quickstart starts it; label.py against it, frames sent as images
+    and as Qwen's video part: a red square moving right, then down, on a dark background is labelled so."""
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from lab.synthetic import write_video
+
+    def frames(colour, n=48):
+        for i in range(n):
+            img = np.full((96, 128, 3), 20, np.uint8)
+            x, y = (10 + 4 * i, 10) if i < n // 2 else (10 + 4 * (n // 2), 10 + 2 * (i - n // 2))
+            img[y:y + 16, x:x + 16] = colour
+            yield img
+    (tmp_path / "vids").mkdir()
+    write_video(str(tmp_path / "vids" / "red.mp4"), frames((220, 40, 40)))
+    write_video(str(tmp_path / "vids" / "blue.mp4"), frames((40, 80, 220)))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "lab.standin_teacher", "--port", str(port)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert "stand-in teacher" in server.stdout.readline()
+        for form in ("images", "video"):
+            out = tmp_path / f"labels-{form}.jsonl"
+            r = run_tool("label.py", [tmp_path / "vids", "--api-base", f"http://127.0.0.1:{port}/v1", "--model", "any",
+                                      "--frames-as", form, "--out", out], env={"DASHSCOPE_API_KEY": "EMPTY"})
+            assert r.returncode == 0, r.stderr[-2000:]
+            labels = {os.path.basename(row["video"]): row["caption"] for row in read_rows(str(out))}
+            assert labels == {"red.mp4": "A red shape at the top left moves right then down on a dark background.",
+                              "blue.mp4": "A blue shape at the top left moves right then down on a dark background."}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
