@@ -78,10 +78,26 @@ def _serve():
         return
 
 
+def _at_fork():
+    """In the new worker, before Python starts in it (Popen's preexec_fn): SIGKILL when its parent ends,
+    so that a worker stopped or stuck while it starts dies with a killed client too. Only the prctl call,
+    found before the fork: nothing that could wait on a lock another thread held at the fork."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+try:
+    import ctypes
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):   # not Linux
+    _PRCTL = None
+
+
 def _die_with_parent():
     """SIGKILL for this worker when the process that started it ends, however it ends (Linux): a worker
     stopped (SIGSTOP) or stuck in a decoder never reads the end of its pipe, and would outlive a client
-    that was killed."""
+    that was killed. Set at the fork already (_at_fork); said again here, where the parent's death
+    before it can be seen."""
     parent = os.getppid()
     try:
         import ctypes
@@ -128,7 +144,7 @@ class _Worker:
         env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
         boot = f"import sys; sys.path[:0] = {_import_path(fn)!r}; from plumbing import workers; workers._serve()"
         self.proc = subprocess.Popen([sys.executable, "-I", "-c", boot], env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0)
+                                     stdout=subprocess.PIPE, bufsize=0, preexec_fn=_at_fork)
         _send(self.proc.stdin, (fn, limit, threads))
         self.item, self.deadline = None, None
 
