@@ -43,7 +43,7 @@ def frames_alone(args, videos, captioner):
     """Videos/s of the decode workers as caption.py starts them, and the frames they gave (normalized)."""
     import caption
     from plumbing.workers import imap_unordered
-    t, items = time.perf_counter(), []
+    t = time.perf_counter()
     stream = imap_unordered(captioner.frame_reader(), [(v, None, None) for v in videos],
                             workers=caption.decode_workers(args), timeout=300, buffer=2 * captioner.engine.slots,
                             threads=caption.decoder_threads(args))
