@@ -152,7 +152,9 @@ def test_rate_cap_and_concurrency(tmp_path):
     finally:
         api.close()
     assert r.returncode == 0 and r2.returncode == 0
-    assert len(times) == 12 and times[-1] - times[0] >= 11 * 0.25 - 0.1
+    # 11 gaps of 0.25 s between the starts; the server sees arrivals, and the first one (a new connection on
+    # a loaded machine) may come late by up to a gap or two (uncapped, all 12 arrive within about 0.1 s)
+    assert len(times) == 12 and times[-1] - times[0] >= 9 * 0.25
     for t in times:    # any 1 s window: 4 by the cap, +2 for arrival jitter on a loaded machine (uncapped: all 12)
         assert sum(1 for u in times if t <= u < t + 1.0) <= 6
     assert api.max_inflight == 4
