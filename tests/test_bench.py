@@ -91,6 +91,7 @@ def test_turns_alternate_and_the_spread_is_reported(clock):
     assert r["ratio"] < 1 and r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]   # ours is the slower
 
 
+@pytest.mark.slow
 def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path):
     """The tool as a user starts it, on the tiny size, with the sections that take seconds there (the
     model's steps against transformers, the sampler, the recipe, the decode step's counts, shots): sane

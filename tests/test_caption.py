@@ -43,6 +43,7 @@ def rows_by_video(path):
     return {r["video"]: r for r in rows}, counts
 
 
+@pytest.mark.slow
 def test_folder_with_good_and_broken_videos(ckpt, tmp_path):
     good, broken = make_folder(str(tmp_path / "videos"))
     out = str(tmp_path / "captions.jsonl")
@@ -66,6 +67,7 @@ def test_folder_with_good_and_broken_videos(ckpt, tmp_path):
     assert counts2 == counts and all(rows2[v]["caption"] == rows[v]["caption"] for v in good)
 
 
+@pytest.mark.slow
 def test_killed_mid_run_then_rerun_gives_every_video_once(ckpt, tmp_path):
     videos = [write_video(str(tmp_path / f"v{i:02d}.mp4"), n_frames=12) for i in range(14)]
     out = str(tmp_path / "c.jsonl")
@@ -88,6 +90,7 @@ def test_killed_mid_run_then_rerun_gives_every_video_once(ckpt, tmp_path):
     assert all(json.loads(line) for line in open(out))                # no torn line left behind
 
 
+@pytest.mark.slow
 def test_retry_errors_leaves_one_row_and_spellings_and_a_second_run_are_refused(ckpt, tmp_path):
     folder = tmp_path / "vids"
     folder.mkdir()
@@ -114,6 +117,7 @@ def test_retry_errors_leaves_one_row_and_spellings_and_a_second_run_are_refused(
     assert busy.returncode == 1 and "being written by another run (pid 4242)" in busy.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_share_the_work_and_merge(ckpt, tmp_path):
     good, broken = make_folder(str(tmp_path / "videos"), good=6)
     out = str(tmp_path / "merged.jsonl")
@@ -222,6 +226,7 @@ def test_offline_and_missing_model_errors(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_a_rerun_with_other_settings_refuses_the_file_and_overwrite_redoes_it(ckpt, tmp_path):
     """Every caption carries the id of what made it: another prompt, frame count, alpha, model or --shots
     on the same --out refuses at start (the file untouched); --overwrite captions again."""
@@ -242,6 +247,7 @@ def test_a_rerun_with_other_settings_refuses_the_file_and_overwrite_redoes_it(ck
         json.loads(before)["settings"]
 
 
+@pytest.mark.slow
 def test_a_model_folder_carries_its_prompt(ckpt, tmp_path):
     """prompt.json (train.py --export writes it) is the default question, system line and template; a flag
     still wins; a broken one is one line at start."""
@@ -262,6 +268,7 @@ def test_a_model_folder_carries_its_prompt(ckpt, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "prompt.json" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_folder_with_no_videos_or_only_broken_ones_exits_1_in_one_line(ckpt, tmp_path):
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "notes.txt").write_text("not a video")

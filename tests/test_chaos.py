@@ -73,6 +73,7 @@ def moderated(item):
     return int(item[:8], 16) % 11 == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [7])
 def test_label_chaos_kill_and_rerun(tmp_path, seed):
     folder = tmp_path / "videos"

@@ -119,6 +119,7 @@ def teacher(body, item):
     return json.dumps({"supported": ["square" in s for s in said]})
 
 
+@pytest.mark.slow
 def test_label_verify_keeps_the_sentences_the_frames_support(tmp_path):
     from plumbing.jsonl import read_rows
 
@@ -176,6 +177,7 @@ def test_at_most_max_events_and_unparsed_verdicts_are_counted_apart(tmp_path):
     assert s["n"] == 1 and s["unparsed"] == 2 and s["f1"] == pytest.approx(100 * want["f1"])   # v2's verdicts, v3's events
 
 
+@pytest.mark.slow
 def test_label_verify_shards_survive_faults_and_use_the_labels_frames(tmp_path):
     """Two shards cover every label once; a 500 and a dropped body are asked again; labels made from 8
     frames are not checked against 4."""

@@ -94,6 +94,7 @@ def run_label(args, wait=True):
     return run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY}, wait=wait)
 
 
+@pytest.mark.slow
 def test_a_file_name_that_is_not_utf8(tmp_path):
     folder = tmp_path / "v"
     paths, colours = label_folder(str(folder), 2)
@@ -113,6 +114,7 @@ def test_a_file_name_that_is_not_utf8(tmp_path):
     open(out, encoding="utf-8").read()                                          # the file itself is valid UTF-8
 
 
+@pytest.mark.slow
 def test_one_video_spelled_three_ways_is_one_row_and_retry_errors_leaves_one_row(tmp_path):
     folder = tmp_path / "vids"
     paths, colours = label_folder(str(folder), 3)
@@ -134,6 +136,7 @@ def test_one_video_spelled_three_ways_is_one_row_and_retry_errors_leaves_one_row
     assert all("caption" in r for r in rows)                     # the moderated one, answered on the retry
 
 
+@pytest.mark.slow
 def test_two_label_runs_on_one_output(tmp_path):
     paths, colours = label_folder(str(tmp_path / "v"), 6)
     api = label_server(colours)
@@ -215,6 +218,7 @@ def test_missing_or_mistyped_inputs_leave_the_outputs_alone(tmp_path):
     assert (tmp_path / "clean.jsonl").read_text() == "{\"video\": \"kept\"}\n"
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_finished_row(tmp_path):
     import resource
     paths, colours = label_folder(str(tmp_path / "v"), 8)
@@ -237,6 +241,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_finished_row(tmp_pa
     assert again.returncode == 0 and sorted(row["video"] for row in read_rows(out)) == sorted(paths)
 
 
+@pytest.mark.slow
 def test_resume_and_shards_do_not_depend_on_how_or_where_the_folder_is_named(tmp_path):
     paths, colours = label_folder(str(tmp_path / "vids"), 12)
     os.symlink(tmp_path / "vids", tmp_path / "mnt")                     # the same folder, mounted elsewhere
@@ -257,6 +262,7 @@ def test_resume_and_shards_do_not_depend_on_how_or_where_the_folder_is_named(tmp
     assert "0 already done" not in again.stderr and len(api.log) == 12                # from elsewhere: resumed
 
 
+@pytest.mark.slow
 def test_unreadable_files_do_not_stop_a_run_and_missing_ones_are_not_done(tmp_path):
     paths, colours = label_folder(str(tmp_path / "v"), 2)
     for i in range(12):

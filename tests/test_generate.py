@@ -93,6 +93,7 @@ def test_stop_strings():
     assert s.tokens == [[1, 7], [2, 3]]
 
 
+@pytest.mark.slow
 def test_static_cache_path_and_compiled_step_equal_the_plain_path(tiny, monkeypatch):
     """--compile attends to the whole cache through a mask (one shape for every step) and compiles the
     step; both must give the tokens of the plain path, padded rows included."""

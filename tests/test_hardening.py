@@ -73,6 +73,7 @@ def test_3_a_failure_that_may_not_repeat_is_tried_again_up_to_a_stated_number_of
     assert set(RETRIED) == {"decode_timeout", "decoder_died", "decode_memory"}
 
 
+@pytest.mark.slow
 def test_3_chaos_a_stalled_decoder_is_retried_by_the_next_run_not_final(ckpt, tmp_path):
     """SIGSTOP on caption.py's decode worker: that video gets a decode_timeout row (not done), the others
     their captions; the rerun captions it, and every video has exactly one row."""
@@ -99,6 +100,7 @@ def test_3_chaos_a_stalled_decoder_is_retried_by_the_next_run_not_final(ckpt, tm
     assert again.returncode == 0 and len(rows) == 4 and all("caption" in r for r in rows), again.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_4_a_long_decode_that_moves_on_is_not_cut_by_the_time_limit():
     """Shot detection decodes every frame of an episode: its time limit counts from its last frame."""
     got = dict(imap_unordered(beating, [7.0], workers=1, timeout=3.0))
@@ -149,6 +151,7 @@ def test_7_mpeg_ts_with_b_frames_samples_its_first_gop(tmp_path):
     assert all(f[10, 10, 0] > 200 for f in read_frames(path, 4, span=(0.0, 0.4)))
 
 
+@pytest.mark.slow
 def test_8_new_weights_in_the_same_folder_do_not_keep_the_old_captions(ckpt, tmp_path):
     import shutil
 
@@ -169,6 +172,7 @@ def test_8_new_weights_in_the_same_folder_do_not_keep_the_old_captions(ckpt, tmp
     assert r.returncode == 1 and "other settings" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_9_label_refuses_an_out_made_with_other_settings(tmp_path):
     folder = tmp_path / "v"
     folder.mkdir()
@@ -188,6 +192,7 @@ def test_9_label_refuses_an_out_made_with_other_settings(tmp_path):
     assert again.returncode == 0 and len(rows) == 1 and rows[0]["frames"] == 8
 
 
+@pytest.mark.slow
 def test_10_rank_files_belong_to_the_run_that_made_them(ckpt, tmp_path):
     """A killed torchrun run left out.rank0 / out.rank1: a single-process rerun folds their captions in
     (not captioned again) and removes them; --overwrite drops them."""

@@ -159,6 +159,7 @@ def test_a_file_changed_between_a_partial_download_and_its_resume(served, model_
     assert ranges == [f"bytes={len(old) // 2}-"] + ([] if server_honours_if_range else [None])
 
 
+@pytest.mark.slow
 def test_four_processes_resolving_one_model_download_it_once(served):
     url, cache = served
     Hub.faults = {"model.safetensors": {"delay": 0.002}}

@@ -40,6 +40,7 @@ FAULTS = {   # video index: the server's answers to its successive attempts
 }
 
 
+@pytest.mark.slow
 def test_fault_mix_every_video_one_row(tmp_path):
     videos, colours = make_videos(str(tmp_path / "v"), 13)
     open(tmp_path / "v" / "broken.mp4", "w").write("not a video")
@@ -113,6 +114,7 @@ def test_frames_as_images_max_side_and_prompt(tmp_path):
     assert colour_of(parts[0]["image_url"]["url"])[1] == (32, 48, 3)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_every_video_exactly_once(tmp_path):
     videos, colours = make_videos(str(tmp_path / "v"), 24)
     api = label_server(colours)
@@ -139,6 +141,7 @@ def test_sigkill_then_rerun_every_video_exactly_once(tmp_path):
     assert all(json.loads(line) for line in open(out))                 # no torn line
 
 
+@pytest.mark.slow
 def test_rate_cap_and_concurrency(tmp_path):
     videos, colours = make_videos(str(tmp_path), 12)
     api = label_server(colours)

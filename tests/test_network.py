@@ -155,6 +155,7 @@ def clips(tmp_path):
     return [write_video(str(folder / f"c{i:02d}.mp4"), n_frames=4, size=(32, 24)) for i in range(12)], folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, says", [("401", "refused the key in $DASHSCOPE_API_KEY"),
                                          ("quota", "no quota left")])
 def test_a_refused_key_or_no_quota_stops_the_run_and_marks_nothing_done(tmp_path, clips, fault, says):
@@ -239,6 +240,7 @@ def test_an_unexpected_exception_is_that_items_row(tmp_path):
     assert rows[1]["code"] == "internal_error" and rows[1]["shot"] == 1 and rows[1]["start"] == 2.0
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_the_answers_in_flight_and_a_second_abandons_them(tmp_path, clips):
     import signal
     _, folder = clips

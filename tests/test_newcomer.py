@@ -27,6 +27,7 @@ def guide_commands():
     return [line for line in lines if line and not line.startswith("#")]
 
 
+@pytest.mark.slow
 def test_the_quickstart_runs_as_written_against_a_local_teacher(ckpt, tmp_path):
     """The guide's commands, with its placeholders filled: my_videos/ (12 videos), the endpoint (a fake
     teacher on localhost), the model to start from (a tiny one in toy_out/stage2's place)."""
@@ -58,6 +59,7 @@ def test_the_quickstart_runs_as_written_against_a_local_teacher(ckpt, tmp_path):
     assert all(len(captions) == 12 for captions in [read_rows(str(tmp_path / "captions2.jsonl"))])
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_nothing_behind(ckpt, tmp_path, monkeypatch):
     """Offline with the default model: no captions.jsonl, no cache folder. A model folder without a
     tokenizer.model: no output file either."""
@@ -78,6 +80,7 @@ def test_a_failed_start_leaves_nothing_behind(ckpt, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("out.jsonl*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["pllava-7b", "ermu2001/pllava-7b"])   # the default, by both its names
 def test_a_model_is_named_one_way_everywhere(model, tmp_path):
     """A release by its name or its hub id: the plans read it without a download, and a refusal never

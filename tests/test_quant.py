@@ -86,6 +86,7 @@ def test_recipe_flags_that_cannot_work_say_so_in_one_line(tiny, tmp_path, args, 
 RECIPE = ["--frames", "4", "--pooling-shape", "4,12,12"]   # Open-Sora's: 576 visual tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, card, quantize, recipe, batch, fits", [
     ("pllava-13b", "80", "none", [], 8, True), ("pllava-13b", "24", "none", RECIPE, 4, False),
     ("pllava-13b", "24", "int8", RECIPE, 12, False), ("pllava-13b", "24", "int8", RECIPE, 8, True),

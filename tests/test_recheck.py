@@ -44,6 +44,7 @@ def recheck(tmp_path, api, *flags, wait=True):
     return run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY}, wait=wait)
 
 
+@pytest.mark.slow
 def test_recheck_asks_again_only_where_the_student_disagrees_most(tmp_path):
     videos, colours = setup(tmp_path, 8, disagree={2, 6}, missing={5})
     api = teacher(colours)
@@ -70,6 +71,7 @@ def test_recheck_asks_again_only_where_the_student_disagrees_most(tmp_path):
         assert KEY not in text
 
 
+@pytest.mark.slow
 def test_recheck_shards_survive_faults_and_choose_as_one_run(tmp_path):
     """Two shards write every label once and ask again exactly the labels one run would (the share is
     of all labels); a 500 that echoes the key and a dropped connection are asked again."""
@@ -89,6 +91,7 @@ def test_recheck_shards_survive_faults_and_choose_as_one_run(tmp_path):
     assert KEY not in (tmp_path / "r.jsonl").read_text() and all(KEY not in r.stderr for r in runs)
 
 
+@pytest.mark.slow
 def test_recheck_killed_then_rerun_asks_only_what_was_not_done(tmp_path):
     videos, colours = setup(tmp_path, 12, disagree=set(range(6)))
     api = teacher(colours)

@@ -66,6 +66,7 @@ def test_the_rehearsal_runs_the_engine_with_refills_and_no_host_read():
     assert compiled["peak_gb"] > eager["weights_gb"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, slots, int8", [("pllava-7b", 8, False), ("pllava-13b", 16, False),
                                                ("pllava-34b", 1, True)])
 def test_the_plan_is_within_10_percent_of_the_rehearsal_and_13b_fits_80_gb_at_16_slots(name, slots, int8):
@@ -77,6 +78,7 @@ def test_the_plan_is_within_10_percent_of_the_rehearsal_and_13b_fits_80_gb_at_16
         assert peak + memory.CONTEXT_GB < 80
 
 
+@pytest.mark.slow
 def test_a_steady_decode_step_at_13b_reads_nothing_back_and_is_bound_by_its_bytes():
     config = Config.from_dict(PRESETS["pllava-13b"])
     eager = rehearse.decode_step(config, 16, 2403, compiled=False)

@@ -142,6 +142,7 @@ def test_short_flickers_merge_and_long_shots_split(cut_video):
     assert shots.windows(5.0, 2.0) == [(0.0, 2.0, "window"), (2.0, 4.0, "window"), (4.0, 5.0, "window")]
 
 
+@pytest.mark.slow
 def test_caption_per_shot_with_times_and_a_killed_run_redoes_no_shot(cut_video, ckpt, tmp_path):
     import os
     import signal
@@ -172,6 +173,7 @@ def test_caption_per_shot_with_times_and_a_killed_run_redoes_no_shot(cut_video, 
     assert again.returncode == 0 and len(read_rows(str(out))) == len(want) and "1 already done" in again.stderr
 
 
+@pytest.mark.slow
 def test_caption_and_label_per_window_and_label_per_shot(cut_video, ckpt, tmp_path):
     from plumbing.jsonl import read_rows
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 
+import pytest
 import sentencepiece
 
 from lab import toyworld
@@ -28,6 +29,7 @@ def run_quick(out):
     return json.load(open(os.path.join(out, "results.json"))), r.stdout
 
 
+@pytest.mark.slow
 def test_quick_loop_learns(tmp_path):
     first, log = run_quick(tmp_path / "a")
     results = first["results"]

@@ -74,6 +74,7 @@ def losses(out):
     return [r["loss"] for r in read_rows(os.path.join(out, "metrics.jsonl")) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_tiny_set(world, tmp_path):
     run(train_args(world, tmp_path / "all", "--train-all", "--max-steps", "100", "--batch-size", "4", "--lr", "1e-2",
                    "--warmup-steps", "5", "--weight-decay", "0", "--log-every", "1"))
@@ -94,6 +95,7 @@ def weights(folder):
     return w
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_same_weights_as_one_process(world, tmp_path):
     common = ["--max-steps", "3", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--grad-accum", "2"]
     one = run(train_args(world, tmp_path / "one", "--batch-size", "2", "--export", str(tmp_path / "e1"), *common))
@@ -109,6 +111,7 @@ def test_two_ranks_train_the_same_weights_as_one_process(world, tmp_path):
     assert "2 process(es), global batch 4" in two.stderr and "1 process(es), global batch 4" in one.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     common = ["--max-steps", "8", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2"]
     run(train_args(world, tmp_path / "straight", "--export", str(tmp_path / "e_straight"), *common))
@@ -135,6 +138,7 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_two_ranks_resume_from_an_older_checkpoint(world, tmp_path):
     """Under FSDP2 each rank reloads its shards of the trainable weights and of the optimizer state."""
     common = ["--max-steps", "4", "--batch-size", "1", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2"]
@@ -221,6 +225,7 @@ def test_loss_counts_answer_tokens_only(world):
     assert torch.allclose(loss, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_captions_and_loads_in_peft(world, tmp_path):
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
@@ -298,6 +303,7 @@ def run_failing(args):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_broken_rows_are_reported_with_file_and_line_and_left_out(world, tmp_path):
     good = open(world["data"], "rb").read()
     data = tmp_path / "mixed.jsonl"
@@ -315,6 +321,7 @@ def test_broken_rows_are_reported_with_file_and_line_and_left_out(world, tmp_pat
     assert "no rows to train on" in run_failing(train_args(world, tmp_path / "o2", "--data", str(bad_only)))
 
 
+@pytest.mark.slow
 def test_a_rerun_into_a_finished_out_refuses_at_once_and_resume_of_nothing_says_so(world, tmp_path):
     out = tmp_path / "o"
     args = train_args(world, out, "--max-steps", "2", "--batch-size", "2", "--lora-r", "4")
@@ -381,6 +388,7 @@ def test_training_on_rows_of_shots(world, tmp_path):
     assert len(samples) == 1 and samples[0][4] == (0.24, 0.48) and "start / end" in broken[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, gpus, extra, fits, says", [
     ("pllava-7b", 1, [], True, "activation checkpointing on"),                      # the defaults: batch 12
     ("pllava-7b", 1, ["--activation-checkpointing", "off"], False, "--activation-checkpointing on"),

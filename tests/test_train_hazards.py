@@ -24,6 +24,7 @@ from tools import ROOT, run_command
 from videos import write_video
 
 
+@pytest.mark.slow
 def test_a_stalled_decoder_is_that_sample_skipped_with_its_path_and_training_goes_on(world, tmp_path):
     """SIGSTOP on a decode worker (a decoder that hangs): after --decode-timeout its sample is a stand-in,
     reported with the video's path, and every step still runs."""
@@ -86,6 +87,7 @@ def test_rows_that_no_tokenizer_takes_are_named_before_training(world, tmp_path)
     assert f"{data}:5: caption is not valid Unicode" in r.stderr and f"{data}:6: start / end" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_its_schedule_and_a_new_length_is_refused(world, tmp_path):
     out = tmp_path / "run"
     first = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
@@ -99,6 +101,7 @@ def test_a_resume_keeps_its_schedule_and_a_new_length_is_refused(world, tmp_path
     assert longer.returncode == 1 and lines[-1].startswith("error: ") and "2 steps" in lines[-1], longer.stderr
 
 
+@pytest.mark.slow
 def test_training_from_an_exported_model_keeps_its_prompt(world, tmp_path):
     """--model a folder with prompt.json: the run says it uses that prompt, and its export carries it on
     (it used to drop to the default question, and captions degraded into loops)."""
