@@ -305,3 +305,30 @@ def test_a_caption_that_loops_ends_where_the_loop_began_and_its_row_says_so(ckpt
     assert g["loop"] is True and g["truncated"] is False and g["tokens"] < 40
     assert f["loop"] is False and f["truncated"] is True and f["tokens"] == 40
     assert f["caption"].startswith(g["caption"])
+
+
+@pytest.mark.slow
+def test_rank_files_left_by_a_killed_run_belong_to_the_run_that_made_them(ckpt, tmp_path):
+    """A killed torchrun run left out.rank0 / out.rank1: a single-process rerun folds their captions in
+    (not captioned again) and removes them; --overwrite drops them."""
+    folder = tmp_path / "v"
+    folder.mkdir()
+    videos = [write_video(str(folder / f"v{i}.mp4"), n_frames=10 + i) for i in range(3)]
+    out = tmp_path / "c.jsonl"
+    args = [folder, "--model", ckpt, "--out", out, "--max-new-tokens", "4"]
+    assert run_tool("caption.py", args).returncode == 0
+    rows = read_rows(str(out))
+    os.remove(out)
+    with open(str(out) + ".rank1", "w") as f:   # the first video's row, left by rank 1
+        f.write(json.dumps(next(r for r in rows if r["video"] == videos[0])) + "\n")
+    with open(str(out) + ".rank0", "w") as f:   # a half-written row
+        f.write('{"video": "x')
+    r = run_tool("caption.py", args)
+    assert r.returncode == 0 and "2 captions" in r.stderr and not list(tmp_path.glob("c.jsonl.rank*")), r.stderr
+    assert sorted(x["video"] for x in read_rows(str(out))) == videos
+    with open(str(out) + ".rank1", "w") as f:
+        f.write(json.dumps({"video": videos[0], "caption": "stale", "settings": "old"}) + "\n")
+    r = run_tool("caption.py", args + ["--overwrite"])
+    rows = read_rows(str(out))
+    assert r.returncode == 0 and len(rows) == 3 and "stale" not in json.dumps(rows)
+    assert not list(tmp_path.glob("c.jsonl.rank*"))

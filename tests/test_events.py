@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pytest
 
+import events
+
 from chaos_api import KEY, ChaosAPI
 from tools import run_tool
 
@@ -203,3 +205,20 @@ def test_label_verify_shards_survive_faults_and_use_the_labels_frames(tmp_path):
     r = run_tool("label.py", ["verify", tmp_path / "eight.jsonl", "--out", tmp_path / "v8.jsonl", "--api-base", api.url],
                  env={"DASHSCOPE_API_KEY": KEY})
     assert r.returncode == 1 and "--frames 8" in r.stderr and not (tmp_path / "v8.jsonl").exists()
+
+
+def test_verify_without_out_writes_a_new_file_and_never_its_input(tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"video": str(tmp_path / "v.mp4"), "caption": "A cat.", "frames": 4}) + "\n")
+    before = labels.read_text()
+    r = run_tool("label.py", ["verify", labels, "--out", labels], env={"DASHSCOPE_API_KEY": KEY})
+    assert r.returncode == 2 and "is the labels being checked" in r.stderr and labels.read_text() == before
+    import label
+    assert label.parse_args([str(labels)], "verify").out == str(tmp_path / "labels.verified.jsonl")
+
+
+def test_an_event_listed_ten_times_is_one_event():
+    text = json.dumps({"events": ["The person walks."] * 10 + ["the person  walks", "A dog barks."]})
+    assert events.parse_events(text, 10) == ["The person walks.", "A dog barks."]
+    assert "1. The person walks.\n2. A dog barks." in events.entail_job(
+        ["The person walks."] * 3 + ["A dog barks."], "x", type("A", (), {"model": "m"}))["prompt"]

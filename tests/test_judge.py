@@ -6,9 +6,11 @@ import os
 
 import numpy as np
 import pytest
+from plumbing.jsonl import read_rows
 
 from judge import compare, parse_judgment, summarize
 
+from chaos_api import ChaosAPI
 from fake_api import KEY, FakeAPI
 from tools import run_tool
 
@@ -115,3 +117,26 @@ def test_aggregates_equal_hand_computed_values():
                                       ('{"score": 3, "correct": "yes"}', False), ("[3, true]", False), ("score: 3", False)])
 def test_parse_judgment(text, ok):
     assert (parse_judgment(text) is not None) == ok
+
+
+def test_judge_keys_rows_per_shot(tmp_path):
+    gt, pred = tmp_path / "gt.jsonl", tmp_path / "pred.jsonl"
+    gt.write_text("".join(json.dumps({"video": "v.mp4", "shot": s, "of": 2, "start": s, "end": s + 1,
+                                      "caption": f"gt shot {s}"}) + "\n" for s in (0, 1)))
+    pred.write_text("".join(json.dumps({"video": "v.mp4", "shot": s, "of": 2, "start": s, "end": s + 1,
+                                        "caption": f"pred shot {s}"}) + "\n" for s in (1, 0)))
+    seen = []
+
+    def answer(body, item):
+        seen.append(body["messages"][1]["content"])
+        return json.dumps({"score": 4, "correct": True, "reason": "ok"})
+    api = ChaosAPI(answer, identify=lambda body: "x", script={}, key=None)
+    try:
+        r = run_tool("judge.py", ["--gt", gt, "--pred", pred, "--out", tmp_path / "rep", "--api-base", api.url],
+                     env={"OPENAI_API_KEY": KEY})
+    finally:
+        api.close()
+    assert r.returncode == 0, r.stderr
+    assert sorted(seen) and all(("gt shot 0" in s) == ("pred shot 0" in s) for s in seen) and len(seen) == 2
+    per_video = read_rows(str(tmp_path / "rep" / "per_video.jsonl"))
+    assert [row["shot"] for row in per_video] == [0, 1]

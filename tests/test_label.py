@@ -11,9 +11,10 @@ import pytest
 from plumbing.client import RateLimit
 from plumbing.jsonl import read_rows
 
+from chaos_api import ChaosAPI
 from fake_api import KEY, colour_of, label_server
 from tools import run_tool
-from videos import solid_videos
+from videos import solid_videos, write_video
 
 
 def make_videos(folder, n):
@@ -306,3 +307,24 @@ def test_two_folders_whose_videos_share_names_never_share_an_out_or_a_list(tmp_p
         assert r.returncode == 1 and said.startswith("error:") and "are both named 'v0" in said, r.stderr
         assert "season1/v0" in said and "season2/v0" in said
     assert not os.path.exists(tmp_path / "b.jsonl")
+
+
+@pytest.mark.slow
+def test_label_refuses_an_out_made_with_other_settings(tmp_path):
+    folder = tmp_path / "v"
+    folder.mkdir()
+    write_video(str(folder / "a.mp4"), n_frames=8, size=(32, 24))
+    out = tmp_path / "labels.jsonl"
+    api = ChaosAPI(lambda body, item: "A red kite circles over a green hill.", identify=lambda body: "x", script={},
+                   key=None)
+    try:
+        first = run_tool("label.py", [folder, "--out", out, "--api-base", api.url], env={"DASHSCOPE_API_KEY": KEY})
+        other = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--frames", "8"],
+                         env={"DASHSCOPE_API_KEY": KEY})
+        again = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--frames", "8", "--overwrite"],
+                         env={"DASHSCOPE_API_KEY": KEY})
+    finally:
+        api.close()
+    assert first.returncode == 0 and other.returncode == 1 and "other settings" in other.stderr, other.stderr
+    rows = read_rows(str(out))
+    assert again.returncode == 0 and len(rows) == 1 and rows[0]["frames"] == 8

@@ -4,18 +4,20 @@ Retry-After, failures that repeat for every item, and a key that must never leak
 import base64
 import json
 import os
+import signal
 import time
 import urllib.parse
 
 import pytest
 
-from plumbing import client
+from plumbing import client, redact
 from plumbing.client import APIError, Client, parse_reply
 from plumbing.jsonl import read_rows
 from plumbing.redact import Redactor
 
 from chaos_api import KEY, ChaosAPI, echoes
 from tools import free_port, run_tool
+from videos import write_video
 
 ANSWER = "A red kite circles over a green hill."
 
@@ -336,3 +338,38 @@ def test_the_first_answer_after_an_outage_wakes_every_retry_waiting_out_its_back
     client.stop.set()                           # the run stops: the last one ends its wait too
     waiters[2].join(timeout=10)
     assert woken.count(False) == 1
+
+
+def test_sigterm_is_a_first_ctrl_c(tmp_path):
+    folder = tmp_path / "v"
+    folder.mkdir()
+    for i in range(12):
+        write_video(str(folder / f"c{i:02d}.mp4"), n_frames=4, size=(32, 24))
+    out = str(tmp_path / "labels.jsonl")
+    api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": [("slow_ok", 1.0)] * 100})
+    try:
+        proc = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--concurrency", "3",
+                                     "--timeout", "60"], env={"DASHSCOPE_API_KEY": KEY}, wait=False)
+        while len(api.log) < 3:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)   # three requests in flight, answered a second later
+        _, err = proc.communicate(timeout=60)
+    finally:
+        api.close()
+    assert len(api.log) == 3 and len(read_rows(out)) == 3, err           # paid for, written; no new request
+    assert not os.path.exists(out + ".lock") and "labelled 3" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted"
+
+
+def test_scrubbing_a_10_mb_answer_decodes_each_escape_kind_a_bounded_number_of_times(monkeypatch):
+    """Linear in the length whatever the text holds: each decoder runs at most 3 times over it, and the
+    exact-piece regex only near what the needles found (here nothing)."""
+    words = ["rock&amp;roll", "100%", "a+b", "the", "%20", "x&#32;y", "12345", "plain"]
+    text = " ".join(words[i % len(words)] for i in range(1_300_000))[:10_000_000]
+    calls, masks = [], []
+    monkeypatch.setattr(redact, "DECODERS", tuple(
+        (lambda f: lambda t: calls.append(f.__name__) or f(t))(f) for f in redact.DECODERS))
+    real = Redactor._mask
+    monkeypatch.setattr(Redactor, "_mask", lambda self, t: masks.append(len(t)) or real(self, t))
+    out = Redactor(KEY)(text + " " + KEY)
+    assert out == text + " ***" and len(calls) <= 9 and len(masks) <= 2, (calls, masks)

@@ -1,8 +1,12 @@
 """plumbing/sources.py: one name per video whatever the mount, and files paired by what they are."""
 
+import json
 import os
 
+from plumbing import sources
 from plumbing.sources import find_videos, in_shard, paired
+
+from videos import write_video
 
 
 def test_a_folder_gives_the_same_names_through_any_mount_and_shards_split_them_once(tmp_path):
@@ -36,3 +40,19 @@ def test_two_files_pair_the_same_file_through_links_and_never_two_files_of_one_n
     assert paired(gt, pred) == {("test/a.mp4", None): ("a.mp4", None)}
     elsewhere = {("a.mp4", None): "/on/another/node/a.mp4"}                   # not here: the name decides
     assert paired(gt, elsewhere) == {("a.mp4", None): ("a.mp4", None)}
+
+
+def test_symlinked_folders_are_followed_once_and_lists_may_hold_u2028(tmp_path):
+    real = tmp_path / "real"
+    (real / "deep").mkdir(parents=True)
+    write_video(str(real / "deep" / "a.mp4"), n_frames=4)
+    top = tmp_path / "top"
+    top.mkdir()
+    os.symlink(real, top / "linked")
+    os.symlink(top, top / "linked2" if False else real / "loop")   # a link back up: a loop
+    found = sources.find_videos(str(top))
+    assert [os.path.basename(v) for v in found] == ["a.mp4"]
+    listing = tmp_path / "list.jsonl"
+    video = write_video(str(tmp_path / "b.mp4"), n_frames=4)
+    listing.write_text(json.dumps({"video": video, "caption": "a line\u2028separator"}, ensure_ascii=False) + "\n")
+    assert sources.find_videos(str(listing)) == [video]

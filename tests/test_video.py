@@ -277,3 +277,14 @@ def test_a_fifo_named_like_a_video_is_said_to_be_no_regular_file_and_never_opene
     with pytest.raises(VideoError):
         import shots
         shots.spans(str(fifo))
+
+
+def test_mpeg_ts_with_b_frames_samples_its_first_gop(tmp_path):
+    """x264 with B-frames in MPEG-TS: a seek to the stream's start time lands on the second keyframe; the
+    frames of the first half second (red) must still be sampled."""
+    def red_then_blue(i, w, h):
+        return np.full((h, w, 3), (255, 0, 0) if i < 12 else (0, 0, 255), np.uint8)
+    path = write_video(str(tmp_path / "b.ts"), n_frames=100, frame_fn=red_then_blue, container="mpegts",
+                       options={"bf": "3", "g": "12"})
+    assert read_frames(path, 8)[0][10, 10, 0] > 200
+    assert all(f[10, 10, 0] > 200 for f in read_frames(path, 4, span=(0.0, 0.4)))
