@@ -42,11 +42,6 @@ SIZES = {
 }
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
             "steps", "shots", "end2end", "rehearsal", "pipeline")   # from engine on: bench_caption.py, pipeline.py
-# seconds each took at --size small --all --compile on this 2-core CPU, alone (bench-cpu-small-2026-12-02.json;
-# engine, pipeline 2026-12-07): the expected time said at start
-CPU_SMALL_S = {"vision": 47, "prefill": 37, "decode": 133, "roofline": 1, "sampler": 65, "train": 138, "load": 73,
-               "engine": 674, "int8": 406, "recipe": 35, "steps": 40, "shots": 20, "end2end": 67, "rehearsal": 18,
-               "pipeline": 498}
 DEFAULT = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "recipe", "steps", "shots",
            "rehearsal")   # without --only or --all: about 10 minutes there; --all adds engine, int8, end2end
 
@@ -57,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)} (default: "
                                   f"{','.join(DEFAULT)}; --all: every one)")
-    p.add_argument("--all", action="store_true", help="every section (about 38 minutes at --size small on 2 cores)")
+    p.add_argument("--all", action="store_true", help="every section (about %.0f minutes at --size small on this project's 2 cores)"
+                   % (sum(measure.section_seconds().values()) / 60))
     p.add_argument("--repeats", type=cli.positive_int, default=5, help="timed turns of each side, after one warm-up")
     p.add_argument("--new-tokens", type=cli.positive_int, help="decode steps timed (default 200 on GPU, 32 on CPU)")
     p.add_argument("--decode-context", type=cli.positive_int, help="prompt length for the decode test (default: "
@@ -333,7 +329,8 @@ def expected(args, sections):
     """The time these sections took on this project's CPU, said before they start (at --size small)."""
     if args.size != "small" or args.device.startswith("cuda"):
         return None
-    known = [CPU_SMALL_S[s] for s in sections if s in CPU_SMALL_S]
+    took = measure.section_seconds()
+    known = [took[s] for s in sections if s in took]
     return (f"sections {','.join(sections)}: about {sum(known) / 60:.0f} minutes on a 2-core CPU (this project's "
             f"machine, alone; more on a busy one){'' if args.all else '; --all runs every section'}")
 

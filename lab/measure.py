@@ -10,6 +10,7 @@ once, before, outside the clock. Memory is sampled from /proc in child processes
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,26 @@ def check_quiet(strict):
 
 def save(path, report):
     replace_atomic(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+
+
+def section_seconds(folder=RESULTS) -> dict:
+    """The seconds each bench section last took at --size small on a CPU, as the results/ files record
+    them (the newest file's figure for each, by the date in its name)."""
+    seconds = {}
+    names = [n for n in os.listdir(folder) if re.fullmatch(r"bench-.*\d{4}-\d\d-\d\d.*\.json", n)]
+    for name in sorted(names, key=lambda n: (re.search(r"\d{4}-\d\d-\d\d", n).group(), n)):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            continue
+        cpu = str(report.get("machine", {}).get("device", "CPU")).startswith("CPU")
+        if isinstance(report, dict) and report.get("size") == "small" and cpu:
+            seconds.update(report.get("section_seconds") or {})
+    return seconds
 
 
 def machine(device) -> dict:
