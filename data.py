@@ -15,33 +15,15 @@ import os
 import av
 import numpy as np
 
+import sampler
+from sampler import UNREADABLE, VideoError, open_video, time_span  # noqa: F401  (the names callers use)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TS_EXTENSIONS = {".ts", ".m2ts", ".mts", ".m2t"}
-CODEC_THREADS = 0   # threads a decoder may use (0: FFmpeg's choice); decode workers set theirs
-
-
 def heartbeat():
     """Called as a long decode moves on (shot detection decodes every frame): a decode worker
     replaces it to tell its parent, whose time limit then counts from the last beat, not from the
     start."""
-
-
-UNREADABLE = "unreadable_video"
-
-
-class VideoError(Exception):
-    """A file that cannot give frames; the message says which file and why. `code` says whether
-    another try could help: UNREADABLE (the file itself: no), or, from the decode workers
-    (plumbing/workers.py), a failure of the process that decoded it (a time or memory limit, a
-    crash), which may not happen again."""
-
-    def __init__(self, message, code=UNREADABLE):
-        super().__init__(message)
-        self.code = code
-
-    def __reduce__(self):
-        return VideoError, (str(self), self.code)
 
 
 def read_frames(path, n: int, mode: str = "middle", short_side: int = None,
@@ -62,7 +44,6 @@ def read_frames(path, n: int, mode: str = "middle", short_side: int = None,
     must_be_a_file(path)
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file")
-    import sampler  # here: sampler.py opens videos through this module (open_video)
     try:
         frames = sampler.read(path, n, offsets, (short_side, max_side), keyframes_only, span)
     except av.error.FFmpegError as e:
@@ -80,39 +61,6 @@ def _resized(a, shape):
                             interpolation="BICUBIC")
 
 
-def open_video(path, keyframes_only=False):
-    """(container, its first video stream), ready to decode: VideoError when the file has no
-    video."""
-    try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except av.error.FFmpegError:
-        if os.path.splitext(str(path))[1].lower() not in TS_EXTENSIONS:
-            raise
-        # a capture of a few frames is too short for FFmpeg's format probe to be sure it is MPEG-TS
-        container = av.open(str(path), format="mpegts", metadata_errors="ignore")
-    if not container.streams.video:
-        container.close()
-        raise VideoError(f"{path}: no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"   # frame + slice threads; set before the first decode
-    stream.codec_context.thread_count = CODEC_THREADS
-    if keyframes_only:
-        stream.codec_context.skip_frame = "NONKEY"
-    return container, stream
-
-
-def time_span(container, stream):
-    """(start, duration) in seconds; duration None when neither the stream nor the container knows
-    it."""
-    tb = stream.time_base
-    start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
-    if stream.duration and tb:
-        return start, float(stream.duration * tb)
-    if container.duration:   # MKV / WebM: no stream duration, and frames == 0
-        return start, container.duration / av.time_base
-    return start, None
-
-
 def must_be_a_file(path):
     """A VideoError unless `path` is a regular file: none there, or a FIFO, a device or a folder (never
     opened: a FIFO would block the decoder)."""
@@ -125,7 +73,6 @@ def must_be_a_file(path):
 def read_image(path, short_side: int = None) -> np.ndarray:
     """A still image (any format FFmpeg reads: PNG, JPEG, WebP ...) as (1, H, W, 3) uint8: its
     first frame."""
-    import sampler
     must_be_a_file(path)
     try:
         container, stream = open_video(path, False)

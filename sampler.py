@@ -8,17 +8,72 @@
 3. no seeking: when FFmpeg cannot seek in the file, the same times read in one pass from the start;
 4. by index: a file with no timestamps, or no duration to spread times over, gives frames by their
    index.
+
+Opening a file is here too (open_video, time_span), with the error every reader of videos raises
+(VideoError): data.py builds on this module, never the other way round.
 """
+
+import os
 
 import av
 import numpy as np
 
-from data import VideoError, open_video, time_span
+TS_EXTENSIONS = {".ts", ".m2ts", ".mts", ".m2t"}
+CODEC_THREADS = 0   # threads a decoder may use (0: FFmpeg's choice); decode workers set theirs
 
 MAX_PIXELS = 1 << 25   # 33.5 M, an 8K frame: a frame (or its resized self) past this is refused
 MAX_BAD_PACKETS = 50
 GUESS_GOP = 10.0
 SCAN_MARGIN = 8     # frames before a target from where every frame is decoded (B-frames: <= 4)
+
+UNREADABLE = "unreadable_video"
+
+
+class VideoError(Exception):
+    """A file that cannot give frames; the message says which file and why. `code` says whether
+    another try could help: UNREADABLE (the file itself: no), or, from the decode workers
+    (plumbing/workers.py), a failure of the process that decoded it (a time or memory limit, a
+    crash), which may not happen again."""
+
+    def __init__(self, message, code=UNREADABLE):
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):
+        return VideoError, (str(self), self.code)
+
+
+def open_video(path, keyframes_only=False):
+    """(container, its first video stream), ready to decode: VideoError when the file has no
+    video."""
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.error.FFmpegError:
+        if os.path.splitext(str(path))[1].lower() not in TS_EXTENSIONS:
+            raise
+        # a capture of a few frames is too short for FFmpeg's format probe to be sure it is MPEG-TS
+        container = av.open(str(path), format="mpegts", metadata_errors="ignore")
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"   # frame + slice threads; set before the first decode
+    stream.codec_context.thread_count = CODEC_THREADS
+    if keyframes_only:
+        stream.codec_context.skip_frame = "NONKEY"
+    return container, stream
+
+
+def time_span(container, stream):
+    """(start, duration) in seconds; duration None when neither the stream nor the container knows
+    it."""
+    tb = stream.time_base
+    start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
+    if stream.duration and tb:
+        return start, float(stream.duration * tb)
+    if container.duration:   # MKV / WebM: no stream duration, and frames == 0
+        return start, container.duration / av.time_base
+    return start, None
 
 
 def read(path, n, offsets, size, keyframes_only, span=None):

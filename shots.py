@@ -25,9 +25,10 @@ import av
 import numpy as np
 
 import data
-from data import VideoError, jpeg_data_urls, open_video, read_clip_frames, time_span
+from data import jpeg_data_urls, read_clip_frames
 from plumbing import cli
 from plumbing.sources import row_name
+from sampler import VideoError, open_video, time_span
 
 W, H = 64, 36        # every frame is compared at this size
 BINS = 16            # histogram bins per colour channel

@@ -231,7 +231,8 @@ def main(argv=None):
                                                    **judged(videos, labels["test"], {r["video"]: r["caption"] for r in videos})}
     say("captioned and scored the held-out videos and stills")
     run = dict(args=args, out=out, data=data, stage1=stage1, stage2=stage2, steps=steps2, batch=batch,
-               evaluate=evaluate, results=results, say=say, files=files, labels=labels)
+               evaluate=evaluate, results=results, say=say, files=files, labels=labels,
+               toy=sys.modules[__name__])   # the toy's own steps, handed to the experiments
     if args.ablations:
         toyexperiments.ablations(**run)
     if args.cleaning:

@@ -20,26 +20,15 @@ from dataclasses import asdict
 
 import torch
 
-from config import PRESETS, Config
+from config import Config
 from generate import can_pack, pack_for_cpu, prefill
 from lab import bench_caption, measure, pipeline
-from lab.measure import PeakRSS, embeddings, format_row, our_decoder, row, value
+from lab.measure import SIZES, PeakRSS, embeddings, format_row, our_decoder, row, value
 from lab.synthetic import clip
 from lora import add_lora
 from model import PLLaVA
 from plumbing import cli
 
-SIZES = {
-    "tiny": dict(vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                    image_size=112, patch_size=14),
-                 text_config=dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                  num_attention_heads=4), pooling_shape=[16, 4, 4]),
-    "small": dict(vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                                     num_attention_heads=6, image_size=336, patch_size=14),
-                  text_config=dict(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                                   num_attention_heads=12, max_position_embeddings=4096), pooling_shape=[16, 12, 12]),
-    "7b": PRESETS["pllava-7b"], "13b": PRESETS["pllava-13b"],
-}
 SECTIONS = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "engine", "int8", "recipe",
             "steps", "shots", "end2end", "rehearsal", "pipeline")   # from engine on: bench_caption.py, pipeline.py
 DEFAULT = ("vision", "prefill", "decode", "roofline", "sampler", "train", "load", "recipe", "steps", "shots",
@@ -77,7 +66,12 @@ def reference_models(config, device, dtype, weights=None):
     """transformers' CLIPVisionModel and LlamaForCausalLM of our `config` in `dtype`, sharing the tensors of
     `weights` (our model) when given: one copy of 13B on the card, not two; else built on the device
     with weights of their own (never an fp32 copy first: 13B is 52 GB in fp32)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
     text = {k: v for k, v in asdict(config.text_config).items() if v is not None}
     with torch.device("meta" if weights is not None else device):
         clip = CLIPVisionModel._from_config(CLIPVisionConfig(**asdict(config.vision_config)), dtype=dtype).eval()

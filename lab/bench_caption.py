@@ -178,6 +178,7 @@ def widening_fused(layer, rows, dtype, device, mode=None) -> bool:
     writes no buffer of the weight's shape (a widened copy, read again by the matmul: more bytes than
     bf16)."""
     import re
+
     from torch._inductor.utils import run_and_get_code
 
     def widened(x, w, s):

@@ -57,11 +57,12 @@ def engine_stage(size, device, int8, compiled):
     """One engine stage, in its own process: the model built on `device`, the engine over 2 x slots videos
     after a warm-up of one batch (where --compile compiles), and what it measured."""
     import torch
+
     import engine as engine_module
     from config import Config
     from engine import Engine, Item
     from generate import Sampling, ready_for_inference
-    from lab.bench import SIZES
+    from lab.measure import SIZES
     from model import PLLaVA
     from plumbing import memory
     gpu = device.startswith("cuda")

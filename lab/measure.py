@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from config import PRESETS
 from generate import compiled_decode, cpu_model, decode_one_token, prefill
 from plumbing.jsonl import replace_atomic
 
@@ -25,6 +26,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repos
 
 STEADY = 1.25   # a timing whose max / min is past this is "noisy": no share of the bandwidth is derived from it
 TOO_SMALL = 2e-5   # seconds: below this, one timing is mostly the clock's own overhead
+
+
+# the model sizes measured (random weights): --size in bench.py, pipeline.py and gpu_check.py
+SIZES = {
+    "tiny": dict(vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=112, patch_size=14),
+                 text_config=dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=4), pooling_shape=[16, 4, 4]),
+    "small": dict(vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                                     num_attention_heads=6, image_size=336, patch_size=14),
+                  text_config=dict(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                   num_attention_heads=12, max_position_embeddings=4096), pooling_shape=[16, 12, 12]),
+    "7b": PRESETS["pllava-7b"], "13b": PRESETS["pllava-13b"],
+}
 
 
 def sync(device):

@@ -28,7 +28,7 @@ MODELS = {"frames-bound": ("tiny", 24), "model-bound": ("small", 6)}   # lab/ben
 def checkpoint(cache, size):
     """A random-weight checkpoint of lab/bench.py's size `size`, with a tokenizer (made once, cached)."""
     from config import Config
-    from lab.bench import SIZES
+    from lab.measure import SIZES
     from model import PLLaVA
     from tokenizer import Tokenizer, train_tokenizer
     folder = os.path.join(cache, "pipeline", f"model_{size}")

@@ -4,6 +4,7 @@ again from the same stage 1 with one change, and scores it on the held-out video
 ablations: the report's two claims (pooling must keep time; LoRA and a lower share at inference limit the
 harm of poor video labels). cleaning: the teacher's labels cleaned with evidence they did not have, at
 a stated number of teacher calls a video (label.py recheck, and the alternatives it was chosen over).
+toy.py hands over its own steps (train, caption, clean) as `toy`: this module never imports it.
 """
 
 import json
@@ -17,13 +18,13 @@ from lab.toyworld import EIGHT_FRAMES, FRAMES, TEACHER_FRAMES, teacher
 from plumbing.jsonl import read_rows
 
 
-def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, say, **_):
+def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, say, toy, **_):
     """The report's two claims. 1: pooling must keep time (T' = 1; Video-ChatGPT's pooling). 2:
     post-training an image-LLM with LoRA, and a lower LoRA share at inference, limits what poor
     video labels do to it: the share swept at inference with the projector trained (the report's
     recipe) and frozen (then alpha 0 is stage 1 itself), full fine-tuning, and the same LoRA on the
     generator's true captions; int8 too."""
-    from toy import VIDEO_Q, toy_config, train
+    VIDEO_Q, toy_config, train = toy.VIDEO_Q, toy.toy_config, toy.train
     tok = os.path.join(out, "world", "tokenizer")
     for name, pooling, t_pool in (("pooling T'=1", "pllava", 1), ("Video-ChatGPT pooling", "vcgpt", None)):
         tag = name.split()[0].lower()
@@ -66,12 +67,12 @@ def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, 
 OTHER_FRAMES = [k - 2 for k in TEACHER_FRAMES]   # 0, 4, 8, 12: the four between the teacher's own
 
 
-def cleaning(args, out, data, stage1, stage2, steps, batch, evaluate, results, say, files, **_):
+def cleaning(args, out, data, stage1, stage2, steps, batch, evaluate, results, say, files, toy, **_):
     """The teacher's cleaned labels, cleaned again with evidence the labels did not have, and stage 2
     trained anew on each result: its calls to the teacher a video, the share of labels changed or
     dropped, and the student's scores (in results, "cleaning: ..."). The teacher sees only the frames it
     is shown; nothing is told the truth."""
-    from toy import VIDEO_Q, caption, clean, train
+    VIDEO_Q, caption, clean, train = toy.VIDEO_Q, toy.caption, toy.clean, toy.train
     world, logs = os.path.join(out, "world"), os.path.join(out, "logs")
     rows = {r["video"]: r for r in files["train_videos"]}
     kept = {r["video"]: r for r in read_rows(data["train_clean"])}

@@ -15,7 +15,7 @@ resume go by the name. A row from before names is known by its path as far as th
 import os
 import zlib
 
-from data import TS_EXTENSIONS
+from sampler import TS_EXTENSIONS
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".mpg", ".mpeg", ".flv", ".wmv",
                     ".3gp", ".ogv"} | TS_EXTENSIONS

@@ -22,7 +22,8 @@ import time
 from multiprocessing.connection import wait
 
 import data
-from data import UNREADABLE, VideoError
+import sampler
+from sampler import UNREADABLE, VideoError
 
 
 def _send(stream, obj):
@@ -58,7 +59,7 @@ def _serve():
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle; we end when it closes our pipe
     try:
         fn, limit, threads = _recv(inp)
-        data.CODEC_THREADS = threads
+        sampler.CODEC_THREADS = threads
         data.heartbeat = _beats(out)
         if limit:
             import resource
