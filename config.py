@@ -82,6 +82,7 @@ class Config:
     image_token_index: int = 32000
     vision_feature_layer: int = -2       # hidden_states[-2]: the penultimate layer's output
     vision_feature_select_strategy: str = "default"   # "default" drops the CLS token
+    projector_type: str = "mlp2x_gelu"   # one of model.PROJECTORS: linear, GELU, linear (LLaVA's name)
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
     pooling: str = "pllava"              # one of pool.STRATEGIES
@@ -97,7 +98,7 @@ class Config:
             raise ValueError(f"pooling_shape must be three whole numbers above 0, not {shape!r}")
         self.pooling_shape = tuple(self.pooling_shape)
         if self.pooling not in STRATEGIES:
-            raise ValueError(f"pooling must be one of {STRATEGIES}, not {self.pooling!r}")
+            raise ValueError(f"pooling must be one of {tuple(STRATEGIES)}, not {self.pooling!r}")
         if self.vision_feature_select_strategy != "default" or \
                 not isinstance(self.vision_feature_layer, int):
             raise ValueError("only vision_feature_select_strategy 'default' with one "

@@ -25,6 +25,9 @@ from safetensors.torch import load_file, save_file
 
 PEFT_PREFIX = "base_model.model."   # peft wraps the causal LM, so its keys start with this
 
+# the report's adapter: its defaults here, and train.py's flags take them from here
+TARGETS, R, ALPHA, DROPOUT = ("q_proj", "k_proj"), 128, 32.0, 0.05
+
 
 class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
@@ -86,8 +89,7 @@ def matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def add_lora(model: nn.Module, targets=("q_proj", "k_proj"), r=128, alpha=32.0, dropout=0.05,
-             ranks=None, alphas=None):
+def add_lora(model: nn.Module, targets=TARGETS, r=R, alpha=ALPHA, dropout=DROPOUT, ranks=None, alphas=None):
     """Replace every nn.Linear whose name matches `targets` with a LoRALinear; returns the names.
 
     `ranks` and `alphas` ({module name: value}) override r and alpha per module, as when they are

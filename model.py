@@ -216,6 +216,9 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+PROJECTORS = {"mlp2x_gelu": Projector}   # Config.projector_type -> its module: a new projector goes here
+
+
 def splice(t, pos, insert):
     """Row b of the result is t[b, :pos[b]] + insert[b] + t[b, pos[b]+1:]: the one <image> slot of
     each row (pos, a list) replaced by that row's visual tokens (or by their mask or labels)."""
@@ -241,8 +244,16 @@ class PLLaVA(nn.Module):
         self.config = config
         # a ModuleDict only so that the keys read `vision_tower.vision_model.` (the checkpoints')
         self.vision_tower = nn.ModuleDict(dict(vision_model=CLIPVision(config.vision_config)))
-        self.multi_modal_projector = Projector(config)
+        if config.projector_type not in PROJECTORS:
+            raise ValueError(f"projector_type {config.projector_type!r} is not one of {tuple(PROJECTORS)}")
+        self.multi_modal_projector = PROJECTORS[config.projector_type](config)
         self.language_model = LLaMA(config.text_config)
+
+    def parameter_names(self, part: nn.Module) -> set:
+        """The full names of one part's parameters (self.multi_modal_projector, self.vision_tower): what
+        trains, and what a checkpoint keeps, is chosen by them (trainable.py, trainstate.py)."""
+        prefix = next(name for name, child in self.named_children() if child is part)
+        return {f"{prefix}.{n}" for n, _ in part.named_parameters()}
 
     def visual_tokens(self, pixel_values):
         """(B, T, 3, H, W) normalized frames -> (B, N, D) visual tokens in the LLM's embeddings."""

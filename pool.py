@@ -12,11 +12,10 @@ the LLM sees every frame's place in time (T' = T = 16) at a quarter of the spati
 """
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-STRATEGIES = ("pllava", "vcgpt", "concat")
 
 
 def adaptive_avg_pool3d(x: torch.Tensor, out_shape) -> torch.Tensor:
@@ -31,26 +30,39 @@ def adaptive_avg_pool3d(x: torch.Tensor, out_shape) -> torch.Tensor:
     return F.adaptive_avg_pool3d(x.movedim(-1, 1), tuple(out_shape)).movedim(1, -1)
 
 
-def pool_tokens(x: torch.Tensor, strategy: str, out_shape) -> torch.Tensor:
-    """(B, T, H, W, D) frame features -> (B, N, D) visual tokens, flattened in (t, h, w) order."""
+def vcgpt(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, D) -> (B, T + H*W, D): Video-ChatGPT's pooling."""
     B, T, H, W, D = x.shape
-    if strategy == "pllava":
-        return adaptive_avg_pool3d(x, out_shape).reshape(B, -1, D)
-    if strategy == "vcgpt":
-        temporal = x.mean(dim=(2, 3))                    # (B, T, D): what happens, frame by frame
-        spatial = x.mean(dim=1).reshape(B, H * W, D)     # (B, H*W, D): where, time averaged
-        return torch.cat([temporal, spatial], dim=1)
-    if strategy == "concat":
-        return x.reshape(B, T * H * W, D)
-    raise ValueError(f"unknown pooling {strategy!r}; expected one of {STRATEGIES}")
+    temporal = x.mean(dim=(2, 3))                    # (B, T, D): what happens, frame by frame
+    spatial = x.mean(dim=1).reshape(B, H * W, D)     # (B, H*W, D): where, time averaged
+    return torch.cat([temporal, spatial], dim=1)
 
 
-def num_tokens(strategy: str, out_shape, frames: int, grid: int) -> int:
+class Strategy(NamedTuple):
+    pool: Callable    # (x (B, T, H, W, D), out_shape) -> (B, N, D), flattened in (t, h, w) order
+    count: Callable   # (out_shape, frames, grid) -> N, without running it (Config.num_visual_tokens)
+
+
+# A new strategy is a function and its token count, added here; Config(pooling=name) picks it.
+STRATEGIES = {
+    "pllava": Strategy(lambda x, shape: adaptive_avg_pool3d(x, shape).flatten(1, 3),
+                       lambda shape, frames, grid: math.prod(shape)),
+    "vcgpt": Strategy(lambda x, shape: vcgpt(x), lambda shape, frames, grid: frames + grid * grid),
+    "concat": Strategy(lambda x, shape: x.flatten(1, 3), lambda shape, frames, grid: frames * grid * grid),
+}
+
+
+def strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown pooling {name!r}; expected one of {tuple(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def pool_tokens(x: torch.Tensor, name: str, out_shape) -> torch.Tensor:
+    """(B, T, H, W, D) frame features -> (B, N, D) visual tokens, flattened in (t, h, w) order."""
+    return strategy(name).pool(x, out_shape)
+
+
+def num_tokens(name: str, out_shape, frames: int, grid: int) -> int:
     """How many visual tokens one video becomes (grid: patches per side of a frame)."""
-    if strategy == "pllava":
-        return math.prod(out_shape)
-    if strategy == "vcgpt":
-        return frames + grid * grid
-    if strategy == "concat":
-        return frames * grid * grid
-    raise ValueError(f"unknown pooling {strategy!r}; expected one of {STRATEGIES}")
+    return strategy(name).count(out_shape, frames, grid)

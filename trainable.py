@@ -1,5 +1,6 @@
 """What trains, and where, for train.py: the model a run starts from (a checkpoint, or random
-weights), its LoRA, which parameters learn, and FSDP2 over the ranks (one rank too).
+weights), its LoRA, which parameters learn, and FSDP2 over the ranks (one rank too); and the plan of
+its memory (train.py --dry-run).
 """
 
 import os
@@ -10,6 +11,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 import lora
 from model import PLLaVA
+from plumbing import memory
 from weights import model_config, read_config
 
 
@@ -41,33 +43,49 @@ def probe(args, folder):
     config = model_config(folder or args.model) if args.model else read_config(args.init_from_config)
     with torch.device("meta"):
         model = PLLaVA(config)
+    lora_targets(args)
     try:
         add_lora(model, args)
     except ValueError:
-        raise ValueError(f"--lora-targets {args.lora_targets}: no linear layer of the model has that name "
-                         f"(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)") from None
+        raise ValueError(f"--lora-targets {args.lora_targets}: no linear layer of the language model has that "
+                         f"name (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)") from None
     set_trainable(model, args)
     return config, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_targets(args) -> list:
+    """--lora-targets as names inside the language model: a layer's last name (q_proj, as peft reads
+    it) or its full name (language_model.model.layers.0.self_attn.q_proj, or without language_model.);
+    a name in the vision tower or the projector is refused, before anything loads: adapters are saved
+    and exported in peft's format, for the language model."""
+    targets = args.lora_targets.split(",")
+    elsewhere = [t for t in targets if t.split(".")[0] in ("vision_tower", "multi_modal_projector")]
+    if elsewhere:
+        raise ValueError(f"--lora-targets {','.join(elsewhere)}: LoRA trains inside the language model only "
+                         f"(language_model.…, or a layer's last name such as q_proj); the vision tower and the "
+                         f"projector train whole (--train-all) or not at all")
+    return [t.removeprefix("language_model.") for t in targets]
 
 
 def add_lora(model, args):
     if args.full_finetune or args.train_all or lora.lora_layers(model):
         return
     torch.manual_seed(args.seed)
-    lora.add_lora(model.language_model, targets=args.lora_targets.split(","), r=args.lora_r, alpha=args.lora_alpha,
+    lora.add_lora(model.language_model, targets=lora_targets(args), r=args.lora_r, alpha=args.lora_alpha,
                   dropout=args.lora_dropout)
 
 
 def set_trainable(model, args):
     """The report's split: projector + LoRA learn (LoRA alone with --freeze-projector);
     --full-finetune adds the whole LLM; --train-all all."""
+    vision, projector = model.parameter_names(model.vision_tower), model.parameter_names(model.multi_modal_projector)
     for name, p in model.named_parameters():
         if args.train_all:
             p.requires_grad = True
         elif args.full_finetune:
-            p.requires_grad = not name.startswith("vision_tower.")
+            p.requires_grad = name not in vision
         else:
-            p.requires_grad = ".lora_" in name or (name.startswith("multi_modal_projector.") and not args.freeze_projector)
+            p.requires_grad = ".lora_" in name or (name in projector and not args.freeze_projector)
     for layer in lora.lora_layers(model).values():   # a LoRA loaded from a release trains on
         layer.lora_dropout = torch.nn.Dropout(args.lora_dropout) if args.lora_dropout > 0 else torch.nn.Identity()
 
@@ -129,3 +147,20 @@ def recompute(model, on):
     """Activation checkpointing: each layer's activations recomputed in the backward pass."""
     model.language_model.recompute = on
     model.vision_tower.vision_model.recompute = on
+
+
+def dry_run(args):
+    """The plan of a release (pllava-7b/13b/34b or its hub id), a local model folder or
+    --init-from-config on --gpus GPUs of --card-gb each, beside one training step rehearsed on fake
+    tensors (plumbing/rehearse.py) with the FSDP2 wrapping at that world size: nothing is read,
+    loaded, downloaded or started."""
+    from plumbing import rehearse
+    config, trainable = probe(args, args.model if args.model and os.path.isdir(args.model) else None)
+    shards = mesh_shape(args.gpus, int(os.environ.get("LOCAL_WORLD_SIZE", args.gpus)))[-1]
+    on, need = memory.for_training(args, config, trainable, shards, gpu=True)
+    peak = rehearse.training(args, config, args.gpus, on)
+    print(f"{args.model or args.init_from_config}: batch {args.batch_size} x {config.num_visual_tokens} visual + "
+          f"{args.max_text_tokens} text tokens on {args.gpus} GPU(s), {trainable / 1e6:.1f}M trainable, activation "
+          f"checkpointing {'on' if on else 'off'}: estimate {memory.describe(need)}, total {need['total']:.1f} GB "
+          f"per GPU; rehearsed on fake tensors: peak {peak['peak_gb']:.1f} GB + context {memory.CONTEXT_GB} GB")
+    return {**need, "rehearsed": peak["peak_gb"] + memory.CONTEXT_GB}

@@ -1,5 +1,5 @@
 """What a training run leaves in --out and starts again from: checkpoints, resume, the exported
-model.
+model; and the ranks joined, for each attempt of a run (a restart, a requeue).
 
 out/checkpoints/step_N holds the trainable weights and the optimizer (sharded,
 torch.distributed.checkpoint), each rank's RNG state (safetensors), the step (state.json), and for
@@ -9,6 +9,7 @@ unpickles, except the metadata file of torch's DCP format, which torch itself pi
 like code, should come from people you trust.
 """
 
+import datetime
 import json
 import os
 import re
@@ -111,7 +112,8 @@ def save_checkpoint(model, optimizer, args, step, stats, rank, world):
     barrier(world)
     if rank == 0:
         if small:
-            save_file({n: t for n, t in small.items() if n.startswith("multi_modal_projector.")},
+            projector = model.parameter_names(model.multi_modal_projector)
+            save_file({n: t for n, t in small.items() if n in projector},
                       os.path.join(tmp, "projector.safetensors"))
             lora.save_adapter(model.language_model, tmp, weights={n[len("language_model."):]: t for n, t in
                                                                    small.items() if ".lora_" in n})
@@ -228,3 +230,22 @@ def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, pro
         if os.path.exists(os.path.join(folder, name)):
             shutil.copy(os.path.join(folder, name), os.path.join(args.export, name))
     save_prompt(args.export, prompt["question"], prompt["system"], prompt["template"])
+
+
+def init_process_group(backend, timeout):
+    """torchrun's ranks joined, in a namespace of the store of their own attempt: after a restart,
+    the ranks must not find the addresses that the ranks of the attempt before (one of them dead)
+    left in torchrun's store, or gloo connects to a port nobody listens on any more."""
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}/", store), rank=rank,
+                            world_size=world, timeout=timeout)
+
+
+def collective_timeout(args):
+    """How long a rank waits for the others before the run is declared lost (a node that died
+    without closing its sockets is found so): the longest wait a healthy run can have, a micro-batch
+    step whose every sample runs into --decode-timeout on one decoding process, or 10 minutes for a
+    checkpoint or an export, with 2 minutes to spare."""
+    worst = args.decode_timeout * args.batch_size * args.grad_accum / max(1, args.workers or 4)
+    return datetime.timedelta(seconds=max(600.0, worst) + 120)
