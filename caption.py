@@ -7,14 +7,13 @@ gets one JSONL row, a caption or the reason it has none, appended as soon as it 
 (or --window) each shot gets one, with its start and end in seconds. A rerun skips what is done,
 whatever folder or mount it runs from (rows are keyed by the video's name: plumbing/sources.py),
 and tries again what may succeed now. Every caption carries the id of the settings and weights that
-made it (plumbing/outputs.py: CAPTION_SETTINGS, the prompt, the weights' content), and a rerun with
-others refuses the file. Under torchrun every rank captions its share into a file of its own, and
-rank 0 merges them into --out at the end.
+made it (SETTINGS below, the prompt, the weights' content), and a rerun with others refuses the
+file. Under torchrun every rank captions its share into a file of its own; rank 0 merges them.
 
-A row: {"video": its path here, "name", "caption", "tokens", "truncated": it reached
---max-new-tokens, "loop": it repeated itself and was ended there (--keep-loops), "frames", "model",
-"settings"}, with "shot", "of", "start", "end" per shot; or
-{"video", "name", "error", "code"} ("tries" on a failure the next run tries again).
+A row: {"video": its path on this machine, "name": the name rows are kept and resumed by, "caption",
+"tokens", "truncated": it reached --max-new-tokens, "loop": it repeated itself and was ended there
+(--keep-loops), "frames", "model", "settings": the id above}, with "shot", "of", "start", "end" per
+shot; or {"video", "name", "error", "code"} ("tries" on a failure the next run tries again).
 """
 
 import datetime
@@ -40,6 +39,12 @@ from plumbing.workers import PoolError, cores_per_rank, failure, imap_unordered
 from tokenizer import TEMPLATES, Tokenizer, prompt_for, prompt_ids, stop_id
 from weights import RELEASES, ModelFolderError, model_config, read_config
 
+
+# The flags that make a caption what it is: with the weights and the prompt they give every row its
+# "settings" id (plumbing/outputs.settings_id), and a rerun whose id differs refuses the file (or
+# --overwrite starts it again). A new flag that changes captions belongs here.
+SETTINGS = ("frames", "pooling_shape", "lora_alpha", "quantize", "max_new_tokens", "temperature", "top_p",
+            "repetition_penalty", "stop", "keyframes_only", "shots", "window", "min_shot", "max_shot")
 
 def caption(args):
     """The run, as it reads: where it runs; the model's folder; its prompt and settings; --out
@@ -80,7 +85,7 @@ class Captioner:
         self.config.recipe(args.frames, args.pooling_shape)   # flags that cannot work fail before anything loads
         asks = prompt_for(folder, self.tok, args.prompt, args.system, args.template)
         del asks["source"]
-        self.settings = settings_id(args, folder, asks)
+        self.settings = settings_id(args, folder, asks, SETTINGS)
         self.prompt = prompt_ids(self.tok, asks["question"], asks["template"], asks["system"])
         self.stops = args.stop or (["USER:"] if asks["template"] == "vicuna" else [])
         self.stop_ids = tuple({stop_id(self.tok, asks["template"]), self.tok.eos_id} - {None})

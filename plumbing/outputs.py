@@ -62,11 +62,10 @@ def _remembered(cache):
     return known if isinstance(known, dict) else {}
 
 
-def settings_id(args, folder: str, prompt: dict, names=None) -> str:
+def settings_id(args, folder: str, prompt: dict, names) -> str:
     """What makes a row what it is, as a short hash every row carries: the weights (weights_id, or the
-    model's name for a remote one), the prompt, and the flags in `names` (default: caption.py's). How it
-    runs (device, dtype, batch size, workers) is not in it."""
-    names = names or CAPTION_SETTINGS
+    model's name for a remote one), the prompt, and the flags in `names` (caption.SETTINGS, label.py's).
+    How it runs (device, dtype, batch size, workers) is not in it."""
     model = weights_id(folder) if folder and os.path.isdir(folder) else args.model
     what = {"model": model, **prompt, **{k: getattr(args, k) for k in names}}
     if getattr(args, "temperature", 0) and "seed" in vars(args):
@@ -74,10 +73,6 @@ def settings_id(args, folder: str, prompt: dict, names=None) -> str:
     if getattr(args, "shots", None) or getattr(args, "window", None):
         what["max_shots"] = args.max_shots
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-CAPTION_SETTINGS = ("frames", "pooling_shape", "lora_alpha", "quantize", "max_new_tokens", "temperature", "top_p",
-                    "repetition_penalty", "stop", "keyframes_only", "shots", "window", "min_shot", "max_shot")
 
 
 def rank_files(out):
