@@ -6,14 +6,18 @@ what happens between them. recheck brings evidence the label did not have, at a 
 student (a model trained on the labels, which sees 16 frames) captions the same videos, and the share
 of labels it agrees with least is asked again of the teacher from more frames (--frames 16): a new
 label replaces the old. Calls per video: 1 + the share (docs/toy.md compares it with other cleanings).
+Here too: the labels file read, each label's video found on this machine, and the student's captions
+matched to the labels.
 """
 
 import collections
 import json
+import os
 import re
 
 import shots
 from plumbing.jsonl import iter_rows
+from plumbing.sources import NameCollision, Video, canonical, collision, paired, video_base
 
 VERIFY = ("These are {frames} frames sampled evenly from one video, in order. Below are {n} numbered sentences "
           "that describe it. For each sentence, say whether the frames support it (true) or not (false: it "
@@ -62,3 +66,45 @@ def to_recheck(labels: dict, student: dict, share: float) -> dict:
     label with no student caption is not among them."""
     scored = sorted((agreement(labels[k]["caption"], student[k]), str(k), k) for k in labels if k in student)
     return {k: a for a, _, k in scored[:int(round(share * len(labels)))]}
+
+
+def labelled_videos(args):
+    """{(name, shot): label row} of the labels file args.source (verify, recheck), each row holding
+    under "_video" the Video to open on this machine: under --video-root by its name when that is
+    given, else by its path as the row writes it (relative to the labels file's folder)."""
+    labels = read_labels(args.source, args.frames if args.mode == "verify" else None)
+    base = video_base(args.source)
+    for (name, _), row in labels.items():
+        path = os.path.join(args.video_root, name) if args.video_root and not os.path.isabs(name) else \
+            os.path.join(base, row["video"])
+        row["_video"] = Video(canonical(path), name)
+    clash = collision((shots.row_key(r)[0], canonical(os.path.join(base, r["video"])))
+                      for r in iter_rows(args.source) if shots.row_key(r) in labels and "caption" in r)
+    if clash:
+        raise NameCollision(*clash, args.source)
+    return labels
+
+
+def label_row(label):
+    """A label row as it is written: its video's path here and its name, nothing of ours beside."""
+    video = label["_video"]
+    return {**{k: v for k, v in label.items() if k != "_video"}, "video": str(video), "name": video.name}
+
+
+def student_captions(path, labels):
+    """{label key: the student's caption} of the student's captions (caption.py's rows), for recheck,
+    matched by the video's file on this machine, else by its name (and shot); a file that names none
+    of the labelled videos is refused (every label would be copied, unchecked)."""
+    if not path:
+        raise ValueError("recheck needs --student CAPTIONS: the student's captions of the same videos")
+    captions, paths = {}, {}
+    for r in iter_rows(path, must_exist=True):
+        k = shots.row_key(r)
+        if k is not None and isinstance(r.get("caption"), str) and k not in captions:
+            captions[k], paths[k] = r["caption"], r["video"]
+    pairs = paired({k: str(r["_video"]) for k, r in labels.items()}, paths)   # by file, else by name
+    student = {k: captions[theirs] for k, theirs in pairs.items()}
+    if labels and not student:
+        raise ValueError(f"{path}: no caption of a labelled video ({len(captions)} captions, {len(labels)} labels): "
+                         f"caption the videos the labels name, as the labels spell them (and per shot if they are)")
+    return student

@@ -23,6 +23,7 @@ refused key, an empty account or a server that stays unreachable stops the run e
 """
 
 import collections
+import contextlib
 import functools
 import os
 import sys
@@ -35,12 +36,11 @@ from data import UNREADABLE, VideoError
 from plumbing import cli
 from plumbing.cli import Stop
 from plumbing.client import FINAL_CODES, APIError, add_api_flags, api_client, failure_kind
-from plumbing.jsonl import Busy, iter_rows
+from plumbing.jsonl import Busy
 from plumbing.outputs import Outputs, file_hash, settings_id
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
-from plumbing.sources import (NameCollision, Video, canonical, collision, find_videos, in_shard, names_of, paired,
-                              video_base)
+from plumbing.sources import find_videos, in_shard, names_of
 from plumbing.workers import RETRIED, PoolError, failure, imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
@@ -215,62 +215,114 @@ def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
 
 
 def label(args, mode="label"):
-    """mode "label": the videos of args.source; "verify": the labels of args.source, each against its own
-    frames; "recheck": the labels the student agrees with least, each labelled again from more frames
-    (checks.py), the others copied as they are. Every video is sharded and resumed by its name
-    (plumbing/sources.py), so nodes that mount the files elsewhere agree."""
-    prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
-    prompt = prompt.replace("{n}", str(args.frames))
-    client = api_client(args)
-    decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
-                               buffer=2 * args.concurrency, memory_gb=args.decode_memory, stop=client.stop)
-    stats = collections.Counter(cut=0) if shots.finder(args) and mode == "label" else collections.Counter()
-    videos, labels, names = [], {}, {}
-    if mode == "label":
-        found = find_videos(args.source)
-        names = names_of(found)   # the rows of a run from before names, known by their paths
-        videos = [v for v in found if in_shard(v.name, args.shard)]
-    else:
-        labels = labelled_videos(args)
-        names = {str(r["_video"]): k[0] for k, r in labels.items()}
-    mine = {k: r for k, r in labels.items() if in_shard(k[0], args.shard)}
-    if mode != "label" and not labels:
-        raise ValueError(f"{args.source}: no labelled rows in it (rows with a video and a caption)")
-    chosen = checks.to_recheck(labels, student_captions(args.student, labels), args.share) \
-        if mode == "recheck" else {}
-    chosen = {k: a for k, a in chosen.items() if k in mine}   # chosen among all labels: shards agree
-    what = {"prompt": checks.VERIFY if mode == "verify" else prompt, "mode": mode}
-    if mode != "label":   # what is checked, and against whom: another labels or student file is another run
-        what |= {"labels": file_hash(args.source), "student": file_hash(args.student) if args.student else None}
-    settings_names = LABEL_SETTINGS + (("share",) if mode == "recheck" else ())
-    settings = settings_id(args, None, what, names=settings_names)
-    tries, key = {}, functools.partial(shots.row_key, names=names)
-    with Outputs(args.out, overwrite=args.overwrite) as out:
-        here = {v.name: str(v) for v in videos} or {k[0]: str(r["_video"]) for k, r in labels.items()}
-        done = out.resume(key, functools.partial(is_done, retry_errors=args.retry_errors), settings, tries, here)
-        copied = 0
-        if mode == "recheck":   # the labels kept as they are: written now, no request
-            for k, r in mine.items():
-                if k not in chosen and k not in done:
-                    out.write({**_row(r), "settings": settings, "rechecked": False})
-                    copied += 1
-        if mode != "label":   # the labels' videos (and shots) again, one job a label
-            todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items()
-                    if k not in done and (mode == "verify" or k in chosen)]
-            work = functools.partial(verify_one, client, args, {k: _row(r) for k, r in labels.items()}, tries,
-                                     settings) if mode == "verify" else \
-                functools.partial(recheck_one, client, args, prompt, {k: _row(r) for k, r in labels.items()},
-                                  chosen, tries, settings)
-        elif shots.finder(args):   # shots found in the decode workers, then each shot labelled alone
+    """One of the three modes, each a function of its own over one Run (below). Every video is sharded
+    and resumed by its name (plumbing/sources.py), so nodes that mount the files elsewhere agree."""
+    return {"label": label_videos, "verify": verify_labels, "recheck": recheck_labels}[mode](args)
+
+
+def label_videos(args):
+    """The videos of args.source, each labelled from --frames frames (or each of its shots, --shots)."""
+    prompt, run = teacher_prompt(args), Run(args, "label")
+    found = find_videos(args.source)
+    videos = [v for v in found if in_shard(v.name, args.shard)]
+    what = {"prompt": prompt, "mode": "label"}   # names_of: the rows of a run from before names, by their paths
+    with run.outputs(what, names_of(found), {v.name: str(v) for v in videos}) as (out, done):
+        if shots.finder(args):   # shots found in the decode workers, then each shot labelled alone
             todo = [v for v in videos if not shots.whole(v, done, out.shot_counts)]
-            shots_of = shots.jobs(shots.counted(decode(shots.finder(args), todo), stats), done)
-            work = functools.partial(label_one, client, args, prompt, tries, settings)
+            asked = shots.jobs(shots.counted(run.decode(shots.finder(args), todo), run.stats), done)
         else:
             todo = [v for v in videos if (v.name, None) not in done]
-            work = functools.partial(label_one, client, args, prompt, tries, settings)
-        asked = todo if mode != "label" else shots_of if shots.finder(args) else [(v, None, None) for v in todo]
-        jobs = decode(functools.partial(shots.shot_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q), asked)
-        failed, start = collections.Counter(), time.monotonic()
+            asked = [(v, None, None) for v in todo]
+        work = functools.partial(label_one, run.client, args, prompt, run.tries, run.settings)
+        run.ask(out, asked, work, len(todo), already=len(videos) - len(todo))
+
+
+def verify_labels(args):
+    """The labels of args.source, each shown to the teacher with its own frames: the sentences the frames
+    do not support are taken out."""
+    run = Run(args, "verify")
+    labels, mine, what, names, here = _of_labels(args, "verify", checks.VERIFY)
+    with run.outputs(what, names, here) as (out, done):
+        todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items() if k not in done]
+        rows = {k: checks.label_row(r) for k, r in labels.items()}
+        work = functools.partial(verify_one, run.client, args, rows, run.tries, run.settings)
+        run.ask(out, todo, work, len(todo), already=len(mine) - len(todo))
+
+
+def recheck_labels(args):
+    """The --share of labels the student agrees with least, each labelled again from more frames
+    (checks.py); the others copied as they are, with no request."""
+    prompt, run = teacher_prompt(args), Run(args, "recheck")
+    labels, mine, what, names, here = _of_labels(args, "recheck", prompt)
+    chosen = checks.to_recheck(labels, checks.student_captions(args.student, labels), args.share)
+    chosen = {k: a for k, a in chosen.items() if k in mine}   # chosen among all labels: shards agree
+    with run.outputs(what, names, here) as (out, done):
+        copied = 0
+        for k, r in mine.items():
+            if k not in chosen and k not in done:
+                out.write({**checks.label_row(r), "settings": run.settings, "rechecked": False})
+                copied += 1
+        todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items() if k not in done and k in chosen]
+        rows = {k: checks.label_row(r) for k, r in labels.items()}
+        work = functools.partial(recheck_one, run.client, args, prompt, rows, chosen, run.tries, run.settings)
+        said = f"copied {copied} labels as they were; asked again {len(chosen)} of {len(mine)} labels from " \
+               f"{args.frames} frames ({{refused}} refused, their first label kept): " \
+               f"{1 + len(chosen) / max(len(mine), 1):.2f} teacher calls a label in all"
+        run.ask(out, todo, work, len(todo), already=len(mine) - len(todo) - copied, said=said)
+
+
+def teacher_prompt(args):
+    prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
+    return prompt.replace("{n}", str(args.frames))
+
+
+def _of_labels(args, mode, prompt):
+    """verify's and recheck's start: the labels (all, and this shard's), what the rows' settings say
+    (what is checked, and against whom: another labels or student file is another run), the labels'
+    names by their paths, and their paths here by their names."""
+    labels = checks.labelled_videos(args)
+    if not labels:
+        raise ValueError(f"{args.source}: no labelled rows in it (rows with a video and a caption)")
+    mine = {k: r for k, r in labels.items() if in_shard(k[0], args.shard)}
+    what = {"prompt": prompt, "mode": mode, "labels": file_hash(args.source),
+            "student": file_hash(args.student) if args.student else None}
+    names = {str(r["_video"]): k[0] for k, r in labels.items()}
+    return labels, mine, what, names, {k[0]: str(r["_video"]) for k, r in labels.items()}
+
+
+class Run:
+    """What the three modes share: the teacher's client, the decode workers, the --out file resumed under
+    the rows' settings id, the jobs run on threads (plumbing/runner.py), and the counts the summary says."""
+
+    def __init__(self, args, mode):
+        self.args, self.mode, self.client = args, mode, api_client(args)
+        self.decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
+                                        buffer=2 * args.concurrency, memory_gb=args.decode_memory,
+                                        stop=self.client.stop)
+        self.stats = collections.Counter(cut=0) if shots.finder(args) and mode == "label" else collections.Counter()
+        self.failed, self.tries = collections.Counter(), {}
+
+    @contextlib.contextmanager
+    def outputs(self, what, names, here):
+        """(the --out file, {key: row} of what it holds done), resumed under the settings id of `what` and
+        the flags (self.settings); names: {path: name} of rows from before names; here: {name: path}."""
+        flags = LABEL_SETTINGS + (("share",) if self.mode == "recheck" else ())
+        self.settings = settings_id(self.args, None, what, names=flags)
+        with Outputs(self.args.out, overwrite=self.args.overwrite) as out:
+            key = functools.partial(shots.row_key, names=names)
+            yield out, out.resume(key, functools.partial(is_done, retry_errors=self.args.retry_errors),
+                                  self.settings, self.tries, here)
+        retry = sum(n for kind, n in self.failed.items() if kind.split(" ", 1)[1] not in FINAL_CODES | {UNREADABLE})
+        if retry and not self.stats["done"]:   # a run that did nothing did not work, whatever stopped it
+            verb = {"label": "labelled", "verify": "verified", "recheck": "labelled again"}[self.mode]
+            raise Stop(f"no video was {verb} and {retry} failed (see above); they are not marked done")
+
+    def ask(self, out, asked, work, n_todo, already, said=None):
+        """work(job) for every job of `asked`, its frames decoded first; every row written as it comes."""
+        args, stats, failed = self.args, self.stats, self.failed
+        jobs = self.decode(functools.partial(shots.shot_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q),
+                           asked)
+        start = time.monotonic()
 
         def seen(row):
             if "error" in row:
@@ -281,64 +333,15 @@ def label(args, mode="label"):
                 stats["in"] += usage.get("prompt_tokens", 0) if "recheck_refused" not in row else 0
                 stats["out"] += usage.get("completion_tokens", 0) if "recheck_refused" not in row else 0
                 stats["length"] += row.get("finish_reason") == "length"
-            progress(stats, stats["done"] + stats["refused"] + sum(failed.values()), len(todo),
-                     sum(failed.values()), start)
+            progress(stats, stats["done"] + stats["refused"] + sum(failed.values()), n_todo, sum(failed.values()),
+                     start)
         try:
-            run_items(client, jobs, work, args.concurrency, out, args.max_failures_in_a_row, identify,
+            run_items(self.client, jobs, work, args.concurrency, out, args.max_failures_in_a_row, identify,
                       neutral=FILE_CODES, seen=seen)
         finally:
-            total = len(mine) if mode != "label" else len(videos)
-            summary(args, stats, failed, total - len(todo) - copied, start, mode)
-            if mode == "recheck":
-                print(f"copied {copied} labels as they were; asked again {len(chosen)} of {len(mine)} labels from "
-                      f"{args.frames} frames ({stats['refused']} refused, their first label kept): "
-                      f"{1 + len(chosen) / max(len(mine), 1):.2f} teacher calls a label in all", file=sys.stderr)
-    retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] not in FINAL_CODES | {UNREADABLE})
-    if retry and not stats["done"]:   # a run that did nothing did not work, whatever stopped it
-        verb = {"label": "labelled", "verify": "verified", "recheck": "labelled again"}[mode]
-        raise Stop(f"no video was {verb} and {retry} failed (see above); they are not marked done")
-
-
-def labelled_videos(args):
-    """{(name, shot): label row} of the labels file args.source (verify, recheck), each row holding
-    under "_video" the Video to open on this machine: under --video-root by its name when that is
-    given, else by its path as the row writes it (relative to the labels file's folder)."""
-    labels = checks.read_labels(args.source, args.frames if args.mode == "verify" else None)
-    base = video_base(args.source)
-    for (name, _), row in labels.items():
-        path = os.path.join(args.video_root, name) if args.video_root and not os.path.isabs(name) else \
-            os.path.join(base, row["video"])
-        row["_video"] = Video(canonical(path), name)
-    clash = collision((shots.row_key(r)[0], canonical(os.path.join(base, r["video"])))
-                      for r in iter_rows(args.source) if shots.row_key(r) in labels and "caption" in r)
-    if clash:
-        raise NameCollision(*clash, args.source)
-    return labels
-
-
-def _row(label):
-    """A label row as it is written: its video's path here and its name, nothing of ours beside."""
-    video = label["_video"]
-    return {**{k: v for k, v in label.items() if k != "_video"}, "video": str(video), "name": video.name}
-
-
-def student_captions(path, labels):
-    """{label key: the student's caption} of the student's captions (caption.py's rows), for recheck,
-    matched by the video's file on this machine, else by its name (and shot); a file that names none
-    of the labelled videos is refused (every label would be copied, unchecked)."""
-    if not path:
-        raise ValueError("recheck needs --student CAPTIONS: the student's captions of the same videos")
-    captions, paths = {}, {}
-    for r in iter_rows(path, must_exist=True):
-        k = shots.row_key(r)
-        if k is not None and isinstance(r.get("caption"), str) and k not in captions:
-            captions[k], paths[k] = r["caption"], r["video"]
-    pairs = paired({k: str(r["_video"]) for k, r in labels.items()}, paths)   # by file, else by name
-    student = {k: captions[theirs] for k, theirs in pairs.items()}
-    if labels and not student:
-        raise ValueError(f"{path}: no caption of a labelled video ({len(captions)} captions, {len(labels)} labels): "
-                         f"caption the videos the labels name, as the labels spell them (and per shot if they are)")
-    return student
+            summary(args, stats, failed, already, start, self.mode)
+            if said:
+                print(said.format(refused=stats["refused"]), file=sys.stderr)
 
 
 def progress(stats, finished, total, failed, start):
