@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from lab import gpu_check
 from lab.gpu_check import STAGES, Stage, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

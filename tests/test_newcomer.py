@@ -97,7 +97,6 @@ def test_the_stand_in_teacher_starts_with_one_command_and_labels_what_the_frames
     and as Qwen's video part: a red square moving right, then down, on a dark background is labelled so."""
     import subprocess
     import sys
-    import time
 
     import numpy as np
     from lab.synthetic import write_video
