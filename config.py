@@ -82,7 +82,7 @@ class Config:
     image_token_index: int = 32000
     vision_feature_layer: int = -2       # hidden_states[-2]: the penultimate layer's output
     vision_feature_select_strategy: str = "default"   # "default" drops the CLS token
-    projector_type: str = "mlp2x_gelu"   # one of model.PROJECTORS: linear, GELU, linear (LLaVA's name)
+    projector_type: str = "mlp2x_gelu"   # model.PROJECTORS: linear, GELU, linear (LLaVA's name)
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
     pooling: str = "pllava"              # one of pool.STRATEGIES

@@ -16,7 +16,8 @@ import av
 import numpy as np
 
 import sampler
-from sampler import UNREADABLE, VideoError, open_video, time_span  # noqa: F401  (the names callers use)
+# the names callers use
+from sampler import UNREADABLE, VideoError, open_video, time_span  # noqa: F401
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,8 +63,8 @@ def _resized(a, shape):
 
 
 def must_be_a_file(path):
-    """A VideoError unless `path` is a regular file: none there, or a FIFO, a device or a folder (never
-    opened: a FIFO would block the decoder)."""
+    """A VideoError unless `path` is a regular file: none there, or a FIFO, a device or a folder
+    (never opened: a FIFO would block the decoder)."""
     if not os.path.exists(path):
         raise VideoError(f"{path}: no such file")
     if not os.path.isfile(path):

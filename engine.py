@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch._dynamo
 
-from generate import Sampling, compiled_decode, decode_one_token, length_mask, looping, pick, prefill
+from generate import (Sampling, compiled_decode, decode_one_token, length_mask, looping, pick,
+                      prefill)
 from model import KVCache
 from plumbing.feed import Feed
 
@@ -93,7 +94,7 @@ class Engine:
         self.ended_since_oom = 0      # videos ended since the last out-of-memory error
         self.waiting = []             # the videos taken and not yet ended, in their order
         self.occupied = 0             # slots holding a video now
-        self.max_len = 0              # compiled: the cache's length, kept from one batch to the next
+        self.max_len = 0              # compiled: the cache's length, kept from batch to batch
         # steps of rows that had ended (read late), and all row steps: kept on the device
         self.counts = torch.zeros(2, dtype=torch.long, device=self.device)
         self.stop_ids = torch.tensor(sorted(sampling.stop_ids) or [-1], device=self.device)
@@ -123,7 +124,8 @@ class Engine:
                         f"run without --compile") from e
                 self._free()
                 self.ended_since_oom = 0
-                self.ceiling = min(self.ceiling, slot_counts(self.slots)[0] if self.slots > 1 else 1)
+                below = slot_counts(self.slots)[0] if self.slots > 1 else 1
+                self.ceiling = min(self.ceiling, below)
                 if self.slots > 1:
                     self.slots = next(c for c in slot_counts(self.slots) if c <= self.slots // 2)
                     self.stats["slot_counts"].append(self.slots)
@@ -291,7 +293,8 @@ class Engine:
         lm, dev, t0 = self.model.language_model, self.device, time.perf_counter()
         main = [layer.self_attn.cache for layer in lm.model.layers]
         ids = torch.tensor([item.ids for item in items], device=dev)
-        where = [item.ids.index(self.model.config.image_token_index) for item in items]   # no host read
+        image = self.model.config.image_token_index
+        where = [item.ids.index(image) for item in items]   # no host read
         pixels = torch.stack([item.pixels for item in items])
         x, _, _ = self.model.prepare(ids, pixels, image_pos=where)     # (n, P, D)
         n, P = x.shape[:2]
@@ -333,7 +336,7 @@ class Engine:
             yield item.key, tokens[b]
 
     def _stop_string(self, tokens):
-        """A stop string in the row's text, or (with sampling.stop_loops) the row repeating itself."""
+        """A stop string in the row's text, or (sampling.stop_loops) the row repeating itself."""
         if self.sampling.stop_loops and looping(tokens):
             return True
         stops = self.sampling.stop_strings

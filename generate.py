@@ -30,7 +30,7 @@ class Sampling:
     repetition_penalty: float = 1.0       # as transformers: >1 makes tokens seen less likely
     stop_ids: tuple = (2,)                # a row ends at one of these tokens (not returned)
     stop_strings: tuple = ()              # ... or once its text holds one (needs `decode`)
-    stop_loops: bool = False              # ... or once it repeats itself (looping): the engine's guard
+    stop_loops: bool = False              # ... or once it repeats itself (looping)
 
 
 LOOP = 6   # tokens: a row whose last LOOP tokens came LOOP_TIMES times before is looping
@@ -258,12 +258,14 @@ CHOICES = "packed-or-plain.json"   # in the cache folder (jsonl.cache_dir): meas
 def packed_is_faster(weight, rows: int, rounds: int = 5) -> bool:
     """Whether the packed product of `weight` beats the plain one at `rows` rows on this CPU: timed
     in turns (plain, packed, plain, ...), the medians compared; remembered in CHOICES by shape,
-    rows, CPU, threads and torch (a file in the cache folder). A few milliseconds a shape (the lm_head's, tens)."""
+    rows, CPU, threads and torch (a file in the cache folder). A few milliseconds a shape (the
+    lm_head's, tens)."""
     import json
     import statistics
     from plumbing.jsonl import cache_dir, replace_atomic
     path = os.path.join(cache_dir(), CHOICES)
-    key = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()} threads|{tuple(weight.shape)}|{rows} rows"
+    key = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()} threads|" \
+          f"{tuple(weight.shape)}|{rows} rows"
     try:
         with open(path) as f:
             known = json.load(f)
@@ -287,7 +289,8 @@ def cpu_model() -> str:
     """The CPU's name (/proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(names, "cpu")
     except OSError:
         return "cpu"
 
@@ -328,7 +331,8 @@ def generate_reference(model, input_ids, pixel_values, attention_mask=None, max_
     return stopper.tokens
 
 
-def ready_for_inference(model, int8: bool = False, device=None, compiled: bool = False, rows: int = 8):
+def ready_for_inference(model, int8: bool = False, device=None, compiled: bool = False,
+                        rows: int = 8):
     """A loaded model made ready to generate, in place: nothing requires gradients; with int8 the
     language model quantized (quant.py; each weight moved to `device` and quantized there, one at a
     time) and the rest moved there; else on a CPU in fp32 (not compiled) each linear layer in the

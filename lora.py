@@ -3,9 +3,9 @@
     y = W0 x + b + (alpha / r) * B(A(dropout(x)))
 
 A starts kaiming-uniform and B at zero (as peft does), so a fresh adapter changes nothing. The
-report's post-training trains A and B (r=128, alpha=32, on q_proj and k_proj) and then, at inference,
-*lowers* alpha: alpha/r is the share of the learned update in the output, a knob that needs no
-retraining (PLLaVA's own inference uses alpha=4 with r=128).
+report's post-training trains A and B (r=128, alpha=32, on q_proj and k_proj) and then, at
+inference, *lowers* alpha: alpha/r is the share of the learned update in the output, a knob that
+needs no retraining (PLLaVA's own inference uses alpha=4 with r=128).
 
 LoRALinear subclasses nn.Linear and keeps the frozen weight under its usual name, so a checkpoint
 written without LoRA loads into a model with LoRA unchanged. Adapters are saved and loaded in
@@ -89,7 +89,8 @@ def matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def add_lora(model: nn.Module, targets=TARGETS, r=R, alpha=ALPHA, dropout=DROPOUT, ranks=None, alphas=None):
+def add_lora(model: nn.Module, targets=TARGETS, r=R, alpha=ALPHA, dropout=DROPOUT, ranks=None,
+             alphas=None):
     """Replace every nn.Linear whose name matches `targets` with a LoRALinear; returns the names.
 
     `ranks` and `alphas` ({module name: value}) override r and alpha per module, as when they are

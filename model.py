@@ -73,7 +73,8 @@ class KVCache(nn.Module):
             self.k.index_copy_(2, input_pos, k)
             self.v.index_copy_(2, input_pos, v)
         else:
-            rows = self.index if self.index is not None else torch.arange(k.shape[0], device=k.device)
+            rows = self.index if self.index is not None else \
+                torch.arange(k.shape[0], device=k.device)
             slots = input_pos if input_pos.dim() == 2 else input_pos[None]
             self.k[rows[:, None], :, slots] = k.transpose(1, 2)      # indexed: (B, L, nkv, hd)
             self.v[rows[:, None], :, slots] = v.transpose(1, 2)
@@ -216,7 +217,8 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-PROJECTORS = {"mlp2x_gelu": Projector}   # Config.projector_type -> its module: a new projector goes here
+# Config.projector_type -> its module: a new projector is added here
+PROJECTORS = {"mlp2x_gelu": Projector}
 
 
 def splice(t, pos, insert):
@@ -245,13 +247,15 @@ class PLLaVA(nn.Module):
         # a ModuleDict only so that the keys read `vision_tower.vision_model.` (the checkpoints')
         self.vision_tower = nn.ModuleDict(dict(vision_model=CLIPVision(config.vision_config)))
         if config.projector_type not in PROJECTORS:
-            raise ValueError(f"projector_type {config.projector_type!r} is not one of {tuple(PROJECTORS)}")
+            raise ValueError(f"projector_type {config.projector_type!r}: not one of "
+                             f"{tuple(PROJECTORS)}")
         self.multi_modal_projector = PROJECTORS[config.projector_type](config)
         self.language_model = LLaMA(config.text_config)
 
     def parameter_names(self, part: nn.Module) -> set:
-        """The full names of one part's parameters (self.multi_modal_projector, self.vision_tower): what
-        trains, and what a checkpoint keeps, is chosen by them (trainable.py, trainstate.py)."""
+        """The full names of one part's parameters (self.multi_modal_projector, self.vision_tower):
+        what trains, and what a checkpoint keeps, is chosen by them (trainable.py,
+        trainstate.py)."""
         prefix = next(name for name, child in self.named_children() if child is part)
         return {f"{prefix}.{n}" for n, _ in part.named_parameters()}
 

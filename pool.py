@@ -40,7 +40,7 @@ def vcgpt(x: torch.Tensor) -> torch.Tensor:
 
 class Strategy(NamedTuple):
     pool: Callable    # (x (B, T, H, W, D), out_shape) -> (B, N, D), flattened in (t, h, w) order
-    count: Callable   # (out_shape, frames, grid) -> N, without running it (Config.num_visual_tokens)
+    count: Callable   # (out_shape, frames, grid) -> N, not run (Config.num_visual_tokens)
 
 
 # A new strategy is a function and its token count, added here; Config(pooling=name) picks it.
@@ -48,7 +48,8 @@ STRATEGIES = {
     "pllava": Strategy(lambda x, shape: adaptive_avg_pool3d(x, shape).flatten(1, 3),
                        lambda shape, frames, grid: math.prod(shape)),
     "vcgpt": Strategy(lambda x, shape: vcgpt(x), lambda shape, frames, grid: frames + grid * grid),
-    "concat": Strategy(lambda x, shape: x.flatten(1, 3), lambda shape, frames, grid: frames * grid * grid),
+    "concat": Strategy(lambda x, shape: x.flatten(1, 3),
+                       lambda shape, frames, grid: frames * grid * grid),
 }
 
 

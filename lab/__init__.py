@@ -1,1 +1,2 @@
-"""The lab: benchmarks and their measurement, the toy's synthetic world, synthetic media for tests."""
+"""The lab: benchmarks and their measurement, the toy's synthetic world, synthetic media for
+tests."""
