@@ -61,11 +61,11 @@ class Settings:
     train_all: bool = flag(False, "train everything, vision tower too, no LoRA")
     freeze_projector: bool = flag(False, "LoRA alone learns: the projector stays as it was (alpha 0 is then the "
                                          "model started from)")
-    lora_r: int = flag(lora.R, "LoRA rank", type=cli.positive_int)
-    lora_alpha: float = flag(lora.ALPHA, "LoRA alpha (its share is alpha / r)", type=cli.non_negative)
+    lora_r: int = flag(help=f"LoRA rank (default: {lora.R}, or the model's adapter's)", type=cli.positive_int)
+    lora_alpha: float = flag(help=f"LoRA alpha; its share is alpha / r (default: {lora.ALPHA:g})", type=cli.non_negative)
     lora_dropout: float = flag(lora.DROPOUT, "dropout on the LoRA input", type=cli.non_negative)
-    lora_targets: str = flag(",".join(lora.TARGETS), "the language model's linear layers that get LoRA, "
-                             "comma-separated: a layer's last name (q_proj) or its full name")
+    lora_targets: str = flag(help=f"the language model's linear layers that get LoRA, comma-separated: a "
+                                  f"layer's last name or its full name (default: {','.join(lora.TARGETS)})")
     # the samples
     frames: int = flag(help="frames per video (default: the model's num_frames)", type=cli.positive_int)
     prompt: str = flag(help="the instruction paired with a plain caption (default: the model folder's "

@@ -58,7 +58,7 @@ def lora_targets(args) -> list:
     it) or its full name (language_model.model.layers.0.self_attn.q_proj, or without language_model.);
     a name in the vision tower or the projector is refused, before anything loads: adapters are saved
     and exported in peft's format, for the language model."""
-    targets = args.lora_targets.split(",")
+    targets = args.lora_targets.split(",") if args.lora_targets else list(lora.TARGETS)
     elsewhere = [t for t in targets if t.split(".")[0] in ("vision_tower", "multi_modal_projector")]
     if elsewhere:
         raise ValueError(f"--lora-targets {','.join(elsewhere)}: LoRA trains inside the language model only "
@@ -68,11 +68,35 @@ def lora_targets(args) -> list:
 
 
 def add_lora(model, args):
-    if args.full_finetune or args.train_all or lora.lora_layers(model):
+    """A new adapter: the report's (r 128, alpha 32 on q_proj and k_proj) unless the flags say otherwise.
+    A model that has one already (a release, an export) trains it on as it is: LoRA flags that ask for
+    another are refused, not ignored."""
+    if args.full_finetune or args.train_all:
         return
+    if lora.lora_layers(model):
+        return same_lora(model, args)
     torch.manual_seed(args.seed)
-    lora.add_lora(model.language_model, targets=lora_targets(args), r=args.lora_r, alpha=args.lora_alpha,
-                  dropout=args.lora_dropout)
+    lora.add_lora(model.language_model, targets=lora_targets(args), r=args.lora_r or lora.R,
+                  alpha=lora.ALPHA if args.lora_alpha is None else args.lora_alpha, dropout=args.lora_dropout)
+
+
+def same_lora(model, args):
+    lm = model.language_model
+    shape = lora.lora_shape(lm)   # {name: (r, alpha)}
+    linears = [n for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("_A")
+               and not n.endswith("_B")]
+    other = [flag for flag, asked, has in (
+        ("--lora-r", args.lora_r, {r for r, _ in shape.values()}),
+        ("--lora-alpha", args.lora_alpha, {a for _, a in shape.values()}),
+        ("--lora-targets", args.lora_targets and lora_targets(args), set(shape)))
+        if asked is not None and ({n for n in linears if lora.matches(n, asked)} if flag == "--lora-targets"
+                                  else {asked}) != has]
+    if other:
+        r, a = next(iter(shape.values()))
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in shape})
+        raise ValueError(f"the model already has a LoRA adapter (r {r}, alpha {a:g}, on {','.join(kinds)} in "
+                         f"{len(shape)} layers), which trains on as it is: {', '.join(other)} ask for another; "
+                         f"leave them out, or start from a model without one")
 
 
 def set_trainable(model, args):

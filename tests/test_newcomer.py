@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from checks import agreement
 from plumbing.jsonl import read_rows
 
 from chaos_api import ChaosAPI
@@ -27,13 +28,16 @@ def guide_commands():
     return [line for line in lines if line and not line.startswith("#")]
 
 
+TEACHER = "A small square glows in the middle of the frame."
+
+
 @pytest.mark.slow
 def test_the_quickstart_runs_as_written_against_a_local_teacher(ckpt, tmp_path):
     """The guide's commands, with its placeholders filled: my_videos/ (12 videos), the endpoint (a fake
     teacher on localhost), the model to start from (a tiny one in toy_out/stage2's place)."""
     solid_videos(str(tmp_path / "my_videos"), 12, size=(64, 48))
     shutil.copytree(ckpt, tmp_path / "toy_out" / "stage2")
-    api = ChaosAPI(lambda body, item: "A small square glows in the middle of the frame.", identify=lambda b: "x",
+    api = ChaosAPI(lambda body, item: TEACHER, identify=lambda b: "x",
                    script={"x": ["ok"] * 1000}, key=None)   # a local server: any key, no faults
     commands = guide_commands()
     tools = [c.split()[c.split().index("python") + 1] for c in commands]
@@ -52,6 +56,12 @@ def test_the_quickstart_runs_as_written_against_a_local_teacher(ckpt, tmp_path):
     assert len(labels) == 12 and len(clean) == 12   # a templated answer: kept, not dropped as duplicates
     captions = read_rows(str(tmp_path / "captions.jsonl"))
     assert len(captions) == 12 and all("caption" in r for r in captions)
+    base = run_tool("caption.py", ["my_videos/", "--model", "toy_out/stage2", "--out", "base.jsonl"], cwd=tmp_path)
+    assert base.returncode == 0, base.stderr[-2000:]
+    said = {r["name"]: r["caption"] for r in read_rows(str(tmp_path / "base.jsonl"))}
+    after = {r["name"]: r["caption"] for r in captions}
+    near = [agreement(after[k], TEACHER) - agreement(said[k], TEACHER) for k in after]
+    assert sum(d > 0 for d in near) >= 9, (said, after)        # the fine-tune moved them to the teacher's words
     model = tmp_path / "runs" / "mine" / "model"
     assert json.load(open(model / "prompt.json"))["template"] == "vicuna"
     rechecked = read_rows(str(tmp_path / "rechecked.jsonl"))               # the share the student disputes, again
