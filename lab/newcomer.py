@@ -1,14 +1,15 @@
-"""A newcomer's first hour, timed: a fresh clone and a fresh virtual environment, the README's install,
-`python toy.py`, then docs/quickstart.md's commands against the stand-in teacher on 24 of the toy's
-held-out videos, with the captions before and after the fine-tune compared to the teacher's labels.
+"""A newcomer's first hour, timed: a fresh clone and a fresh virtual environment, the README's
+install, `python toy.py`, then docs/quickstart.md's commands against the stand-in teacher on 24 of
+the toy's held-out videos, with the captions before and after the fine-tune compared to the
+teacher's labels.
 
     python -m lab.newcomer [--busy 2] [--out results/newcomer-DATE.json]
 
---busy N starts N busy-loop processes beside it (a minute before the toy, so the load has risen, as on
-a shared machine) and stops them at the end. Every command's seconds and exit code are recorded, the
-toy's check lines, and per caption file: the share the same as the base model's, that loop, that were
-cut at the token limit, in the teacher's wording ("shape" and "background"), and the mean word-pair
-agreement with the teacher's label (checks.agreement).
+--busy N starts N busy-loop processes beside it (a minute before the toy, so the load has risen, as
+on a shared machine) and stops them at the end. Every command's seconds and exit code are recorded,
+the toy's check lines, and per caption file: the share the same as the base model's, that loop, that
+were cut at the token limit, in the teacher's wording ("shape" and "background"), and the mean
+word-pair agreement with the teacher's label (checks.agreement).
 """
 
 import argparse
@@ -48,7 +49,8 @@ def timed(cmd, cwd, env, log, timeout=3600):
 
 def guide_commands():
     text = open(os.path.join(ROOT, "docs", "quickstart.md")).read()
-    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -61,19 +63,21 @@ def scores(folder, name, base, labels):
             "truncated": sum(bool(r.get("truncated")) for r in rows.values()) / n,
             "teacher_wording": sum("shape" in r["caption"] and "background" in r["caption"]
                                    for r in rows.values()) / n,
-            "agreement_with_teacher": sum(agreement(r["caption"], labels.get(k, "")) for k, r in rows.items()) / n}
+            "agreement_with_teacher": sum(agreement(r["caption"], labels.get(k, ""))
+                                          for k, r in rows.items()) / n}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--busy", type=int, default=0, help="busy-loop processes beside it")
     p.add_argument("--out", help="the results file (default: results/newcomer-DATE[-busy].json)")
-    p.add_argument("--keep", help="work in this folder and keep it (default: a temporary one, removed)")
+    p.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     args = p.parse_args(argv)
     day = datetime.date.today().isoformat()
-    out = args.out or os.path.join(ROOT, "results", f"newcomer-{day}{'-busy' if args.busy else ''}.json")
+    name = f"newcomer-{day}{'-busy' if args.busy else ''}.json"
+    out = args.out or os.path.join(ROOT, "results", name)
     work = args.keep or tempfile.mkdtemp(prefix="newcomer-")
-    clone, venv, log = os.path.join(work, "clone"), os.path.join(work, "venv"), os.path.join(work, "log.txt")
+    clone, venv, log = (os.path.join(work, f) for f in ("clone", "venv", "log.txt"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = os.path.join(venv, "bin") + os.pathsep + env["PATH"]
     commands, hogs, teacher = [], [], None
@@ -94,27 +98,31 @@ def main(argv=None):
         for i in range(24):
             shutil.copy(os.path.join(clone, "toy_out", "world", f"test_video_{i:05d}.mp4"), videos)
         port = free_port()
-        teacher = subprocess.Popen(["python", "-m", "lab.standin_teacher", "--port", str(port)], cwd=clone, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        teacher = subprocess.Popen(["python", "-m", "lab.standin_teacher", "--port", str(port)],
+                                   cwd=clone, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
         time.sleep(3)
-        commands.append(timed("python caption.py my_videos/ --model toy_out/stage2 --out base.jsonl", clone, env,
-                              log))
-        for command in guide_commands():
-            commands.append(timed(command.replace("localhost:8000", f"127.0.0.1:{port}"), clone, env, log))
-        base = {r["name"]: r["caption"] for r in read_rows(os.path.join(clone, "base.jsonl")) if "caption" in r}
-        labels = {r["name"]: r["caption"] for r in read_rows(os.path.join(clone, "clean.jsonl"))}
+        before = "python caption.py my_videos/ --model toy_out/stage2 --out base.jsonl"
+        for command in [before] + guide_commands():
+            command = command.replace("localhost:8000", f"127.0.0.1:{port}")
+            commands.append(timed(command, clone, env, log))
+
+        def said(name):
+            rows = read_rows(os.path.join(clone, name))
+            return {r["name"]: r["caption"] for r in rows if "caption" in r}
+        base, labels, after = said("base.jsonl"), said("clean.jsonl"), said("captions.jsonl")
         captions = {name: scores(clone, name, base, labels)
                     for name in ("base.jsonl", "captions.jsonl", "captions2.jsonl")}
-        examples = [{"video": k, "base": base.get(k), "teacher": labels.get(k),
-                     "after": next((r["caption"] for r in read_rows(os.path.join(clone, "captions.jsonl"))
-                                    if r["name"] == k), None)} for k in sorted(labels)[:3]]
+        examples = [{"video": k, "base": base.get(k), "teacher": labels[k], "after": after.get(k)}
+                    for k in sorted(labels)[:3]]
     finally:
         for proc in hogs + ([teacher] if teacher else []):
             proc.kill()
-    report = {"machine": f"this repository's {len(os.sched_getaffinity(0))}-core {cpu_model()}, "
-                         f"{f'{args.busy} busy-loop processes beside it' if args.busy else 'alone'}",
-              "load_at_toy_start": load, "commands": commands, "toy_check": check, "captions": captions,
-              "examples": examples}
+    beside = f"{args.busy} busy-loop processes beside it" if args.busy else "alone"
+    cores = len(os.sched_getaffinity(0))
+    report = {"machine": f"this repository's {cores}-core {cpu_model()}, {beside}",
+              "load_at_toy_start": load, "commands": commands, "toy_check": check,
+              "captions": captions, "examples": examples}
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps({k: report[k] for k in ("toy_check", "captions")}, indent=1), file=sys.stderr)
