@@ -11,7 +11,10 @@ matched to the labels.
 """
 
 import collections
+import difflib
+import hashlib
 import json
+import math
 import os
 import re
 
@@ -66,6 +69,52 @@ def to_recheck(labels: dict, student: dict, share: float) -> dict:
     label with no student caption is not among them."""
     scored = sorted((agreement(labels[k]["caption"], student[k]), str(k), k) for k in labels if k in student)
     return {k: a for a, _, k in scored[:int(round(share * len(labels)))]}
+
+
+def audit_sample(labels: dict, size: float) -> list:
+    """The keys of the labels an audit asks a second source about: `size` of them (a share below 1, else a
+    count), chosen by a hash of each key: the same on every run and shard, spread over the whole file."""
+    n = round(size * len(labels)) if size < 1 else min(int(size), len(labels))
+    return sorted(labels, key=lambda k: hashlib.sha256(repr(k).encode()).hexdigest())[:n]
+
+
+def confusions(pairs, least=2) -> list:
+    """What the teacher says where a second source says something else, over (teacher, second source)
+    caption pairs: the runs of one or two words the alignment of the two replaces (difflib), counted
+    once a video, each with how many sampled videos the teacher's label says it in; those seen in at
+    least `least` videos, most first, with up to 3 examples (indices into pairs)."""
+    said, swapped = collections.Counter(), collections.defaultdict(list)
+    for i, (teacher, second) in enumerate(pairs):
+        a, b = re.findall(r"\w+", teacher.lower()), re.findall(r"\w+", second.lower())
+        said.update({" ".join(a[j:j + n]) for n in (1, 2) for j in range(len(a) - n + 1)})
+        ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+        for pair in {(" ".join(a[i1:i2]), " ".join(b[j1:j2])) for op, i1, i2, j1, j2 in ops
+                     if op == "replace" and i2 - i1 <= 2 and j2 - j1 <= 2}:
+            swapped[pair].append(i)
+    ranked = sorted((pair for pair, seen in swapped.items() if len(seen) >= least),
+                    key=lambda pair: (-len(swapped[pair]), -len(swapped[pair]) / said[pair[0]], pair))
+    return [{"teacher": a, "second": b, "videos": len(swapped[(a, b)]), "of": said[a],
+             "examples": swapped[(a, b)][:3]} for a, b in ranked]
+
+
+def audit_report(rows, second: str, least=2, top=20) -> str:
+    """What a person reads before paying for training on the labels: how far the teacher and the second
+    source agree (word pairs, checks.agreement; the mean with its 95% interval over the sampled videos),
+    and the teacher's consistent differences from it, ranked."""
+    rows = [r for r in rows if isinstance(r.get("caption"), str) and isinstance(r.get("teacher"), str)]
+    if not rows:
+        return "audit: no sampled label has both readings yet"
+    scores = [agreement(r["teacher"], r["caption"]) for r in rows]
+    mean = sum(scores) / len(scores)
+    spread = 1.96 * math.sqrt(sum((s - mean) ** 2 for s in scores) / max(len(scores) - 1, 1) / len(scores))
+    lines = [f"audit of {len(rows)} sampled labels against {second}: agreement (word pairs, F1) "
+             f"{mean:.3f} +- {spread:.3f} (95%)",
+             "the teacher's consistent differences (in N of the M sampled videos whose label says it):"]
+    for c in confusions([(r["teacher"], r["caption"]) for r in rows], least)[:top]:
+        names = ", ".join(str(rows[i].get("name", rows[i].get("video"))) for i in c["examples"])
+        lines.append(f"  teacher \"{c['teacher']}\" where {second} says \"{c['second']}\": {c['videos']} of "
+                     f"{c['of']} ({c['videos'] / c['of']:.0%}), e.g. {names}")
+    return "\n".join(lines if len(lines) > 2 else lines + ["  none seen twice"])
 
 
 def labelled_videos(args):

@@ -4,22 +4,22 @@
     python label.py clean labels.jsonl --out clean.jsonl
     DASHSCOPE_API_KEY=... python label.py verify labels.jsonl --out verified.jsonl
     DASHSCOPE_API_KEY=... python label.py recheck labels.jsonl --student captions.jsonl --out rechecked.jsonl
+    KEY=... python label.py audit labels.jsonl --sample 500 --api-base URL --model SECOND --api-key-env KEY
 
-`verify` shows the teacher the same frames again (the same sampler and times: use the flags the
-labels were made with) with the label's sentences numbered, and keeps the ones the frames support:
-"caption" is the checked label (what train.py trains on), "caption_original" the teacher's, with
-the counts. `recheck` asks the teacher again, from --frames 16, for the --share (0.3) of labels that a
-student (a model trained on them) agrees with least; the rest are copied (checks.py).
+`verify` shows the teacher the same frames again (use the flags the labels were made with) with the
+label's sentences numbered, and keeps the ones the frames support ("caption"; the teacher's in
+"caption_original"). `recheck` asks the teacher again, from --frames 16, for the --share (0.3) of labels a
+student (a model trained on them) agrees with least; the rest are copied (checks.py). `audit` asks a
+second source for a sample of the labels and reports where the teacher differs from it, consistently.
 
 Four frames per video (segment middles, as the report) become JPEGs in decoding processes while the
 HTTP requests run on threads. One row per video, appended and fsynced as it finishes: {"video",
 "name", "caption", "model", "usage", "finish_reason"} or {"video", "name", "error", "status", "code"}
 ("video": its path here; "name": what every node calls it, which shards and resume go by:
-plumbing/sources.py). A video is
-done when it has a caption or a final answer (content moderation, an unreadable file); a rerun
-skips what is done and tries the rest again, so a kill loses at most the requests in flight. A
-refused key, an empty account or a server that stays unreachable stops the run early
-(runner.Breaker). The rows are train.py data as they are.
+plumbing/sources.py). A video is done when it has a caption or a final answer (content moderation,
+an unreadable file); a rerun skips what is done and tries the rest again, so a kill loses at most the
+requests in flight. A refused key, an empty account or a server that stays unreachable stops the run
+early (runner.Breaker). The rows are train.py data as they are.
 """
 
 import collections
@@ -35,8 +35,8 @@ from clean import clean_file, strip_boilerplate, unusable
 from data import UNREADABLE, VideoError
 from plumbing import cli
 from plumbing.cli import Stop
-from plumbing.client import FINAL_CODES, APIError, add_api_flags, api_client, failure_kind
-from plumbing.jsonl import Busy
+from plumbing.client import FINAL_CODES, APIError, add_api_flags, api_client, failure_kind, frames_message
+from plumbing.jsonl import Busy, iter_rows
 from plumbing.outputs import Outputs, file_hash, settings_id
 from plumbing.redact import Redactor
 from plumbing.runner import run_items
@@ -73,11 +73,13 @@ def parse_args(argv=None, mode="label"):
     p.add_argument("--decode-timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
     p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
     shots.add_flags(p)
-    p.add_argument("--shard", default="0/1",
+    p.add_argument("--shard", type=cli.shard, default="0/1",
                    help="K/N: only the videos of shard K of N, by their names (the same on every node)")
     p.add_argument("--video-root", help="verify, recheck: the folder the labels' video names are inside on this "
                                         "machine (default: their paths as the labels write them)")
     p.add_argument("--student", help="recheck: the student's captions (caption.py rows) of the labelled videos")
+    p.add_argument("--sample", type=cli.positive, default=500,
+                   help="audit: the labels asked of the second source: a share (below 1) or a count")
     p.add_argument("--share", type=cli.fraction, default=0.3,
                    help="recheck: the share of labels asked again, those the student agrees with least")
     p.add_argument("--overwrite", action="store_true",
@@ -87,14 +89,9 @@ def parse_args(argv=None, mode="label"):
     p.add_argument("--price-in", type=cli.non_negative, default=0.0, help="$ per million prompt tokens")
     p.add_argument("--price-out", type=cli.non_negative, default=0.0, help="$ per million completion tokens")
     args = p.parse_args(argv)
-    try:
-        args.shard = tuple(int(x) for x in args.shard.split("/"))
-        assert len(args.shard) == 2 and 0 <= args.shard[0] < args.shard[1]
-    except (ValueError, AssertionError):
-        p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
     if mode != "label":
-        args.out = args.out or os.path.splitext(args.source)[0] + {"verify": ".verified.jsonl",
-                                                                     "recheck": ".rechecked.jsonl"}[mode]
+        ending = {"verify": ".verified.jsonl", "recheck": ".rechecked.jsonl", "audit": ".audit.jsonl"}[mode]
+        args.out = args.out or os.path.splitext(args.source)[0] + ending
         if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.out, args.source):
             p.error(f"--out {args.out} is the labels being checked: write the checked labels to another file")
     if mode == "recheck" and not args.student:
@@ -102,14 +99,6 @@ def parse_args(argv=None, mode="label"):
                 "on these labels)")
     args.out, args.mode = args.out or "labels.jsonl", mode
     return args
-
-
-def request(urls, prompt, frames_as):
-    if frames_as == "video":   # Qwen's own part type; it needs at least 4 frames
-        parts = [{"type": "video", "video": urls}]
-    else:
-        parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-    return [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
 
 
 def key_of(job):
@@ -141,7 +130,7 @@ def _label_one(client, args, prompt, video, urls, tries_before=0):
     if args.temperature is not None:
         params["temperature"] = args.temperature
     for _ in range(3):   # an empty answer is asked for again, twice
-        reply = client.chat(request(urls, prompt, args.frames_as), **params)
+        reply = client.chat(frames_message(urls, prompt, args.frames_as), **params)
         if reply.content.strip() or reply.finish_reason == "content_filter":
             break
     if reply.finish_reason == "content_filter":   # moderated on the way out: a final answer
@@ -172,7 +161,7 @@ def verify_one(client, args, labels, tries, settings, job):
     listed = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(said))
     prompt = checks.VERIFY.format(frames=len(urls), n=len(said), sentences=listed)
     for _ in range(3):   # an answer that does not parse is asked again, twice
-        reply = client.chat(request(urls, prompt, args.frames_as), response_format={"type": "json_object"},
+        reply = client.chat(frames_message(urls, prompt, args.frames_as), response_format={"type": "json_object"},
                             max_tokens=args.max_new_tokens)
         marks = checks.parse_marks(reply.content, len(said))
         if marks is not None:
@@ -187,6 +176,7 @@ def verify_one(client, args, labels, tries, settings, job):
             "settings": settings}
 
 
+VERBS = {"label": "labelled", "verify": "verified", "recheck": "labelled again", "audit": "audited"}
 LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens", "temperature", "shots", "window",
                   "min_shot", "max_shot")
 
@@ -217,7 +207,8 @@ def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
 def label(args, mode="label"):
     """One of the three modes, each a function of its own over one Run (below). Every video is sharded
     and resumed by its name (plumbing/sources.py), so nodes that mount the files elsewhere agree."""
-    return {"label": label_videos, "verify": verify_labels, "recheck": recheck_labels}[mode](args)
+    return {"label": label_videos, "verify": verify_labels, "recheck": recheck_labels,
+            "audit": audit_labels}[mode](args)
 
 
 def label_videos(args):
@@ -271,15 +262,38 @@ def recheck_labels(args):
         run.ask(out, todo, work, len(todo), already=len(mine) - len(todo) - copied, said=said)
 
 
+def audit_labels(args):
+    """A sample of the labels (--sample) labelled again by a second source (--api-base / --model), from
+    the same frames, and compared with the teacher's (checks.audit_report): how far the two agree, and
+    what the teacher says where the second source says something else, in how many of the sampled
+    videos that say it. The report goes to stderr and beside --out (.report.txt): read it before
+    paying for training on the labels."""
+    prompt, run = teacher_prompt(args), Run(args, "audit")
+    labels, mine, what, names, here = _of_labels(args, "audit", prompt)
+    sample = set(checks.audit_sample(labels, args.sample))   # among all labels: shards agree
+    mine = {k: r for k, r in mine.items() if k in sample}
+    with run.outputs(what, names, here) as (out, done):
+        todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items() if k not in done]
+        teacher = {k: r["caption"] for k, r in labels.items()}
+
+        def work(job):
+            row = label_one(run.client, args, prompt, run.tries, run.settings, job)
+            return {**row, "teacher": teacher[key_of(job)]} if "caption" in row else row
+        run.ask(out, todo, work, len(todo), already=len(mine) - len(todo))
+    report = checks.audit_report(iter_rows(args.out), args.model)
+    with open(os.path.splitext(args.out)[0] + ".report.txt", "w", encoding="utf-8") as f:
+        f.write(report + "\n")
+    print(report, file=sys.stderr)
+
+
 def teacher_prompt(args):
     prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
     return prompt.replace("{n}", str(args.frames))
 
 
 def _of_labels(args, mode, prompt):
-    """verify's and recheck's start: the labels (all, and this shard's), what the rows' settings say
-    (what is checked, and against whom: another labels or student file is another run), the labels'
-    names by their paths, and their paths here by their names."""
+    """The labels (all, this shard's), what the rows' settings say (what is checked, against whom), the
+    labels' names by their paths, and their paths here by their names."""
     labels = checks.labelled_videos(args)
     if not labels:
         raise ValueError(f"{args.source}: no labelled rows in it (rows with a video and a caption)")
@@ -306,7 +320,7 @@ class Run:
     def outputs(self, what, names, here):
         """(the --out file, {key: row} of what it holds done), resumed under the settings id of `what` and
         the flags (self.settings); names: {path: name} of rows from before names; here: {name: path}."""
-        flags = LABEL_SETTINGS + (("share",) if self.mode == "recheck" else ())
+        flags = LABEL_SETTINGS + {"recheck": ("share",), "audit": ("sample",)}.get(self.mode, ())
         self.settings = settings_id(self.args, None, what, names=flags)
         with Outputs(self.args.out, overwrite=self.args.overwrite) as out:
             key = functools.partial(shots.row_key, names=names)
@@ -314,7 +328,7 @@ class Run:
                                   self.settings, self.tries, here)
         retry = sum(n for kind, n in self.failed.items() if kind.split(" ", 1)[1] not in FINAL_CODES | {UNREADABLE})
         if retry and not self.stats["done"]:   # a run that did nothing did not work, whatever stopped it
-            verb = {"label": "labelled", "verify": "verified", "recheck": "labelled again"}[self.mode]
+            verb = VERBS[self.mode]
             raise Stop(f"no video was {verb} and {retry} failed (see above); they are not marked done")
 
     def ask(self, out, asked, work, n_todo, already, said=None):
@@ -360,7 +374,7 @@ def summary(args, stats, failed, already, start, mode="label"):
     n_failed = sum(failed.values())
     cost = (stats["in"] * args.price_in + stats["out"] * args.price_out) / 1e6
     retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] in RETRIED)
-    done = {"label": "labelled", "verify": "verified", "recheck": "labelled again"}[mode]
+    done = VERBS[mode]
     print(f"\n{done} {stats['done']} ({stats['length']} cut at --max-new-tokens), "
           f"failed {n_failed}{f' ({retry} to try again: a decoder time or memory limit, or its crash)' if retry else ''}"
           f"{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
@@ -373,7 +387,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "clean":
         return cli.run(lambda: clean_file(argv[1:]), (OSError, ValueError, Busy))
-    mode = argv[0] if argv and argv[0] in ("verify", "recheck") else "label"
+    mode = argv[0] if argv and argv[0] in ("verify", "recheck", "audit") else "label"
     args = parse_args(argv[1:] if mode != "label" else argv, mode)
     scrub = Redactor(os.environ.get(args.api_key_env, "").strip())
     return cli.run(lambda: label(args, mode), (OSError, ValueError, Busy, Stop, PoolError), scrub)

@@ -68,6 +68,17 @@ def shape(text):
     return values
 
 
+def shard(text):
+    """"K/N" -> (K, N), with 0 <= K < N: the shard of the videos this node takes."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K/N with 0 <= K < N")
+    return k, n
+
+
 class Stop(Exception):
     """The run must end: what failed, and what to do about it (one line)."""
 

@@ -86,6 +86,16 @@ class RateLimit:
         time.sleep(max(0.0, slot - now))
 
 
+def frames_message(urls, prompt, frames_as="images"):
+    """One user message of frames (data URLs) and a question: one image_url part a frame (what vLLM and
+    most servers take), or one Qwen "video" part holding them all (at least 4 frames)."""
+    if frames_as == "video":
+        parts = [{"type": "video", "video": urls}]
+    else:
+        parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
+
+
 def retry_after(value, cap: float):
     """Retry-After in seconds, from either form the header takes (a number, an HTTP date), at most cap."""
     try:

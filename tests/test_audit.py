@@ -1,0 +1,72 @@
+"""label.py audit: a sample of the teacher's labels asked of a second source, and a report that
+names what the teacher says where the second source says something else, in how many of the
+sampled videos that say it (checks.confusions, checks.audit_report)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+import checks
+from plumbing.jsonl import read_rows
+
+from fake_api import KEY, FakeAPI, colour_of, frames_of
+from tools import run_tool
+from videos import solid_videos
+
+
+def test_a_confusion_made_every_time_is_ranked_first_with_its_rate_and_a_one_off_is_not_named():
+    pairs = [("A purple square moves right.", "A blue square moves right.")] * 10 + \
+            [("A red circle moves up.", "A red circle moves up.")] * 9 + \
+            [("A red circle moves up.", "A green circle moves up.")] + \
+            [("A purple star moves left.", "A purple star moves left.")] * 2
+    found = checks.confusions(pairs)
+    assert found[0] == {"teacher": "purple", "second": "blue", "videos": 10, "of": 12,
+                        "examples": [0, 1, 2]}
+    assert all(c["teacher"] != "red" for c in found)                 # seen once: not a habit
+    rows = [{"name": f"v{i}", "teacher": a, "caption": b} for i, (a, b) in enumerate(pairs)]
+    report = checks.audit_report(rows, "second-vl")
+    assert re.search(r"agreement \(word pairs, F1\) 0\.\d{3} \+- 0\.\d{3} \(95%\)", report), report
+    assert 'teacher "purple" where second-vl says "blue": 10 of 12 (83%), e.g. v0, v1, v2' in report
+    forth = {(f"v{i}", None): {} for i in range(10)}
+    back = {(f"v{i}", None): {} for i in reversed(range(10))}
+    assert checks.audit_sample(forth, 0.3) == checks.audit_sample(back, 3)   # by hash, not order
+
+
+@pytest.mark.slow
+def test_audit_asks_a_sample_once_and_names_the_teachers_habit(tmp_path):
+    """12 labels, the even videos' colour always wrong ("purple" for blue); 8 asked of the second
+    source, each once over two runs; the report names the habit at 100% of the sampled labels that
+    say purple."""
+    videos, colours = solid_videos(str(tmp_path / "v"), 12, n_frames=8, size=(48, 32))
+    truth = ["blue" if i % 2 == 0 else "red" for i in range(12)]
+    said = ["purple" if i % 2 == 0 else "red" for i in range(12)]
+    labels = [{"video": v, "caption": f"Video {i}: a {said[i]} square moves right.", "frames": 4}
+              for i, v in enumerate(videos)]
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
+
+    def identify(body):
+        mean, _ = colour_of(frames_of(body)[0])
+        return int(np.argmin([np.abs(mean - np.array(c)).sum() for c in colours]))
+    api = FakeAPI(identify, lambda body, item: f"Video {item}: a {truth[item]} square moves right.")
+    args = ["audit", tmp_path / "labels.jsonl", "--sample", "8", "--api-base", api.url,
+            "--model", "second-vl", "--backoff", "0.05"]
+    try:
+        first = run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY})
+        again = run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY})
+        other = run_tool("label.py", args[:3] + ["9"] + args[4:], env={"DASHSCOPE_API_KEY": KEY})
+    finally:
+        api.close()
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert other.returncode == 1 and "other settings" in other.stderr, other.stderr   # --sample
+    assert len(api.log) == 8 and len({e["item"] for e in api.log}) == 8
+    assert "8 already done" in again.stderr
+    rows = read_rows(str(tmp_path / "labels.audit.jsonl"))
+    asked = [int(r["caption"].split()[1][:-1]) for r in rows]
+    assert len(rows) == 8 and all(r["teacher"] == labels[i]["caption"] for r, i in zip(rows, asked))
+    report = (tmp_path / "labels.audit.report.txt").read_text()
+    evens = sum(i % 2 == 0 for i in asked)
+    habit = f'teacher "purple" where second-vl says "blue": {evens} of {evens} (100%)'
+    assert habit in report, report
+    assert report.strip() in first.stderr and KEY not in report + first.stderr
