@@ -13,7 +13,7 @@ from plumbing.jsonl import read_rows
 
 from chaos_api import ChaosAPI
 from fake_api import KEY, colour_of, label_server
-from tools import run_tool
+from tools import run_tool, stop_a_decode_worker
 from videos import solid_videos, write_video
 
 
@@ -210,17 +210,6 @@ def test_clean_rules(tmp_path):
     assert set(kept) < {row["video"] for row in read_rows(str(tmp_path / "all.jsonl"))}
 
 
-def stopped_worker(proc, deadline=60):
-    """SIGSTOP the first decode worker `proc` starts (a decoder stuck on a network disk); its pid."""
-    from work import decode_workers
-    end = time.time() + deadline
-    while time.time() < end and not decode_workers(proc.pid):
-        time.sleep(0.01)
-    pid = decode_workers(proc.pid)[0]
-    os.kill(pid, signal.SIGSTOP)
-    return pid
-
-
 def gone(pid):
     """Has the process ended (no such process, or a zombie nobody has reaped yet)?"""
     try:
@@ -242,7 +231,7 @@ def test_sigterm_or_ctrl_c_ends_a_run_whose_decode_is_stalled(tmp_path, signals,
     try:
         proc = run_label([tmp_path / "v", "--out", out, "--api-base", api.url, "--workers", "1",
                           "--decode-timeout", "600", *flags], wait=False)
-        worker = stopped_worker(proc)
+        worker = stop_a_decode_worker(proc)
         time.sleep(0.5)
         for sig in signals:
             proc.send_signal(sig)
@@ -268,7 +257,7 @@ def test_a_decode_worker_stopped_while_idle_dies_with_its_killed_client(tmp_path
                          wait=False)
         while len(api.log) < 1:
             time.sleep(0.01)
-        worker = stopped_worker(proc)
+        worker = stop_a_decode_worker(proc)
         os.kill(proc.pid, signal.SIGKILL)                   # the client alone, as the OOM killer would
         proc.wait()
         end = time.time() + 20

@@ -17,7 +17,6 @@ from plumbing.redact import Redactor
 
 from chaos_api import KEY, ChaosAPI, echoes
 from tools import free_port, run_tool
-from videos import write_video
 
 ANSWER = "A red kite circles over a green hill."
 
@@ -242,18 +241,28 @@ def test_an_unexpected_exception_is_that_items_row(tmp_path):
     assert rows[1]["code"] == "internal_error" and rows[1]["shot"] == 1 and rows[1]["start"] == 2.0
 
 
+def slow_api():
+    """A teacher that answers every request a second after it comes."""
+    return ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": [("slow_ok", 1.0)] * 100})
+
+
+def three_in_flight(folder, out, api):
+    """label.py started, once three of its requests are in flight."""
+    proc = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--concurrency", "3",
+                                 "--timeout", "60"], env={"DASHSCOPE_API_KEY": KEY}, wait=False)
+    while len(api.log) < 3:
+        time.sleep(0.01)
+    return proc
+
+
 @pytest.mark.slow
 def test_ctrl_c_writes_the_answers_in_flight_and_a_second_abandons_them(tmp_path, clips):
-    import signal
     _, folder = clips
     out = str(tmp_path / "labels.jsonl")
-    api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": [("slow_ok", 1.0)] * 100})
+    api = slow_api()
     try:
-        proc = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--concurrency", "3",
-                                     "--timeout", "60"], env={"DASHSCOPE_API_KEY": KEY}, wait=False)
-        while len(api.log) < 3:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)   # three requests in flight, answered a second later
+        proc = three_in_flight(folder, out, api)
+        proc.send_signal(signal.SIGINT)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=60)
         asked = len(api.log)
@@ -340,19 +349,13 @@ def test_the_first_answer_after_an_outage_wakes_every_retry_waiting_out_its_back
     assert woken.count(False) == 1
 
 
-def test_sigterm_is_a_first_ctrl_c(tmp_path):
-    folder = tmp_path / "v"
-    folder.mkdir()
-    for i in range(12):
-        write_video(str(folder / f"c{i:02d}.mp4"), n_frames=4, size=(32, 24))
+def test_sigterm_is_a_first_ctrl_c(tmp_path, clips):
+    _, folder = clips
     out = str(tmp_path / "labels.jsonl")
-    api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": [("slow_ok", 1.0)] * 100})
+    api = slow_api()
     try:
-        proc = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--concurrency", "3",
-                                     "--timeout", "60"], env={"DASHSCOPE_API_KEY": KEY}, wait=False)
-        while len(api.log) < 3:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)   # three requests in flight, answered a second later
+        proc = three_in_flight(folder, out, api)
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         api.close()

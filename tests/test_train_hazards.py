@@ -4,15 +4,12 @@ a prompt lost between runs; and the layout of many nodes and many cores."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from test_train import train_args, world  # noqa: F401  (the module's world fixture)
-from work import decode_workers
 
 from data import read_clip_frames
 from plumbing.jsonl import read_rows
@@ -20,7 +17,7 @@ from plumbing.workers import codec_threads, cores_per_rank
 from tokenizer import load_prompt, training_ids
 from trainable import mesh_shape
 
-from tools import ROOT, run_command
+from tools import ROOT, run_command, stop_a_decode_worker
 from videos import write_video
 
 
@@ -32,12 +29,7 @@ def test_a_stalled_decoder_is_that_sample_skipped_with_its_path_and_training_goe
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *train_args(world, out, "--max-steps", "4",
                                                                       "--batch-size", "2", "--decode-timeout", "3")]
     proc = run_command(cmd, wait=False, cwd=tmp_path)
-    stopped = []
-    while not stopped and proc.poll() is None:
-        stopped = decode_workers(proc.pid)[:1]
-        time.sleep(0.01)
-    for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)
+    stopped = stop_a_decode_worker(proc)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0 and stopped, stderr[-3000:]
     skipped = [line for line in stderr.splitlines() if line.startswith("skipped: ")]

@@ -3,11 +3,9 @@ last frame, the failures that may not repeat tried again by a later run, and not
 they start in or of the keys in the environment reaching them."""
 
 import os
-import signal
-import time
 
 import pytest
-from work import beating, decode_workers, silent, worker_env
+from work import beating, silent, worker_env
 
 import caption
 import data
@@ -15,7 +13,7 @@ from plumbing.jsonl import read_rows
 from plumbing.workers import RETRIED, TRIES, failure, imap_unordered
 
 from chaos_api import KEY
-from tools import run_tool
+from tools import run_tool, stop_a_decode_worker
 from videos import write_video
 
 
@@ -57,12 +55,7 @@ def test_a_stopped_decoder_is_retried_by_the_next_run_not_final(ckpt, tmp_path):
     out = tmp_path / "c.jsonl"
     args = [folder, "--model", ckpt, "--out", out, "--max-new-tokens", "4", "--workers", "1", "--decode-timeout", "2"]
     proc = run_tool("caption.py", args, wait=False)
-    stopped = []
-    while not stopped and proc.poll() is None:
-        stopped = decode_workers(proc.pid)[:1]
-        time.sleep(0.005)
-    for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)
+    stopped = stop_a_decode_worker(proc)
     _, err = proc.communicate(timeout=120)
     rows = read_rows(str(out))
     timed_out = [r for r in rows if r.get("code") == "decode_timeout"]

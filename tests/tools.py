@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,3 +81,17 @@ def kill_started():
             except ProcessLookupError:
                 pass
             proc.communicate()
+
+
+def stop_a_decode_worker(proc, deadline=60):
+    """SIGSTOP on the first decode worker `proc` starts (a decoder stuck on a network disk): its pid,
+    or None when proc ended, or the deadline passed, before one started."""
+    from plumbing.workers import decode_workers
+    end = time.time() + deadline
+    while time.time() < end and proc.poll() is None:
+        pids = decode_workers(proc.pid)
+        if pids:
+            os.kill(pids[0], signal.SIGSTOP)
+            return pids[0]
+        time.sleep(0.005)
+    return None
