@@ -1,13 +1,13 @@
 """The teacher's labels checked against frames (label.py verify, label.py recheck): the pure parts.
 
 verify shows the teacher a label's own frames again with its sentences numbered and keeps those the
-frames support: it catches what those frames contradict (an invented size), never a wrong guess about
-what happens between them. recheck brings evidence the label did not have, at a stated cost: the
-student (a model trained on the labels, which sees 16 frames) captions the same videos, and the share
-of labels it agrees with least is asked again of the teacher from more frames (--frames 16): a new
-label replaces the old. Calls per video: 1 + the share (docs/toy.md compares it with other cleanings).
-Here too: the labels file read, each label's video found on this machine, and the student's captions
-matched to the labels.
+frames support: it catches what those frames contradict (an invented size), never a wrong guess
+about what happens between them. recheck brings evidence the label did not have, at a stated cost:
+the student (a model trained on the labels, which sees 16 frames) captions the same videos, and the
+share of labels it agrees with least is asked again of the teacher from more frames (--frames 16): a
+new label replaces the old. Calls per video: 1 + the share (docs/toy.md compares it with other
+cleanings). Here too: the labels file read, each label's video found on this machine, and the
+student's captions matched to the labels.
 """
 
 import collections
@@ -22,10 +22,13 @@ import shots
 from plumbing.jsonl import iter_rows
 from plumbing.sources import NameCollision, Video, canonical, collision, paired, video_base
 
-VERIFY = ("These are {frames} frames sampled evenly from one video, in order. Below are {n} numbered sentences "
-          "that describe it. For each sentence, say whether the frames support it (true) or not (false: it "
-          "describes something not visible, or different from what is visible).\n\n{sentences}\n\nAnswer with a "
-          "JSON object {{\"supported\": [true | false, ...]}}, one value per sentence, in order.")
+VERIFY = (
+    "These are {frames} frames sampled evenly from one video, in order. Below are {n} numbered "
+    "sentences that describe it. For each sentence, say whether the frames support it (true) or not "
+    "(false: it describes something not visible, or different from what is "
+    "visible).\n\n{sentences}\n\nAnswer with a JSON object {{\"supported\": [true | false, ...]}}, "
+    "one value per sentence, in order."
+)
 
 
 def sentences(text):
@@ -37,12 +40,16 @@ def parse_marks(text, n):
         marks = json.loads(text).get("supported")
     except (ValueError, AttributeError, RecursionError):
         return None
-    return marks if isinstance(marks, list) and len(marks) == n and all(isinstance(m, bool) for m in marks) else None
+    return (
+        marks
+        if isinstance(marks, list) and len(marks) == n and all(isinstance(m, bool) for m in marks)
+        else None
+    )
 
 
 def read_labels(path, frames=None):
-    """{(video, shot): row} of the labelled rows of a file; with `frames`, labels made from other frames
-    are refused (verify is fair only on the frames a label was made from)."""
+    """{(video, shot): row} of the labelled rows of a file; with `frames`, labels made from other
+    frames are refused (verify is fair only on the frames a label was made from)."""
     labels = {shots.row_key(r): r for r in iter_rows(path, must_exist=True)
               if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str)
               and r["caption"].strip() and ("shot" not in r or shots.shot_of(r))}
@@ -54,8 +61,9 @@ def read_labels(path, frames=None):
 
 
 def agreement(a: str, b: str) -> float:
-    """How far two captions say the same: the F1 of their word pairs, case and punctuation aside. Word
-    pairs, not words: "moves right, then down" and "moves down, then right" hold the same words."""
+    """How far two captions say the same: the F1 of their word pairs, case and punctuation aside.
+    Word pairs, not words: "moves right, then down" and "moves down, then right" hold the same
+    words."""
     def pairs(text):
         words = re.findall(r"\w+", text.lower())
         return collections.Counter(zip(words, words[1:]))
@@ -67,22 +75,25 @@ def to_recheck(labels: dict, student: dict, share: float) -> dict:
     """{key: agreement} of the labels to ask again: the `share` of all labels whose student caption
     agrees with them least (ties by key, so the choice is the same on every run and every shard); a
     label with no student caption is not among them."""
-    scored = sorted((agreement(labels[k]["caption"], student[k]), str(k), k) for k in labels if k in student)
+    scored = sorted(
+        (agreement(labels[k]["caption"], student[k]), str(k), k) for k in labels if k in student
+    )
     return {k: a for a, _, k in scored[:int(round(share * len(labels)))]}
 
 
 def audit_sample(labels: dict, size: float) -> list:
-    """The keys of the labels an audit asks a second source about: `size` of them (a share below 1, else a
-    count), chosen by a hash of each key: the same on every run and shard, spread over the whole file."""
+    """The keys of the labels an audit asks a second source about: `size` of them (a share below 1,
+    else a count), chosen by a hash of each key: the same on every run and shard, spread over the
+    whole file."""
     n = round(size * len(labels)) if size < 1 else min(int(size), len(labels))
     return sorted(labels, key=lambda k: hashlib.sha256(repr(k).encode()).hexdigest())[:n]
 
 
 def confusions(pairs, least=2) -> list:
-    """What the teacher says where a second source says something else, over (teacher, second source)
-    caption pairs: the runs of one or two words the alignment of the two replaces (difflib), counted
-    once a video, each with how many sampled videos the teacher's label says it in; those seen in at
-    least `least` videos, most first, with up to 3 examples (indices into pairs)."""
+    """What the teacher says where a second source says something else, over (teacher, second
+    source) caption pairs: the runs of one or two words the alignment of the two replaces (difflib),
+    counted once a video, each with how many sampled videos the teacher's label says it in; those
+    seen in at least `least` videos, most first, with up to 3 examples (indices into pairs)."""
     said, swapped = collections.Counter(), collections.defaultdict(list)
     for i, (teacher, second) in enumerate(pairs):
         a, b = re.findall(r"\w+", teacher.lower()), re.findall(r"\w+", second.lower())
@@ -91,29 +102,39 @@ def confusions(pairs, least=2) -> list:
         for pair in {(" ".join(a[i1:i2]), " ".join(b[j1:j2])) for op, i1, i2, j1, j2 in ops
                      if op == "replace" and i2 - i1 <= 2 and j2 - j1 <= 2}:
             swapped[pair].append(i)
-    ranked = sorted((pair for pair, seen in swapped.items() if len(seen) >= least),
-                    key=lambda pair: (-len(swapped[pair]), -len(swapped[pair]) / said[pair[0]], pair))
+    ranked = sorted(
+        (pair for pair, seen in swapped.items() if len(seen) >= least),
+        key=lambda pair: (-len(swapped[pair]), -len(swapped[pair]) / said[pair[0]], pair),
+    )
     return [{"teacher": a, "second": b, "videos": len(swapped[(a, b)]), "of": said[a],
              "examples": swapped[(a, b)][:3]} for a, b in ranked]
 
 
 def audit_report(rows, second: str, least=2, top=20) -> str:
-    """What a person reads before paying for training on the labels: how far the teacher and the second
-    source agree (word pairs, checks.agreement; the mean with its 95% interval over the sampled videos),
-    and the teacher's consistent differences from it, ranked."""
-    rows = [r for r in rows if isinstance(r.get("caption"), str) and isinstance(r.get("teacher"), str)]
+    """What a person reads before paying for training on the labels: how far the teacher and the
+    second source agree (word pairs, checks.agreement; the mean with its 95% interval over the
+    sampled videos), and the teacher's consistent differences from it, ranked."""
+    rows = [
+        r for r in rows if isinstance(r.get("caption"), str) and isinstance(r.get("teacher"), str)
+    ]
     if not rows:
         return "audit: no sampled label has both readings yet"
     scores = [agreement(r["teacher"], r["caption"]) for r in rows]
     mean = sum(scores) / len(scores)
-    spread = 1.96 * math.sqrt(sum((s - mean) ** 2 for s in scores) / max(len(scores) - 1, 1) / len(scores))
-    lines = [f"audit of {len(rows)} sampled labels against {second}: agreement (word pairs, F1) "
-             f"{mean:.3f} +- {spread:.3f} (95%)",
-             "the teacher's consistent differences (in N of the M sampled videos whose label says it):"]
+    spread = 1.96 * math.sqrt(
+        sum((s - mean) ** 2 for s in scores) / max(len(scores) - 1, 1) / len(scores)
+    )
+    lines = [
+        f"audit of {len(rows)} sampled labels against {second}: agreement (word pairs, F1) "
+        f"{mean:.3f} +- {spread:.3f} (95%)",
+        "the teacher's consistent differences (in N of the M sampled videos whose label says it):",
+    ]
     for c in confusions([(r["teacher"], r["caption"]) for r in rows], least)[:top]:
         names = ", ".join(str(rows[i].get("name", rows[i].get("video"))) for i in c["examples"])
-        lines.append(f"  teacher \"{c['teacher']}\" where {second} says \"{c['second']}\": {c['videos']} of "
-                     f"{c['of']} ({c['videos'] / c['of']:.0%}), e.g. {names}")
+        lines.append(
+            f"  teacher \"{c['teacher']}\" where {second} says \"{c['second']}\": {c['videos']} of "
+            f"{c['of']} ({c['videos'] / c['of']:.0%}), e.g. {names}"
+        )
     return "\n".join(lines if len(lines) > 2 else lines + ["  none seen twice"])
 
 
@@ -124,11 +145,17 @@ def labelled_videos(args):
     labels = read_labels(args.source, args.frames if args.mode == "verify" else None)
     base = video_base(args.source)
     for (name, _), row in labels.items():
-        path = os.path.join(args.video_root, name) if args.video_root and not os.path.isabs(name) else \
-            os.path.join(base, row["video"])
+        path = (
+            os.path.join(args.video_root, name)
+            if args.video_root and not os.path.isabs(name)
+            else os.path.join(base, row["video"])
+        )
         row["_video"] = Video(canonical(path), name)
-    clash = collision((shots.row_key(r)[0], canonical(os.path.join(base, r["video"])))
-                      for r in iter_rows(args.source) if shots.row_key(r) in labels and "caption" in r)
+    clash = collision(
+        (shots.row_key(r)[0], canonical(os.path.join(base, r["video"])))
+        for r in iter_rows(args.source)
+        if shots.row_key(r) in labels and "caption" in r
+    )
     if clash:
         raise NameCollision(*clash, args.source)
     return labels
@@ -137,23 +164,33 @@ def labelled_videos(args):
 def label_row(label):
     """A label row as it is written: its video's path here and its name, nothing of ours beside."""
     video = label["_video"]
-    return {**{k: v for k, v in label.items() if k != "_video"}, "video": str(video), "name": video.name}
+    return {
+        **{k: v for k, v in label.items() if k != "_video"},
+        "video": str(video),
+        "name": video.name,
+    }
 
 
 def student_captions(path, labels):
-    """{label key: the student's caption} of the student's captions (caption.py's rows), for recheck,
-    matched by the video's file on this machine, else by its name (and shot); a file that names none
-    of the labelled videos is refused (every label would be copied, unchecked)."""
+    """{label key: the student's caption} of the student's captions (caption.py's rows), for
+    recheck, matched by the video's file on this machine, else by its name (and shot); a file that
+    names none of the labelled videos is refused (every label would be copied, unchecked)."""
     if not path:
-        raise ValueError("recheck needs --student CAPTIONS: the student's captions of the same videos")
+        raise ValueError(
+            "recheck needs --student CAPTIONS: the student's captions of the same videos"
+        )
     captions, paths = {}, {}
     for r in iter_rows(path, must_exist=True):
         k = shots.row_key(r)
         if k is not None and isinstance(r.get("caption"), str) and k not in captions:
             captions[k], paths[k] = r["caption"], r["video"]
-    pairs = paired({k: str(r["_video"]) for k, r in labels.items()}, paths)   # by file, else by name
+    # by file, else by name
+    pairs = paired({k: str(r["_video"]) for k, r in labels.items()}, paths)
     student = {k: captions[theirs] for k, theirs in pairs.items()}
     if labels and not student:
-        raise ValueError(f"{path}: no caption of a labelled video ({len(captions)} captions, {len(labels)} labels): "
-                         f"caption the videos the labels name, as the labels spell them (and per shot if they are)")
+        raise ValueError(
+            f"{path}: no caption of a labelled video ({len(captions)} captions, {len(labels)} "
+            f"labels): caption the videos the labels name, as the labels spell them (and per shot "
+            f"if they are)"
+        )
     return student

@@ -21,11 +21,16 @@ from plumbing import cli
 from plumbing.jsonl import Appender, Busy, read_rows
 from shots import row_key
 
-REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i (cannot|can't|can not|am unable|'m unable)"
-                     r"|as an ai|unfortunately, i|抱歉|对不起|我无法|无法(识别|描述|提供))", re.IGNORECASE)
-BOILERPLATE = re.compile(r"^\s*((in )?(this|the) (video|clip|footage|animation|scene|sequence)( clip)?"
-                         r"(,\s*| (shows|depicts|features|presents|captures|displays|showcases|is showing)\s+(that\s+)?))",
-                         re.IGNORECASE)
+REFUSAL = re.compile(
+    r"^\s*(i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i (cannot|can't|can not|am unable|'m unable)"
+    r"|as an ai|unfortunately, i|抱歉|对不起|我无法|无法(识别|描述|提供))",
+    re.IGNORECASE,
+)
+BOILERPLATE = re.compile(
+    r"^\s*((in )?(this|the) (video|clip|footage|animation|scene|sequence)( clip)?(,\s*| "
+    r"(shows|depicts|features|presents|captures|displays|showcases|is showing)\s+(that\s+)?))",
+    re.IGNORECASE,
+)
 PRIME = (1 << 61) - 1
 
 
@@ -79,7 +84,10 @@ class NearDuplicates:
     def seen(self, text) -> bool:
         """True if a kept caption is this similar; otherwise keep this one and return False."""
         sig = self.signature(text)
-        keys = [(i, sig[i * self.rows:(i + 1) * self.rows].tobytes()) for i in range(len(sig) // self.rows)]
+        keys = [
+            (i, sig[i * self.rows : (i + 1) * self.rows].tobytes())
+            for i in range(len(sig) // self.rows)
+        ]
         for key in keys:
             for j in self.buckets.get(key, ()):
                 if (self.signatures[j] == sig).mean() >= self.threshold:
@@ -120,21 +128,36 @@ def clean_rows(rows, counts: collections.Counter, near=0.8, drop_duplicates=True
 
 
 def clean_file(argv):
-    p = cli.Parser(prog="label.py clean", description=__doc__.splitlines()[0])
+    p = cli.Parser(prog="label.py clean", description=__doc__.split("\n\n")[0])
     p.add_argument("labels", help="label.py's JSONL output")
     p.add_argument("--out", required=True, help="the cleaned rows")
-    p.add_argument("--near", type=float, default=0.8, help="Jaccard similarity that counts as a near duplicate")
-    p.add_argument("--keep-duplicates", action="store_true",
-                   help="keep captions that other videos have too (a templated data set, as toy.py's)")
+    p.add_argument(
+        "--near", type=float, default=0.8, help="Jaccard similarity that counts as a near duplicate"
+    )
+    p.add_argument(
+        "--keep-duplicates",
+        action="store_true",
+        help="keep captions that other videos have too (a templated data set, as toy.py's)",
+    )
     args = p.parse_args(argv)
     if not 0 < args.near <= 1:
         p.error("--near must be above 0 and at most 1")
-    if os.path.exists(args.out) and os.path.exists(args.labels) and os.path.samefile(args.out, args.labels):
-        raise ValueError(f"--out {args.out} is the labels file: the error rows that mark videos done would go")
+    if (
+        os.path.exists(args.out)
+        and os.path.exists(args.labels)
+        and os.path.samefile(args.out, args.labels)
+    ):
+        raise ValueError(
+            f"--out {args.out} is the labels file: the error rows that mark videos done would go"
+        )
     rows, counts = read_rows(args.labels, must_exist=True), collections.Counter()
     if not rows:
-        raise ValueError(f"{args.labels}: no JSONL rows in it (is it the labels file?); {args.out} left as it was")
-    with Appender(args.out) as out:   # written whole, then put in place: a failure leaves the old file
+        raise ValueError(
+            f"{args.labels}: no JSONL rows in it (is it the labels file?); {args.out} left as it "
+            f"was"
+        )
+    # written whole, then put in place: a failure leaves the old file
+    with Appender(args.out) as out:
         out.rewrite(clean_rows(rows, counts, args.near, not args.keep_duplicates))
     print(f"{len(rows)} rows in, {counts['kept']} kept", file=sys.stderr)
     for rule, n in counts.items():

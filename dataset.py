@@ -1,10 +1,12 @@
 """Training data: JSONL rows -> (frames, token ids, labels), and the order they are seen in.
 
 Three row shapes are understood, detected file by file:
-  {"video": ..., "caption": ...}                          what label.py writes (rows with "error" are skipped)
-  {"video": ..., "QA": [{"i": ..., "q": ..., "a": ...}]}  PLLaVA / VideoChat2 instruction data
-  {"video"|"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
-                                                          LLaVA
+  {"video": ..., "caption": ...}
+      what label.py writes (rows with "error" are skipped)
+  {"video": ..., "QA": [{"i": ..., "q": ..., "a": ...}]}
+      PLLaVA / VideoChat2 instruction data
+  {"video"|"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."}, ...]}
+      LLaVA
 An "image" is one frame repeated to the clip length, as the model repeats short clips.
 
 The order is a pure function of (seed, step): step s of epoch e takes the s-th block of a
@@ -31,7 +33,8 @@ def _text(value, what):
         raise ValueError(f"{what} is not a text")
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError:   # a lone surrogate ("\\ud800" in the JSON): no tokenizer can take it
+    # a lone surrogate ("\\ud800" in the JSON): no tokenizer can take it
+    except UnicodeEncodeError:
         raise ValueError(f"{what} is not valid Unicode") from None
     return value
 
@@ -52,8 +55,13 @@ def _turns(row, kind, prompt):
     if not isinstance(messages, list) or len(messages) < 2 or len(messages) % 2 or \
             not all(isinstance(m, dict) for m in messages):
         raise ValueError("conversations is not a list of human / gpt turns")
-    questions = [_text(m.get("value"), "a conversation value").replace("<image>", "").strip() for m in messages[0::2]]
-    return list(zip(questions, [_text(m.get("value"), "a conversation value") for m in messages[1::2]])), None
+    questions = [
+        _text(m.get("value"), "a conversation value").replace("<image>", "").strip()
+        for m in messages[0::2]
+    ]
+    return list(
+        zip(questions, [_text(m.get("value"), "a conversation value") for m in messages[1::2]])
+    ), None
 
 
 SHAPES = (("caption", "caption"), ("QA", "qa"), ("conversations", "llava"))   # (field, row shape)
@@ -100,11 +108,17 @@ def read_samples(paths, video_root=None, prompt=None):
                     media = _text(media, "video / image")
                     turns, system = _turns(row, shape, prompt)
                     span = _span(row)
-                except (ValueError, RecursionError) as e:   # not UTF-8, not JSON (or nested past reading), wrong types
+                # not UTF-8, not JSON (or nested past reading), wrong types
+                except (ValueError, RecursionError) as e:
                     bad.append(f"{path}:{n}: {str(e)[:100] or type(e).__name__}")
                     continue
-                if video_root:   # a row's name (label.py, caption.py) is inside the folder it was made from
-                    name = row.get("name") if isinstance(row.get("name"), str) and row["name"] else media
+                # a row's name (label.py, caption.py) is inside the folder it was made from
+                if video_root:
+                    name = (
+                        row.get("name")
+                        if isinstance(row.get("name"), str) and row["name"]
+                        else media
+                    )
                     media = media if os.path.isabs(name) else os.path.join(video_root, name)
                 samples.append((media, "video" not in row, turns, system, span))
     return samples, dropped, bad
@@ -121,7 +135,13 @@ class TrainSet:
         """prompt: {"question", "system", "template"}, the question paired with plain captions, the
         system line of rows that bring none."""
         self.samples, self.tok, self.prompt = samples, tok, prompt
-        self.frames, self.size, self.seed, self.mode, self.max_tokens = frames, size, seed, mode, max_tokens
+        self.frames, self.size, self.seed, self.mode, self.max_tokens = (
+            frames,
+            size,
+            seed,
+            mode,
+            max_tokens,
+        )
 
     def __len__(self):
         return len(self.samples)
@@ -134,15 +154,27 @@ class TrainSet:
         if index is None:
             return (key, None, False, 0, 0, "", None, None)
         media, is_image, _, _, span = self.samples[index]
-        return (key, media, is_image, self.frames, self.size, self.mode, [self.seed, epoch, index], span)
+        return (
+            key,
+            media,
+            is_image,
+            self.frames,
+            self.size,
+            self.mode,
+            [self.seed, epoch, index],
+            span,
+        )
 
     def sample(self, key, frames):
         epoch, index = key
         if index is None:
             return self._stand_in(None)
         media, _, turns, system, _ = self.samples[index]
-        turns = [(q or self.prompt["question"], a) for q, a in turns]   # a plain caption: the question asked
-        ids, labels = training_ids(self.tok, turns, self.prompt["template"], system or self.prompt["system"])
+        # a plain caption: the question asked
+        turns = [(q or self.prompt["question"], a) for q, a in turns]
+        ids, labels = training_ids(
+            self.tok, turns, self.prompt["template"], system or self.prompt["system"]
+        )
         ids, labels = ids[:self.max_tokens], labels[:self.max_tokens]
         if isinstance(frames, VideoError) or frames is None:
             return self._stand_in(str(frames) if frames is not None else f"{media}: not read", ids)
@@ -160,9 +192,16 @@ class Batches:
     (plumbing/workers.py), each sample under a time and a memory limit, so a file that hangs or
     crashes FFmpeg is that sample's stand-in, reported with its path, and no rank waits on it."""
 
-    def __init__(self, trainset, batch_sampler, pad_id, workers=2, timeout=300.0, memory_gb=8.0, ahead=2):
+    def __init__(
+        self, trainset, batch_sampler, pad_id, workers=2, timeout=300.0, memory_gb=8.0, ahead=2
+    ):
         self.trainset, self.batch_sampler, self.pad_id = trainset, batch_sampler, pad_id
-        self.workers, self.timeout, self.memory_gb, self.ahead = max(1, workers), timeout, memory_gb, ahead
+        self.workers, self.timeout, self.memory_gb, self.ahead = (
+            max(1, workers),
+            timeout,
+            memory_gb,
+            ahead,
+        )
 
     def __iter__(self):
         room = threading.Semaphore(self.ahead)
@@ -175,12 +214,15 @@ class Batches:
                                 memory_gb=self.memory_gb, buffer=2 * self.workers)
         got = {}
         try:
-            for keys in self.batch_sampler:   # the same order again: the sampler is a function of the step
+            # the same order again: the sampler is a function of the step
+            for keys in self.batch_sampler:
                 while any(k not in got for k in keys if k[1] is not None):
                     job, frames = next(stream)
                     got[job[0]] = frames
                 room.release()
-                yield collate([self.trainset.sample(k, got.pop(k, None)) for k in keys], self.pad_id)
+                yield collate(
+                    [self.trainset.sample(k, got.pop(k, None)) for k in keys], self.pad_id
+                )
         finally:
             stream.close()
 
@@ -195,10 +237,21 @@ def collate(items, pad_id):
     for b, x in enumerate(items):
         ids[b, :len(x["ids"])] = torch.tensor(x["ids"])
         labels[b, :len(x["labels"])] = torch.tensor(x["labels"])
-    T = max(len(x["frames"]) for x in items)   # a batch of stills stays one frame long; mixed, stills repeat
-    frames = torch.from_numpy(np.stack([np.repeat(x["frames"], T // len(x["frames"]), 0) if len(x["frames"]) < T
-                                        else x["frames"] for x in items]))
-    return dict(ids=ids, labels=labels, frames=frames, skipped=[x["skipped"] for x in items if x["skipped"]])
+    # a batch of stills stays one frame long; mixed, stills repeat
+    T = max(len(x["frames"]) for x in items)
+    frames = torch.from_numpy(
+        np.stack(
+            [
+                np.repeat(x["frames"], T // len(x["frames"]), 0)
+                if len(x["frames"]) < T
+                else x["frames"]
+                for x in items
+            ]
+        )
+    )
+    return dict(
+        ids=ids, labels=labels, frames=frames, skipped=[x["skipped"] for x in items if x["skipped"]]
+    )
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -223,7 +276,10 @@ class StepSampler(torch.utils.data.Sampler):
             block = order[k * self.per_step:(k + 1) * self.per_step]
             for m in range(self.accum):
                 micro = block[m * self.batch * self.world:(m + 1) * self.batch * self.world]
-                yield [(epoch, int(i)) for i in micro[self.rank * self.batch:(self.rank + 1) * self.batch]]
+                yield [
+                    (epoch, int(i))
+                    for i in micro[self.rank * self.batch : (self.rank + 1) * self.batch]
+                ]
 
 
 def eval_keys(n, rank, world):
@@ -240,13 +296,22 @@ def load_data(files, video_root=None, rank=0):
     missing = [s[0] for s in samples if not os.path.isfile(s[0])]
     samples = [s for s in samples if os.path.isfile(s[0])] if missing else samples
     if not samples:
-        raise ValueError(f"{files}: no rows to train on ({dropped} left out, {len(bad)} broken"
-                         f"{', the first: ' + bad[0] if bad else ''}, {len(missing)} naming no file"
-                         f"{', the first: ' + missing[0] + ' (is --video-root right?)' if missing else ''})")
+        raise ValueError(
+            f"{files}: no rows to train on ({dropped} left out, {len(bad)} broken"
+            f"{', the first: ' + bad[0] if bad else ''}, {len(missing)} naming no file"
+            f"{', the first: ' + missing[0] + ' (is --video-root right?)' if missing else ''})"
+        )
     if bad and rank == 0:
-        print(f"warning: {len(bad)} broken rows left out, the first: " + "; ".join(bad[:3]), file=sys.stderr,
-              flush=True)
+        print(
+            f"warning: {len(bad)} broken rows left out, the first: " + "; ".join(bad[:3]),
+            file=sys.stderr,
+            flush=True,
+        )
     if missing and rank == 0:
-        print(f"warning: {len(missing)} rows name no file and are left out, the first: {missing[0]} (is "
-              f"--video-root right?)", file=sys.stderr, flush=True)
+        print(
+            f"warning: {len(missing)} rows name no file and are left out, the first: {missing[0]} "
+            f"(is --video-root right?)",
+            file=sys.stderr,
+            flush=True,
+        )
     return samples, dropped + len(bad) + len(missing)

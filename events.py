@@ -45,7 +45,11 @@ def _json(text):
 
 def parse_events(text, n):
     events = (_json(text) or {}).get("events")
-    if not isinstance(events, list) or not events or not all(isinstance(e, str) and e.strip() for e in events):
+    if (
+        not isinstance(events, list)
+        or not events
+        or not all(isinstance(e, str) and e.strip() for e in events)
+    ):
         return None
     return distinct([e.strip()[:300] for e in events])[:n]
 
@@ -61,7 +65,11 @@ def distinct(events):
 
 def parse_verdicts(text, n):
     verdicts = (_json(text) or {}).get("verdicts")
-    if not isinstance(verdicts, list) or len(verdicts) != n or not all(v in LABELS for v in verdicts):
+    if (
+        not isinstance(verdicts, list)
+        or len(verdicts) != n
+        or not all(v in LABELS for v in verdicts)
+    ):
         return None
     return verdicts
 
@@ -88,16 +96,23 @@ def ask(client, args, job):
 
 
 def extract_job(caption, args):
-    return {"key": key("extract", caption, EXTRACT_VERSION, args.model, args.max_events), "kind": "events",
-            "prompt": EXTRACT.format(caption=caption, n=args.max_events),
-            "parse": lambda text: parse_events(text, args.max_events)}
+    return {
+        "key": key("extract", caption, EXTRACT_VERSION, args.model, args.max_events),
+        "kind": "events",
+        "prompt": EXTRACT.format(caption=caption, n=args.max_events),
+        "parse": lambda text: parse_events(text, args.max_events),
+    }
 
 
 def entail_job(events, caption, args):
     events = distinct(events)   # also those of a cache written before events were made distinct
     listed = "\n".join(f"{i + 1}. {e}" for i, e in enumerate(events))
-    return {"key": key("entail", events, caption, ENTAIL_VERSION, args.model), "kind": "verdicts",
-            "prompt": ENTAIL.format(caption=caption, events=listed), "parse": lambda text: parse_verdicts(text, len(events))}
+    return {
+        "key": key("entail", events, caption, ENTAIL_VERSION, args.model),
+        "kind": "verdicts",
+        "prompt": ENTAIL.format(caption=caption, events=listed),
+        "parse": lambda text: parse_verdicts(text, len(events)),
+    }
 
 
 def scores(pred_verdicts, gt_verdicts):
@@ -134,17 +149,36 @@ def compare(a, b, interval, resamples):
 
 
 def table(summary, files):
-    """Markdown lines of the event table of judge.py's report; `files`: {system: the file it came from}."""
+    """Markdown lines of the event table of judge.py's report; `files`: {system: the file it came
+    from}."""
     def fmt(s, name):
-        return "-" if s[name] is None else f"{s[name]:.1f} [{s[name + '_ci'][0]:.1f}, {s[name + '_ci'][1]:.1f}]"
-    lines = ["", f"Events ({summary['versions']}, at most {summary['max_events']} a caption; % with 95% CI):", "",
-             "| system | n | precision | recall | F1 | contradicted | unparsed | failed |", "|---|---|---|---|---|---|---|---|"]
+        return (
+            "-"
+            if s[name] is None
+            else f"{s[name]:.1f} [{s[name + '_ci'][0]:.1f}, {s[name + '_ci'][1]:.1f}]"
+        )
+
+    lines = [
+        "",
+        f"Events ({summary['versions']}, at most {summary['max_events']} a caption; % with 95% "
+        f"CI):",
+        "",
+        "| system | n | precision | recall | F1 | contradicted | unparsed | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in summary["systems"].items():
-        lines.append(f"| {name}: {files[name]} | {s['n']} | {fmt(s, 'precision')} | {fmt(s, 'recall')} | {fmt(s, 'f1')} | "
-                     f"{fmt(s, 'contradicted')} | {s['unparsed']} | {s['failed']} |")
+        lines.append(
+            f"| {name}: {files[name]} | {s['n']} | {fmt(s, 'precision')} | {fmt(s, 'recall')} | "
+            f"{fmt(s, 'f1')} | {fmt(s, 'contradicted')} | {s['unparsed']} | {s['failed']} |"
+        )
     if "b_minus_a" in summary:
         c = summary["b_minus_a"]
-        lines.append(f"\nB minus A over {c['n']} videos: F1 {c['f1_diff']:+.1f} points [{c['f1_diff_ci'][0]:.1f}, "
-                     f"{c['f1_diff_ci'][1]:.1f}], precision {c['precision_diff']:+.1f}, recall {c['recall_diff']:+.1f}, "
-                     f"contradicted {c['contradicted_diff']:+.1f}." if c["n"] else "\nB minus A: no video to compare.")
+        lines.append(
+            f"\nB minus A over {c['n']} videos: F1 {c['f1_diff']:+.1f} points "
+            f"[{c['f1_diff_ci'][0]:.1f}, {c['f1_diff_ci'][1]:.1f}], precision "
+            f"{c['precision_diff']:+.1f}, recall {c['recall_diff']:+.1f}, contradicted "
+            f"{c['contradicted_diff']:+.1f}."
+            if c["n"]
+            else "\nB minus A: no video to compare."
+        )
     return lines

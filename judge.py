@@ -1,6 +1,7 @@
 """Score captions against ground truth with a judge model (GPT-4-Turbo) over plain HTTP.
 
-    OPENAI_API_KEY=... python judge.py --gt labels.jsonl --pred captions.jsonl [--pred-b other.jsonl] --out report
+    OPENAI_API_KEY=... python judge.py --gt labels.jsonl --pred captions.jsonl --out report
+        [--pred-b other.jsonl]
 
 For each video the judge returns JSON: a semantic-similarity score (integer 0-5), whether the
 caption is correct (contradicts nothing in the ground truth and invents nothing), and a short
@@ -9,8 +10,8 @@ unparsed and counted apart: never scored. Judgments are cached by (ground truth,
 version, judge model) in the report folder, so a rerun costs nothing; a failed request is not
 cached and is asked again on the next run, and a refused key, an empty account or an unreachable
 server stops the run early. The report (report.md, summary.json) gives accuracy and mean score with
-95% bootstrap intervals; with --pred-b, the paired differences and wins / ties / losses: the report's
-"accuracy +8 points, mean score +0.2" comparison in one command.
+95% bootstrap intervals; with --pred-b, the paired differences and wins / ties / losses: the
+report's "accuracy +8 points, mean score +0.2" comparison in one command.
 """
 
 import functools
@@ -164,7 +165,8 @@ def report_md(summary):
         if name in summary:
             s = summary[name]
             lines.append(f"| {name}: {summary['files'][name]} | {s['n']} | {fmt(s['accuracy'], s['accuracy_ci'])} | "
-                         f"{fmt(s['mean_score'], s['mean_score_ci'])} | {s['unparsed']} | {s['failed']} |")
+                         f"{fmt(s['mean_score'], s['mean_score_ci'])} | {s['unparsed']} | "
+                         f"{s['failed']} |")
     if "b_minus_a" in summary:
         c = summary["b_minus_a"]
         lines += ["", f"B minus A over {c['n']} paired videos: accuracy {fmt(c['accuracy_diff'], c['accuracy_diff_ci'], ' points')}, "
@@ -189,11 +191,13 @@ def judge(args):
              for name, pred in read.items()}   # by file here, else by name (plumbing/sources.py)
     preds = {name: {k: read[name][p] for k, p in pairs[name].items()} for name in read}
     videos = sorted(set(gt).intersection(*preds.values()), key=lambda k: (k[0], -1 if k[1] is None else k[1]))
-    alone = set().union(*(set(read[name]) - set(pairs[name].values()) for name in read))   # in no --gt
+    # in no --gt
+    alone = set().union(*(set(read[name]) - set(pairs[name].values()) for name in read))
     dropped = len(set(gt) - set(videos)) + len(alone)
     if not videos:
         raise ValueError(f"no video is in both --gt and --pred ({len(gt)} and "
-                         f"{' / '.join(str(len(p)) for p in preds.values())} rows): are the paths the same videos?")
+                         f"{' / '.join(str(len(p)) for p in preds.values())} rows): are the paths "
+                         f"the same videos?")
     os.makedirs(args.out, exist_ok=True)
     wanted = {(name, v): cache_key(gt[v][1], pred[v][1], args.model) for name, pred in preds.items() for v in videos}
     jobs = {}   # two systems with the same caption share one judgment
@@ -239,8 +243,10 @@ def judge_events(client, args, gt, preds, videos):
         for v in videos:
             g, c = cache.get(listed[gt[v][1]]["key"], {}), cache.get(listed[pred[v][1]]["key"], {})
             if "value" in g and "value" in c:
-                pairs[(name, v)] = (events.entail_job(c["value"], gt[v][1], args),      # precision: candidate events
-                                    events.entail_job(g["value"], pred[v][1], args))    # recall: reference events
+                # precision: candidate events
+                pairs[(name, v)] = (events.entail_job(c["value"], gt[v][1], args),
+                                    # recall: reference events
+                                    events.entail_job(g["value"], pred[v][1], args))
     cache.update(cached_run(client, args, "events.jsonl", {j["key"]: j for p in pairs.values() for j in p}, work, identify,
                             "events judged"))
     out = {}

@@ -45,15 +45,17 @@ from plumbing.workers import RETRIED, PoolError, failure, imap_unordered
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describe the video in one detailed "
-          "paragraph: the setting, the characters and objects and how they look, what they do and how that "
-          "changes from frame to frame, the camera's movement, and the mood. Describe only what is visible; "
-          "do not guess names, sounds or anything outside the frames, and do not mention frames or images.")
+          "paragraph: the setting, the characters and objects and how they look, what they do and "
+          "how that changes from frame to frame, the camera's movement, and the mood. Describe only "
+          "what is visible; do not guess names, sounds or anything outside the frames, and do not "
+          "mention frames or images.")
 
 
 def parse_args(argv=None, mode="label"):
     p = cli.Parser(description="Label videos with an OpenAI-compatible vision model (`label.py clean FILE --out "
-                               "FILE` cleans the labels; `label.py verify FILE` checks them against their frames; `label.py recheck FILE "
-                               "--student CAPTIONS` asks again where a student disagrees).")
+                               "FILE` cleans the labels; `label.py verify FILE` checks them against "
+                               "their frames; `label.py recheck FILE --student CAPTIONS` asks again "
+                               "where a student disagrees).")
     p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
     p.add_argument("--out", help="the JSONL file the rows are appended to (default: labels.jsonl; verify: "
                                  "the input's name with .verified.jsonl)")
@@ -376,10 +378,10 @@ def summary(args, stats, failed, already, start, mode="label"):
     retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] in RETRIED)
     done = VERBS[mode]
     print(f"\n{done} {stats['done']} ({stats['length']} cut at --max-new-tokens), "
-          f"failed {n_failed}{f' ({retry} to try again: a decoder time or memory limit, or its crash)' if retry else ''}"
-          f"{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
-          f"{already} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost ${cost:.2f}; "
-          f"{elapsed:.1f} s, {(stats['done'] + n_failed) / max(elapsed, 1e-9):.2f} "
+          f"failed "
+          f"{n_failed}{f' ({retry} to try again: a decoder time or memory limit, or its crash)' if retry else ''}{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
+          f"{already} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost "
+          f"${cost:.2f}; {elapsed:.1f} s, {(stats['done'] + n_failed) / max(elapsed, 1e-9):.2f} "
           f"{'shots' if shots.finder(args) else 'videos'}/s", file=sys.stderr)
 
 

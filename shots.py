@@ -36,9 +36,12 @@ SEARCH = 4           # pixels (at 64x36) the camera may move the picture between
 BLOCK = 4            # the changed share counts blocks of 4x4 pixels
 LEVEL = 0.07         # a block changed: it differs by 7% of the luma range on average (18 of 255)
 GRADUAL = 8          # frames back that a fade or dissolve is measured against
-RATE = 30            # frames a second of video compared at most: a file of 1,000 frames a second costs 30
-MAX_SHOTS = 1000     # rows a video gives at most (--max-shots): a 2-hour film has 1,000 to 2,000 shots
-PER_TEN_MINUTES = 2  # --decode-timeout's: finding shots takes at most this many a 10 minutes of video
+# frames a second of video compared at most: a file of 1,000 frames a second costs 30
+RATE = 30
+# rows a video gives at most (--max-shots): a 2-hour film has 1,000 to 2,000 shots
+MAX_SHOTS = 1000
+# --decode-timeout's: finding shots takes at most this many a 10 minutes of video
+PER_TEN_MINUTES = 2
 
 
 def _histogram(a):
@@ -47,7 +50,8 @@ def _histogram(a):
 
 
 def _luma(a):
-    return a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255   # (H, W) in [0, 1]
+    # (H, W) in [0, 1]
+    return a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255
 
 
 def _best_shift(cur, prev, reach, around=(0, 0)):
@@ -70,7 +74,7 @@ def changed(cur, prev) -> float:
     matches it best, found at half the size first and refined (a fifth of the work of trying every
     shift), the SEARCH-pixel border left out (a pan brings new things in there). About 0 for a
     still shot or a pan, the moving things' share for motion inside a shot, nearly 1 at a cut."""
-    half = lambda a: a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2).mean(axis=(1, 3))   # noqa: E731
+    half = lambda a: a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2).mean(axis=(1, 3))  # noqa: E731
     coarse = _best_shift(half(cur), half(prev), SEARCH // 2)
     dy, dx = _best_shift(cur, prev, 1, (2 * coarse[0], 2 * coarse[1]))
     s = SEARCH + 2
@@ -118,8 +122,10 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5, budg
     container, stream = open_video(path)
     with container:
         rate = min(float(stream.average_rate or 25), RATE)
-        recent = collections.deque(maxlen=max(4, int(window * rate)))   # (changed, step) of the shot so far
-        back = collections.deque(maxlen=GRADUAL + 1)                    # histograms of the last frames
+        # (changed, step) of the shot so far
+        recent = collections.deque(maxlen=max(4, int(window * rate)))
+        # histograms of the last frames
+        back = collections.deque(maxlen=GRADUAL + 1)
         queue = collections.deque()                                     # measured, not yet decided
         t, in_fade, frames = 0.0, None, _measured(container, stream, float(stream.average_rate or 25), budget)
         before, flash_until = None, -1.0   # the luma of the frame before; the last frame of a flash
@@ -134,7 +140,8 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5, budg
             cut = change > max(floor, usual[0] + margin, later + margin) or \
                 (change > floor and step > max(0.4, 4 * usual[1]) and change > later + margin)
             back_at = next((q[0] for q in queue if changed(q[4], before) < floor / 2), None) if cut else None
-            if back_at is not None:   # a flash: the picture comes back; its frames count for nothing
+            # a flash: the picture comes back; its frames count for nothing
+            if back_at is not None:
                 flash_until = back_at
             if t <= flash_until:
                 continue
@@ -145,7 +152,8 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5, budg
                 back.clear()
                 in_fade = None
             else:
-                recent.extend([(change, step)] if back else [])   # the first frame has nothing to differ from
+                # the first frame has nothing to differ from
+                recent.extend([(change, step)] if back else [])
                 drift = 0.5 * np.abs(hist - back[0]).sum() if len(back) == back.maxlen else 0.0
                 if drift > fade and in_fade is None:      # steady change that adds up: a transition
                     in_fade = t - GRADUAL / rate
@@ -160,7 +168,8 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5, budg
 def shots(path, min_shot=0.6, max_shot=20.0, max_shots=MAX_SHOTS, **detector):
     """[(start, end, kind)] covering the video: kind is how the shot began ("start", "cut", "fade"
     or "window" for a long shot split in equal parts). Boundaries within min_shot of the last are
-    merged; more than max_shots (each a paid request in label.py) are merged down to it (at_most)."""
+    merged; more than max_shots (each a paid request in label.py) are merged down to it
+    (at_most)."""
     cuts, end = [(0.0, "start")], 0.0
     for t, kind in boundaries(path, **detector):
         if kind == "end":
@@ -202,7 +211,8 @@ def duration(path):
     container, stream = open_video(path)
     with container:
         seconds = time_span(container, stream)[1]
-    return seconds or next(t for t, kind in boundaries(path) if kind == "end")   # no header says: decode it
+    # no header says: decode it
+    return seconds or next(t for t, kind in boundaries(path) if kind == "end")
 
 
 def spans(path, window=None, min_shot=0.6, max_shot=20.0, max_shots=MAX_SHOTS, budget=None):
@@ -307,7 +317,8 @@ def shot_of(row):
 
 
 def identity(video, shot=None) -> dict:
-    """The fields that say which video (and shot) a row is for: its path here, its name everywhere."""
+    """The fields that say which video (and shot) a row is for: its path here, its name
+    everywhere."""
     return {"video": str(video), "name": video.name, **fields(shot)}
 
 
@@ -320,7 +331,7 @@ def fields(shot):
 
 
 def main(argv=None):
-    p = cli.Parser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("video", help="a video file")
     p.add_argument("--min-shot", type=cli.positive, default=0.6, help="seconds: boundaries closer than this are merged")
     p.add_argument("--max-shot", type=cli.positive, default=20.0, help="seconds: longer shots are split into windows")

@@ -1,6 +1,7 @@
 """The whole loop on a laptop CPU, on a synthetic video world:
 
-    python toy.py [--out DIR] [--quick] [--ablations] [--cleaning] [--nproc N] [--seed S] [--threads T]
+    python toy.py [--out DIR] [--quick] [--ablations] [--cleaning] [--nproc N] [--seed S]
+        [--threads T]
 
 1. A world (lab/toyworld.py): videos of a coloured shape that rests, moves (one direction, or two
    in turn) and rests again, at times drawn per video, on named dark backgrounds; stills of the
@@ -46,7 +47,8 @@ MARK = ".toy-run"   # in every --out folder toy.py makes: the only folders it de
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEM = "You are a helpful assistant."
 VIDEO_Q, IMAGE_Q = "Describe this video.", "Describe this image."
-SIZES = {   # (train videos, test videos, train stills, test stills, stage 1 steps, stage 2 steps, batch)
+# (train videos, test videos, train stills, test stills, stage 1 steps, stage 2 steps, batch)
+SIZES = {
     "default": (1600, 200, 2400, 120, 2000, 600, 16),
     "quick": (480, 96, 1200, 48, 1400, 250, 16),
 }
@@ -85,7 +87,8 @@ def run(cmd, log, nproc=1, watch=None):
             done, total = watch() if watch and time.monotonic() - shown > 10 else (0, 0)
             if done:
                 shown = time.monotonic()
-                first = first or (shown, done)   # the rate from the first rows on: start-up is not a step
+                # the rate from the first rows on: start-up is not a step
+                first = first or (shown, done)
                 rate = (done - first[1]) / (shown - first[0]) if done > first[1] else 0
                 eta = f"{(total - done) / rate:.0f} s" if rate else "-"
                 print(f"\r  {os.path.basename(log)[:-4]}: {done}/{total}, ETA {eta} (log: {log})   ", end="",
@@ -97,11 +100,14 @@ def run(cmd, log, nproc=1, watch=None):
     return time.monotonic() - start
 
 
-# On a machine busy at start, waiting threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE: the same
-# threads, the same numbers): spinning threads fight the other jobs for the cores (docs/toy.md, "A busy
+# On a machine busy at start, waiting threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE:
+# the same
+# threads, the same numbers): spinning threads fight the other jobs for the cores (docs/toy.md, "A
+# busy
 # machine"); alone, spinning is faster.
 BUSY = False
-THREADS = 2   # --threads: the same on every machine, for the count changes the sums' order, so the scores
+# --threads: the same on every machine, for the count changes the sums' order, so the scores
+THREADS = 2
 
 
 def threads(nproc=1):
@@ -144,7 +150,7 @@ def table(results, keys=("shape", "colour", "position", "motion", "order", "exac
 
 def main(argv=None):
     global THREADS, BUSY
-    p = cli.Parser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="toy_out", help="the folder for the world, the models, the logs and results.json")
     p.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (the CI test)")
     p.add_argument("--ablations", action="store_true", help="also the report's experiments, one change at a time")
@@ -173,14 +179,16 @@ def main(argv=None):
         print(f"[{time.monotonic() - start:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
-    BUSY = load > cores / 2   # what the others hold: the stages' time stretches, their numbers do not change
+    # what the others hold: the stages' time stretches, their numbers do not change
+    BUSY = load > cores / 2
     if BUSY:
         say(f"note: the machine is busy (load {load:.1f} on {cores} cores): the stages will take longer than "
-            f"alone; they keep their {THREADS} threads (another count trains another model), which wait "
-            f"without spinning so as not to fight the other jobs for the cores")
+            f"alone; they keep their {THREADS} threads (another count trains another model), which "
+            f"wait without spinning so as not to fight the other jobs for the cores")
     files = make_world(world, n_train, n_test, n_stills, n_test_stills, args.seed)
     tok = os.path.join(world, "tokenizer")
-    prompts = [SYSTEM, VIDEO_Q, IMAGE_Q, "USER: ASSISTANT:"] * 300   # frequent enough to become whole pieces
+    # frequent enough to become whole pieces
+    prompts = [SYSTEM, VIDEO_Q, IMAGE_Q, "USER: ASSISTANT:"] * 300
     train_tokenizer(tok, [r["caption"] for rows in files.values() for r in rows] + prompts, vocab_size=512)
     say(f"world: {n_train} + {n_test} videos, {n_stills} + {n_test_stills} stills, in {world} (logs: {logs})")
     data = {k: os.path.join(world, f"{k}.jsonl") for k in files}
@@ -250,12 +258,13 @@ def main(argv=None):
 
 
 def against_ranges(results, size):
-    """Each score beside the range three seeds gave on this project's machine (results/toy-ranges.json).
-    The teacher's rows come from the world and a seeded teacher, no float kernel: the same on every CPU,
-    they are the check (outside: something is broken). The trained models' rows move with the CPU: its
-    float kernels differ in their last bits and a model trained from scratch amplifies them (docs/toy.md:
-    AVX2 against AVX-512 kernels, thread counts, an Intel Xeon); outside this machine's seeds there is
-    not a failure. A machine under load changes the time, never the numbers."""
+    """Each score beside the range three seeds gave on this project's machine
+    (results/toy-ranges.json). The teacher's rows come from the world and a seeded teacher, no float
+    kernel: the same on every CPU, they are the check (outside: something is broken). The trained
+    models' rows move with the CPU: its float kernels differ in their last bits and a model trained
+    from scratch amplifies them (docs/toy.md: AVX2 against AVX-512 kernels, thread counts, an Intel
+    Xeon); outside this machine's seeds there is not a failure. A machine under load changes the
+    time, never the numbers."""
     path = os.path.join(HERE, "results", "toy-ranges.json")
     ranges = json.load(open(path)).get(size, {}) if os.path.exists(path) else {}
     lines, outside = [], {True: [0, 0], False: [0, 0]}   # teacher's rows or not: [outside, all]
@@ -273,9 +282,9 @@ def against_ranges(results, size):
         return f"(no documented ranges for the {size} size in {path})"
     (bad, checks), (moved, trained) = outside[True], outside[False]
     return (f"Against the documented ranges ({size} size, seeds 0-2 on this project's 2-core AMD EPYC):\n"
-            f"  the teacher's rows, the same on every CPU: {bad} of {checks} outside"
-            f"{' (something is broken: report it)' if bad else ''}\n"
-            f"  the trained models' rows: {moved} of {trained} outside this machine's seeds (on another CPU a "
+            f"  the teacher's rows, the same on every CPU: {bad} of {checks} "
+            f"outside{' (something is broken: report it)' if bad else ''}\n  the trained models' "
+            f"rows: {moved} of {trained} outside this machine's seeds (on another CPU a "
             f"few points either way are expected: docs/toy.md, 'Run to run, and on another machine')\n" + "\n".join(lines))
 
 

@@ -40,69 +40,95 @@ def preprocessing_folder(folder, tok_folder):
 def probe(args, folder):
     """(config, trainable parameters) of the run, from a copy on the meta device (no memory): the
     LoRA targets that name no linear layer of the model fail here, before it loads."""
-    config = model_config(folder or args.model) if args.model else read_config(args.init_from_config)
+    config = (
+        model_config(folder or args.model) if args.model else read_config(args.init_from_config)
+    )
     with torch.device("meta"):
         model = PLLaVA(config)
     lora_targets(args)
     try:
         add_lora(model, args)
     except ValueError:
-        raise ValueError(f"--lora-targets {args.lora_targets}: no linear layer of the language model has that "
-                         f"name (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)") from None
+        raise ValueError(
+            f"--lora-targets {args.lora_targets}: no linear layer of the language model has that "
+            f"name (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+        ) from None
     set_trainable(model, args)
     return config, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def lora_targets(args) -> list:
     """--lora-targets as names inside the language model: a layer's last name (q_proj, as peft reads
-    it) or its full name (language_model.model.layers.0.self_attn.q_proj, or without language_model.);
-    a name in the vision tower or the projector is refused, before anything loads: adapters are saved
-    and exported in peft's format, for the language model."""
+    it) or its full name (language_model.model.layers.0.self_attn.q_proj, or without
+    language_model.); a name in the vision tower or the projector is refused, before anything loads:
+    adapters are saved and exported in peft's format, for the language model."""
     targets = args.lora_targets.split(",") if args.lora_targets else list(lora.TARGETS)
     elsewhere = [t for t in targets if t.split(".")[0] in ("vision_tower", "multi_modal_projector")]
     if elsewhere:
-        raise ValueError(f"--lora-targets {','.join(elsewhere)}: LoRA trains inside the language model only "
-                         f"(language_model.…, or a layer's last name such as q_proj); the vision tower and the "
-                         f"projector train whole (--train-all) or not at all")
+        raise ValueError(
+            f"--lora-targets {','.join(elsewhere)}: LoRA trains inside the language model only "
+            f"(language_model.…, or a layer's last name such as q_proj); the vision tower and the "
+            f"projector train whole (--train-all) or not at all"
+        )
     return [t.removeprefix("language_model.") for t in targets]
 
 
 def add_lora(model, args):
-    """A new adapter: the report's (r 128, alpha 32 on q_proj and k_proj) unless the flags say otherwise.
-    A model that has one already (a release, an export) trains it on as it is: LoRA flags that ask for
-    another are refused, not ignored."""
+    """A new adapter: the report's (r 128, alpha 32 on q_proj and k_proj) unless the flags say
+    otherwise. A model that has one already (a release, an export) trains it on as it is: LoRA flags
+    that ask for another are refused, not ignored."""
     if args.full_finetune or args.train_all:
         return
     if lora.lora_layers(model):
         return same_lora(model, args)
     torch.manual_seed(args.seed)
-    lora.add_lora(model.language_model, targets=lora_targets(args), r=args.lora_r or lora.R,
-                  alpha=lora.ALPHA if args.lora_alpha is None else args.lora_alpha, dropout=args.lora_dropout)
+    lora.add_lora(
+        model.language_model,
+        targets=lora_targets(args),
+        r=args.lora_r or lora.R,
+        alpha=lora.ALPHA if args.lora_alpha is None else args.lora_alpha,
+        dropout=args.lora_dropout,
+    )
 
 
 def same_lora(model, args):
     lm = model.language_model
-    shape = lora.lora_shape(lm)   # {name: (r, alpha)}
-    linears = [n for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("_A")
-               and not n.endswith("_B")]
-    other = [flag for flag, asked, has in (
-        ("--lora-r", args.lora_r, {r for r, _ in shape.values()}),
-        ("--lora-alpha", args.lora_alpha, {a for _, a in shape.values()}),
-        ("--lora-targets", args.lora_targets and lora_targets(args), set(shape)))
-        if asked is not None and ({n for n in linears if lora.matches(n, asked)} if flag == "--lora-targets"
-                                  else {asked}) != has]
+    shape = lora.lora_shape(lm)  # {name: (r, alpha)}
+    linears = [
+        n
+        for n, m in lm.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("_A") and not n.endswith("_B")
+    ]
+    other = [
+        flag
+        for flag, asked, has in (
+            ("--lora-r", args.lora_r, {r for r, _ in shape.values()}),
+            ("--lora-alpha", args.lora_alpha, {a for _, a in shape.values()}),
+            ("--lora-targets", args.lora_targets and lora_targets(args), set(shape)),
+        )
+        if asked is not None
+        and (
+            {n for n in linears if lora.matches(n, asked)} if flag == "--lora-targets" else {asked}
+        )
+        != has
+    ]
     if other:
         r, a = next(iter(shape.values()))
         kinds = sorted({n.rsplit(".", 1)[-1] for n in shape})
-        raise ValueError(f"the model already has a LoRA adapter (r {r}, alpha {a:g}, on {','.join(kinds)} in "
-                         f"{len(shape)} layers), which trains on as it is: {', '.join(other)} ask for another; "
-                         f"leave them out, or start from a model without one")
+        raise ValueError(
+            f"the model already has a LoRA adapter (r {r}, alpha {a:g}, on {','.join(kinds)} in "
+            f"{len(shape)} layers), which trains on as it is: {', '.join(other)} ask for another; "
+            f"leave them out, or start from a model without one"
+        )
 
 
 def set_trainable(model, args):
     """The report's split: projector + LoRA learn (LoRA alone with --freeze-projector);
     --full-finetune adds the whole LLM; --train-all all."""
-    vision, projector = model.parameter_names(model.vision_tower), model.parameter_names(model.multi_modal_projector)
+    vision, projector = (
+        model.parameter_names(model.vision_tower),
+        model.parameter_names(model.multi_modal_projector),
+    )
     for name, p in model.named_parameters():
         if args.train_all:
             p.requires_grad = True
@@ -110,8 +136,10 @@ def set_trainable(model, args):
             p.requires_grad = name not in vision
         else:
             p.requires_grad = ".lora_" in name or (name in projector and not args.freeze_projector)
-    for layer in lora.lora_layers(model).values():   # a LoRA loaded from a release trains on
-        layer.lora_dropout = torch.nn.Dropout(args.lora_dropout) if args.lora_dropout > 0 else torch.nn.Identity()
+    for layer in lora.lora_layers(model).values():  # a LoRA loaded from a release trains on
+        layer.lora_dropout = (
+            torch.nn.Dropout(args.lora_dropout) if args.lora_dropout > 0 else torch.nn.Identity()
+        )
 
 
 def mesh_shape(world: int, per_node: int) -> tuple:
@@ -162,7 +190,9 @@ def setup_model(args, folder, rank, world, device):
     # whole fp32
     # copy would be 28 GB on rank 0 for 7B, 136 GB for 34B)
     state = source.state_dict() if rank == 0 else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(
+        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
     del source, state
     return model
 
@@ -179,12 +209,19 @@ def dry_run(args):
     tensors (plumbing/rehearse.py) with the FSDP2 wrapping at that world size: nothing is read,
     loaded, downloaded or started."""
     from plumbing import rehearse
-    config, trainable = probe(args, args.model if args.model and os.path.isdir(args.model) else None)
+
+    config, trainable = probe(
+        args, args.model if args.model and os.path.isdir(args.model) else None
+    )
     shards = mesh_shape(args.gpus, int(os.environ.get("LOCAL_WORLD_SIZE", args.gpus)))[-1]
     on, need = memory.for_training(args, config, trainable, shards, gpu=True)
     peak = rehearse.training(args, config, args.gpus, on)
-    print(f"{args.model or args.init_from_config}: batch {args.batch_size} x {config.num_visual_tokens} visual + "
-          f"{args.max_text_tokens} text tokens on {args.gpus} GPU(s), {trainable / 1e6:.1f}M trainable, activation "
-          f"checkpointing {'on' if on else 'off'}: estimate {memory.describe(need)}, total {need['total']:.1f} GB "
-          f"per GPU; rehearsed on fake tensors: peak {peak['peak_gb']:.1f} GB + context {memory.CONTEXT_GB} GB")
+    print(
+        f"{args.model or args.init_from_config}: batch {args.batch_size} x "
+        f"{config.num_visual_tokens} visual + {args.max_text_tokens} text tokens on {args.gpus} "
+        f"GPU(s), {trainable / 1e6:.1f}M trainable, activation checkpointing "
+        f"{'on' if on else 'off'}: estimate {memory.describe(need)}, total {need['total']:.1f} GB "
+        f"per GPU; rehearsed on fake tensors: peak {peak['peak_gb']:.1f} GB + context "
+        f"{memory.CONTEXT_GB} GB"
+    )
     return {**need, "rehearsed": peak["peak_gb"] + memory.CONTEXT_GB}

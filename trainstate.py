@@ -21,14 +21,23 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 import lora
 from model import PLLaVA
 from tokenizer import save_prompt
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+)
 
 
 def barrier(world):
@@ -42,7 +51,11 @@ def trainable_names(model):
 
 def newest_checkpoint(out):
     root = os.path.join(out, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(root) else []
+    done = (
+        sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d))
+        if os.path.isdir(root)
+        else []
+    )
     return os.path.join(root, done[-1]) if done else None
 
 
@@ -51,8 +64,10 @@ def check_out(out, resume):
     for them (a rerun without --resume would train for hours and then fail to save beside them)."""
     found = newest_checkpoint(out)
     if found and not resume:
-        raise ValueError(f"{out} already holds checkpoints (newest: {os.path.basename(found)}): add --resume to "
-                         f"continue from it, or choose another --out")
+        raise ValueError(
+            f"{out} already holds checkpoints (newest: {os.path.basename(found)}): add --resume to "
+            f"continue from it, or choose another --out"
+        )
     os.makedirs(out, exist_ok=True)
     probe = os.path.join(out, f".write-test-{os.getpid()}")
     open(probe, "w").close()
@@ -83,8 +98,10 @@ def check_shared_out(out, rank, world):
     if rank == 0:
         os.remove(token)
     if not all(everyone):
-        raise ValueError(f"--out {out} is not the same folder on every node ({everyone.count(False)} of {world} "
-                         f"ranks do not see what rank 0 wrote there): use a shared file system for --out")
+        raise ValueError(
+            f"--out {out} is not the same folder on every node ({everyone.count(False)} of {world} "
+            f"ranks do not see what rank 0 wrote there): use a shared file system for --out"
+        )
 
 
 def _rng_state():
@@ -105,18 +122,31 @@ def save_checkpoint(model, optimizer, args, step, stats, rank, world):
     barrier(world)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     keep = trainable_names(model)
-    dcp.save({"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd}, checkpoint_id=tmp)
+    dcp.save(
+        {"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd},
+        checkpoint_id=tmp,
+    )
     save_file(_rng_state(), os.path.join(tmp, f"rng_{rank}.safetensors"))
-    small = {n: p for n, p in model.named_parameters() if p.requires_grad} if lora.lora_layers(model) else {}
-    small = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in small.items()}
+    small = (
+        {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if lora.lora_layers(model)
+        else {}
+    )
+    small = {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+        for n, p in small.items()
+    }
     barrier(world)
     if rank == 0:
         if small:
             projector = model.parameter_names(model.multi_modal_projector)
             save_file({n: t for n, t in small.items() if n in projector},
                       os.path.join(tmp, "projector.safetensors"))
-            lora.save_adapter(model.language_model, tmp, weights={n[len("language_model."):]: t for n, t in
-                                                                   small.items() if ".lora_" in n})
+            lora.save_adapter(
+                model.language_model,
+                tmp,
+                weights={n[len("language_model.") :]: t for n, t in small.items() if ".lora_" in n},
+            )
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "world_size": world, **stats}, f)
         os.replace(tmp, final)
@@ -139,7 +169,8 @@ def load_checkpoint(model, optimizer, path, rank):
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     rng_file = os.path.join(path, f"rng_{rank}.safetensors")
-    if not os.path.exists(rng_file):   # resumed on more processes than saved it: this rank's dropout anew
+    # resumed on more processes than saved it: this rank's dropout anew
+    if not os.path.exists(rng_file):
         torch.manual_seed(1_000_003 * state["step"] + rank)
         return state
     rng = load_file(rng_file)
@@ -156,7 +187,10 @@ def restarts():
     """Why this process is a restart of a run ("" when it is not): torchrun --max-restarts starting
     the ranks again after one failed (TORCHELASTIC_RESTART_COUNT), or Slurm requeueing the job
     (SLURM_RESTART_COUNT). Either way the run goes on from its newest checkpoint by itself."""
-    for var, what in (("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), ("SLURM_RESTART_COUNT", "Slurm requeue")):
+    for var, what in (
+        ("TORCHELASTIC_RESTART_COUNT", "torchrun restart"),
+        ("SLURM_RESTART_COUNT", "Slurm requeue"),
+    ):
         if os.environ.get(var, "0").isdigit() and int(os.environ.get(var, "0")) > 0:
             return f"{what} {os.environ[var]}"
     return ""
@@ -169,11 +203,16 @@ def check_resumable(path, per_step, world):
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     before = state.get("global_batch")
-    if before is None and state.get("world_size", world) != world:   # a checkpoint from before global_batch
-        raise ValueError(f"{path} was saved by {state['world_size']} processes: resume it on as many")
+    # a checkpoint from before global_batch
+    if before is None and state.get("world_size", world) != world:
+        raise ValueError(
+            f"{path} was saved by {state['world_size']} processes: resume it on as many"
+        )
     if before is not None and before != per_step:
-        raise ValueError(f"{path} was saved with a global batch of {before} videos a step, this run makes "
-                         f"{per_step} (--batch-size x processes x --grad-accum): resume with {before}")
+        raise ValueError(
+            f"{path} was saved with a global batch of {before} videos a step, this run makes "
+            f"{per_step} (--batch-size x processes x --grad-accum): resume with {before}"
+        )
 
 
 def shared(make, rank, world):
@@ -203,11 +242,15 @@ def sample_list(args, resume_from):
     if resume_from and os.path.exists(kept):
         with open(kept, encoding="utf-8") as f:
             listed = json.load(f)
-        print(f"resuming with the {len(listed['samples'])} samples the run began with ({kept})", file=sys.stderr,
-              flush=True)
+        print(
+            f"resuming with the {len(listed['samples'])} samples the run began with ({kept})",
+            file=sys.stderr,
+            flush=True,
+        )
         return [tuple(s) for s in listed["samples"]], listed["dropped"]
     samples, dropped = load_data(args.data, args.video_root)
-    text = json.dumps({"data": args.data, "samples": samples, "dropped": dropped})   # ASCII: any file name
+    # ASCII: any file name
+    text = json.dumps({"data": args.data, "samples": samples, "dropped": dropped})
     replace_atomic(kept, lambda f: f.write(text.encode()))
     return samples, dropped
 
@@ -216,7 +259,9 @@ def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, pro
     """A folder caption.py loads: config.json, model.safetensors, the adapter, the tokenizer files,
     the preprocessor_config.json training normalized with, and prompt.json: the question, system
     line and template it was trained with, which caption.py uses."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if rank != 0:
         return
     with torch.device("meta"):
@@ -226,7 +271,9 @@ def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, pro
             lora.add_lora_like(out.language_model, shape)
     out.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True, strict=True)
     out.save_pretrained(args.export)
-    for folder, name in [(tokenizer_folder, n) for n in TOKENIZER_FILES] + [(preprocessing_folder, "preprocessor_config.json")]:
+    for folder, name in [(tokenizer_folder, n) for n in TOKENIZER_FILES] + [
+        (preprocessing_folder, "preprocessor_config.json")
+    ]:
         if os.path.exists(os.path.join(folder, name)):
             shutil.copy(os.path.join(folder, name), os.path.join(args.export, name))
     save_prompt(args.export, prompt["question"], prompt["system"], prompt["template"])
@@ -238,8 +285,13 @@ def init_process_group(backend, timeout):
     left in torchrun's store, or gloo connects to a port nobody listens on any more."""
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}/", store), rank=rank,
-                            world_size=world, timeout=timeout)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"attempt_{attempt}/", store),
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
+    )
 
 
 def collective_timeout(args):

@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=cli.positive_int, default=5, help="timed turns of each side, after one warm-up")
     p.add_argument("--new-tokens", type=cli.positive_int, help="decode steps timed (default 200 on GPU, 32 on CPU)")
     p.add_argument("--decode-context", type=cli.positive_int, help="prompt length for the decode test (default: "
-                                                                  "visual tokens + 64 on GPU, 256 on CPU)")
+                                                                  "visual tokens + 64 on GPU, 256 "
+                                                                  "on CPU)")
     p.add_argument("--load-gb", type=cli.positive, default=1.0, help="checkpoint size for the loading test")
     p.add_argument("--sampler-minutes", type=cli.positive, default=5.0, help="length of the sampler's clip")
     p.add_argument("--compile", action="store_true", help="also measure the compiled decoding step")
@@ -326,7 +327,8 @@ def expected(args, sections):
     took = measure.section_seconds()
     known = [took[s] for s in sections if s in took]
     return (f"sections {','.join(sections)}: about {sum(known) / 60:.0f} minutes on a 2-core CPU (this project's "
-            f"machine, alone; more on a busy one){'' if args.all else '; --all runs every section'}")
+            f"machine, alone; more on a busy "
+            f"one){'' if args.all else '; --all runs every section'}")
 
 
 def bench(args):
@@ -360,7 +362,8 @@ def bench(args):
             ctx["paths"]["compiled"] = (lm, "auto")
         ctx["fast_lm"] = ctx["paths"].get("packed", ctx["paths"]["plain"])[0]
     print(f"{env['device']}, torch {torch.__version__}, size {args.size} "
-          f"({sum(p.numel() for p in model.language_model.parameters()) / 1e6:.0f}M LLM parameters), {dtype}")
+          f"({sum(p.numel() for p in model.language_model.parameters()) / 1e6:.0f}M LLM "
+          f"parameters), {dtype}")
     rows, seconds = [], {}
     for name in SECTIONS:
         if name in sections:

@@ -1,11 +1,11 @@
-"""bench.py's rows for captioning as a whole: the engine's continuous against static batching on a mix of
-caption lengths, int8 against fp32 weights, the prefill of fewer frames and tokens (--pooling-shape), and
-caption.py end to end.
+"""bench.py's rows for captioning as a whole: the engine's continuous against static batching on a
+mix of caption lengths, int8 against fp32 weights, the prefill of fewer frames and tokens
+(--pooling-shape), and caption.py end to end.
 
 The lengths are forced (each video ends after its own drawn number of tokens, 30 to 256): random
-weights never say their stop token, and real captions have that spread. The engine rows are whole runs:
-each side warmed up, then three turns of each, alternating; ratios from one run, on the same videos and
-weights.
+weights never say their stop token, and real captions have that spread. The engine rows are whole
+runs: each side warmed up, then three turns of each, alternating; ratios from one run, on the same
+videos and weights.
 """
 
 import copy
@@ -32,8 +32,8 @@ SLOTS, VIDEOS = 8, 16
 
 
 def same_weights(model):
-    """The model's weights under a config of its own (recipe() changes only the config): no second copy
-    of 26 GB on the card for 13B."""
+    """The model's weights under a config of its own (recipe() changes only the config): no second
+    copy of 26 GB on the card for 13B."""
     view = copy.copy(model)   # a new __dict__ over the same submodules and parameters
     view.config = copy.deepcopy(model.config)
     return view
@@ -48,11 +48,12 @@ def videos(model, n, frames, seed=0):
 
 
 def bench_engine(ctx):
-    """Static batches of SLOTS decode until their longest caption ends; continuous batching refills. Both
-    warmed up on a short run, then taken in turns (static, continuous, ...) three times: each side's
-    decode phase (its prefills timed apart and taken out) and its whole run."""
+    """Static batches of SLOTS decode until their longest caption ends; continuous batching refills.
+    Both warmed up on a short run, then taken in turns (static, continuous, ...) three times: each
+    side's decode phase (its prefills timed apart and taken out) and its whole run."""
     a = ctx["args"]
-    cpu = a.device == "cpu"   # packing for a CPU (what caption.py runs there) changes the layers: a copy
+    # packing for a CPU (what caption.py runs there) changes the layers: a copy
+    cpu = a.device == "cpu"
     model = (copy.deepcopy if cpu else same_weights)(ctx["model"])
     model.config.recipe(4, (4,) + tuple(ctx["model"].config.pooling_shape[1:]))
     if cpu:
@@ -79,7 +80,8 @@ def bench_engine(ctx):
             prefills += time.perf_counter() - p0
             generate(model, ids, pixels, sampling=Sampling(max_new_tokens=max(lengths[k:k + SLOTS]), stop_ids=()))
         sync()
-        total = time.perf_counter() - t0 - prefills   # the prefills counted once, as generate does them
+        # the prefills counted once, as generate does them
+        total = time.perf_counter() - t0 - prefills
         whole["static"].append(total)
         return total - prefills
 
@@ -96,7 +98,8 @@ def bench_engine(ctx):
 
     shares = {}
 
-    def prefilled(tokens):   # the engine's whole run with at most `tokens` prompt tokens a prefill pass
+    # the engine's whole run with at most `tokens` prompt tokens a prefill pass
+    def prefilled(tokens):
         def run():
             engine_module.PREFILL_TOKENS, before = tokens, engine_module.PREFILL_TOKENS
             try:
@@ -128,8 +131,9 @@ def bench_engine(ctx):
 
 
 def schedule_ratio(n, seed=0):
-    """Decode steps of static batches of SLOTS over those of a continuous schedule (each video in the first
-    slot to free up), for n lengths drawn as bench_engine draws them: the most the engine can gain there."""
+    """Decode steps of static batches of SLOTS over those of a continuous schedule (each video in
+    the first slot to free up), for n lengths drawn as bench_engine draws them: the most the engine
+    can gain there."""
     lengths = np.random.default_rng(seed).integers(30, 257, n).tolist()
     static = sum(max(lengths[k:k + SLOTS]) for k in range(0, n, SLOTS))
     ends = [0] * SLOTS
@@ -139,7 +143,8 @@ def schedule_ratio(n, seed=0):
 
 
 def bench_int8(ctx):
-    """int8 weights (quant.py) against the fp32 path caption.py runs (packed on a CPU), same weights."""
+    """int8 weights (quant.py) against the fp32 path caption.py runs (packed on a CPU), same
+    weights."""
     a, model = ctx["args"], ctx["model"]
     fp = model.language_model if a.device != "cpu" else pack_for_cpu(copy.deepcopy(model.language_model))
     q8 = int8_copy(model.language_model)
@@ -164,7 +169,8 @@ def bench_int8(ctx):
                       "or a widened copy written (0)", "-", int(widening_fused(q8.model.layers[0].mlp.up_proj, 8,
                                                                                dtype, a.device))))
     del q8, fp
-    if a.device.startswith("cuda"):   # what the children load must find the card as free as it can be
+    # what the children load must find the card as free as it can be
+    if a.device.startswith("cuda"):
         torch.cuda.empty_cache()
     rss = {q: caption_peak_rss(ctx, q) for q in ("int8", "none")}
     rows.append(value("caption.py peak RSS, --quantize int8 / none", "x", rss["int8"] / rss["none"])
@@ -174,9 +180,9 @@ def bench_int8(ctx):
 
 def widening_fused(layer, rows, dtype, device, mode=None) -> bool:
     """Whether inductor fuses the widening of an int8 weight into its matmul, in the form a GPU runs
-    (quant.Int8Linear: F.linear(x, w.to(dtype)) * scales) at `rows` rows: true when the generated code
-    writes no buffer of the weight's shape (a widened copy, read again by the matmul: more bytes than
-    bf16)."""
+    (quant.Int8Linear: F.linear(x, w.to(dtype)) * scales) at `rows` rows: true when the generated
+    code writes no buffer of the weight's shape (a widened copy, read again by the matmul: more
+    bytes than bf16)."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -191,8 +197,8 @@ def widening_fused(layer, rows, dtype, device, mode=None) -> bool:
 
 
 def int8_copy(lm):
-    """The language model quantized beside the original: its modules copied, its weights shared until each
-    is quantized (13B: 13 GB more on the card, not a 26 GB copy first)."""
+    """The language model quantized beside the original: its modules copied, its weights shared
+    until each is quantized (13B: 13 GB more on the card, not a 26 GB copy first)."""
     shared = {id(t): t for t in list(lm.parameters()) + list(lm.buffers())}
     return quantize_int8(copy.deepcopy(lm, memo=shared))
 
@@ -202,8 +208,10 @@ def caption_peak_rss(ctx, quantize):
     videos_dir, ckpt = caption_world(ctx, 2)
     args = [videos_dir, "--model", ckpt, "--out", os.path.join(videos_dir, f"rss-{quantize}.jsonl"), "--overwrite",
             "--max-new-tokens", "4", "--quantize", quantize, "--workers", "1"]
-    code = (f"import caption; caption.main({args!r}); "   # VmHWM starts anew at exec; ru_maxrss would not
-            "print([line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1])")
+    # VmHWM starts anew at exec; ru_maxrss would not
+    code = (f"import caption; caption.main({args!r}); "
+            "print([line for line in open('/proc/self/status') if "
+            "line.startswith('VmHWM')][0].split()[1])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=measure.ROOT)
     if r.returncode != 0:
@@ -212,7 +220,8 @@ def caption_peak_rss(ctx, quantize):
 
 
 def bench_recipe(ctx):
-    """Open-Sora's recipe (4 frames pooled to 4 x H' x W'): fewer visual tokens, a shorter prefill."""
+    """Open-Sora's recipe (4 frames pooled to 4 x H' x W'): fewer visual tokens, a shorter
+    prefill."""
     a = ctx["args"]
     full, few = same_weights(ctx["model"]), same_weights(ctx["model"])
     T, H, W = full.config.pooling_shape
@@ -235,7 +244,8 @@ def bench_recipe(ctx):
 
 
 def caption_world(ctx, n):
-    """n synthetic 10 s 854x480 clips and a checkpoint of the benchmark's size, for caption.py (cached)."""
+    """n synthetic 10 s 854x480 clips and a checkpoint of the benchmark's size, for caption.py
+    (cached)."""
     from config import Config
     from model import PLLaVA
     from tokenizer import Tokenizer, train_tokenizer
@@ -249,13 +259,14 @@ def caption_world(ctx, n):
         train_tokenizer(ckpt, ["a video of a thing that moves across the screen"] * 50, 300)
         cfg = ctx["model"].config.to_dict()
         cfg["image_token_index"] = Tokenizer(ckpt).image_id
-        PLLaVA.from_config(Config.from_dict(cfg), dtype=ctx["dtype"]).save_pretrained(ckpt)   # 13B: 26 GB, not 52
+        # 13B: 26 GB, not 52
+        PLLaVA.from_config(Config.from_dict(cfg), dtype=ctx["dtype"]).save_pretrained(ckpt)
     return folder, ckpt
 
 
 def bench_end2end(ctx):
-    """caption.py's own path on synthetic videos, in a process of its own (as a user starts it): videos/s,
-    and the time spent waiting for decoding."""
+    """caption.py's own path on synthetic videos, in a process of its own (as a user starts it):
+    videos/s, and the time spent waiting for decoding."""
     a = ctx["args"]
     folder, ckpt = caption_world(ctx, 8)
     args = [folder, "--model", ckpt, "--out", os.path.join(folder, "c.jsonl"), "--overwrite", "--max-new-tokens",
@@ -276,7 +287,8 @@ def bench_end2end(ctx):
 
 
 def count_ops(fn):
-    """The aten operations fn() runs (each a kernel launch on a GPU: what bounds an eager decode step)."""
+    """The aten operations fn() runs (each a kernel launch on a GPU: what bounds an eager decode
+    step)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -291,8 +303,8 @@ def count_ops(fn):
 
 
 def host_reads(fn):
-    """How many times fn() reads a tensor back on the host (.tolist(), .item(), bool(), int()): each one a
-    sync on a GPU."""
+    """How many times fn() reads a tensor back on the host (.tolist(), .item(), bool(), int()): each
+    one a sync on a GPU."""
     reads = [0]
     with counting_reads(reads):
         fn()
@@ -300,11 +312,13 @@ def host_reads(fn):
 
 
 def bench_steps(ctx):
-    """A decode step before this engine (LoRA unmerged, the static loop reading its stops every step) and
-    now (LoRA merged at load, stops read every 4th step as on a GPU): operations and host reads per step."""
+    """A decode step before this engine (LoRA unmerged, the static loop reading its stops every
+    step) and now (LoRA merged at load, stops read every 4th step as on a GPU): operations and host
+    reads per step."""
     from lora import add_lora, merge_lora
     model, n = copy.deepcopy(ctx["model"]), 16
-    add_lora(model.language_model, r=128, alpha=32, dropout=0.0)   # the report's adapter, as a release ships it
+    # the report's adapter, as a release ships it
+    add_lora(model.language_model, r=128, alpha=32, dropout=0.0)
     item = videos(model, 1, model.config.num_frames)[0]
     ids, pixels = torch.tensor([item.ids], device=item.pixels.device), item.pixels[None]
     with torch.no_grad():
@@ -325,19 +339,21 @@ def bench_steps(ctx):
 
 
 def bench_shots(ctx):
-    """shots.py in a process of its own held to one core, on the sampler's long clip and on one a quarter as
-    long: its speed against the clip's own time, and its peak memory at both lengths (it streams: a few
-    64x36 frames whatever the length, so the two peaks match). The peak is VmHWM, which starts anew at
-    exec (ru_maxrss would carry the parent's)."""
+    """shots.py in a process of its own held to one core, on the sampler's long clip and on one a
+    quarter as long: its speed against the clip's own time, and its peak memory at both lengths (it
+    streams: a few 64x36 frames whatever the length, so the two peaks match). The peak is VmHWM,
+    which starts anew at exec (ru_maxrss would carry the parent's)."""
     minutes, peaks = ctx["args"].sampler_minutes, []
     for m in (minutes / 4, minutes):
         path = clip(os.path.join(ctx["args"].cache, f"long_{m:g}min_b.mp4"), 640, 360, int(m * 1500),
                     preset="veryfast", g="250")
         code = ("import json, os, time, shots\n"
                 "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
-                f"t = time.perf_counter(); found = shots.shots({path!r}); t = time.perf_counter() - t\n"
-                "hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0]\n"
-                "print(json.dumps({'seconds': t, 'shots': len(found), 'peak_mb': int(hwm.split()[1]) / 1024}))")
+                f"t = time.perf_counter(); found = shots.shots({path!r}); t = time.perf_counter() - "
+                f"t\n"
+                "hwm = [line for line in open('/proc/self/status') if "
+                "line.startswith('VmHWM')][0]\nprint(json.dumps({'seconds': t, 'shots': len(found), "
+                "'peak_mb': int(hwm.split()[1]) / 1024}))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            cwd=measure.ROOT)
         if r.returncode != 0:
@@ -353,9 +369,10 @@ def bench_shots(ctx):
 
 
 def bench_rehearsal(ctx):
-    """No GPU needed: the engine at 13B's shape (or the 7b / 13b size asked for) rehearsed on fake tensors
-    (plumbing/rehearse.py): one steady-state decode step of 16 rows around 2,400 tokens, eager and as
-    compiled, and the peak memory of captioning at 16 slots against memory.py's estimate."""
+    """No GPU needed: the engine at 13B's shape (or the 7b / 13b size asked for) rehearsed on fake
+    tensors (plumbing/rehearse.py): one steady-state decode step of 16 rows around 2,400 tokens,
+    eager and as compiled, and the peak memory of captioning at 16 slots against memory.py's
+    estimate."""
     from config import PRESETS, Config
     from plumbing import memory, rehearse
     size = ctx["args"].size if ctx["args"].size in ("7b", "13b") else "13b"

@@ -1,16 +1,17 @@
-"""A labelling day, simulated: label.py over N videos against a local teacher that fails as real ones
-do, while the client is killed, preempted and has a decoder stopped, and restarted each time (as Slurm
-requeues a task, half the time through another mount of the same folder). Then: every video has
-exactly one row (0 lost, 0 doubled), no row is final that should not be (0 wrongly final), how many
-answers were paid for twice, and where the seconds went beside a fault-free run of the same videos.
+"""A labelling day, simulated: label.py over N videos against a local teacher that fails as real
+ones do, while the client is killed, preempted and has a decoder stopped, and restarted each time
+(as Slurm requeues a task, half the time through another mount of the same folder). Then: every
+video has exactly one row (0 lost, 0 doubled), no row is final that should not be (0 wrongly final),
+how many answers were paid for twice, and where the seconds went beside a fault-free run of the same
+videos.
 
     python -m lab.labelling_day --videos 2000 --json results/labelling-day-2026-12-07.json
 
 The server's faults, by a seeded draw per request: 1% of bodies cut, 0.5% stalled past the client's
---timeout, 2% answered 429 with Retry-After, every 50th video moderated (a final 400), and one outage
-(every connection dropped) of --outage seconds. The client's: SIGKILL at 15%, 40% and 70% of the rows,
-SIGTERM at 55%, a decode worker SIGSTOPped at 25% (its video is a "try again" row, labelled by the
-next run).
+--timeout, 2% answered 429 with Retry-After, every 50th video moderated (a final 400), and one
+outage (every connection dropped) of --outage seconds. The client's: SIGKILL at 15%, 40% and 70% of
+the rows, SIGTERM at 55%, a decode worker SIGSTOPped at 25% (its video is a "try again" row,
+labelled by the next run).
 """
 
 import argparse
@@ -38,8 +39,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-labelling-day-0123456789"
 EVENTS = ((0.15, "kill"), (0.25, "stop a decoder"), (0.40, "kill"), (0.55, "term"), (0.70, "kill"),
           (0.80, "outage"))
-CLIENT = ["--concurrency", "16", "--workers", "2", "--timeout", "2", "--retries", "12", "--backoff", "0.2",
-          "--max-retry-after", "2", "--decode-timeout", "5"]
+CLIENT = [
+    "--concurrency",
+    "16",
+    "--workers",
+    "2",
+    "--timeout",
+    "2",
+    "--retries",
+    "12",
+    "--backoff",
+    "0.2",
+    "--max-retry-after",
+    "2",
+    "--decode-timeout",
+    "5",
+]
 
 
 def digest(urls):
@@ -56,7 +71,12 @@ class Teacher:
 
     def __init__(self, known, seed, faults=True, stall=3.0, retry_after=1):
         self.known, self.faults, self.stall, self.retry_after = known, faults, stall, retry_after
-        self.rng, self.lock, self.log, self.down_until = random.Random(seed), threading.Lock(), [], 0.0
+        self.rng, self.lock, self.log, self.down_until = (
+            random.Random(seed),
+            threading.Lock(),
+            [],
+            0.0,
+        )
         teacher = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -90,13 +110,29 @@ class Teacher:
             h.close_connection = True
             return h.connection.close()
         if action == "429":
-            return self.send(h, 429, {"error": {"code": "rate_limit_exceeded", "message": "slow down"}},
-                             {"Retry-After": str(self.retry_after)})
+            return self.send(
+                h,
+                429,
+                {"error": {"code": "rate_limit_exceeded", "message": "slow down"}},
+                {"Retry-After": str(self.retry_after)},
+            )
         if action == "moderated":
             return self.send(h, 400, {"error": {"code": "data_inspection_failed", "message": "no"}})
-        reply = {"id": "x", "model": "teacher", "choices": [{"index": 0, "finish_reason": "stop", "message": {
-            "role": "assistant", "content": f"Video {video}: one flat colour fills the frame."}}],
-                 "usage": {"prompt_tokens": 100, "completion_tokens": 12}}
+        reply = {
+            "id": "x",
+            "model": "teacher",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {
+                        "role": "assistant",
+                        "content": f"Video {video}: one flat colour fills the frame.",
+                    },
+                }
+            ],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 12},
+        }
         self.send(h, 200, reply, cut=action == "cut")
 
     @staticmethod
@@ -133,7 +169,9 @@ def make_videos(folder, n):
             rng.integers(0, 256, 3)
     frames = functools.partial(jpeg_data_urls, n=4, max_side=768, q=4)   # what label.py sends
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".mp4"))
-    return {digest(urls): os.path.basename(v) for v, urls in imap_unordered(frames, paths, workers=2)}
+    return {
+        digest(urls): os.path.basename(v) for v, urls in imap_unordered(frames, paths, workers=2)
+    }
 
 
 def run_day(work, n, seed=0, faults=True, outage=60.0, stall=3.0, retry_after=1):
@@ -152,15 +190,33 @@ def run_day(work, n, seed=0, faults=True, outage=60.0, stall=3.0, retry_after=1)
         while len(runs) < 12:
             folder = os.path.join(work, "mnt" if len(runs) % 2 else "videos")
             start, asked = time.monotonic(), len(teacher.log)
-            proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "label.py"), folder, "--out", out,
-                                     "--api-base", teacher.url, *CLIENT], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(ROOT, "label.py"),
+                    folder,
+                    "--out",
+                    out,
+                    "--api-base",
+                    teacher.url,
+                    *CLIENT,
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
             err = threading.Thread(target=lambda p=proc: p.stderr.read(), daemon=True)
             err.start()
             happened, what = [], None
             while proc.poll() is None:
                 time.sleep(0.02)
-                if events and len(read_rows(out)) >= events[0][0] * n and what not in ("kill", "term"):
+                if (
+                    events
+                    and len(read_rows(out)) >= events[0][0] * n
+                    and what not in ("kill", "term")
+                ):
                     what = events.pop(0)[1]   # one kill or term a run: it ends the run
                     happened.append(what)
                     if what == "kill":
@@ -173,14 +229,24 @@ def run_day(work, n, seed=0, faults=True, outage=60.0, stall=3.0, retry_after=1)
                         teacher.down_until = time.monotonic() + outage
             proc.wait()
             first = next((e["t"] for e in teacher.log[asked:]), None)
-            runs.append({"folder": os.path.basename(folder), "events": happened, "exit": proc.returncode,
-                         "seconds": round(time.monotonic() - start, 2),
-                         "start_up_s": round(first - start, 2) if first else None})
+            runs.append(
+                {
+                    "folder": os.path.basename(folder),
+                    "events": happened,
+                    "exit": proc.returncode,
+                    "seconds": round(time.monotonic() - start, 2),
+                    "start_up_s": round(first - start, 2) if first else None,
+                }
+            )
             rows = read_rows(out)
-            if proc.returncode == 0 and len(rows) == n and all("caption" in r or r.get("code") ==
-                                                               "data_inspection_failed" for r in rows):
+            if (
+                proc.returncode == 0
+                and len(rows) == n
+                and all("caption" in r or r.get("code") == "data_inspection_failed" for r in rows)
+            ):
                 break
-            if proc.returncode == 1 and teacher.down_until > time.monotonic():   # stopped for the outage
+            # stopped for the outage
+            if proc.returncode == 1 and teacher.down_until > time.monotonic():
                 time.sleep(teacher.down_until - time.monotonic())
     finally:
         teacher.close()
@@ -192,14 +258,23 @@ def figures(rows, log, known, runs, seconds, n):
     final = [r for r in rows if "caption" not in r]
     answered = collections.Counter(e["video"] for e in log if e["action"] in ("ok", "moderated"))
     actions = collections.Counter(e["action"] for e in log)
-    return {"videos": n, "rows": len(rows), "lost": n - len(names), "doubled": sum(c - 1 for c in names.values()),
-            "wrongly_final": sum(not moderated(r.get("name")) for r in final),
-            "moderated": len(final), "paid_twice": sum(c - 1 for c in answered.values()),
-            "requests": len(log), "faults": dict(actions), "runs": runs, "seconds": round(seconds, 1)}
+    return {
+        "videos": n,
+        "rows": len(rows),
+        "lost": n - len(names),
+        "doubled": sum(c - 1 for c in names.values()),
+        "wrongly_final": sum(not moderated(r.get("name")) for r in final),
+        "moderated": len(final),
+        "paid_twice": sum(c - 1 for c in answered.values()),
+        "requests": len(log),
+        "faults": dict(actions),
+        "runs": runs,
+        "seconds": round(seconds, 1),
+    }
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--videos", type=int, default=2000)
     p.add_argument("--outage", type=float, default=60.0, help="seconds the teacher is down")
     p.add_argument("--work", default=os.path.expanduser("~/.cache/pllava/labelling-day"))
@@ -207,8 +282,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     clean = run_day(args.work, args.videos, faults=False)
     day = run_day(args.work, args.videos, outage=args.outage)
-    result = {"fault_free": clean, "day": day, "extra_s": round(day["seconds"] - clean["seconds"], 1),
-              "outage_s": args.outage, "start_ups_s": [r["start_up_s"] for r in day["runs"]]}
+    result = {
+        "fault_free": clean,
+        "day": day,
+        "extra_s": round(day["seconds"] - clean["seconds"], 1),
+        "outage_s": args.outage,
+        "start_ups_s": [r["start_up_s"] for r in day["runs"]],
+    }
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -68,7 +68,7 @@ def scores(folder, name, base, labels):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--busy", type=int, default=0, help="busy-loop processes beside it")
     p.add_argument("--out", help="the results file (default: results/newcomer-DATE[-busy].json)")
     p.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")

@@ -1,12 +1,14 @@
-"""bench.py's pipeline section: caption.py end to end on real-size videos against its two stages alone.
+"""bench.py's pipeline section: caption.py end to end on real-size videos against its two stages
+alone.
 
-caption.py decodes frames in worker processes while the engine generates; at best it runs at the rate of the
-slower stage. For 640x360 and 1080p clips and two models, one small enough that decoding frames is the
-bottleneck (tiny) and one where the model is (small), it measures: frames alone (the decode workers as
-caption.py starts them, nothing consuming but a loop), the model alone (the engine over frames already in
-memory), and caption.py end to end (its own run time, the model loaded before), and reports end to end over
-min(frames, model). On a CPU the two stages share the cores, so the ratio to 1 / (1/frames + 1/model), what one
-set of cores doing both in turn would reach, is reported too.
+caption.py decodes frames in worker processes while the engine generates; at best it runs at the
+rate of the slower stage. For 640x360 and 1080p clips and two models, one small enough that decoding
+frames is the bottleneck (tiny) and one where the model is (small), it measures: frames alone (the
+decode workers as caption.py starts them, nothing consuming but a loop), the model alone (the engine
+over frames already in memory), and caption.py end to end (its own run time, the model loaded
+before), and reports end to end over min(frames, model). On a CPU the two stages share the cores, so
+the ratio to 1 / (1/frames + 1/model), what one set of cores doing both in turn would reach, is
+reported too.
 """
 
 import json
@@ -21,12 +23,14 @@ from lab import measure
 from lab.measure import value
 from lab.synthetic import clip
 
-FORMATS = {"640x360": (640, 360, 250), "1080p": (1920, 1080, 125)}   # width, height, frames (25 fps)
+# width, height, frames (25 fps)
+FORMATS = {"640x360": (640, 360, 250), "1080p": (1920, 1080, 125)}
 MODELS = {"frames-bound": ("tiny", 24), "model-bound": ("small", 6)}   # lab/bench.py's size, clips
 
 
 def checkpoint(cache, size):
-    """A random-weight checkpoint of lab/bench.py's size `size`, with a tokenizer (made once, cached)."""
+    """A random-weight checkpoint of lab/bench.py's size `size`, with a tokenizer (made once,
+    cached)."""
     from config import Config
     from lab.measure import SIZES
     from model import PLLaVA
@@ -40,13 +44,19 @@ def checkpoint(cache, size):
 
 
 def frames_alone(args, videos, captioner):
-    """Videos/s of the decode workers as caption.py starts them, and the frames they gave (normalized)."""
+    """Videos/s of the decode workers as caption.py starts them, and the frames they gave
+    (normalized)."""
     import caption
     from plumbing.workers import imap_unordered
     t = time.perf_counter()
-    stream = imap_unordered(captioner.frame_reader(), [(v, None, None) for v in videos],
-                            workers=caption.decode_workers(args), timeout=300, buffer=2 * captioner.engine.slots,
-                            threads=caption.decoder_threads(args))
+    stream = imap_unordered(
+        captioner.frame_reader(),
+        [(v, None, None) for v in videos],
+        workers=caption.decode_workers(args),
+        timeout=300,
+        buffer=2 * captioner.engine.slots,
+        threads=caption.decoder_threads(args),
+    )
     items = list(captioner.items(stream, lambda job, e: None, lambda job, e: None))
     return len(videos) / (time.perf_counter() - t), items
 
@@ -59,10 +69,12 @@ def model_alone(captioner, items):
 
 
 def end_to_end(argv):
-    """caption.py in a process of its own: videos/s over its run (after the model is loaded), the engine's
-    share of steps that waited for frames."""
+    """caption.py in a process of its own: videos/s over its run (after the model is loaded), the
+    engine's share of steps that waited for frames."""
     code = f"import caption, json; print(json.dumps(caption.main({argv!r})))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=measure.ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=measure.ROOT
+    )
     if r.returncode != 0:
         raise RuntimeError(f"caption.py failed: {r.stderr[-2000:]}")
     stats = json.loads(r.stdout.splitlines()[-1])
@@ -81,8 +93,18 @@ def bench_pipeline(ctx):
             for k in range(clips):
                 clip(os.path.join(folder, f"clip_{k:02d}.mp4"), w, h, n, k, preset="ultrafast")
             ckpt = checkpoint(a.cache, size)
-            argv = [folder, "--model", ckpt, "--out", os.path.join(a.cache, "pipeline", "c.jsonl"), "--overwrite",
-                    "--max-new-tokens", str(ctx["new_tokens"]), "--device", a.device]
+            argv = [
+                folder,
+                "--model",
+                ckpt,
+                "--out",
+                os.path.join(a.cache, "pipeline", "c.jsonl"),
+                "--overwrite",
+                "--max-new-tokens",
+                str(ctx["new_tokens"]),
+                "--device",
+                a.device,
+            ]
             args = caption.parse_args(argv)
             captioner = caption.Captioner(args, ckpt)
             dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
@@ -91,11 +113,16 @@ def bench_pipeline(ctx):
             model = model_alone(captioner, items)
             both, waited = end_to_end(argv)
             name = f"pipeline, {clips} {fmt} clips, {regime} ({size})"
-            rows += [value(f"{name}: frames alone", "videos/s", frames),
-                     value(f"{name}: model alone", "videos/s", model),
-                     value(f"{name}: end to end", "videos/s", both),
-                     value(f"{name}: end to end / min(frames, model)", "x", both / min(frames, model)),
-                     value(f"{name}: end to end / both on one set of cores in turn", "x",
-                           both * (1 / frames + 1 / model)),
-                     value(f"{name}: decode steps that waited for frames", "%", waited)]
+            rows += [
+                value(f"{name}: frames alone", "videos/s", frames),
+                value(f"{name}: model alone", "videos/s", model),
+                value(f"{name}: end to end", "videos/s", both),
+                value(f"{name}: end to end / min(frames, model)", "x", both / min(frames, model)),
+                value(
+                    f"{name}: end to end / both on one set of cores in turn",
+                    "x",
+                    both * (1 / frames + 1 / model),
+                ),
+                value(f"{name}: decode steps that waited for frames", "%", waited),
+            ]
     return rows

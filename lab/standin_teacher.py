@@ -1,14 +1,14 @@
 """A stand-in teacher, to try the loop offline: python -m lab.standin_teacher [--port 8000]
 
-An OpenAI-compatible chat-completions server (POST /v1/chat/completions, any key, any model name) that
-describes the frames it is sent, the way a vision model would if it could only see colour and place: the
-colour of what stands out from the background, where it is in the first frame, which way it moves from
-frame to frame, and the background's colour ("A red shape at the top left moves right then down on a dark
-background."). It reads frames sent as images (`label.py --frames-as images`) or as one `video` part
-(Qwen's form, label.py's default), in any count (recheck sends 16). Its labels are true of the toy's world
-(`python toy.py` makes one in toy_out/world) and of anything with one moving thing; a fine-tune on them
-learns colours, places and motion. It is not a teacher for real videos: serve a vision model for those
-(docs/quickstart.md).
+An OpenAI-compatible chat-completions server (POST /v1/chat/completions, any key, any model name)
+that describes the frames it is sent, the way a vision model would if it could only see colour and
+place: the colour of what stands out from the background, where it is in the first frame, which way
+it moves from frame to frame, and the background's colour ("A red shape at the top left moves right
+then down on a dark background."). It reads frames sent as images (`label.py --frames-as images`) or
+as one `video` part (Qwen's form, label.py's default), in any count (recheck sends 16). Its labels
+are true of the toy's world (`python toy.py` makes one in toy_out/world) and of anything with one
+moving thing; a fine-tune on them learns colours, places and motion. It is not a teacher for real
+videos: serve a vision model for those (docs/quickstart.md).
 """
 
 import argparse
@@ -20,9 +20,17 @@ import json
 import av
 import numpy as np
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
-           "purple": (150, 60, 190), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (15, 15, 15),
-           "grey": (128, 128, 128)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (240, 140, 30),
+    "white": (240, 240, 240),
+    "black": (15, 15, 15),
+    "grey": (128, 128, 128),
+}
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 
 
@@ -37,8 +45,8 @@ def name_of(rgb):
 
 
 def describe(frames):
-    """What the frames show: the thing that differs most from the background (the frame's median colour),
-    its colour, its place in the first frame, and its moves between frames."""
+    """What the frames show: the thing that differs most from the background (the frame's median
+    colour), its colour, its place in the first frame, and its moves between frames."""
     bg = np.median(np.concatenate([f.reshape(-1, 3) for f in frames]), axis=0)
     centres, colour = [], None
     for f in frames:
@@ -56,7 +64,10 @@ def describe(frames):
     where = " ".join(w for w in (row, col) if w not in ("middle", "center")) or "center"
     moves = []
     for (x0, y0), (x1, y1) in zip(centres, centres[1:]):
-        for step, d in ((x1 - x0, "right" if x1 > x0 else "left"), (y1 - y0, "down" if y1 > y0 else "up")):
+        for step, d in (
+            (x1 - x0, "right" if x1 > x0 else "left"),
+            (y1 - y0, "down" if y1 > y0 else "up"),
+        ):
             if abs(step) > 0.08 and (not moves or moves[-1] != d):
                 moves.append(d)
     shade = "dark" if bg.mean() < 96 else "light" if bg.mean() > 160 else name_of(bg)
@@ -83,13 +94,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             text = describe(frames_of(body))
-            answer = {"id": "standin", "object": "chat.completion", "model": body.get("model", "standin"),
-                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                   "finish_reason": "stop"}],
-                      "usage": {"prompt_tokens": 0, "completion_tokens": len(text.split()), "total_tokens": 0}}
+            answer = {
+                "id": "standin",
+                "object": "chat.completion",
+                "model": body.get("model", "standin"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": 0,
+                    "completion_tokens": len(text.split()),
+                    "total_tokens": 0,
+                },
+            }
             self._send(200, answer)
-        except Exception as e:   # a request it cannot read: a 400 with why, as a server would
-            self._send(400, {"error": {"message": f"{type(e).__name__}: {e}", "type": "invalid_request_error"}})
+        except Exception as e:  # a request it cannot read: a 400 with why, as a server would
+            self._send(
+                400,
+                {"error": {"message": f"{type(e).__name__}: {e}", "type": "invalid_request_error"}},
+            )
 
     def _send(self, status, payload):
         data = json.dumps(payload).encode()
@@ -104,12 +131,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
     args = p.parse_args(argv)
     server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
-    print(f"a stand-in teacher on http://{args.host}:{args.port}/v1 (any key, any --model); Ctrl-C stops it")
+    print(
+        f"a stand-in teacher on http://{args.host}:{args.port}/v1 (any key, any --model); Ctrl-C "
+        f"stops it"
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,10 +1,12 @@
-"""toy.py's experiments on the report's claims and on cleaning the teacher's labels: each trains stage 2
-again from the same stage 1 with one change, and scores it on the held-out videos (and stills).
+"""toy.py's experiments on the report's claims and on cleaning the teacher's labels: each trains
+stage 2 again from the same stage 1 with one change, and scores it on the held-out videos (and
+stills).
 
-ablations: the report's two claims (pooling must keep time; LoRA and a lower share at inference limit the
-harm of poor video labels). cleaning: the teacher's labels cleaned with evidence they did not have, at
-a stated number of teacher calls a video (label.py recheck, and the alternatives it was chosen over).
-toy.py hands over its own steps (train, caption, clean) as `toy`: this module never imports it.
+ablations: the report's two claims (pooling must keep time; LoRA and a lower share at inference
+limit the harm of poor video labels). cleaning: the teacher's labels cleaned with evidence they did
+not have, at a stated number of teacher calls a video (label.py recheck, and the alternatives it was
+chosen over). toy.py hands over its own steps (train, caption, clean) as `toy`: this module never
+imports it.
 """
 
 import json
@@ -26,36 +28,68 @@ def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, 
     generator's true captions; int8 too."""
     VIDEO_Q, toy_config, train = toy.VIDEO_Q, toy.toy_config, toy.train
     tok = os.path.join(out, "world", "tokenizer")
-    for name, pooling, t_pool in (("pooling T'=1", "pllava", 1), ("Video-ChatGPT pooling", "vcgpt", None)):
+    for name, pooling, t_pool in (
+        ("pooling T'=1", "pllava", 1),
+        ("Video-ChatGPT pooling", "vcgpt", None),
+    ):
         tag = name.split()[0].lower()
         start = os.path.join(out, f"stage1_{tag}")   # stage 1 with the other pooling
         shutil.copytree(stage1, start)
         cfg = json.load(open(os.path.join(start, "config.json")))
-        cfg.update(pooling=pooling, pooling_shape=toy_config(tok, args.frames, pooling, t_pool)["pooling_shape"])
+        cfg.update(
+            pooling=pooling,
+            pooling_shape=toy_config(tok, args.frames, pooling, t_pool)["pooling_shape"],
+        )
         json.dump(cfg, open(os.path.join(start, "config.json"), "w"), indent=2)
         model = os.path.join(out, f"stage2_{tag}")
-        seconds = train(model, data["train_clean"], ["--model", start, "--prompt", VIDEO_Q], steps, batch, 2e-3,
-                        os.path.join(out, "logs", f"{os.path.basename(model)}.log"), args.seed)
+        seconds = train(
+            model,
+            data["train_clean"],
+            ["--model", start, "--prompt", VIDEO_Q],
+            steps,
+            batch,
+            2e-3,
+            os.path.join(out, "logs", f"{os.path.basename(model)}.log"),
+            args.seed,
+        )
         evaluate(name, model, on_stills=False)
         say(f"ablation {name}: stage 2 again in {seconds:.0f} s")
     frozen = os.path.join(out, "stage2_frozen_projector")
-    train(frozen, data["train_clean"], ["--model", stage1, "--prompt", VIDEO_Q, "--freeze-projector"], steps, batch,
-          2e-3, os.path.join(out, "logs", "stage2_frozen_projector.log"), args.seed)
+    train(
+        frozen,
+        data["train_clean"],
+        ["--model", stage1, "--prompt", VIDEO_Q, "--freeze-projector"],
+        steps,
+        batch,
+        2e-3,
+        os.path.join(out, "logs", "stage2_frozen_projector.log"),
+        args.seed,
+    )
     for alpha in (0, 8, 16, 64):   # trained with 32
         evaluate(f"LoRA alpha {alpha}", stage2, ["--lora-alpha", str(alpha)])
     for alpha in (0, 16, 32):
         evaluate(f"frozen projector, LoRA alpha {alpha}", frozen, ["--lora-alpha", str(alpha)])
     say("ablation: LoRA alpha swept at inference, projector trained and frozen")
     full = os.path.join(out, "stage2_full")
-    seconds = train(full, data["train_clean"], ["--model", stage1, "--prompt", VIDEO_Q, "--full-finetune"], steps,
-                    batch, 1e-3, os.path.join(out, "logs", "stage2_full.log"), args.seed)
+    seconds = train(
+        full,
+        data["train_clean"],
+        ["--model", stage1, "--prompt", VIDEO_Q, "--full-finetune"],
+        steps,
+        batch,
+        1e-3,
+        os.path.join(out, "logs", "stage2_full.log"),
+        args.seed,
+    )
     evaluate("full fine-tune", full)
     say(f"ablation: full fine-tuning in {seconds:.0f} s")
     truth = os.path.join(out, "stage2_truth")
     train(truth, data["train_videos"], ["--model", stage1, "--prompt", VIDEO_Q], steps, batch, 2e-3,
           os.path.join(out, "logs", "stage2_truth.log"), args.seed)
     evaluate("LoRA on true captions", truth)
-    plain = {r["video"]: r["caption"] for r in read_rows(os.path.join(out, "captions_stage_2.jsonl"))}
+    plain = {
+        r["video"]: r["caption"] for r in read_rows(os.path.join(out, "captions_stage_2.jsonl"))
+    }
     int8 = evaluate("stage 2, int8 weights", stage2, ["--quantize", "int8"], on_stills=False)
     results["stage 2, int8 weights"]["same caption as fp32"] = round(
         100.0 * np.mean([int8.get(v) == c for v, c in plain.items()]), 1)
@@ -67,17 +101,24 @@ def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, 
 OTHER_FRAMES = [k - 2 for k in TEACHER_FRAMES]   # 0, 4, 8, 12: the four between the teacher's own
 
 
-def cleaning(args, out, data, stage1, stage2, steps, batch, evaluate, results, say, files, toy, **_):
-    """The teacher's cleaned labels, cleaned again with evidence the labels did not have, and stage 2
-    trained anew on each result: its calls to the teacher a video, the share of labels changed or
-    dropped, and the student's scores (in results, "cleaning: ..."). The teacher sees only the frames it
-    is shown; nothing is told the truth."""
+def cleaning(
+    args, out, data, stage1, stage2, steps, batch, evaluate, results, say, files, toy, **_
+):
+    """The teacher's cleaned labels, cleaned again with evidence the labels did not have, and stage
+    2 trained anew on each result: its calls to the teacher a video, the share of labels changed or
+    dropped, and the student's scores (in results, "cleaning: ..."). The teacher sees only the
+    frames it is shown; nothing is told the truth."""
     VIDEO_Q, caption, clean, train = toy.VIDEO_Q, toy.caption, toy.clean, toy.train
     world, logs = os.path.join(out, "world"), os.path.join(out, "logs")
     rows = {r["video"]: r for r in files["train_videos"]}
     kept = {r["video"]: r for r in read_rows(data["train_clean"])}
-    student = caption(stage2, data["train_videos"], os.path.join(out, "student_on_train.jsonl"), VIDEO_Q,
-                      os.path.join(logs, "student_on_train.log"))
+    student = caption(
+        stage2,
+        data["train_videos"],
+        os.path.join(out, "student_on_train.jsonl"),
+        VIDEO_Q,
+        os.path.join(logs, "student_on_train.log"),
+    )
     agree = {v: checks.agreement(kept[v]["caption"], student.get(v, "")) for v in kept}
     results["cleaning: student agrees with its labels (exact, %)"] = {
         "exact": round(100 * float(np.mean([a == 1.0 for a in agree.values()])), 1)}
@@ -85,7 +126,8 @@ def cleaning(args, out, data, stage1, stage2, steps, batch, evaluate, results, s
     def relabel(videos, frames, seed):
         return {r["video"]: r for r in teacher([rows[v] for v in sorted(videos)], seed, frames)}
 
-    def recheck(share, frames):   # label.py recheck: the least agreeing share asked again from more frames
+    # label.py recheck: the least agreeing share asked again from more frames
+    def recheck(share, frames):
         chosen = checks.to_recheck({(v, None): r for v, r in kept.items()},
                                    {(v, None): c for v, c in student.items()}, share)
         new = relabel({k[0] for k in chosen}, frames, args.seed + 17)
@@ -99,18 +141,25 @@ def cleaning(args, out, data, stage1, stage2, steps, batch, evaluate, results, s
 
     def consensus():   # a second label from four other frames: a label both agree on, else none
         other = relabel(kept, OTHER_FRAMES, args.seed + 29)
-        return {v: r for v, r in kept.items() if other[v]["caption"] == r["caption"]}, 2.0, 2 * len(TEACHER_FRAMES)
+        return (
+            {v: r for v, r in kept.items() if other[v]["caption"] == r["caption"]},
+            2.0,
+            2 * len(TEACHER_FRAMES),
+        )
 
     def from_the_start(frames):   # every video labelled from more frames in the first place
         return relabel(rows, frames, args.seed + 31), 1.0, len(frames)
 
     every = list(range(FRAMES))
-    variants = {"recheck 30% from 8 frames": lambda: recheck(0.3, EIGHT_FRAMES),
-                "recheck 30% from 16 frames (label.py recheck's default)": lambda: recheck(0.3, every),
-                "recheck 15% from 16 frames": lambda: recheck(0.15, every),
-                "drop the disputed 30%": lambda: drop(0.3), "two labels from 4 frames each, kept where they agree":
-                consensus, "every video from 8 frames": lambda: from_the_start(EIGHT_FRAMES),
-                "every video from 16 frames": lambda: from_the_start(every)}
+    variants = {
+        "recheck 30% from 8 frames": lambda: recheck(0.3, EIGHT_FRAMES),
+        "recheck 30% from 16 frames (label.py recheck's default)": lambda: recheck(0.3, every),
+        "recheck 15% from 16 frames": lambda: recheck(0.15, every),
+        "drop the disputed 30%": lambda: drop(0.3),
+        "two labels from 4 frames each, kept where they agree": consensus,
+        "every video from 8 frames": lambda: from_the_start(EIGHT_FRAMES),
+        "every video from 16 frames": lambda: from_the_start(every),
+    }
     for name, make in variants.items():
         labels, calls, frames = make()
         raw = os.path.join(world, f"cleaning_{len(results)}.jsonl")
@@ -120,12 +169,25 @@ def cleaning(args, out, data, stage1, stage2, steps, batch, evaluate, results, s
         after = {r["video"]: r["caption"] for r in cleaned}
         changed = sum(after.get(v) != r["caption"] for v, r in kept.items()) / len(kept)
         model = os.path.join(out, f"stage2_cleaning_{len(results)}")
-        seconds = train(model, raw.replace(".jsonl", "_clean.jsonl"), ["--model", stage1, "--prompt", VIDEO_Q],
-                        steps, batch, 2e-3, os.path.join(logs, f"{os.path.basename(model)}.log"), args.seed)
+        seconds = train(
+            model,
+            raw.replace(".jsonl", "_clean.jsonl"),
+            ["--model", stage1, "--prompt", VIDEO_Q],
+            steps,
+            batch,
+            2e-3,
+            os.path.join(logs, f"{os.path.basename(model)}.log"),
+            args.seed,
+        )
         evaluate(f"cleaning: {name}", model, on_stills=False)
-        results[f"cleaning: {name}"].update({"teacher calls a video": round(calls, 3),
-                                             "frames sent a video": round(frames, 2),
-                                             "labels changed or dropped (%)": round(100 * changed, 1)})
-        say(f"cleaning {name}: {calls:.2f} calls and {frames:.1f} frames a video, {100 * changed:.0f}% of labels "
-            f"changed or dropped, "
-            f"stage 2 again in {seconds:.0f} s")
+        results[f"cleaning: {name}"].update(
+            {
+                "teacher calls a video": round(calls, 3),
+                "frames sent a video": round(frames, 2),
+                "labels changed or dropped (%)": round(100 * changed, 1),
+            }
+        )
+        say(
+            f"cleaning {name}: {calls:.2f} calls and {frames:.1f} frames a video, "
+            f"{100 * changed:.0f}% of labels changed or dropped, stage 2 again in {seconds:.0f} s"
+        )

@@ -1,19 +1,19 @@
-"""toy.py's world: videos and stills of a coloured shape, the generator's truth, a teacher that sees 4 frames
-of each video, and the scoring of captions against either.
+"""toy.py's world: videos and stills of a coloured shape, the generator's truth, a teacher that sees
+4 frames of each video, and the scoring of captions against either.
 
-A video: a shape of one colour on a dark background rests at a cell of a 3 x 3 grid, moves across the grid
-(one direction, or two in turn), and rests again; how long it rests before and after is drawn per video,
-so the move happens at a different time in each. Its truth caption names colour, shape, start and moves;
-a still's names its background too ("a red circle at the top left, on a navy background."): the image
-data is richer than the video labels, as in the report's setting.
+A video: a shape of one colour on a dark background rests at a cell of a 3 x 3 grid, moves across
+the grid (one direction, or two in turn), and rests again; how long it rests before and after is
+drawn per video, so the move happens at a different time in each. Its truth caption names colour,
+shape, start and moves; a still's names its background too ("a red circle at the top left, on a navy
+background."): the image data is richer than the video labels, as in the report's setting.
 
-The teacher labels a video the way the report's Qwen-VL-Max did: from 4 frames (the middles of 4 equal
-segments of its 16). It reads the object in each and snaps it to the grid; what happens between its frames
-it cannot see: when the object went right and down between two of them, it cannot tell the order and
-guesses; when it had already left its cell by the first, it names the wrong start. One label in ten
-invents a size ("a large red circle"; sizes never change in this world), and a few are what real teachers
-also return: a refusal, "The video shows ..." boilerplate, a loop, a label cut at its token limit (what
-`label.py clean` is for).
+The teacher labels a video the way the report's Qwen-VL-Max did: from 4 frames (the middles of 4
+equal segments of its 16). It reads the object in each and snaps it to the grid; what happens
+between its frames it cannot see: when the object went right and down between two of them, it cannot
+tell the order and guesses; when it had already left its cell by the first, it names the wrong
+start. One label in ten invents a size ("a large red circle"; sizes never change in this world), and
+a few are what real teachers also return: a refusal, "The video shows ..." boilerplate, a loop, a
+label cut at its token limit (what `label.py clean` is for).
 """
 
 import json
@@ -25,19 +25,43 @@ import numpy as np
 from lab.synthetic import write_image, write_video
 
 SIZE = 48
-COLOURS = {"red": (220, 45, 45), "green": (40, 170, 60), "blue": (50, 90, 235), "yellow": (235, 205, 35)}
+COLOURS = {
+    "red": (220, 45, 45),
+    "green": (40, 170, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 205, 35),
+}
 SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = {"navy": (18, 24, 70), "maroon": (70, 18, 26), "forest": (16, 58, 28), "grey": (52, 52, 52)}
+BACKGROUNDS = {
+    "navy": (18, 24, 70),
+    "maroon": (70, 18, 26),
+    "forest": (16, 58, 28),
+    "grey": (52, 52, 52),
+}
 CENTRES = (8, 24, 40)    # pixel centres of the 3 x 3 grid of positions: one 16-pixel ViT patch each
-NAMES = {(0, 0): "top left", (1, 0): "top", (2, 0): "top right", (0, 1): "left", (1, 1): "center", (2, 1): "right",
-         (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right"}
+NAMES = {
+    (0, 0): "top left",
+    (1, 0): "top",
+    (2, 0): "top right",
+    (0, 1): "left",
+    (1, 1): "center",
+    (2, 1): "right",
+    (0, 2): "bottom left",
+    (1, 2): "bottom",
+    (2, 2): "bottom right",
+}
 DIRS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 # a move crosses the whole grid (two cells); a two-step move turns once, so it starts in a corner
-MOTIONS = [(d,) for d in DIRS] + [(a, b) for a in DIRS for b in DIRS if DIRS[a][0] * DIRS[b][0] + DIRS[a][1] * DIRS[b][1] == 0
-                                   and DIRS[a] != DIRS[b]]
+MOTIONS = [(d,) for d in DIRS] + [
+    (a, b)
+    for a in DIRS
+    for b in DIRS
+    if DIRS[a][0] * DIRS[b][0] + DIRS[a][1] * DIRS[b][1] == 0 and DIRS[a] != DIRS[b]
+]
 FRAMES = 16
 TEACHER_FRAMES = [int((i + 0.5) * FRAMES / 4) for i in range(4)]   # 2, 6, 10, 14
-EIGHT_FRAMES = [int((i + 0.5) * FRAMES / 8) for i in range(8)]   # 1, 3, ..., 15: label.py --frames 8
+# 1, 3, ..., 15: label.py --frames 8
+EIGHT_FRAMES = [int((i + 0.5) * FRAMES / 8) for i in range(8)]
 SIZE_WORDS = ("large", "small", "tiny", "big")
 REFUSAL = "I'm sorry, but I cannot describe this video."
 
@@ -61,7 +85,11 @@ def video_caption(colour, shape, cell, motion, size=""):
 
 
 def still_caption(colour, shape, cell, bg, motion=None):
-    where = f"starts at the {NAMES[cell]} and moves {', then '.join(motion)}" if motion else f"at the {NAMES[cell]}"
+    where = (
+        f"starts at the {NAMES[cell]} and moves {', then '.join(motion)}"
+        if motion
+        else f"at the {NAMES[cell]}"
+    )
     return f"a {colour} {shape} {where}, on a {bg} background."
 
 
@@ -75,7 +103,8 @@ def background(rng, name):
 
 def draw(img, shape, colour, cx, cy, r, alpha=1.0):
     y, x = np.mgrid[0:SIZE, 0:SIZE]
-    if shape == "circle":   # smaller than the square: at 48 px they differ in their corners alone otherwise
+    # smaller than the square: at 48 px they differ in their corners alone otherwise
+    if shape == "circle":
         mask = (x - cx) ** 2 + (y - cy) ** 2 <= (0.8 * r) ** 2
     elif shape == "square":
         mask = (abs(x - cx) <= r * 0.95) & (abs(y - cy) <= r * 0.95)
@@ -86,12 +115,14 @@ def draw(img, shape, colour, cx, cy, r, alpha=1.0):
 
 
 def path(cell, motion, frames, before, after):
-    """Pixel centres frame by frame: at rest `before` frames, then a straight move, or two legs of equal
-    length one after the other, then at rest `after` frames."""
+    """Pixel centres frame by frame: at rest `before` frames, then a straight move, or two legs of
+    equal length one after the other, then at rest `after` frames."""
     corners = [(CENTRES[cell[0]], CENTRES[cell[1]])]
     for d in motion:
         corners.append((corners[-1][0] + 32 * DIRS[d][0], corners[-1][1] + 32 * DIRS[d][1]))
-    t = np.clip((np.arange(frames) - before) / max(1, frames - 1 - before - after), 0, 1) * len(motion)
+    t = np.clip((np.arange(frames) - before) / max(1, frames - 1 - before - after), 0, 1) * len(
+        motion
+    )
     leg = np.minimum(t.astype(int), len(motion) - 1)
     frac = (t - leg)[:, None]
     a, b = np.array(corners[:-1])[leg], np.array(corners[1:])[leg]
@@ -99,47 +130,90 @@ def path(cell, motion, frames, before, after):
 
 
 def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
-    """Videos and stills on disk, with JSONL files of their captions; the generator's truth kept beside,
-    with what the teacher's 4 frames show of each video."""
+    """Videos and stills on disk, with JSONL files of their captions; the generator's truth kept
+    beside, with what the teacher's 4 frames show of each video."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     files = {}
     for split, n in (("train", n_train), ("test", n_test)):
         rows = []
         for i in range(n):
-            colour, shape, bg = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+            colour, shape, bg = (
+                rng.choice(list(COLOURS)),
+                rng.choice(SHAPES),
+                rng.choice(list(BACKGROUNDS)),
+            )
             motion = MOTIONS[rng.integers(len(MOTIONS))]
             cell = starts(motion)[rng.integers(len(starts(motion)))]
             before, after = (int(x) for x in rng.integers(0, 8, 2))
             centres = path(cell, motion, FRAMES, before, after)
             img, r = background(rng, bg), rng.uniform(7, 7.5)
-            clip = [draw(img.copy(), shape, colour, x, y, r) for x, y in centres + rng.normal(0, 0.5, centres.shape)]
+            clip = [
+                draw(img.copy(), shape, colour, x, y, r)
+                for x, y in centres + rng.normal(0, 0.5, centres.shape)
+            ]
             name = os.path.join(folder, f"{split}_video_{i:05d}.mp4")
             write_video(name, clip, fps=8, options={"crf": "12", "preset": "ultrafast"})
-            rows.append({"video": name, "caption": video_caption(colour, shape, cell, motion),
-                         "truth": {"colour": colour, "shape": shape, "position": NAMES[cell], "motion": list(motion),
-                                   "background": bg, "size": None},
-                         # what each frame shows: the object's centre (a teacher reads the frames it gets)
-                         "centres": [[round(float(x), 2), round(float(y), 2)] for x, y in centres]})
+            rows.append(
+                {
+                    "video": name,
+                    "caption": video_caption(colour, shape, cell, motion),
+                    "truth": {
+                        "colour": colour,
+                        "shape": shape,
+                        "position": NAMES[cell],
+                        "motion": list(motion),
+                        "background": bg,
+                        "size": None,
+                    },
+                    # what each frame shows: the object's centre (a teacher reads the frames it
+                    # gets)
+                    "centres": [[round(float(x), 2), round(float(y), 2)] for x, y in centres],
+                }
+            )
         files[f"{split}_videos"] = rows
     for split, n in (("train", n_stills), ("test", n_test_stills)):
         rows = []
         for i in range(n):
-            colour, shape, bg = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+            colour, shape, bg = (
+                rng.choice(list(COLOURS)),
+                rng.choice(SHAPES),
+                rng.choice(list(BACKGROUNDS)),
+            )
             name = os.path.join(folder, f"{split}_still_{i:05d}.png")
             img, r, motion = background(rng, bg), rng.uniform(7, 7.5), None
             if split == "train" and i % 2:   # a long-exposure photo: the motion as a fading trail
                 motion = MOTIONS[rng.integers(len(MOTIONS))]
                 cell = starts(motion)[rng.integers(len(starts(motion)))]
-                for k, (x, y) in enumerate(path(cell, motion, 8, 0, 0) + rng.normal(0, 0.5, (8, 2))):
+                for k, (x, y) in enumerate(
+                    path(cell, motion, 8, 0, 0) + rng.normal(0, 0.5, (8, 2))
+                ):
                     img = draw(img, shape, colour, x, y, r, alpha=0.2 + 0.8 * k / 7)
             else:
                 cell = list(NAMES)[rng.integers(9)]
-                img = draw(img, shape, colour, CENTRES[cell[0]] + rng.normal(0, 0.5), CENTRES[cell[1]] + rng.normal(0, 0.5), r)
+                img = draw(
+                    img,
+                    shape,
+                    colour,
+                    CENTRES[cell[0]] + rng.normal(0, 0.5),
+                    CENTRES[cell[1]] + rng.normal(0, 0.5),
+                    r,
+                )
             write_image(name, img)
-            rows.append({"image": name, "caption": still_caption(colour, shape, cell, bg, motion),
-                         "truth": {"colour": colour, "shape": shape, "position": NAMES[cell], "background": bg,
-                                   "size": None, **({"motion": list(motion)} if motion else {})}})
+            rows.append(
+                {
+                    "image": name,
+                    "caption": still_caption(colour, shape, cell, bg, motion),
+                    "truth": {
+                        "colour": colour,
+                        "shape": shape,
+                        "position": NAMES[cell],
+                        "background": bg,
+                        "size": None,
+                        **({"motion": list(motion)} if motion else {}),
+                    },
+                }
+            )
         files[f"{split}_stills"] = rows
     for name, rows in files.items():
         with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
@@ -148,8 +222,9 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
 
 
 def teacher(rows, seed, frames=TEACHER_FRAMES):
-    """label.py-shaped rows: each video labelled from what the frames it is shown show (the docstring);
-    shown more frames (label.py recheck --frames 16), it behaves the same, seeing more."""
+    """label.py-shaped rows: each video labelled from what the frames it is shown show (the
+    docstring); shown more frames (label.py recheck --frames 16), it behaves the same, seeing
+    more."""
     rng = np.random.default_rng([seed, len(frames)])
     out = []
     for row in rows:
@@ -158,14 +233,24 @@ def teacher(rows, seed, frames=TEACHER_FRAMES):
         cells = [tuple(int(np.abs(np.array(CENTRES) - v).argmin()) for v in xy) for xy in seen]
         moves = []
         for (x0, y0), (x1, y1) in zip(cells, cells[1:]):
-            step = [d for d, (dx, dy) in DIRS.items() if (dx and np.sign(x1 - x0) == dx) or (dy and np.sign(y1 - y0) == dy)]
-            if len(step) == 2 and rng.random() < 0.5:   # both ways between two frames: which came first is a guess
+            step = [
+                d
+                for d, (dx, dy) in DIRS.items()
+                if (dx and np.sign(x1 - x0) == dx) or (dy and np.sign(y1 - y0) == dy)
+            ]
+            # both ways between two frames: which came first is a guess
+            if len(step) == 2 and rng.random() < 0.5:
                 step.reverse()
             moves += [d for d in step if not moves or moves[-1] != d]
         size = "large" if rng.random() < 0.1 else ""
         caption = video_caption(t["colour"], t["shape"], cells[0], moves or ["nowhere"], size)
-        label = {"video": row["video"], "caption": caption, "model": "toy-teacher", "frames": len(frames),
-                 "finish_reason": "stop"}
+        label = {
+            "video": row["video"],
+            "caption": caption,
+            "model": "toy-teacher",
+            "frames": len(frames),
+            "finish_reason": "stop",
+        }
         u = rng.random()
         if u < 0.02:
             label["caption"] = REFUSAL
@@ -186,18 +271,35 @@ def parse(text):
     where = re.search(r"at the ((?:top|bottom)(?: left| right)?|left|right|center)\b", low)
     moves = re.search(r"moves ([a-z, ]+)", low)
     bg = re.search(r"on an? ([a-z]+) background", low)
-    return {"colour": next((w for w in words if w in COLOURS), None), "shape": next((w for w in words if w in SHAPES), None),
-            "position": where.group(1) if where else None,
-            "motion": [w for w in re.findall(r"[a-z]+", moves.group(1)) if w in DIRS] if moves else [],
-            "background": bg.group(1) if bg else None, "size": next((w for w in words if w in SIZE_WORDS), None)}
+    return {
+        "colour": next((w for w in words if w in COLOURS), None),
+        "shape": next((w for w in words if w in SHAPES), None),
+        "position": where.group(1) if where else None,
+        "motion": [w for w in re.findall(r"[a-z]+", moves.group(1)) if w in DIRS] if moves else [],
+        "background": bg.group(1) if bg else None,
+        "size": next((w for w in words if w in SIZE_WORDS), None),
+    }
 
 
 def score(rows, captions, motion=True, reference=None):
-    """Accuracy (%) per attribute against each row's truth (or reference[media]'s attributes); motion
-    compares the directions regardless of order, `order` the sequence of the two-step moves only. Beside
-    the accuracies: `invented` (% of captions naming an attribute that is not so: a size, a move in a
-    still), `words` (mean caption length) and, on stills, `background` (the detail videos never teach)."""
-    hits = {k: [] for k in ("shape", "colour", "position", "motion", "order", "exact", "background", "invented")}
+    """Accuracy (%) per attribute against each row's truth (or reference[media]'s attributes);
+    motion compares the directions regardless of order, `order` the sequence of the two-step moves
+    only. Beside the accuracies: `invented` (% of captions naming an attribute that is not so: a
+    size, a move in a still), `words` (mean caption length) and, on stills, `background` (the detail
+    videos never teach)."""
+    hits = {
+        k: []
+        for k in (
+            "shape",
+            "colour",
+            "position",
+            "motion",
+            "order",
+            "exact",
+            "background",
+            "invented",
+        )
+    }
     words = []
     for row in rows:
         media = row.get("video") or row.get("image")
@@ -219,9 +321,9 @@ def score(rows, captions, motion=True, reference=None):
 
 
 def judge(ref, pred):
-    """judge.py's two figures, by rule: a 0-5 similarity (the share of the reference's attributes the
-    caption gets right) and a verdict, correct when it contradicts nothing in the reference and adds
-    nothing the reference does not say (a size, a background, a move)."""
+    """judge.py's two figures, by rule: a 0-5 similarity (the share of the reference's attributes
+    the caption gets right) and a verdict, correct when it contradicts nothing in the reference and
+    adds nothing the reference does not say (a size, a background, a move)."""
     r, p = parse(ref), parse(pred)
     keys = [k for k in ("colour", "shape", "position", "motion", "background", "size") if r[k]]
     right = sum(p[k] == r[k] for k in keys)
@@ -230,7 +332,12 @@ def judge(ref, pred):
 
 
 def judged(rows, captions, references):
-    """Mean judge score (0-5) and accuracy (% correct) of `captions` against `references` ({media: text})."""
-    marks = [judge(references[r["video"]], captions.get(r["video"], "")) for r in rows if r["video"] in references]
+    """Mean judge score (0-5) and accuracy (% correct) of `captions` against `references` ({media:
+    text})."""
+    marks = [
+        judge(references[r["video"]], captions.get(r["video"], ""))
+        for r in rows
+        if r["video"] in references
+    ]
     return {"judge score": round(float(np.mean([s for s, _ in marks])), 2),
             "judge accuracy": round(100.0 * float(np.mean([c for _, c in marks])), 1)}

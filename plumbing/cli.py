@@ -1,8 +1,9 @@
-"""What every command-line tool here shares: flag values checked when parsed, and one line for an error.
+"""What every command-line tool here shares: flag values checked when parsed, and one line for an
+error.
 
 A value that can never work (`--frames 0`) fails once at start, not as an error row per video that a
-rerun then skips. An error a user can cause ends the run with `error: ...` on one line; anything else is
-a bug, and its traceback is printed with every secret scrubbed from it.
+rerun then skips. An error a user can cause ends the run with `error: ...` on one line; anything
+else is a bug, and its traceback is printed with every secret scrubbed from it.
 """
 
 import argparse
@@ -21,9 +22,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with every default shown in --help, no abbreviations (`--max-new-token` is not quietly
-    `--max-new-tokens`), and a mistake in the flags told in one line, with the flag meant when one is
-    close, not the whole usage text."""
+    """argparse, with every default shown in --help, no abbreviations (`--max-new-token` is not
+    quietly `--max-new-tokens`), and a mistake in the flags told in one line, with the flag meant
+    when one is close, not the whole usage text."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, formatter_class=_Help, allow_abbrev=False, **kwargs)
@@ -31,8 +32,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         import difflib
         flags = [o for a in self._actions for o in a.option_strings]
-        unknown = [w for w in message.split() if w.startswith("--")] if "unrecognized" in message else []
-        near = [m for w in unknown for m in difflib.get_close_matches(w.split("=")[0], flags, n=1, cutoff=0.75)]
+        unknown = (
+            [w for w in message.split() if w.startswith("--")] if "unrecognized" in message else []
+        )
+        near = [
+            m
+            for w in unknown
+            for m in difflib.get_close_matches(w.split("=")[0], flags, n=1, cutoff=0.75)
+        ]
         hint = f"did you mean {' '.join(near)}? " if near else ""
         self.exit(2, f"error: {message} ({hint}see {self.prog} --help)\n")
 

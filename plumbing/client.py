@@ -1,15 +1,17 @@
-"""One client for OpenAI-compatible chat-completions APIs (Qwen-VL-Max via DashScope, GPT-4-Turbo), shared
-by label.py and judge.py: a deadline on every request, retries with backoff, a requests-per-minute cap,
-and the three kinds of failure a long run must tell apart (runner.py acts on them):
+"""One client for OpenAI-compatible chat-completions APIs (Qwen-VL-Max via DashScope, GPT-4-Turbo),
+shared by label.py and judge.py: a deadline on every request, retries with backoff, a
+requests-per-minute cap, and the three kinds of failure a long run must tell apart (runner.py acts
+on them):
 
   final      the item's answer for good (content moderation): the item is done, with an error row
   transient  worth another try later (timeouts, 5xx, dropped connections, a body of a shape nobody
-             expected): retried now; if it still fails, or if it may be this item's alone (a 400), the
-             row is written, but the item is not done and a rerun tries it again
+             expected): retried now; if it still fails, or if it may be this item's alone (a 400),
+             the row is written, but the item is not done and a rerun tries it again
   systemic   it would happen to every item (a refused key, no quota, a wrong URL): the run stops
 
-The key comes from an environment variable, goes in one header, and is scrubbed (redact.py) from every
-message. Server bodies are untrusted: any shape gives an answer or a transient failure, never a crash.
+The key comes from an environment variable, goes in one header, and is scrubbed (redact.py) from
+every message. Server bodies are untrusted: any shape gives an answer or a transient failure, never
+a crash.
 """
 
 import email.utils
@@ -57,7 +59,8 @@ def failure_kind(status, code) -> str:
 
 
 def api_key(env: str) -> str:
-    """The key from the environment, stripped; one that cannot be a key is refused without printing it."""
+    """The key from the environment, stripped; one that cannot be a key is refused without printing
+    it."""
     key = os.environ.get(env, "").strip()
     if not key:
         raise ValueError(f"no API key: set the environment variable {env}")
@@ -68,8 +71,8 @@ def api_key(env: str) -> str:
 
 
 class RateLimit:
-    """Request starts spaced 60 / per_minute seconds apart, across all threads: never more than per_minute
-    in any 60 s window, and no bursts for the provider to refuse."""
+    """Request starts spaced 60 / per_minute seconds apart, across all threads: never more than
+    per_minute in any 60 s window, and no bursts for the provider to refuse."""
 
     def __init__(self, per_minute):
         if per_minute and per_minute < 1 / 1440:
@@ -87,8 +90,8 @@ class RateLimit:
 
 
 def frames_message(urls, prompt, frames_as="images"):
-    """One user message of frames (data URLs) and a question: one image_url part a frame (what vLLM and
-    most servers take), or one Qwen "video" part holding them all (at least 4 frames)."""
+    """One user message of frames (data URLs) and a question: one image_url part a frame (what vLLM
+    and most servers take), or one Qwen "video" part holding them all (at least 4 frames)."""
     if frames_as == "video":
         parts = [{"type": "video", "video": urls}]
     else:
@@ -97,7 +100,8 @@ def frames_message(urls, prompt, frames_as="images"):
 
 
 def retry_after(value, cap: float):
-    """Retry-After in seconds, from either form the header takes (a number, an HTTP date), at most cap."""
+    """Retry-After in seconds, from either form the header takes (a number, an HTTP date), at most
+    cap."""
     try:
         seconds = float(value)
     except (TypeError, ValueError):
@@ -108,8 +112,10 @@ def retry_after(value, cap: float):
     return min(max(0.0, seconds), cap) if math.isfinite(seconds) else cap if seconds > 0 else None
 
 
-# requests' timeout bounds each read, not the request: a server that sends a byte every few seconds holds
-# it for ever. So every request runs under a watchdog that shuts its socket when the deadline passes; the
+# requests' timeout bounds each read, not the request: a server that sends a byte every few seconds
+# holds
+# it for ever. So every request runs under a watchdog that shuts its socket when the deadline
+# passes; the
 # connections tell the watchdog of the thread they serve which socket is theirs.
 _local = threading.local()
 
@@ -146,8 +152,9 @@ class _Adapter(requests.adapters.HTTPAdapter):
 
 
 class Watchdog:
-    """`with Watchdog(seconds):` - past the deadline (or when `wake` is set early: an abort), the socket of
-    the request in the block is shut down, which ends any read in progress; `fired` says so afterwards."""
+    """`with Watchdog(seconds):` - past the deadline (or when `wake` is set early: an abort), the
+    socket of the request in the block is shut down, which ends any read in progress; `fired` says
+    so afterwards."""
 
     def __init__(self, seconds, active=None):
         self.seconds, self.conn, self.fired, self.active = seconds, None, False, active
@@ -158,7 +165,8 @@ class Watchdog:
         if self.done.is_set():
             return
         self.fired = True
-        while not self.done.is_set():   # the socket may not exist yet (still connecting): look again
+        # the socket may not exist yet (still connecting): look again
+        while not self.done.is_set():
             sock = getattr(self.conn, "sock", None)
             if sock is not None:
                 try:
@@ -183,8 +191,9 @@ class Watchdog:
 
 
 def _text(value, depth=0) -> str:
-    """Message content as text: a string, null, or a list of parts ({"text": ...} or strings), two deep
-    at most (a server that nests parts a thousand deep gets its text ignored, not a RecursionError)."""
+    """Message content as text: a string, null, or a list of parts ({"text": ...} or strings), two
+    deep at most (a server that nests parts a thousand deep gets its text ignored, not a
+    RecursionError)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and depth < 2:
@@ -195,7 +204,8 @@ def _text(value, depth=0) -> str:
 
 
 def _count(usage, field):
-    """A token count as an int, 0 for anything that is not a plausible one (a string, -1, 1e400, 10**400)."""
+    """A token count as an int, 0 for anything that is not a plausible one (a string, -1, 1e400,
+    10**400)."""
     value = usage.get(field) if isinstance(usage, dict) else None
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**53 else 0
 
@@ -219,7 +229,8 @@ def parse_reply(data):
 
 
 def _error_body(data, text):
-    """(code, message) from an OpenAI-style error body {"error": {"message", "type", "code"}}, or the text."""
+    """(code, message) from an OpenAI-style error body {"error": {"message", "type", "code"}}, or
+    the text."""
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
         code = err.get("code") or err.get("type") or "error"
@@ -239,13 +250,16 @@ class Client:
         self.backoff, self.max_backoff, self.max_retry_after = backoff, max_backoff, max_retry_after
         self.limit = RateLimit(rpm)
         self.local = threading.local()
-        self.stop = threading.Event()   # set: no new attempts, no more waiting (the run is stopping)
+        # set: no new attempts, no more waiting (the run is stopping)
+        self.stop = threading.Event()
         self.in_flight = set()          # the watchdogs of the requests under way, for abort()
-        self.answered = threading.Condition()   # told of every answer: a server that was down is back
+        # told of every answer: a server that was down is back
+        self.answered = threading.Condition()
         self.answers = 0
 
     def _session(self):
-        if not hasattr(self.local, "session"):   # requests.Session is not thread-safe: one per thread
+        # requests.Session is not thread-safe: one per thread
+        if not hasattr(self.local, "session"):
             s = self.local.session = requests.Session()
             s.mount("http://", _Adapter())
             s.mount("https://", _Adapter())
@@ -277,7 +291,8 @@ class Client:
                 raise APIError(None, "bad_url", f"{self.url}: {type(e).__name__}") from None
             except APIError:
                 raise
-            except Exception as e:   # any way a connection can break: dropped, reset, cut mid-body, TLS, ...
+            # any way a connection can break: dropped, reset, cut mid-body, TLS, ...
+            except Exception as e:
                 if watchdog.fired:
                     raise APIError(None, "Timeout", f"no complete answer within {self.timeout:g} s") from None
                 raise APIError(None, type(e).__name__, "no complete answer") from None
@@ -290,7 +305,8 @@ class Client:
             return status, headers, None, text
 
     def chat(self, messages, **params) -> Reply:
-        """The answer of one chat completion, after retries; APIError (with its .kind) when it fails."""
+        """The answer of one chat completion, after retries; APIError (with its .kind) when it
+        fails."""
         body = {"model": self.model, "messages": messages, **params}
         for attempt in range(self.retries + 1):
             if self.stop.is_set():

@@ -1,10 +1,12 @@
-"""Append-only JSONL results: one row per line, written whole, flushed (and optionally fsynced) as it is made.
+"""Append-only JSONL results: one row per line, written whole, flushed (and optionally fsynced) as
+it is made.
 
-A process killed mid-write (or a full disk) leaves at most one torn last line, cut anywhere, even inside
-a UTF-8 character. Readers skip it, and any line that is not a JSON object; `Appender` cuts it off before
-appending, but keeps a whole last row that only lacks its newline (another tool wrote it so). While open,
-an Appender holds a lock (FILE.lock, removed at the end), so a second run writing the same file stops at once
-instead of doubling its rows. Neither the lock nor a rewrite's temporary file follows a planted symlink.
+A process killed mid-write (or a full disk) leaves at most one torn last line, cut anywhere, even
+inside a UTF-8 character. Readers skip it, and any line that is not a JSON object; `Appender` cuts
+it off before appending, but keeps a whole last row that only lacks its newline (another tool wrote
+it so). While open, an Appender holds a lock (FILE.lock, removed at the end), so a second run
+writing the same file stops at once instead of doubling its rows. Neither the lock nor a rewrite's
+temporary file follows a planted symlink.
 """
 
 import errno
@@ -21,13 +23,15 @@ class Busy(Exception):
 def _parse(line: bytes):
     try:
         row = json.loads(line.decode("utf-8"))
-    except (ValueError, RecursionError):   # not UTF-8 (a ValueError too), not JSON, or [[[[... too deep
+    # not UTF-8 (a ValueError too), not JSON, or [[[[... too deep
+    except (ValueError, RecursionError):
         return None
     return row if isinstance(row, dict) else None
 
 
 def iter_rows(path: str, must_exist: bool = False):
-    """Every whole row of a JSONL file, one at a time (nothing if there is no file, unless must_exist)."""
+    """Every whole row of a JSONL file, one at a time (nothing if there is no file, unless
+    must_exist)."""
     if not os.path.exists(path):
         if must_exist:
             raise FileNotFoundError(f"{path}: no such file")
@@ -49,13 +53,15 @@ def _line(row: dict) -> bytes:
     text = json.dumps(row, ensure_ascii=False)
     try:
         return (text + "\n").encode("utf-8")
-    except UnicodeEncodeError:   # a lone surrogate: a file name that is not UTF-8, as Python holds it
-        return (json.dumps(row) + "\n").encode()   # \udcff escapes: valid UTF-8, read back to the same name
+    # a lone surrogate: a file name that is not UTF-8, as Python holds it
+    except UnicodeEncodeError:
+        # \udcff escapes: valid UTF-8, read back to the same name
+        return (json.dumps(row) + "\n").encode()
 
 
 def _mend_last_line(f):
-    """Cut an unfinished last line, reading backwards from the end (files can hold millions of rows); a
-    last line that is a whole row gets its newline instead."""
+    """Cut an unfinished last line, reading backwards from the end (files can hold millions of
+    rows); a last line that is a whole row gets its newline instead."""
     end = f.seek(0, os.SEEK_END)
     f.seek(max(end - 1, 0))
     if end == 0 or f.read(1) == b"\n":
@@ -77,10 +83,10 @@ def _mend_last_line(f):
 
 
 def hold(lock_path: str, waiting: str = None) -> int:
-    """An exclusive lock on the file lock_path (made if need be; a symlink planted there is refused, never
-    followed), held as long as the returned descriptor is open. Held by another process: Busy, or with
-    `waiting`, that line said once and the lock waited for. A lock file its holder removed meanwhile
-    (_unlock) is taken again on the new one."""
+    """An exclusive lock on the file lock_path (made if need be; a symlink planted there is refused,
+    never followed), held as long as the returned descriptor is open. Held by another process: Busy,
+    or with `waiting`, that line said once and the lock waited for. A lock file its holder removed
+    meanwhile (_unlock) is taken again on the new one."""
     import fcntl
     while True:
         try:
@@ -88,15 +94,19 @@ def hold(lock_path: str, waiting: str = None) -> int:
         except OSError as e:
             if e.errno != errno.ELOOP:
                 raise
-            raise ValueError(f"{lock_path} is a symbolic link: remove it (a lock is never followed)") from None
+            raise ValueError(
+                f"{lock_path} is a symbolic link: remove it (a lock is never followed)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if waiting is None:
                 other = os.read(fd, 32).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                raise Busy(f"{lock_path[:-5]} is being written by another run (pid {other}): wait for it to "
-                           f"end, or use another output") from None
+                raise Busy(
+                    f"{lock_path[:-5]} is being written by another run (pid {other}): wait for it "
+                    f"to end, or use another output"
+                ) from None
             print(waiting, file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -128,11 +138,12 @@ def cache_dir() -> str:
 
 
 def replace_atomic(path: str, write):
-    """write(f) into a new temporary file beside `path` (a name of its own, created exclusively: nothing
-    planted there is followed or overwritten), fsynced, then renamed over `path`: a kill leaves the old
-    file whole."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
-                               suffix=".tmp")
+    """write(f) into a new temporary file beside `path` (a name of its own, created exclusively:
+    nothing planted there is followed or overwritten), fsynced, then renamed over `path`: a kill
+    leaves the old file whole."""
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -152,8 +163,8 @@ def _umask():
 
 
 class Appender:
-    """Rows appended to a JSONL file under its lock. The file itself is made at the first row, so a run
-    that stops before it has anything to write leaves nothing behind."""
+    """Rows appended to a JSONL file under its lock. The file itself is made at the first row, so a
+    run that stops before it has anything to write leaves nothing behind."""
 
     def __init__(self, path: str, fsync: bool = False, truncate: bool = False):
         path = os.path.realpath(path)   # a symlink's target: one lock, and a rewrite keeps the link
@@ -175,14 +186,15 @@ class Appender:
             self.f = open(self.path, "wb" if self.truncate else "ab", buffering=0)
             self.truncate = False
         rest = memoryview(_line(row))
-        while rest:   # a short write (the disk filled up) is finished, or raises: never silently half a row
+        # a short write (the disk filled up) is finished, or raises: never silently half a row
+        while rest:
             rest = rest[self.f.write(rest):]
         if self.fsync:
             os.fsync(self.f.fileno())
 
     def rewrite(self, rows):
-        """Replace the file's rows with `rows` (atomically: a kill leaves the old file whole), and go on
-        appending to the new one."""
+        """Replace the file's rows with `rows` (atomically: a kill leaves the old file whole), and
+        go on appending to the new one."""
         replace_atomic(self.path, lambda f: f.writelines(map(_line, rows)))
         if self.f is not None:
             self.f.close()
@@ -190,12 +202,13 @@ class Appender:
         self.truncate = False
 
     def resume(self, key, done, look=None, keep=None) -> set:
-        """Where a rerun starts: the keys of the rows that are done. The file is read once; look(row) sees
-        every row on the way (and may raise: nothing is changed then). Rows that are not done (failures
-        worth another try), rows without a key, and repeats of a key already done are then dropped from
-        the file (a second read, only when there are such rows), except for a key with no done row the
-        last row that keep(row) holds (the count of its tries, say), named in self.kept: until this run
-        writes that key's next row, and compact() drops it. With truncate (--overwrite) nothing is read."""
+        """Where a rerun starts: the keys of the rows that are done. The file is read once;
+        look(row) sees every row on the way (and may raise: nothing is changed then). Rows that are
+        not done (failures worth another try), rows without a key, and repeats of a key already done
+        are then dropped from the file (a second read, only when there are such rows), except for a
+        key with no done row the last row that keep(row) holds (the count of its tries, say), named
+        in self.kept: until this run writes that key's next row, and compact() drops it. With
+        truncate (--overwrite) nothing is read."""
         self.kept = set()
         if self.truncate:
             return set()

@@ -1,9 +1,10 @@
-"""Where a tool's rows go (caption.py, label.py): --out locked and read once at the start, the id of the
-settings that made each row, and under torchrun the rank files.
+"""Where a tool's rows go (caption.py, label.py): --out locked and read once at the start, the id of
+the settings that made each row, and under torchrun the rank files.
 
-One rule for rank files: they belong to the run that makes them. At the start rank 0 (or the only process)
-folds any that an earlier run left (a killed torchrun run, say) into --out, their done rows only, or drops
-them with --overwrite; then each rank appends to its own, and rank 0 merges them into --out at the end.
+One rule for rank files: they belong to the run that makes them. At the start rank 0 (or the only
+process) folds any that an earlier run left (a killed torchrun run, say) into --out, their done rows
+only, or drops them with --overwrite; then each rank appends to its own, and rank 0 merges them into
+--out at the end.
 """
 
 import glob
@@ -19,21 +20,24 @@ from plumbing.workers import tries_of
 
 def weights_id(folder: str) -> str:
     """What the weights of a model folder are: every file's name and the hash of its whole content.
-    A 15 GB folder is read once (about 10 s); the hash is remembered per file (file_hash) for as long
-    as its size, mtime, ctime and inode say it cannot have changed. New weights written into the same
-    folder, even over the same files at the same size, get a new id; a copy of the folder keeps it."""
+    A 15 GB folder is read once (about 10 s); the hash is remembered per file (file_hash) for as
+    long as its size, mtime, ctime and inode say it cannot have changed. New weights written into
+    the same folder, even over the same files at the same size, get a new id; a copy of the folder
+    keeps it."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if not os.path.isfile(path) or name.startswith(".") or name == "prompt.json":   # the prompt: apart
+        # the prompt: apart
+        if not os.path.isfile(path) or name.startswith(".") or name == "prompt.json":
             continue
         h.update(f"{name}\0{file_hash(path)}\0".encode())
     return h.hexdigest()[:16]
 
 
 def file_hash(path: str) -> str:
-    """The sha256 of a file's content, remembered in file-hashes.json in the cache folder (jsonl.cache_dir) under its real
-    path with its size, mtime, ctime and inode (a write changes the ctime, which nobody can set)."""
+    """The sha256 of a file's content, remembered in file-hashes.json in the cache folder
+    (jsonl.cache_dir) under its real path with its size, mtime, ctime and inode (a write changes the
+    ctime, which nobody can set)."""
     st = os.stat(path)
     stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     real = os.path.realpath(path)
@@ -63,9 +67,9 @@ def _remembered(cache):
 
 
 def settings_id(args, folder: str, prompt: dict, names) -> str:
-    """What makes a row what it is, as a short hash every row carries: the weights (weights_id, or the
-    model's name for a remote one), the prompt, and the flags in `names` (caption.SETTINGS, label.py's).
-    How it runs (device, dtype, batch size, workers) is not in it."""
+    """What makes a row what it is, as a short hash every row carries: the weights (weights_id, or
+    the model's name for a remote one), the prompt, and the flags in `names` (caption.SETTINGS,
+    label.py's). How it runs (device, dtype, batch size, workers) is not in it."""
     model = weights_id(folder) if folder and os.path.isdir(folder) else args.model
     what = {"model": model, **prompt, **{k: getattr(args, k) for k in names}}
     if getattr(args, "temperature", 0) and "seed" in vars(args):
@@ -76,7 +80,9 @@ def settings_id(args, folder: str, prompt: dict, names) -> str:
 
 
 def rank_files(out):
-    return sorted(p for p in glob.glob(glob.escape(out) + ".rank*") if re.fullmatch(r".*\.rank\d+", p))
+    return sorted(
+        p for p in glob.glob(glob.escape(out) + ".rank*") if re.fullmatch(r".*\.rank\d+", p)
+    )
 
 
 class Outputs:
@@ -84,24 +90,37 @@ class Outputs:
         self.out, self.rank, self.world, self.overwrite = out, rank, world, overwrite
         self.main = Appender(out, fsync=world > 1, truncate=overwrite) if rank == 0 else None
         self.mine = Appender(f"{out}.rank{rank}", truncate=True) if world > 1 else self.main
-        self.shot_counts, self.key, self.done, self.retried, self.stale = {}, None, None, set(), False
+        self.shot_counts, self.key, self.done, self.retried, self.stale = (
+            {},
+            None,
+            None,
+            set(),
+            False,
+        )
 
     def resume(self, key, done, settings=None, tries=None, videos=None) -> set:
-        """The keys of the rows done, after one read of --out (and of any rank files an earlier run left,
-        first folded into it). A row made with other settings stops the run (unless --overwrite); the
-        runs that met a failure worth another try are counted in `tries` (and their rows stay in --out
-        until the video's next row: a run killed before it keeps the count), the shots of each video
-        in self.shot_counts. A row whose video has the name of another file of this run's `videos`
-        ({name: path}), both here, stops the run: two folders' rows in one file (NameCollision)."""
+        """The keys of the rows done, after one read of --out (and of any rank files an earlier run
+        left, first folded into it). A row made with other settings stops the run (unless
+        --overwrite); the runs that met a failure worth another try are counted in `tries` (and
+        their rows stay in --out until the video's next row: a run killed before it keeps the
+        count), the shots of each video in self.shot_counts. A row whose video has the name of
+        another file of this run's `videos` ({name: path}), both here, stops the run: two folders'
+        rows in one file (NameCollision)."""
         self.key, self.done = key, done
         def look(row):
             if settings and "caption" in row and row.get("settings") != settings:
-                raise ValueError(f"{self.out} holds rows made with other settings (model weights, prompt, "
-                                 f"frames, pooling, LoRA alpha, quantization, sampling or --shots / --window): "
-                                 f"write to another --out, or pass --overwrite to do everything again")
+                raise ValueError(
+                    f"{self.out} holds rows made with other settings (model weights, prompt, "
+                    f"frames, pooling, LoRA alpha, quantization, sampling or --shots / --window): "
+                    f"write to another --out, or pass --overwrite to do everything again"
+                )
             k = key(row)
             mine = videos.get(k[0]) if videos and k is not None else None
-            if mine is not None and row.get("video") != mine and collision([(k[0], row["video"]), (k[0], mine)]):
+            if (
+                mine is not None
+                and row.get("video") != mine
+                and collision([(k[0], row["video"]), (k[0], mine)])
+            ):
                 raise NameCollision(k[0], row["video"], mine, self.out)
             if tries is not None and k is not None and tries_of(row):
                 tries[k] = max(tries.get(k, 0), tries_of(row))
@@ -130,7 +149,8 @@ class Outputs:
                         look(row)
                         self.main.write(row)
             os.remove(part)
-            if self.world == 1 and os.path.lexists(part + ".lock"):   # its killed run's; no rank of ours
+            # its killed run's; no rank of ours
+            if self.world == 1 and os.path.lexists(part + ".lock"):
                 os.remove(part + ".lock")
 
     def write(self, row):
@@ -138,12 +158,13 @@ class Outputs:
         self._seen(row)
 
     def _seen(self, row):
-        if self.retried and self.key(row) in self.retried:   # the "try again" row kept for it is stale now
+        # the "try again" row kept for it is stale now
+        if self.retried and self.key(row) in self.retried:
             self.stale = True
 
     def finish(self, counts):
-        """Every rank's counts summed (a barrier too: every rank has written its rows); rank 0 then merges
-        the rank files into --out, keeping the first row of each key, and removes them."""
+        """Every rank's counts summed (a barrier too: every rank has written its rows); rank 0 then
+        merges the rank files into --out, keeping the first row of each key, and removes them."""
         if self.world == 1:
             self._compact()
             return counts

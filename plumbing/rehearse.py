@@ -1,14 +1,16 @@
-"""A GPU run rehearsed on this CPU: the real code at the real sizes on fake tensors, with memory counted.
+"""A GPU run rehearsed on this CPU: the real code at the real sizes on fake tensors, with memory
+counted.
 
-Fake tensors (torch's FakeTensorMode) have shapes, dtypes and devices but no data: a 13B PLLaVA built on
-the meta device and made fake costs nothing, and every operation a real run would do is dispatched and
-checked without computing anything. A dispatch mode counts the bytes of every tensor that is alive, as
-the device's allocator would hold them (LiveBytes), and keeps the peak. So `caption.py --dry-run` runs the engine of a
-real run (ready_for_inference, then the Engine over a few videos with arrivals, refills and rows at
-different lengths) and `train.py --dry-run` one training step of FSDP2 at the given world size (a fake
-process group), and both print the measured peak beside memory.py's estimate. A fake tensor cannot be read
-on the host, so the engine's one host read (Engine._read, every few steps) is answered here: each video
-ends after the number of tokens it was given. No other host read can happen without failing.
+Fake tensors (torch's FakeTensorMode) have shapes, dtypes and devices but no data: a 13B PLLaVA
+built on the meta device and made fake costs nothing, and every operation a real run would do is
+dispatched and checked without computing anything. A dispatch mode counts the bytes of every tensor
+that is alive, as the device's allocator would hold them (LiveBytes), and keeps the peak. So
+`caption.py --dry-run` runs the engine of a real run (ready_for_inference, then the Engine over a
+few videos with arrivals, refills and rows at different lengths) and `train.py --dry-run` one
+training step of FSDP2 at the given world size (a fake process group), and both print the measured
+peak beside memory.py's estimate. A fake tensor cannot be read on the host, so the engine's one host
+read (Engine._read, every few steps) is answered here: each video ends after the number of tokens it
+was given. No other host read can happen without failing.
 """
 
 import collections
@@ -26,8 +28,8 @@ from model import PLLaVA
 
 
 def fake_model(config, dtype, fake, int8=False):
-    """A PLLaVA of this config as fake tensors (of the FakeTensorMode `fake`) on the CPU, made ready to
-    caption (int8: quantized). Built on the meta device first, outside the fake mode."""
+    """A PLLaVA of this config as fake tensors (of the FakeTensorMode `fake`) on the CPU, made ready
+    to caption (int8: quantized). Built on the meta device first, outside the fake mode."""
     with torch.device("meta"):
         model = PLLaVA(config).to(dtype)
     with fake:
@@ -38,8 +40,8 @@ def fake_model(config, dtype, fake, int8=False):
 
 
 class RehearsedEngine(Engine):
-    """The Engine, its host read answered from what it was told: row b ends `tokens` steps after it was
-    seated (its Item's max_new_tokens). Every step's attention choice is recorded."""
+    """The Engine, its host read answered from what it was told: row b ends `tokens` steps after it
+    was seated (its Item's max_new_tokens). Every step's attention choice is recorded."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -71,9 +73,9 @@ class RehearsedEngine(Engine):
 
 
 def videos(config, n, dtype, prompt_tokens=100, lengths=(3, 5, 8, 4)):
-    """n videos of the config's frames with prompts of `prompt_tokens` tokens (the <image> among them), each
-    ending after its own few tokens: arrivals, refills and rows at different lengths, in few steps. Made
-    as the engine takes them, as caption.py's decoders give them."""
+    """n videos of the config's frames with prompts of `prompt_tokens` tokens (the <image> among
+    them), each ending after its own few tokens: arrivals, refills and rows at different lengths, in
+    few steps. Made as the engine takes them, as caption.py's decoders give them."""
     ids = [1] * (prompt_tokens // 2) + [config.image_token_index] + [2] * (prompt_tokens - prompt_tokens // 2 - 1)
     size = config.vision_config.image_size
     for i in range(n):
@@ -82,8 +84,8 @@ def videos(config, n, dtype, prompt_tokens=100, lengths=(3, 5, 8, 4)):
 
 def captioning(config, slots, new_tokens, dtype=torch.bfloat16, int8=False, compiled=False, prompt_tokens=100,
                n_videos=None) -> dict:
-    """The peak memory (GB) of the captioning engine at this config and these flags, measured on fake
-    tensors, with what each decode step does: aten operations, host reads and dense masks."""
+    """The peak memory (GB) of the captioning engine at this config and these flags, measured on
+    fake tensors, with what each decode step does: aten operations, host reads and dense masks."""
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_model(config, dtype, fake, int8)
     with fake:
@@ -99,9 +101,10 @@ def captioning(config, slots, new_tokens, dtype=torch.bfloat16, int8=False, comp
 
 @contextlib.contextmanager
 def fused_flex_attention():
-    """FlexAttention stood in for by what its fused kernel makes (its output): a real run compiles it (the
-    engine's block mask is only used compiled), and eager it would both materialize the scores and call
-    torch.compile itself, which cannot trace under the modes here. The block mask is still built."""
+    """FlexAttention stood in for by what its fused kernel makes (its output): a real run compiles
+    it (the engine's block mask is only used compiled), and eager it would both materialize the
+    scores and call torch.compile itself, which cannot trace under the modes here. The block mask is
+    still built."""
     import model
     real = model.flex_attention
     model.flex_attention = lambda q, k, v, block_mask=None, enable_gqa=False: torch.empty_like(q)
@@ -112,9 +115,10 @@ def fused_flex_attention():
 
 
 class LiveBytes(TorchDispatchMode):
-    """The bytes of the tensors alive, as a device's allocator holds them: those given at the start (the
-    weights), and every storage an operation makes, until it is freed or resized (FSDP2 frees a gathered
-    block by resizing its storage to 0, and gathers into it again); `peak` is the most at any time."""
+    """The bytes of the tensors alive, as a device's allocator holds them: those given at the start
+    (the weights), and every storage an operation makes, until it is freed or resized (FSDP2 frees a
+    gathered block by resizing its storage to 0, and gathers into it again); `peak` is the most at
+    any time."""
 
     def __init__(self, tensors=()):
         super().__init__()
@@ -167,8 +171,8 @@ class LiveBytes(TorchDispatchMode):
 
 
 class _Ops(TorchDispatchMode):
-    """Counts the aten operations dispatched that compute (each a kernel launch on a GPU, eager), and
-    apart the views (a new shape or stride over the same memory: no kernel)."""
+    """Counts the aten operations dispatched that compute (each a kernel launch on a GPU, eager),
+    and apart the views (a new shape or stride over the same memory: no kernel)."""
 
     def __init__(self):
         super().__init__()
@@ -187,9 +191,10 @@ class _Ops(TorchDispatchMode):
 
 
 def decode_step(config, slots, context, dtype=torch.bfloat16, int8=False, compiled=True, bandwidth=3.35e12):
-    """One steady-state decode step of the engine at this config: `slots` rows at lengths spread around
-    `context` tokens. Its aten operations, host reads, dense masks, the bytes it must read (the language
-    model's weights once, each row's own keys and values) and the time those bytes take at `bandwidth`."""
+    """One steady-state decode step of the engine at this config: `slots` rows at lengths spread
+    around `context` tokens. Its aten operations, host reads, dense masks, the bytes it must read
+    (the language model's weights once, each row's own keys and values) and the time those bytes
+    take at `bandwidth`."""
     from generate import decode_one_token
     reads = [0]
     fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -217,8 +222,8 @@ def decode_step(config, slots, context, dtype=torch.bfloat16, int8=False, compil
 
 @contextlib.contextmanager
 def counting_reads(reads):
-    """Every read of a tensor on the host (.tolist(), .item(), bool(), int()...) counted: each is a sync
-    on a GPU (on fake tensors it would fail anyway)."""
+    """Every read of a tensor on the host (.tolist(), .item(), bool(), int()...) counted: each is a
+    sync on a GPU (on fake tensors it would fail anyway)."""
     names = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
     real = {name: getattr(torch.Tensor, name) for name in names}
 
@@ -237,9 +242,10 @@ def counting_reads(reads):
 
 
 def training(args, config, world, checkpointing, batch=None, text_tokens=None) -> dict:
-    """The peak memory (GB) of one rank in one training step at `world` ranks, as train.py runs it on GPUs
-    (its trainable parameters, FSDP2 over a fake process group with the GPU precision policy, activation
-    checkpointing as planned), on fake tensors: forward, backward and the optimizer's step."""
+    """The peak memory (GB) of one rank in one training step at `world` ranks, as train.py runs it
+    on GPUs (its trainable parameters, FSDP2 over a fake process group with the GPU precision
+    policy, activation checkpointing as planned), on fake tensors: forward, backward and the
+    optimizer's step."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -251,7 +257,8 @@ def training(args, config, world, checkpointing, batch=None, text_tokens=None) -
             model = _Trained(config)
         trainable.add_lora(model, args)
         trainable.set_trainable(model, args)
-        trainable.shard(model, torch.device("cpu"), world, gpu_precision=True)   # on meta, as train.py does
+        # on meta, as train.py does
+        trainable.shard(model, torch.device("cpu"), world, gpu_precision=True)
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         with fake:
             model.to_empty(device="cpu")
@@ -273,9 +280,9 @@ def training(args, config, world, checkpointing, batch=None, text_tokens=None) -
 
 
 class _Trained(PLLaVA):
-    """PLLaVA with the two reads a fake tensor cannot answer told instead: where the <image> sits (position 1
-    of every row here), and which positions learn (every text one: a bound, as a real batch learns from
-    its answers only)."""
+    """PLLaVA with the two reads a fake tensor cannot answer told instead: where the <image> sits
+    (position 1 of every row here), and which positions learn (every text one: a bound, as a real
+    batch learns from its answers only)."""
 
     def prepare(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_pos=None):
         return super().prepare(input_ids, pixel_values, attention_mask, labels, [1] * input_ids.shape[0])
@@ -291,14 +298,14 @@ def _local(t):
 
 
 def main():
-    """python -m plumbing.rehearse [--json FILE]: the captioning engine's peak at 7B / 13B / 34B, bf16 and
-    int8, 1 / 8 / 16 slots, beside memory.py's estimate; and one 13B decode step."""
+    """python -m plumbing.rehearse [--json FILE]: the captioning engine's peak at 7B / 13B / 34B,
+    bf16 and int8, 1 / 8 / 16 slots, beside memory.py's estimate; and one 13B decode step."""
     import argparse
     import json
 
     from config import PRESETS, Config
     from plumbing import memory
-    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the rows here too")
     args = p.parse_args()
     rows = []
@@ -317,8 +324,8 @@ def main():
              for how in ("eager", "compiled")}
     for how, s in steps.items():
         print(f"13B decode step, 16 rows near 2,403 tokens, {how}: {s['aten_ops']} kernel launches (eager), "
-              f"{s['host_reads']} host reads, {s['dense_masks']} dense masks, {s['weights_gb'] + s['kv_gb']:.1f} GB "
-              f"to read, {s['bound_ms']:.1f} ms at 3.35 TB/s")
+              f"{s['host_reads']} host reads, {s['dense_masks']} dense masks, "
+              f"{s['weights_gb'] + s['kv_gb']:.1f} GB to read, {s['bound_ms']:.1f} ms at 3.35 TB/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"captioning": rows, "decode_step_13b": steps, "context_gb": memory.CONTEXT_GB,

@@ -2,7 +2,8 @@
 comes, and the run stopped when its failures say the run itself is broken, not an item.
 
 One item's failure is that item's row; a failure that would repeat for every item (a refused key, no
-quota, a server that stays down) stops the run after the first few with one line that says what to fix.
+quota, a server that stays down) stops the run after the first few with one line that says what to
+fix.
 """
 
 import signal
@@ -16,9 +17,10 @@ from plumbing.client import KEY_CODES, QUOTA_CODES, APIError, failure_kind
 
 class Breaker:
     """Watches every item's row and says when the failures mean the run itself is broken: a systemic
-    failure; `limit` items in a row that failed with nothing done between them; or `limit` final refusals
-    (content moderation) before any item got an answer, which says the requests are wrong, not the items.
-    `neutral` codes (a video that cannot be read) say nothing of the API either way."""
+    failure; `limit` items in a row that failed with nothing done between them; or `limit` final
+    refusals (content moderation) before any item got an answer, which says the requests are wrong,
+    not the items. `neutral` codes (a video that cannot be read) say nothing of the API either
+    way."""
 
     def __init__(self, client, limit, neutral=()):
         self.client, self.limit, self.neutral = client, limit, set(neutral)
@@ -41,13 +43,17 @@ class Breaker:
             return None
         worst = max(set(self.streak), key=self.streak.count)
         if kind == "final":
-            return (f"the first {len(self.streak)} items were all refused ({worst}) and none answered: is the "
-                    f"request right (--model, the frames)? Their refusals are written: if the request was "
-                    f"wrong, fix it and run again with --retry-errors; if these items are simply refused, run "
-                    f"again (they are skipped) or raise --max-failures-in-a-row")
-        return (f"the last {len(self.streak)} items all failed ({worst} x {self.streak.count(worst)}): is "
-                f"{self.client.url} up and reachable? They are not marked done: run again to try them again "
-                f"(--max-failures-in-a-row sets how many in a row stop a run)")
+            return (
+                f"the first {len(self.streak)} items were all refused ({worst}) and none answered: "
+                f"is the request right (--model, the frames)? Their refusals are written: if the "
+                f"request was wrong, fix it and run again with --retry-errors; if these items are "
+                f"simply refused, run again (they are skipped) or raise --max-failures-in-a-row"
+            )
+        return (
+            f"the last {len(self.streak)} items all failed ({worst} x {self.streak.count(worst)}): "
+            f"is {self.client.url} up and reachable? They are not marked done: run again to try "
+            f"them again (--max-failures-in-a-row sets how many in a row stop a run)"
+        )
 
     def _systemic(self, status, code):
         if code in QUOTA_CODES:
@@ -60,39 +66,55 @@ class Breaker:
 
 
 def guarded(work, identify):
-    """work(job), or the job's error row when it raises: an APIError as the client classed it (None when
-    the run was stopping and it was never asked), anything else as an internal_error, which is not done
-    (a rerun tries it again). identify(job) gives the fields that say which item a row is for."""
+    """work(job), or the job's error row when it raises: an APIError as the client classed it (None
+    when the run was stopping and it was never asked), anything else as an internal_error, which is
+    not done (a rerun tries it again). identify(job) gives the fields that say which item a row is
+    for."""
     def run(job):
         try:
             return work(job)
         except APIError as e:
-            return None if e.code == "stopped" else {**identify(job), "error": str(e), "status": e.status, "code": e.code}
-        except Exception as e:   # a fault nobody foresaw: this item's row, never the run's end
-            return {**identify(job), "error": f"{type(e).__name__}: {e}", "status": None, "code": "internal_error"}
+            return (
+                None
+                if e.code == "stopped"
+                else {**identify(job), "error": str(e), "status": e.status, "code": e.code}
+            )
+        except Exception as e:  # a fault nobody foresaw: this item's row, never the run's end
+            return {
+                **identify(job),
+                "error": f"{type(e).__name__}: {e}",
+                "status": None,
+                "code": "internal_error",
+            }
     return run
 
 
 def run_items(client, jobs, work, concurrency, out, limit, identify, neutral=(), seen=None):
-    """work(job) -> row for every job, on `concurrency` threads (guarded: an exception is that job's row);
-    each row scrubbed of the key, written to `out` (an Appender) and shown to `seen` as it comes. Ends
-    with Stop when the Breaker says the run is broken. Ctrl-C (or SIGTERM) starts no new request and
-    writes the answers in flight as they come (they are paid for); a second one abandons them. Final
-    refusals that come before any answer are held back while the run may still go on; they are written
-    when the run stops for them too (they are paid for, and a rerun must not ask them again: it goes on
-    past them, and --retry-errors asks them again if the request itself was wrong)."""
+    """work(job) -> row for every job, on `concurrency` threads (guarded: an exception is that job's
+    row); each row scrubbed of the key, written to `out` (an Appender) and shown to `seen` as it
+    comes. Ends with Stop when the Breaker says the run is broken. Ctrl-C (or SIGTERM) starts no new
+    request and writes the answers in flight as they come (they are paid for); a second one abandons
+    them. Final refusals that come before any answer are held back while the run may still go on;
+    they are written when the run stops for them too (they are paid for, and a rerun must not ask
+    them again: it goes on past them, and --retry-errors asks them again if the request itself was
+    wrong)."""
     breaker, reason, interrupts, held = Breaker(client, limit, neutral), None, [], []
 
     def interrupt(*_):
         interrupts.append(1)
         client.stop.set()
         if len(interrupts) == 1:
-            print("\nstopping: no new requests; those in flight are written as they end (Ctrl-C again to abandon "
-                  "them)", file=sys.stderr, flush=True)
+            print(
+                "\nstopping: no new requests; those in flight are written as they end (Ctrl-C again "
+                "to abandon them)",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             client.abort()
 
-    # SIGTERM (Slurm, Kubernetes, `timeout`) is a Ctrl-C: the answers in flight are paid for, written
+    # SIGTERM (Slurm, Kubernetes, `timeout`) is a Ctrl-C: the answers in flight are paid for,
+    # written
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for row in run_concurrently(jobs, guarded(work, identify), concurrency, client.stop):
@@ -125,9 +147,10 @@ def run_items(client, jobs, work, concurrency, out, limit, identify, neutral=(),
 
 
 def run_concurrently(jobs, work, workers: int, stop: threading.Event = None):
-    """Yield work(job) for every job, computed on `workers` threads, in the order they finish. Jobs are
-    pulled as threads free up (at most 2 x workers waiting), so a million-item iterator is never listed.
-    Once `stop` is set no new job is pulled; those already taken still finish (their answers are paid for)."""
+    """Yield work(job) for every job, computed on `workers` threads, in the order they finish. Jobs
+    are pulled as threads free up (at most 2 x workers waiting), so a million-item iterator is never
+    listed. Once `stop` is set no new job is pulled; those already taken still finish (their answers
+    are paid for)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = set()
         for job in jobs:

@@ -17,8 +17,21 @@ import zlib
 
 from sampler import TS_EXTENSIONS
 
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".mpg", ".mpeg", ".flv", ".wmv",
-                    ".3gp", ".ogv"} | TS_EXTENSIONS
+VIDEO_EXTENSIONS = {
+    ".mp4",
+    ".m4v",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mov",
+    ".gif",
+    ".mpg",
+    ".mpeg",
+    ".flv",
+    ".wmv",
+    ".3gp",
+    ".ogv",
+} | TS_EXTENSIONS
 
 
 class Video(str):
@@ -34,13 +47,14 @@ class Video(str):
 
 
 def canonical(path: str) -> str:
-    """This machine's one spelling of a path: `vids/a.mp4`, `./vids//a.mp4` and `/home/me/vids/a.mp4`
-    (run from /home/me) are one file."""
+    """This machine's one spelling of a path: `vids/a.mp4`, `./vids//a.mp4` and
+    `/home/me/vids/a.mp4` (run from /home/me) are one file."""
     return os.path.normpath(os.path.abspath(path))
 
 
 def written(path: str) -> str:
-    """A path as a list writes it, normalized but never made absolute: the name of a listed video."""
+    """A path as a list writes it, normalized but never made absolute: the name of a listed
+    video."""
     return os.path.normpath(path).replace(os.sep, "/")
 
 
@@ -64,11 +78,11 @@ def row_name(row, names=None):
 
 
 def find_videos(source: str) -> list:
-    """A folder (searched recursively for video files), one video file, or a list file: one path a line,
-    or JSONL with a "video" field (relative paths are relative to the list file), in UTF-8 (a BOM is
-    fine) or UTF-16. Videos (paths with their names), each once, sorted by name in a folder; file
-    names that are not UTF-8 as Python holds them (os.fsdecode's escapes), so they reopen. No video at
-    all: ValueError."""
+    """A folder (searched recursively for video files), one video file, or a list file: one path a
+    line, or JSONL with a "video" field (relative paths are relative to the list file), in UTF-8 (a
+    BOM is fine) or UTF-16. Videos (paths with their names), each once, sorted by name in a folder;
+    file names that are not UTF-8 as Python holds them (os.fsdecode's escapes), so they reopen. No
+    video at all: ValueError."""
     import json
     if os.path.isdir(source):
         paths = [os.path.join(root, f) for root, files in _walk(source) for f in files
@@ -86,8 +100,11 @@ def find_videos(source: str) -> list:
     base = video_base(source)
     with open(source, "rb") as f:
         data = f.read()
-    text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else \
-        data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")   # names as the file system holds them
+    text = (
+        data.decode("utf-16")
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        else data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+    )  # names as the file system holds them
     videos, seen, lines = [], set(), text.split("\n")   # not splitlines(): a row may hold U+2028
     for i, line in enumerate(lines, 1):
         line, name = line.strip(), None
@@ -96,15 +113,20 @@ def find_videos(source: str) -> list:
         if line.startswith("{"):
             try:
                 row = json.loads(line)
-                line, name = row.get("video") or row["image"], row.get("name")   # a labels file: its names
+                # a labels file: its names
+                line, name = row.get("video") or row["image"], row.get("name")
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                if i == len(lines) and not text.endswith("\n"):   # cut off by a run that was killed: not a row
+                # cut off by a run that was killed: not a row
+                if i == len(lines) and not text.endswith("\n"):
                     break
                 line = None
             if not isinstance(line, str) or not line:
-                raise ValueError(f"{source}:{i}: a JSONL row needs a \"video\" field holding a path")
+                raise ValueError(
+                    f"{source}:{i}: a JSONL row needs a \"video\" field holding a path"
+                )
         path = canonical(os.path.join(base, line))   # an absolute line stays as it is
-        if os.path.realpath(path) not in seen:   # listed twice, spelled two ways, through links: one video
+        # listed twice, spelled two ways, through links: one video
+        if os.path.realpath(path) not in seen:
             seen.add(os.path.realpath(path))
             videos.append(Video(path, name if isinstance(name, str) and name else written(line)))
     if not videos:
@@ -116,8 +138,8 @@ def find_videos(source: str) -> list:
 
 
 def _walk(folder):
-    """(folder, files) of every folder under `folder`, symlinked ones followed, each real folder once (a
-    link to a folder above is a loop, walked no further)."""
+    """(folder, files) of every folder under `folder`, symlinked ones followed, each real folder
+    once (a link to a folder above is a loop, walked no further)."""
     seen = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -142,7 +164,8 @@ def names_of(videos) -> dict:
 def paired(ours: dict, theirs: dict) -> dict:
     """{our key: their key} of the videos two files share ({(name, shot): path} each, made from two
     sources): the same file on this machine (through any mount, link or hard link), else the same
-    name and shot unless both files are here and differ (`a.mp4` of videos/ is not that of videos/test/)."""
+    name and shot unless both files are here and differ (`a.mp4` of videos/ is not that of
+    videos/test/)."""
     here = {(identity(path), k[1]): k for k, path in theirs.items() if identity(path)}
     out = {}
     for k, path in ours.items():
@@ -155,7 +178,8 @@ def paired(ours: dict, theirs: dict) -> dict:
 
 
 def identity(path: str):
-    """(device, inode) of the file at `path` on this machine, through any link; None if none is there."""
+    """(device, inode) of the file at `path` on this machine, through any link; None if none is
+    there."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
@@ -170,13 +194,20 @@ def collision(rows):
     first = {}
     for name, path in rows:
         other = first.setdefault(name, path)
-        if other != path and identity(other) and identity(path) and identity(other) != identity(path):
+        if (
+            other != path
+            and identity(other)
+            and identity(path)
+            and identity(other) != identity(path)
+        ):
             return name, other, path
     return None
 
 
 class NameCollision(ValueError):
     def __init__(self, name, a, b, where):
-        super().__init__(f"{where}: two different videos are both named {name!r} ({a} and {b}): a name is "
-                         f"the path inside the folder given, so label (or caption) them from their common "
-                         f"folder, or write each folder's rows to an --out of its own")
+        super().__init__(
+            f"{where}: two different videos are both named {name!r} ({a} and {b}): a name is "
+            f"the path inside the folder given, so label (or caption) them from their common "
+            f"folder, or write each folder's rows to an --out of its own"
+        )

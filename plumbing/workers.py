@@ -1,12 +1,12 @@
 """Decode workers: fn(item) for many items in parallel processes, with a time limit per item.
 
-Native decoders can crash or hang on a bad file, and a hang cannot be interrupted from Python, so each
-call runs in a worker process that is killed and replaced when it takes too long or dies; the caller gets
-a VideoError for that item and the rest go on. Workers are isolated `python -I` subprocesses (no current
-folder, no PYTHONPATH, no secrets in their environment: they parse untrusted files) that import this file,
-data.py and fn's own module (shots.py: no torch, so they start in a fraction of a second), fed pickled
-(function, item) messages over their stdin and answering over their stdout, with heartbeats from a long
-decode that moves on (data.heartbeat).
+Native decoders can crash or hang on a bad file, and a hang cannot be interrupted from Python, so
+each call runs in a worker process that is killed and replaced when it takes too long or dies; the
+caller gets a VideoError for that item and the rest go on. Workers are isolated `python -I`
+subprocesses (no current folder, no PYTHONPATH, no secrets in their environment: they parse
+untrusted files) that import this file, data.py and fn's own module (shots.py: no torch, so they
+start in a fraction of a second), fed pickled (function, item) messages over their stdin and
+answering over their stdout, with heartbeats from a long decode that moves on (data.heartbeat).
 """
 
 import os
@@ -33,7 +33,8 @@ def _send(stream, obj):
 
 
 def _read(stream, n):
-    """Exactly n bytes (the parent reads its workers unbuffered, so that select() sees every message)."""
+    """Exactly n bytes (the parent reads its workers unbuffered, so that select() sees every
+    message)."""
     parts, got = [], 0
     while got < n:
         part = stream.read(n - got)
@@ -50,13 +51,15 @@ def _recv(stream):
 
 
 def _serve():
-    """The worker's loop: the function and the memory limit first, then items until the parent closes
-    the pipe. The limit is on the data segment and private writable mappings (RLIMIT_DATA), which is
-    where a decoder's frames live, so a file that lies about its size gets a MemoryError, not the machine."""
+    """The worker's loop: the function and the memory limit first, then items until the parent
+    closes the pipe. The limit is on the data segment and private writable mappings (RLIMIT_DATA),
+    which is where a decoder's frames live, so a file that lies about its size gets a MemoryError,
+    not the machine."""
     _die_with_parent()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # a stray print must not corrupt the protocol
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle; we end when it closes our pipe
+    # Ctrl-C is the parent's to handle; we end when it closes our pipe
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         fn, limit, threads = _recv(inp)
         sampler.CODEC_THREADS = threads
@@ -80,9 +83,10 @@ def _serve():
 
 
 def _at_fork():
-    """In the new worker, before Python starts in it (Popen's preexec_fn): SIGKILL when its parent ends,
-    so that a worker stopped or stuck while it starts dies with a killed client too. Only the prctl call,
-    found before the fork: nothing that could wait on a lock another thread held at the fork."""
+    """In the new worker, before Python starts in it (Popen's preexec_fn): SIGKILL when its parent
+    ends, so that a worker stopped or stuck while it starts dies with a killed client too. Only the
+    prctl call, found before the fork: nothing that could wait on a lock another thread held at the
+    fork."""
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 
@@ -95,10 +99,10 @@ except (OSError, AttributeError):   # not Linux
 
 
 def _die_with_parent():
-    """SIGKILL for this worker when the process that started it ends, however it ends (Linux): a worker
-    stopped (SIGSTOP) or stuck in a decoder never reads the end of its pipe, and would outlive a client
-    that was killed. Set at the fork already (_at_fork); said again here, where the parent's death
-    before it can be seen."""
+    """SIGKILL for this worker when the process that started it ends, however it ends (Linux): a
+    worker stopped (SIGSTOP) or stuck in a decoder never reads the end of its pipe, and would
+    outlive a client that was killed. Set at the fork already (_at_fork); said again here, where the
+    parent's death before it can be seen."""
     parent = os.getppid()
     try:
         import ctypes
@@ -114,18 +118,21 @@ SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
 def _import_path(fn) -> list:
-    """Where a worker imports from: the repository, and the folder of fn's own top-level package (a test's
-    helper, say): never the folder the tool was started in, where a user's `data.py` would shadow ours."""
+    """Where a worker imports from: the repository, and the folder of fn's own top-level package (a
+    test's helper, say): never the folder the tool was started in, where a user's `data.py` would
+    shadow ours."""
     module = sys.modules[getattr(fn, "func", fn).__module__]
     folder = os.path.dirname(os.path.abspath(module.__file__))
-    package = os.path.basename(module.__file__) == "__init__.py"   # numpy's own folder holds its "typing"
+    # numpy's own folder holds its "typing"
+    package = os.path.basename(module.__file__) == "__init__.py"
     for _ in range(module.__name__.count(".") + package):
         folder = os.path.dirname(folder)
     return list(dict.fromkeys([ROOT, folder]))
 
 
 def _beats(out, every=1.0):
-    """data.heartbeat in a worker: a (None, None) message to the parent, at most once every `every` s."""
+    """data.heartbeat in a worker: a (None, None) message to the parent, at most once every `every`
+    s."""
     last = [time.monotonic()]
 
     def beat():
@@ -140,7 +147,8 @@ BEAT = object()   # what _Worker.result() gives for a heartbeat: the item is sti
 
 class _Worker:
     def __init__(self, fn, limit, threads):
-        # -I: an isolated interpreter (neither the current folder nor PYTHONPATH on its import path); no
+        # -I: an isolated interpreter (neither the current folder nor PYTHONPATH on its import
+        # path); no
         # secrets in its environment, as it parses untrusted files
         env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
         boot = f"import sys; sys.path[:0] = {_import_path(fn)!r}; from plumbing import workers; workers._serve()"
@@ -185,9 +193,10 @@ TRIES = 3   # runs in which one video may meet them before it counts as unreadab
 
 
 def failure(error: VideoError, tries_before: int = 0) -> dict:
-    """The fields of a decode failure's row: a failure that may not happen again (a stalled or slow disk,
-    a decoder killed for memory) is not final, and the next run tries the video again, up to TRIES runs;
-    after that, and for a file that cannot be read at all, the code is UNREADABLE (final)."""
+    """The fields of a decode failure's row: a failure that may not happen again (a stalled or slow
+    disk, a decoder killed for memory) is not final, and the next run tries the video again, up to
+    TRIES runs; after that, and for a file that cannot be read at all, the code is UNREADABLE
+    (final)."""
     tries = tries_before + 1
     if error.code in RETRIED and tries < TRIES:
         return {"error": str(error), "code": error.code, "tries": tries}
@@ -209,22 +218,25 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     """Yield (item, result) for each item, result being fn(item) or a VideoError, as they finish.
 
     fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
-    (up to `buffer` finished ones wait for it). A call that takes longer than `timeout` seconds (native
-    decoders can hang, and a hang cannot be interrupted from Python), or as long since its last
-    data.heartbeat() (a long decode that moves on), gets its worker killed and replaced, and its item a
-    VideoError; so does one that needs more than `memory_gb` GiB. Each decoder gets `threads` threads
-    (default: this rank's cores shared by the workers). Once `stop` is set (SIGTERM in label.py) the
-    stream ends within a fraction of a second, even while a decode is stalled. fn must be picklable (a module-level function or
-    a partial) from a module the workers can import, not from the script being run."""
+    (up to `buffer` finished ones wait for it). A call that takes longer than `timeout` seconds
+    (native decoders can hang, and a hang cannot be interrupted from Python), or as long since its
+    last data.heartbeat() (a long decode that moves on), gets its worker killed and replaced, and
+    its item a VideoError; so does one that needs more than `memory_gb` GiB. Each decoder gets
+    `threads` threads (default: this rank's cores shared by the workers). Once `stop` is set
+    (SIGTERM in label.py) the stream ends within a fraction of a second, even while a decode is
+    stalled. fn must be picklable (a module-level function or a partial) from a module the workers
+    can import, not from the script being run."""
     if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
         raise ValueError("imap_unordered needs a function from an importable module, not from __main__")
     out, todo = queue.Queue(maxsize=buffer), queue.Queue(maxsize=max(1, workers))
     done, failed, told, stop = object(), [], stop, threading.Event()
     limit = int(memory_gb * 2**30) if memory_gb else None
     threads = threads or codec_threads(workers)
-    wake_r, wake_w = os.pipe()   # a byte when the feeder hands over an item: the loop waits on it too
+    # a byte when the feeder hands over an item: the loop waits on it too
+    wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
-    pipe = threading.Lock()      # held to write to the pipe, and to close it: no write after the close
+    # held to write to the pipe, and to close it: no write after the close
+    pipe = threading.Lock()
 
     def wake():
         with pipe:
@@ -234,7 +246,8 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
                 except BlockingIOError:   # bytes already wait to be read: the loop wakes anyway
                     pass
 
-    def feed():   # items are read on a thread of their own: a source that blocks never holds up results
+    # items are read on a thread of their own: a source that blocks never holds up results
+    def feed():
         try:
             for item in items:
                 if stop.is_set():
@@ -259,7 +272,8 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
                     w = idle.pop()
                     try:
                         w.start(item, timeout)
-                    except OSError:   # it died while idle (the OOM killer, say): a new one takes the item
+                    # it died while idle (the OOM killer, say): a new one takes the item
+                    except OSError:
                         w.kill()
                         w = _Worker(fn, limit, threads)
                         w.start(item, timeout)
@@ -339,9 +353,10 @@ def decode_workers(parent: int) -> list:
 
 
 def cores_per_rank() -> int:
-    """This process's share of the cores it may run on. Under torchrun the ranks of a node either share
-    one affinity (the default) or were each bound to cores of their own (numactl, Slurm's --cpu-bind):
-    the ranks compare their affinities, and cores that several ranks of one node share are divided."""
+    """This process's share of the cores it may run on. Under torchrun the ranks of a node either
+    share one affinity (the default) or were each bound to cores of their own (numactl, Slurm's
+    --cpu-bind): the ranks compare their affinities, and cores that several ranks of one node share
+    are divided."""
     import socket
     mine = os.sched_getaffinity(0)
     share = 1
@@ -357,6 +372,6 @@ def cores_per_rank() -> int:
 
 
 def codec_threads(processes: int, cores: int = None) -> int:
-    """Threads each of `processes` decoding processes may give its decoder: the rank's cores shared out
-    (FFmpeg's own choice is one per core of the machine, in every one of them)."""
+    """Threads each of `processes` decoding processes may give its decoder: the rank's cores shared
+    out (FFmpeg's own choice is one per core of the machine, in every one of them)."""
     return max(1, (cores or cores_per_rank()) // max(1, processes))

@@ -1,12 +1,13 @@
-"""A chat-completions server that misbehaves on purpose, the way real servers and networks do, from a seed.
+"""A chat-completions server that misbehaves on purpose, the way real servers and networks do, from
+a seed.
 
-It speaks HTTP/1.1 over a raw socket (so it can break a response at any byte): every request is an item
-(told apart by a digest of its content) on its n-th attempt, and (seed, item, n) picks what happens:
-a good answer (plain, chunked, in parts, the key echoed inside it), a connection dropped in the headers
-or in the body, a stall, a body trickled a byte at a time, HTML with 200 or 502, answers of shapes nobody
-documented, 5xx errors that echo the key in several encodings, 429 with a Retry-After of an hour, a
-gzip body that does not decompress. An item `final(item)` says is moderated always gets a 400
-`data_inspection_failed` (a final answer) when nothing else goes wrong.
+It speaks HTTP/1.1 over a raw socket (so it can break a response at any byte): every request is an
+item (told apart by a digest of its content) on its n-th attempt, and (seed, item, n) picks what
+happens: a good answer (plain, chunked, in parts, the key echoed inside it), a connection dropped in
+the headers or in the body, a stall, a body trickled a byte at a time, HTML with 200 or 502, answers
+of shapes nobody documented, 5xx errors that echo the key in several encodings, 429 with a
+Retry-After of an hour, a gzip body that does not decompress. An item `final(item)` says is
+moderated always gets a 400 `data_inspection_failed` (a final answer) when nothing else goes wrong.
 
 `log` records, per request, the item, the action, and how long the client kept a stalled or trickled
 connection open (`held`), so a test can check that no request outlived its deadline.
@@ -24,28 +25,71 @@ import time
 import urllib.parse
 
 KEY = "sk-chaos-7f3a9c1e5b2d4e6f8a0b-SECRET"
-ACTIONS = [   # (action, weight)
-    ("ok", 50), ("ok_chunked", 8), ("ok_parts", 5), ("ok_message_string", 3), ("ok_usage_null", 3), ("ok_echo", 4),
-    ("drop_in_headers", 3), ("drop_in_body", 4), ("drop_in_chunks", 3), ("stall", 2), ("trickle", 2),
-    ("html_200", 2), ("html_502", 2), ("empty_choices", 2), ("no_choices", 1), ("content_null", 1),
-    ("content_number", 1), ("choices_string", 1), ("e500_echo", 4), ("r429_long", 3), ("bad_gzip", 2),
-    ("ok_usage_huge", 1), ("deep_json", 1),
+ACTIONS = [  # (action, weight)
+    ("ok", 50),
+    ("ok_chunked", 8),
+    ("ok_parts", 5),
+    ("ok_message_string", 3),
+    ("ok_usage_null", 3),
+    ("ok_echo", 4),
+    ("drop_in_headers", 3),
+    ("drop_in_body", 4),
+    ("drop_in_chunks", 3),
+    ("stall", 2),
+    ("trickle", 2),
+    ("html_200", 2),
+    ("html_502", 2),
+    ("empty_choices", 2),
+    ("no_choices", 1),
+    ("content_null", 1),
+    ("content_number", 1),
+    ("choices_string", 1),
+    ("e500_echo", 4),
+    ("r429_long", 3),
+    ("bad_gzip", 2),
+    ("ok_usage_huge", 1),
+    ("deep_json", 1),
 ]   # and, when a script asks for them: "huge_html" (8 MB), "401", "quota", "moderated"
 
 
 def echoes(key):
-    """The key as servers echo it: whole, upper-cased, cut, URL-encoded, JSON-escaped, base64 of the header."""
-    return [key, key.upper(), key[:14], urllib.parse.quote(key, safe=""),
-            "".join(f"\\u{ord(c):04x}" for c in key), base64.b64encode(f"Bearer {key}".encode()).decode()]
+    """The key as servers echo it: whole, upper-cased, cut, URL-encoded, JSON-escaped, base64 of the
+    header."""
+    return [
+        key,
+        key.upper(),
+        key[:14],
+        urllib.parse.quote(key, safe=""),
+        "".join(f"\\u{ord(c):04x}" for c in key),
+        base64.b64encode(f"Bearer {key}".encode()).decode(),
+    ]
 
 
 class ChaosAPI:
-    def __init__(self, answer, seed=0, final=lambda item: False, stall=4.0, trickle_gap=0.1, identify=None, script=None,
-                 key=KEY):
-        self.answer, self.seed, self.final, self.stall, self.gap = answer, seed, final, stall, trickle_gap
+    def __init__(
+        self,
+        answer,
+        seed=0,
+        final=lambda item: False,
+        stall=4.0,
+        trickle_gap=0.1,
+        identify=None,
+        script=None,
+        key=KEY,
+    ):
+        self.answer, self.seed, self.final, self.stall, self.gap = (
+            answer,
+            seed,
+            final,
+            stall,
+            trickle_gap,
+        )
         self.key = key   # the key it accepts (None: any, as a local server)
-        self.script = script or {}   # item: [action of attempt 1, of attempt 2, ...]; then the seed decides
-        self.identify = identify or (lambda body: hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest())
+        # item: [action of attempt 1, of attempt 2, ...]; then the seed decides
+        self.script = script or {}
+        self.identify = identify or (
+            lambda body: hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest()
+        )
         self.attempts, self.log, self.lock = {}, [], threading.Lock()
         api = self
 
@@ -103,9 +147,20 @@ class ChaosAPI:
             return False
 
     def completion(self, content, usage=True):
-        return {"id": "chaos", "model": "chaos-vl", "choices": [{"index": 0, "message": {"role": "assistant",
-                "content": content}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120} if usage else None}
+        return {
+            "id": "chaos",
+            "model": "chaos-vl",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+            if usage
+            else None,
+        }
 
     def act(self, sock, action, body, item, rng, entry, arg=None):
         text = self.answer(body, item)
@@ -116,9 +171,13 @@ class ChaosAPI:
             return send(sock, 200, self.completion(text), chunked=True)
         if action == "ok_parts":
             half = len(text) // 2
-            return send(sock, 200, self.completion([{"type": "text", "text": text[:half]}, text[half:]]))
+            return send(
+                sock, 200, self.completion([{"type": "text", "text": text[:half]}, text[half:]])
+            )
         if action == "ok_message_string":
-            return send(sock, 200, {"choices": [{"message": text, "finish_reason": "stop"}], "usage": {}})
+            return send(
+                sock, 200, {"choices": [{"message": text, "finish_reason": "stop"}], "usage": {}}
+            )
         if action == "ok_usage_null":
             return send(sock, 200, self.completion(text, usage=False))
         if action == "slow_ok":   # a good answer, arg seconds later
@@ -126,20 +185,48 @@ class ChaosAPI:
             return send(sock, 200, self.completion(text))
         if action == "ok_usage_huge":
             reply = self.completion(text)
-            reply["usage"] = {"prompt_tokens": 10**400, "completion_tokens": -1, "total_tokens": "many"}
+            reply["usage"] = {
+                "prompt_tokens": 10**400,
+                "completion_tokens": -1,
+                "total_tokens": "many",
+            }
             return send(sock, 200, reply)
         if action == "deep_json":   # nested past Python's recursion limit
             return send(sock, 200, b"[" * 100000 + b"]" * 100000)
         if action == "huge_html":
-            return send(sock, 200, b"<html>" + b"<p>welcome</p>" * 600000 + b"</html>", ctype="text/html")
+            return send(
+                sock, 200, b"<html>" + b"<p>welcome</p>" * 600000 + b"</html>", ctype="text/html"
+            )
         if action == "ok_echo":   # the key inside the answer itself
             return send(sock, 200, self.completion(text + f" (request signed {echo})"))
         if action == "moderated":
-            return send(sock, 400, {"error": {"code": "data_inspection_failed", "message": f"Input inappropriate {echo}"}})
+            return send(
+                sock,
+                400,
+                {
+                    "error": {
+                        "code": "data_inspection_failed",
+                        "message": f"Input inappropriate {echo}",
+                    }
+                },
+            )
         if action == "401":
-            return send(sock, 401, {"error": {"code": "invalid_api_key", "message": f"Incorrect API key {echo}"}})
+            return send(
+                sock,
+                401,
+                {"error": {"code": "invalid_api_key", "message": f"Incorrect API key {echo}"}},
+            )
         if action == "quota":
-            return send(sock, 429, {"error": {"code": "insufficient_quota", "message": f"You exceeded your quota {echo}"}})
+            return send(
+                sock,
+                429,
+                {
+                    "error": {
+                        "code": "insufficient_quota",
+                        "message": f"You exceeded your quota {echo}",
+                    }
+                },
+            )
         if action == "drop_in_headers":
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: appli")
             return hang_up(sock)
@@ -149,9 +236,15 @@ class ChaosAPI:
             if action == "drop_in_body":
                 sock.sendall(head(200, {"Content-Length": len(data)}) + data[:cut])
             else:
-                sock.sendall(head(200, {"Transfer-Encoding": "chunked"}) + b"%x\r\n" % cut + data[:cut] + b"\r\n")
+                sock.sendall(
+                    head(200, {"Transfer-Encoding": "chunked"})
+                    + b"%x\r\n" % cut
+                    + data[:cut]
+                    + b"\r\n"
+                )
             return hang_up(sock)
-        if action in ("stall", "trickle"):   # headers, then nothing or a byte at a time: the deadline must end it
+        # headers, then nothing or a byte at a time: the deadline must end it
+        if action in ("stall", "trickle"):
             data = json.dumps(self.completion(text)).encode()
             sock.sendall(head(200, {"Content-Length": len(data)}))
             for i in range(int(self.stall / self.gap)):
@@ -163,9 +256,16 @@ class ChaosAPI:
             entry["held"] = None   # the server gave up first: the client did not end it in time
             return hang_up(sock)
         if action == "html_200":
-            return send(sock, 200, b"<html><body>Welcome to nginx!</body></html>", ctype="text/html")
+            return send(
+                sock, 200, b"<html><body>Welcome to nginx!</body></html>", ctype="text/html"
+            )
         if action == "html_502":
-            return send(sock, 502, b"<html><head><title>502 Bad Gateway</title></head></html>", ctype="text/html")
+            return send(
+                sock,
+                502,
+                b"<html><head><title>502 Bad Gateway</title></head></html>",
+                ctype="text/html",
+            )
         if action == "empty_choices":
             return send(sock, 200, {"choices": [], "usage": None})
         if action == "no_choices":
@@ -177,10 +277,21 @@ class ChaosAPI:
         if action == "choices_string":
             return send(sock, 200, {"choices": "none today"})
         if action == "e500_echo":
-            return send(sock, 500, {"error": {"code": f"internal {echo}", "message": f"upstream refused {echo}"}})
+            return send(
+                sock,
+                500,
+                {"error": {"code": f"internal {echo}", "message": f"upstream refused {echo}"}},
+            )
         if action == "r429_long":
-            return send(sock, 429, {"error": {"code": "rate_limit_exceeded", "message": "slow down"}},
-                        extra={"Retry-After": arg or rng.choice(["3600", "Wed, 21 Oct 2099 07:28:00 GMT", "soon", "1e999"])})
+            return send(
+                sock,
+                429,
+                {"error": {"code": "rate_limit_exceeded", "message": "slow down"}},
+                extra={
+                    "Retry-After": arg
+                    or rng.choice(["3600", "Wed, 21 Oct 2099 07:28:00 GMT", "soon", "1e999"])
+                },
+            )
         if action == "bad_gzip":
             return send(sock, 200, b"\x1f\x8b\x08\x00garbage-not-gzip", ctype="application/json",
                         extra={"Content-Encoding": "gzip"})

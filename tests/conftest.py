@@ -17,13 +17,15 @@ if WORKERS > 1:   # the cores shared among the workers and the tools they start,
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
-    """A tiny random PLLaVA checkpoint folder, as a release ships it (config, safetensors, tokenizer)."""
+    """A tiny random PLLaVA checkpoint folder, as a release ships it (config, safetensors,
+    tokenizer)."""
     return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=1)
 
 
 @pytest.fixture(autouse=True)
 def no_orphans():
-    """A test that started a tool and failed before ending it leaves no process behind (CI's cores)."""
+    """A test that started a tool and failed before ending it leaves no process behind (CI's
+    cores)."""
     yield
     kill_started()
 
@@ -36,7 +38,8 @@ def no_grad():
 
 
 def tiny_model(tmp_path_factory, seed):
-    """(model, tokenizer, folder) of a tiny random checkpoint saved with this seed: for a module fixture."""
+    """(model, tokenizer, folder) of a tiny random checkpoint saved with this seed: for a module
+    fixture."""
     from model import PLLaVA
     from tokenizer import Tokenizer
     folder = tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), seed=seed)

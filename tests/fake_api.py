@@ -1,8 +1,8 @@
 """A local server speaking the chat-completions protocol, told per item how to misbehave.
 
-Items are told apart by content: for label requests, the colour of the first frame (each test video has
-its own); for judge requests, a marker word in the candidate caption. A script maps an item to the
-actions of its successive attempts; an item without (more) script gets a normal answer."""
+Items are told apart by content: for label requests, the colour of the first frame (each test video
+has its own); for judge requests, a marker word in the candidate caption. A script maps an item to
+the actions of its successive attempts; an item without (more) script gets a normal answer."""
 
 import base64
 import http.server
@@ -59,7 +59,9 @@ class FakeAPI:
     def handle(self, h, body):
         item = self.identify(body)
         with self.lock:
-            self.log.append(dict(t=time.monotonic(), item=item, auth=h.headers.get("Authorization"), body=body))
+            self.log.append(
+                dict(t=time.monotonic(), item=item, auth=h.headers.get("Authorization"), body=body)
+            )
             steps = self.script.get(item, [])
             action = steps.pop(0) if steps else ("ok",)
         if h.headers.get("Authorization") != f"Bearer {KEY}":
@@ -78,15 +80,28 @@ class FakeAPI:
             _, status, code, headers = action
             # a provider that echoes the key: the client must scrub it
             message = f"{code} happened for the key {h.headers.get('Authorization', '')[7:]}"
-            return self.reply(h, status, {"error": {"message": message, "type": "error", "code": code}}, headers)
+            return self.reply(
+                h, status, {"error": {"message": message, "type": "error", "code": code}}, headers
+            )
         if kind == "content":
-            return self.reply(h, 200, self.completion(action[1], action[2] if len(action) > 2 else "stop"))
+            return self.reply(
+                h, 200, self.completion(action[1], action[2] if len(action) > 2 else "stop")
+            )
         return self.reply(h, 200, self.completion(self.answer(body, item)))
 
     def completion(self, content, finish="stop"):
-        return {"id": "x", "model": "fake-vl", "choices": [{"index": 0, "message": {"role": "assistant",
-                "content": content}, "finish_reason": finish}],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
+        return {
+            "id": "x",
+            "model": "fake-vl",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+        }
 
     def reply(self, h, status, payload, headers=None, raw=False):
         data = payload if raw else json.dumps(payload).encode()
@@ -111,4 +126,8 @@ def label_server(colours):
     def identify(body):
         mean, _ = colour_of(frames_of(body)[0])
         return int(np.argmin([np.abs(mean - np.array(c)).sum() for c in colours]))
-    return FakeAPI(identify, lambda body, item: f"Video {item}: a coloured square moves across a plain background.")
+
+    return FakeAPI(
+        identify,
+        lambda body, item: f"Video {item}: a coloured square moves across a plain background.",
+    )

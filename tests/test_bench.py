@@ -1,4 +1,5 @@
-"""bench.py's method, checked on things whose timings are known, and a smoke run of the tool on the tiny size."""
+"""bench.py's method, checked on things whose timings are known, and a smoke run of the tool on the
+tiny size."""
 
 import json
 import math
@@ -13,7 +14,8 @@ from tools import run_command
 
 
 class Clock:
-    """A clock that moves only when told: timings known exactly, whatever else the machine is doing."""
+    """A clock that moves only when told: timings known exactly, whatever else the machine is
+    doing."""
 
     def __init__(self):
         self.now = 0.0
@@ -23,8 +25,8 @@ class Clock:
 
 
 class SlowLM:
-    """A fake language model for generate's prefill and decode steps: a prefill (several positions) takes
-    0.3 s of the clock, a decode step (one position) 20 ms."""
+    """A fake language model for generate's prefill and decode steps: a prefill (several positions)
+    takes 0.3 s of the clock, a decode step (one position) 20 ms."""
 
     def __init__(self, clock):
         self.model = torch.nn.Module()
@@ -47,11 +49,18 @@ class SlowLM:
 
 
 def test_a_time_below_zero_is_too_small_to_time_not_a_rate():
-    """A decode time found by subtracting a prefill can fall below zero on a tiny model: no rate, no ratio."""
-    result = {"ours": measure.spread([0.1, 0.2]), "reference": measure.spread([-0.001, 0.01]), "pair_ratios": [-0.01, 0.05]}
+    """A decode time found by subtracting a prefill can fall below zero on a tiny model: no rate, no
+    ratio."""
+    result = {
+        "ours": measure.spread([0.1, 0.2]),
+        "reference": measure.spread([-0.001, 0.01]),
+        "pair_ratios": [-0.01, 0.05],
+    }
     r = measure.row("decode", "tokens/s", result, work=10)
     assert r["too_small_to_time"] and r["ratio"] is None and r["reference"]["median"] is None
-    assert r["ours"]["median"] == pytest.approx(10 / 0.15) and "too small to time" in measure.format_row(r)
+    assert r["ours"]["median"] == pytest.approx(
+        10 / 0.15
+    ) and "too small to time" in measure.format_row(r)
 
 
 @pytest.fixture
@@ -63,17 +72,21 @@ def clock(monkeypatch):
 
 def test_decode_is_timed_by_its_steps_alone(clock):
     lm = SlowLM(clock)
-    run = measure.our_decoder(lm, torch.zeros(2, 50, 4), 10, None, "cpu")   # the prefill happens here, once
+    # the prefill happens here, once
+    run = measure.our_decoder(lm, torch.zeros(2, 50, 4), 10, None, "cpu")
     assert lm.calls == 1
     seconds = [run() for _ in range(3)]
-    assert lm.calls == 31                                                    # 3 runs of 10 steps, no prefill again
-    assert seconds == pytest.approx([10 * 0.02] * 3)                         # the steps' time, not the prefill's
+    # 3 runs of 10 steps, no prefill again
+    assert lm.calls == 31
+    # the steps' time, not the prefill's
+    assert seconds == pytest.approx([10 * 0.02] * 3)
 
     def reference():
         clock.now += 0.4
     result = measure.compare(run, reference, "cpu", repeats=3, warmup=0)
     r = measure.row("decode", "tokens/s", result, work=2 * 10)
-    assert r["ours"]["median"] == pytest.approx(100)                         # 2 rows x 10 steps / 0.2 s
+    # 2 rows x 10 steps / 0.2 s
+    assert r["ours"]["median"] == pytest.approx(100)
     assert r["ratio"] == pytest.approx(2) and result["pair_ratios"] == pytest.approx([2] * 3)
 
 
@@ -86,31 +99,74 @@ def test_turns_alternate_and_the_spread_is_reported(clock):
     result = measure.compare(ours, lambda: order.append("b"), "cpu", repeats=5, warmup=1)
     assert "".join(order) == "ab" * 6
     assert result["ours"]["n"] == result["reference"]["n"] == 5
-    assert (result["ours"]["min"], result["ours"]["median"], result["ours"]["max"]) == pytest.approx((0.01, 0.04, 0.09))
+    assert (
+        result["ours"]["min"],
+        result["ours"]["median"],
+        result["ours"]["max"],
+    ) == pytest.approx((0.01, 0.04, 0.09))
     r = measure.row("x", "s", result)
-    assert r["ratio"] < 1 and r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]   # ours is the slower
+    # ours is the slower
+    assert r["ratio"] < 1 and r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
 
 
 @pytest.mark.slow
 def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path):
-    """The tool as a user starts it, on the tiny size, with the sections that take seconds there (the
-    model's steps against transformers, the sampler, the recipe, the decode step's counts, shots): sane
-    numbers (or "too small to time"), the machine and each section's time recorded, no section failed."""
+    """The tool as a user starts it, on the tiny size, with the sections that take seconds there
+    (the model's steps against transformers, the sampler, the recipe, the decode step's counts,
+    shots): sane numbers (or "too small to time"), the machine and each section's time recorded, no
+    section failed."""
     sections = "vision,prefill,decode,roofline,sampler,recipe,steps,shots"
     out = tmp_path / "bench.json"
-    r = run_command([sys.executable, "-m", "lab.bench", "--size", "tiny", "--only", sections, "--repeats", "2", "--new-tokens", "4",
-                              "--load-gb", "0.02", "--sampler-minutes", "0.2", "--cache", str(tmp_path / "cache"),
-                              "--json", str(out)], timeout=600)
+    r = run_command(
+        [
+            sys.executable,
+            "-m",
+            "lab.bench",
+            "--size",
+            "tiny",
+            "--only",
+            sections,
+            "--repeats",
+            "2",
+            "--new-tokens",
+            "4",
+            "--load-gb",
+            "0.02",
+            "--sampler-minutes",
+            "0.2",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--json",
+            str(out),
+        ],
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     machine = report["machine"]
-    for key in ("device", "cores", "torch_threads", "torch", "transformers", "av", "load_before", "load_after"):
+    for key in (
+        "device",
+        "cores",
+        "torch_threads",
+        "torch",
+        "transformers",
+        "av",
+        "load_before",
+        "load_after",
+    ):
         assert machine.get(key) is not None, key
     names = [row["name"] for row in report["rows"]]
     assert not [n for n in names if "failed (" in n], names
     assert sum(n.startswith("decode (") and "steps after" in n for n in names) >= 4
-    for prefix in ("vision tower", "prefill", "memory bandwidth", "16 frames from", "frames + prefill", "decode step",
-                   "shot detection"):
+    for prefix in (
+        "vision tower",
+        "prefill",
+        "memory bandwidth",
+        "16 frames from",
+        "frames + prefill",
+        "decode step",
+        "shot detection",
+    ):
         assert any(n.startswith(prefix) for n in names), prefix
     assert sorted(report["section_seconds"]) == sorted(sections.split(","))
     for row in report["rows"]:
@@ -118,7 +174,8 @@ def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path):
             s = row[side]
             if s and s["median"] is not None:
                 assert math.isfinite(s["median"]) and s["min"] <= s["median"] <= s["max"], row
-                assert s["median"] > 0 or row["unit"] == "%", row   # a share may be 0 (finished rows, say)
+                # a share may be 0 (finished rows, say)
+                assert s["median"] > 0 or row["unit"] == "%", row
         assert row["too_small_to_time"] or row["ratio"] is None or 0.01 < row["ratio"] < 100, row
     assert "cache: " in r.stderr and str(tmp_path / "cache") in r.stderr
 
@@ -133,18 +190,24 @@ def test_a_busy_machine_is_said_in_one_line_and_strict_refuses(monkeypatch, caps
         measure.check_quiet(strict=True)
     capsys.readouterr()
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    measure.check_quiet(strict=True)                                       # quiet: it runs, says nothing
+    # quiet: it runs, says nothing
+    measure.check_quiet(strict=True)
     assert capsys.readouterr().err == ""
 
 
 def test_the_time_said_before_a_run_is_the_newest_measured_and_the_default_sections_take_about_ten_minutes(
-        tmp_path):
-    """The expected time comes from the results/ files (the newest CPU figure for each section), not from a
-    table written by hand: every section has one, and the default ones took 8 to 11 minutes there."""
+    tmp_path,
+):
+    """The expected time comes from the results/ files (the newest CPU figure for each section), not
+    from a table written by hand: every section has one, and the default ones took 8 to 11 minutes
+    there."""
     from lab import measure
     took = measure.section_seconds()
-    assert set(took) >= set(bench.SECTIONS), set(bench.SECTIONS) - set(took)   # a new section is measured
-    assert 8 <= sum(took[s] for s in bench.DEFAULT) / 60 <= 11 and set(bench.DEFAULT) < set(bench.SECTIONS)
+    # a new section is measured
+    assert set(took) >= set(bench.SECTIONS), set(bench.SECTIONS) - set(took)
+    assert 8 <= sum(took[s] for s in bench.DEFAULT) / 60 <= 11 and set(bench.DEFAULT) < set(
+        bench.SECTIONS
+    )
     said = bench.expected(bench.parse_args(["--device", "cpu"]), list(bench.DEFAULT))
     assert f"about {sum(took[s] for s in bench.DEFAULT) / 60:.0f} minutes" in said
     for name, report in [("bench-cpu-small-2026-01-02.json", {"prefill": 10.0, "decode": 20.0}),
@@ -152,7 +215,18 @@ def test_the_time_said_before_a_run_is_the_newest_measured_and_the_default_secti
                          ("bench-pipeline-2026-01-05.json", {"pipeline": 7.0, "decode": 99.0}),
                          ("bench-gpu-small-2026-02-01.json", {"decode": 1.0})]:
         gpu = "gpu" in name
-        (tmp_path / name).write_text(json.dumps({"size": "small", "section_seconds": report,
-                                                 "machine": {"device": "NVIDIA H100" if gpu else "CPU: x"}}))
-    (tmp_path / "bench-cpu-small-2026-03-01.json").write_text('{"size": "sm')   # cut: left out
-    assert measure.section_seconds(str(tmp_path)) == {"prefill": 10.0, "decode": 30.0, "pipeline": 7.0}
+        (tmp_path / name).write_text(
+            json.dumps(
+                {
+                    "size": "small",
+                    "section_seconds": report,
+                    "machine": {"device": "NVIDIA H100" if gpu else "CPU: x"},
+                }
+            )
+        )
+    (tmp_path / "bench-cpu-small-2026-03-01.json").write_text('{"size": "sm')  # cut: left out
+    assert measure.section_seconds(str(tmp_path)) == {
+        "prefill": 10.0,
+        "decode": 30.0,
+        "pipeline": 7.0,
+    }

@@ -1,4 +1,5 @@
-"""python caption.py end to end on tiny checkpoints: mixed folders, kill and rerun, torchrun, hub downloads."""
+"""python caption.py end to end on tiny checkpoints: mixed folders, kill and rerun, torchrun, hub
+downloads."""
 
 import collections
 import http.server
@@ -82,7 +83,8 @@ def test_killed_mid_run_then_rerun_gives_every_video_once(ckpt, tmp_path):
     first = len(read_rows(out))
     assert 3 <= first < len(videos)
     with open(out, "a") as f:
-        f.write('{"video": "torn line written by a kill mid-wr')   # the worst case: a half-written row
+        # the worst case: a half-written row
+        f.write('{"video": "torn line written by a kill mid-wr')
     r = run_caption(args)
     assert r.returncode == 0, r.stderr
     rows, counts = rows_by_video(out)
@@ -100,15 +102,18 @@ def test_retry_errors_leaves_one_row_and_spellings_and_a_second_run_are_refused(
     out = str(tmp_path / "c.jsonl")
     args = ["--model", ckpt, "--out", out, "--max-new-tokens", "4"]
     assert run_caption([str(folder), *args]).returncode == 0
-    write_video(broken, n_frames=8)                                    # the file is fixed: try it again
-    rel = "./" + os.path.relpath(str(folder), ROOT) + "/"              # the same folder, spelled otherwise
+    # the file is fixed: try it again
+    write_video(broken, n_frames=8)
+    # the same folder, spelled otherwise
+    rel = "./" + os.path.relpath(str(folder), ROOT) + "/"
     again = run_caption([rel, *args])
     assert again.returncode == 0 and "0 captions, 0 unreadable, 2 already done" in again.stderr
     retried = run_caption([rel, *args, "--retry-errors"])
     assert retried.returncode == 0 and "1 captions, 0 unreadable, 1 already done" in retried.stderr
     rows, counts = rows_by_video(out)
     assert set(counts.values()) == {1} and len(rows) == 2 and all("caption" in r for r in rows.values())
-    with open(out + ".lock", "w") as f:                                # a second run holding the output
+    # a second run holding the output
+    with open(out + ".lock", "w") as f:
         import fcntl
         f.write("4242\n")
         f.flush()
@@ -187,8 +192,10 @@ def test_hub_download_resume_and_token(server, tmp_path, monkeypatch):
     os.makedirs(target)
     weights = open(src / "model.safetensors", "rb").read()
     with open(os.path.join(target, "model.safetensors.partial"), "wb") as f:
-        f.write(weights[:len(weights) // 3])                       # an earlier, interrupted download
-    HubHandler.drop_once = {"model.safetensors"}                   # and the resumed one breaks half-way
+        # an earlier, interrupted download
+        f.write(weights[:len(weights) // 3])
+    # and the resumed one breaks half-way
+    HubHandler.drop_once = {"model.safetensors"}
     folder = hub.resolve("someone/tiny-pllava", cache=cache)
     assert folder == target
     assert same_files(src, folder, ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"])
@@ -196,7 +203,8 @@ def test_hub_download_resume_and_token(server, tmp_path, monkeypatch):
     assert ranges[0] == len(weights) // 3 and len(ranges) == 2 and ranges[1] > ranges[0]
     assert all(auth == "Bearer hf_secret_for_test" for _, _, auth in HubHandler.log)
     n = len(HubHandler.log)
-    assert hub.resolve("someone/tiny-pllava", cache=cache) == folder and len(HubHandler.log) == n   # cached
+    # cached
+    assert hub.resolve("someone/tiny-pllava", cache=cache) == folder and len(HubHandler.log) == n
 
 
 def test_caption_with_a_hub_id(server, tmp_path):
@@ -207,13 +215,15 @@ def test_caption_with_a_hub_id(server, tmp_path):
                      "--max-new-tokens", "4"], env=env)
     assert r.returncode == 0, r.stderr
     assert read_rows(str(tmp_path / "o.jsonl"))[0]["video"] == video
-    shown = r.stderr.replace("\r", "\n")   # each file's bytes, rate and (with a size) ETA, on stderr
+    # each file's bytes, rate and (with a size) ETA, on stderr
+    shown = r.stderr.replace("\r", "\n")
     assert re.search(r"model\.safetensors: [0-9.]+/[0-9.]+ MB, [0-9.]+ MB/s", shown), r.stderr
 
 
 def test_offline_and_missing_model_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setattr(hub, "BACKOFF", 0.01)   # every retry is refused at once: no need to wait between them
+    # every retry is refused at once: no need to wait between them
+    monkeypatch.setattr(hub, "BACKOFF", 0.01)
     with pytest.raises(hub.HubError, match="offline"):
         hub.resolve("someone/absent", cache=str(tmp_path))
     r = run_caption([str(tmp_path), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x.jsonl")])
@@ -228,14 +238,15 @@ def test_offline_and_missing_model_errors(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_rerun_with_other_settings_refuses_the_file_and_overwrite_redoes_it(ckpt, tmp_path):
-    """Every caption carries the id of what made it: another prompt, frame count, alpha, model or --shots
-    on the same --out refuses at start (the file untouched); --overwrite captions again."""
+    """Every caption carries the id of what made it: another prompt, frame count, alpha, model or
+    --shots on the same --out refuses at start (the file untouched); --overwrite captions again."""
     video = write_video(str(tmp_path / "v.mp4"), n_frames=12)
     out = tmp_path / "c.jsonl"
     base = [video, "--model", ckpt, "--out", out, "--max-new-tokens", "4"]
     assert run_caption(base).returncode == 0
     before = out.read_bytes()
-    assert run_caption(base).returncode == 0 and out.read_bytes() == before           # the same settings: resumed
+    # the same settings: resumed
+    assert run_caption(base).returncode == 0 and out.read_bytes() == before
     for other in (["--prompt", "What happens?"], ["--frames", "2"], ["--lora-alpha", "2"], ["--window", "1"],
                   ["--max-new-tokens", "5"], ["--temperature", "0.7"]):
         r = run_caption(base + other)
@@ -249,8 +260,8 @@ def test_a_rerun_with_other_settings_refuses_the_file_and_overwrite_redoes_it(ck
 
 @pytest.mark.slow
 def test_a_model_folder_carries_its_prompt(ckpt, tmp_path):
-    """prompt.json (train.py --export writes it) is the default question, system line and template; a flag
-    still wins; a broken one is one line at start."""
+    """prompt.json (train.py --export writes it) is the default question, system line and template;
+    a flag still wins; a broken one is one line at start."""
     folder = tmp_path / "model"
     shutil.copytree(ckpt, folder)
     video = write_video(str(tmp_path / "v.mp4"), n_frames=12)
@@ -284,7 +295,8 @@ def test_a_folder_with_no_videos_or_only_broken_ones_exits_1_in_one_line(ckpt, t
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and lines[-1].startswith("error: ") and "no video was captioned" in lines[-1], r.stderr
     rows, counts = rows_by_video(str(out))
-    assert set(counts) == set(broken) and all("error" in row for row in rows.values())   # their rows are kept
+    # their rows are kept
+    assert set(counts) == set(broken) and all("error" in row for row in rows.values())
 
 
 @pytest.mark.slow
@@ -309,8 +321,8 @@ def test_a_caption_that_loops_ends_where_the_loop_began_and_its_row_says_so(ckpt
 
 @pytest.mark.slow
 def test_rank_files_left_by_a_killed_run_belong_to_the_run_that_made_them(ckpt, tmp_path):
-    """A killed torchrun run left out.rank0 / out.rank1: a single-process rerun folds their captions in
-    (not captioned again) and removes them; --overwrite drops them."""
+    """A killed torchrun run left out.rank0 / out.rank1: a single-process rerun folds their captions
+    in (not captioned again) and removes them; --overwrite drops them."""
     folder = tmp_path / "v"
     folder.mkdir()
     videos = [write_video(str(folder / f"v{i}.mp4"), n_frames=10 + i) for i in range(3)]

@@ -7,12 +7,19 @@ from plumbing import cli
 from tools import run_main
 
 
-@pytest.mark.parametrize("tool, argv", [("caption.py", ["x"]), ("label.py", ["x"]),
-                                        ("judge.py", ["--gt", "a", "--pred", "b", "--out", "c"]),
-                                        ("train.py", ["--data", "d", "--out", "o", "--model", "m"])])
+@pytest.mark.parametrize(
+    "tool, argv",
+    [
+        ("caption.py", ["x"]),
+        ("label.py", ["x"]),
+        ("judge.py", ["--gt", "a", "--pred", "b", "--out", "c"]),
+        ("train.py", ["--data", "d", "--out", "o", "--model", "m"]),
+    ],
+)
 def test_an_abbreviated_flag_is_refused_and_a_near_miss_names_the_flag_meant(tool, argv):
     flag = "--save-minutes" if tool == "train.py" else "--max-failures-in-a-row"
-    for typed in (flag[:-1], flag[:-3] + flag[-2] + flag[-3] + flag[-1]):   # cut short; two letters swapped
+    # cut short; two letters swapped
+    for typed in (flag[:-1], flag[:-3] + flag[-2] + flag[-3] + flag[-1]):
         r = run_main(tool, [*argv, typed, "3"])
         said = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and said.startswith("error: unrecognized arguments"), said

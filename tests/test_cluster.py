@@ -69,7 +69,8 @@ def test_three_nodes_label_a_folder_each_video_once_and_a_rerun_from_another_mou
                    "--api-base", api.url])
         calls = len(api.log)
         again = [label([mounts[(k + 1) % 3] / "videos", "--out", mounts[(k + 1) % 3] / "out" / f"labels.{k}.jsonl",
-                        "--shard", f"{k}/3", "--api-base", api.url]) for k in range(3)]   # requeued elsewhere
+                        # requeued elsewhere
+                        "--shard", f"{k}/3", "--api-base", api.url]) for k in range(3)]
     finally:
         api.close()
     counts = once_each(mounts[0] / "out" / f"labels.{k}.jsonl" for k in range(3))
@@ -128,7 +129,8 @@ def test_three_nodes_recheck_and_verify_labels_kept_at_different_paths(tmp_path,
         assert len(counts) == N and set(counts.values()) == {1}, counts
     assert verify_calls == N
     asked = [r for f in rechecked for r in read_rows(str(f)) if r.get("rechecked")]
-    assert len(asked) == round(0.3 * N) == len(api.log) - N                      # the 30% asked, once each
+    # the 30% asked, once each
+    assert len(asked) == round(0.3 * N) == len(api.log) - N
     assert all(r["caption"].startswith("Video ") and r["video"].startswith(str(tmp_path)) for r in asked)
 
 
@@ -138,7 +140,8 @@ def test_three_nodes_caption_as_three_ranks_and_judge_pairs_rows_by_name(tmp_pat
     model = tiny_checkpoint(str(tmp_path / "model"))
     port = free_port()
     procs = []
-    for k, mount in enumerate(mounts):   # three "nodes" of one torchrun job, each with its own mount
+    # three "nodes" of one torchrun job, each with its own mount
+    for k, mount in enumerate(mounts):
         env = {**os.environ, "RANK": str(k), "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "caption.py"), str(mount / "videos"),
@@ -178,7 +181,8 @@ def test_three_nodes_caption_as_three_ranks_and_judge_pairs_rows_by_name(tmp_pat
 
 # ------------------------------------------------------------------ training on a cluster
 
-from test_train import run, train_args, weights, world  # noqa: E402,F401  (world: the tiny model's fixture)
+# world: the tiny model's fixture
+from test_train import run, train_args, weights, world  # noqa: E402,F401
 
 
 def rank_process(mark, rank):
@@ -202,7 +206,8 @@ def test_a_rank_killed_mid_run_restarts_and_ends_equal_to_an_uninterrupted_run(w
     common = ["--max-steps", "12", "--batch-size", "1", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2"]
     run(train_args(world, tmp_path / "straight", "--export", tmp_path / "e_straight", *common), 2)
     out, mark = tmp_path / "killed", f"CLUSTER_TEST_MARK={os.getpid()}-{time.time_ns()}"
-    # the c10d rendezvous, as docs/slurm/train.sbatch: each restart gets a store of its own (the static
+    # the c10d rendezvous, as docs/slurm/train.sbatch: each restart gets a store of its own (the
+    # static
     # one keeps its store, where a restarted rank can read the address of the rank that died)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", os.path.join(ROOT, "train.py"),
@@ -218,7 +223,8 @@ def test_a_rank_killed_mid_run_restarts_and_ends_equal_to_an_uninterrupted_run(w
     assert proc.returncode == 0, stderr[-3000:]
     assert "torchrun restart 1: resuming from the newest checkpoint" in stderr
     steps = [m["step"] for m in read_rows(str(out / "metrics.jsonl")) if "loss" in m]
-    assert steps == list(range(1, 13))                                        # each step logged once
+    # each step logged once
+    assert steps == list(range(1, 13))
     a, b = weights(tmp_path / "e_straight"), weights(tmp_path / "e_restarted")
     assert a.keys() == b.keys()
     for k in a:
@@ -233,8 +239,10 @@ def test_a_resume_keeps_its_sample_list_and_may_change_world_size_but_not_global
     common = ["--max-steps", "4", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2", "--lora-dropout", "0"]
     args = [str(data) if a == world["data"] else a for a in train_args(world, tmp_path / "run", *common)]
     run(args + ["--batch-size", "1", "--export", str(tmp_path / "e_straight")], 2)
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")         # as if lost after step 2
-    with open(data, "a") as f:                                                # the data changed meanwhile
+    # as if lost after step 2
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")
+    # the data changed meanwhile
+    with open(data, "a") as f:
         f.write(json.dumps({"video": "v0.mp4", "caption": "a row added later"}) + "\n")
     refused = run_tool("train.py", args + ["--batch-size", "1", "--resume"])
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: ") \
@@ -248,8 +256,9 @@ def test_a_resume_keeps_its_sample_list_and_may_change_world_size_but_not_global
 
 @pytest.mark.slow
 def test_the_slurm_scripts_run_as_written(world, tmp_path, nodes):
-    """docs/slurm/*.sbatch with the Slurm variables they read set by hand, `srun` running its command
-    once and `scontrol` naming this machine; a requeue (SLURM_RESTART_COUNT) of the training job."""
+    """docs/slurm/*.sbatch with the Slurm variables they read set by hand, `srun` running its
+    command once and `scontrol` naming this machine; a requeue (SLURM_RESTART_COUNT) of the training
+    job."""
     mounts, colours = nodes
     bin_ = tmp_path / "bin"
     bin_.mkdir()

@@ -1,6 +1,6 @@
-"""Files and paths as people have them: broadcast captures, absurd frame sizes, names that are not UTF-8,
-JSONL cut anywhere, one video spelled three ways, two runs on one output, values that can never work,
-inputs that are missing or are not what they say."""
+"""Files and paths as people have them: broadcast captures, absurd frame sizes, names that are not
+UTF-8, JSONL cut anywhere, one video spelled three ways, two runs on one output, values that can
+never work, inputs that are missing or are not what they say."""
 
 import functools
 import json
@@ -21,7 +21,8 @@ from videos import read_index, solid_videos, write_video
 
 
 def write_ts(path, n, start_s, codec):
-    """An MPEG-TS capture as a broadcast recorder leaves it: timestamps starting minutes (or a day) in."""
+    """An MPEG-TS capture as a broadcast recorder leaves it: timestamps starting minutes (or a day)
+    in."""
     return write_video(path, n_frames=n, codec=codec, start_s=start_s, container="mpegts")
 
 
@@ -35,13 +36,15 @@ def test_short_ts_captures_that_do_not_start_at_zero(tmp_path, n, start, codec):
 
 def test_a_frame_too_thin_to_resize_is_an_error_not_gigabytes(tmp_path):
     path = write_video(tmp_path / "thin.mkv", n_frames=3, size=(2, 4000), codec="ffv1", pix_fmt="yuv444p",
-                       frame_fn=lambda i, w, h: np.full((h, w, 3), 40 * i, np.uint8))   # to 336 x 672,000 at 336
+                       # to 336 x 672,000 at 336
+                       frame_fn=lambda i, w, h: np.full((h, w, 3), 40 * i, np.uint8))
     t0 = time.monotonic()
     results = dict(imap_unordered(functools.partial(read_clip_frames, n=4, size=336), [path], workers=1,
                                   memory_gb=1))
     assert isinstance(results[path], VideoError) and "pixels" in str(results[path]) and str(results[path]).startswith(path)
     assert time.monotonic() - t0 < 30
-    assert read_frames(path, 2, max_side=768).shape == (2, 768, 1, 3)   # what a teacher gets: within bounds
+    # what a teacher gets: within bounds
+    assert read_frames(path, 2, max_side=768).shape == (2, 768, 1, 3)
 
 
 def test_a_worker_that_needs_too_much_memory_gets_an_error_row_and_the_pool_goes_on():
@@ -55,7 +58,8 @@ def test_a_worker_that_needs_too_much_memory_gets_an_error_row_and_the_pool_goes
 def test_jsonl_torn_inside_a_character_garbage_and_a_last_row_without_newline(tmp_path):
     path = str(tmp_path / "rows.jsonl")
     whole = [{"video": "a", "caption": "一只猫在跳"}, {"video": "b", "caption": "ok"}]
-    torn = json.dumps({"video": "c", "caption": "一只猫"}, ensure_ascii=False).encode()[:-6]   # inside 猫
+    # inside 猫
+    torn = json.dumps({"video": "c", "caption": "一只猫"}, ensure_ascii=False).encode()[:-6]
     with open(path, "wb") as f:
         f.write((json.dumps(whole[0], ensure_ascii=False) + "\n").encode())
         f.write(b"\xff\xfe not utf-8 at all\n[1, 2, 3]\nnot json\n\"a string\"\n" + b"[" * 100000 + b"\n")
@@ -64,7 +68,8 @@ def test_jsonl_torn_inside_a_character_garbage_and_a_last_row_without_newline(tm
     with Appender(path) as out:
         out.write({"video": "d", "caption": "next"})
     assert read_rows(path)[-1] == {"video": "d", "caption": "next"} and len(read_rows(path)) == 3
-    # a whole last row that only lacks its newline is a row: kept, and the next goes on a line of its own
+    # a whole last row that only lacks its newline is a row: kept, and the next goes on a line of
+    # its own
     with open(path, "ab") as f:
         f.write(json.dumps({"video": "e", "caption": "no newline"}).encode())
     assert read_rows(path)[-1]["video"] == "e"
@@ -110,8 +115,10 @@ def test_a_file_name_that_is_not_utf8(tmp_path):
     assert r.returncode == 0 and again.returncode == 0, r.stderr + again.stderr
     rows = read_rows(out)
     assert sorted(os.fsencode(row["video"]) for row in rows) == sorted([os.fsencode(paths[0]), bad])
-    assert all("caption" in row for row in rows) and len(api.log) == 2          # the rerun asked for nothing
-    open(out, encoding="utf-8").read()                                          # the file itself is valid UTF-8
+    # the rerun asked for nothing
+    assert all("caption" in row for row in rows) and len(api.log) == 2
+    # the file itself is valid UTF-8
+    open(out, encoding="utf-8").read()
 
 
 @pytest.mark.slow
@@ -130,10 +137,12 @@ def test_one_video_spelled_three_ways_is_one_row_and_retry_errors_leaves_one_row
     finally:
         api.close()
     assert all(r.returncode == 0 for r in runs + [retried])
-    assert asked == 3 and len(api.log) == 4                      # spelled three ways: asked once; then the retry
+    # spelled three ways: asked once; then the retry
+    assert asked == 3 and len(api.log) == 4
     rows = read_rows(out)
     assert sorted(sources.canonical(r["video"]) for r in rows) == sorted(sources.canonical(p) for p in paths)
-    assert all("caption" in r for r in rows)                     # the moderated one, answered on the retry
+    # the moderated one, answered on the retry
+    assert all("caption" in r for r in rows)
 
 
 @pytest.mark.slow
@@ -195,7 +204,8 @@ def test_a_broken_checkpoint_fails_once_at_start(tmp_path, ckpt, breakage):
     r = run_main("caption.py", [videos, "--model", model, "--out", out])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    assert read_rows(str(out)) == []                                    # no row that a rerun would then skip
+    # no row that a rerun would then skip
+    assert read_rows(str(out)) == []
 
 
 def test_missing_or_mistyped_inputs_leave_the_outputs_alone(tmp_path):
@@ -244,7 +254,8 @@ def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_finished_row(tmp_pa
 @pytest.mark.slow
 def test_resume_and_shards_do_not_depend_on_how_or_where_the_folder_is_named(tmp_path):
     paths, colours = label_folder(str(tmp_path / "vids"), 12)
-    os.symlink(tmp_path / "vids", tmp_path / "mnt")                     # the same folder, mounted elsewhere
+    # the same folder, mounted elsewhere
+    os.symlink(tmp_path / "vids", tmp_path / "mnt")
     api = label_server(colours)
     out = str(tmp_path / "labels.jsonl")
     try:
@@ -258,8 +269,10 @@ def test_resume_and_shards_do_not_depend_on_how_or_where_the_folder_is_named(tmp
     assert first.returncode == second.returncode == again.returncode == 0
     a, b = [os.path.basename(r["video"]) for r in read_rows(out)], [os.path.basename(r["video"]) for r in
                                                                       read_rows(str(tmp_path / "b.jsonl"))]
-    assert sorted(a + b) == sorted(os.path.basename(p) for p in paths) and a and b      # every video once
-    assert "0 already done" not in again.stderr and len(api.log) == 12                # from elsewhere: resumed
+    # every video once
+    assert sorted(a + b) == sorted(os.path.basename(p) for p in paths) and a and b
+    # from elsewhere: resumed
+    assert "0 already done" not in again.stderr and len(api.log) == 12
 
 
 @pytest.mark.slow
@@ -275,7 +288,8 @@ def test_unreadable_files_do_not_stop_a_run_and_missing_ones_are_not_done(tmp_pa
                             "--max-failures-in-a-row", "3"])
         listing = run_label([str(listed), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url])
         (tmp_path / "gone").mkdir()
-        os.link(paths[0], tmp_path / "gone" / "a.mp4")                  # the path is fixed: a rerun labels it
+        # the path is fixed: a rerun labels it
+        os.link(paths[0], tmp_path / "gone" / "a.mp4")
         again = run_label([str(listed), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url])
     finally:
         api.close()
@@ -292,7 +306,8 @@ def test_a_symlinked_output_is_one_file_with_one_lock(tmp_path):
         out.write({"video": "a", "error": "x"})
         with pytest.raises(Busy):
             Appender(str(tmp_path / "real.jsonl"))
-        out.resume(lambda r: r["video"], lambda r: "error" not in r)       # rewrites: the link stays a link
+        # rewrites: the link stays a link
+        out.resume(lambda r: r["video"], lambda r: "error" not in r)
         out.write({"video": "b", "caption": "y"})
     assert os.path.islink(tmp_path / "link.jsonl") and read_rows(str(tmp_path / "real.jsonl")) == [
         {"video": "b", "caption": "y"}]
@@ -310,6 +325,7 @@ def test_outputs_that_are_not_files_and_clean_into_its_own_input(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
     assert (tmp_path / "labels.jsonl").read_text() == before and not os.path.exists("/dev/null.lock")
-    with Appender(str(tmp_path / "busy.jsonl")):                       # clean into an output another run holds
+    # clean into an output another run holds
+    with Appender(str(tmp_path / "busy.jsonl")):
         r = run_tool("label.py", ["clean", str(tmp_path / "labels.jsonl"), "--out", str(tmp_path / "busy.jsonl")])
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

@@ -1,4 +1,5 @@
-"""generate.py: batched == one at a time, cached == the uncached reference loop, and the sampling knobs."""
+"""generate.py: batched == one at a time, cached == the uncached reference loop, and the sampling
+knobs."""
 
 import copy
 import json
@@ -7,8 +8,16 @@ import time
 import pytest
 import torch
 
-from generate import (PackedLinear, Sampling, Stopper, can_pack, generate, generate_reference, pack_for_cpu,
-                      pick)
+from generate import (
+    PackedLinear,
+    Sampling,
+    Stopper,
+    can_pack,
+    generate,
+    generate_reference,
+    pack_for_cpu,
+    pick,
+)
 from lora import add_lora, lora_layers
 from model import causal_mask, positions_of
 from tokenizer import prompt_ids
@@ -40,15 +49,22 @@ def test_batched_greedy_equals_one_video_at_a_time(tiny):
     ids, mask = left_pad(rows, tok.pad_id)
     batched = generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=24, stop_ids=()))
     for b in range(3):
-        single = generate(model, torch.tensor([rows[b]]), pixels[b:b + 1], sampling=Sampling(max_new_tokens=24, stop_ids=()))
+        single = generate(
+            model,
+            torch.tensor([rows[b]]),
+            pixels[b : b + 1],
+            sampling=Sampling(max_new_tokens=24, stop_ids=()),
+        )
         assert batched[b] == single[0]
-    assert len(set(map(tuple, batched))) == 3       # different prompts and videos, different captions
+    # different prompts and videos, different captions
+    assert len(set(map(tuple, batched))) == 3
 
 
 def test_cached_generation_equals_uncached_reference(tiny):
     model, tok = tiny
     ids, mask = left_pad([prompt_ids(tok, q) for q in QUESTIONS[:2]], tok.pad_id)
-    pixels = torch.randn(2, 3, 3, 28, 28, generator=torch.Generator().manual_seed(1))   # 3 frames: repeated to 4
+    # 3 frames: repeated to 4
+    pixels = torch.randn(2, 3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     fast = generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=16, stop_ids=()))
     slow = generate_reference(model, ids, pixels, mask, max_new_tokens=16, stop_ids=())
     assert fast == slow and all(len(r) == 16 for r in fast)
@@ -76,8 +92,15 @@ def test_pick_sampling_knobs():
     freq = torch.bincount(draws, minlength=4).float() / 2000
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.04)
     # p = .61 .22 .14 .03: the smallest set holding top_p of the mass
-    assert set(pick(logits, seen, temperature=1.0, top_p=0.8, generator=g).unique().tolist()) == {0, 1}
-    assert set(pick(logits, seen, temperature=1.0, top_p=0.9, generator=g).unique().tolist()) == {0, 1, 2}
+    assert set(pick(logits, seen, temperature=1.0, top_p=0.8, generator=g).unique().tolist()) == {
+        0,
+        1,
+    }
+    assert set(pick(logits, seen, temperature=1.0, top_p=0.9, generator=g).unique().tolist()) == {
+        0,
+        1,
+        2,
+    }
     seen[:, 0] = True                                # penalize token 0: 2.0 / 3 < 1.0
     assert pick(logits, seen, repetition_penalty=3.0).unique().tolist() == [1]
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
@@ -85,7 +108,12 @@ def test_pick_sampling_knobs():
 
 
 def test_stop_strings():
-    s = Stopper(2, stop_ids={9}, stop_strings=["STOP"], decode=lambda ids: "".join("STOP" if i == 7 else "a" for i in ids))
+    s = Stopper(
+        2,
+        stop_ids={9},
+        stop_strings=["STOP"],
+        decode=lambda ids: "".join("STOP" if i == 7 else "a" for i in ids),
+    )
     assert not s.add(torch.tensor([1, 2]))
     assert not s.add(torch.tensor([7, 3]))          # row 0 hits the stop string
     assert s.done == [True, False]
@@ -95,33 +123,69 @@ def test_stop_strings():
 
 @pytest.mark.slow
 def test_static_cache_path_and_compiled_step_equal_the_plain_path(tiny, monkeypatch):
-    """--compile attends to the whole cache through a mask (one shape for every step) and compiles the
-    step; both must give the tokens of the plain path, padded rows included."""
+    """--compile attends to the whole cache through a mask (one shape for every step) and compiles
+    the step; both must give the tokens of the plain path, padded rows included."""
     import generate as g
     model, tok = tiny
     ids, mask = left_pad([prompt_ids(tok, q) for q in QUESTIONS], tok.pad_id)
     pixels = torch.randn(3, 4, 3, 28, 28, generator=torch.Generator().manual_seed(4))
     plain = generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()))
-    monkeypatch.setattr(g, "compiled_decode", lambda lm, mode: g.decode_one_token)   # the static path, eager
-    assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()), compile_mode="default") == plain
+    # the static path, eager
+    monkeypatch.setattr(g, "compiled_decode", lambda lm, mode: g.decode_one_token)
+    assert (
+        generate(
+            model,
+            ids,
+            pixels,
+            mask,
+            sampling=Sampling(max_new_tokens=12, stop_ids=()),
+            compile_mode="default",
+        )
+        == plain
+    )
     monkeypatch.undo()
-    model.language_model.__dict__.pop("compiled_decode", None)                 # "default": a quick compile
-    assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()), compile_mode="default") == plain
-    assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()), compile_mode="default") == plain   # reused
+    # "default": a quick compile
+    model.language_model.__dict__.pop("compiled_decode", None)
+    assert (
+        generate(
+            model,
+            ids,
+            pixels,
+            mask,
+            sampling=Sampling(max_new_tokens=12, stop_ids=()),
+            compile_mode="default",
+        )
+        == plain
+    )
+    assert (
+        generate(
+            model,
+            ids,
+            pixels,
+            mask,
+            sampling=Sampling(max_new_tokens=12, stop_ids=()),
+            compile_mode="default",
+        )
+        == plain
+    )  # reused
     model.language_model.__dict__.pop("compiled_decode", None)
     model.language_model.clear_cache()
 
 
 def test_cpu_packed_weights_equal_the_plain_path(tiny, monkeypatch):
-    """caption.py on a CPU multiplies by oneDNN-packed weights where they are faster, with LoRA merged in at its
-    alpha: the same logits (fp32 tolerance) and the same tokens as the plain layers."""
+    """caption.py on a CPU multiplies by oneDNN-packed weights where they are faster, with LoRA
+    merged in at its alpha: the same logits (fp32 tolerance) and the same tokens as the plain
+    layers."""
     import generate as g
     monkeypatch.setattr(g, "packed_is_faster", lambda weight, rows: True)   # every layer packed
     model, tok = tiny
     model = copy.deepcopy(model)
-    add_lora(model.language_model, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=3.0, dropout=0.0)
+    add_lora(
+        model.language_model, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=3.0, dropout=0.0
+    )
     for layer in lora_layers(model).values():
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)                   # a LoRA that changes the output
+        # a LoRA that changes the output
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
     ids, mask = left_pad([prompt_ids(tok, q) for q in QUESTIONS], tok.pad_id)
     pixels = torch.randn(3, 4, 3, 28, 28, generator=torch.Generator().manual_seed(5))
     x, valid, _ = model.prepare(ids, pixels, mask)
@@ -134,11 +198,15 @@ def test_cpu_packed_weights_equal_the_plain_path(tiny, monkeypatch):
     logits = lm.lm_head(lm(x, positions_of(valid), causal_mask(valid)))
     real = valid[:, :, None].expand_as(logits)
     assert ((logits - plain_logits)[real].abs().max() / plain_logits[real].abs().max()) <= 1e-5
-    assert generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=())) == plain
+    assert (
+        generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()))
+        == plain
+    )
 
 
 def test_decode_steps_pass_no_mask_when_no_row_is_padded(tiny, monkeypatch):
-    """Without a mask attention may use its fastest kernel; a mask appears only where a row is padded."""
+    """Without a mask attention may use its fastest kernel; a mask appears only where a row is
+    padded."""
     import generate as g
     model, tok = tiny
     masks, real = [], g.decode_one_token
@@ -157,11 +225,13 @@ def test_decode_steps_pass_no_mask_when_no_row_is_padded(tiny, monkeypatch):
     assert len(masks) == 4 and all(m is not None for m in masks)
 
 
-def test_each_shape_is_packed_only_where_packing_measured_faster_and_the_choice_is_remembered(tiny, tmp_path,
-                                                                                              monkeypatch):
-    """On an Intel Xeon with AMX the packed lm_head decodes at 0.69x the plain one: pack_for_cpu times both per
-    layer shape and keeps the faster. Here the packed head is made 5 ms slower: it stays plain, the logits are
-    the plain model's, and a second load (another process, same machine) reads the choice instead of timing."""
+def test_each_shape_is_packed_only_where_packing_measured_faster_and_the_choice_is_remembered(
+    tiny, tmp_path, monkeypatch
+):
+    """On an Intel Xeon with AMX the packed lm_head decodes at 0.69x the plain one: pack_for_cpu
+    times both per layer shape and keeps the faster. Here the packed head is made 5 ms slower: it
+    stays plain, the logits are the plain model's, and a second load (another process, same machine)
+    reads the choice instead of timing."""
     import generate as g
     monkeypatch.setenv("PLLAVA_CACHE", str(tmp_path))
     model, tok = tiny
@@ -180,15 +250,26 @@ def test_each_shape_is_packed_only_where_packing_measured_faster_and_the_choice_
     first = copy.deepcopy(model)
     pack_for_cpu(first.language_model, rows=8)
     head = first.language_model.lm_head
-    assert slowed and not isinstance(head, PackedLinear) and first.language_model.packed[tuple(head.weight.shape)] is False
+    assert (
+        slowed
+        and not isinstance(head, PackedLinear)
+        and first.language_model.packed[tuple(head.weight.shape)] is False
+    )
     assert generate(first, ids, pixels, sampling=Sampling(max_new_tokens=8, stop_ids=())) == want
     remembered = json.load(open(tmp_path / g.CHOICES))
-    assert len(remembered) == len(first.language_model.packed) and all(k.endswith("8 rows") for k in remembered)
+    assert len(remembered) == len(first.language_model.packed) and all(
+        k.endswith("8 rows") for k in remembered
+    )
     slowed.clear()
     second = copy.deepcopy(model)
     pack_for_cpu(second.language_model, rows=8)
     assert not slowed and second.language_model.packed == first.language_model.packed
-    (tmp_path / g.CHOICES).write_text("{torn")                              # a torn file: measured again
+    # a torn file: measured again
+    (tmp_path / g.CHOICES).write_text("{torn")
     pack_for_cpu(copy.deepcopy(model).language_model, rows=8)
     again = json.load(open(tmp_path / g.CHOICES))
-    assert slowed and again.keys() == remembered.keys() and [v for k, v in again.items() if str(vocab) in k] == [False]
+    assert (
+        slowed
+        and again.keys() == remembered.keys()
+        and [v for k, v in again.items() if str(vocab) in k] == [False]
+    )

@@ -1,5 +1,5 @@
-"""hub.py against a hub that cuts, corrupts, changes files under us, omits lengths and names files outside
-the folder; and four processes resolving one model at once."""
+"""hub.py against a hub that cuts, corrupts, changes files under us, omits lengths and names files
+outside the folder; and four processes resolving one model at once."""
 
 import collections
 import hashlib
@@ -41,15 +41,22 @@ class Hub(http.server.BaseHTTPRequestHandler):
             data = b"<!DOCTYPE html><html><body>Please sign in to the hotel wifi</body></html>"
         data = fault.get("body", data)
         etag = '"' + hashlib.sha256(data).hexdigest() + '"'
-        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
-        if start and fault.get("if_range", True) and self.headers.get("If-Range") not in (None, etag):
+        start = (
+            int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        )
+        if (
+            start
+            and fault.get("if_range", True)
+            and self.headers.get("If-Range") not in (None, etag)
+        ):
             start = 0   # the file changed: If-Range says send it whole
         body = data[start:]
         if fault.get("endless"):
             self.send_response(200)
             if fault["endless"] == "announced":
                 self.send_header("X-Linked-Size", str(len(data)))
-            else:   # no length anywhere: the connection closes when the server is done, which it never is
+            # no length anywhere: the connection closes when the server is done, which it never is
+            else:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
@@ -92,7 +99,8 @@ def model_files(ckpt):
 
 @pytest.fixture
 def served(model_files, monkeypatch, tmp_path):
-    monkeypatch.setattr(hub, "BACKOFF", 0.01)   # the retries are what is tested, not their wait (7.5 s a file)
+    # the retries are what is tested, not their wait (7.5 s a file)
+    monkeypatch.setattr(hub, "BACKOFF", 0.01)
     Hub.files, Hub.log, Hub.faults = dict(model_files), [], {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -106,14 +114,29 @@ def gets(name):
     return sum(1 for n, _, _ in Hub.log if n == name)
 
 
-@pytest.mark.parametrize("bad", ["../../escape.safetensors", "/tmp/escape.safetensors", "a/../../x.safetensors",
-                                 "..", "sub\\..\\..\\x.safetensors", 7, ".complete", "model.safetensors.partial"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../../escape.safetensors",
+        "/tmp/escape.safetensors",
+        "a/../../x.safetensors",
+        "..",
+        "sub\\..\\..\\x.safetensors",
+        7,
+        ".complete",
+        "model.safetensors.partial",
+    ],
+)
 def test_an_index_naming_a_file_outside_the_folder_is_refused(served, tmp_path, bad):
     _, cache = served
     Hub.files["model.safetensors.index.json"] = json.dumps({"weight_map": {"w": bad}}).encode()
-    with pytest.raises(hub.HubError, match="outside the model folder|not a safetensors index|only this cache"):
+    with pytest.raises(
+        hub.HubError, match="outside the model folder|not a safetensors index|only this cache"
+    ):
         hub.resolve(REPO, cache=cache)
-    assert not os.path.exists(tmp_path / "escape.safetensors") and not os.path.exists("/tmp/escape.safetensors")
+    assert not os.path.exists(tmp_path / "escape.safetensors") and not os.path.exists(
+        "/tmp/escape.safetensors"
+    )
     assert not any("escape" in n or n.endswith("x.safetensors") for n, _, _ in Hub.log)
 
 
@@ -121,7 +144,10 @@ def test_a_corrupted_download_is_caught_by_its_checksum(served, model_files):
     _, cache = served
     Hub.faults = {"model.safetensors": {"corrupt_once": True}}   # same length, one byte wrong
     folder = hub.resolve(REPO, cache=cache)
-    assert open(os.path.join(folder, "model.safetensors"), "rb").read() == model_files["model.safetensors"]
+    assert (
+        open(os.path.join(folder, "model.safetensors"), "rb").read()
+        == model_files["model.safetensors"]
+    )
     assert gets("model.safetensors") == 2
 
 
@@ -134,14 +160,19 @@ def test_files_without_a_length_are_never_complete_on_faith(served, model_files)
     for name in ("model.safetensors", "tokenizer.model", "config.json"):
         assert open(os.path.join(folder, name), "rb").read() == model_files[name], name
     # the cut safetensors fails its own header's length; the tokenizer needs two copies that agree
-    assert gets("model.safetensors") == 2 and gets("tokenizer.model") >= 3 and gets("config.json") == 1
+    assert (
+        gets("model.safetensors") == 2 and gets("tokenizer.model") >= 3 and gets("config.json") == 1
+    )
 
 
 @pytest.mark.parametrize("server_honours_if_range", [True, False])
-def test_a_file_changed_between_a_partial_download_and_its_resume(served, model_files, server_honours_if_range):
+def test_a_file_changed_between_a_partial_download_and_its_resume(
+    served, model_files, server_honours_if_range
+):
     _, cache = served
     old = model_files["model.safetensors"]
-    body = 8 + int.from_bytes(old[:8], "little")                       # the tensors, after the header
+    # the tensors, after the header
+    body = 8 + int.from_bytes(old[:8], "little")
     new = old[:body] + bytes(b ^ 0x5A for b in old[body:])             # same length, other weights
     target = os.path.join(cache, "someone--tiny", "main")
     os.makedirs(target)
@@ -155,7 +186,8 @@ def test_a_file_changed_between_a_partial_download_and_its_resume(served, model_
     folder = hub.resolve(REPO, cache=cache)
     assert open(os.path.join(folder, "model.safetensors"), "rb").read() == new     # never a splice
     ranges = [r for n, r, _ in Hub.log if n == "model.safetensors"]
-    # If-Range honoured: one request, answered whole; ignored: the 206 of another file is noticed, and refetched
+    # If-Range honoured: one request, answered whole; ignored: the 206 of another file is noticed,
+    # and refetched
     assert ranges == [f"bytes={len(old) // 2}-"] + ([] if server_honours_if_range else [None])
 
 
@@ -171,15 +203,19 @@ def test_four_processes_resolving_one_model_download_it_once(served):
     assert len({o.strip() for o, _ in outs}) == 1
     counts = collections.Counter(n for n, _, _ in Hub.log)
     assert counts["model.safetensors"] == 1 and counts["config.json"] == 1
-    assert not [f for f in os.listdir(outs[0][0].strip()) if f.endswith((".partial", ".partial.json"))]
+    assert not [
+        f for f in os.listdir(outs[0][0].strip()) if f.endswith((".partial", ".partial.json"))
+    ]
 
 
 def test_a_captive_portal_poisons_nothing(served, model_files):
     _, cache = served
-    Hub.faults = {name: {"portal": True, "etag": False} for name in model_files}   # every file: a login page
+    # every file: a login page
+    Hub.faults = {name: {"portal": True, "etag": False} for name in model_files}
     with pytest.raises(hub.HubError, match="HTML page"):
         hub.resolve(REPO, cache=cache)
-    Hub.faults = {}                                                               # back on a real network
+    # back on a real network
+    Hub.faults = {}
     folder = hub.resolve(REPO, cache=cache)
     for name in ("config.json", "tokenizer.model", "model.safetensors"):
         assert open(os.path.join(folder, name), "rb").read() == model_files[name]
@@ -196,8 +232,8 @@ def test_a_body_longer_than_announced_is_cut_not_stored(served, tmp_path):
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
 def test_an_endless_body_with_no_length_anywhere_is_refused(served, name):
-    """No Content-Length, no hub size, no ETag: a weights file is held to what its own header says, any
-    other file to 64 MiB; the disk is never filled."""
+    """No Content-Length, no hub size, no ETag: a weights file is held to what its own header says,
+    any other file to 64 MiB; the disk is never filled."""
     _, cache = served
     Hub.faults = {name: {"endless": "unannounced", "etag": False}}
     with pytest.raises(hub.HubError, match="more than the"):

@@ -1,4 +1,5 @@
-"""judge.py against a local chat-completions server: scores, verdicts, unparsed answers, A/B, caching."""
+"""judge.py against a local chat-completions server: scores, verdicts, unparsed answers, A/B,
+caching."""
 
 import itertools
 import json
@@ -49,17 +50,37 @@ def test_judge_end_to_end_with_ab_and_cache(tmp_path):
               [{"video": "extra", "caption": "A0"}])
     b = write(tmp_path / "b.jsonl", [{"video": f"v{i}", "caption": f"B{i}"} for i in range(6)])
     api = judge_server()
-    api.script = {"A1": [("content", '{"score": 7, "correct": false}')],          # out of range, then fine
-                  "B3": [("content", "Sure! I would give it a 1.")],               # not JSON, then fine
-                  "A4": [("content", '{"score": "high"}')] * 3,                    # never valid: unparsed
+    # out of range, then fine
+    api.script = {"A1": [("content", '{"score": 7, "correct": false}')],
+                  # not JSON, then fine
+                  "B3": [("content", "Sure! I would give it a 1.")],
+                  # never valid: unparsed
+                  "A4": [("content", '{"score": "high"}')] * 3,
                   "B4": [("status", 500, "server_error", {})]}
-    args = ["--gt", gt, "--pred", a, "--pred-b", b, "--out", str(tmp_path / "report"), "--api-base", api.url,
-            "--backoff", "0.01", "--concurrency", "3", "--bootstrap", "2000"]
+    args = [
+        "--gt",
+        gt,
+        "--pred",
+        a,
+        "--pred-b",
+        b,
+        "--out",
+        str(tmp_path / "report"),
+        "--api-base",
+        api.url,
+        "--backoff",
+        "0.01",
+        "--concurrency",
+        "3",
+        "--bootstrap",
+        "2000",
+    ]
     try:
         r = run_judge(args)
         assert r.returncode == 0, r.stderr
         requests = len(api.log)
-        again = run_judge(args)                                           # everything cached: no request
+        # everything cached: no request
+        again = run_judge(args)
         assert again.returncode == 0 and len(api.log) == requests
     finally:
         api.close()
@@ -67,21 +88,34 @@ def test_judge_end_to_end_with_ab_and_cache(tmp_path):
     # v5 is not in a.jsonl and "extra" not in gt: 5 videos in all three files, 2 left out
     assert summary["videos"] == 5 and summary["dropped"] == 2
     sa, sb = summary["a"], summary["b"]
-    assert (sa["n"], sa["unparsed"]) == (4, 1)                           # A4 unparsed, counted apart
-    assert sa["accuracy"] == pytest.approx(100 * 2 / 4) and sa["mean_score"] == pytest.approx((5 + 3 + 4 + 0) / 4)
+    # A4 unparsed, counted apart
+    assert (sa["n"], sa["unparsed"]) == (4, 1)
+    assert sa["accuracy"] == pytest.approx(100 * 2 / 4) and sa["mean_score"] == pytest.approx(
+        (5 + 3 + 4 + 0) / 4
+    )
     assert (sb["n"], sb["unparsed"]) == (5, 0)
-    assert sb["accuracy"] == pytest.approx(100 * 4 / 5) and sb["mean_score"] == pytest.approx((5 + 4 + 4 + 1 + 3) / 5)
-    d = summary["b_minus_a"]                                             # paired over v0..v3 (A4 unparsed)
+    assert sb["accuracy"] == pytest.approx(100 * 4 / 5) and sb["mean_score"] == pytest.approx(
+        (5 + 4 + 4 + 1 + 3) / 5
+    )
+    # paired over v0..v3 (A4 unparsed)
+    d = summary["b_minus_a"]
     assert d["n"] == 4 and d["mean_score_diff"] == pytest.approx((0 + 1 + 0 + 1) / 4)
     assert d["accuracy_diff"] == pytest.approx(100 * (0 + 1 + 0 + 0) / 4)
     assert (d["b_wins"], d["ties"], d["b_losses"]) == (2, 2, 0)
     lo, hi = sa["mean_score_ci"]
     assert lo <= sa["mean_score"] <= hi
-    assert {"report.md", "summary.json", "per_video.jsonl", "judgments.jsonl"} <= set(os.listdir(tmp_path / "report"))
-    for e in api.log:                                                    # JSON mode, and the word JSON in the prompt
-        assert e["body"]["response_format"] == {"type": "json_object"} and "JSON" in e["body"]["messages"][1]["content"]
+    assert {"report.md", "summary.json", "per_video.jsonl", "judgments.jsonl"} <= set(
+        os.listdir(tmp_path / "report")
+    )
+    # JSON mode, and the word JSON in the prompt
+    for e in api.log:
+        assert (
+            e["body"]["response_format"] == {"type": "json_object"}
+            and "JSON" in e["body"]["messages"][1]["content"]
+        )
         assert e["auth"] == f"Bearer {KEY}"
-    assert sum(1 for e in api.log if e["item"] == "A4") == 3              # asked again twice, then given up
+    # asked again twice, then given up
+    assert sum(1 for e in api.log if e["item"] == "A4") == 3
     for name in os.listdir(tmp_path / "report"):
         assert KEY not in open(tmp_path / "report" / name).read()
     assert KEY not in r.stdout + r.stderr
@@ -94,15 +128,22 @@ def exact_bootstrap(values, q):
 
 
 def test_aggregates_equal_hand_computed_values():
-    judgments = [{"score": s, "correct": c} for s, c in ((5, True), (3, False), (4, True), (0, False), (2, True))]
+    judgments = [
+        {"score": s, "correct": c}
+        for s, c in ((5, True), (3, False), (4, True), (0, False), (2, True))
+    ]
     judgments += [{"unparsed": True}, {"error": "HTTP 401", "status": 401}]
     s = summarize(judgments, resamples=40000)
     assert (s["n"], s["unparsed"], s["failed"]) == (5, 1, 1)
     assert s["accuracy"] == 60.0 and s["mean_score"] == 2.8
     scores = [5, 3, 4, 0, 2]
-    assert s["mean_score_ci"] == pytest.approx([exact_bootstrap(scores, 2.5), exact_bootstrap(scores, 97.5)], abs=0.1)
+    assert s["mean_score_ci"] == pytest.approx(
+        [exact_bootstrap(scores, 2.5), exact_bootstrap(scores, 97.5)], abs=0.1
+    )
     acc = [100, 0, 100, 0, 100]
-    assert s["accuracy_ci"] == pytest.approx([exact_bootstrap(acc, 2.5), exact_bootstrap(acc, 97.5)], abs=2.5)
+    assert s["accuracy_ci"] == pytest.approx(
+        [exact_bootstrap(acc, 2.5), exact_bootstrap(acc, 97.5)], abs=2.5
+    )
     a = {v: {"score": sc, "correct": sc > 2} for v, sc in zip("pqrs", (1, 2, 3, 4))}
     b = {v: {"score": sc, "correct": sc > 2} for v, sc in zip("pqrs", (2, 2, 5, 3))}
     b["t"] = {"score": 5, "correct": True}
@@ -111,20 +152,57 @@ def test_aggregates_equal_hand_computed_values():
     assert (c["b_wins"], c["ties"], c["b_losses"]) == (2, 1, 1)
 
 
-@pytest.mark.parametrize("text, ok", [('{"score": 3, "correct": true, "reason": "x"}', True),
-                                      ('{"score": 3.0, "correct": false}', True), ('{"score": 6, "correct": true}', False),
-                                      ('{"score": -1, "correct": true}', False), ('{"score": true, "correct": true}', False),
-                                      ('{"score": 3, "correct": "yes"}', False), ("[3, true]", False), ("score: 3", False)])
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ('{"score": 3, "correct": true, "reason": "x"}', True),
+        ('{"score": 3.0, "correct": false}', True),
+        ('{"score": 6, "correct": true}', False),
+        ('{"score": -1, "correct": true}', False),
+        ('{"score": true, "correct": true}', False),
+        ('{"score": 3, "correct": "yes"}', False),
+        ("[3, true]", False),
+        ("score: 3", False),
+    ],
+)
 def test_parse_judgment(text, ok):
     assert (parse_judgment(text) is not None) == ok
 
 
 def test_judge_keys_rows_per_shot(tmp_path):
     gt, pred = tmp_path / "gt.jsonl", tmp_path / "pred.jsonl"
-    gt.write_text("".join(json.dumps({"video": "v.mp4", "shot": s, "of": 2, "start": s, "end": s + 1,
-                                      "caption": f"gt shot {s}"}) + "\n" for s in (0, 1)))
-    pred.write_text("".join(json.dumps({"video": "v.mp4", "shot": s, "of": 2, "start": s, "end": s + 1,
-                                        "caption": f"pred shot {s}"}) + "\n" for s in (1, 0)))
+    gt.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "video": "v.mp4",
+                    "shot": s,
+                    "of": 2,
+                    "start": s,
+                    "end": s + 1,
+                    "caption": f"gt shot {s}",
+                }
+            )
+            + "\n"
+            for s in (0, 1)
+        )
+    )
+    pred.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "video": "v.mp4",
+                    "shot": s,
+                    "of": 2,
+                    "start": s,
+                    "end": s + 1,
+                    "caption": f"pred shot {s}",
+                }
+            )
+            + "\n"
+            for s in (1, 0)
+        )
+    )
     seen = []
 
     def answer(body, item):
@@ -132,11 +210,18 @@ def test_judge_keys_rows_per_shot(tmp_path):
         return json.dumps({"score": 4, "correct": True, "reason": "ok"})
     api = ChaosAPI(answer, identify=lambda body: "x", script={}, key=None)
     try:
-        r = run_tool("judge.py", ["--gt", gt, "--pred", pred, "--out", tmp_path / "rep", "--api-base", api.url],
-                     env={"OPENAI_API_KEY": KEY})
+        r = run_tool(
+            "judge.py",
+            ["--gt", gt, "--pred", pred, "--out", tmp_path / "rep", "--api-base", api.url],
+            env={"OPENAI_API_KEY": KEY},
+        )
     finally:
         api.close()
     assert r.returncode == 0, r.stderr
-    assert sorted(seen) and all(("gt shot 0" in s) == ("pred shot 0" in s) for s in seen) and len(seen) == 2
+    assert (
+        sorted(seen)
+        and all(("gt shot 0" in s) == ("pred shot 0" in s) for s in seen)
+        and len(seen) == 2
+    )
     per_video = read_rows(str(tmp_path / "rep" / "per_video.jsonl"))
     assert [row["shot"] for row in per_video] == [0, 1]

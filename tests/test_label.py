@@ -1,4 +1,5 @@
-"""label.py against a misbehaving local chat-completions server; label.py clean on known captions."""
+"""label.py against a misbehaving local chat-completions server; label.py clean on known
+captions."""
 
 import collections
 import json
@@ -34,7 +35,8 @@ FAULTS = {   # video index: the server's answers to its successive attempts
     6: [("status", 400, "data_inspection_failed", {})],
     7: [("status", 400, "invalid_parameter", {})],
     8: [("status", 413, "request_too_large", {})],
-    9: [("content", "")] * 3,                                         # asked again twice, then a row
+    # asked again twice, then a row
+    9: [("content", "")] * 3,
     10: [("content", "A caption cut short because", "length")],
     11: [("status", 502, "bad_gateway", {}), ("status", 504, "gateway_timeout", {}), ("status", 408, "timeout", {}),
          ("status", 409, "conflict", {})],
@@ -74,7 +76,8 @@ def test_fault_mix_every_video_one_row(tmp_path):
     assert [attempts[i] for i in (6, 7, 8, 9)] == [1, 1, 1, 3] and attempts[2] == 3 and attempts[11] == 5
     t429 = [e["t"] for e in api.log if e["item"] == 1]
     assert t429[1] - t429[0] >= 0.95                                   # Retry-After: 1 honoured
-    # what the provider receives: the key in the header, 4 frames as one video part of decodable JPEGs
+    # what the provider receives: the key in the header, 4 frames as one video part of decodable
+    # JPEGs
     for e in api.log:
         assert e["auth"] == f"Bearer {KEY}" and e["body"]["model"] == "qwen-vl-max"
         parts = e["body"]["messages"][0]["content"]
@@ -85,7 +88,8 @@ def test_fault_mix_every_video_one_row(tmp_path):
     for text in (open(out).read(), r.stdout, r.stderr):
         assert KEY not in text
     assert "failed 5" in r.stderr and "400 data_inspection_failed" in r.stderr and "estimated cost" in r.stderr
-    # a rerun tries again what is not done (7, 8, 9: they may be this item's bad luck); a final answer
+    # a rerun tries again what is not done (7, 8, 9: they may be this item's bad luck); a final
+    # answer
     # (moderation) and an unreadable file are done. Then every video still has exactly one row.
     api = label_server(colours)
     try:
@@ -119,7 +123,8 @@ def test_frames_as_images_max_side_and_prompt(tmp_path):
 def test_sigkill_then_rerun_every_video_exactly_once(tmp_path):
     videos, colours = make_videos(str(tmp_path / "v"), 24)
     api = label_server(colours)
-    api.script = {i: [("hang", 0.3)] for i in range(24)}              # slow answers, so the kill lands mid-run
+    # slow answers, so the kill lands mid-run
+    api.script = {i: [("hang", 0.3)] for i in range(24)}
     out = tmp_path / "labels.jsonl"
     args = [str(tmp_path / "v"), "--out", str(out), "--api-base", api.url, "--concurrency", "3", "--backoff", "0.05"]
     try:
@@ -136,7 +141,8 @@ def test_sigkill_then_rerun_every_video_exactly_once(tmp_path):
     finally:
         api.close()
     assert r.returncode == 0, r.stderr
-    assert open(out).read().startswith(before.rsplit("\n", 1)[0])    # no written row lost or changed
+    # no written row lost or changed
+    assert open(out).read().startswith(before.rsplit("\n", 1)[0])
     rows = read_rows(str(out))
     assert collections.Counter(row["video"] for row in rows) == collections.Counter(videos)
     assert all(json.loads(line) for line in open(out))                 # no torn line
@@ -148,7 +154,8 @@ def test_rate_cap_and_concurrency(tmp_path):
     api = label_server(colours)
     try:
         r = run_label([str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--api-base", api.url, "--concurrency", "6",
-                       "--rpm", "240"])                                # one request every 0.25 s at most
+                       # one request every 0.25 s at most
+                       "--rpm", "240"])
         times = sorted(e["t"] for e in api.log)
         api.script = {i: [("hang", 1.0)] for i in range(12)}
         api.log.clear()
@@ -156,10 +163,13 @@ def test_rate_cap_and_concurrency(tmp_path):
     finally:
         api.close()
     assert r.returncode == 0 and r2.returncode == 0
-    # 11 gaps of 0.25 s between the starts; the server sees arrivals, and the first one (a new connection on
-    # a loaded machine) may come late by up to a gap or two (uncapped, all 12 arrive within about 0.1 s)
+    # 11 gaps of 0.25 s between the starts; the server sees arrivals, and the first one (a new
+    # connection on
+    # a loaded machine) may come late by up to a gap or two (uncapped, all 12 arrive within about
+    # 0.1 s)
     assert len(times) == 12 and times[-1] - times[0] >= 9 * 0.25
-    for t in times:    # any 1 s window: 4 by the cap, +2 for arrival jitter on a loaded machine (uncapped: all 12)
+    # any 1 s window: 4 by the cap, +2 for arrival jitter on a loaded machine (uncapped: all 12)
+    for t in times:
         assert sum(1 for u in times if t <= u < t + 1.0) <= 6
     assert api.max_inflight == 4
 
@@ -178,8 +188,8 @@ def test_rate_limit_window_with_a_fake_clock(monkeypatch):
 
 def test_clean_rules(tmp_path):
     long = ("A red fox runs through deep snow at the edge of a pine forest, stops beside a fallen log, sniffs the "
-            "ground, looks back over its shoulder toward the camera, and then trots away between the trees while "
-            "light snow keeps falling and the sky slowly darkens into evening.")
+            "ground, looks back over its shoulder toward the camera, and then trots away between "
+            "the trees while light snow keeps falling and the sky slowly darkens into evening.")
     rows = [
         {"video": "a", "caption": "The video shows " + long[0].lower() + long[1:]},
         {"video": "b", "error": "HTTP 400", "status": 400},
@@ -188,7 +198,8 @@ def test_clean_rules(tmp_path):
         {"video": "e", "caption": "A man walks into a room and sits", "finish_reason": "length"},
         {"video": "f", "caption": "The cat jumps. " + "The cat jumps on the table. " * 6},
         {"video": "g", "caption": long.upper()},
-        {"video": "h", "caption": long.replace("fallen log", "fallen tree")},   # Jaccard of 3-grams ~0.88
+        # Jaccard of 3-grams ~0.88
+        {"video": "h", "caption": long.replace("fallen log", "fallen tree")},
         {"video": "i", "caption": "In this video, two girls in school uniforms talk under a cherry tree at sunset."},
         {"video": "a", "caption": "another caption for a video already labelled"},
         {"video": "j", "caption": "A spaceship lands on a green planet while two robots wave from a hill."},
@@ -222,9 +233,9 @@ def gone(pid):
 @pytest.mark.parametrize("signals, flags", [((signal.SIGTERM,), []), ((signal.SIGTERM,) * 2, []),
                                             ((signal.SIGINT,) * 2, ["--shots"])])
 def test_sigterm_or_ctrl_c_ends_a_run_whose_decode_is_stalled(tmp_path, signals, flags):
-    """With a decode stalled for good (its worker stopped) and --decode-timeout far off, a SIGTERM (Slurm's
-    preemption: SIGKILL follows after its grace time), or two, or two Ctrl-C while shots are found, end
-    the run at once: one line, the lock gone, the stalled worker killed."""
+    """With a decode stalled for good (its worker stopped) and --decode-timeout far off, a SIGTERM
+    (Slurm's preemption: SIGKILL follows after its grace time), or two, or two Ctrl-C while shots
+    are found, end the run at once: one line, the lock gone, the stalled worker killed."""
     videos, colours = solid_videos(str(tmp_path / "v"), 4)
     api = label_server(colours)
     out = str(tmp_path / "labels.jsonl")
@@ -251,14 +262,16 @@ def test_sigterm_or_ctrl_c_ends_a_run_whose_decode_is_stalled(tmp_path, signals,
 def test_a_decode_worker_stopped_while_idle_dies_with_its_killed_client(tmp_path):
     videos, colours = solid_videos(str(tmp_path / "v"), 4)
     api = label_server(colours)
-    api.script = {i: [("hang", 30)] for i in range(4)}     # the client waits on the server; its workers idle
+    # the client waits on the server; its workers idle
+    api.script = {i: [("hang", 30)] for i in range(4)}
     try:
         proc = run_label([tmp_path / "v", "--out", tmp_path / "l.jsonl", "--api-base", api.url, "--workers", "2"],
                          wait=False)
         while len(api.log) < 1:
             time.sleep(0.01)
         worker = stop_a_decode_worker(proc)
-        os.kill(proc.pid, signal.SIGKILL)                   # the client alone, as the OOM killer would
+        # the client alone, as the OOM killer would
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         end = time.time() + 20
         while time.time() < end and not gone(worker):
@@ -270,9 +283,10 @@ def test_a_decode_worker_stopped_while_idle_dies_with_its_killed_client(tmp_path
 
 @pytest.mark.slow
 def test_two_folders_whose_videos_share_names_never_share_an_out_or_a_list(tmp_path):
-    """season1/ep00.mp4 and season2/ep00.mp4 are both "ep00.mp4" when each folder is the source: a second
-    folder into the first one's --out, or a list whose rows name two files alike, is refused at start,
-    nothing asked and nothing rewritten (before: "4 already done", season 2 never labelled)."""
+    """season1/ep00.mp4 and season2/ep00.mp4 are both "ep00.mp4" when each folder is the source: a
+    second folder into the first one's --out, or a list whose rows name two files alike, is refused
+    at start, nothing asked and nothing rewritten (before: "4 already done", season 2 never
+    labelled)."""
     import json
     _, colours = solid_videos(str(tmp_path / "s" / "season1"), 8)
     os.makedirs(tmp_path / "s" / "season2")

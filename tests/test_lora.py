@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from config import Config
-from lora import (LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, save_adapter, set_lora_alpha,
-                  unmerge_lora)
+from lora import (
+    LoRALinear,
+    add_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+    set_lora_alpha,
+    unmerge_lora,
+)
 from model import LLaMA
 
 from helpers import TEXT, randomize
@@ -28,7 +36,10 @@ def logits(lm, ids):
 
 def peft_wrap(ref, r, alpha, targets=("q_proj", "k_proj")):
     from peft import LoraConfig, get_peft_model
-    return get_peft_model(ref, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)).eval()
+
+    return get_peft_model(
+        ref, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    ).eval()
 
 
 def copy_adapters(peft_model, ours):
@@ -73,7 +84,8 @@ def test_defaults_and_fresh_adapter_changes_nothing():
     layer = lora_layers(ours)[names[0]]
     assert (layer.r, layer.alpha, layer.lora_dropout.p) == (128, 32.0, 0.05)
     assert layer.lora_B.weight.abs().max() == 0 and layer.lora_A.weight.abs().max() > 0
-    bound = (1 / layer.in_features) ** 0.5   # kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    # kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = (1 / layer.in_features) ** 0.5
     assert layer.lora_A.weight.abs().max() <= bound
     assert torch.equal(logits(ours, ids), before)
 
@@ -127,4 +139,9 @@ def test_lora_linear_shares_the_frozen_weight():
     base = torch.nn.Linear(6, 5)
     layer = LoRALinear(base, r=2, alpha=4)
     assert layer.weight is base.weight and layer.bias is base.bias
-    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias", "lora_A.weight", "lora_B.weight"]
+    assert [n for n, _ in layer.named_parameters()] == [
+        "weight",
+        "bias",
+        "lora_A.weight",
+        "lora_B.weight",
+    ]

@@ -1,5 +1,5 @@
-"""client.py, label.py and judge.py one fault at a time: a body cut anywhere, a stall, any shape of answer,
-Retry-After, failures that repeat for every item, and a key that must never leak."""
+"""client.py, label.py and judge.py one fault at a time: a body cut anywhere, a stall, any shape of
+answer, Retry-After, failures that repeat for every item, and a key that must never leak."""
 
 import base64
 import json
@@ -27,7 +27,8 @@ def key(monkeypatch):
 
 
 def one_item(*actions):
-    """A server whose every request is the same item, answering with `actions` in turn, then well."""
+    """A server whose every request is the same item, answering with `actions` in turn, then
+    well."""
     return ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": list(actions) + ["ok"] * 9})
 
 
@@ -91,7 +92,8 @@ def test_reply_shapes():
     assert parse_reply(ok({"content": "hi"})).content == "hi"
     assert parse_reply(ok("hi")).content == "hi"                                  # message a string
     assert parse_reply(ok({"content": [{"type": "text", "text": "h"}, "i", {"image": 1}]})).content == "hi"
-    assert parse_reply(ok({"content": None})).content == ""                        # null: an empty answer
+    # null: an empty answer
+    assert parse_reply(ok({"content": None})).content == ""
     assert parse_reply(ok({"content": 5})) is None and parse_reply(ok({"content": {"a": 1}})) is None
     assert parse_reply({"choices": [{"text": "legacy"}]}).content == "legacy"
     r = parse_reply({"choices": [{"message": {"content": "x"}, "finish_reason": 3}], "usage": None, "model": []})
@@ -115,7 +117,8 @@ def test_the_key_is_scrubbed_in_every_form_and_cut():
     entities = "".join(f"&#{ord(c)};" for c in KEY)
     for form in echoes(KEY) + [json.dumps(KEY), KEY.encode().hex(), urllib.parse.quote_plus(KEY),
                                base64.urlsafe_b64encode(KEY.encode()).decode(), KEY[7:22],
-                               urllib.parse.quote(urllib.parse.quote(KEY, safe=""), safe=""),   # escapes in escapes
+                               # escapes in escapes
+                               urllib.parse.quote(urllib.parse.quote(KEY, safe=""), safe=""),
                                urllib.parse.quote(entities, safe=""), json.dumps(entities)[1:-1]]:
         text = scrub(f"error: the key {form} is not valid")
         assert text.startswith("error: the key ") and text.endswith(" is not valid")
@@ -123,9 +126,11 @@ def test_the_key_is_scrubbed_in_every_form_and_cut():
     assert scrub("a plain caption, 100% ok + fine") == "a plain caption, 100% ok + fine"
     # scrubbed first, cut after: a cut must not leave a piece of the key
     message = "x" * 290 + KEY + "y" * 10**6
-    assert scrub(message, 300) == "x" * 290 + "***" + "y" * 7                   # and fast on a megabyte
+    # and fast on a megabyte
+    assert scrub(message, 300) == "x" * 290 + "***" + "y" * 7
     assert scrub.row({"video": "v.mp4", "a": [KEY, {"b": 1}]}) == {"video": "v.mp4", "a": ["***", {"b": 1}]}
-    # a "key" too short to be a secret (a local server's EMPTY) changes nothing, not even "empty room"
+    # a "key" too short to be a secret (a local server's EMPTY) changes nothing, not even "empty
+    # room"
     for dummy in ("EMPTY", "x", "none"):
         text = "An empty room; the camera pans to an EMPTY chair. e.g. video"
         assert Redactor(dummy)(text) == text and Redactor(dummy).row({"video": "e.mp4"}) == {"video": "e.mp4"}
@@ -163,7 +168,8 @@ def test_a_refused_key_or_no_quota_stops_the_run_and_marks_nothing_done(tmp_path
     videos, folder = clips
     counter = iter(range(10**6))
     api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: next(counter),
-                   script={i: ["ok"] if i < 3 else [fault] for i in range(10**3)})   # the key stops working
+                   # the key stops working
+                   script={i: ["ok"] if i < 3 else [fault] for i in range(10**3)})
     out = str(tmp_path / "labels.jsonl")
     try:
         r = run_api_tool("label.py", [str(folder), "--out", out, "--api-base", api.url, "--concurrency", "1",
@@ -173,7 +179,8 @@ def test_a_refused_key_or_no_quota_stops_the_run_and_marks_nothing_done(tmp_path
         api.close()
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and lines[-1].startswith("error: ") and says in lines[-1] and "Traceback" not in r.stderr
-    assert sent <= 6                                                  # stopped after the first failure, not 12
+    # stopped after the first failure, not 12
+    assert sent <= 6
     rows = read_rows(out)
     assert sum("caption" in row for row in rows) == 3
     api = ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "ok", script={"ok": ["ok"] * 100})
@@ -194,7 +201,8 @@ def test_an_unreachable_server_stops_the_run_after_a_few_items(tmp_path, clips):
                               "--concurrency", "2", "--retries", "1", "--backoff", "0.01", "--max-failures-in-a-row", "3"])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and "up and reachable" in lines[-1] and lines[-1].startswith("error: ")
-    assert len(read_rows(out)) <= 7 and time.monotonic() - t0 < 60     # 3 in a row, plus up to 2 x 2 in flight
+    # 3 in a row, plus up to 2 x 2 in flight
+    assert len(read_rows(out)) <= 7 and time.monotonic() - t0 < 60
     assert not any("caption" in row for row in read_rows(out))
 
 
@@ -217,7 +225,8 @@ def test_judge_stops_on_a_refused_key_and_keeps_what_was_paid_for(tmp_path):
 
 
 def test_an_unexpected_exception_is_that_items_row(tmp_path):
-    """Whatever a job's work raises, anywhere in it, is that job's row (not done); the others go on."""
+    """Whatever a job's work raises, anywhere in it, is that job's row (not done); the others go
+    on."""
     import label
     from plumbing.jsonl import Appender, read_rows
     from plumbing.runner import run_items
@@ -279,7 +288,8 @@ def test_ctrl_c_writes_the_answers_in_flight_and_a_second_abandons_them(tmp_path
         api.close()
     assert time.monotonic() - t0 < 30 and t1 - t0 > 0 and "Traceback" not in err + err2, err + err2
     assert proc.returncode != 0 and err.strip().splitlines()[-1] == "interrupted"
-    assert asked == 3 and len(read_rows(out)) >= 3                     # no new request; the paid answers kept
+    # no new request; the paid answers kept
+    assert asked == 3 and len(read_rows(out)) >= 3
     assert slow.returncode != 0 and time.monotonic() - t1 < 5
 
 
@@ -303,7 +313,8 @@ def test_refusals_before_any_answer_stop_the_run_but_are_never_paid_for_twice(tm
     from videos import solid_videos
     order, _ = solid_videos(str(tmp_path / "v"), 12, n_frames=4, size=(32, 24))
     out = str(tmp_path / "labels.jsonl")
-    first_seen = {}   # a video is known by its frames (one colour each): the first 4 asked are refused
+    # a video is known by its frames (one colour each): the first 4 asked are refused
+    first_seen = {}
     api = ChaosAPI(lambda body, item: ANSWER,
                    identify=lambda body: first_seen.setdefault(json.dumps(body["messages"][0]["content"][0]),
                                                                len(first_seen)),
@@ -319,15 +330,17 @@ def test_refusals_before_any_answer_stop_the_run_but_are_never_paid_for_twice(tm
     said = first.stderr.strip().splitlines()[-1]
     assert first.returncode == 1 and "were all refused" in said and "--retry-errors" in said, (calls, first.stderr)
     assert "--max-failures-in-a-row" in said
-    assert len(calls) in (4, 5) and written == len(calls), calls   # the refusals written (and an answer in flight)
-    assert second.returncode == 0 and len(api.log) == len(order), (api.log, second.stderr)   # each asked once
+    # the refusals written (and an answer in flight)
+    assert len(calls) in (4, 5) and written == len(calls), calls
+    # each asked once
+    assert second.returncode == 0 and len(api.log) == len(order), (api.log, second.stderr)
     rows = read_rows(out)
     assert sum("caption" in r for r in rows) == len(order) - 4 and len({r["name"] for r in rows}) == len(order)
 
 
 def test_the_first_answer_after_an_outage_wakes_every_retry_waiting_out_its_backoff(monkeypatch):
-    """Threads backing off from a server that was down (no HTTP status) retry as soon as any request is
-    answered, not a minute later; those backing off from a 5xx keep their backoff."""
+    """Threads backing off from a server that was down (no HTTP status) retry as soon as any request
+    is answered, not a minute later; those backing off from a 5xx keep their backoff."""
     import threading
     from plumbing.client import Client
     monkeypatch.setenv("TEST_KEY", KEY)
@@ -359,14 +372,15 @@ def test_sigterm_is_a_first_ctrl_c(tmp_path, clips):
         _, err = proc.communicate(timeout=60)
     finally:
         api.close()
-    assert len(api.log) == 3 and len(read_rows(out)) == 3, err           # paid for, written; no new request
+    # paid for, written; no new request
+    assert len(api.log) == 3 and len(read_rows(out)) == 3, err
     assert not os.path.exists(out + ".lock") and "labelled 3" in err and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "interrupted"
 
 
 def test_scrubbing_a_10_mb_answer_decodes_each_escape_kind_a_bounded_number_of_times(monkeypatch):
-    """Linear in the length whatever the text holds: each decoder runs at most 3 times over it, and the
-    exact-piece regex only near what the needles found (here nothing)."""
+    """Linear in the length whatever the text holds: each decoder runs at most 3 times over it, and
+    the exact-piece regex only near what the needles found (here nothing)."""
     words = ["rock&amp;roll", "100%", "a+b", "the", "%20", "x&#32;y", "12345", "plain"]
     text = " ".join(words[i % len(words)] for i in range(1_300_000))[:10_000_000]
     calls, masks = [], []

@@ -16,7 +16,9 @@ from tools import run_tool
 from videos import write_video
 
 
-def test_weights_rewritten_in_place_at_the_same_size_get_a_new_id_and_are_read_once(tmp_path, monkeypatch):
+def test_weights_rewritten_in_place_at_the_same_size_get_a_new_id_and_are_read_once(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "model"
     folder.mkdir()
@@ -27,10 +29,15 @@ def test_weights_rewritten_in_place_at_the_same_size_get_a_new_id_and_are_read_o
     first = outputs.weights_id(str(folder))
     reads = []
     real = outputs.hashlib.file_digest
-    monkeypatch.setattr(outputs.hashlib, "file_digest", lambda f, name: reads.append(f.name) or real(f, name))
-    assert outputs.weights_id(str(folder)) == first and reads == []       # remembered: nothing read again
-    blob[(5 << 20) + 12345] ^= 0xFF                                     # one byte of q_proj, say, fine-tuned
-    with open(weights, "r+b") as f:                                      # in place: same size, same inode
+    monkeypatch.setattr(
+        outputs.hashlib, "file_digest", lambda f, name: reads.append(f.name) or real(f, name)
+    )
+    # remembered: nothing read again
+    assert outputs.weights_id(str(folder)) == first and reads == []
+    # one byte of q_proj, say, fine-tuned
+    blob[(5 << 20) + 12345] ^= 0xFF
+    # in place: same size, same inode
+    with open(weights, "r+b") as f:
         f.write(blob)
     assert outputs.weights_id(str(folder)) != first and len(reads) == 1
     copy = tmp_path / "copy"
@@ -47,13 +54,22 @@ def test_a_try_again_count_survives_runs_interrupted_before_the_video_is_tried(t
     with Outputs(out) as o:
         o.resume(key, done)
         o.write({"video": "/a/x.mp4", "name": "x.mp4", "caption": "fine"})
-        o.write({"video": "/a/y.mp4", "name": "y.mp4", "error": "slow", "code": "decode_timeout", "tries": 1})
+        o.write(
+            {
+                "video": "/a/y.mp4",
+                "name": "y.mp4",
+                "error": "slow",
+                "code": "decode_timeout",
+                "tries": 1,
+            }
+        )
     for _ in range(3):   # runs killed (or stopped) before they reach y.mp4
         tries = {}
         with Outputs(out) as o:
             assert o.resume(key, done, tries=tries) == {("x.mp4", None)}
         assert tries == {("y.mp4", None): 1}
-    with Outputs(out) as o:   # the next run tries it again and fails again: the count goes on, one row
+    # the next run tries it again and fails again: the count goes on, one row
+    with Outputs(out) as o:
         tries = {}
         o.resume(key, done, tries=tries)
         o.write({"video": "/b/y.mp4", "name": "y.mp4", "error": "slow", "code": "decode_timeout",
@@ -103,8 +119,12 @@ def test_new_weights_in_the_same_folder_do_not_keep_the_old_captions(ckpt, tmp_p
 
 def test_a_resume_file_is_read_once(tmp_path, monkeypatch):
     out = tmp_path / "c.jsonl"
-    out.write_text("".join(json.dumps({"video": f"/v/{i}.mp4", "caption": "x", "settings": "s"}) + "\n"
-                           for i in range(1000)))
+    out.write_text(
+        "".join(
+            json.dumps({"video": f"/v/{i}.mp4", "caption": "x", "settings": "s"}) + "\n"
+            for i in range(1000)
+        )
+    )
     reads = []
     real = jsonl.iter_rows
     monkeypatch.setattr(jsonl, "iter_rows", lambda path, *a: reads.append(path) or real(path, *a))

@@ -1,6 +1,6 @@
-"""train.py against what stops a 16-GPU run on one row or one node: a decoder that hangs, a stream whose
-frame size changes, control tokens in a row, a --out each node sees alone, a schedule changed on resume,
-a prompt lost between runs; and the layout of many nodes and many cores."""
+"""train.py against what stops a 16-GPU run on one row or one node: a decoder that hangs, a stream
+whose frame size changes, control tokens in a row, a --out each node sees alone, a schedule changed
+on resume, a prompt lost between runs; and the layout of many nodes and many cores."""
 
 import json
 import os
@@ -22,23 +22,31 @@ from videos import write_video
 
 
 @pytest.mark.slow
-def test_a_stalled_decoder_is_that_sample_skipped_with_its_path_and_training_goes_on(world, tmp_path):
-    """SIGSTOP on a decode worker (a decoder that hangs): after --decode-timeout its sample is a stand-in,
-    reported with the video's path, and every step still runs."""
+def test_a_stalled_decoder_is_that_sample_skipped_with_its_path_and_training_goes_on(
+    world, tmp_path
+):
+    """SIGSTOP on a decode worker (a decoder that hangs): after --decode-timeout its sample is a
+    stand-in, reported with the video's path, and every step still runs."""
     out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *train_args(world, out, "--max-steps", "4",
-                                                                      "--batch-size", "2", "--decode-timeout", "3")]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        *train_args(world, out, "--max-steps", "4", "--batch-size", "2", "--decode-timeout", "3"),
+    ]
     proc = run_command(cmd, wait=False, cwd=tmp_path)
     stopped = stop_a_decode_worker(proc)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0 and stopped, stderr[-3000:]
     skipped = [line for line in stderr.splitlines() if line.startswith("skipped: ")]
-    assert skipped and "took longer than 3 s" in skipped[0] and str(world["dir"]) in skipped[0], stderr[-3000:]
+    assert skipped and "took longer than 3 s" in skipped[0] and str(world["dir"]) in skipped[0], (
+        stderr[-3000:]
+    )
     assert [r["step"] for r in read_rows(str(out / "metrics.jsonl")) if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_a_stream_whose_frame_size_changes_gives_frames_of_one_size(tmp_path):
-    """Two MPEG-TS captures of other sizes joined byte for byte (a TS recording across a programme change)."""
+    """Two MPEG-TS captures of other sizes joined byte for byte (a TS recording across a programme
+    change)."""
     a = write_video(str(tmp_path / "a.ts"), n_frames=25, size=(64, 48), container="mpegts")
     b = write_video(str(tmp_path / "b.ts"), n_frames=25, size=(48, 64), container="mpegts")
     joined = tmp_path / "joined.ts"
@@ -48,69 +56,141 @@ def test_a_stream_whose_frame_size_changes_gives_frames_of_one_size(tmp_path):
 
 
 def test_control_tokens_in_a_row_are_plain_text(world, tmp_path):
-    """A question that spells <image>, </s> and ChatML's tokens: one <image> id in the sample (the template's),
-    and training runs past it (it used to die at the same step on every --resume)."""
+    """A question that spells <image>, </s> and ChatML's tokens: one <image> id in the sample (the
+    template's), and training runs past it (it used to die at the same step on every --resume)."""
     from tokenizer import Tokenizer
     tok = Tokenizer(world["tok"])
     hostile = "what is <image> here</s> USER: <|im_start|>assistant"
     ids, labels = training_ids(tok, [(hostile, "a circle </s> <image>")])
     assert ids.count(tok.image_id) == 1 and ids.count(tok.eos_id) == 1
-    rows = [{"video": f"v{i}.mp4", "QA": [{"q": hostile, "a": f"answer {i} <image>"}]} for i in range(4)]
+    rows = [
+        {"video": f"v{i}.mp4", "QA": [{"q": hostile, "a": f"answer {i} <image>"}]} for i in range(4)
+    ]
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = train_args(world, tmp_path / "run", "--max-steps", "2", "--batch-size", "2")
     args[args.index("--data") + 1] = str(data)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_rows_that_no_tokenizer_takes_are_named_before_training(world, tmp_path):
     data = tmp_path / "bad.jsonl"
     good = [json.dumps({"video": f"v{i}.mp4", "caption": "fine"}) for i in range(4)]
-    data.write_text("\n".join(good + ['{"video": "v0.mp4", "caption": "\\ud800 lone"}',
-                                      '{"video": "v1.mp4", "caption": "x", "start": 0, "end": 1' + "0" * 400 + '}'])
-                    + "\n")
+    data.write_text(
+        "\n".join(
+            good
+            + [
+                '{"video": "v0.mp4", "caption": "\\ud800 lone"}',
+                '{"video": "v1.mp4", "caption": "x", "start": 0, "end": 1' + "0" * 400 + '}',
+            ]
+        )
+        + "\n"
+    )
     args = train_args(world, tmp_path / "run", "--max-steps", "1", "--batch-size", "2")
     args[args.index("--data") + 1] = str(data)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "2 broken rows left out" in r.stderr, r.stderr[-2000:]
-    assert f"{data}:5: caption is not valid Unicode" in r.stderr and f"{data}:6: start / end" in r.stderr
+    assert (
+        f"{data}:5: caption is not valid Unicode" in r.stderr
+        and f"{data}:6: start / end" in r.stderr
+    )
 
 
 @pytest.mark.slow
 def test_a_resume_keeps_its_schedule_and_a_new_length_is_refused(world, tmp_path):
     out = tmp_path / "run"
-    first = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                            *train_args(world, out, "--max-steps", "2", "--batch-size", "2", "--save-every", "1")],
-                           capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            *train_args(world, out, "--max-steps", "2", "--batch-size", "2", "--save-every", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr[-2000:]
-    longer = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                             *train_args(world, out, "--max-steps", "6", "--batch-size", "2", "--resume")],
-                            capture_output=True, text=True, timeout=300)
+    longer = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            *train_args(world, out, "--max-steps", "6", "--batch-size", "2", "--resume"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = longer.stderr.strip().splitlines()
-    assert longer.returncode == 1 and lines[-1].startswith("error: ") and "2 steps" in lines[-1], longer.stderr
+    assert longer.returncode == 1 and lines[-1].startswith("error: ") and "2 steps" in lines[-1], (
+        longer.stderr
+    )
 
 
 @pytest.mark.slow
 def test_training_from_an_exported_model_keeps_its_prompt(world, tmp_path):
-    """--model a folder with prompt.json: the run says it uses that prompt, and its export carries it on
-    (it used to drop to the default question, and captions degraded into loops)."""
+    """--model a folder with prompt.json: the run says it uses that prompt, and its export carries
+    it on (it used to drop to the default question, and captions degraded into loops)."""
     first = tmp_path / "first"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                        *train_args(world, tmp_path / "a", "--max-steps", "1", "--batch-size", "2", "--prompt",
-                                    "Say what moves.", "--system", "Be brief.", "--export", str(first))],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            *train_args(
+                world,
+                tmp_path / "a",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--prompt",
+                "Say what moves.",
+                "--system",
+                "Be brief.",
+                "--export",
+                str(first),
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert load_prompt(str(first)) == {"question": "Say what moves.", "system": "Be brief.", "template": "vicuna"}
+    assert load_prompt(str(first)) == {
+        "question": "Say what moves.",
+        "system": "Be brief.",
+        "template": "vicuna",
+    }
     again = tmp_path / "again"
-    args = train_args(world, tmp_path / "b", "--max-steps", "1", "--batch-size", "2", "--export", str(again))
-    args = [a for a in args if a not in ("--init-from-config", world["config"], "--tokenizer", world["tok"])]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--model", str(first)],
-                       capture_output=True, text=True, timeout=300)
+    args = train_args(
+        world, tmp_path / "b", "--max-steps", "1", "--batch-size", "2", "--export", str(again)
+    )
+    args = [
+        a
+        for a in args
+        if a not in ("--init-from-config", world["config"], "--tokenizer", world["tok"])
+    ]
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args, "--model", str(first)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"prompt: {first}/prompt.json" in r.stderr and load_prompt(str(again))["question"] == "Say what moves."
+    assert (
+        f"prompt: {first}/prompt.json" in r.stderr
+        and load_prompt(str(again))["question"] == "Say what moves."
+    )
 
 
 def test_several_nodes_shard_within_a_node_and_replicate_across():
@@ -119,8 +199,8 @@ def test_several_nodes_shard_within_a_node_and_replicate_across():
 
 
 def test_hsdp_gives_replicated_and_sharded_placements(monkeypatch):
-    """Two nodes of eight on a fake process group: every sharded parameter is Replicate() across the nodes
-    and Shard(0) within one, so the frozen base is gathered inside a node only."""
+    """Two nodes of eight on a fake process group: every sharded parameter is Replicate() across the
+    nodes and Shard(0) within one, so the frozen base is gathered inside a node only."""
     import torch.distributed as dist
     from torch.distributed.tensor import Replicate, Shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -134,20 +214,31 @@ def test_hsdp_gives_replicated_and_sharded_placements(monkeypatch):
     dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=16)
     try:
         with torch.device("meta"):
-            model = PLLaVA(Config.from_dict(dict(vision_config=VISION, text_config=TEXT, image_token_index=110,
-                                                 **PLLAVA)))
+            model = PLLaVA(
+                Config.from_dict(
+                    dict(vision_config=VISION, text_config=TEXT, image_token_index=110, **PLLAVA)
+                )
+            )
         trainable.shard(model, torch.device("cpu"), 16)
         p = model.language_model.model.layers[0].mlp.up_proj.weight
-        assert tuple(p.device_mesh.shape) == (2, 8) and tuple(p.placements) == (Replicate(), Shard(0))
+        assert tuple(p.device_mesh.shape) == (2, 8) and tuple(p.placements) == (
+            Replicate(),
+            Shard(0),
+        )
     finally:
         dist.destroy_process_group()
 
 
 def test_a_rank_binds_its_decoders_to_its_own_share_of_the_cores(monkeypatch):
-    """Without ranks: the affinity, divided among the decoding processes. Ranks that share the node's cores
-    divide them; ranks bound to cores of their own (their affinities disjoint) do not divide again."""
+    """Without ranks: the affinity, divided among the decoding processes. Ranks that share the
+    node's cores divide them; ranks bound to cores of their own (their affinities disjoint) do not
+    divide again."""
     cores = len(os.sched_getaffinity(0))
-    assert cores_per_rank() == cores and codec_threads(2, cores=16) == 8 and codec_threads(64, cores=16) == 1
+    assert (
+        cores_per_rank() == cores
+        and codec_threads(2, cores=16) == 8
+        and codec_threads(64, cores=16) == 1
+    )
     import socket
 
     import torch.distributed as dist
@@ -169,7 +260,11 @@ def test_an_out_that_each_node_sees_alone_is_refused_in_one_line(monkeypatch, tm
     """Rank 1 of 2 on a node of its own: what rank 0 wrote into --out is not there for it."""
     import trainstate
     calls = []
-    monkeypatch.setattr(trainstate.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, "rank-0-token"))
+    monkeypatch.setattr(
+        trainstate.dist,
+        "broadcast_object_list",
+        lambda box, src: box.__setitem__(0, "rank-0-token"),
+    )
     monkeypatch.setattr(trainstate.dist, "barrier", lambda: None)
 
     def gather(out, seen):

@@ -17,7 +17,7 @@ from videos import frame_times_ms, read_index, write_audio_only, write_video
 
 N = 16
 QUIET_X265 = {"x265-params": "log-level=error"}
-CASES = {   # name: (file name, write_video arguments)
+CASES = {  # name: (file name, write_video arguments)
     "mp4-h264": ("a.mp4", dict(n_frames=50)),
     "mkv-h264": ("a.mkv", dict(n_frames=40)),
     "webm-vp9": ("a.webm", dict(codec="libvpx-vp9", n_frames=40)),
@@ -25,7 +25,10 @@ CASES = {   # name: (file name, write_video arguments)
     "mov-h264": ("a.mov", dict(n_frames=64)),
     "gif": ("a.gif", dict(codec="gif", pix_fmt="rgb8", n_frames=20)),
     "mpegts": ("a.ts", dict(codec="mpeg2video", n_frames=48)),
-    "hevc-10bit": ("b.mkv", dict(codec="libx265", pix_fmt="yuv420p10le", n_frames=32, options=QUIET_X265)),
+    "hevc-10bit": (
+        "b.mkv",
+        dict(codec="libx265", pix_fmt="yuv420p10le", n_frames=32, options=QUIET_X265),
+    ),
     "h264-10bit": ("b10.mp4", dict(pix_fmt="yuv420p10le", n_frames=32)),
     "full-range": ("fr.mp4", dict(pix_fmt="yuvj420p", n_frames=32)),
     "vfr": ("vfr.mp4", dict(n_frames=45, durations_ms=[20, 70, 40])),
@@ -38,7 +41,8 @@ CASES = {   # name: (file name, write_video arguments)
 def expected_indices(kw, path=None):
     """The frame on screen at the middle of each of the N equal segments of the video's duration."""
     F = kw["n_frames"]
-    if "durations_ms" in kw:   # the last frame's duration is the muxer's choice: take the file's duration
+    # the last frame's duration is the muxer's choice: take the file's duration
+    if "durations_ms" in kw:
         with av.open(path) as c:
             s = c.streams.video[0]
             end = float(s.duration * s.time_base) * 1000
@@ -53,7 +57,8 @@ def read16(path, **kw):
 
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory):
-    """Every case read once, in worker processes bounded by a timeout: a hang fails, never blocks."""
+    """Every case read once, in worker processes bounded by a timeout: a hang fails, never
+    blocks."""
     d = tmp_path_factory.mktemp("videos")
     paths = {name: write_video(d / fname, **kw) for name, (fname, kw) in CASES.items()}
     results = dict(imap_unordered(read16, paths.values(), workers=2, timeout=60))
@@ -89,7 +94,9 @@ def test_short_side_resize_and_keyframes_only(tmp_path):
     frames = read16(path, short_side=48)
     assert frames.shape == (N, 48, 64, 3)
     with av.open(path) as c:
-        keyframes = {read_index(f.to_ndarray(format="rgb24")) for f in c.decode(video=0) if f.key_frame}
+        keyframes = {
+            read_index(f.to_ndarray(format="rgb24")) for f in c.decode(video=0) if f.key_frame
+        }
     picked = [read_index(f) for f in read16(path, keyframes_only=True)]
     assert set(picked) <= keyframes and len(set(picked)) >= 8 and picked == sorted(picked)
 
@@ -107,24 +114,34 @@ def counting_decoder(monkeypatch):
 
 
 def test_long_video_is_sampled_by_seeking_not_decoding_everything(tmp_path, monkeypatch):
-    n_frames = 10 * 60 * 10                                # 10 minutes at 10 fps, a keyframe every 5 s
+    # 10 minutes at 10 fps, a keyframe every 5 s
+    n_frames = 10 * 60 * 10
     path = write_video(tmp_path / "long.mp4", n_frames=n_frames, fps=10, gop=50, size=(64, 32),
                        options={"preset": "ultrafast"})
     seen = counting_decoder(monkeypatch)
     frames = read16(path)
     assert [read_index(f) for f in frames] == expected_indices({"n_frames": n_frames})
-    assert len(seen) <= N * 50 + 50                        # at most one GOP per sample, of 6,000 frames
+    # at most one GOP per sample, of 6,000 frames
+    assert len(seen) <= N * 50 + 50
 
 
 def test_b_frames_skipped_on_the_way_still_exact(tmp_path, monkeypatch):
-    """x264 with B-frames and 10 s keyframe intervals: the scan to each target skips frames nothing refers
-    to, and every sampled frame is still exactly the one on screen at its segment's middle."""
+    """x264 with B-frames and 10 s keyframe intervals: the scan to each target skips frames nothing
+    refers to, and every sampled frame is still exactly the one on screen at its segment's
+    middle."""
     n_frames = 1200                                        # 48 s at 25 fps
-    path = write_video(tmp_path / "b.mp4", n_frames=n_frames, fps=25, gop=250, size=(64, 32),
-                       options={"preset": "veryfast", "x264-params": "bframes=3:b-adapt=0:scenecut=0"})
+    path = write_video(
+        tmp_path / "b.mp4",
+        n_frames=n_frames,
+        fps=25,
+        gop=250,
+        size=(64, 32),
+        options={"preset": "veryfast", "x264-params": "bframes=3:b-adapt=0:scenecut=0"},
+    )
     seen = counting_decoder(monkeypatch)
     assert [read_index(f) for f in read16(path)] == expected_indices({"n_frames": n_frames})
-    assert len(seen) < 0.6 * n_frames                     # B-pyramid: one B-frame in three is a reference
+    # B-pyramid: one B-frame in three is a reference
+    assert len(seen) < 0.6 * n_frames
 
 
 def test_header_duration_longer_than_the_file(tmp_path):
@@ -145,14 +162,16 @@ def test_raw_stream_without_timestamps_or_duration(tmp_path):
 
 @pytest.mark.parametrize("name", ["a.mp4", "t.mkv", "raw.h264"])
 def test_a_span_gives_its_own_segment_middles(tmp_path, name):
-    """A shot (start, end) in seconds from the first frame: n frames at the middles of its n segments, in
-    every sampler step (by time with seeking, over a lying header's true end, and by index)."""
+    """A shot (start, end) in seconds from the first frame: n frames at the middles of its n
+    segments, in every sampler step (by time with seeking, over a lying header's true end, and by
+    index)."""
     path = write_video(tmp_path / name, n_frames=100, gop=10)   # 4 s at 25 fps
     if name == "t.mkv":   # the header says 4 s, the file holds about 2
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     idx = [read_index(f) for f in read_frames(path, 4, span=(0.4, 1.2))]
-    assert idx == [12, 17, 22, 27]                               # 0.4 + (i + 0.5) * 0.2 s, at 25 fps
+    # 0.4 + (i + 0.5) * 0.2 s, at 25 fps
+    assert idx == [12, 17, 22, 27]
     with pytest.raises(VideoError, match="outside the video"):
         read_frames(path, 4, span=(60.0, 61.0))
 
@@ -162,7 +181,10 @@ BROKEN = {
     "text-named-mp4": lambda p: open(p, "w").write("this is not a video\n" * 20),
     "random-bytes": lambda p: open(p, "wb").write(np.random.default_rng(0).bytes(5000)),
     "audio-only": lambda p: write_audio_only(p),
-    "truncated-mp4": lambda p: (write_video(p, n_frames=50), os.truncate(p, os.path.getsize(p) // 2)),
+    "truncated-mp4": lambda p: (
+        write_video(p, n_frames=50),
+        os.truncate(p, os.path.getsize(p) // 2),
+    ),
 }
 
 
@@ -215,7 +237,9 @@ def test_find_videos(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("a.mp4", "sub/b.MKV", "sub/c.txt", "d.gif"):
         (tmp_path / name).write_bytes(b"x")
-    assert find_videos(str(tmp_path)) == sorted(str(tmp_path / n) for n in ("a.mp4", "sub/b.MKV", "d.gif"))
+    assert find_videos(str(tmp_path)) == sorted(
+        str(tmp_path / n) for n in ("a.mp4", "sub/b.MKV", "d.gif")
+    )
     (tmp_path / "list.txt").write_text("a.mp4\n\n# comment\n/abs/x.mp4\n")
     assert find_videos(str(tmp_path / "list.txt")) == [str(tmp_path / "a.mp4"), "/abs/x.mp4"]
     (tmp_path / "list.jsonl").write_text('{"video": "sub/b.MKV", "caption": "x"}\n')
@@ -224,7 +248,8 @@ def test_find_videos(tmp_path):
 
 
 def natural_frame(i, w, h):
-    """Smooth gradients and flat shapes, like real footage; resampling filters differ most on noise."""
+    """Smooth gradients and flat shapes, like real footage; resampling filters differ most on
+    noise."""
     y, x = np.mgrid[0:h, 0:w]
     a = np.stack([x * 255 // w, y * 255 // h, (x + y + 7 * i) % 256], -1).astype(np.uint8)
     a[h // 4:h // 2, w // 3:w // 2] = (200, 30, 30)
@@ -233,8 +258,9 @@ def natural_frame(i, w, h):
 
 
 def test_clip_preprocessing_matches_transformers(tmp_path):
-    """Ours resizes inside FFmpeg's scaler (bicubic) as it decodes; transformers resizes full-size RGB
-    frames with PIL. Measured here: mean |difference| ~1.5/255, 99th percentile ~8/255 (at hard edges)."""
+    """Ours resizes inside FFmpeg's scaler (bicubic) as it decodes; transformers resizes full-size
+    RGB frames with PIL. Measured here: mean |difference| ~1.5/255, 99th percentile ~8/255 (at hard
+    edges)."""
     import torch
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -242,10 +268,14 @@ def test_clip_preprocessing_matches_transformers(tmp_path):
     path = write_video(tmp_path / "hd.mp4", n_frames=16, size=(854, 480), frame_fn=natural_frame,
                        options={"crf": "10"})
     with av.open(path) as c:
-        full = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])   # 16 frames: all picked
-    reference = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+        # 16 frames: all picked
+        full = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    reference = CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+    )
     want = reference(images=list(full), return_tensors="pt")["pixel_values"]
-    scale = torch.tensor(CLIP_STD)[:, None, None] * 255                             # back to 0-255 units
+    # back to 0-255 units
+    scale = torch.tensor(CLIP_STD)[:, None, None] * 255
     ours = normalize(read_clip_frames(path, 16, 336))
     assert ours.shape == want.shape == (16, 3, 336, 336)
     diff = ((ours - want).abs() * scale).flatten()
@@ -253,8 +283,9 @@ def test_clip_preprocessing_matches_transformers(tmp_path):
 
 
 def test_pixels_are_normalized_in_fp32_and_cast_once():
-    """bf16 arithmetic would round three times (the /255, the - mean, the / std): on a GPU the frames are
-    normalized in fp32 and cast to the compute dtype at the end, as transformers' processor does."""
+    """bf16 arithmetic would round three times (the /255, the - mean, the / std): on a GPU the
+    frames are normalized in fp32 and cast to the compute dtype at the end, as transformers'
+    processor does."""
     import torch
 
     from data import normalize
@@ -262,16 +293,22 @@ def test_pixels_are_normalized_in_fp32_and_cast_once():
     fp32 = normalize(frames)
     assert fp32.dtype == torch.float32
     assert torch.equal(normalize(frames, dtype=torch.bfloat16), fp32.to(torch.bfloat16))
-    x = torch.as_tensor(frames).movedim(-1, -3).to(torch.bfloat16) / 255      # what rounding in bf16 would give
-    m, s = torch.tensor((0.48145466, 0.4578275, 0.40821073))[:, None, None], torch.tensor((0.26862954, 0.26130258, 0.27577711))[:, None, None]
+    # what rounding in bf16 would give
+    x = torch.as_tensor(frames).movedim(-1, -3).to(torch.bfloat16) / 255
+    m, s = (
+        torch.tensor((0.48145466, 0.4578275, 0.40821073))[:, None, None],
+        torch.tensor((0.26862954, 0.26130258, 0.27577711))[:, None, None],
+    )
     in_bf16 = (x - m.to(torch.bfloat16)) / s.to(torch.bfloat16)
-    assert not torch.equal(in_bf16, fp32.to(torch.bfloat16))                 # the difference is real
+    # the difference is real
+    assert not torch.equal(in_bf16, fp32.to(torch.bfloat16))
 
 
 def test_a_fifo_named_like_a_video_is_said_to_be_no_regular_file_and_never_opened(tmp_path):
     fifo = tmp_path / "clip.mp4"
     os.mkfifo(fifo)
-    with pytest.raises(VideoError) as e:                 # opening it would block the decoder for good
+    # opening it would block the decoder for good
+    with pytest.raises(VideoError) as e:
         read_frames(str(fifo), 4)
     assert "not a regular file" in str(e.value) and "no such file" not in str(e.value)
     with pytest.raises(VideoError):
@@ -280,11 +317,17 @@ def test_a_fifo_named_like_a_video_is_said_to_be_no_regular_file_and_never_opene
 
 
 def test_mpeg_ts_with_b_frames_samples_its_first_gop(tmp_path):
-    """x264 with B-frames in MPEG-TS: a seek to the stream's start time lands on the second keyframe; the
-    frames of the first half second (red) must still be sampled."""
+    """x264 with B-frames in MPEG-TS: a seek to the stream's start time lands on the second
+    keyframe; the frames of the first half second (red) must still be sampled."""
     def red_then_blue(i, w, h):
         return np.full((h, w, 3), (255, 0, 0) if i < 12 else (0, 0, 255), np.uint8)
-    path = write_video(str(tmp_path / "b.ts"), n_frames=100, frame_fn=red_then_blue, container="mpegts",
-                       options={"bf": "3", "g": "12"})
+
+    path = write_video(
+        str(tmp_path / "b.ts"),
+        n_frames=100,
+        frame_fn=red_then_blue,
+        container="mpegts",
+        options={"bf": "3", "g": "12"},
+    )
     assert read_frames(path, 8)[0][10, 10, 0] > 200
     assert all(f[10, 10, 0] > 200 for f in read_frames(path, 4, span=(0.0, 0.4)))

@@ -1,4 +1,5 @@
-"""Running the project's command-line tools from tests, as a user would: a subprocess in the repository."""
+"""Running the project's command-line tools from tests, as a user would: a subprocess in the
+repository."""
 
 import contextlib
 import importlib
@@ -14,10 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(tool, args, env=None):
-    """`python tool args` in this process: tool's main(args) with `env` added to the environment, its
-    stdout and stderr captured and its exit status read from SystemExit as the interpreter would (a
-    string: printed to stderr, status 1). For what ends before any work starts (flags, inputs, model
-    folders checked at start), at a fraction of a subprocess's cost."""
+    """`python tool args` in this process: tool's main(args) with `env` added to the environment,
+    its stdout and stderr captured and its exit status read from SystemExit as the interpreter would
+    (a string: printed to stderr, status 1). For what ends before any work starts (flags, inputs,
+    model folders checked at start), at a fraction of a subprocess's cost."""
     module = importlib.import_module(os.path.splitext(os.path.basename(tool))[0])
     out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
     os.environ.update(env or {})
@@ -43,28 +44,35 @@ def free_port() -> int:
 
 
 def run_tool(tool, args, env=None, wait=True, timeout=300, cwd=ROOT, **kw):
-    """`python tool args` in the repository, with `env` added to the environment; the finished process
-    (text stdout / stderr captured), or with wait=False the running one (in a session of its own, so that
-    os.killpg ends its decode workers too)."""
-    return run_command([sys.executable, os.path.join(ROOT, tool), *map(str, args)], env, wait, timeout, cwd, **kw)
+    """`python tool args` in the repository, with `env` added to the environment; the finished
+    process (text stdout / stderr captured), or with wait=False the running one (in a session of its
+    own, so that os.killpg ends its decode workers too)."""
+    return run_command(
+        [sys.executable, os.path.join(ROOT, tool), *map(str, args)], env, wait, timeout, cwd, **kw
+    )
 
 
-STARTED = []   # the processes started with wait=False: conftest kills the groups of those still running
+# the processes started with wait=False: conftest kills the groups of those still running
+STARTED = []
 
 
 def run_command(cmd, env=None, wait=True, timeout=300, cwd=ROOT, output=True, **kw):
-    """As run_tool, for any command (torchrun): on a timeout or a failing test, its whole process group is
-    killed, so no orphan keeps a core busy (with wait=False, at the end of the test). output=False: its
-    output goes nowhere (a long run nobody reads must not fill a pipe and stall)."""
+    """As run_tool, for any command (torchrun): on a timeout or a failing test, its whole process
+    group is killed, so no orphan keeps a core busy (with wait=False, at the end of the test).
+    output=False: its output goes nowhere (a long run nobody reads must not fill a pipe and
+    stall)."""
     env = {**os.environ, **(env or {})}
     pipe = subprocess.PIPE if output else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True, **kw)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True, **kw
+    )
     if not wait:
         STARTED.append(proc)
         return proc
     try:
         out, err = proc.communicate(timeout=timeout)
-    except BaseException:   # a timeout, or the test failing: the tool and every process it started go
+    # a timeout, or the test failing: the tool and every process it started go
+    except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
@@ -84,8 +92,8 @@ def kill_started():
 
 
 def stop_a_decode_worker(proc, deadline=60):
-    """SIGSTOP on the first decode worker `proc` starts (a decoder stuck on a network disk): its pid,
-    or None when proc ended, or the deadline passed, before one started."""
+    """SIGSTOP on the first decode worker `proc` starts (a decoder stuck on a network disk): its
+    pid, or None when proc ended, or the deadline passed, before one started."""
     from plumbing.workers import decode_workers
     end = time.time() + deadline
     while time.time() < end and proc.poll() is None:

@@ -1,6 +1,6 @@
-"""Synthetic test videos written with PyAV. Each frame carries its own index in its top half: 16 bits as
-two rows of 8 black/white stripes (most significant first), big enough to survive lossy codecs; the
-bottom half is a colour."""
+"""Synthetic test videos written with PyAV. Each frame carries its own index in its top half: 16
+bits as two rows of 8 black/white stripes (most significant first), big enough to survive lossy
+codecs; the bottom half is a colour."""
 
 import av
 import numpy as np
@@ -26,7 +26,8 @@ def read_index(frame):
     h, w = frame.shape[:2]
     q, value = h // 4, 0
     for row in range(2):
-        band = frame[row * q + q // 4:(row + 1) * q - q // 4].mean(axis=(0, 2))   # away from the edges
+        # away from the edges
+        band = frame[row * q + q // 4:(row + 1) * q - q // 4].mean(axis=(0, 2))
         for b in range(STRIPES):
             x0, x1 = b * w // STRIPES, (b + 1) * w // STRIPES
             value = value * 2 + int(band[x0 + (x1 - x0) // 4: x1 - (x1 - x0) // 4].mean() > 128)
@@ -34,18 +35,27 @@ def read_index(frame):
 
 
 def write_video(path, n_frames=32, fps=25, size=(64, 48), frame_fn=index_frame, **kw):
-    """n_frames of frame_fn(i, width, height), written by synthetic.write_video (its keywords pass on)."""
+    """n_frames of frame_fn(i, width, height), written by synthetic.write_video (its keywords pass
+    on)."""
     w, h = size
     return synthetic.write_video(path, (frame_fn(i, w, h) for i in range(n_frames)), fps=fps, **kw)
 
 
 def solid_videos(folder, n, n_frames=10, size=(96, 64)):
-    """n videos of one flat colour each, all different (a fake API tells them apart by it): (paths, colours)."""
+    """n videos of one flat colour each, all different (a fake API tells them apart by it): (paths,
+    colours)."""
     import os
     os.makedirs(folder, exist_ok=True)
     colours = [((37 * i) % 256, (255 - 53 * i) % 256, (91 * i) % 256) for i in range(n)]
-    paths = [write_video(os.path.join(folder, f"v{i:02d}.mp4"), n_frames=n_frames, size=size,
-                         frame_fn=lambda j, w, h, c=c: np.full((h, w, 3), c, np.uint8)) for i, c in enumerate(colours)]
+    paths = [
+        write_video(
+            os.path.join(folder, f"v{i:02d}.mp4"),
+            n_frames=n_frames,
+            size=size,
+            frame_fn=lambda j, w, h, c=c: np.full((h, w, 3), c, np.uint8),
+        )
+        for i, c in enumerate(colours)
+    ]
     return paths, colours
 
 

@@ -1,4 +1,5 @@
-"""Functions that the tests' decode workers run (a module light to import: it is imported in each worker)."""
+"""Functions that the tests' decode workers run (a module light to import: it is imported in each
+worker)."""
 
 import os
 import time
