@@ -24,8 +24,8 @@ from plumbing.sources import NameCollision, Video, canonical, collision, paired,
 
 VERIFY = (
     "These are {frames} frames sampled evenly from one video, in order. Below are {n} numbered "
-    "sentences that describe it. For each sentence, say whether the frames support it (true) or not "
-    "(false: it describes something not visible, or different from what is "
+    "sentences that describe it. For each sentence, say whether the frames support it (true) or "
+    "not (false: it describes something not visible, or different from what is "
     "visible).\n\n{sentences}\n\nAnswer with a JSON object {{\"supported\": [true | false, ...]}}, "
     "one value per sentence, in order."
 )

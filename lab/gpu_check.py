@@ -251,7 +251,8 @@ def plan(stages, gpus, budget, elapsed):
         if stage.gpus > max(gpus, 1):   # a CPU counts as one
             return f"skipped: needs {stage.gpus} GPUs, this machine has {gpus}"
         if elapsed() + stage.expected_s > budget:
-            return f"skipped: expected {stage.expected_s:.0f} s, {max(budget - elapsed(), 0):.0f} s of the budget left"
+            return (f"skipped: expected {stage.expected_s:.0f} s, "
+                    f"{max(budget - elapsed(), 0):.0f} s of the budget left")
         return ""
     return why
 

@@ -299,7 +299,8 @@ def format_row(r):
         )
     ratio = "too small to time" if r["too_small_to_time"] else "-" if r["ratio"] is None else \
         f"{r['ratio']:.3g} [{r['ratio_range'][0]:.3g}-{r['ratio_range'][1]:.3g}]"
-    return f"{r['name']:<90} {r['unit']:>9}  ours {num(r['ours']):>24}  ref {num(r['reference']):>24}  ratio {ratio}"
+    return (f"{r['name']:<90} {r['unit']:>9}  ours {num(r['ours']):>24}  "
+            f"ref {num(r['reference']):>24}  ratio {ratio}")
 
 
 def child(module, name, kwargs):

@@ -81,7 +81,8 @@ def starts(motion):
 
 
 def video_caption(colour, shape, cell, motion, size=""):
-    return f"a {size + ' ' if size else ''}{colour} {shape} starts at the {NAMES[cell]} and moves {', then '.join(motion)}."
+    return (f"a {size + ' ' if size else ''}{colour} {shape} starts at the {NAMES[cell]} and moves "
+            f"{', then '.join(motion)}.")
 
 
 def still_caption(colour, shape, cell, bg, motion=None):

@@ -59,9 +59,11 @@ class Breaker:
         if code in QUOTA_CODES:
             why = f"the account has no quota left (HTTP {status} {code}): top it up, then run again"
         elif status in (401, 403) or code in KEY_CODES:
-            why = f"the API refused the key in ${self.client.key_env} (HTTP {status} {code}): set a valid key"
+            why = (f"the API refused the key in ${self.client.key_env} (HTTP {status} {code}): "
+                   f"set a valid key")
         else:
-            why = f"{self.client.url} answered HTTP {status or '-'} {code}: check --api-base and --model"
+            why = (f"{self.client.url} answered HTTP {status or '-'} {code}: "
+                   f"check --api-base and --model")
         return why + "; items that failed are not marked done"
 
 
@@ -105,8 +107,8 @@ def run_items(client, jobs, work, concurrency, out, limit, identify, neutral=(),
         client.stop.set()
         if len(interrupts) == 1:
             print(
-                "\nstopping: no new requests; those in flight are written as they end (Ctrl-C again "
-                "to abandon them)",
+                "\nstopping: no new requests; those in flight are written as they end "
+                "(Ctrl-C again to abandon them)",
                 file=sys.stderr,
                 flush=True,
             )

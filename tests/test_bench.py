@@ -195,7 +195,7 @@ def test_a_busy_machine_is_said_in_one_line_and_strict_refuses(monkeypatch, caps
     assert capsys.readouterr().err == ""
 
 
-def test_the_time_said_before_a_run_is_the_newest_measured_and_the_default_sections_take_about_ten_minutes(
+def test_the_time_said_at_start_is_the_newest_measured_and_the_default_sections_take_ten_minutes(
     tmp_path,
 ):
     """The expected time comes from the results/ files (the newest CPU figure for each section), not

@@ -41,7 +41,7 @@ def test_a_stage_starts_only_if_its_expected_time_fits_what_the_budget_has_left(
 
 
 @pytest.mark.slow
-def test_the_check_at_a_tiny_size_on_the_cpu_runs_its_stages_in_order_skips_by_budget_and_leaves_nothing(
+def test_a_tiny_check_on_the_cpu_runs_its_stages_in_order_skips_by_budget_and_leaves_nothing(
     tmp_path,
 ):
     work, out = tmp_path / "work", tmp_path / "check.json"

@@ -196,8 +196,10 @@ def test_the_stand_in_teacher_starts_with_one_command_and_labels_what_the_frames
             assert r.returncode == 0, r.stderr[-2000:]
             labels = {os.path.basename(row["video"]): row["caption"] for row in read_rows(str(out))}
             assert labels == {
-                "red.mp4": "A red shape at the top left moves right then down on a dark background.",
-                "blue.mp4": "A blue shape at the top left moves right then down on a dark background.",
+                "red.mp4": "A red shape at the top left moves right then down on a dark "
+                "background.",
+                "blue.mp4": "A blue shape at the top left moves right then down on a dark "
+                "background.",
             }
     finally:
         server.terminate()
