@@ -62,7 +62,7 @@ class Settings:
     freeze_projector: bool = flag(False, "LoRA alone learns: the projector stays as it was (alpha 0 is then the "
                                          "model started from)")
     lora_r: int = flag(help=f"LoRA rank (default: {lora.R}, or the model's adapter's)", type=cli.positive_int)
-    lora_alpha: float = flag(help=f"LoRA alpha; its share is alpha / r (default: {lora.ALPHA:g})", type=cli.non_negative)
+    lora_alpha: float = flag(help=f"LoRA alpha; its share is alpha / r (default: {lora.ALPHA:g}, or a model's own adapter's)", type=cli.non_negative)
     lora_dropout: float = flag(lora.DROPOUT, "dropout on the LoRA input", type=cli.non_negative)
     lora_targets: str = flag(help=f"the language model's linear layers that get LoRA, comma-separated: a "
                                   f"layer's last name or its full name (default: {','.join(lora.TARGETS)})")

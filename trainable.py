@@ -75,51 +75,39 @@ def lora_targets(args) -> list:
 
 def add_lora(model, args):
     """A new adapter: the report's (r 128, alpha 32 on q_proj and k_proj) unless the flags say
-    otherwise. A model that has one already (a release, an export) trains it on as it is: LoRA flags
-    that ask for another are refused, not ignored."""
+    otherwise. A model that has one already (a release, an export) trains it on (same_lora)."""
     if args.full_finetune or args.train_all:
         return
     if lora.lora_layers(model):
         return same_lora(model, args)
     torch.manual_seed(args.seed)
-    lora.add_lora(
-        model.language_model,
-        targets=lora_targets(args),
-        r=args.lora_r or lora.R,
-        alpha=lora.ALPHA if args.lora_alpha is None else args.lora_alpha,
-        dropout=args.lora_dropout,
-    )
+    alpha = lora.ALPHA if args.lora_alpha is None else args.lora_alpha
+    lora.add_lora(model.language_model, targets=lora_targets(args), r=args.lora_r or lora.R,
+                  alpha=alpha, dropout=args.lora_dropout)
 
 
 def same_lora(model, args):
+    """A model's own adapter trains on: --lora-alpha sets its share (a knob, as at inference: 32 is
+    the report's for training, a release loads at 4); a rank or layers other than its own are
+    refused, not ignored."""
     lm = model.language_model
-    shape = lora.lora_shape(lm)  # {name: (r, alpha)}
-    linears = [
-        n
-        for n, m in lm.named_modules()
-        if isinstance(m, torch.nn.Linear) and not n.endswith("_A") and not n.endswith("_B")
-    ]
-    other = [
-        flag
-        for flag, asked, has in (
-            ("--lora-r", args.lora_r, {r for r, _ in shape.values()}),
-            ("--lora-alpha", args.lora_alpha, {a for _, a in shape.values()}),
-            ("--lora-targets", args.lora_targets and lora_targets(args), set(shape)),
-        )
-        if asked is not None
-        and (
-            {n for n in linears if lora.matches(n, asked)} if flag == "--lora-targets" else {asked}
-        )
-        != has
-    ]
+    if args.lora_alpha is not None:
+        lora.set_lora_alpha(lm, args.lora_alpha)
+    shape = lora.lora_shape(lm)   # {name: (r, alpha)}
+    other = []
+    if args.lora_r is not None and {r for r, _ in shape.values()} != {args.lora_r}:
+        other.append("--lora-r")
+    if args.lora_targets:
+        linears = [n for n, m in lm.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not n.endswith(("lora_A", "lora_B"))]
+        if {n for n in linears if lora.matches(n, lora_targets(args))} != set(shape):
+            other.append("--lora-targets")
     if other:
         r, a = next(iter(shape.values()))
         kinds = sorted({n.rsplit(".", 1)[-1] for n in shape})
-        raise ValueError(
-            f"the model already has a LoRA adapter (r {r}, alpha {a:g}, on {','.join(kinds)} in "
-            f"{len(shape)} layers), which trains on as it is: {', '.join(other)} ask for another; "
-            f"leave them out, or start from a model without one"
-        )
+        raise ValueError(f"the model already has a LoRA adapter (r {r} on {','.join(kinds)} in "
+                         f"{len(shape)} layers), which trains on: {' and '.join(other)} ask for "
+                         f"another; leave them out, or start from a model without one")
 
 
 def set_trainable(model, args):

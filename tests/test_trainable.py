@@ -80,27 +80,23 @@ def test_a_dry_run_with_no_processes_is_one_line():
 
 
 def test_lora_flags_that_ask_for_another_adapter_than_the_models_own_are_refused_not_ignored(ckpt):
-    """A model with an adapter (a release, an export) trains it on: no LoRA flag, or the same r,
-    alpha and layers, goes on with it; another rank, alpha or layer set is one line, not a silent
-    no-op."""
+    """A model with an adapter (a release, an export) trains it on: no LoRA flag, or the same rank
+    and layers, goes on with it; --lora-alpha sets its share; another rank or layer set is one line,
+    not a silent no-op."""
     import lora
     from model import PLLaVA
 
     def go_on(*flags):
         model = PLLaVA.from_pretrained(ckpt)
         lora.add_lora(model.language_model, targets=("q_proj", "k_proj"), r=4, alpha=8.0)
-        before = lora.lora_shape(model.language_model)
         s = train.parse_args(["--data", "d.jsonl", "--out", "o", "--model", ckpt, *flags])
         trainable.add_lora(model, s)
-        assert lora.lora_shape(model.language_model) == before   # the model's own, untouched
-    go_on()
-    go_on("--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "k_proj,q_proj")
-    for flags, named in [
-        (["--lora-r", "128"], "--lora-r"),
-        (["--lora-alpha", "32"], "--lora-alpha"),
-        (["--lora-targets", "q_proj,v_proj"], "--lora-targets"),
-    ]:
-        with pytest.raises(
-            ValueError, match=f"already has a LoRA adapter .*r 4, alpha 8.*{named} ask"
-        ):
+        return lora.lora_shape(model.language_model)
+    own = go_on()
+    assert set(own.values()) == {(4, 8.0)} and {n.rsplit(".", 1)[1] for n in own} == {"q_proj", "k_proj"}
+    assert go_on("--lora-r", "4", "--lora-targets", "k_proj,q_proj") == own
+    assert go_on("--lora-alpha", "32") == {n: (4, 32.0) for n in own}    # the report's share, set
+    for flags, named in [(["--lora-r", "128"], "--lora-r"), (["--lora-targets", "q_proj,v_proj"],
+                                                             "--lora-targets")]:
+        with pytest.raises(ValueError, match=f"already has a LoRA adapter .*r 4 .*{named} ask"):
             go_on(*flags)
