@@ -93,7 +93,8 @@ def test_lora_flags_that_ask_for_another_adapter_than_the_models_own_are_refused
         trainable.add_lora(model, s)
         return lora.lora_shape(model.language_model)
     own = go_on()
-    assert set(own.values()) == {(4, 8.0)} and {n.rsplit(".", 1)[1] for n in own} == {"q_proj", "k_proj"}
+    assert set(own.values()) == {(4, 8.0)}
+    assert {n.rsplit(".", 1)[1] for n in own} == {"q_proj", "k_proj"}
     assert go_on("--lora-r", "4", "--lora-targets", "k_proj,q_proj") == own
     assert go_on("--lora-alpha", "32") == {n: (4, 32.0) for n in own}    # the report's share, set
     for flags, named in [(["--lora-r", "128"], "--lora-r"), (["--lora-targets", "q_proj,v_proj"],
