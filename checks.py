@@ -81,11 +81,16 @@ def to_recheck(labels: dict, student: dict, share: float) -> dict:
     return {k: a for a, _, k in scored[:int(round(share * len(labels)))]}
 
 
+def says(caption: str, words: str = None) -> bool:
+    """Whether a caption says `words` (as whole words, any case); anything, when words is None."""
+    return not words or re.search(rf"\b{re.escape(words)}\b", caption, re.IGNORECASE) is not None
+
+
 def audit_sample(labels: dict, size: float) -> list:
-    """The keys of the labels an audit asks a second source about: `size` of them (a share below 1,
+    """The keys of the labels an audit asks a second source about: `size` of them (a share up to 1,
     else a count), chosen by a hash of each key: the same on every run and shard, spread over the
     whole file."""
-    n = round(size * len(labels)) if size < 1 else min(int(size), len(labels))
+    n = round(size * len(labels)) if size <= 1 else min(int(size), len(labels))
     return sorted(labels, key=lambda k: hashlib.sha256(repr(k).encode()).hexdigest())[:n]
 
 

@@ -7,8 +7,15 @@ first row is kept: one label a video, or a shot), refusals, captions cut at the 
 degenerate ones (a phrase repeated in a loop), boilerplate openings stripped ("The video shows
 ..."), then exact and near duplicates (MinHash over word 3-grams, Jaccard >= --near) dropped,
 unless --keep-duplicates (a templated data set, where many videos rightly share a caption).
+
+A habit of the teacher's that `label.py audit` confirmed (its report: the teacher says A where a
+second source says B) is fixed first, with --fix A=B: the labels that say A left out (--how drop),
+or, from an audit of those labels (`label.py audit --saying A --sample 1`), replaced by the second
+source's label (--how replace) or rewritten A -> B where the second source's label says B (--how
+rewrite).
 """
 
+import argparse
 import collections
 import os
 import re
@@ -127,6 +134,40 @@ def clean_rows(rows, counts: collections.Counter, near=0.8, drop_duplicates=True
                 yield {**row, "caption": stripped}
 
 
+def fix_confusion(rows, confusion, how, audit, counts):
+    """The rows, those whose label says confusion[0] fixed as `how` says (the module's docstring);
+    audit: {row key: the second source's label}. A label the audit did not ask is kept, counted."""
+    said, meant = confusion
+    says, means = (re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in (said, meant))
+    for row in rows:
+        caption, second = row.get("caption"), audit.get(row_key(row))
+        if not isinstance(caption, str) or not says.search(caption):
+            yield row
+        elif how == "drop":
+            counts[f"says {said!r}: left out"] += 1
+        elif second is None:
+            counts[f"says {said!r}: not asked of the second source, kept as it was"] += 1
+            yield row
+        elif how == "replace":
+            counts[f"says {said!r}: the second source's label instead"] += 1
+            yield {**row, "caption": second, "caption_teacher": caption}
+        elif means.search(second) and not says.search(second):
+            counts[f"says {said!r}: rewritten to {meant!r}"] += 1
+            yield {**row, "caption": says.sub(meant, caption), "caption_teacher": caption}
+        else:
+            counts[f"says {said!r}: the second source does not say {meant!r}, kept"] += 1
+            yield row
+
+
+def confusion(text):
+    """--fix "A=B" -> ("A", "B")."""
+    said, _, meant = text.partition("=")
+    if not said.strip() or not meant.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WORDS=WORDS, as the audit's report "
+                                         f"names them")
+    return said.strip(), meant.strip()
+
+
 def clean_file(argv):
     p = cli.Parser(prog="label.py clean", description=__doc__.split("\n\n")[0])
     p.add_argument("labels", help="label.py's JSONL output")
@@ -139,9 +180,17 @@ def clean_file(argv):
         action="store_true",
         help="keep captions that other videos have too (a templated data set, as toy.py's)",
     )
+    p.add_argument("--fix", type=confusion,
+                   help="A=B: a confusion label.py audit confirmed (see above)")
+    p.add_argument("--how", choices=["drop", "replace", "rewrite"], default="drop",
+                   help="--fix: leave those labels out, or replace / rewrite them from --audit")
+    p.add_argument("--audit", help="--fix: label.py audit's rows of the labels that say A")
     args = p.parse_args(argv)
     if not 0 < args.near <= 1:
         p.error("--near must be above 0 and at most 1")
+    if args.fix and args.how != "drop" and not args.audit:
+        p.error(f"--how {args.how} needs --audit FILE (label.py audit --saying "
+                f"{args.fix[0]!r} --sample 1)")
     if (
         os.path.exists(args.out)
         and os.path.exists(args.labels)
@@ -156,10 +205,16 @@ def clean_file(argv):
             f"{args.labels}: no JSONL rows in it (is it the labels file?); {args.out} left as it "
             f"was"
         )
+    n_in = len(rows)
+    if args.fix:
+        asked = read_rows(args.audit, must_exist=True) if args.audit else []
+        audit = {row_key(r): r["caption"] for r in asked
+                 if isinstance(r.get("caption"), str) and "teacher" in r}
+        rows = fix_confusion(rows, args.fix, args.how, audit, counts)
     # written whole, then put in place: a failure leaves the old file
     with Appender(args.out) as out:
         out.rewrite(clean_rows(rows, counts, args.near, not args.keep_duplicates))
-    print(f"{len(rows)} rows in, {counts['kept']} kept", file=sys.stderr)
+    print(f"{n_in} rows in, {counts['kept']} kept", file=sys.stderr)
     for rule, n in counts.items():
         if rule != "kept":
             print(f"  {rule}: {n}", file=sys.stderr)

@@ -81,7 +81,8 @@ def parse_args(argv=None, mode="label"):
                                         "machine (default: their paths as the labels write them)")
     p.add_argument("--student", help="recheck: the student's captions (caption.py rows) of the labelled videos")
     p.add_argument("--sample", type=cli.positive, default=500,
-                   help="audit: the labels asked of the second source: a share (below 1) or a count")
+                   help="audit: the labels asked of the second source: a share (1 or less; 1: all) or a count")
+    p.add_argument("--saying", help="audit: only among the labels that say this (a confusion to fix)")
     p.add_argument("--share", type=cli.fraction, default=0.3,
                    help="recheck: the share of labels asked again, those the student agrees with least")
     p.add_argument("--overwrite", action="store_true",
@@ -265,22 +266,21 @@ def recheck_labels(args):
 
 
 def audit_labels(args):
-    """A sample of the labels (--sample) labelled again by a second source (--api-base / --model), from
-    the same frames, and compared with the teacher's (checks.audit_report): how far the two agree, and
-    what the teacher says where the second source says something else, in how many of the sampled
-    videos that say it. The report goes to stderr and beside --out (.report.txt): read it before
-    paying for training on the labels."""
+    """A sample of the labels (--sample; --saying: among those that say it) labelled again by a second
+    source (--api-base / --model) from the same frames, and the report (checks.audit_report), on stderr
+    and beside --out (.report.txt): read it before paying for training; `label.py clean --fix` fixes
+    what it confirms."""
     prompt, run = teacher_prompt(args), Run(args, "audit")
     labels, mine, what, names, here = _of_labels(args, "audit", prompt)
-    sample = set(checks.audit_sample(labels, args.sample))   # among all labels: shards agree
-    mine = {k: r for k, r in mine.items() if k in sample}
+    pool = {k: r for k, r in labels.items() if checks.says(r["caption"], args.saying)}
+    mine = {k: mine[k] for k in checks.audit_sample(pool, args.sample) if k in mine}   # shards agree
+    print(f"audit: {len(mine)} of {len(labels)} labels asked of {args.model}", file=sys.stderr)
     with run.outputs(what, names, here) as (out, done):
         todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items() if k not in done]
-        teacher = {k: r["caption"] for k, r in labels.items()}
 
         def work(job):
             row = label_one(run.client, args, prompt, run.tries, run.settings, job)
-            return {**row, "teacher": teacher[key_of(job)]} if "caption" in row else row
+            return {**row, "teacher": labels[key_of(job)]["caption"]} if "caption" in row else row
         run.ask(out, todo, work, len(todo), already=len(mine) - len(todo))
     report = checks.audit_report(iter_rows(args.out), args.model)
     with open(os.path.splitext(args.out)[0] + ".report.txt", "w", encoding="utf-8") as f:
@@ -322,7 +322,7 @@ class Run:
     def outputs(self, what, names, here):
         """(the --out file, {key: row} of what it holds done), resumed under the settings id of `what` and
         the flags (self.settings); names: {path: name} of rows from before names; here: {name: path}."""
-        flags = LABEL_SETTINGS + {"recheck": ("share",), "audit": ("sample",)}.get(self.mode, ())
+        flags = LABEL_SETTINGS + {"recheck": ("share",), "audit": ("sample", "saying")}.get(self.mode, ())
         self.settings = settings_id(self.args, None, what, names=flags)
         with Outputs(self.args.out, overwrite=self.args.overwrite) as out:
             key = functools.partial(shots.row_key, names=names)

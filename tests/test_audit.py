@@ -56,11 +56,15 @@ def test_audit_asks_a_sample_once_and_names_the_teachers_habit(tmp_path):
         first = run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY})
         again = run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY})
         other = run_tool("label.py", args[:3] + ["9"] + args[4:], env={"DASHSCOPE_API_KEY": KEY})
+        api.log.clear()
+        saying = run_tool("label.py", args[:3] + ["1", "--saying", "purple", "--out",
+                                                  tmp_path / "purple.jsonl"] + args[4:],
+                          env={"DASHSCOPE_API_KEY": KEY})
     finally:
         api.close()
     assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
     assert other.returncode == 1 and "other settings" in other.stderr, other.stderr   # --sample
-    assert len(api.log) == 8 and len({e["item"] for e in api.log}) == 8
+    assert saying.returncode == 0 and sorted(e["item"] for e in api.log) == [0, 2, 4, 6, 8, 10]
     assert "8 already done" in again.stderr
     rows = read_rows(str(tmp_path / "labels.audit.jsonl"))
     asked = [int(r["caption"].split()[1][:-1]) for r in rows]
@@ -70,3 +74,37 @@ def test_audit_asks_a_sample_once_and_names_the_teachers_habit(tmp_path):
     habit = f'teacher "purple" where second-vl says "blue": {evens} of {evens} (100%)'
     assert habit in report, report
     assert report.strip() in first.stderr and KEY not in report + first.stderr
+
+
+def test_clean_fix_leaves_out_replaces_or_rewrites_the_labels_with_a_confirmed_confusion(tmp_path):
+    """--fix purple=blue: drop leaves out the labels that say purple; replace puts the second
+    source's label in their place; rewrite writes blue for purple where the second source says blue.
+    A label the audit did not ask is kept as it was; each result goes through the cleaning after."""
+    from clean import clean_file
+    said = {"v0": "A purple square moves right.", "v1": "The video shows a purple circle.",
+            "v2": "A red square moves up.", "v3": "A purple star spins."}
+    # v3 was not asked
+    second = {"v0": "A blue square moves right.", "v1": "A green circle sits still."}
+    labels, audit, out = (tmp_path / f for f in ("labels.jsonl", "audit.jsonl", "out.jsonl"))
+    labels.write_text("".join(json.dumps({"video": f"{k}.mp4", "name": f"{k}.mp4", "caption": c})
+                              + "\n" for k, c in said.items()))
+    audit.write_text("".join(json.dumps({"video": f"{k}.mp4", "name": f"{k}.mp4", "caption": c,
+                                         "teacher": said[k]}) + "\n" for k, c in second.items()))
+
+    def fixed(how, *extra):
+        counts = clean_file([str(labels), "--out", str(out), "--fix", "purple=blue", "--how", how,
+                             *extra])
+        return {r["name"][:2]: r["caption"] for r in read_rows(str(out))}, counts
+    rows, counts = fixed("drop")
+    assert rows == {"v2": "A red square moves up."} and counts["says 'purple': left out"] == 3
+    rows, counts = fixed("replace", "--audit", str(audit))
+    assert rows == {"v0": "A blue square moves right.", "v1": "A green circle sits still.",
+                    "v2": "A red square moves up.", "v3": "A purple star spins."}
+    rows, counts = fixed("rewrite", "--audit", str(audit))
+    # v1: the second source does not say blue: kept (its boilerplate stripped by the cleaning)
+    assert rows == {"v0": "A blue square moves right.", "v1": "A purple circle.",
+                    "v2": "A red square moves up.", "v3": "A purple star spins."}
+    assert counts["says 'purple': rewritten to 'blue'"] == 1
+    assert counts["says 'purple': not asked of the second source, kept as it was"] == 1
+    with pytest.raises(SystemExit):
+        clean_file([str(labels), "--out", str(out), "--fix", "purple=blue", "--how", "rewrite"])
