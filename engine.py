@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo
 
 from generate import (Sampling, compiled_decode, decode_one_token, length_mask, looping, pick,
                       prefill)
