@@ -104,15 +104,13 @@ def parse_args(argv=None, mode="label"):
     return args
 
 
-def key_of(job):
-    """A job's (video name, shot or None): what its row is stored and resumed under."""
+def key_of(job):   # a job's (video name, shot or None): what its row is stored and resumed under
     (video, shot, _), _ = job
     return video.name, shot[0] if shot else None
 
 
 def label_one(client, args, prompt, tries, settings, job):
-    """((video, shot, _), data URLs or VideoError) -> its row (with the shot's fields, for
-    --shots)."""
+    """((video, shot, _), data URLs or VideoError) -> its row (with the shot's fields, --shots)."""
     (video, shot, _), urls = job
     row = _label_one(client, args, prompt, video, urls, tries.get(key_of(job), 0))
     return {**identify(job), **row, **({"settings": settings} if "caption" in row else {})}
@@ -272,6 +270,9 @@ def audit_labels(args):
     what it confirms."""
     prompt, run = teacher_prompt(args), Run(args, "audit")
     labels, mine, what, names, here = _of_labels(args, "audit", prompt)
+    if args.model in {r.get("model") for r in labels.values()}:
+        raise ValueError(f"--model {args.model} made these labels: an audit asks a second source (another "
+                         f"--model, and its --api-base and --api-key-env)")
     pool = {k: r for k, r in labels.items() if checks.says(r["caption"], args.saying)}
     mine = {k: mine[k] for k in checks.audit_sample(pool, args.sample) if k in mine}   # shards agree
     print(f"audit: {len(mine)} of {len(labels)} labels asked of {args.model}", file=sys.stderr)
@@ -294,8 +295,7 @@ def teacher_prompt(args):
 
 
 def _of_labels(args, mode, prompt):
-    """The labels (all, this shard's), what the rows' settings say (what is checked, against whom), the
-    labels' names by their paths, and their paths here by their names."""
+    """The labels (all, this shard's), the settings (what is checked, against whom), the names by paths."""
     labels = checks.labelled_videos(args)
     if not labels:
         raise ValueError(f"{args.source}: no labelled rows in it (rows with a video and a caption)")
@@ -307,7 +307,7 @@ def _of_labels(args, mode, prompt):
 
 
 class Run:
-    """What the three modes share: the teacher's client, the decode workers, the --out file resumed under
+    """What the modes share: the teacher's client, the decode workers, the --out file resumed under
     the rows' settings id, the jobs run on threads (plumbing/runner.py), and the counts the summary says."""
 
     def __init__(self, args, mode):

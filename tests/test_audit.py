@@ -108,3 +108,15 @@ def test_clean_fix_leaves_out_replaces_or_rewrites_the_labels_with_a_confirmed_c
     assert counts["says 'purple': not asked of the second source, kept as it was"] == 1
     with pytest.raises(SystemExit):
         clean_file([str(labels), "--out", str(out), "--fix", "purple=blue", "--how", "rewrite"])
+
+
+def test_an_audit_by_the_model_that_made_the_labels_is_refused_in_one_line(tmp_path):
+    from tools import run_main
+    labels = tmp_path / "labels.jsonl"
+    row = {"video": "v.mp4", "caption": "A red square.", "model": "qwen-vl-max"}
+    labels.write_text(json.dumps(row) + "\n")
+    r = run_main("label.py", ["audit", labels, "--api-base", "http://127.0.0.1:9/v1"],
+                 env={"DASHSCOPE_API_KEY": KEY})
+    said = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(said) == 1 and "made these labels" in said[0], r.stderr
+    assert not (tmp_path / "labels.audit.jsonl").exists()
