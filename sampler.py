@@ -18,7 +18,8 @@ import os
 import av
 import numpy as np
 
-TS_EXTENSIONS = {".ts", ".m2ts", ".mts", ".m2t"}
+from plumbing.sources import TS_EXTENSIONS
+
 CODEC_THREADS = 0   # threads a decoder may use (0: FFmpeg's choice); decode workers set theirs
 
 MAX_PIXELS = 1 << 25   # 33.5 M, an 8K frame: a frame (or its resized self) past this is refused

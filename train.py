@@ -32,9 +32,10 @@ from data import mean_std, normalize
 from dataset import Batches, StepSampler, TrainSet, eval_keys, load_data
 from plumbing import cli, hub, memory
 from plumbing.jsonl import Appender, Busy
+from plumbing.rehearse import training_plan
 from plumbing.workers import cores_per_rank
 from tokenizer import TEMPLATES, Tokenizer, prompt_for
-from trainable import dry_run, mesh_shape, preprocessing_folder, probe, recompute, setup_model
+from trainable import mesh_shape, preprocessing_folder, probe, recompute, setup_model
 from trainstate import (barrier, check_out, check_resumable, check_shared_out, collective_timeout, export,
                         init_process_group, load_checkpoint, restarts, sample_list, save_checkpoint, shared)
 from weights import RELEASES, ModelFolderError
@@ -154,8 +155,7 @@ def train(s: Settings):
 
 
 @dataclass
-class Run:
-    """What set_up makes ready for the loop."""
+class Run:   # what set_up makes ready for the loop
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     batches: object          # the micro-batches of this rank, from the step it starts at
@@ -392,7 +392,7 @@ def parse_args(argv=None) -> Settings:
 
 def main(argv=None):
     s = parse_args(argv)
-    return cli.run(lambda: dry_run(s) if s.dry_run else train(s),
+    return cli.run(lambda: training_plan(s) if s.dry_run else train(s),
                    (OSError, ValueError, hub.HubError, ModelFolderError, Busy))
 
 

@@ -1,6 +1,5 @@
 """What trains, and where, for train.py: the model a run starts from (a checkpoint, or random
-weights), its LoRA, which parameters learn, and FSDP2 over the ranks (one rank too); and the plan of
-its memory (train.py --dry-run).
+weights), its LoRA, which parameters learn, and FSDP2 over the ranks (one rank too).
 """
 
 import os
@@ -11,7 +10,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 import lora
 from model import PLLaVA
-from plumbing import memory
 from weights import model_config, read_config
 
 
@@ -189,27 +187,3 @@ def recompute(model, on):
     """Activation checkpointing: each layer's activations recomputed in the backward pass."""
     model.language_model.recompute = on
     model.vision_tower.vision_model.recompute = on
-
-
-def dry_run(args):
-    """The plan of a release (pllava-7b/13b/34b or its hub id), a local model folder or
-    --init-from-config on --gpus GPUs of --card-gb each, beside one training step rehearsed on fake
-    tensors (plumbing/rehearse.py) with the FSDP2 wrapping at that world size: nothing is read,
-    loaded, downloaded or started."""
-    from plumbing import rehearse
-
-    config, trainable = probe(
-        args, args.model if args.model and os.path.isdir(args.model) else None
-    )
-    shards = mesh_shape(args.gpus, int(os.environ.get("LOCAL_WORLD_SIZE", args.gpus)))[-1]
-    on, need = memory.for_training(args, config, trainable, shards, gpu=True)
-    peak = rehearse.training(args, config, args.gpus, on)
-    print(
-        f"{args.model or args.init_from_config}: batch {args.batch_size} x "
-        f"{config.num_visual_tokens} visual + {args.max_text_tokens} text tokens on {args.gpus} "
-        f"GPU(s), {trainable / 1e6:.1f}M trainable, activation checkpointing "
-        f"{'on' if on else 'off'}: estimate {memory.describe(need)}, total {need['total']:.1f} GB "
-        f"per GPU; rehearsed on fake tensors: peak {peak['peak_gb']:.1f} GB + context "
-        f"{memory.CONTEXT_GB} GB"
-    )
-    return {**need, "rehearsed": peak["peak_gb"] + memory.CONTEXT_GB}

@@ -15,6 +15,7 @@ was given. No other host read can happen without failing.
 
 import collections
 import contextlib
+import os
 import weakref
 
 import torch
@@ -295,6 +296,31 @@ class _Trained(PLLaVA):
 
 def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def training_plan(args):
+    """The plan of a release (pllava-7b/13b/34b or its hub id), a local model folder or
+    --init-from-config on --gpus GPUs of --card-gb each, beside one training step rehearsed on fake
+    tensors (training, above) with the FSDP2 wrapping at that world size: nothing is read,
+    loaded, downloaded or started."""
+    from plumbing import memory
+    from trainable import mesh_shape, probe
+
+    config, trainable = probe(
+        args, args.model if args.model and os.path.isdir(args.model) else None
+    )
+    shards = mesh_shape(args.gpus, int(os.environ.get("LOCAL_WORLD_SIZE", args.gpus)))[-1]
+    on, need = memory.for_training(args, config, trainable, shards, gpu=True)
+    peak = training(args, config, args.gpus, on)
+    print(
+        f"{args.model or args.init_from_config}: batch {args.batch_size} x "
+        f"{config.num_visual_tokens} visual + {args.max_text_tokens} text tokens on {args.gpus} "
+        f"GPU(s), {trainable / 1e6:.1f}M trainable, activation checkpointing "
+        f"{'on' if on else 'off'}: estimate {memory.describe(need)}, total {need['total']:.1f} GB "
+        f"per GPU; rehearsed on fake tensors: peak {peak['peak_gb']:.1f} GB + context "
+        f"{memory.CONTEXT_GB} GB"
+    )
+    return {**need, "rehearsed": peak["peak_gb"] + memory.CONTEXT_GB}
 
 
 def main():

@@ -15,8 +15,7 @@ resume go by the name. A row from before names is known by its path as far as th
 import os
 import zlib
 
-from sampler import TS_EXTENSIONS
-
+TS_EXTENSIONS = {".ts", ".m2ts", ".mts", ".m2t"}   # MPEG-TS: so opened when the probe is unsure
 VIDEO_EXTENSIONS = {
     ".mp4",
     ".m4v",
