@@ -75,9 +75,8 @@ def to_recheck(labels: dict, student: dict, share: float) -> dict:
     """{key: agreement} of the labels to ask again: the `share` of all labels whose student caption
     agrees with them least (ties by key, so the choice is the same on every run and every shard); a
     label with no student caption is not among them."""
-    scored = sorted(
-        (agreement(labels[k]["caption"], student[k]), str(k), k) for k in labels if k in student
-    )
+    scored = sorted((agreement(labels[k]["caption"], student[k]), str(k),
+                     k) for k in labels if k in student)
     return {k: a for a, _, k in scored[:int(round(share * len(labels)))]}
 
 
@@ -126,9 +125,8 @@ def audit_report(rows, second: str, least=2, top=20) -> str:
         return "audit: no sampled label has both readings yet"
     scores = [agreement(r["teacher"], r["caption"]) for r in rows]
     mean = sum(scores) / len(scores)
-    spread = 1.96 * math.sqrt(
-        sum((s - mean) ** 2 for s in scores) / max(len(scores) - 1, 1) / len(scores)
-    )
+    spread = 1.96 * math.sqrt(sum((s - mean) ** 2 for s in scores) / max(len(scores) - 1,
+                                                                         1) / len(scores))
     lines = [
         f"audit of {len(rows)} sampled labels against {second}: agreement (word pairs, F1) "
         f"{mean:.3f} +- {spread:.3f} (95%)",
@@ -169,11 +167,8 @@ def labelled_videos(args):
 def label_row(label):
     """A label row as it is written: its video's path here and its name, nothing of ours beside."""
     video = label["_video"]
-    return {
-        **{k: v for k, v in label.items() if k != "_video"},
-        "video": str(video),
-        "name": video.name,
-    }
+    return {**{k: v for k, v in label.items() if k != "_video"}, "video": str(video),
+            "name": video.name}
 
 
 def student_captions(path, labels):

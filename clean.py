@@ -172,9 +172,8 @@ def clean_file(argv):
     p = cli.Parser(prog="label.py clean", description=__doc__.split("\n\n")[0])
     p.add_argument("labels", help="label.py's JSONL output")
     p.add_argument("--out", required=True, help="the cleaned rows")
-    p.add_argument(
-        "--near", type=float, default=0.8, help="Jaccard similarity that counts as a near duplicate"
-    )
+    p.add_argument("--near", type=float, default=0.8,
+                   help="Jaccard similarity that counts as a near duplicate")
     p.add_argument(
         "--keep-duplicates",
         action="store_true",

@@ -175,13 +175,11 @@ def _known(cls, d: dict) -> dict:
 # the released PLLaVA models (7b: Vicuna-7B, 13b: Vicuna-13B, 34b: Yi-34B), their config.json's
 # differences from the defaults; with random weights, for benchmarks and rehearsals
 _LLAMA2 = dict(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0)
-PRESETS = {
-    "pllava-7b": dict(text_config=_LLAMA2),
-    "pllava-13b": dict(text_config=dict(_LLAMA2, hidden_size=5120, intermediate_size=13824,
-                                        num_hidden_layers=40, num_attention_heads=40)),
-    "pllava-34b": dict(image_token_index=64000,
-                       text_config=dict(_LLAMA2, vocab_size=64064, hidden_size=7168,
-                                        intermediate_size=20480, num_hidden_layers=60,
-                                        num_attention_heads=56, num_key_value_heads=8,
-                                        rope_theta=5e6)),
-}
+PRESETS = {"pllava-7b": dict(text_config=_LLAMA2),
+           "pllava-13b": dict(text_config=dict(_LLAMA2, hidden_size=5120, intermediate_size=13824,
+                                               num_hidden_layers=40, num_attention_heads=40)),
+           "pllava-34b": dict(image_token_index=64000,
+                              text_config=dict(_LLAMA2, vocab_size=64064, hidden_size=7168,
+                                               intermediate_size=20480, num_hidden_layers=60,
+                                               num_attention_heads=56, num_key_value_heads=8,
+                                               rope_theta=5e6))}

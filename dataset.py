@@ -59,9 +59,8 @@ def _turns(row, kind, prompt):
         _text(m.get("value"), "a conversation value").replace("<image>", "").strip()
         for m in messages[0::2]
     ]
-    return list(
-        zip(questions, [_text(m.get("value"), "a conversation value") for m in messages[1::2]])
-    ), None
+    return list(zip(questions,
+                    [_text(m.get("value"), "a conversation value") for m in messages[1::2]])), None
 
 
 SHAPES = (("caption", "caption"), ("QA", "qa"), ("conversations", "llava"))   # (field, row shape)
@@ -114,11 +113,8 @@ def read_samples(paths, video_root=None, prompt=None):
                     continue
                 # a row's name (label.py, caption.py) is inside the folder it was made from
                 if video_root:
-                    name = (
-                        row.get("name")
-                        if isinstance(row.get("name"), str) and row["name"]
-                        else media
-                    )
+                    name = (row.get("name") if isinstance(row.get("name"),
+                                                          str) and row["name"] else media)
                     media = media if os.path.isabs(name) else os.path.join(video_root, name)
                 samples.append((media, "video" not in row, turns, system, span))
     return samples, dropped, bad
@@ -249,9 +245,8 @@ def collate(items, pad_id):
             ]
         )
     )
-    return dict(
-        ids=ids, labels=labels, frames=frames, skipped=[x["skipped"] for x in items if x["skipped"]]
-    )
+    return dict(ids=ids, labels=labels, frames=frames,
+                skipped=[x["skipped"] for x in items if x["skipped"]])
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -302,11 +297,8 @@ def load_data(files, video_root=None, rank=0):
             f"{', the first: ' + missing[0] + ' (is --video-root right?)' if missing else ''})"
         )
     if bad and rank == 0:
-        print(
-            f"warning: {len(bad)} broken rows left out, the first: " + "; ".join(bad[:3]),
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"warning: {len(bad)} broken rows left out, the first: " + "; ".join(bad[:3]),
+              file=sys.stderr, flush=True)
     if missing and rank == 0:
         print(
             f"warning: {len(missing)} rows name no file and are left out, the first: {missing[0]} "

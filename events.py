@@ -65,11 +65,8 @@ def distinct(events):
 
 def parse_verdicts(text, n):
     verdicts = (_json(text) or {}).get("verdicts")
-    if (
-        not isinstance(verdicts, list)
-        or len(verdicts) != n
-        or not all(v in LABELS for v in verdicts)
-    ):
+    if (not isinstance(verdicts,
+                       list) or len(verdicts) != n or not all(v in LABELS for v in verdicts)):
         return None
     return verdicts
 
@@ -96,23 +93,17 @@ def ask(client, args, job):
 
 
 def extract_job(caption, args):
-    return {
-        "key": key("extract", caption, EXTRACT_VERSION, args.model, args.max_events),
-        "kind": "events",
-        "prompt": EXTRACT.format(caption=caption, n=args.max_events),
-        "parse": lambda text: parse_events(text, args.max_events),
-    }
+    return {"key": key("extract", caption, EXTRACT_VERSION, args.model, args.max_events),
+            "kind": "events", "prompt": EXTRACT.format(caption=caption, n=args.max_events),
+            "parse": lambda text: parse_events(text, args.max_events)}
 
 
 def entail_job(events, caption, args):
     events = distinct(events)   # also those of a cache written before events were made distinct
     listed = "\n".join(f"{i + 1}. {e}" for i, e in enumerate(events))
-    return {
-        "key": key("entail", events, caption, ENTAIL_VERSION, args.model),
-        "kind": "verdicts",
-        "prompt": ENTAIL.format(caption=caption, events=listed),
-        "parse": lambda text: parse_verdicts(text, len(events)),
-    }
+    return {"key": key("entail", events, caption, ENTAIL_VERSION, args.model), "kind": "verdicts",
+            "prompt": ENTAIL.format(caption=caption, events=listed),
+            "parse": lambda text: parse_verdicts(text, len(events))}
 
 
 def scores(pred_verdicts, gt_verdicts):

@@ -174,14 +174,13 @@ def save_adapter(lm: nn.Module, out_dir: str, base_model: str = None, weights: d
               metadata={"format": "pt"})
     first = next(iter(layers.values()))
     ranks = {n: l.r for n, l in layers.items() if l.r != first.r}
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": _dropout_p(first),
-        "target_modules": sorted({n.rpartition(".")[2] for n in layers}),
-        "rank_pattern": {re.escape(n) + "$": r for n, r in ranks.items()}, "alpha_pattern": {},
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
-    }
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": first.r, "lora_alpha": first.alpha, "lora_dropout": _dropout_p(first),
+              "target_modules": sorted({n.rpartition(".")[2] for n in layers}),
+              "rank_pattern": {re.escape(n) + "$": r for n, r in ranks.items()},
+              "alpha_pattern": {}, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "use_dora": False, "modules_to_save": None, "inference_mode": True,
+              "init_lora_weights": True}
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 

@@ -44,13 +44,12 @@ class Strategy(NamedTuple):
 
 
 # A new strategy is a function and its token count, added here; Config(pooling=name) picks it.
-STRATEGIES = {
-    "pllava": Strategy(lambda x, shape: adaptive_avg_pool3d(x, shape).flatten(1, 3),
-                       lambda shape, frames, grid: math.prod(shape)),
-    "vcgpt": Strategy(lambda x, shape: vcgpt(x), lambda shape, frames, grid: frames + grid * grid),
-    "concat": Strategy(lambda x, shape: x.flatten(1, 3),
-                       lambda shape, frames, grid: frames * grid * grid),
-}
+STRATEGIES = {"pllava": Strategy(lambda x, shape: adaptive_avg_pool3d(x, shape).flatten(1, 3),
+                                 lambda shape, frames, grid: math.prod(shape)),
+              "vcgpt": Strategy(lambda x, shape: vcgpt(x),
+                                lambda shape, frames, grid: frames + grid * grid),
+              "concat": Strategy(lambda x, shape: x.flatten(1, 3),
+                                 lambda shape, frames, grid: frames * grid * grid)}
 
 
 def strategy(name: str) -> Strategy:

@@ -48,10 +48,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEM = "You are a helpful assistant."
 VIDEO_Q, IMAGE_Q = "Describe this video.", "Describe this image."
 # (train videos, test videos, train stills, test stills, stage 1 steps, stage 2 steps, batch)
-SIZES = {
-    "default": (1600, 200, 2400, 120, 2000, 600, 16),
-    "quick": (480, 96, 1200, 48, 1400, 250, 16),
-}
+SIZES = {"default": (1600, 200, 2400, 120, 2000, 600, 16),
+         "quick": (480, 96, 1200, 48, 1400, 250, 16)}
 
 
 def toy_config(tok_folder, frames, pooling="pllava", t_pool=None):

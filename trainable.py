@@ -176,9 +176,8 @@ def setup_model(args, folder, rank, world, device):
     # whole fp32
     # copy would be 28 GB on rank 0 for 7B, 136 GB for 34B)
     state = source.state_dict() if rank == 0 else {}
-    set_model_state_dict(
-        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    )
+    set_model_state_dict(model, state,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del source, state
     return model
 

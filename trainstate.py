@@ -21,23 +21,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
 
 import lora
 from model import PLLaVA
 from tokenizer import save_prompt
 
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "added_tokens.json",
-    "special_tokens_map.json",
-)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json",
+                   "special_tokens_map.json")
 
 
 def barrier(world):
@@ -51,11 +43,8 @@ def trainable_names(model):
 
 def newest_checkpoint(out):
     root = os.path.join(out, "checkpoints")
-    done = (
-        sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d))
-        if os.path.isdir(root)
-        else []
-    )
+    done = (sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+",
+                                                               d)) if os.path.isdir(root) else [])
     return os.path.join(root, done[-1]) if done else None
 
 
@@ -122,31 +111,22 @@ def save_checkpoint(model, optimizer, args, step, stats, rank, world):
     barrier(world)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     keep = trainable_names(model)
-    dcp.save(
-        {"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd},
-        checkpoint_id=tmp,
-    )
+    dcp.save({"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd},
+             checkpoint_id=tmp)
     save_file(_rng_state(), os.path.join(tmp, f"rng_{rank}.safetensors"))
-    small = (
-        {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if lora.lora_layers(model)
-        else {}
-    )
-    small = {
-        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-        for n, p in small.items()
-    }
+    small = ({n: p for n,
+              p in model.named_parameters() if p.requires_grad} if lora.lora_layers(model) else {})
+    small = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n,
+             p in small.items()}
     barrier(world)
     if rank == 0:
         if small:
             projector = model.parameter_names(model.multi_modal_projector)
             save_file({n: t for n, t in small.items() if n in projector},
                       os.path.join(tmp, "projector.safetensors"))
-            lora.save_adapter(
-                model.language_model,
-                tmp,
-                weights={n[len("language_model.") :]: t for n, t in small.items() if ".lora_" in n},
-            )
+            lora.save_adapter(model.language_model, tmp,
+                              weights={n[len("language_model.") :]: t for n,
+                                       t in small.items() if ".lora_" in n})
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "world_size": world, **stats}, f)
         os.replace(tmp, final)
@@ -242,11 +222,8 @@ def sample_list(args, resume_from):
     if resume_from and os.path.exists(kept):
         with open(kept, encoding="utf-8") as f:
             listed = json.load(f)
-        print(
-            f"resuming with the {len(listed['samples'])} samples the run began with ({kept})",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"resuming with the {len(listed['samples'])} samples the run began with ({kept})",
+              file=sys.stderr, flush=True)
         return [tuple(s) for s in listed["samples"]], listed["dropped"]
     samples, dropped = load_data(args.data, args.video_root)
     # ASCII: any file name
@@ -259,9 +236,8 @@ def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, pro
     """A folder caption.py loads: config.json, model.safetensors, the adapter, the tokenizer files,
     the preprocessor_config.json training normalized with, and prompt.json: the question, system
     line and template it was trained with, which caption.py uses."""
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    full = get_model_state_dict(model,
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return
     with torch.device("meta"):
@@ -285,13 +261,8 @@ def init_process_group(backend, timeout):
     left in torchrun's store, or gloo connects to a port nobody listens on any more."""
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(
-        backend,
-        store=dist.PrefixStore(f"attempt_{attempt}/", store),
-        rank=rank,
-        world_size=world,
-        timeout=timeout,
-    )
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}/", store),
+                            rank=rank, world_size=world, timeout=timeout)
 
 
 def collective_timeout(args):

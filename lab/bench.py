@@ -67,12 +67,7 @@ def reference_models(config, device, dtype, weights=None):
     """transformers' CLIPVisionModel and LlamaForCausalLM of our `config` in `dtype`, sharing the tensors of
     `weights` (our model) when given: one copy of 13B on the card, not two; else built on the device
     with weights of their own (never an fp32 copy first: 13B is 52 GB in fp32)."""
-    from transformers import (
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM)
     text = {k: v for k, v in asdict(config.text_config).items() if v is not None}
     with torch.device("meta" if weights is not None else device):
         clip = CLIPVisionModel._from_config(CLIPVisionConfig(**asdict(config.vision_config)), dtype=dtype).eval()

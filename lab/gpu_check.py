@@ -81,11 +81,8 @@ def engine_stage(size, device, int8, compiled):
     built_s, config, nbytes = time.monotonic() - t0, model.config, torch.finfo(dtype).bits // 8
     new = NEW_TOKENS if gpu else 16
     free = torch.cuda.mem_get_info()[0] / 1e9 if gpu else None
-    slots = (
-        min(memory.slots_that_fit(config, free, new, nbytes, compiled=compiled), memory.MAX_SLOTS)
-        if gpu
-        else 4
-    )
+    slots = (min(memory.slots_that_fit(config, free, new, nbytes, compiled=compiled),
+                 memory.MAX_SLOTS) if gpu else 4)
     # a 100-token prompt
     ids = [1] + [5] * 40 + [config.image_token_index] + [7] * 58
     v = config.vision_config
@@ -103,12 +100,8 @@ def engine_stage(size, device, int8, compiled):
         spent[0] += time.perf_counter() - t
         return out
     engine_module.prefill = prefill
-    eng = Engine(
-        model,
-        slots,
-        Sampling(max_new_tokens=new, stop_ids=()),
-        compile_mode="auto" if compiled else None,
-    )
+    eng = Engine(model, slots, Sampling(max_new_tokens=new, stop_ids=()),
+                 compile_mode="auto" if compiled else None)
     t = time.monotonic()
     # the warm-up: compiles, if compiled
     list(eng.run(items[:slots]))
@@ -123,29 +116,21 @@ def engine_stage(size, device, int8, compiled):
     wall, steps = time.monotonic() - t, eng.stats["steps"] - steps0
     t_cfg = config.text_config
     prompt = len(ids) - 1 + config.num_visual_tokens
-    weights = (
-        memory.captioning(config, 1, new, nbytes, int8)["weights"]
-        - memory._vision(config) * nbytes / 1e9
-    )
+    weights = (memory.captioning(config, 1, new, nbytes,
+                                 int8)["weights"] - memory._vision(config) * nbytes / 1e9)
     # the mean step's cache
     kv = memory._kv_per_token(t_cfg, nbytes) * slots * (prompt + new / 2) / 1e9
     card = torch.cuda.get_device_name() if gpu else ""
     bandwidth = next((b for k, b in BANDWIDTH_GBS.items() if k in card), None)
     step_ms = 1e3 * (wall - spent[0]) / max(steps, 1)
-    result = dict(
-        slots=slots,
-        built_s=round(built_s, 1),
-        warm_s=round(warm_s, 1),
-        videos=len(items) - slots,
-        tokens=tokens,
-        tokens_per_s=round(tokens / wall, 1),
-        videos_per_gpu_hour=round(3600 * (len(items) - slots) / wall),
-        peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 1) if gpu else None,
-        graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"],
-        prefill_share=round(spent[0] / wall, 3),
-        step_ms=round(step_ms, 2),
-        bound_share=round(1e3 * (weights + kv) / bandwidth / step_ms, 2) if bandwidth else None,
-    )
+    result = dict(slots=slots, built_s=round(built_s, 1), warm_s=round(warm_s, 1),
+                  videos=len(items) - slots, tokens=tokens, tokens_per_s=round(tokens / wall, 1),
+                  videos_per_gpu_hour=round(3600 * (len(items) - slots) / wall),
+                  peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 1) if gpu else None,
+                  graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"],
+                  prefill_share=round(spent[0] / wall, 3), step_ms=round(step_ms, 2),
+                  bound_share=round(1e3 * (weights + kv) / bandwidth / step_ms,
+                                    2) if bandwidth else None)
     if int8 and compiled:
         from lab.bench_caption import widening_fused
         layer = model.language_model.model.layers[0].mlp.gate_proj
@@ -162,37 +147,15 @@ def run_stage(stage, args, work, timeout):
         cmd = [sys.executable, "-m", "lab.gpu_check", "--engine-stage", spec]
     elif stage.kind == "caption":
         out = os.path.join(work, f"caption-{len(os.listdir(work))}.jsonl")
-        cmd = [
-            sys.executable,
-            os.path.join(ROOT, "caption.py"),
-            os.path.join(work, "videos"),
-            "--model",
-            os.path.join(work, "tiny"),
-            "--out",
-            out,
-            "--max-new-tokens",
-            "32",
-            "--device",
-            args.device,
-            *stage.flags,
-        ]
+        cmd = [sys.executable, os.path.join(ROOT, "caption.py"), os.path.join(work, "videos"),
+               "--model", os.path.join(work, "tiny"), "--out", out, "--max-new-tokens", "32",
+               "--device", args.device, *stage.flags]
     else:
-        cmd = [
-            sys.executable,
-            os.path.join(ROOT, "train.py"),
-            "--data",
-            os.path.join(work, "labels.jsonl"),
-            "--init-from-config",
-            os.path.join(work, "tiny", "config.json"),
-            "--tokenizer",
-            os.path.join(work, "tok"),
-            "--max-steps",
-            "5",
-            "--batch-size",
-            "2",
-            "--out",
-            os.path.join(work, f"train-{stage.gpus}"),
-        ]
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data",
+               os.path.join(work, "labels.jsonl"), "--init-from-config",
+               os.path.join(work, "tiny", "config.json"), "--tokenizer", os.path.join(work, "tok"),
+               "--max-steps", "5", "--batch-size", "2", "--out",
+               os.path.join(work, f"train-{stage.gpus}")]
         if stage.gpus > 1:
             cmd = [
                 sys.executable,
@@ -211,19 +174,12 @@ def run_stage(stage, args, work, timeout):
             "".join(x.decode() if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)),
         )
     found = [json.loads(line[7:]) for line in text.splitlines() if line.startswith("result ")]
-    row = {
-        "stage": stage.name,
-        "expected_s": stage.expected_s,
-        "rc": rc,
-        "seconds": round(time.monotonic() - t, 1),
-    }
+    row = {"stage": stage.name, "expected_s": stage.expected_s, "rc": rc,
+           "seconds": round(time.monotonic() - t, 1)}
     if stage.kind == "caption" and os.path.exists(out):
         row["rows"] = sum(1 for _ in open(out))
-    return {
-        **row,
-        **(found[-1] if found else {}),
-        **({} if rc == 0 else {"tail": text.strip().splitlines()[-3:]}),
-    }
+    return {**row, **(found[-1] if found else {}),
+            **({} if rc == 0 else {"tail": text.strip().splitlines()[-3:]})}
 
 
 def prepare(work):
@@ -237,10 +193,8 @@ def prepare(work):
     for i, name in enumerate(names):
         write_video(name, n_frames=20 + i)
     with open(os.path.join(work, "labels.jsonl"), "w") as f:
-        f.writelines(
-            json.dumps({"video": name, "caption": f"clip {i}"}) + "\n"
-            for i, name in enumerate(names)
-        )
+        f.writelines(json.dumps({"video": name, "caption": f"clip {i}"}) + "\n" for i,
+                     name in enumerate(names))
     make_tokenizer(os.path.join(work, "tok"))
 
 
@@ -257,20 +211,8 @@ def plan(stages, gpus, budget, elapsed):
     return why
 
 
-COLUMNS = (
-    "rc",
-    "seconds",
-    "expected_s",
-    "slots",
-    "tokens_per_s",
-    "videos_per_gpu_hour",
-    "peak_gb",
-    "graphs",
-    "bound_share",
-    "prefill_share",
-    "widening_fused",
-    "rows",
-)
+COLUMNS = ("rc", "seconds", "expected_s", "slots", "tokens_per_s", "videos_per_gpu_hour",
+           "peak_gb", "graphs", "bound_share", "prefill_share", "widening_fused", "rows")
 
 
 def main(argv=None):
@@ -279,9 +221,8 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=600.0, help="seconds for the whole check")
     p.add_argument("--size", default="13b", help="the engine stages' model (lab/bench.py SIZES)")
     p.add_argument("--device", default="cuda")
-    p.add_argument(
-        "--work", help="the folder the work folder goes under (default: the system's temp)"
-    )
+    p.add_argument("--work",
+                   help="the folder the work folder goes under (default: the system's temp)")
     p.add_argument("--engine-stage", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.engine_stage:

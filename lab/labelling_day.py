@@ -39,22 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-labelling-day-0123456789"
 EVENTS = ((0.15, "kill"), (0.25, "stop a decoder"), (0.40, "kill"), (0.55, "term"), (0.70, "kill"),
           (0.80, "outage"))
-CLIENT = [
-    "--concurrency",
-    "16",
-    "--workers",
-    "2",
-    "--timeout",
-    "2",
-    "--retries",
-    "12",
-    "--backoff",
-    "0.2",
-    "--max-retry-after",
-    "2",
-    "--decode-timeout",
-    "5",
-]
+CLIENT = ["--concurrency", "16", "--workers", "2", "--timeout", "2", "--retries", "12",
+          "--backoff", "0.2", "--max-retry-after", "2", "--decode-timeout", "5"]
 
 
 def digest(urls):
@@ -110,12 +96,9 @@ class Teacher:
             h.close_connection = True
             return h.connection.close()
         if action == "429":
-            return self.send(
-                h,
-                429,
-                {"error": {"code": "rate_limit_exceeded", "message": "slow down"}},
-                {"Retry-After": str(self.retry_after)},
-            )
+            return self.send(h, 429,
+                             {"error": {"code": "rate_limit_exceeded", "message": "slow down"}},
+                             {"Retry-After": str(self.retry_after)})
         if action == "moderated":
             return self.send(h, 400, {"error": {"code": "data_inspection_failed", "message": "no"}})
         reply = {
@@ -169,9 +152,8 @@ def make_videos(folder, n):
             rng.integers(0, 256, 3)
     frames = functools.partial(jpeg_data_urls, n=4, max_side=768, q=4)   # what label.py sends
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".mp4"))
-    return {
-        digest(urls): os.path.basename(v) for v, urls in imap_unordered(frames, paths, workers=2)
-    }
+    return {digest(urls): os.path.basename(v) for v,
+            urls in imap_unordered(frames, paths, workers=2)}
 
 
 def run_day(work, n, seed=0, faults=True, outage=60.0, stall=3.0, retry_after=1):
@@ -190,23 +172,10 @@ def run_day(work, n, seed=0, faults=True, outage=60.0, stall=3.0, retry_after=1)
         while len(runs) < 12:
             folder = os.path.join(work, "mnt" if len(runs) % 2 else "videos")
             start, asked = time.monotonic(), len(teacher.log)
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    os.path.join(ROOT, "label.py"),
-                    folder,
-                    "--out",
-                    out,
-                    "--api-base",
-                    teacher.url,
-                    *CLIENT,
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
-            )
+            proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "label.py"), folder,
+                                     "--out", out, "--api-base", teacher.url, *CLIENT], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
             err = threading.Thread(target=lambda p=proc: p.stderr.read(), daemon=True)
             err.start()
             happened, what = [], None
@@ -229,15 +198,9 @@ def run_day(work, n, seed=0, faults=True, outage=60.0, stall=3.0, retry_after=1)
                         teacher.down_until = time.monotonic() + outage
             proc.wait()
             first = next((e["t"] for e in teacher.log[asked:]), None)
-            runs.append(
-                {
-                    "folder": os.path.basename(folder),
-                    "events": happened,
-                    "exit": proc.returncode,
-                    "seconds": round(time.monotonic() - start, 2),
-                    "start_up_s": round(first - start, 2) if first else None,
-                }
-            )
+            runs.append({"folder": os.path.basename(folder), "events": happened,
+                         "exit": proc.returncode, "seconds": round(time.monotonic() - start, 2),
+                         "start_up_s": round(first - start, 2) if first else None})
             rows = read_rows(out)
             if (
                 proc.returncode == 0
@@ -258,19 +221,12 @@ def figures(rows, log, known, runs, seconds, n):
     final = [r for r in rows if "caption" not in r]
     answered = collections.Counter(e["video"] for e in log if e["action"] in ("ok", "moderated"))
     actions = collections.Counter(e["action"] for e in log)
-    return {
-        "videos": n,
-        "rows": len(rows),
-        "lost": n - len(names),
-        "doubled": sum(c - 1 for c in names.values()),
-        "wrongly_final": sum(not moderated(r.get("name")) for r in final),
-        "moderated": len(final),
-        "paid_twice": sum(c - 1 for c in answered.values()),
-        "requests": len(log),
-        "faults": dict(actions),
-        "runs": runs,
-        "seconds": round(seconds, 1),
-    }
+    return {"videos": n, "rows": len(rows), "lost": n - len(names),
+            "doubled": sum(c - 1 for c in names.values()),
+            "wrongly_final": sum(not moderated(r.get("name")) for r in final),
+            "moderated": len(final), "paid_twice": sum(c - 1 for c in answered.values()),
+            "requests": len(log), "faults": dict(actions), "runs": runs,
+            "seconds": round(seconds, 1)}
 
 
 def main(argv=None):
@@ -282,13 +238,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     clean = run_day(args.work, args.videos, faults=False)
     day = run_day(args.work, args.videos, outage=args.outage)
-    result = {
-        "fault_free": clean,
-        "day": day,
-        "extra_s": round(day["seconds"] - clean["seconds"], 1),
-        "outage_s": args.outage,
-        "start_ups_s": [r["start_up_s"] for r in day["runs"]],
-    }
+    result = {"fault_free": clean, "day": day,
+              "extra_s": round(day["seconds"] - clean["seconds"], 1), "outage_s": args.outage,
+              "start_ups_s": [r["start_up_s"] for r in day["runs"]]}
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

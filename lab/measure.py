@@ -90,12 +90,8 @@ def timed(fn, device) -> float:
 
 
 def spread(times) -> dict:
-    return {
-        "min": min(times),
-        "median": statistics.median(times),
-        "max": max(times),
-        "n": len(times),
-    }
+    return {"min": min(times), "median": statistics.median(times), "max": max(times),
+            "n": len(times)}
 
 
 def compare(ours, reference, device, repeats=5, warmup=1) -> dict:
@@ -159,14 +155,8 @@ def our_decoder(lm, x, n, mode, device):
     def step(i):
         s = P + i
         mask = (ones & (slots <= s))[:, None, None, :] if mode else None
-        state["logits"] = step_fn(
-            lm,
-            state["logits"].argmax(-1),
-            positions[:, s : s + 1],
-            mask,
-            slots[s : s + 1],
-            None if mode else s + 1,
-        )
+        state["logits"] = step_fn(lm, state["logits"].argmax(-1), positions[:, s : s + 1], mask,
+                                  slots[s : s + 1], None if mode else s + 1)
     return decode_steps(first, step, n, device)
 
 
@@ -277,15 +267,8 @@ def row(name, unit, result, work=None):
 
 
 def value(name, unit, x):
-    return {
-        "name": name,
-        "unit": unit,
-        "ours": {"min": x, "median": x, "max": x, "n": 1},
-        "reference": None,
-        "ratio": None,
-        "ratio_range": None,
-        "too_small_to_time": False,
-    }
+    return {"name": name, "unit": unit, "ours": {"min": x, "median": x, "max": x, "n": 1},
+            "reference": None, "ratio": None, "ratio_range": None, "too_small_to_time": False}
 
 
 def format_row(r):

@@ -49,14 +49,10 @@ def frames_alone(args, videos, captioner):
     import caption
     from plumbing.workers import imap_unordered
     t = time.perf_counter()
-    stream = imap_unordered(
-        captioner.frame_reader(),
-        [(v, None, None) for v in videos],
-        workers=caption.decode_workers(args),
-        timeout=300,
-        buffer=2 * captioner.engine.slots,
-        threads=caption.decoder_threads(args),
-    )
+    stream = imap_unordered(captioner.frame_reader(), [(v, None, None) for v in videos],
+                            workers=caption.decode_workers(args), timeout=300,
+                            buffer=2 * captioner.engine.slots,
+                            threads=caption.decoder_threads(args))
     items = list(captioner.items(stream, lambda job, e: None, lambda job, e: None))
     return len(videos) / (time.perf_counter() - t), items
 
@@ -72,9 +68,8 @@ def end_to_end(argv):
     """caption.py in a process of its own: videos/s over its run (after the model is loaded), the
     engine's share of steps that waited for frames."""
     code = f"import caption, json; print(json.dumps(caption.main({argv!r})))"
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=measure.ROOT
-    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=measure.ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"caption.py failed: {r.stderr[-2000:]}")
     stats = json.loads(r.stdout.splitlines()[-1])
@@ -93,18 +88,8 @@ def bench_pipeline(ctx):
             for k in range(clips):
                 clip(os.path.join(folder, f"clip_{k:02d}.mp4"), w, h, n, k, preset="ultrafast")
             ckpt = checkpoint(a.cache, size)
-            argv = [
-                folder,
-                "--model",
-                ckpt,
-                "--out",
-                os.path.join(a.cache, "pipeline", "c.jsonl"),
-                "--overwrite",
-                "--max-new-tokens",
-                str(ctx["new_tokens"]),
-                "--device",
-                a.device,
-            ]
+            argv = [folder, "--model", ckpt, "--out", os.path.join(a.cache, "pipeline", "c.jsonl"),
+                    "--overwrite", "--max-new-tokens", str(ctx["new_tokens"]), "--device", a.device]
             args = caption.parse_args(argv)
             captioner = caption.Captioner(args, ckpt)
             dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
@@ -113,16 +98,12 @@ def bench_pipeline(ctx):
             model = model_alone(captioner, items)
             both, waited = end_to_end(argv)
             name = f"pipeline, {clips} {fmt} clips, {regime} ({size})"
-            rows += [
-                value(f"{name}: frames alone", "videos/s", frames),
-                value(f"{name}: model alone", "videos/s", model),
-                value(f"{name}: end to end", "videos/s", both),
-                value(f"{name}: end to end / min(frames, model)", "x", both / min(frames, model)),
-                value(
-                    f"{name}: end to end / both on one set of cores in turn",
-                    "x",
-                    both * (1 / frames + 1 / model),
-                ),
-                value(f"{name}: decode steps that waited for frames", "%", waited),
-            ]
+            rows += [value(f"{name}: frames alone", "videos/s", frames),
+                     value(f"{name}: model alone", "videos/s", model),
+                     value(f"{name}: end to end", "videos/s", both),
+                     value(f"{name}: end to end / min(frames, model)", "x",
+                           both / min(frames, model)),
+                     value(f"{name}: end to end / both on one set of cores in turn", "x",
+                           both * (1 / frames + 1 / model)),
+                     value(f"{name}: decode steps that waited for frames", "%", waited)]
     return rows

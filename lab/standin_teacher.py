@@ -20,17 +20,9 @@ import json
 import av
 import numpy as np
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 210, 40),
-    "purple": (150, 60, 190),
-    "orange": (240, 140, 30),
-    "white": (240, 240, 240),
-    "black": (15, 15, 15),
-    "grey": (128, 128, 128),
-}
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+           "yellow": (230, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30),
+           "white": (240, 240, 240), "black": (15, 15, 15), "grey": (128, 128, 128)}
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 
 
@@ -94,29 +86,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             text = describe(frames_of(body))
-            answer = {
-                "id": "standin",
-                "object": "chat.completion",
-                "model": body.get("model", "standin"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": 0,
-                    "completion_tokens": len(text.split()),
-                    "total_tokens": 0,
-                },
-            }
+            answer = {"id": "standin", "object": "chat.completion",
+                      "model": body.get("model", "standin"),
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                   "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 0, "completion_tokens": len(text.split()),
+                                "total_tokens": 0}}
             self._send(200, answer)
         except Exception as e:  # a request it cannot read: a 400 with why, as a server would
-            self._send(
-                400,
-                {"error": {"message": f"{type(e).__name__}: {e}", "type": "invalid_request_error"}},
-            )
+            self._send(400,
+                       {"error": {"message": f"{type(e).__name__}: {e}",
+                                  "type": "invalid_request_error"}})
 
     def _send(self, status, payload):
         data = json.dumps(payload).encode()

@@ -12,19 +12,8 @@ import av
 import numpy as np
 
 
-def write_video(
-    path,
-    frames,
-    fps=25,
-    codec="libx264",
-    pix_fmt="yuv420p",
-    options=None,
-    durations_ms=None,
-    start_s=0.0,
-    rotation=0,
-    gop=None,
-    container=None,
-) -> str:
+def write_video(path, frames, fps=25, codec="libx264", pix_fmt="yuv420p", options=None,
+                durations_ms=None, start_s=0.0, rotation=0, gop=None, container=None) -> str:
     """Encode `frames` (an iterable of (H, W, 3) uint8 RGB arrays, a generator for long clips) to
     `path`.
 
@@ -68,9 +57,8 @@ def write_image(path, image) -> str:
         stream = out.add_stream("png")
         stream.height, stream.width = image.shape[:2]
         stream.pix_fmt = "rgb24"
-        out.mux(
-            stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
-        )
+        out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image),
+                                                         format="rgb24")))
         out.mux(stream.encode())
     return str(path)
 
@@ -79,15 +67,7 @@ def clip(path, w, h, frames, k=0, **options):
     """A synthetic clip of moving gradients (cached: made once, kept in --cache)."""
     if not os.path.exists(path):
         y, x = np.mgrid[0:h, 0:w]
-        write_video(
-            path,
-            (
-                np.stack([(x + 3 * i + 40 * k) % 256, (y + i) % 256, (x + y + k) % 256], -1).astype(
-                    np.uint8
-                )
-                for i in range(frames)
-            ),
-            fps=25,
-            options=options,
-        )
+        write_video(path,
+                    (np.stack([(x + 3 * i + 40 * k) % 256, (y + i) % 256, (x + y + k) % 256],
+                              -1).astype(np.uint8) for i in range(frames)), fps=25, options=options)
     return path

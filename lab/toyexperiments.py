@@ -36,10 +36,8 @@ def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, 
         start = os.path.join(out, f"stage1_{tag}")   # stage 1 with the other pooling
         shutil.copytree(stage1, start)
         cfg = json.load(open(os.path.join(start, "config.json")))
-        cfg.update(
-            pooling=pooling,
-            pooling_shape=toy_config(tok, args.frames, pooling, t_pool)["pooling_shape"],
-        )
+        cfg.update(pooling=pooling,
+                   pooling_shape=toy_config(tok, args.frames, pooling, t_pool)["pooling_shape"])
         json.dump(cfg, open(os.path.join(start, "config.json"), "w"), indent=2)
         model = os.path.join(out, f"stage2_{tag}")
         seconds = train(
@@ -55,41 +53,26 @@ def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, 
         evaluate(name, model, on_stills=False)
         say(f"ablation {name}: stage 2 again in {seconds:.0f} s")
     frozen = os.path.join(out, "stage2_frozen_projector")
-    train(
-        frozen,
-        data["train_clean"],
-        ["--model", stage1, "--prompt", VIDEO_Q, "--freeze-projector"],
-        steps,
-        batch,
-        2e-3,
-        os.path.join(out, "logs", "stage2_frozen_projector.log"),
-        args.seed,
-    )
+    train(frozen, data["train_clean"],
+          ["--model", stage1, "--prompt", VIDEO_Q, "--freeze-projector"], steps, batch, 2e-3,
+          os.path.join(out, "logs", "stage2_frozen_projector.log"), args.seed)
     for alpha in (0, 8, 16, 64):   # trained with 32
         evaluate(f"LoRA alpha {alpha}", stage2, ["--lora-alpha", str(alpha)])
     for alpha in (0, 16, 32):
         evaluate(f"frozen projector, LoRA alpha {alpha}", frozen, ["--lora-alpha", str(alpha)])
     say("ablation: LoRA alpha swept at inference, projector trained and frozen")
     full = os.path.join(out, "stage2_full")
-    seconds = train(
-        full,
-        data["train_clean"],
-        ["--model", stage1, "--prompt", VIDEO_Q, "--full-finetune"],
-        steps,
-        batch,
-        1e-3,
-        os.path.join(out, "logs", "stage2_full.log"),
-        args.seed,
-    )
+    seconds = train(full, data["train_clean"],
+                    ["--model", stage1, "--prompt", VIDEO_Q, "--full-finetune"], steps, batch,
+                    1e-3, os.path.join(out, "logs", "stage2_full.log"), args.seed)
     evaluate("full fine-tune", full)
     say(f"ablation: full fine-tuning in {seconds:.0f} s")
     truth = os.path.join(out, "stage2_truth")
     train(truth, data["train_videos"], ["--model", stage1, "--prompt", VIDEO_Q], steps, batch, 2e-3,
           os.path.join(out, "logs", "stage2_truth.log"), args.seed)
     evaluate("LoRA on true captions", truth)
-    plain = {
-        r["video"]: r["caption"] for r in read_rows(os.path.join(out, "captions_stage_2.jsonl"))
-    }
+    plain = {r["video"]: r["caption"] for r in read_rows(os.path.join(out,
+                                                                      "captions_stage_2.jsonl"))}
     int8 = evaluate("stage 2, int8 weights", stage2, ["--quantize", "int8"], on_stills=False)
     results["stage 2, int8 weights"]["same caption as fp32"] = round(
         100.0 * np.mean([int8.get(v) == c for v, c in plain.items()]), 1)
@@ -112,13 +95,8 @@ def cleaning(
     world, logs = os.path.join(out, "world"), os.path.join(out, "logs")
     rows = {r["video"]: r for r in files["train_videos"]}
     kept = {r["video"]: r for r in read_rows(data["train_clean"])}
-    student = caption(
-        stage2,
-        data["train_videos"],
-        os.path.join(out, "student_on_train.jsonl"),
-        VIDEO_Q,
-        os.path.join(logs, "student_on_train.log"),
-    )
+    student = caption(stage2, data["train_videos"], os.path.join(out, "student_on_train.jsonl"),
+                      VIDEO_Q, os.path.join(logs, "student_on_train.log"))
     agree = {v: checks.agreement(kept[v]["caption"], student.get(v, "")) for v in kept}
     results["cleaning: student agrees with its labels (exact, %)"] = {
         "exact": round(100 * float(np.mean([a == 1.0 for a in agree.values()])), 1)}
@@ -141,11 +119,8 @@ def cleaning(
 
     def consensus():   # a second label from four other frames: a label both agree on, else none
         other = relabel(kept, OTHER_FRAMES, args.seed + 29)
-        return (
-            {v: r for v, r in kept.items() if other[v]["caption"] == r["caption"]},
-            2.0,
-            2 * len(TEACHER_FRAMES),
-        )
+        return ({v: r for v, r in kept.items() if other[v]["caption"] == r["caption"]}, 2.0,
+                2 * len(TEACHER_FRAMES))
 
     def from_the_start(frames):   # every video labelled from more frames in the first place
         return relabel(rows, frames, args.seed + 31), 1.0, len(frames)
@@ -169,16 +144,9 @@ def cleaning(
         after = {r["video"]: r["caption"] for r in cleaned}
         changed = sum(after.get(v) != r["caption"] for v, r in kept.items()) / len(kept)
         model = os.path.join(out, f"stage2_cleaning_{len(results)}")
-        seconds = train(
-            model,
-            raw.replace(".jsonl", "_clean.jsonl"),
-            ["--model", stage1, "--prompt", VIDEO_Q],
-            steps,
-            batch,
-            2e-3,
-            os.path.join(logs, f"{os.path.basename(model)}.log"),
-            args.seed,
-        )
+        seconds = train(model, raw.replace(".jsonl", "_clean.jsonl"),
+                        ["--model", stage1, "--prompt", VIDEO_Q], steps, batch, 2e-3,
+                        os.path.join(logs, f"{os.path.basename(model)}.log"), args.seed)
         evaluate(f"cleaning: {name}", model, on_stills=False)
         results[f"cleaning: {name}"].update(
             {

@@ -25,31 +25,14 @@ import numpy as np
 from lab.synthetic import write_image, write_video
 
 SIZE = 48
-COLOURS = {
-    "red": (220, 45, 45),
-    "green": (40, 170, 60),
-    "blue": (50, 90, 235),
-    "yellow": (235, 205, 35),
-}
+COLOURS = {"red": (220, 45, 45), "green": (40, 170, 60), "blue": (50, 90, 235),
+           "yellow": (235, 205, 35)}
 SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = {
-    "navy": (18, 24, 70),
-    "maroon": (70, 18, 26),
-    "forest": (16, 58, 28),
-    "grey": (52, 52, 52),
-}
+BACKGROUNDS = {"navy": (18, 24, 70), "maroon": (70, 18, 26), "forest": (16, 58, 28),
+               "grey": (52, 52, 52)}
 CENTRES = (8, 24, 40)    # pixel centres of the 3 x 3 grid of positions: one 16-pixel ViT patch each
-NAMES = {
-    (0, 0): "top left",
-    (1, 0): "top",
-    (2, 0): "top right",
-    (0, 1): "left",
-    (1, 1): "center",
-    (2, 1): "right",
-    (0, 2): "bottom left",
-    (1, 2): "bottom",
-    (2, 2): "bottom right",
-}
+NAMES = {(0, 0): "top left", (1, 0): "top", (2, 0): "top right", (0, 1): "left", (1, 1): "center",
+         (2, 1): "right", (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right"}
 DIRS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 # a move crosses the whole grid (two cells); a two-step move turns once, so it starts in a corner
 MOTIONS = [(d,) for d in DIRS] + [
@@ -121,9 +104,8 @@ def path(cell, motion, frames, before, after):
     corners = [(CENTRES[cell[0]], CENTRES[cell[1]])]
     for d in motion:
         corners.append((corners[-1][0] + 32 * DIRS[d][0], corners[-1][1] + 32 * DIRS[d][1]))
-    t = np.clip((np.arange(frames) - before) / max(1, frames - 1 - before - after), 0, 1) * len(
-        motion
-    )
+    t = np.clip((np.arange(frames) - before) / max(1, frames - 1 - before - after), 0,
+                1) * len(motion)
     leg = np.minimum(t.astype(int), len(motion) - 1)
     frac = (t - leg)[:, None]
     a, b = np.array(corners[:-1])[leg], np.array(corners[1:])[leg]
@@ -149,10 +131,8 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
             before, after = (int(x) for x in rng.integers(0, 8, 2))
             centres = path(cell, motion, FRAMES, before, after)
             img, r = background(rng, bg), rng.uniform(7, 7.5)
-            clip = [
-                draw(img.copy(), shape, colour, x, y, r)
-                for x, y in centres + rng.normal(0, 0.5, centres.shape)
-            ]
+            clip = [draw(img.copy(), shape, colour, x, y, r) for x,
+                    y in centres + rng.normal(0, 0.5, centres.shape)]
             name = os.path.join(folder, f"{split}_video_{i:05d}.mp4")
             write_video(name, clip, fps=8, options={"crf": "12", "preset": "ultrafast"})
             rows.append(
@@ -192,29 +172,13 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
                     img = draw(img, shape, colour, x, y, r, alpha=0.2 + 0.8 * k / 7)
             else:
                 cell = list(NAMES)[rng.integers(9)]
-                img = draw(
-                    img,
-                    shape,
-                    colour,
-                    CENTRES[cell[0]] + rng.normal(0, 0.5),
-                    CENTRES[cell[1]] + rng.normal(0, 0.5),
-                    r,
-                )
+                img = draw(img, shape, colour, CENTRES[cell[0]] + rng.normal(0, 0.5),
+                           CENTRES[cell[1]] + rng.normal(0, 0.5), r)
             write_image(name, img)
-            rows.append(
-                {
-                    "image": name,
-                    "caption": still_caption(colour, shape, cell, bg, motion),
-                    "truth": {
-                        "colour": colour,
-                        "shape": shape,
-                        "position": NAMES[cell],
-                        "background": bg,
-                        "size": None,
-                        **({"motion": list(motion)} if motion else {}),
-                    },
-                }
-            )
+            rows.append({"image": name, "caption": still_caption(colour, shape, cell, bg, motion),
+                         "truth": {"colour": colour, "shape": shape, "position": NAMES[cell],
+                                   "background": bg, "size": None,
+                                   **({"motion": list(motion)} if motion else {})}})
         files[f"{split}_stills"] = rows
     for name, rows in files.items():
         with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
@@ -245,13 +209,8 @@ def teacher(rows, seed, frames=TEACHER_FRAMES):
             moves += [d for d in step if not moves or moves[-1] != d]
         size = "large" if rng.random() < 0.1 else ""
         caption = video_caption(t["colour"], t["shape"], cells[0], moves or ["nowhere"], size)
-        label = {
-            "video": row["video"],
-            "caption": caption,
-            "model": "toy-teacher",
-            "frames": len(frames),
-            "finish_reason": "stop",
-        }
+        label = {"video": row["video"], "caption": caption, "model": "toy-teacher",
+                 "frames": len(frames), "finish_reason": "stop"}
         u = rng.random()
         if u < 0.02:
             label["caption"] = REFUSAL
@@ -272,14 +231,13 @@ def parse(text):
     where = re.search(r"at the ((?:top|bottom)(?: left| right)?|left|right|center)\b", low)
     moves = re.search(r"moves ([a-z, ]+)", low)
     bg = re.search(r"on an? ([a-z]+) background", low)
-    return {
-        "colour": next((w for w in words if w in COLOURS), None),
-        "shape": next((w for w in words if w in SHAPES), None),
-        "position": where.group(1) if where else None,
-        "motion": [w for w in re.findall(r"[a-z]+", moves.group(1)) if w in DIRS] if moves else [],
-        "background": bg.group(1) if bg else None,
-        "size": next((w for w in words if w in SIZE_WORDS), None),
-    }
+    return {"colour": next((w for w in words if w in COLOURS), None),
+            "shape": next((w for w in words if w in SHAPES), None),
+            "position": where.group(1) if where else None,
+            "motion": [w for w in re.findall(r"[a-z]+",
+                                             moves.group(1)) if w in DIRS] if moves else [],
+            "background": bg.group(1) if bg else None,
+            "size": next((w for w in words if w in SIZE_WORDS), None)}
 
 
 def score(rows, captions, motion=True, reference=None):
@@ -288,19 +246,8 @@ def score(rows, captions, motion=True, reference=None):
     only. Beside the accuracies: `invented` (% of captions naming an attribute that is not so: a
     size, a move in a still), `words` (mean caption length) and, on stills, `background` (the detail
     videos never teach)."""
-    hits = {
-        k: []
-        for k in (
-            "shape",
-            "colour",
-            "position",
-            "motion",
-            "order",
-            "exact",
-            "background",
-            "invented",
-        )
-    }
+    hits = {k: [] for k in ("shape", "colour", "position", "motion", "order", "exact",
+                            "background", "invented")}
     words = []
     for row in rows:
         media = row.get("video") or row.get("image")
@@ -335,10 +282,7 @@ def judge(ref, pred):
 def judged(rows, captions, references):
     """Mean judge score (0-5) and accuracy (% correct) of `captions` against `references` ({media:
     text})."""
-    marks = [
-        judge(references[r["video"]], captions.get(r["video"], ""))
-        for r in rows
-        if r["video"] in references
-    ]
+    marks = [judge(references[r["video"]],
+                   captions.get(r["video"], "")) for r in rows if r["video"] in references]
     return {"judge score": round(float(np.mean([s for s, _ in marks])), 2),
             "judge accuracy": round(100.0 * float(np.mean([c for _, c in marks])), 1)}

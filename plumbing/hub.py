@@ -33,14 +33,8 @@ from tokenizer import read_json
 from weights import ModelFolderError, safe_name
 
 REQUIRED = ["config.json", "tokenizer.model"]
-OPTIONAL = [
-    "tokenizer_config.json",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "preprocessor_config.json",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-]
+OPTIONAL = ["tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
+            "preprocessor_config.json", "adapter_config.json", "adapter_model.safetensors"]
 CHUNK = 1 << 16   # small enough that a dropped connection keeps most of what arrived
 BACKOFF = 0.5     # seconds before the first retry of a file, doubled for each one after
 
@@ -50,11 +44,8 @@ class HubError(RuntimeError):
 
 
 def is_hub_id(name: str) -> bool:
-    return (
-        re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-        and not os.path.exists(name)
-        and ".." not in name
-    )
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+",
+                         name) is not None and not os.path.exists(name) and ".." not in name)
 
 
 def resolve(name: str, revision: str = "main", cache: str = None) -> str:
@@ -78,9 +69,8 @@ def resolve(name: str, revision: str = "main", cache: str = None) -> str:
         return folder
     made = [p for p in (os.path.dirname(folder), folder) if not os.path.isdir(p)]
     os.makedirs(folder, exist_ok=True)
-    lock = hold(
-        os.path.join(folder, ".lock"), f"{name} is being downloaded by another process: waiting"
-    )
+    lock = hold(os.path.join(folder, ".lock"),
+                f"{name} is being downloaded by another process: waiting")
     try:
         if not os.path.exists(complete):   # another process may have finished it while we waited
             _download_folder(name, revision, folder)
@@ -310,16 +300,10 @@ def _fetch(session, url, partial, meta_path, meta, optional):
                     )
                 if time.monotonic() - shown > 1.0:   # a 15 GB download is not silent
                     shown = time.monotonic()
-                    _progress(
-                        os.path.basename(url), got, meta["size"], (got - have) / (shown - t0 + 1e-9)
-                    )
-            _progress(
-                os.path.basename(url),
-                got,
-                meta["size"],
-                (got - have) / (time.monotonic() - t0 + 1e-9),
-                "\n",
-            )
+                    _progress(os.path.basename(url), got, meta["size"],
+                              (got - have) / (shown - t0 + 1e-9))
+            _progress(os.path.basename(url), got, meta["size"],
+                      (got - have) / (time.monotonic() - t0 + 1e-9), "\n")
     return meta
 
 
@@ -356,12 +340,8 @@ def _check(session, url, partial, meta):
 def _progress(name, got, size, rate, end=""):
     total = f"/{size / 1e6:.1f}" if size else ""
     eta = f", ETA {(size - got) / rate:.0f} s" if size and rate > 0 else ""
-    print(
-        f"\r{name}: {got / 1e6:.1f}{total} MB, {rate / 1e6:.1f} MB/s{eta}  ",
-        end=end,
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"\r{name}: {got / 1e6:.1f}{total} MB, {rate / 1e6:.1f} MB/s{eta}  ", end=end,
+          file=sys.stderr, flush=True)
 
 
 def _remove(*paths):

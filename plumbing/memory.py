@@ -39,15 +39,8 @@ def _vision(config):
     ) + 2 * t.hidden_size * (v.hidden_size + t.hidden_size)
 
 
-def captioning(
-    config,
-    slots: int,
-    new_tokens: int,
-    dtype_bytes: int,
-    int8: bool = False,
-    prompt_tokens: int = 100,
-    compiled: bool = False,
-) -> dict:
+def captioning(config, slots: int, new_tokens: int, dtype_bytes: int, int8: bool = False,
+               prompt_tokens: int = 100, compiled: bool = False) -> dict:
     """GB the captioning engine (engine.py) needs on the device: the weights (int8: the LLM's linear
     layers and embedding, with a scale per row); the KV cache, every slot at its longest (compiled:
     in steps of 256 slots); and the activations: those of one prefill pass (engine.prefill_videos
@@ -79,26 +72,18 @@ def captioning(
     prefill = prompt * (2 * t.hidden_size + 3 * t.intermediate_size) * dtype_bytes
     frames = config.num_frames * 3 * v.image_size ** 2 * dtype_bytes
     a_pass = min(slots, prefill_videos(prompt))
-    return _total(
-        weights=weights, kv_cache=kv, activations=max(vision, prefill) * a_pass + slots * frames
-    )
+    return _total(weights=weights, kv_cache=kv,
+                  activations=max(vision, prefill) * a_pass + slots * frames)
 
 
-def slots_that_fit(
-    config,
-    free_gb: float,
-    new_tokens: int,
-    dtype_bytes: int,
-    prompt_tokens: int = 100,
-    compiled: bool = False,
-) -> int:
+def slots_that_fit(config, free_gb: float, new_tokens: int, dtype_bytes: int,
+                   prompt_tokens: int = 100, compiled: bool = False) -> int:
     """How many slots `free_gb` of device memory holds once the weights are loaded: the KV cache
     (compiled: rounded up as the engine rounds it) and frames of each, beside one prefill pass, a
     margin of 5% and, compiled, COMPILED_GB."""
     def need(slots):
-        n = captioning(
-            config, slots, new_tokens, dtype_bytes, prompt_tokens=prompt_tokens, compiled=compiled
-        )
+        n = captioning(config, slots, new_tokens, dtype_bytes, prompt_tokens=prompt_tokens,
+                       compiled=compiled)
         return n["kv_cache"] + n["activations"]
     usable = 0.95 * free_gb - (COMPILED_GB if compiled else 0)
     slots = 0
@@ -111,9 +96,8 @@ def default_slots(config, card: float, new_tokens: int, dtype_bytes: int, int8: 
                   compiled: bool = False) -> int:
     """The slots a card of `card` GB holds beside the weights and the context, at most MAX_SLOTS."""
     weights = captioning(config, 1, new_tokens, dtype_bytes, int8)["weights"]
-    fit = slots_that_fit(
-        config, card - weights - CONTEXT_GB, new_tokens, dtype_bytes, compiled=compiled
-    )
+    fit = slots_that_fit(config, card - weights - CONTEXT_GB, new_tokens, dtype_bytes,
+                         compiled=compiled)
     return max(1, min(fit, MAX_SLOTS))
 
 
@@ -121,9 +105,8 @@ def _kv_per_token(t, dtype_bytes):
     return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
 
 
-def training(
-    config, batch: int, text_tokens: int, world: int, trainable: int, checkpointing: bool
-) -> dict:
+def training(config, batch: int, text_tokens: int, world: int, trainable: int,
+             checkpointing: bool) -> dict:
     """GB train.py needs on each of `world` GPUs: fp32 weights sharded by FSDP2, with two decoder
     blocks gathered in bf16 (the one computing and the next) and the root's own (embedding, lm_head,
     projector) gathered throughout; fp32 gradients and AdamW's two moments for the `trainable`
@@ -164,10 +147,8 @@ def for_training(args, config, trainable, world, gpu):
     the GPU without it), and the plan; a run that fits the GPU in neither way is refused, with the
     numbers."""
     card = (args.card_gb or card_gb(int(os.environ.get("LOCAL_RANK", 0)))) if gpu else None
-    need = {
-        on: training(config, args.batch_size, args.max_text_tokens, world, trainable, on)
-        for on in (False, True)
-    }
+    need = {on: training(config, args.batch_size, args.max_text_tokens, world, trainable,
+                         on) for on in (False, True)}
     on = args.activation_checkpointing == "on" or (
         args.activation_checkpointing == "auto"
         and card is not None

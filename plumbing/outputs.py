@@ -116,11 +116,8 @@ class Outputs:
                 )
             k = key(row)
             mine = videos.get(k[0]) if videos and k is not None else None
-            if (
-                mine is not None
-                and row.get("video") != mine
-                and collision([(k[0], row["video"]), (k[0], mine)])
-            ):
+            if (mine is not None and row.get("video") != mine and collision([(k[0], row["video"]),
+                                                                             (k[0], mine)])):
                 raise NameCollision(k[0], row["video"], mine, self.out)
             if tries is not None and k is not None and tries_of(row):
                 tries[k] = max(tries.get(k, 0), tries_of(row))

@@ -73,13 +73,9 @@ class Redactor:
                         (form[i : i + NEEDLE], folded) for i in range(0, len(form) - WINDOW + 1, 4)
                     )
         self.reach = max((len(w) for w in self.windows), default=0) + 64
-        self.found = [
-            re.compile(
-                "(?=(%s))" % "|".join(map(re.escape, sorted(p))), re.IGNORECASE if folded else 0
-            )
-            for folded, p in forms.items()
-            if p
-        ]
+        self.found = [re.compile("(?=(%s))" % "|".join(map(re.escape, sorted(p))),
+                                 re.IGNORECASE if folded else 0) for folded,
+                      p in forms.items() if p]
 
     def _spots(self, text):
         """Where a needle is (a piece of the secret may be near): their positions."""

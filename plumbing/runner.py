@@ -76,18 +76,11 @@ def guarded(work, identify):
         try:
             return work(job)
         except APIError as e:
-            return (
-                None
-                if e.code == "stopped"
-                else {**identify(job), "error": str(e), "status": e.status, "code": e.code}
-            )
+            return (None if e.code == "stopped" else {**identify(job), "error": str(e),
+                                                      "status": e.status, "code": e.code})
         except Exception as e:  # a fault nobody foresaw: this item's row, never the run's end
-            return {
-                **identify(job),
-                "error": f"{type(e).__name__}: {e}",
-                "status": None,
-                "code": "internal_error",
-            }
+            return {**identify(job), "error": f"{type(e).__name__}: {e}", "status": None,
+                    "code": "internal_error"}
     return run
 
 

@@ -16,21 +16,8 @@ import os
 import zlib
 
 TS_EXTENSIONS = {".ts", ".m2ts", ".mts", ".m2t"}   # MPEG-TS: so opened when the probe is unsure
-VIDEO_EXTENSIONS = {
-    ".mp4",
-    ".m4v",
-    ".mkv",
-    ".webm",
-    ".avi",
-    ".mov",
-    ".gif",
-    ".mpg",
-    ".mpeg",
-    ".flv",
-    ".wmv",
-    ".3gp",
-    ".ogv",
-} | TS_EXTENSIONS
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".mpg", ".mpeg",
+                    ".flv", ".wmv", ".3gp", ".ogv"} | TS_EXTENSIONS
 
 
 class Video(str):

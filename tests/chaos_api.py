@@ -55,28 +55,14 @@ ACTIONS = [  # (action, weight)
 def echoes(key):
     """The key as servers echo it: whole, upper-cased, cut, URL-encoded, JSON-escaped, base64 of the
     header."""
-    return [
-        key,
-        key.upper(),
-        key[:14],
-        urllib.parse.quote(key, safe=""),
-        "".join(f"\\u{ord(c):04x}" for c in key),
-        base64.b64encode(f"Bearer {key}".encode()).decode(),
-    ]
+    return [key, key.upper(), key[:14], urllib.parse.quote(key, safe=""),
+            "".join(f"\\u{ord(c):04x}" for c in key),
+            base64.b64encode(f"Bearer {key}".encode()).decode()]
 
 
 class ChaosAPI:
-    def __init__(
-        self,
-        answer,
-        seed=0,
-        final=lambda item: False,
-        stall=4.0,
-        trickle_gap=0.1,
-        identify=None,
-        script=None,
-        key=KEY,
-    ):
+    def __init__(self, answer, seed=0, final=lambda item: False, stall=4.0, trickle_gap=0.1,
+                 identify=None, script=None, key=KEY):
         self.answer, self.seed, self.final, self.stall, self.gap = (
             answer,
             seed,
@@ -147,20 +133,11 @@ class ChaosAPI:
             return False
 
     def completion(self, content, usage=True):
-        return {
-            "id": "chaos",
-            "model": "chaos-vl",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
-            if usage
-            else None,
-        }
+        return {"id": "chaos", "model": "chaos-vl",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 20,
+                          "total_tokens": 120} if usage else None}
 
     def act(self, sock, action, body, item, rng, entry, arg=None):
         text = self.answer(body, item)
@@ -171,13 +148,11 @@ class ChaosAPI:
             return send(sock, 200, self.completion(text), chunked=True)
         if action == "ok_parts":
             half = len(text) // 2
-            return send(
-                sock, 200, self.completion([{"type": "text", "text": text[:half]}, text[half:]])
-            )
+            return send(sock, 200,
+                        self.completion([{"type": "text", "text": text[:half]}, text[half:]]))
         if action == "ok_message_string":
-            return send(
-                sock, 200, {"choices": [{"message": text, "finish_reason": "stop"}], "usage": {}}
-            )
+            return send(sock, 200,
+                        {"choices": [{"message": text, "finish_reason": "stop"}], "usage": {}})
         if action == "ok_usage_null":
             return send(sock, 200, self.completion(text, usage=False))
         if action == "slow_ok":   # a good answer, arg seconds later
@@ -185,48 +160,28 @@ class ChaosAPI:
             return send(sock, 200, self.completion(text))
         if action == "ok_usage_huge":
             reply = self.completion(text)
-            reply["usage"] = {
-                "prompt_tokens": 10**400,
-                "completion_tokens": -1,
-                "total_tokens": "many",
-            }
+            reply["usage"] = {"prompt_tokens": 10**400, "completion_tokens": -1,
+                              "total_tokens": "many"}
             return send(sock, 200, reply)
         if action == "deep_json":   # nested past Python's recursion limit
             return send(sock, 200, b"[" * 100000 + b"]" * 100000)
         if action == "huge_html":
-            return send(
-                sock, 200, b"<html>" + b"<p>welcome</p>" * 600000 + b"</html>", ctype="text/html"
-            )
+            return send(sock, 200, b"<html>" + b"<p>welcome</p>" * 600000 + b"</html>",
+                        ctype="text/html")
         if action == "ok_echo":   # the key inside the answer itself
             return send(sock, 200, self.completion(text + f" (request signed {echo})"))
         if action == "moderated":
-            return send(
-                sock,
-                400,
-                {
-                    "error": {
-                        "code": "data_inspection_failed",
-                        "message": f"Input inappropriate {echo}",
-                    }
-                },
-            )
+            return send(sock, 400,
+                        {"error": {"code": "data_inspection_failed",
+                                   "message": f"Input inappropriate {echo}"}})
         if action == "401":
-            return send(
-                sock,
-                401,
-                {"error": {"code": "invalid_api_key", "message": f"Incorrect API key {echo}"}},
-            )
+            return send(sock, 401,
+                        {"error": {"code": "invalid_api_key",
+                                   "message": f"Incorrect API key {echo}"}})
         if action == "quota":
-            return send(
-                sock,
-                429,
-                {
-                    "error": {
-                        "code": "insufficient_quota",
-                        "message": f"You exceeded your quota {echo}",
-                    }
-                },
-            )
+            return send(sock, 429,
+                        {"error": {"code": "insufficient_quota",
+                                   "message": f"You exceeded your quota {echo}"}})
         if action == "drop_in_headers":
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: appli")
             return hang_up(sock)
@@ -256,16 +211,11 @@ class ChaosAPI:
             entry["held"] = None   # the server gave up first: the client did not end it in time
             return hang_up(sock)
         if action == "html_200":
-            return send(
-                sock, 200, b"<html><body>Welcome to nginx!</body></html>", ctype="text/html"
-            )
+            return send(sock, 200, b"<html><body>Welcome to nginx!</body></html>",
+                        ctype="text/html")
         if action == "html_502":
-            return send(
-                sock,
-                502,
-                b"<html><head><title>502 Bad Gateway</title></head></html>",
-                ctype="text/html",
-            )
+            return send(sock, 502, b"<html><head><title>502 Bad Gateway</title></head></html>",
+                        ctype="text/html")
         if action == "empty_choices":
             return send(sock, 200, {"choices": [], "usage": None})
         if action == "no_choices":
@@ -277,21 +227,15 @@ class ChaosAPI:
         if action == "choices_string":
             return send(sock, 200, {"choices": "none today"})
         if action == "e500_echo":
-            return send(
-                sock,
-                500,
-                {"error": {"code": f"internal {echo}", "message": f"upstream refused {echo}"}},
-            )
+            return send(sock, 500,
+                        {"error": {"code": f"internal {echo}",
+                                   "message": f"upstream refused {echo}"}})
         if action == "r429_long":
-            return send(
-                sock,
-                429,
-                {"error": {"code": "rate_limit_exceeded", "message": "slow down"}},
-                extra={
-                    "Retry-After": arg
-                    or rng.choice(["3600", "Wed, 21 Oct 2099 07:28:00 GMT", "soon", "1e999"])
-                },
-            )
+            return send(sock, 429,
+                        {"error": {"code": "rate_limit_exceeded", "message": "slow down"}},
+                        extra={"Retry-After": arg or rng.choice(["3600",
+                                                                 "Wed, 21 Oct 2099 07:28:00 GMT",
+                                                                 "soon", "1e999"])})
         if action == "bad_gzip":
             return send(sock, 200, b"\x1f\x8b\x08\x00garbage-not-gzip", ctype="application/json",
                         extra={"Content-Encoding": "gzip"})

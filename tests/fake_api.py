@@ -59,9 +59,8 @@ class FakeAPI:
     def handle(self, h, body):
         item = self.identify(body)
         with self.lock:
-            self.log.append(
-                dict(t=time.monotonic(), item=item, auth=h.headers.get("Authorization"), body=body)
-            )
+            self.log.append(dict(t=time.monotonic(), item=item,
+                                 auth=h.headers.get("Authorization"), body=body))
             steps = self.script.get(item, [])
             action = steps.pop(0) if steps else ("ok",)
         if h.headers.get("Authorization") != f"Bearer {KEY}":
@@ -84,24 +83,15 @@ class FakeAPI:
                 h, status, {"error": {"message": message, "type": "error", "code": code}}, headers
             )
         if kind == "content":
-            return self.reply(
-                h, 200, self.completion(action[1], action[2] if len(action) > 2 else "stop")
-            )
+            return self.reply(h, 200,
+                              self.completion(action[1], action[2] if len(action) > 2 else "stop"))
         return self.reply(h, 200, self.completion(self.answer(body, item)))
 
     def completion(self, content, finish="stop"):
-        return {
-            "id": "x",
-            "model": "fake-vl",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
-        }
+        return {"id": "x", "model": "fake-vl",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
 
     def reply(self, h, status, payload, headers=None, raw=False):
         data = payload if raw else json.dumps(payload).encode()

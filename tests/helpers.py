@@ -33,18 +33,11 @@ def randomize(module, seed=0, std=0.15):
 
 def tiny_llava(seed=0, **text):
     """(transformers LlavaForConditionalGeneration, its config.json dict with PLLaVA's fields)."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
 
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION),
-        text_config=LlamaConfig(**{**TEXT, **text}),
-        image_token_index=IMAGE_ID,
-    )
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION),
+                         text_config=LlamaConfig(**{**TEXT, **text}), image_token_index=IMAGE_ID)
     hf = randomize(LlavaForConditionalGeneration(config), seed).eval()
     return hf, {**config.to_dict(), **PLLAVA}
 
@@ -57,22 +50,14 @@ def causal_lm(hf):
     return lm.eval()
 
 
-def reference_logits(
-    hf,
-    lm,
-    input_ids,
-    pixel_values,
-    attention_mask=None,
-    pooling_shape=PLLAVA["pooling_shape"],
-    num_frames=PLLAVA["num_frames"],
-):
+def reference_logits(hf, lm, input_ids, pixel_values, attention_mask=None,
+                     pooling_shape=PLLAVA["pooling_shape"], num_frames=PLLAVA["num_frames"]):
     """PLLaVA assembled from transformers parts: CLIPVisionModel hidden_states[-2] without CLS, the
     llava projector, nn.AdaptiveAvgPool3d, the visual tokens put in place of <image>, then `lm` (a
     causal LM)."""
     B, T = pixel_values.shape[:2]
-    feats = hf.model.vision_tower(
-        pixel_values.flatten(0, 1), output_hidden_states=True
-    ).hidden_states[-2][:, 1:]
+    feats = hf.model.vision_tower(pixel_values.flatten(0, 1),
+                                  output_hidden_states=True).hidden_states[-2][:, 1:]
     feats = hf.model.multi_modal_projector(feats)                         # (B*T, P, D)
     g = int(feats.shape[1] ** 0.5)
     feats = feats.view(B, T, g, g, -1)
@@ -123,12 +108,10 @@ def write_checkpoint(out_dir, tensors, config, shards=1):
 
 def hub_layout(state_dict):
     """transformers 5 in-memory keys -> the llava-hf hub layout of transformers 4."""
-    renames = [
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("model.language_model.", "language_model.model."),
-        ("lm_head.", "language_model.lm_head."),
-    ]
+    renames = [("model.vision_tower.", "vision_tower.vision_model."),
+               ("model.multi_modal_projector.", "multi_modal_projector."),
+               ("model.language_model.", "language_model.model."),
+               ("lm_head.", "language_model.lm_head.")]
     out = {}
     for k, v in state_dict.items():
         for a, b in renames:
@@ -151,9 +134,8 @@ def peft_release(hf, targets=("q_proj", "v_proj"), r=8, alpha=4.0, seed=1):
         for name, p in peft_lm.named_parameters():
             if "lora_" in name:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    tensors = {
-        k: v for k, v in hub_layout(hf.state_dict()).items() if not k.startswith("language_model.")
-    }
+    tensors = {k: v for k,
+               v in hub_layout(hf.state_dict()).items() if not k.startswith("language_model.")}
     tensors.update({"language_model." + k: v for k, v in peft_lm.state_dict().items()})
     return tensors, peft_lm.eval()
 
@@ -174,15 +156,11 @@ def sample_inputs(seed=0, batch=2, frames=4, pad_first=2):
     return ids, pixels, mask
 
 
-CORPUS = [
-    "a red circle moves left then down on a blue background",
-    "USER: describe the video in detail",
-    "ASSISTANT: the video shows a green square sliding to the right",
-    "The quick brown fox jumps over the lazy dog.",
-    "hello world\n new line here",
-    "system prompt you are a helpful assistant",
-    "Video-ChatGPT large vision-language",
-]
+CORPUS = ["a red circle moves left then down on a blue background",
+          "USER: describe the video in detail",
+          "ASSISTANT: the video shows a green square sliding to the right",
+          "The quick brown fox jumps over the lazy dog.", "hello world\n new line here",
+          "system prompt you are a helpful assistant", "Video-ChatGPT large vision-language"]
 
 
 def make_tokenizer(folder, kind="vicuna", legacy=False, vocab_size=400):
@@ -198,16 +176,10 @@ def tiny_checkpoint(folder, seed=0, num_frames=4, pooling_shape=(4, 2, 2), **tex
     from config import Config
     from model import PLLaVA
     make_tokenizer(folder)
-    config = Config.from_dict(
-        dict(
-            vision_config=VISION,
-            text_config={**TEXT, "vocab_size": 402, **text},
-            image_token_index=400,
-            pooling_shape=list(pooling_shape),
-            num_frames=num_frames,
-            pad_token_id=401,
-        )
-    )
+    config = Config.from_dict(dict(vision_config=VISION,
+                                   text_config={**TEXT, "vocab_size": 402, **text},
+                                   image_token_index=400, pooling_shape=list(pooling_shape),
+                                   num_frames=num_frames, pad_token_id=401))
     model = PLLaVA.from_config(config, seed=seed)
     randomize(model, seed)
     model.save_pretrained(folder)

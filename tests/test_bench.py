@@ -51,11 +51,8 @@ class SlowLM:
 def test_a_time_below_zero_is_too_small_to_time_not_a_rate():
     """A decode time found by subtracting a prefill can fall below zero on a tiny model: no rate, no
     ratio."""
-    result = {
-        "ours": measure.spread([0.1, 0.2]),
-        "reference": measure.spread([-0.001, 0.01]),
-        "pair_ratios": [-0.01, 0.05],
-    }
+    result = {"ours": measure.spread([0.1, 0.2]), "reference": measure.spread([-0.001, 0.01]),
+              "pair_ratios": [-0.01, 0.05]}
     r = measure.row("decode", "tokens/s", result, work=10)
     assert r["too_small_to_time"] and r["ratio"] is None and r["reference"]["median"] is None
     assert r["ours"]["median"] == pytest.approx(
@@ -99,11 +96,8 @@ def test_turns_alternate_and_the_spread_is_reported(clock):
     result = measure.compare(ours, lambda: order.append("b"), "cpu", repeats=5, warmup=1)
     assert "".join(order) == "ab" * 6
     assert result["ours"]["n"] == result["reference"]["n"] == 5
-    assert (
-        result["ours"]["min"],
-        result["ours"]["median"],
-        result["ours"]["max"],
-    ) == pytest.approx((0.01, 0.04, 0.09))
+    assert (result["ours"]["min"], result["ours"]["median"],
+            result["ours"]["max"]) == pytest.approx((0.01, 0.04, 0.09))
     r = measure.row("x", "s", result)
     # ours is the slower
     assert r["ratio"] < 1 and r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
@@ -117,30 +111,10 @@ def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path):
     section failed."""
     sections = "vision,prefill,decode,roofline,sampler,recipe,steps,shots"
     out = tmp_path / "bench.json"
-    r = run_command(
-        [
-            sys.executable,
-            "-m",
-            "lab.bench",
-            "--size",
-            "tiny",
-            "--only",
-            sections,
-            "--repeats",
-            "2",
-            "--new-tokens",
-            "4",
-            "--load-gb",
-            "0.02",
-            "--sampler-minutes",
-            "0.2",
-            "--cache",
-            str(tmp_path / "cache"),
-            "--json",
-            str(out),
-        ],
-        timeout=600,
-    )
+    r = run_command([sys.executable, "-m", "lab.bench", "--size", "tiny", "--only", sections,
+                     "--repeats", "2", "--new-tokens", "4", "--load-gb", "0.02",
+                     "--sampler-minutes", "0.2", "--cache", str(tmp_path / "cache"), "--json",
+                     str(out)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     machine = report["machine"]
@@ -158,15 +132,8 @@ def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path):
     names = [row["name"] for row in report["rows"]]
     assert not [n for n in names if "failed (" in n], names
     assert sum(n.startswith("decode (") and "steps after" in n for n in names) >= 4
-    for prefix in (
-        "vision tower",
-        "prefill",
-        "memory bandwidth",
-        "16 frames from",
-        "frames + prefill",
-        "decode step",
-        "shot detection",
-    ):
+    for prefix in ("vision tower", "prefill", "memory bandwidth", "16 frames from",
+                   "frames + prefill", "decode step", "shot detection"):
         assert any(n.startswith(prefix) for n in names), prefix
     assert sorted(report["section_seconds"]) == sorted(sections.split(","))
     for row in report["rows"]:
@@ -225,8 +192,5 @@ def test_the_time_said_at_start_is_the_newest_measured_and_the_default_sections_
             )
         )
     (tmp_path / "bench-cpu-small-2026-03-01.json").write_text('{"size": "sm')  # cut: left out
-    assert measure.section_seconds(str(tmp_path)) == {
-        "prefill": 10.0,
-        "decode": 30.0,
-        "pipeline": 7.0,
-    }
+    assert measure.section_seconds(str(tmp_path)) == {"prefill": 10.0, "decode": 30.0,
+                                                      "pipeline": 7.0}

@@ -49,12 +49,8 @@ def no_key_anywhere(folder, streams):
     """Not the key, nor any 8 characters of it (in any case), in any file under folder or in the
     streams."""
     windows = {KEY[i:i + 8].lower() for i in range(len(KEY) - 7)}
-    texts = [streams] + [
-        open(os.path.join(d, f), "rb").read().decode("utf-8", "replace")
-        for d, _, files in os.walk(folder)
-        for f in files
-        if not f.endswith(".mp4")
-    ]
+    texts = [streams] + [open(os.path.join(d, f), "rb").read().decode("utf-8", "replace") for d, _,
+                         files in os.walk(folder) for f in files if not f.endswith(".mp4")]
     for text in texts:
         low = text.lower()
         assert not any(w in low for w in windows), [w for w in windows if w in low][:3]
@@ -94,32 +90,12 @@ def test_label_chaos_kill_and_rerun(tmp_path, seed):
     frames = functools.partial(jpeg_data_urls, n=4, max_side=768, q=4)   # what label.py sends
     digests = {canonical(v): frames_digest(urls) for v, urls in
                imap_unordered(frames, sorted(str(p) for p in folder.iterdir()), workers=2)}
-    api = ChaosAPI(
-        lambda body, item: f"Video {item[:12]}: one flat colour fills the frame.",
-        seed=seed,
-        final=moderated,
-        identify=label_identify,
-    )
+    api = ChaosAPI(lambda body, item: f"Video {item[:12]}: one flat colour fills the frame.",
+                   seed=seed, final=moderated, identify=label_identify)
     out = tmp_path / "labels.jsonl"
-    args = [
-        str(folder),
-        "--out",
-        str(out),
-        "--api-base",
-        api.url,
-        "--concurrency",
-        "16",
-        "--workers",
-        "2",
-        "--timeout",
-        str(TIMEOUT),
-        "--retries",
-        "10",
-        "--backoff",
-        "0.01",
-        "--max-retry-after",
-        "0.2",
-    ]
+    args = [str(folder), "--out", str(out), "--api-base", api.url, "--concurrency", "16",
+            "--workers", "2", "--timeout", str(TIMEOUT), "--retries", "10", "--backoff", "0.01",
+            "--max-retry-after", "0.2"]
     try:
         code, seconds, streams = kill_then_rerun("label.py", args, seed, str(out))
     finally:
@@ -158,12 +134,9 @@ def test_judge_chaos_kill_and_rerun(tmp_path, seed):
     videos = [f"clips/c{i:03d}.mp4" for i in range(N)]
     gt.write_text("".join(json.dumps({"video": v, "caption": f"A cat jumps {i} times."}) + "\n"
                           for i, v in enumerate(videos)))
-    pred.write_text(
-        "".join(
-            json.dumps({"video": "./" + v, "caption": f"A cat hops {i % 7} times."}) + "\n"
-            for i, v in enumerate(videos)
-        )
-    )
+    pred.write_text("".join(json.dumps({"video": "./" + v,
+                                        "caption": f"A cat hops {i % 7} times."}) + "\n" for i,
+                            v in enumerate(videos)))
     expected = {}
     for i, v in enumerate(videos):
         messages = [{"role": "system", "content": SYSTEM},
@@ -173,30 +146,9 @@ def test_judge_chaos_kill_and_rerun(tmp_path, seed):
         expected[v] = (h % 6, h % 2 == 0)
     api = ChaosAPI(judge_answer, seed=seed)
     report = tmp_path / "report"
-    args = [
-        "--gt",
-        str(gt),
-        "--pred",
-        str(pred),
-        "--out",
-        str(report),
-        "--api-base",
-        api.url,
-        "--concurrency",
-        "16",
-        "--timeout",
-        str(TIMEOUT),
-        "--retries",
-        "10",
-        "--backoff",
-        "0.01",
-        "--max-retry-after",
-        "0.2",
-        "--parse-retries",
-        "4",
-        "--bootstrap",
-        "200",
-    ]
+    args = ["--gt", str(gt), "--pred", str(pred), "--out", str(report), "--api-base", api.url,
+            "--concurrency", "16", "--timeout", str(TIMEOUT), "--retries", "10", "--backoff",
+            "0.01", "--max-retry-after", "0.2", "--parse-retries", "4", "--bootstrap", "200"]
     try:
         code, seconds, streams = kill_then_rerun(
             "judge.py", args, seed, str(report / "judgments.jsonl")

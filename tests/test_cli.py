@@ -7,15 +7,10 @@ from plumbing import cli
 from tools import run_main
 
 
-@pytest.mark.parametrize(
-    "tool, argv",
-    [
-        ("caption.py", ["x"]),
-        ("label.py", ["x"]),
-        ("judge.py", ["--gt", "a", "--pred", "b", "--out", "c"]),
-        ("train.py", ["--data", "d", "--out", "o", "--model", "m"]),
-    ],
-)
+@pytest.mark.parametrize("tool, argv",
+                         [("caption.py", ["x"]), ("label.py", ["x"]),
+                          ("judge.py", ["--gt", "a", "--pred", "b", "--out", "c"]),
+                          ("train.py", ["--data", "d", "--out", "o", "--model", "m"])])
 def test_an_abbreviated_flag_is_refused_and_a_near_miss_names_the_flag_meant(tool, argv):
     flag = "--save-minutes" if tool == "train.py" else "--max-failures-in-a-row"
     # cut short; two letters swapped

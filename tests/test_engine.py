@@ -46,10 +46,9 @@ def stops_that_end_rows_early(model, items, n=24):
     return tuple({free[0][3], free[1][n // 2], free[2][n - 7]})
 
 
-@pytest.mark.parametrize(
-    "slots, mixed_prompts, order",
-    [(3, False, "as is"), (2, True, "reversed"), (4, True, "shuffled"), (1, False, "as is")],
-)
+@pytest.mark.parametrize("slots, mixed_prompts, order",
+                         [(3, False, "as is"), (2, True, "reversed"), (4, True, "shuffled"),
+                          (1, False, "as is")])
 def test_each_video_gets_the_tokens_it_gets_alone(tiny, slots, mixed_prompts, order):
     model, tok = tiny
     items = videos(tok, 7, mixed_prompts)
@@ -253,9 +252,8 @@ def test_a_model_built_for_bf16_never_holds_fp32_weights(monkeypatch):
         seen.extend({p.dtype for p in model.parameters()})
         return real(model, *a, **kw)
     monkeypatch.setattr(weights, "init_weights", init_weights)
-    model = PLLaVA.from_config(
-        dict(vision_config=VISION, text_config=TEXT, image_token_index=110), dtype=torch.bfloat16
-    )
+    model = PLLaVA.from_config(dict(vision_config=VISION, text_config=TEXT, image_token_index=110),
+                               dtype=torch.bfloat16)
     assert set(seen) == {torch.bfloat16} and {p.dtype for p in model.parameters()} == {
         torch.bfloat16
     }
@@ -269,18 +267,16 @@ def test_the_loop_guard_ends_a_row_that_repeats_itself_and_leaves_the_others_alo
     model, tok = tiny
     items = videos(tok, 6, mixed_prompts=True)
     free = dict(Engine(model, 3, Sampling(max_new_tokens=64, stop_ids=())).run(items))
-    guarded = dict(
-        Engine(model, 3, Sampling(max_new_tokens=64, stop_ids=(), stop_loops=True)).run(items)
-    )
+    guarded = dict(Engine(model, 3,
+                          Sampling(max_new_tokens=64, stop_ids=(), stop_loops=True)).run(items))
     # no loop: nothing changes
     assert not any(looping(t) for t in free.values()) and guarded == free
     stuck = copy.deepcopy(model)
     # every logit 0: token 0 for ever
     stuck.language_model.model.norm.weight.zero_()
     free = dict(Engine(stuck, 3, Sampling(max_new_tokens=64, stop_ids=())).run(items))
-    guarded = dict(
-        Engine(stuck, 3, Sampling(max_new_tokens=64, stop_ids=(), stop_loops=True)).run(items)
-    )
+    guarded = dict(Engine(stuck, 3,
+                          Sampling(max_new_tokens=64, stop_ids=(), stop_loops=True)).run(items))
     assert all(t == [0] * 64 for t in free.values())
     assert all(8 <= len(t) < 64 and t == [0] * len(t) and looping(t) == 1 for t in guarded.values())
 
@@ -292,11 +288,9 @@ def counting_compiles(monkeypatch, lm):
     counter, real = CompileCounter(), torch.compile
     torch._dynamo.reset()
     lm.__dict__.pop("compiled_decode", None)
-    monkeypatch.setattr(
-        torch,
-        "compile",
-        lambda fn, mode=None, dynamic=None: real(fn, backend=counter, dynamic=dynamic),
-    )
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, mode=None, dynamic=None: real(fn, backend=counter,
+                                                                 dynamic=dynamic))
     return counter
 
 

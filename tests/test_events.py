@@ -13,14 +13,8 @@ import events
 from chaos_api import KEY, ChaosAPI
 from tools import run_tool
 
-OPPOSITE = {
-    "left": "right",
-    "right": "left",
-    "sits": "stands",
-    "stands": "sits",
-    "opens": "closes",
-    "closes": "opens",
-}
+OPPOSITE = {"left": "right", "right": "left", "sits": "stands", "stands": "sits",
+            "opens": "closes", "closes": "opens"}
 GT = {"v1": "A cat sits on the sofa. The cat jumps left. A door opens.",
       "v2": "A red ball rolls across the floor. A dog chases the ball.",
       "v3": "Two girls walk under cherry trees. They laugh."}
@@ -72,32 +66,17 @@ def by_hand(gt, pred):
 
 
 def write(path, captions):
-    path.write_text(
-        "".join(json.dumps({"video": v, "caption": c}) + "\n" for v, c in captions.items())
-    )
+    path.write_text("".join(json.dumps({"video": v, "caption": c}) + "\n" for v,
+                            c in captions.items()))
     return path
 
 
 @pytest.fixture
 def judged(tmp_path):
     api = ChaosAPI(answer, identify=lambda body: "x", script={"x": ["ok"] * 1000})
-    args = [
-        "--gt",
-        write(tmp_path / "gt.jsonl", GT),
-        "--pred",
-        write(tmp_path / "a.jsonl", PRED),
-        "--pred-b",
-        write(tmp_path / "b.jsonl", PRED_B),
-        "--out",
-        tmp_path / "rep",
-        "--api-base",
-        api.url,
-        "--events",
-        "--bootstrap",
-        "500",
-        "--parse-retries",
-        "1",
-    ]
+    args = ["--gt", write(tmp_path / "gt.jsonl", GT), "--pred", write(tmp_path / "a.jsonl", PRED),
+            "--pred-b", write(tmp_path / "b.jsonl", PRED_B), "--out", tmp_path / "rep",
+            "--api-base", api.url, "--events", "--bootstrap", "500", "--parse-retries", "1"]
     try:
         first = run_tool("judge.py", args, env={"OPENAI_API_KEY": KEY})
         asked = len(api.log)
@@ -176,16 +155,12 @@ def test_label_verify_keeps_the_sentences_the_frames_support(tmp_path):
     api = ChaosAPI(teacher, identify=lambda body: "x", script={"x": ["ok"] * 100})
     out = tmp_path / "verified.jsonl"
     try:
-        r = run_tool(
-            "label.py",
-            ["verify", tmp_path / "labels.jsonl", "--out", out, "--api-base", api.url],
-            env={"DASHSCOPE_API_KEY": KEY},
-        )
-        again = run_tool(
-            "label.py",
-            ["verify", tmp_path / "labels.jsonl", "--out", out, "--api-base", api.url],
-            env={"DASHSCOPE_API_KEY": KEY},
-        )
+        r = run_tool("label.py",
+                     ["verify", tmp_path / "labels.jsonl", "--out", out, "--api-base", api.url],
+                     env={"DASHSCOPE_API_KEY": KEY})
+        again = run_tool("label.py",
+                         ["verify", tmp_path / "labels.jsonl", "--out", out, "--api-base",
+                          api.url], env={"DASHSCOPE_API_KEY": KEY})
     finally:
         api.close()
     assert r.returncode == 0 and again.returncode == 0, r.stderr
@@ -210,23 +185,9 @@ def test_at_most_max_events_and_unparsed_verdicts_are_counted_apart(tmp_path):
             return "no verdicts here"
         return answer(body, item)
     api = ChaosAPI(cut_answer, identify=lambda body: "x", script={"x": ["ok"] * 1000})
-    args = [
-        "--gt",
-        write(tmp_path / "gt.jsonl", GT),
-        "--pred",
-        write(tmp_path / "a.jsonl", PRED),
-        "--out",
-        tmp_path / "rep",
-        "--api-base",
-        api.url,
-        "--events",
-        "--max-events",
-        "2",
-        "--bootstrap",
-        "200",
-        "--parse-retries",
-        "1",
-    ]
+    args = ["--gt", write(tmp_path / "gt.jsonl", GT), "--pred", write(tmp_path / "a.jsonl", PRED),
+            "--out", tmp_path / "rep", "--api-base", api.url, "--events", "--max-events", "2",
+            "--bootstrap", "200", "--parse-retries", "1"]
     try:
         r = run_tool("judge.py", args, env={"OPENAI_API_KEY": KEY})
     finally:
@@ -261,25 +222,10 @@ def test_label_verify_shards_survive_faults_and_use_the_labels_frames(tmp_path):
     api = ChaosAPI(teacher, identify=lambda body: "x", script={"x": faults})
     out = tmp_path / "verified.jsonl"
     try:
-        runs = [
-            run_tool(
-                "label.py",
-                [
-                    "verify",
-                    tmp_path / "labels.jsonl",
-                    "--out",
-                    out,
-                    "--api-base",
-                    api.url,
-                    "--shard",
-                    f"{k}/2",
-                    "--backoff",
-                    "0",
-                ],
-                env={"DASHSCOPE_API_KEY": KEY},
-            )
-            for k in (0, 1)
-        ]
+        runs = [run_tool("label.py",
+                         ["verify", tmp_path / "labels.jsonl", "--out", out, "--api-base", api.url,
+                          "--shard", f"{k}/2", "--backoff", "0"],
+                         env={"DASHSCOPE_API_KEY": KEY}) for k in (0, 1)]
     finally:
         api.close()
     assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
@@ -287,22 +233,18 @@ def test_label_verify_shards_survive_faults_and_use_the_labels_frames(tmp_path):
     assert sorted(row["video"] for row in rows) == sorted(videos) and all(
         row["caption"] == "A square." for row in rows
     )
-    (tmp_path / "eight.jsonl").write_text(
-        "".join(json.dumps({**r, "frames": 8}) + "\n" for r in labels)
-    )
-    r = run_tool(
-        "label.py",
-        ["verify", tmp_path / "eight.jsonl", "--out", tmp_path / "v8.jsonl", "--api-base", api.url],
-        env={"DASHSCOPE_API_KEY": KEY},
-    )
+    (tmp_path / "eight.jsonl").write_text("".join(json.dumps({**r,
+                                                              "frames": 8}) + "\n" for r in labels))
+    r = run_tool("label.py",
+                 ["verify", tmp_path / "eight.jsonl", "--out", tmp_path / "v8.jsonl", "--api-base",
+                  api.url], env={"DASHSCOPE_API_KEY": KEY})
     assert r.returncode == 1 and "--frames 8" in r.stderr and not (tmp_path / "v8.jsonl").exists()
 
 
 def test_verify_without_out_writes_a_new_file_and_never_its_input(tmp_path):
     labels = tmp_path / "labels.jsonl"
-    labels.write_text(
-        json.dumps({"video": str(tmp_path / "v.mp4"), "caption": "A cat.", "frames": 4}) + "\n"
-    )
+    labels.write_text(json.dumps({"video": str(tmp_path / "v.mp4"), "caption": "A cat.",
+                                  "frames": 4}) + "\n")
     before = labels.read_text()
     r = run_tool("label.py", ["verify", labels, "--out", labels], env={"DASHSCOPE_API_KEY": KEY})
     assert (
@@ -315,9 +257,8 @@ def test_verify_without_out_writes_a_new_file_and_never_its_input(tmp_path):
 
 
 def test_an_event_listed_ten_times_is_one_event():
-    text = json.dumps(
-        {"events": ["The person walks."] * 10 + ["the person  walks", "A dog barks."]}
-    )
+    text = json.dumps({"events": ["The person walks."] * 10 + ["the person  walks",
+                                                               "A dog barks."]})
     assert events.parse_events(text, 10) == ["The person walks.", "A dog barks."]
     assert "1. The person walks.\n2. A dog barks." in events.entail_job(
         ["The person walks."] * 3 + ["A dog barks."], "x", type("A", (), {"model": "m"}))["prompt"]

@@ -8,16 +8,8 @@ import time
 import pytest
 import torch
 
-from generate import (
-    PackedLinear,
-    Sampling,
-    Stopper,
-    can_pack,
-    generate,
-    generate_reference,
-    pack_for_cpu,
-    pick,
-)
+from generate import (PackedLinear, Sampling, Stopper, can_pack, generate, generate_reference,
+                      pack_for_cpu, pick)
 from lora import add_lora, lora_layers
 from model import causal_mask, positions_of
 from tokenizer import prompt_ids
@@ -49,12 +41,8 @@ def test_batched_greedy_equals_one_video_at_a_time(tiny):
     ids, mask = left_pad(rows, tok.pad_id)
     batched = generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=24, stop_ids=()))
     for b in range(3):
-        single = generate(
-            model,
-            torch.tensor([rows[b]]),
-            pixels[b : b + 1],
-            sampling=Sampling(max_new_tokens=24, stop_ids=()),
-        )
+        single = generate(model, torch.tensor([rows[b]]), pixels[b : b + 1],
+                          sampling=Sampling(max_new_tokens=24, stop_ids=()))
         assert batched[b] == single[0]
     # different prompts and videos, different captions
     assert len(set(map(tuple, batched))) == 3
@@ -92,15 +80,10 @@ def test_pick_sampling_knobs():
     freq = torch.bincount(draws, minlength=4).float() / 2000
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.04)
     # p = .61 .22 .14 .03: the smallest set holding top_p of the mass
-    assert set(pick(logits, seen, temperature=1.0, top_p=0.8, generator=g).unique().tolist()) == {
-        0,
-        1,
-    }
-    assert set(pick(logits, seen, temperature=1.0, top_p=0.9, generator=g).unique().tolist()) == {
-        0,
-        1,
-        2,
-    }
+    assert set(pick(logits, seen, temperature=1.0, top_p=0.8,
+                    generator=g).unique().tolist()) == {0, 1}
+    assert set(pick(logits, seen, temperature=1.0, top_p=0.9,
+                    generator=g).unique().tolist()) == {0, 1, 2}
     seen[:, 0] = True                                # penalize token 0: 2.0 / 3 < 1.0
     assert pick(logits, seen, repetition_penalty=3.0).unique().tolist() == [1]
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
@@ -108,12 +91,8 @@ def test_pick_sampling_knobs():
 
 
 def test_stop_strings():
-    s = Stopper(
-        2,
-        stop_ids={9},
-        stop_strings=["STOP"],
-        decode=lambda ids: "".join("STOP" if i == 7 else "a" for i in ids),
-    )
+    s = Stopper(2, stop_ids={9}, stop_strings=["STOP"],
+                decode=lambda ids: "".join("STOP" if i == 7 else "a" for i in ids))
     assert not s.add(torch.tensor([1, 2]))
     assert not s.add(torch.tensor([7, 3]))          # row 0 hits the stop string
     assert s.done == [True, False]
@@ -132,31 +111,13 @@ def test_static_cache_path_and_compiled_step_equal_the_plain_path(tiny, monkeypa
     plain = generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()))
     # the static path, eager
     monkeypatch.setattr(g, "compiled_decode", lambda lm, mode: g.decode_one_token)
-    assert (
-        generate(
-            model,
-            ids,
-            pixels,
-            mask,
-            sampling=Sampling(max_new_tokens=12, stop_ids=()),
-            compile_mode="default",
-        )
-        == plain
-    )
+    assert (generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()),
+                     compile_mode="default") == plain)
     monkeypatch.undo()
     # "default": a quick compile
     model.language_model.__dict__.pop("compiled_decode", None)
-    assert (
-        generate(
-            model,
-            ids,
-            pixels,
-            mask,
-            sampling=Sampling(max_new_tokens=12, stop_ids=()),
-            compile_mode="default",
-        )
-        == plain
-    )
+    assert (generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()),
+                     compile_mode="default") == plain)
     assert (
         generate(
             model,
@@ -198,10 +159,8 @@ def test_cpu_packed_weights_equal_the_plain_path(tiny, monkeypatch):
     logits = lm.lm_head(lm(x, positions_of(valid), causal_mask(valid)))
     real = valid[:, :, None].expand_as(logits)
     assert ((logits - plain_logits)[real].abs().max() / plain_logits[real].abs().max()) <= 1e-5
-    assert (
-        generate(model, ids, pixels, mask, sampling=Sampling(max_new_tokens=12, stop_ids=()))
-        == plain
-    )
+    assert (generate(model, ids, pixels, mask,
+                     sampling=Sampling(max_new_tokens=12, stop_ids=())) == plain)
 
 
 def test_decode_steps_pass_no_mask_when_no_row_is_padded(tiny, monkeypatch):

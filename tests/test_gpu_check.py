@@ -46,27 +46,9 @@ def test_a_tiny_check_on_the_cpu_runs_its_stages_in_order_skips_by_budget_and_le
 ):
     work, out = tmp_path / "work", tmp_path / "check.json"
     work.mkdir()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lab.gpu_check",
-            "--size",
-            "tiny",
-            "--device",
-            "cpu",
-            "--budget",
-            "80",
-            "--work",
-            str(work),
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = subprocess.run([sys.executable, "-m", "lab.gpu_check", "--size", "tiny", "--device", "cpu",
+                        "--budget", "80", "--work", str(work), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.load(open(out))
     rows = {s["stage"]: s for s in report["stages"]}

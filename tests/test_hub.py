@@ -114,25 +114,15 @@ def gets(name):
     return sum(1 for n, _, _ in Hub.log if n == name)
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "../../escape.safetensors",
-        "/tmp/escape.safetensors",
-        "a/../../x.safetensors",
-        "..",
-        "sub\\..\\..\\x.safetensors",
-        7,
-        ".complete",
-        "model.safetensors.partial",
-    ],
-)
+@pytest.mark.parametrize("bad",
+                         ["../../escape.safetensors", "/tmp/escape.safetensors",
+                          "a/../../x.safetensors", "..", "sub\\..\\..\\x.safetensors", 7,
+                          ".complete", "model.safetensors.partial"])
 def test_an_index_naming_a_file_outside_the_folder_is_refused(served, tmp_path, bad):
     _, cache = served
     Hub.files["model.safetensors.index.json"] = json.dumps({"weight_map": {"w": bad}}).encode()
-    with pytest.raises(
-        hub.HubError, match="outside the model folder|not a safetensors index|only this cache"
-    ):
+    with pytest.raises(hub.HubError,
+                       match="outside the model folder|not a safetensors index|only this cache"):
         hub.resolve(REPO, cache=cache)
     assert not os.path.exists(tmp_path / "escape.safetensors") and not os.path.exists(
         "/tmp/escape.safetensors"
@@ -144,10 +134,8 @@ def test_a_corrupted_download_is_caught_by_its_checksum(served, model_files):
     _, cache = served
     Hub.faults = {"model.safetensors": {"corrupt_once": True}}   # same length, one byte wrong
     folder = hub.resolve(REPO, cache=cache)
-    assert (
-        open(os.path.join(folder, "model.safetensors"), "rb").read()
-        == model_files["model.safetensors"]
-    )
+    assert (open(os.path.join(folder, "model.safetensors"),
+                 "rb").read() == model_files["model.safetensors"])
     assert gets("model.safetensors") == 2
 
 
@@ -166,9 +154,8 @@ def test_files_without_a_length_are_never_complete_on_faith(served, model_files)
 
 
 @pytest.mark.parametrize("server_honours_if_range", [True, False])
-def test_a_file_changed_between_a_partial_download_and_its_resume(
-    served, model_files, server_honours_if_range
-):
+def test_a_file_changed_between_a_partial_download_and_its_resume(served, model_files,
+                                                                  server_honours_if_range):
     _, cache = served
     old = model_files["model.safetensors"]
     # the tensors, after the header
@@ -203,9 +190,8 @@ def test_four_processes_resolving_one_model_download_it_once(served):
     assert len({o.strip() for o, _ in outs}) == 1
     counts = collections.Counter(n for n, _, _ in Hub.log)
     assert counts["model.safetensors"] == 1 and counts["config.json"] == 1
-    assert not [
-        f for f in os.listdir(outs[0][0].strip()) if f.endswith((".partial", ".partial.json"))
-    ]
+    assert not [f for f in os.listdir(outs[0][0].strip()) if f.endswith((".partial",
+                                                                         ".partial.json"))]
 
 
 def test_a_captive_portal_poisons_nothing(served, model_files):

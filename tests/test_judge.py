@@ -57,24 +57,8 @@ def test_judge_end_to_end_with_ab_and_cache(tmp_path):
                   # never valid: unparsed
                   "A4": [("content", '{"score": "high"}')] * 3,
                   "B4": [("status", 500, "server_error", {})]}
-    args = [
-        "--gt",
-        gt,
-        "--pred",
-        a,
-        "--pred-b",
-        b,
-        "--out",
-        str(tmp_path / "report"),
-        "--api-base",
-        api.url,
-        "--backoff",
-        "0.01",
-        "--concurrency",
-        "3",
-        "--bootstrap",
-        "2000",
-    ]
+    args = ["--gt", gt, "--pred", a, "--pred-b", b, "--out", str(tmp_path / "report"),
+            "--api-base", api.url, "--backoff", "0.01", "--concurrency", "3", "--bootstrap", "2000"]
     try:
         r = run_judge(args)
         assert r.returncode == 0, r.stderr
@@ -104,9 +88,8 @@ def test_judge_end_to_end_with_ab_and_cache(tmp_path):
     assert (d["b_wins"], d["ties"], d["b_losses"]) == (2, 2, 0)
     lo, hi = sa["mean_score_ci"]
     assert lo <= sa["mean_score"] <= hi
-    assert {"report.md", "summary.json", "per_video.jsonl", "judgments.jsonl"} <= set(
-        os.listdir(tmp_path / "report")
-    )
+    assert {"report.md", "summary.json", "per_video.jsonl",
+            "judgments.jsonl"} <= set(os.listdir(tmp_path / "report"))
     # JSON mode, and the word JSON in the prompt
     for e in api.log:
         assert (
@@ -128,22 +111,18 @@ def exact_bootstrap(values, q):
 
 
 def test_aggregates_equal_hand_computed_values():
-    judgments = [
-        {"score": s, "correct": c}
-        for s, c in ((5, True), (3, False), (4, True), (0, False), (2, True))
-    ]
+    judgments = [{"score": s, "correct": c} for s,
+                 c in ((5, True), (3, False), (4, True), (0, False), (2, True))]
     judgments += [{"unparsed": True}, {"error": "HTTP 401", "status": 401}]
     s = summarize(judgments, resamples=40000)
     assert (s["n"], s["unparsed"], s["failed"]) == (5, 1, 1)
     assert s["accuracy"] == 60.0 and s["mean_score"] == 2.8
     scores = [5, 3, 4, 0, 2]
-    assert s["mean_score_ci"] == pytest.approx(
-        [exact_bootstrap(scores, 2.5), exact_bootstrap(scores, 97.5)], abs=0.1
-    )
+    assert s["mean_score_ci"] == pytest.approx([exact_bootstrap(scores, 2.5),
+                                                exact_bootstrap(scores, 97.5)], abs=0.1)
     acc = [100, 0, 100, 0, 100]
-    assert s["accuracy_ci"] == pytest.approx(
-        [exact_bootstrap(acc, 2.5), exact_bootstrap(acc, 97.5)], abs=2.5
-    )
+    assert s["accuracy_ci"] == pytest.approx([exact_bootstrap(acc, 2.5),
+                                              exact_bootstrap(acc, 97.5)], abs=2.5)
     a = {v: {"score": sc, "correct": sc > 2} for v, sc in zip("pqrs", (1, 2, 3, 4))}
     b = {v: {"score": sc, "correct": sc > 2} for v, sc in zip("pqrs", (2, 2, 5, 3))}
     b["t"] = {"score": 5, "correct": True}
@@ -152,19 +131,14 @@ def test_aggregates_equal_hand_computed_values():
     assert (c["b_wins"], c["ties"], c["b_losses"]) == (2, 1, 1)
 
 
-@pytest.mark.parametrize(
-    "text, ok",
-    [
-        ('{"score": 3, "correct": true, "reason": "x"}', True),
-        ('{"score": 3.0, "correct": false}', True),
-        ('{"score": 6, "correct": true}', False),
-        ('{"score": -1, "correct": true}', False),
-        ('{"score": true, "correct": true}', False),
-        ('{"score": 3, "correct": "yes"}', False),
-        ("[3, true]", False),
-        ("score: 3", False),
-    ],
-)
+@pytest.mark.parametrize("text, ok",
+                         [('{"score": 3, "correct": true, "reason": "x"}', True),
+                          ('{"score": 3.0, "correct": false}', True),
+                          ('{"score": 6, "correct": true}', False),
+                          ('{"score": -1, "correct": true}', False),
+                          ('{"score": true, "correct": true}', False),
+                          ('{"score": 3, "correct": "yes"}', False), ("[3, true]", False),
+                          ("score: 3", False)])
 def test_parse_judgment(text, ok):
     assert (parse_judgment(text) is not None) == ok
 
@@ -210,11 +184,9 @@ def test_judge_keys_rows_per_shot(tmp_path):
         return json.dumps({"score": 4, "correct": True, "reason": "ok"})
     api = ChaosAPI(answer, identify=lambda body: "x", script={}, key=None)
     try:
-        r = run_tool(
-            "judge.py",
-            ["--gt", gt, "--pred", pred, "--out", tmp_path / "rep", "--api-base", api.url],
-            env={"OPENAI_API_KEY": KEY},
-        )
+        r = run_tool("judge.py",
+                     ["--gt", gt, "--pred", pred, "--out", tmp_path / "rep", "--api-base",
+                      api.url], env={"OPENAI_API_KEY": KEY})
     finally:
         api.close()
     assert r.returncode == 0, r.stderr

@@ -4,16 +4,8 @@ import pytest
 import torch
 
 from config import Config
-from lora import (
-    LoRALinear,
-    add_lora,
-    load_adapter,
-    lora_layers,
-    merge_lora,
-    save_adapter,
-    set_lora_alpha,
-    unmerge_lora,
-)
+from lora import (LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, save_adapter,
+                  set_lora_alpha, unmerge_lora)
 from model import LLaMA
 
 from helpers import TEXT, randomize
@@ -139,9 +131,5 @@ def test_lora_linear_shares_the_frozen_weight():
     base = torch.nn.Linear(6, 5)
     layer = LoRALinear(base, r=2, alpha=4)
     assert layer.weight is base.weight and layer.bias is base.bias
-    assert [n for n, _ in layer.named_parameters()] == [
-        "weight",
-        "bias",
-        "lora_A.weight",
-        "lora_B.weight",
-    ]
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias", "lora_A.weight",
+                                                        "lora_B.weight"]

@@ -37,14 +37,11 @@ def test_vision_tower_equals_clip(layer):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-LLAMA_CASES = {
-    "vicuna-mha": dict(num_key_value_heads=4),
-    "yi-gqa-theta5e6": dict(num_key_value_heads=2, rope_theta=5e6),
-    "gqa-4to1-tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
-    "linear-rope-scaling": dict(
-        num_key_value_heads=4, rope_scaling={"rope_type": "linear", "factor": 2.0}
-    ),
-}
+LLAMA_CASES = {"vicuna-mha": dict(num_key_value_heads=4),
+               "yi-gqa-theta5e6": dict(num_key_value_heads=2, rope_theta=5e6),
+               "gqa-4to1-tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+               "linear-rope-scaling": dict(num_key_value_heads=4,
+                                           rope_scaling={"rope_type": "linear", "factor": 2.0})}
 
 
 def tiny_llama(case):
@@ -84,14 +81,8 @@ def test_kv_cache_decoding_equals_full_forward(case):
     P = 12                                    # prefill 12 tokens, then one token at a time
     steps = [lm(lm.model.embed_tokens(ids[:, :P]), pos[:, :P], mask[:, :, :P, :P], torch.arange(P))]
     for t in range(P, 20):
-        steps.append(
-            lm(
-                lm.model.embed_tokens(ids[:, t : t + 1]),
-                pos[:, t : t + 1],
-                mask[:, :, t : t + 1, : t + 1],
-                torch.tensor([t]),
-            )
-        )
+        steps.append(lm(lm.model.embed_tokens(ids[:, t : t + 1]), pos[:, t : t + 1],
+                        mask[:, :, t : t + 1, : t + 1], torch.tensor([t])))
     lm.clear_cache()
     cached = lm.lm_head(torch.cat(steps, 1))
     real = valid[:, :, None].expand_as(full)
@@ -138,11 +129,8 @@ def test_prompt_must_hold_one_image_token():
 def test_presets_have_the_released_shapes():
     from config import PRESETS
     c = Config.from_dict(PRESETS["pllava-34b"])
-    assert (
-        c.text_config.num_key_value_heads,
-        c.text_config.head_dim,
-        c.text_config.rope_theta,
-    ) == (8, 128, 5e6)
+    assert (c.text_config.num_key_value_heads, c.text_config.head_dim,
+            c.text_config.rope_theta) == (8, 128, 5e6)
     assert c.num_visual_tokens == 2304 and c.grid == 24 and c.vision_config.num_hidden_layers == 24
     with torch.device("meta"):
         n = sum(
@@ -156,24 +144,13 @@ def test_config_defaults_follow_transformers():
     """A sub-config naming only what differs from transformers' defaults (as real ones do)."""
     from transformers import LlavaConfig
 
-    ref = LlavaConfig(
-        text_config={"model_type": "llama", "rms_norm_eps": 1e-5, "vocab_size": 32064}
-    )
+    ref = LlavaConfig(text_config={"model_type": "llama", "rms_norm_eps": 1e-5,
+                                   "vocab_size": 32064})
     ours = Config.from_dict({"text_config": {"rms_norm_eps": 1e-5, "vocab_size": 32064}})
     t, r = ours.text_config, ref.text_config
-    assert (
-        t.hidden_size,
-        t.num_hidden_layers,
-        t.intermediate_size,
-        t.num_key_value_heads,
-        t.max_position_embeddings,
-    ) == (
-        r.hidden_size,
-        r.num_hidden_layers,
-        r.intermediate_size,
-        r.num_key_value_heads,
-        r.max_position_embeddings,
-    )
+    assert (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.num_key_value_heads,
+            t.max_position_embeddings) == (r.hidden_size, r.num_hidden_layers, r.intermediate_size,
+                                           r.num_key_value_heads, r.max_position_embeddings)
     v, rv = ours.vision_config, ref.vision_config
     assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) == \
         (rv.hidden_size, rv.num_hidden_layers, rv.image_size, rv.patch_size)

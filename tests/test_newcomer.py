@@ -42,15 +42,8 @@ def test_the_quickstart_runs_as_written_against_a_local_teacher(ckpt, tmp_path):
                    script={"x": ["ok"] * 1000}, key=None)   # a local server: any key, no faults
     commands = guide_commands()
     tools = [c.split()[c.split().index("python") + 1] for c in commands]
-    assert tools == [
-        "label.py",
-        "label.py",
-        "train.py",
-        "caption.py",
-        "label.py",
-        "train.py",
-        "caption.py",
-    ], commands
+    assert tools == ["label.py", "label.py", "train.py", "caption.py", "label.py", "train.py",
+                     "caption.py"], commands
     try:
         for command in commands:
             words = command.replace("http://localhost:8000/v1", api.url).split()
@@ -96,13 +89,9 @@ def test_a_failed_start_leaves_nothing_behind(ckpt, tmp_path, monkeypatch):
     solid_videos(str(tmp_path / "v"), 1)
     shutil.copy(tmp_path / "v" / "v00.mp4", video)
     cache = tmp_path / "cache"
-    r = run_tool(
-        "caption.py",
-        [video],
-        cwd=tmp_path,
-        env={"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "PLLAVA_CACHE": str(cache)},
-        timeout=300,
-    )
+    r = run_tool("caption.py", [video], cwd=tmp_path,
+                 env={"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+                      "PLLAVA_CACHE": str(cache)}, timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "ermu2001/pllava-7b" in r.stderr and not (tmp_path / "captions.jsonl").exists()
     assert not cache.exists() or not any(cache.rglob("*")), list(cache.rglob("*"))
@@ -126,21 +115,9 @@ def test_a_failed_start_leaves_nothing_behind(ckpt, tmp_path, monkeypatch):
 def test_a_model_is_named_one_way_everywhere(model, tmp_path):
     """A release by its name or its hub id: the plans read it without a download, and a refusal
     never suggests the flag already given."""
-    r = run_tool(
-        "caption.py",
-        [
-            tmp_path,
-            "--model",
-            model,
-            "--dry-run",
-            "--card-gb",
-            "24",
-            "--quantize",
-            "int8",
-            "--batch-size",
-            "32",
-        ],
-    )
+    r = run_tool("caption.py",
+                 [tmp_path, "--model", model, "--dry-run", "--card-gb", "24", "--quantize", "int8",
+                  "--batch-size", "32"])
     assert r.returncode == 1 and "does not fit" in r.stderr and "--quantize int8" not in r.stderr, (
         r.stderr
     )
@@ -168,31 +145,16 @@ def test_the_stand_in_teacher_starts_with_one_command_and_labels_what_the_frames
     write_video(str(tmp_path / "vids" / "red.mp4"), frames((220, 40, 40)))
     write_video(str(tmp_path / "vids" / "blue.mp4"), frames((40, 80, 220)))
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lab.standin_teacher", "--port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    server = subprocess.Popen([sys.executable, "-m", "lab.standin_teacher", "--port", str(port)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert "stand-in teacher" in server.stdout.readline()
         for form in ("images", "video"):
             out = tmp_path / f"labels-{form}.jsonl"
-            r = run_tool(
-                "label.py",
-                [
-                    tmp_path / "vids",
-                    "--api-base",
-                    f"http://127.0.0.1:{port}/v1",
-                    "--model",
-                    "any",
-                    "--frames-as",
-                    form,
-                    "--out",
-                    out,
-                ],
-                env={"DASHSCOPE_API_KEY": "EMPTY"},
-            )
+            r = run_tool("label.py",
+                         [tmp_path / "vids", "--api-base", f"http://127.0.0.1:{port}/v1",
+                          "--model", "any", "--frames-as", form, "--out", out],
+                         env={"DASHSCOPE_API_KEY": "EMPTY"})
             assert r.returncode == 0, r.stderr[-2000:]
             labels = {os.path.basename(row["video"]): row["caption"] for row in read_rows(str(out))}
             assert labels == {

@@ -29,9 +29,8 @@ def test_weights_rewritten_in_place_at_the_same_size_get_a_new_id_and_are_read_o
     first = outputs.weights_id(str(folder))
     reads = []
     real = outputs.hashlib.file_digest
-    monkeypatch.setattr(
-        outputs.hashlib, "file_digest", lambda f, name: reads.append(f.name) or real(f, name)
-    )
+    monkeypatch.setattr(outputs.hashlib, "file_digest",
+                        lambda f, name: reads.append(f.name) or real(f, name))
     # remembered: nothing read again
     assert outputs.weights_id(str(folder)) == first and reads == []
     # one byte of q_proj, say, fine-tuned
@@ -119,12 +118,8 @@ def test_new_weights_in_the_same_folder_do_not_keep_the_old_captions(ckpt, tmp_p
 
 def test_a_resume_file_is_read_once(tmp_path, monkeypatch):
     out = tmp_path / "c.jsonl"
-    out.write_text(
-        "".join(
-            json.dumps({"video": f"/v/{i}.mp4", "caption": "x", "settings": "s"}) + "\n"
-            for i in range(1000)
-        )
-    )
+    out.write_text("".join(json.dumps({"video": f"/v/{i}.mp4", "caption": "x",
+                                       "settings": "s"}) + "\n" for i in range(1000)))
     reads = []
     real = jsonl.iter_rows
     monkeypatch.setattr(jsonl, "iter_rows", lambda path, *a: reads.append(path) or real(path, *a))

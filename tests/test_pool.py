@@ -24,16 +24,9 @@ def reference(x, out_shape):
     pt, ph, pw = (window_matrix(n, m).to(x.dtype) for n, m in ((T, t), (H, h), (W, w)))
     return torch.einsum("pt,qh,rw,bthwd->bpqrd", pt, ph, pw, x)
 
-SHAPES = [
-    ((16, 24, 24), (16, 12, 12)),
-    ((16, 24, 24), (1, 12, 12)),
-    ((7, 5, 9), (3, 2, 4)),
-    ((3, 24, 24), (16, 12, 12)),
-    ((1, 4, 4), (4, 3, 3)),
-    ((5, 7, 7), (5, 7, 7)),
-    ((9, 11, 13), (4, 5, 6)),
-    ((2, 3, 3), (5, 5, 5)),
-]
+SHAPES = [((16, 24, 24), (16, 12, 12)), ((16, 24, 24), (1, 12, 12)), ((7, 5, 9), (3, 2, 4)),
+          ((3, 24, 24), (16, 12, 12)), ((1, 4, 4), (4, 3, 3)), ((5, 7, 7), (5, 7, 7)),
+          ((9, 11, 13), (4, 5, 6)), ((2, 3, 3), (5, 5, 5))]
 
 
 @pytest.mark.parametrize("in_shape, out_shape", SHAPES)
@@ -48,9 +41,8 @@ def test_equals_its_windows_written_out(in_shape, out_shape):
 def test_every_small_shape_float32():
     for T, H, t, h in itertools.product(range(1, 6), range(1, 6), range(1, 6), range(1, 6)):
         x = torch.randn(1, T, H, H + 1, 3)
-        assert torch.allclose(
-            adaptive_avg_pool3d(x, (t, h, h)), reference(x, (t, h, h)), atol=1e-6
-        ), (T, H, t, h)
+        assert torch.allclose(adaptive_avg_pool3d(x, (t, h, h)), reference(x, (t, h, h)),
+                              atol=1e-6), (T, H, t, h)
 
 
 def test_tokens_in_t_h_w_order_and_other_strategies():

@@ -69,45 +69,25 @@ def test_caption_with_int8_fewer_frames_and_tokens(tiny, tmp_path):
     _, _, folder = tiny
     video = write_video(str(tmp_path / "a.mp4"), n_frames=12)
     out = tmp_path / "c.jsonl"
-    r = run_tool(
-        "caption.py",
-        [
-            video,
-            "--model",
-            folder,
-            "--out",
-            out,
-            "--max-new-tokens",
-            "4",
-            "--quantize",
-            "int8",
-            "--frames",
-            "2",
-            "--pooling-shape",
-            "2,1,1",
-        ],
-    )
+    r = run_tool("caption.py",
+                 [video, "--model", folder, "--out", out, "--max-new-tokens", "4", "--quantize",
+                  "int8", "--frames", "2", "--pooling-shape", "2,1,1"])
     assert r.returncode == 0, r.stderr
     row = read_rows(str(out))[0]
     assert row["frames"] == 2 and row["tokens"] == 4
 
 
-@pytest.mark.parametrize(
-    "args, says",
-    [
-        (["--pooling-shape", "2,9,9"], "at most 4 a side"),
-        (["--pooling-shape", "2,0,1"], "three whole numbers above 0"),
-        (["--pooling-shape", "2x2x2"], "three whole numbers above 0"),
-        (["--quantize", "int4"], "invalid choice"),
-    ],
-)
+@pytest.mark.parametrize("args, says",
+                         [(["--pooling-shape", "2,9,9"], "at most 4 a side"),
+                          (["--pooling-shape", "2,0,1"], "three whole numbers above 0"),
+                          (["--pooling-shape", "2x2x2"], "three whole numbers above 0"),
+                          (["--quantize", "int4"], "invalid choice")])
 def test_recipe_flags_that_cannot_work_say_so_in_one_line(tiny, tmp_path, args, says):
     _, _, folder = tiny
     write_video(str(tmp_path / "v.mp4"), n_frames=8)
     with torch.enable_grad():  # as a user's process starts: not under this file's no_grad
-        r = run_main(
-            "caption.py", [tmp_path, "--model", folder, "--out", tmp_path / "c.jsonl", *args]
-        )
+        r = run_main("caption.py",
+                     [tmp_path, "--model", folder, "--out", tmp_path / "c.jsonl", *args])
     lines = r.stderr.strip().splitlines()
     assert (
         r.returncode != 0
@@ -133,22 +113,9 @@ def test_a_dry_run_plans_13b_and_34b_on_a_card_before_loading_anything(
     576 tokens 8 slots fit (12 do not: their KV cache is 9.2 GB). The rehearsal on fake tensors
     agrees."""
     with torch.enable_grad():  # as a user's process starts: not under this file's no_grad
-        r = run_main(
-            "caption.py",
-            [
-                tmp_path,
-                "--model",
-                model,
-                "--dry-run",
-                "--card-gb",
-                card,
-                "--batch-size",
-                str(batch),
-                "--quantize",
-                quantize,
-                *recipe,
-            ],
-        )
+        r = run_main("caption.py",
+                     [tmp_path, "--model", model, "--dry-run", "--card-gb", card, "--batch-size",
+                      str(batch), "--quantize", quantize, *recipe])
     assert (r.returncode == 0) == fits, r.stdout + r.stderr
     assert (
         ("weights" in r.stdout and "kv_cache" in r.stdout) if fits else "does not fit" in r.stderr

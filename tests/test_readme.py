@@ -19,9 +19,8 @@ def test_the_pllava_table_names_functions_and_classes_inside_the_lines_it_gives(
             inside = [lines[a - 1:b] for a, b in ranges]
             assert all(b <= len(lines) for _, b in ranges), (file, spans)
             for name in re.findall(r"`(\w+)`", names or ""):
-                assert any(
-                    re.match(rf"\s*(def|class) {name}\b", line) for part in inside for line in part
-                ), (file, spans, name)
+                assert any(re.match(rf"\s*(def|class) {name}\b",
+                                    line) for part in inside for line in part), (file, spans, name)
                 checked += 1
             first = [part[0] for part in inside]
             assert all(re.match(r"\s*(def|class|@)", line) for line in first), (file, spans, first)

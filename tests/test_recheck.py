@@ -24,9 +24,8 @@ def teacher(colours):
         mean, _ = colour_of(frames_of(body)[0])
         return int(np.argmin([np.abs(mean - np.array(c)).sum() for c in colours]))
 
-    return FakeAPI(
-        identify, lambda body, item: f"Video {item} seen in {len(frames_of(body))} frames."
-    )
+    return FakeAPI(identify,
+                   lambda body, item: f"Video {item} seen in {len(frames_of(body))} frames.")
 
 
 def setup(tmp_path, n, disagree, missing=()):
@@ -51,17 +50,8 @@ def setup(tmp_path, n, disagree, missing=()):
 
 
 def recheck(tmp_path, api, *flags, wait=True):
-    args = [
-        "recheck",
-        tmp_path / "labels.jsonl",
-        "--student",
-        tmp_path / "student.jsonl",
-        "--api-base",
-        api.url,
-        "--backoff",
-        "0.05",
-        *flags,
-    ]
+    args = ["recheck", tmp_path / "labels.jsonl", "--student", tmp_path / "student.jsonl",
+            "--api-base", api.url, "--backoff", "0.05", *flags]
     return run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY}, wait=wait)
 
 
@@ -110,12 +100,8 @@ def test_recheck_shards_survive_faults_and_choose_as_one_run(tmp_path):
     api = teacher(colours)
     api.script = {i: [("status", 500, "server_error", {}), ("drop",)] for i in (1, 3, 4, 7)}
     try:
-        runs = [
-            recheck(
-                tmp_path, api, "--share", "0.5", "--shard", f"{k}/2", "--out", tmp_path / "r.jsonl"
-            )
-            for k in (0, 1)
-        ]
+        runs = [recheck(tmp_path, api, "--share", "0.5", "--shard", f"{k}/2", "--out",
+                        tmp_path / "r.jsonl") for k in (0, 1)]
     finally:
         api.close()
     assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
@@ -164,24 +150,13 @@ def test_recheck_refuses_what_cannot_work(tmp_path):
     setup(tmp_path, 2, disagree=set())
     r = run_tool("label.py", ["recheck", tmp_path / "labels.jsonl"], env={"DASHSCOPE_API_KEY": KEY})
     assert r.returncode == 2 and "--student" in r.stderr and "Traceback" not in r.stderr
-    r = run_tool(
-        "label.py",
-        [
-            "recheck",
-            tmp_path / "labels.jsonl",
-            "--student",
-            tmp_path / "student.jsonl",
-            "--share",
-            "1.5",
-        ],
-        env={"DASHSCOPE_API_KEY": KEY},
-    )
+    r = run_tool("label.py",
+                 ["recheck", tmp_path / "labels.jsonl", "--student", tmp_path / "student.jsonl",
+                  "--share", "1.5"], env={"DASHSCOPE_API_KEY": KEY})
     assert r.returncode == 2 and "--share" in r.stderr and len(r.stderr.strip().splitlines()) <= 3
-    r = run_tool(
-        "label.py",
-        ["recheck", tmp_path / "labels.jsonl", "--student", tmp_path / "nothing.jsonl"],
-        env={"DASHSCOPE_API_KEY": KEY},
-    )
+    r = run_tool("label.py",
+                 ["recheck", tmp_path / "labels.jsonl", "--student", tmp_path / "nothing.jsonl"],
+                 env={"DASHSCOPE_API_KEY": KEY})
     assert (
         r.returncode == 1 and r.stderr.strip().startswith("error:") and "nothing.jsonl" in r.stderr
     )
@@ -231,14 +206,12 @@ def test_a_rerun_with_another_student_or_other_labels_is_refused(tmp_path):
     try:
         first = recheck(tmp_path, api, "--share", "0.25", "--out", out)
         student = tmp_path / "student.jsonl"
-        student.write_text(
-            student.read_text().replace("A circle spins in place.", "Video 2: a square.")
-        )
+        student.write_text(student.read_text().replace("A circle spins in place.",
+                                                       "Video 2: a square."))
         other_student = recheck(tmp_path, api, "--share", "0.25", "--out", out)
         with open(tmp_path / "labels.jsonl", "a") as f:
-            f.write(
-                json.dumps({"video": videos[0], "caption": "Another label.", "frames": 4}) + "\n"
-            )
+            f.write(json.dumps({"video": videos[0], "caption": "Another label.",
+                                "frames": 4}) + "\n")
         other_labels = recheck(tmp_path, api, "--share", "0.25", "--out", out)
     finally:
         api.close()

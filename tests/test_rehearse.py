@@ -144,9 +144,8 @@ def test_the_block_mask_path_gives_each_video_its_own_tokens(tiny, monkeypatch):
     dense mask."""
     model, tok = tiny
     monkeypatch.setattr(generate, "compiled_decode", lambda lm, mode: generate.decode_one_token)
-    monkeypatch.setattr(
-        engine_module, "compiled_decode", lambda lm, mode: generate.decode_one_token
-    )
+    monkeypatch.setattr(engine_module, "compiled_decode",
+                        lambda lm, mode: generate.decode_one_token)
     g = torch.Generator().manual_seed(3)
     items = [Item(i, prompt_ids(tok, ["describe", "what happens here, in detail?"][i % 2]),
                   torch.randn(4, 3, 28, 28, generator=g), 3 + 2 * i) for i in range(6)]
@@ -168,9 +167,8 @@ def test_the_block_mask_path_gives_each_video_its_own_tokens(tiny, monkeypatch):
 def test_a_stop_check_is_one_copy_to_the_host(tiny, monkeypatch):
     model, tok = tiny
     copies, real = [], torch.Tensor.tolist
-    monkeypatch.setattr(
-        torch.Tensor, "tolist", lambda self: copies.append(tuple(self.shape)) or real(self)
-    )
+    monkeypatch.setattr(torch.Tensor, "tolist",
+                        lambda self: copies.append(tuple(self.shape)) or real(self))
     items = [Item(i, prompt_ids(tok, "describe"), torch.randn(4, 3, 28, 28), 5) for i in range(4)]
     eng = Engine(model, 2, Sampling(max_new_tokens=8, stop_ids=()), check_every=2)
     copies.clear()

@@ -64,14 +64,9 @@ def fast_square(tex, i):
 @pytest.fixture(scope="module")
 def cut_video(tmp_path_factory):
     frames, cuts, fades = scene_frames()
-    path = write_video(
-        str(tmp_path_factory.mktemp("shots") / "cuts.mp4"),
-        n_frames=len(frames),
-        fps=FPS,
-        size=(96, 64),
-        frame_fn=lambda i, w, h: frames[i],
-        options={"crf": "18"},
-    )
+    path = write_video(str(tmp_path_factory.mktemp("shots") / "cuts.mp4"), n_frames=len(frames),
+                       fps=FPS, size=(96, 64), frame_fn=lambda i, w, h: frames[i],
+                       options={"crf": "18"})
     return path, cuts, fades, len(frames)
 
 
@@ -92,11 +87,9 @@ def test_every_hard_cut_within_a_frame_and_none_in_motion(cut_video):
 def blobs(seed, w=96, h=64, cell=6):
     """A smooth random picture (blobs with soft edges, like a painted or filmed background), 3x the
     frame."""
-    small = (
-        np.random.default_rng(seed)
-        .integers(0, 256, (h * 3 // cell + 2, w * 3 // cell + 2, 3))
-        .astype(np.float32)
-    )
+    small = (np.random.default_rng(seed) .integers(0, 256,
+                                                   (h * 3 // cell + 2, w * 3 // cell + 2,
+                                                    3)) .astype(np.float32))
     big = np.repeat(np.repeat(small, cell, 0), cell, 1)
     box = np.ones(cell) / cell
     for axis in (0, 1):
@@ -135,12 +128,9 @@ def hard_frames():
     add(40, zoom)
     # same scene, another angle
     add(30, lambda i: crop(c, 100, 20))
-    add(
-        30,
-        lambda i: np.clip(crop(d, 50, 50) + rng.integers(-12, 13, (64, 96, 3)), 0, 255).astype(
-            np.uint8
-        ),
-    )
+    add(30,
+        lambda i: np.clip(crop(d, 50, 50) + rng.integers(-12, 13, (64, 96, 3)), 0,
+                          255).astype(np.uint8))
     dissolve = (len(frames), len(frames) + 14)
     add(
         15,
@@ -184,11 +174,8 @@ def test_short_flickers_merge_and_long_shots_split(cut_video):
     for merged in (cuts[3], cuts[5]):
         assert not any(abs(a - merged / FPS) <= 1 / FPS for a in starts)
     assert sum(kind == "window" for _, _, kind in out) >= 1
-    assert shots.windows(5.0, 2.0) == [
-        (0.0, 2.0, "window"),
-        (2.0, 4.0, "window"),
-        (4.0, 5.0, "window"),
-    ]
+    assert shots.windows(5.0, 2.0) == [(0.0, 2.0, "window"), (2.0, 4.0, "window"),
+                                       (4.0, 5.0, "window")]
 
 
 @pytest.mark.slow
@@ -203,20 +190,8 @@ def test_caption_per_shot_with_times_and_a_killed_run_redoes_no_shot(cut_video, 
     path, _, _, n = cut_video
     want = shots.shots(path, 0.6, 20.0)
     out = tmp_path / "c.jsonl"
-    args = [
-        path,
-        "--model",
-        ckpt,
-        "--out",
-        out,
-        "--shots",
-        "--max-new-tokens",
-        "24",
-        "--batch-size",
-        "1",
-        "--workers",
-        "1",
-    ]
+    args = [path, "--model", ckpt, "--out", out, "--shots", "--max-new-tokens", "24",
+            "--batch-size", "1", "--workers", "1"]
     proc = run_tool("caption.py", args, wait=False)
     while len(read_rows(str(out))) < 2 and proc.poll() is None:
         time.sleep(0.05)
@@ -229,11 +204,8 @@ def test_caption_per_shot_with_times_and_a_killed_run_redoes_no_shot(cut_video, 
     rows = sorted(read_rows(str(out)), key=lambda row: row["shot"])
     assert [row["shot"] for row in rows] == list(range(len(want)))          # each shot exactly once
     for row, (start, end, _) in zip(rows, want):
-        assert (row["start"], row["end"], row["of"]) == (
-            round(start, 3),
-            round(end, 3),
-            len(want),
-        ) and "caption" in row
+        assert (row["start"], row["end"], row["of"]) == (round(start, 3), round(end, 3),
+                                                         len(want)) and "caption" in row
     # all done: no shot detected again
     again = run_tool("caption.py", args)
     assert (
@@ -250,54 +222,35 @@ def test_caption_and_label_per_window_and_label_per_shot(cut_video, ckpt, tmp_pa
     from fake_api import KEY, FakeAPI
     from tools import run_tool
     path, _, _, n = cut_video
-    r = run_tool(
-        "caption.py",
-        [
-            path,
-            "--model",
-            ckpt,
-            "--out",
-            tmp_path / "c.jsonl",
-            "--window",
-            "5",
-            "--max-new-tokens",
-            "3",
-        ],
-    )
+    r = run_tool("caption.py",
+                 [path, "--model", ckpt, "--out", tmp_path / "c.jsonl", "--window", "5",
+                  "--max-new-tokens", "3"])
     assert r.returncode == 0, r.stderr
-    spans = [
-        (row["start"], row["end"])
-        for row in sorted(read_rows(str(tmp_path / "c.jsonl")), key=lambda x: x["shot"])
-    ]
+    spans = [(row["start"], row["end"]) for row in sorted(read_rows(str(tmp_path / "c.jsonl")),
+                                                          key=lambda x: x["shot"])]
     assert spans == [(0.0, 5.0), (5.0, 10.0), (10.0, round(n / FPS, 3))]
     api = FakeAPI(lambda body: "x", lambda body, item: "A shot of the video.")
     try:
-        r = run_tool(
-            "label.py",
-            [path, "--out", tmp_path / "l.jsonl", "--api-base", api.url, "--window", "5"],
-            env={"DASHSCOPE_API_KEY": KEY},
-        )
+        r = run_tool("label.py",
+                     [path, "--out", tmp_path / "l.jsonl", "--api-base", api.url, "--window", "5"],
+                     env={"DASHSCOPE_API_KEY": KEY})
     finally:
         api.close()
     assert r.returncode == 0, r.stderr
     rows = read_rows(str(tmp_path / "l.jsonl"))
-    assert sorted((row["start"], row["end"]) for row in rows) == spans and all(
-        "caption" in row for row in rows
-    )
+    assert sorted((row["start"],
+                   row["end"]) for row in rows) == spans and all("caption" in row for row in rows)
     api = FakeAPI(lambda body: "x", lambda body, item: "A shot of the video.")
     try:
-        r = run_tool(
-            "label.py",
-            [path, "--out", tmp_path / "s.jsonl", "--api-base", api.url, "--shots"],
-            env={"DASHSCOPE_API_KEY": KEY},
-        )
+        r = run_tool("label.py",
+                     [path, "--out", tmp_path / "s.jsonl", "--api-base", api.url, "--shots"],
+                     env={"DASHSCOPE_API_KEY": KEY})
     finally:
         api.close()
     assert r.returncode == 0, r.stderr
     want = [(round(a, 3), round(b, 3)) for a, b, _ in shots.shots(path)]
-    assert (
-        sorted((row["start"], row["end"]) for row in read_rows(str(tmp_path / "s.jsonl"))) == want
-    )
+    assert (sorted((row["start"],
+                    row["end"]) for row in read_rows(str(tmp_path / "s.jsonl"))) == want)
 
 
 def test_a_small_file_of_many_frames_and_cuts_is_bounded_in_shots_and_in_time(tmp_path):
@@ -314,9 +267,8 @@ def test_a_small_file_of_many_frames_and_cuts_is_bounded_in_shots_and_in_time(tm
     )
     assert os.path.getsize(path) < 200_000
     found = shots.spans(path, min_shot=0.5, max_shot=20.0, max_shots=5)
-    assert (
-        len(found) == 5 and found[0][0] == 0 and all(a[1] == b[0] for a, b in zip(found, found[1:]))
-    )
+    assert (len(found) == 5 and found[0][0] == 0 and all(a[1] == b[0] for a,
+                                                         b in zip(found, found[1:])))
     uncapped = shots.spans(path, min_shot=0.5, max_shot=20.0)
     assert 12 <= len(uncapped) <= 16                                       # 10 s of video: 14 shots
     compared = []

@@ -18,11 +18,8 @@ def test_a_folder_gives_the_same_names_through_any_mount_and_shards_split_them_o
         find_videos(str(tmp_path / "share")),
         find_videos(str(tmp_path / "mnt") + "/./"),
     )
-    assert (
-        [v.name for v in direct]
-        == [v.name for v in linked]
-        == ["a.mp4", "season1/b.mkv", "season1/c.mp4"]
-    )
+    assert ([v.name for v in direct] == [v.name for v in linked] == ["a.mp4", "season1/b.mkv",
+                                                                     "season1/c.mp4"])
     # paths differ, names do not
     assert [str(v) for v in direct] != [str(v) for v in linked]
     assert sorted(v.name for k in range(3) for v in direct if in_shard(v.name, (k, 3))) == \
@@ -43,10 +40,8 @@ def test_two_files_pair_the_same_file_through_links_and_never_two_files_of_one_n
     for name in ("a.mp4", "test/a.mp4"):
         (tmp_path / "share" / name).write_bytes(name.encode())
     os.symlink(tmp_path / "share", tmp_path / "mnt")
-    gt = {
-        ("a.mp4", None): str(tmp_path / "share/a.mp4"),
-        ("test/a.mp4", None): str(tmp_path / "share/test/a.mp4"),
-    }
+    gt = {("a.mp4", None): str(tmp_path / "share/a.mp4"),
+          ("test/a.mp4", None): str(tmp_path / "share/test/a.mp4")}
     # made from share/test: another a.mp4
     pred = {("a.mp4", None): str(tmp_path / "mnt/test/a.mp4")}
     assert paired(gt, pred) == {("test/a.mp4", None): ("a.mp4", None)}
@@ -67,7 +62,6 @@ def test_symlinked_folders_are_followed_once_and_lists_may_hold_u2028(tmp_path):
     assert [os.path.basename(v) for v in found] == ["a.mp4"]
     listing = tmp_path / "list.jsonl"
     video = write_video(str(tmp_path / "b.mp4"), n_frames=4)
-    listing.write_text(
-        json.dumps({"video": video, "caption": "a line\u2028separator"}, ensure_ascii=False) + "\n"
-    )
+    listing.write_text(json.dumps({"video": video, "caption": "a line\u2028separator"},
+                                  ensure_ascii=False) + "\n")
     assert sources.find_videos(str(listing)) == [video]

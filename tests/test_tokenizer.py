@@ -16,21 +16,10 @@ from tokenizer import (
 
 from helpers import make_tokenizer
 
-TEXTS = [
-    "hello world",
-    " leading space",
-    "two  spaces and\n\nnewlines\n",
-    "ünïcödé → 表情 🙂 bytes",
-    "x</s>ASSISTANT: hi</s>",
-    "<image>\nhello",
-    "USER: <image>\n USER: describe the video ASSISTANT:",
-    "<image>",
-    "",
-    "trailing space ",
-    "\n starts with a newline",
-    "<pad><pad>text",
-    "12345 digits 2024",
-]
+TEXTS = ["hello world", " leading space", "two  spaces and\n\nnewlines\n",
+         "ünïcödé → 表情 🙂 bytes", "x</s>ASSISTANT: hi</s>", "<image>\nhello",
+         "USER: <image>\n USER: describe the video ASSISTANT:", "<image>", "", "trailing space ",
+         "\n starts with a newline", "<pad><pad>text", "12345 digits 2024"]
 
 
 @pytest.fixture(scope="module", params=[("vicuna", False), ("vicuna", True), ("chatml", False)],
@@ -45,11 +34,9 @@ def pair(request, tmp_path_factory):
 def prompts(kind):
     t = TEMPLATES[template_for_kind(kind)]
     first = t["first"].replace("{system}", SYSTEM).replace("{question}", QUESTION)
-    return [
-        first,
-        first + t["answer"].replace("{answer}", "The video shows a red circle.") + t["end"],
-        first + " a" + t["end"] + t["turn"].replace("{question}", "and then?"),
-    ]
+    return [first,
+            first + t["answer"].replace("{answer}", "The video shows a red circle.") + t["end"],
+            first + " a" + t["end"] + t["turn"].replace("{question}", "and then?")]
 
 
 def template_for_kind(kind):

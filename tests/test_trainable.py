@@ -16,30 +16,15 @@ def test_lora_goes_where_its_full_name_says_and_is_refused_outside_the_language_
     name in the vision tower or the projector is refused in one line (on a meta copy: nothing has
     loaded)."""
     def trained(targets):
-        s = train.parse_args(
-            [
-                "--data",
-                "d.jsonl",
-                "--out",
-                "o",
-                "--model",
-                ckpt,
-                "--lora-targets",
-                targets,
-                "--freeze-projector",
-                "--lora-r",
-                "2",
-            ]
-        )
+        s = train.parse_args(["--data", "d.jsonl", "--out", "o", "--model", ckpt, "--lora-targets",
+                              targets, "--freeze-projector", "--lora-r", "2"])
         return trainable.probe(s, ckpt)[1]
     every, one = trained("q_proj"), trained("language_model.model.layers.0.self_attn.q_proj")
     assert every > one > 0 and every % one == 0 and every // one > 1
     # inside the language model, as peft names it
     assert trained("model.layers.0.self_attn.q_proj") == one
-    for outside in (
-        "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
-        "multi_modal_projector.linear_1",
-    ):
+    for outside in ("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
+                    "multi_modal_projector.linear_1"):
         with pytest.raises(ValueError, match="inside the language model only"):
             trained(outside)
     with pytest.raises(ValueError, match="no linear layer of the language model"):
@@ -61,9 +46,8 @@ def test_a_dry_run_plans_the_memory_of_each_gpu_before_anything_loads(
     without checkpointing: auto turns it on; a run that fits in neither way is refused with the
     numbers, before any weight loads; a run that fits is rehearsed (one step on fake tensors, FSDP2
     over --gpus ranks), and the estimate holds within 10% of it."""
-    r = run_tool(
-        "train.py", ["--model", model, "--dry-run", "--card-gb", "80", "--gpus", str(gpus), *extra]
-    )
+    r = run_tool("train.py",
+                 ["--model", model, "--dry-run", "--card-gb", "80", "--gpus", str(gpus), *extra])
     assert (r.returncode == 0) == fits, r.stderr
     assert says in (r.stdout if fits else r.stderr), r.stdout + r.stderr
     if fits:

@@ -130,14 +130,9 @@ def test_b_frames_skipped_on_the_way_still_exact(tmp_path, monkeypatch):
     refers to, and every sampled frame is still exactly the one on screen at its segment's
     middle."""
     n_frames = 1200                                        # 48 s at 25 fps
-    path = write_video(
-        tmp_path / "b.mp4",
-        n_frames=n_frames,
-        fps=25,
-        gop=250,
-        size=(64, 32),
-        options={"preset": "veryfast", "x264-params": "bframes=3:b-adapt=0:scenecut=0"},
-    )
+    path = write_video(tmp_path / "b.mp4", n_frames=n_frames, fps=25, gop=250, size=(64, 32),
+                       options={"preset": "veryfast",
+                                "x264-params": "bframes=3:b-adapt=0:scenecut=0"})
     seen = counting_decoder(monkeypatch)
     assert [read_index(f) for f in read16(path)] == expected_indices({"n_frames": n_frames})
     # B-pyramid: one B-frame in three is a reference
@@ -176,16 +171,12 @@ def test_a_span_gives_its_own_segment_middles(tmp_path, name):
         read_frames(path, 4, span=(60.0, 61.0))
 
 
-BROKEN = {
-    "zero-byte": lambda p: open(p, "wb").close(),
-    "text-named-mp4": lambda p: open(p, "w").write("this is not a video\n" * 20),
-    "random-bytes": lambda p: open(p, "wb").write(np.random.default_rng(0).bytes(5000)),
-    "audio-only": lambda p: write_audio_only(p),
-    "truncated-mp4": lambda p: (
-        write_video(p, n_frames=50),
-        os.truncate(p, os.path.getsize(p) // 2),
-    ),
-}
+BROKEN = {"zero-byte": lambda p: open(p, "wb").close(),
+          "text-named-mp4": lambda p: open(p, "w").write("this is not a video\n" * 20),
+          "random-bytes": lambda p: open(p, "wb").write(np.random.default_rng(0).bytes(5000)),
+          "audio-only": lambda p: write_audio_only(p),
+          "truncated-mp4": lambda p: (write_video(p, n_frames=50),
+                                      os.truncate(p, os.path.getsize(p) // 2))}
 
 
 @pytest.fixture(scope="module")
@@ -270,9 +261,8 @@ def test_clip_preprocessing_matches_transformers(tmp_path):
     with av.open(path) as c:
         # 16 frames: all picked
         full = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-    reference = CLIPImageProcessorPil(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-    )
+    reference = CLIPImageProcessorPil(size={"shortest_edge": 336},
+                                      crop_size={"height": 336, "width": 336})
     want = reference(images=list(full), return_tensors="pt")["pixel_values"]
     # back to 0-255 units
     scale = torch.tensor(CLIP_STD)[:, None, None] * 255
@@ -322,12 +312,7 @@ def test_mpeg_ts_with_b_frames_samples_its_first_gop(tmp_path):
     def red_then_blue(i, w, h):
         return np.full((h, w, 3), (255, 0, 0) if i < 12 else (0, 0, 255), np.uint8)
 
-    path = write_video(
-        str(tmp_path / "b.ts"),
-        n_frames=100,
-        frame_fn=red_then_blue,
-        container="mpegts",
-        options={"bf": "3", "g": "12"},
-    )
+    path = write_video(str(tmp_path / "b.ts"), n_frames=100, frame_fn=red_then_blue,
+                       container="mpegts", options={"bf": "3", "g": "12"})
     assert read_frames(path, 8)[0][10, 10, 0] > 200
     assert all(f[10, 10, 0] > 200 for f in read_frames(path, 4, span=(0.0, 0.4)))

@@ -12,16 +12,8 @@ from safetensors.torch import load_file
 from model import PLLaVA
 from weights import ModelFolderError
 
-from helpers import (
-    causal_lm,
-    hub_layout,
-    max_rel_err,
-    peft_release,
-    reference_logits,
-    sample_inputs,
-    tiny_llava,
-    write_checkpoint,
-)
+from helpers import (causal_lm, hub_layout, max_rel_err, peft_release, reference_logits,
+                     sample_inputs, tiny_llava, write_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -53,10 +45,8 @@ def test_llava_layouts_load(tiny, tmp_path, layout, shards):
         hf.save_pretrained(tmp_path, max_shard_size="60KB" if shards > 1 else "1GB")
         assert os.path.exists(tmp_path / "model.safetensors.index.json") == (shards > 1)
         saved = json.load(open(tmp_path / "config.json"))
-        json.dump(
-            {**saved, "pooling_shape": [4, 2, 2], "num_frames": 4},
-            open(tmp_path / "config.json", "w"),
-        )
+        json.dump({**saved, "pooling_shape": [4, 2, 2], "num_frames": 4},
+                  open(tmp_path / "config.json", "w"))
     check_logits(PLLaVA.from_pretrained(str(tmp_path)), causal_lm(hf), tiny)
 
 
@@ -115,12 +105,8 @@ def test_lora_model_saves_adapter_beside_weights(tiny, tmp_path):
     write_checkpoint(tmp_path / "rel", tensors, config)
     m = PLLaVA.from_pretrained(str(tmp_path / "rel"), lora_alpha=6.0)
     m.save_pretrained(str(tmp_path / "out"))
-    assert {
-        "config.json",
-        "model.safetensors",
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    } <= set(os.listdir(tmp_path / "out"))
+    assert {"config.json", "model.safetensors", "adapter_config.json",
+            "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "out"))
     assert not any("lora" in k for k in load_file(str(tmp_path / "out" / "model.safetensors")))
     # alpha 6 recorded in adapter_config.json
     again = PLLaVA.from_pretrained(str(tmp_path / "out"))
@@ -198,19 +184,11 @@ def test_bf16_greedy_tokens_equal_transformers_in_bf16(tiny, tmp_path):
     )
     ours = PLLaVA.from_pretrained(str(path), dtype=torch.bfloat16).language_model
     theirs = causal_lm(hf).to(torch.bfloat16)
-    x = (
-        0.5
-        * torch.randn(2, 12, ours.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    ).bfloat16()
-    want = theirs.generate(
-        inputs_embeds=x,
-        attention_mask=torch.ones(2, 12, dtype=torch.long),
-        max_new_tokens=10,
-        min_new_tokens=10,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-    ).tolist()
+    x = (0.5 * torch.randn(2, 12, ours.config.hidden_size,
+                           generator=torch.Generator().manual_seed(0))).bfloat16()
+    want = theirs.generate(inputs_embeds=x, attention_mask=torch.ones(2, 12, dtype=torch.long),
+                           max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
+                           eos_token_id=None).tolist()
     got = generate_from_embeddings(ours, x, torch.ones(2, 12, dtype=torch.bool),
                                    sampling=Sampling(max_new_tokens=10, stop_ids=()))
     assert got == want
@@ -220,21 +198,14 @@ def test_a_llava_next_model_saved_by_transformers_loads_leaving_out_image_newlin
     """llava-hf/llava-v1.6-* (what PLLaVA was trained from) as transformers saves a LlavaNext model:
     it loads, leaving out image_newline alone (named in one line), and its language model and vision
     tower give transformers' outputs."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-    )
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
 
     from helpers import IMAGE_ID, TEXT, VISION, randomize
 
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**VISION),
-        text_config=LlamaConfig(**TEXT),
-        image_token_index=IMAGE_ID,
-        image_grid_pinpoints=[[28, 28]],
-    )
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**VISION),
+                             text_config=LlamaConfig(**TEXT), image_token_index=IMAGE_ID,
+                             image_grid_pinpoints=[[28, 28]])
     hf = randomize(LlavaNextForConditionalGeneration(config), seed=3).eval()
     hf.save_pretrained(str(tmp_path))
     ours = PLLaVA.from_pretrained(str(tmp_path))
@@ -244,9 +215,8 @@ def test_a_llava_next_model_saved_by_transformers_loads_leaving_out_image_newlin
     want = hf.lm_head(hf.model.language_model(inputs_embeds=x).last_hidden_state)
     got = ours.language_model.lm_head(ours.language_model(x, torch.arange(9)[None].expand(2, -1)))
     assert max_rel_err(got, want) <= 1e-5
-    pixels = torch.randn(
-        3, 3, VISION["image_size"], VISION["image_size"], generator=torch.Generator().manual_seed(1)
-    )
+    pixels = torch.randn(3, 3, VISION["image_size"], VISION["image_size"],
+                         generator=torch.Generator().manual_seed(1))
     want = hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
     assert max_rel_err(ours.vision_tower.vision_model(pixels), want) <= 1e-5
     projected = hf.model.multi_modal_projector(want[:, 1:])

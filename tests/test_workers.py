@@ -28,21 +28,9 @@ def test_decode_workers_import_nothing_from_the_folder_they_start_in_and_see_no_
             f"open({str(marker)!r}, 'a').write({name!r})\nraise SystemExit(3)\n"
         )
     video = write_video(str(tmp_path / "v.mp4"), n_frames=12)
-    r = run_tool(
-        "caption.py",
-        [
-            video,
-            "--model",
-            ckpt,
-            "--out",
-            tmp_path / "c.jsonl",
-            "--max-new-tokens",
-            "4",
-            "--workers",
-            "1",
-        ],
-        cwd=hostile,
-    )
+    r = run_tool("caption.py",
+                 [video, "--model", ckpt, "--out", tmp_path / "c.jsonl", "--max-new-tokens", "4",
+                  "--workers", "1"], cwd=hostile)
     assert r.returncode == 0 and not marker.exists(), r.stderr[-2000:]
     assert "caption" in read_rows(str(tmp_path / "c.jsonl"))[0]
     monkeypatch.setenv("DASHSCOPE_API_KEY", KEY)
@@ -74,19 +62,8 @@ def test_a_stopped_decoder_is_retried_by_the_next_run_not_final(ckpt, tmp_path):
     for i in range(4):
         write_video(str(folder / f"v{i}.mp4"), n_frames=12 + i)
     out = tmp_path / "c.jsonl"
-    args = [
-        folder,
-        "--model",
-        ckpt,
-        "--out",
-        out,
-        "--max-new-tokens",
-        "4",
-        "--workers",
-        "1",
-        "--decode-timeout",
-        "2",
-    ]
+    args = [folder, "--model", ckpt, "--out", out, "--max-new-tokens", "4", "--workers", "1",
+            "--decode-timeout", "2"]
     proc = run_tool("caption.py", args, wait=False)
     stopped = stop_a_decode_worker(proc)
     _, err = proc.communicate(timeout=120)

@@ -47,9 +47,8 @@ def run_tool(tool, args, env=None, wait=True, timeout=300, cwd=ROOT, **kw):
     """`python tool args` in the repository, with `env` added to the environment; the finished
     process (text stdout / stderr captured), or with wait=False the running one (in a session of its
     own, so that os.killpg ends its decode workers too)."""
-    return run_command(
-        [sys.executable, os.path.join(ROOT, tool), *map(str, args)], env, wait, timeout, cwd, **kw
-    )
+    return run_command([sys.executable, os.path.join(ROOT, tool), *map(str, args)], env, wait,
+                       timeout, cwd, **kw)
 
 
 # the processes started with wait=False: conftest kills the groups of those still running
@@ -63,9 +62,8 @@ def run_command(cmd, env=None, wait=True, timeout=300, cwd=ROOT, output=True, **
     stall)."""
     env = {**os.environ, **(env or {})}
     pipe = subprocess.PIPE if output else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True, **kw
-    )
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True,
+                            start_new_session=True, **kw)
     if not wait:
         STARTED.append(proc)
         return proc

@@ -47,15 +47,9 @@ def solid_videos(folder, n, n_frames=10, size=(96, 64)):
     import os
     os.makedirs(folder, exist_ok=True)
     colours = [((37 * i) % 256, (255 - 53 * i) % 256, (91 * i) % 256) for i in range(n)]
-    paths = [
-        write_video(
-            os.path.join(folder, f"v{i:02d}.mp4"),
-            n_frames=n_frames,
-            size=size,
-            frame_fn=lambda j, w, h, c=c: np.full((h, w, 3), c, np.uint8),
-        )
-        for i, c in enumerate(colours)
-    ]
+    paths = [write_video(os.path.join(folder, f"v{i:02d}.mp4"), n_frames=n_frames, size=size,
+                         frame_fn=lambda j, w, h, c=c: np.full((h, w, 3), c, np.uint8)) for i,
+             c in enumerate(colours)]
     return paths, colours
 
 
