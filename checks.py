@@ -82,7 +82,13 @@ def to_recheck(labels: dict, student: dict, share: float) -> dict:
 
 def says(caption: str, words: str = None) -> bool:
     """Whether a caption says `words` (as whole words, any case); anything, when words is None."""
-    return not words or re.search(rf"\b{re.escape(words)}\b", caption, re.IGNORECASE) is not None
+    return not words or phrase(words).search(caption) is not None
+
+
+def phrase(words: str):
+    """`words` as a pattern of whole words, any case: never inside a longer word, whatever stands
+    around it ("(purple)", "c++")."""
+    return re.compile(rf"(?<!\w){re.escape(words)}(?!\w)", re.IGNORECASE)
 
 
 def audit_sample(labels: dict, size: float) -> list:

@@ -24,6 +24,7 @@ import zlib
 
 import numpy as np
 
+from checks import phrase
 from plumbing import cli
 from plumbing.jsonl import Appender, Busy, read_rows
 from shots import row_key
@@ -138,7 +139,7 @@ def fix_confusion(rows, confusion, how, audit, counts):
     """The rows, those whose label says confusion[0] fixed as `how` says (the module's docstring);
     audit: {row key: the second source's label}. A label the audit did not ask is kept, counted."""
     said, meant = confusion
-    says, means = (re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in (said, meant))
+    says, means = phrase(said), phrase(meant)
     for row in rows:
         caption, second = row.get("caption"), audit.get(row_key(row))
         if not isinstance(caption, str) or not says.search(caption):

@@ -29,6 +29,8 @@ def test_a_confusion_made_every_time_is_ranked_first_with_its_rate_and_a_one_off
     report = checks.audit_report(rows, "second-vl")
     assert re.search(r"agreement \(word pairs, F1\) 0\.\d{3} \+- 0\.\d{3} \(95%\)", report), report
     assert 'teacher "purple" where second-vl says "blue": 10 of 12 (83%), e.g. v0, v1, v2' in report
+    assert checks.says("A c++ (purple) star.", "(purple)") and checks.says("purple.", "PURPLE")
+    assert not checks.says("A purpleish star.", "purple")
     forth = {(f"v{i}", None): {} for i in range(10)}
     back = {(f"v{i}", None): {} for i in reversed(range(10))}
     assert checks.audit_sample(forth, 0.3) == checks.audit_sample(back, 3)   # by hash, not order
