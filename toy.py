@@ -1,7 +1,7 @@
 """The whole loop on a laptop CPU, on a synthetic video world:
 
-    python toy.py [--out DIR] [--quick] [--ablations] [--cleaning] [--nproc N] [--seed S]
-        [--threads T]
+    python toy.py [--out DIR] [--quick] [--ablations] [--cleaning] [--audit] [--nproc N]
+        [--seed S] [--threads T]
 
 1. A world (lab/toyworld.py): videos of a coloured shape that rests, moves (one direction, or two
    in turn) and rests again, at times drawn per video, on named dark backgrounds; stills of the
@@ -22,7 +22,9 @@
 6. --ablations: pooling that collapses time (T'=1) and Video-ChatGPT's pooling; the LoRA share
    swept at inference with the projector trained and frozen; full fine-tuning; LoRA on the true
    captions; int8. --cleaning: the teacher's labels cleaned with evidence they did not have
-   (label.py recheck and the alternatives; lab/toyexperiments.py).
+   (label.py recheck and the alternatives). --audit: teachers of two kinds, each with a confusion
+   it makes on every call; `label.py audit`'s report from a second source, and its fix beside the
+   other cleanings (lab/toyexperiments.py).
 Everything runs through the same train.py / caption.py / label.py a 16-GPU run uses, as
 subprocesses.
 """
@@ -131,10 +133,10 @@ def caption(model, rows_file, out, question, log, extra=()):
     return {r["video"]: r.get("caption", "") for r in read_rows(out)}
 
 
-def clean(labels, out, log):
+def clean(labels, out, log, extra=()):
     """label.py clean's rules on the teacher's labels (duplicates kept: a templated world shares
     captions)."""
-    run([os.path.join(HERE, "label.py"), "clean", labels, "--out", out, "--keep-duplicates"], log)
+    run([os.path.join(HERE, "label.py"), "clean", labels, "--out", out, "--keep-duplicates", *extra], log)
     return read_rows(out)
 
 
@@ -154,6 +156,8 @@ def main(argv=None):
     p.add_argument("--ablations", action="store_true", help="also the report's experiments, one change at a time")
     p.add_argument("--cleaning", action="store_true",
                    help="also the cleanings of the teacher's labels compared (label.py recheck and others)")
+    p.add_argument("--audit", action="store_true",
+                   help="also teachers with habits, a confusion made every call among them, and an audit + fix")
     p.add_argument("--nproc", type=cli.positive_int, default=1, help="processes for stage 2 (torchrun, FSDP2)")
     p.add_argument("--frames", type=cli.positive_int, default=FRAMES, help="frames the student sees per video")
     p.add_argument("--seed", type=int, default=0, help="of the world, the teacher and training")
@@ -243,6 +247,8 @@ def main(argv=None):
         toyexperiments.ablations(**run)
     if args.cleaning:
         toyexperiments.cleaning(**run)
+    if args.audit:
+        toyexperiments.audit(**run)
     summary = {"results": results, "seconds": round(time.monotonic() - start, 1), "quick": args.quick,
                "frames": args.frames, "nproc": args.nproc, "seed": args.seed, "depends_on": versions(args.nproc)}
     with open(os.path.join(out, "results.json"), "w") as f:

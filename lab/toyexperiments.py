@@ -11,12 +11,14 @@ imports it.
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 
 import checks
-from lab.toyworld import EIGHT_FRAMES, FRAMES, TEACHER_FRAMES, teacher
+from lab.toyworld import (EIGHT_FRAMES, FRAMES, SECOND, TEACHER_FRAMES, TEACHERS, price, score,
+                          teacher)
 from plumbing.jsonl import read_rows
 
 
@@ -159,3 +161,93 @@ def cleaning(
             f"cleaning {name}: {calls:.2f} calls and {frames:.1f} frames a video, "
             f"{100 * changed:.0f}% of labels changed or dropped, stage 2 again in {seconds:.0f} s"
         )
+
+
+
+AUDIT_SHARE, SECOND_PRICE = 0.05, 1.0   # the audit's sample; the second source's price per token
+
+
+def audit(args, out, data, stage1, steps, batch, evaluate, results, say, files, toy, **_):
+    """For each kind of teacher (toyworld.TEACHERS, each with a confusion it makes on every call):
+    its labels cleaned, then cleaned further three ways, and a student trained on each: recheck
+    (the 30% its first student disputes most, asked again from 16 frames), drop that 30%, and audit
+    + fix (5% of the labels asked of a second source with habits of its own; the confusion its
+    report ranks first fixed by `label.py clean --fix A=B --how rewrite`, from the second source's
+    reading of one frame of each video whose label says A). Beside them: the teacher on the test
+    videos, and a student trained on the true captions. Each row: the scores, the calls a video and
+    their price in teacher calls (toyworld.price; the second source's at SECOND_PRICE)."""
+    VIDEO_Q, caption, clean, train = toy.VIDEO_Q, toy.caption, toy.clean, toy.train
+    world, logs = os.path.join(out, "world"), os.path.join(out, "logs")
+    n = len(files["train_videos"])
+    rows = {r["video"]: r for r in files["train_videos"]}
+
+    def student(name, labels, calls=1.0, cost=1.0, extra=()):
+        """Stage 2 again on `labels` (a file, cleaned by label.py clean [extra] first)."""
+        tag = re.sub(r"\W+", "_", name).strip("_")
+        cleaned = clean(labels, os.path.join(world, f"{tag}_clean.jsonl"),
+                        os.path.join(logs, f"{tag}_clean.log"), extra)
+        model = os.path.join(out, f"stage2_{tag}")
+        seconds = train(model, os.path.join(world, f"{tag}_clean.jsonl"),
+                        ["--model", stage1, "--prompt", VIDEO_Q], steps, batch, 2e-3,
+                        os.path.join(logs, f"stage2_{tag}.log"), args.seed)
+        evaluate(name, model, on_stills=False)
+        results[name].update({"calls a video": round(calls, 3), "price in teacher calls":
+                              round(cost, 3), "labels kept": len(cleaned)})
+        say(f"{name}: {calls:.2f} calls a video, priced {cost:.2f} teacher calls; stage 2 again "
+            f"in {seconds:.0f} s")
+        return model, {r["video"]: r for r in cleaned}
+
+    def write(name, labels):
+        with open(os.path.join(world, name), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in labels))
+        return os.path.join(world, name)
+
+    student("true captions", data["train_videos"], 0, 0)
+    for k, (kind, habits) in enumerate(TEACHERS.items()):
+        test = teacher(files["test_videos"], args.seed + 43, habits=habits)
+        results[f"{kind}: the teacher, test videos"] = score(
+            files["test_videos"], {r["video"]: r["caption"] for r in test})
+        labels = write(f"audit{k}_labels.jsonl",
+                       teacher(files["train_videos"], args.seed + 41, habits=habits))
+        first, kept = student(f"{kind}: clean only", labels)
+        said = caption(first, data["train_videos"], os.path.join(out, f"audit{k}_student.jsonl"),
+                       VIDEO_Q, os.path.join(logs, f"audit{k}_student.log"))
+        disputed = checks.to_recheck({(v, None): r for v, r in kept.items()},
+                                     {(v, None): c for v, c in said.items()}, 0.3)
+        again = {r["video"]: r for r in teacher([rows[v] for v, _ in sorted(disputed)],
+                                                args.seed + 47, range(FRAMES), habits)}
+        student(f"{kind}: recheck 30% from 16 frames",
+                write(f"audit{k}_recheck.jsonl", [again.get(v, r) for v, r in kept.items()]),
+                1 + len(again) / n, 1 + len(again) / n * price(FRAMES))
+        student(f"{kind}: drop the disputed 30%", write(
+            f"audit{k}_drop.jsonl", [r for v, r in kept.items() if (v, None) not in disputed]))
+
+        # the audit: a sample asked of the second source from the same 4 frames, and its report
+        sample = [v for v, _ in checks.audit_sample({(v, None): r for v, r in kept.items()},
+                                                    AUDIT_SHARE)]
+        second = teacher([rows[v] for v in sample], args.seed + 53, habits=SECOND)
+        audited = [{"video": v, "teacher": kept[v]["caption"], "caption": r["caption"]}
+                   for v, r in zip(sample, second)]
+        report = checks.audit_report(audited, "the second source")
+        with open(os.path.join(out, f"audit{k}.report.txt"), "w") as f:
+            f.write(report + "\n")
+        say(f"{kind}: the audit's report\n{report}")
+        found = checks.confusions([(r["teacher"], r["caption"]) for r in audited])
+        if not found:
+            continue
+        top = found[0]   # what a person reading the report would fix first
+        # the fix: every label that says A asked of the second source, from one frame
+        asked = [v for v, r in kept.items() if checks.says(r["caption"], top["teacher"])]
+        reread = teacher([rows[v] for v in asked], args.seed + 59, [FRAMES // 2], SECOND)
+        fix = write(f"audit{k}_fix.jsonl", [{**r, "model": "second source",
+                                             "teacher": kept[v]["caption"]}
+                                            for v, r in zip(asked, reread)])
+        results[f"{kind}: the audit"] = {
+            "sampled": len(sample), "agreement": report.split("F1) ")[1].split(" (")[0],
+            "first confusion": f"{top['teacher']} -> {top['second']}",
+            "in": f"{top['videos']} of {top['of']}", "labels asked in the fix": len(asked)}
+        student(f"{kind}: audit 5% + fix", write(f"audit{k}_kept.jsonl", kept.values()),
+                1 + (len(sample) + len(asked)) / n,
+                1 + (len(sample) * price(4, SECOND_PRICE)
+                     + len(asked) * price(1, SECOND_PRICE)) / n,
+                ["--fix", f"{top['teacher']}={top['second']}", "--how", "rewrite", "--audit", fix])

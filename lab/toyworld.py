@@ -13,12 +13,15 @@ between its frames it cannot see: when the object went right and down between tw
 tell the order and guesses; when it had already left its cell by the first, it names the wrong
 start. One label in ten invents a size ("a large red circle"; sizes never change in this world), and
 a few are what real teachers also return: a refusal, "The video shows ..." boilerplate, a loop, a
-label cut at its token limit (what `label.py clean` is for).
+label cut at its token limit (what `label.py clean` is for). Other teachers are described by their
+habits (`Habits`, `TEACHERS`): slips made independently on each call, objects that are not there,
+and a confusion made on every call, which only a second source can reveal (`label.py audit`).
 """
 
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -186,14 +189,50 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
     return files
 
 
-def teacher(rows, seed, frames=TEACHER_FRAMES):
+@dataclass(frozen=True)
+class Habits:
+    """How a toy teacher errs beyond what its frames cannot show (every teacher reads only the
+    frames it is shown: the order of two moves between two of them is a guess)."""
+    sizes: float = 0.1       # a size invented ("a large red circle")
+    oddities: bool = True    # refusals, boilerplate, loops, cut labels: what label.py clean is for
+    slips: float = 0.0       # colour, shape and motion each misread, independently on each call
+    objects: float = 0.0     # an object that is not there ("..., beside a small star.")
+    confusion: tuple = ()    # (truth, said): one colour always named as another, on every call
+
+
+TEACHERS = {   # the kinds of teacher `toy.py --audit` compares (FRAME_BOUND is toy.py's own)
+    "frame-bound teacher, green seen as yellow": Habits(confusion=("green", "yellow")),
+    "careless teacher, red seen as blue": Habits(sizes=0.0, slips=0.15, objects=0.1,
+                                                 confusion=("red", "blue")),
+}
+FRAME_BOUND = Habits()
+SECOND = Habits(sizes=0.0, oddities=False, slips=0.05)   # an audit's second source: its own habits
+# what an API bills: tokens, and frames are most of them (a 448 px frame is 256 of Qwen-VL's
+# tokens; the prompt and a label about 160)
+FRAME_TOKENS, TEXT_TOKENS = 256, 160
+
+
+def price(frames, ratio=1.0):
+    """A call with `frames` frames, in teacher calls of 4 frames; `ratio`: the model's price per
+    token against the teacher's."""
+    return ratio * (frames * FRAME_TOKENS + TEXT_TOKENS) / (4 * FRAME_TOKENS + TEXT_TOKENS)
+
+
+def teacher(rows, seed, frames=TEACHER_FRAMES, habits=FRAME_BOUND):
     """label.py-shaped rows: each video labelled from what the frames it is shown show (the
-    docstring); shown more frames (label.py recheck --frames 16), it behaves the same, seeing
-    more."""
+    docstring), erring as its habits say; shown more frames (label.py recheck --frames 16), it
+    behaves the same, seeing more."""
     rng = np.random.default_rng([seed, len(frames)])
+    slip = np.random.default_rng([seed, len(frames), 1])   # toy.py's teacher draws the same as ever
     out = []
     for row in rows:
-        t = row["truth"]
+        t = dict(row["truth"])
+        if habits.confusion and t["colour"] == habits.confusion[0]:
+            t["colour"] = habits.confusion[1]
+        if habits.slips and slip.random() < habits.slips:
+            t["colour"] = str(slip.choice([c for c in COLOURS if c != t["colour"]]))
+        if habits.slips and slip.random() < habits.slips:
+            t["shape"] = str(slip.choice([s for s in SHAPES if s != t["shape"]]))
         seen = [row["centres"][k] for k in frames]
         cells = [tuple(int(np.abs(np.array(CENTRES) - v).argmin()) for v in xy) for xy in seen]
         moves = []
@@ -207,11 +246,15 @@ def teacher(rows, seed, frames=TEACHER_FRAMES):
             if len(step) == 2 and rng.random() < 0.5:
                 step.reverse()
             moves += [d for d in step if not moves or moves[-1] != d]
-        size = "large" if rng.random() < 0.1 else ""
+        if habits.slips and slip.random() < habits.slips:
+            moves = list(MOTIONS[slip.integers(len(MOTIONS))])
+        size = "large" if rng.random() < habits.sizes else ""
         caption = video_caption(t["colour"], t["shape"], cells[0], moves or ["nowhere"], size)
+        if habits.objects and slip.random() < habits.objects:
+            caption = caption[:-1] + ", beside a small star."
         label = {"video": row["video"], "caption": caption, "model": "toy-teacher",
                  "frames": len(frames), "finish_reason": "stop"}
-        u = rng.random()
+        u = rng.random() if habits.oddities else 1.0
         if u < 0.02:
             label["caption"] = REFUSAL
         elif u < 0.05:
