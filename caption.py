@@ -25,12 +25,13 @@ import time
 
 import torch
 
+import memory
 import shots
 from data import UNREADABLE, VideoError, mean_std, normalize
 from engine import CompileLimit, Engine, Item, OutOfMemory
 from generate import Sampling, looping, ready_for_inference
 from model import PLLaVA
-from plumbing import cli, hub, memory
+from plumbing import cli, hub
 from plumbing.cli import Stop
 from plumbing.jsonl import Busy
 from plumbing.outputs import Outputs, settings_id
@@ -117,8 +118,7 @@ class Captioner:
                              compile_mode="auto" if args.compile else None)
 
     def frame_reader(self):
-        """The decode workers' job: (video, shot or None, None) -> the frames of the shot, or of
-        the video."""
+        """The decode workers' job: (video, shot or None, None) -> the frames of the shot or video."""
         return functools.partial(shots.shot_frames, n=self.frames, size=self.size,
                                  keyframes_only=self.args.keyframes_only)
 
@@ -297,9 +297,9 @@ def summary(rank, stats, already, elapsed, e, args):
 
 def dry_run(args):
     """What the run needs on each GPU: memory.py's estimate, and the same run rehearsed on fake
-    tensors at the real sizes (plumbing/rehearse.py), beside the card's memory. Nothing is loaded
+    tensors at the real sizes (lab/rehearse.py), beside the card's memory. Nothing is loaded
     or downloaded."""
-    from plumbing import rehearse
+    from lab import rehearse
     config = model_config(args.model)
     config.recipe(args.frames, args.pooling_shape)
     gpu = bool(args.card_gb) or torch.cuda.is_available()   # a card named, or this machine's; else its RAM

@@ -21,12 +21,6 @@ from sampler import UNREADABLE, VideoError, open_video, time_span  # noqa: F401
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-def heartbeat():
-    """Called as a long decode moves on (shot detection decodes every frame): a decode worker
-    replaces it to tell its parent, whose time limit then counts from the last beat, not from the
-    start."""
-
-
 def read_frames(path, n: int, mode: str = "middle", short_side: int = None,
                 keyframes_only: bool = False, rng: np.random.Generator = None,
                 max_side: int = None, span: tuple = None) -> np.ndarray:

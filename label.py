@@ -9,7 +9,7 @@
 `verify` shows the teacher the same frames again (use the flags the labels were made with) with the
 label's sentences numbered, and keeps the ones the frames support ("caption"; the teacher's in
 "caption_original"). `recheck` asks the teacher again, from --frames 16, for the --share (0.3) of labels a
-student (a model trained on them) agrees with least; the rest are copied (checks.py). `audit` asks a
+student (a model trained on them) agrees with least; the rest are copied (labelling/checks.py). `audit` asks a
 second source for a sample of the labels and reports where the teacher differs from it, consistently.
 
 Four frames per video (segment middles, as the report) become JPEGs in decoding processes while the
@@ -29,9 +29,9 @@ import os
 import sys
 import time
 
-import checks
+from labelling import checks
 import shots
-from clean import clean_file, strip_boilerplate, unusable
+from labelling.clean import clean_file, strip_boilerplate, unusable
 from data import UNREADABLE, VideoError
 from plumbing import cli
 from plumbing.cli import Stop
@@ -243,7 +243,7 @@ def verify_labels(args):
 
 def recheck_labels(args):
     """The --share of labels the student agrees with least, each labelled again from more frames
-    (checks.py); the others copied as they are, with no request."""
+    (labelling/checks.py); the others copied as they are, with no request."""
     prompt, run = teacher_prompt(args), Run(args, "recheck")
     labels, mine, what, names, here = _of_labels(args, "recheck", prompt)
     chosen = checks.to_recheck(labels, checks.student_captions(args.student, labels), args.share)

@@ -254,8 +254,8 @@ class PLLaVA(nn.Module):
 
     def parameter_names(self, part: nn.Module) -> set:
         """The full names of one part's parameters (self.multi_modal_projector, self.vision_tower):
-        what trains, and what a checkpoint keeps, is chosen by them (trainable.py,
-        trainstate.py)."""
+        what trains, and what a checkpoint keeps, is chosen by them (training/trainable.py,
+        training/trainstate.py)."""
         prefix = next(name for name, child in self.named_children() if child is part)
         return {f"{prefix}.{n}" for n, _ in part.named_parameters()}
 

@@ -18,31 +18,14 @@ import os
 import av
 import numpy as np
 
-from plumbing.sources import TS_EXTENSIONS
+from plumbing import workers
+from plumbing.sources import TS_EXTENSIONS, UNREADABLE, VideoError  # noqa: F401
 
-CODEC_THREADS = 0   # threads a decoder may use (0: FFmpeg's choice); decode workers set theirs
 
 MAX_PIXELS = 1 << 25   # 33.5 M, an 8K frame: a frame (or its resized self) past this is refused
 MAX_BAD_PACKETS = 50
 GUESS_GOP = 10.0
 SCAN_MARGIN = 8     # frames before a target from where every frame is decoded (B-frames: <= 4)
-
-UNREADABLE = "unreadable_video"
-
-
-class VideoError(Exception):
-    """A file that cannot give frames; the message says which file and why. `code` says whether
-    another try could help: UNREADABLE (the file itself: no), or, from the decode workers
-    (plumbing/workers.py), a failure of the process that decoded it (a time or memory limit, a
-    crash), which may not happen again."""
-
-    def __init__(self, message, code=UNREADABLE):
-        super().__init__(message)
-        self.code = code
-
-    def __reduce__(self):
-        return VideoError, (str(self), self.code)
-
 
 def open_video(path, keyframes_only=False):
     """(container, its first video stream), ready to decode: VideoError when the file has no
@@ -59,7 +42,7 @@ def open_video(path, keyframes_only=False):
         raise VideoError(f"{path}: no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"   # frame + slice threads; set before the first decode
-    stream.codec_context.thread_count = CODEC_THREADS
+    stream.codec_context.thread_count = workers.CODEC_THREADS
     if keyframes_only:
         stream.codec_context.skip_frame = "NONKEY"
     return container, stream

@@ -26,7 +26,7 @@ import numpy as np
 
 import data
 from data import jpeg_data_urls, read_clip_frames
-from plumbing import cli
+from plumbing import cli, workers
 from plumbing.sources import row_name
 from sampler import VideoError, open_video, time_span
 
@@ -91,7 +91,7 @@ def _measured(container, stream, rate, budget=None):
     reached): a VideoError, whatever the heartbeats said (a small file can hold 60,000 frames)."""
     prev, first, start = None, None, time.monotonic()
     for i, frame in enumerate(container.decode(stream)):
-        data.heartbeat()   # a long episode is moving: its decode worker's time limit starts again
+        workers.heartbeat()   # a long episode is moving: its decode worker's time limit starts again
         t = frame.time if frame.time is not None else i / rate
         first = t if first is None else first
         spent = time.monotonic() - start

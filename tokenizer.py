@@ -16,6 +16,8 @@ import re
 
 import sentencepiece as spm
 
+from plumbing.jsonl import read_json
+
 IMAGE = "<image>"
 # The system line of PLLaVA's evaluations (Video-ChatGPT's): what its released models were tested
 # with.
@@ -91,18 +93,6 @@ def plain_normalizer(model: bytes) -> bytes:
         else:
             out += model[begin:end]
     return bytes(out + _length_delimited(3, spec))
-
-
-def read_json(path) -> dict:
-    """A JSON object from a file; {} when there is no file; ValueError when it is not a JSON
-    object."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        value = json.load(f)
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return value
 
 
 def _content(token):

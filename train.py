@@ -4,17 +4,16 @@
     torchrun --nproc_per_node=8 train.py ...                      one node
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 train.py ...
 
-The model is sharded with FSDP2 over the processes (trainable.py; NCCL on GPUs, gloo on CPUs; one
-process is a one-rank mesh, several nodes HSDP): each decoder block and the vision tower are their
-own units, bf16 compute with fp32 weights and gradient reductions on GPUs. Rank 0 reads the
-checkpoint (memory-mapped) and broadcasts it tensor by tensor; the others build on the meta device
-and receive their shards only. Before that, the memory of each GPU is planned (plumbing/memory.py;
-`--dry-run` prints it, and rehearses one step on fake tensors) and a run that cannot fit is
-refused. Videos are decoded in worker processes under a time and memory limit each
-(dataset.Batches), so one bad file never stalls a rank. Checkpoints (trainable weights, optimizer,
-step, RNG) go to --out every --save-every steps; --resume continues from the newest
-(trainstate.py). The loss is the mean over the answer tokens of the whole global batch, so one
-process and N processes with the same global batch train the same weights.
+The model is sharded with FSDP2 over the processes (training/trainable.py; NCCL on GPUs, gloo on
+CPUs; one process is a one-rank mesh, several nodes HSDP): each decoder block and the vision tower
+are their own units, bf16 compute with fp32 weights and gradient reductions on GPUs. Rank 0 reads
+the checkpoint (memory-mapped) and broadcasts it tensor by tensor; the others build on the meta
+device and receive their shards only. Before that, the memory of each GPU is planned (memory.py;
+`--dry-run` prints it, and rehearses one step on fake tensors) and a run that cannot fit is refused.
+Videos are decoded in worker processes under a time and memory limit each (dataset.Batches), so one
+bad file never stalls a rank. Checkpoints (the trained weights, optimizer, step, RNG) go to --out
+every --save-every steps; --resume continues from the newest (training/trainstate.py). The loss is
+the mean over the answer tokens of the global batch: 1 process or N, one global batch, one result.
 """
 
 import math
@@ -28,16 +27,17 @@ import torch
 import torch.distributed as dist
 
 import lora
+import memory
 from data import mean_std, normalize
-from dataset import Batches, StepSampler, TrainSet, eval_keys, load_data
-from plumbing import cli, hub, memory
+from lab.rehearse import training_plan
+from plumbing import cli, hub
 from plumbing.jsonl import Appender, Busy
-from plumbing.rehearse import training_plan
 from plumbing.workers import cores_per_rank
 from tokenizer import TEMPLATES, Tokenizer, prompt_for
-from trainable import mesh_shape, preprocessing_folder, probe, recompute, setup_model
-from trainstate import (barrier, check_out, check_resumable, check_shared_out, collective_timeout, export,
-                        init_process_group, load_checkpoint, restarts, sample_list, save_checkpoint, shared)
+from training.dataset import Batches, StepSampler, TrainSet, eval_keys, load_data
+from training.trainable import mesh_shape, preprocessing_folder, probe, recompute, setup_model
+from training.trainstate import (barrier, check_out, check_resumable, check_shared_out, collective_timeout, export,
+                                 init_process_group, load_checkpoint, restarts, sample_list, save_checkpoint, shared)
 from weights import RELEASES, ModelFolderError
 
 

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 import lora
 from config import PRESETS, Config
+from plumbing.jsonl import ModelFolderError, safe_name
 
 RENAMES = [   # (prefix in the file, our prefix); the first that matches wins
     ("language_model.base_model.model.", "language_model."),
@@ -49,24 +50,6 @@ UNUSED = {"image_newline": "LLaVA-NeXT's end-of-row embedding for its image tile
                             "frames instead)"}
 RELEASES = {f"pllava-{size}": f"ermu2001/pllava-{size}" for size in ("7b", "13b", "34b")}
 RELEASE_LORA_ALPHA = 4.0   # PLLaVA records none; its demo and evals load r=128 adapters at alpha 4
-
-
-class ModelFolderError(ValueError):
-    pass
-
-
-def safe_name(name) -> str:
-    """A file name from an index (model.safetensors.index.json) as it is, or ModelFolderError when
-    it would land outside its folder, or on a file of our own there (.complete, .lock,
-    *.partial)."""
-    parts = name.split("/") if isinstance(name, str) else [""]
-    if any(p in ("", ".", "..") or "\\" in p or "\0" in p or ":" in p for p in parts):
-        raise ModelFolderError(f"the index names a file {name!r} outside the model folder: "
-                               f"refused")
-    if parts[-1].startswith(".") or parts[-1].endswith((".partial", ".partial.json", ".again")):
-        raise ModelFolderError(f"the index names a file {name!r} that only this cache may write: "
-                               f"refused")
-    return name
 
 
 def our_name(key: str) -> str:

@@ -25,7 +25,7 @@ from generate import Sampling, generate, pack_for_cpu, prefill
 from lab import measure
 from lab.measure import row, value
 from lab.synthetic import clip
-from plumbing.rehearse import counting_reads
+from lab.rehearse import counting_reads
 from quant import quantize_int8, weight_bytes
 
 SLOTS, VIDEOS = 8, 16
@@ -370,11 +370,12 @@ def bench_shots(ctx):
 
 def bench_rehearsal(ctx):
     """No GPU needed: the engine at 13B's shape (or the 7b / 13b size asked for) rehearsed on fake
-    tensors (plumbing/rehearse.py): one steady-state decode step of 16 rows around 2,400 tokens,
+    tensors (lab/rehearse.py): one steady-state decode step of 16 rows around 2,400 tokens,
     eager and as compiled, and the peak memory of captioning at 16 slots against memory.py's
     estimate."""
     from config import PRESETS, Config
-    from plumbing import memory, rehearse
+    from lab import rehearse
+    import memory
     size = ctx["args"].size if ctx["args"].size in ("7b", "13b") else "13b"
     config, rows = Config.from_dict(PRESETS[f"pllava-{size}"]), []
     context = config.num_visual_tokens + 99

@@ -72,7 +72,7 @@ def engine_stage(size, device, int8, compiled):
     from generate import Sampling, ready_for_inference
     from lab.measure import SIZES
     from model import PLLaVA
-    from plumbing import memory
+    import memory
     gpu = device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32
     t0 = time.monotonic()

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from checks import agreement
+from labelling.checks import agreement
 from lab.measure import ROOT, cpu_model
 from plumbing.jsonl import read_rows
 

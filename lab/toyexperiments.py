@@ -16,7 +16,7 @@ import shutil
 
 import numpy as np
 
-import checks
+from labelling import checks
 from lab.toyworld import (EIGHT_FRAMES, FRAMES, SECOND, TEACHER_FRAMES, TEACHERS, price, score,
                           teacher)
 from plumbing.jsonl import read_rows

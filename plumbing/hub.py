@@ -28,9 +28,7 @@ import time
 
 import requests
 
-from plumbing.jsonl import cache_dir, hold
-from tokenizer import read_json
-from weights import ModelFolderError, safe_name
+from plumbing.jsonl import ModelFolderError, cache_dir, hold, read_json, safe_name
 
 REQUIRED = ["config.json", "tokenizer.model"]
 OPTIONAL = ["tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",

@@ -6,7 +6,8 @@ inside a UTF-8 character. Readers skip it, and any line that is not a JSON objec
 it off before appending, but keeps a whole last row that only lacks its newline (another tool wrote
 it so). While open, an Appender holds a lock (FILE.lock, removed at the end), so a second run
 writing the same file stops at once instead of doubling its rows. Neither the lock nor a rewrite's
-temporary file follows a planted symlink.
+temporary file follows a planted symlink. Beside them, the other files read from outside: a JSON
+object (read_json), and a file name a model's index gives (safe_name: never outside its folder).
 """
 
 import errno
@@ -261,3 +262,33 @@ class Appender:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def read_json(path) -> dict:
+    """A JSON object from a file; {} when there is no file; ValueError when it is not a JSON
+    object."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
+
+
+class ModelFolderError(ValueError):
+    pass
+
+
+def safe_name(name) -> str:
+    """A file name from an index (model.safetensors.index.json) as it is, or ModelFolderError when
+    it would land outside its folder, or on a file of our own there (.complete, .lock,
+    *.partial)."""
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if any(p in ("", ".", "..") or "\\" in p or "\0" in p or ":" in p for p in parts):
+        raise ModelFolderError(f"the index names a file {name!r} outside the model folder: "
+                               f"refused")
+    if parts[-1].startswith(".") or parts[-1].endswith((".partial", ".partial.json", ".again")):
+        raise ModelFolderError(f"the index names a file {name!r} that only this cache may write: "
+                               f"refused")
+    return name

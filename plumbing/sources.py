@@ -20,6 +20,23 @@ VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m
                     ".flv", ".wmv", ".3gp", ".ogv"} | TS_EXTENSIONS
 
 
+UNREADABLE = "unreadable_video"
+
+
+class VideoError(Exception):
+    """A file that cannot give frames; the message says which file and why. `code` says whether
+    another try could help: UNREADABLE (the file itself: no), or, from the decode workers
+    (plumbing/workers.py), a failure of the process that decoded it (a time or memory limit, a
+    crash), which may not happen again."""
+
+    def __init__(self, message, code=UNREADABLE):
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):
+        return VideoError, (str(self), self.code)
+
+
 class Video(str):
     """A video's path on this machine, with `name`: what every machine calls it (see above)."""
 

@@ -6,7 +6,7 @@ caller gets a VideoError for that item and the rest go on. Workers are isolated 
 subprocesses (no current folder, no PYTHONPATH, no secrets in their environment: they parse
 untrusted files) that import this file, data.py and fn's own module (shots.py: no torch, so they
 start in a fraction of a second), fed pickled (function, item) messages over their stdin and
-answering over their stdout, with heartbeats from a long decode that moves on (data.heartbeat).
+answering over their stdout, with heartbeats from a long decode that moves on (heartbeat).
 """
 
 import os
@@ -21,9 +21,7 @@ import threading
 import time
 from multiprocessing.connection import wait
 
-import data
-import sampler
-from sampler import UNREADABLE, VideoError
+from plumbing.sources import UNREADABLE, VideoError
 
 
 def _send(stream, obj):
@@ -50,6 +48,15 @@ def _recv(stream):
     return pickle.loads(_read(stream, n))
 
 
+CODEC_THREADS = 0   # threads a decoder may use (0: FFmpeg's choice); a decode worker sets its own
+
+
+def heartbeat():
+    """Called as a long decode moves on (shot detection decodes every frame): a decode worker
+    replaces it to tell its parent, whose time limit then counts from the last beat, not from the
+    start."""
+
+
 def _serve():
     """The worker's loop: the function and the memory limit first, then items until the parent
     closes the pipe. The limit is on the data segment and private writable mappings (RLIMIT_DATA),
@@ -62,8 +69,8 @@ def _serve():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         fn, limit, threads = _recv(inp)
-        sampler.CODEC_THREADS = threads
-        data.heartbeat = _beats(out)
+        global CODEC_THREADS, heartbeat
+        CODEC_THREADS, heartbeat = threads, _beats(out)
         if limit:
             import resource
             resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
@@ -131,7 +138,7 @@ def _import_path(fn) -> list:
 
 
 def _beats(out, every=1.0):
-    """data.heartbeat in a worker: a (None, None) message to the parent, at most once every `every`
+    """heartbeat() in a worker: a (None, None) message to the parent, at most once every `every`
     s."""
     last = [time.monotonic()]
 
@@ -220,7 +227,7 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
     (up to `buffer` finished ones wait for it). A call that takes longer than `timeout` seconds
     (native decoders can hang, and a hang cannot be interrupted from Python), or as long since its
-    last data.heartbeat() (a long decode that moves on), gets its worker killed and replaced, and
+    last heartbeat() (a long decode that moves on), gets its worker killed and replaced, and
     its item a VideoError; so does one that needs more than `memory_gb` GiB. Each decoder gets
     `threads` threads (default: this rank's cores shared by the workers). Once `stop` is set
     (SIGTERM in label.py) the stream ends within a fraction of a second, even while a decode is

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-import checks
+from labelling import checks
 from plumbing.jsonl import read_rows
 
 from fake_api import KEY, FakeAPI, colour_of, frames_of
@@ -82,7 +82,7 @@ def test_clean_fix_leaves_out_replaces_or_rewrites_the_labels_with_a_confirmed_c
     """--fix purple=blue: drop leaves out the labels that say purple; replace puts the second
     source's label in their place; rewrite writes blue for purple where the second source says blue.
     A label the audit did not ask is kept as it was; each result goes through the cleaning after."""
-    from clean import clean_file
+    from labelling.clean import clean_file
     said = {"v0": "A purple square moves right.", "v1": "The video shows a purple circle.",
             "v2": "A red square moves up.", "v3": "A purple star spins."}
     # v3 was not asked
@@ -129,7 +129,7 @@ def test_the_toy_teachers_confusion_is_named_by_the_audit_and_the_fix_undoes_it(
     call; an audit of a third of its labels by the second source ranks that confusion first, and
     `label.py clean --fix B=A --how rewrite`, from the second source's reading of one frame of each
     label that says B, brings the labels' colour back to the true one but for the slips."""
-    from clean import clean_file
+    from labelling.clean import clean_file
     from lab import toyworld
     files = toyworld.make_world(str(tmp_path / "w"), 150, 0, 0, 0, seed=1)
     videos = files["train_videos"]

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from checks import agreement
+from labelling.checks import agreement
 from plumbing.jsonl import read_rows
 
 from chaos_api import ChaosAPI

@@ -1,5 +1,5 @@
 """The GPU run before there is a GPU: the tools started as a user starts them (no fixture sets up
-what main forgets), and the real code at the real sizes on fake tensors (plumbing/rehearse.py):
+what main forgets), and the real code at the real sizes on fake tensors (lab/rehearse.py):
 memory against the plan, the ops a CUDA tensor takes, the attention a steady decode step chooses."""
 
 
@@ -15,7 +15,8 @@ from config import PRESETS, Config
 from engine import Engine, Item
 from generate import Sampling
 from model import LLaMA
-from plumbing import memory, rehearse
+from lab import rehearse
+import memory
 from quant import Int8Linear
 from tokenizer import prompt_ids
 

@@ -202,7 +202,7 @@ def test_loss_counts_answer_tokens_only(world):
     """model(..., labels) equals the cross-entropy of the full logits at the answer positions alone; a
     sample whose prompt differs has its labels in the same places with the same values."""
     from config import Config
-    from dataset import collate
+    from training.dataset import collate
     from model import PLLaVA
     from tokenizer import Tokenizer, training_ids
     tok = Tokenizer(world["tok"])
@@ -259,7 +259,7 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
     # carries to caption.py, whatever --tokenizer names
     pre = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
     (export / "preprocessor_config.json").write_text(json.dumps(pre))
-    import trainable
+    from training import trainable
     assert trainable.preprocessing_folder(str(export), world["tok"]) == str(export)
     again = tmp_path / "again"
     run(["--data", world["data"], "--video-root", str(world["dir"]), "--out", str(tmp_path / "o2"), "--model",
@@ -269,7 +269,7 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
 
 
 def test_data_shapes_images_and_unreadable_videos(world, tmp_path):
-    from dataset import read_samples
+    from training.dataset import read_samples
     d = world["dir"]
     write_image(str(tmp_path / "still.png"), np.full((48, 64, 3), 90, np.uint8))
     open(tmp_path / "broken.mp4", "w").write("not a video")
@@ -382,7 +382,7 @@ def test_training_on_rows_of_shots(world, tmp_path):
     assert len(logged) == 4 and all(np.isfinite(m["loss"]) for m in logged) and logged[-1]["skipped"] == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(dict(rows[0], start=0.3, end=0.1)) + "\n" + json.dumps(rows[1]) + "\n")
-    from dataset import read_samples
+    from training.dataset import read_samples
     samples, _, broken = read_samples([str(bad)], str(world["dir"]))
     assert len(samples) == 1 and samples[0][4] == (0.24, 0.48) and "start / end" in broken[0]
 

@@ -15,7 +15,7 @@ from data import read_clip_frames
 from plumbing.jsonl import read_rows
 from plumbing.workers import codec_threads, cores_per_rank
 from tokenizer import load_prompt, training_ids
-from trainable import mesh_shape
+from training.trainable import mesh_shape
 
 from tools import ROOT, run_command, stop_a_decode_worker
 from videos import write_video
@@ -182,7 +182,7 @@ def test_hsdp_gives_replicated_and_sharded_placements(monkeypatch):
     from torch.distributed.tensor import Replicate, Shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    import trainable
+    from training import trainable
     from config import Config
     from model import PLLaVA
 
@@ -232,7 +232,7 @@ def test_a_rank_binds_its_decoders_to_its_own_share_of_the_cores(monkeypatch):
 
 def test_an_out_that_each_node_sees_alone_is_refused_in_one_line(monkeypatch, tmp_path):
     """Rank 1 of 2 on a node of its own: what rank 0 wrote into --out is not there for it."""
-    import trainstate
+    from training import trainstate
     calls = []
     monkeypatch.setattr(trainstate.dist, "broadcast_object_list",
                         lambda box, src: box.__setitem__(0, "rank-0-token"))

@@ -1,12 +1,12 @@
-"""trainable.py: what trains, placed and checked before anything loads, and the memory plan of a run
-(train.py --dry-run)."""
+"""training/trainable.py: what trains, placed and checked before anything loads, and the memory
+plan of a run (train.py --dry-run)."""
 
 import re
 
 import pytest
 
 import train
-import trainable
+from training import trainable
 
 from tools import run_tool
 

@@ -216,7 +216,7 @@ def sample_list(args, resume_from):
     """(samples, rows left out) of --data, listed once when the run begins and kept in
     --out/samples.json: a resumed run (a restart, a requeue) reads the same list again, whatever has
     happened to the files since, so that its steps are the ones it would have run."""
-    from dataset import load_data
+    from training.dataset import load_data
     from plumbing.jsonl import replace_atomic
     kept = os.path.join(args.out, "samples.json")
     if resume_from and os.path.exists(kept):

@@ -250,7 +250,7 @@ def training(args, config, world, checkpointing, batch=None, text_tokens=None) -
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    import trainable
+    from training import trainable
     B, L = batch or args.batch_size, text_tokens or args.max_text_tokens
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
@@ -303,8 +303,8 @@ def training_plan(args):
     --init-from-config on --gpus GPUs of --card-gb each, beside one training step rehearsed on fake
     tensors (training, above) with the FSDP2 wrapping at that world size: nothing is read,
     loaded, downloaded or started."""
-    from plumbing import memory
-    from trainable import mesh_shape, probe
+    import memory
+    from training.trainable import mesh_shape, probe
 
     config, trainable = probe(
         args, args.model if args.model and os.path.isdir(args.model) else None
@@ -324,13 +324,13 @@ def training_plan(args):
 
 
 def main():
-    """python -m plumbing.rehearse [--json FILE]: the captioning engine's peak at 7B / 13B / 34B,
+    """python -m lab.rehearse [--json FILE]: the captioning engine's peak at 7B / 13B / 34B,
     bf16 and int8, 1 / 8 / 16 slots, beside memory.py's estimate; and one 13B decode step."""
     import argparse
     import json
 
     from config import PRESETS, Config
-    from plumbing import memory
+    import memory
     p = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the rows here too")
     args = p.parse_args()

@@ -24,9 +24,9 @@ import zlib
 
 import numpy as np
 
-from checks import phrase
+from labelling.checks import phrase
 from plumbing import cli
-from plumbing.jsonl import Appender, Busy, read_rows
+from plumbing.jsonl import Appender, read_rows
 from shots import row_key
 
 REFUSAL = re.compile(
@@ -219,7 +219,3 @@ def clean_file(argv):
         if rule != "kept":
             print(f"  {rule}: {n}", file=sys.stderr)
     return counts
-
-
-if __name__ == "__main__":   # the same as `python label.py clean ...`
-    cli.run(lambda: clean_file(sys.argv[1:]), (OSError, ValueError, Busy))

@@ -1,0 +1,2 @@
+"""label.py's parts: the rules that clean a teacher's labels (clean.py), and the checks that
+compare them with a student's captions or a second source's (checks.py)."""
