@@ -181,9 +181,9 @@ def run(captioner, out, todo, done, tries, rank, args, already):
             return write(captioner.error(job, error, "missing_video"))
         key = (job[0].name, job[1][0] if job[1] else None)
         write({**shots.identity(job[0], job[1]), **failure(error, tries.get(key, 0))})
-    decode = functools.partial(imap_unordered, workers=decode_workers(args), timeout=args.decode_timeout,
-                               buffer=2 * engine.slots, memory_gb=args.decode_memory,
-                               threads=decoder_threads(args))
+    decode = functools.partial(imap_unordered, workers=decode_workers(args),
+                               timeout=args.decode_timeout, buffer=2 * engine.slots,
+                               memory_gb=args.decode_memory, threads=decoder_threads(args))
     if shots.finder(args):   # each video's shots found in decode workers (the time limit counts from the
         # last frame decoded: a 24-minute episode takes minutes), then each shot captioned alone
         jobs = shots.jobs(shots.counted(decode(shots.finder(args), todo), stats), done)
@@ -307,8 +307,8 @@ def dry_run(args):
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     int8 = args.quantize == "int8"
     nbytes = torch.finfo(dtype).bits // 8
-    slots = args.batch_size or (memory.default_slots(config, card, args.max_new_tokens, nbytes, int8, args.compile)
-                                if gpu else CPU_SLOTS)
+    slots = args.batch_size or (memory.default_slots(config, card, args.max_new_tokens, nbytes,
+                                                     int8, args.compile) if gpu else CPU_SLOTS)
     need = memory.captioning(config, slots, args.max_new_tokens, nbytes, int8, compiled=args.compile)
     peak = rehearse.captioning(config, slots, args.max_new_tokens, dtype, int8, args.compile)
     total = peak["peak_gb"] + memory.CONTEXT_GB

@@ -51,15 +51,19 @@ Answer with a JSON object with exactly these keys:
 def parse_args(argv=None):
     p = cli.Parser(description="Judge captions against ground truth with an LLM.")
     p.add_argument("--gt", required=True, help="JSONL with video + caption (what label.py writes)")
-    p.add_argument("--pred", required=True, help="JSONL with video + caption (what caption.py writes)")
+    p.add_argument("--pred", required=True,
+                   help="JSONL with video + caption (what caption.py writes)")
     p.add_argument("--pred-b", help="a second system's captions, to compare with --pred")
     p.add_argument("--out", required=True, help="report folder")
     add_api_flags(p, "https://api.openai.com/v1", "gpt-4-turbo", "OPENAI_API_KEY", concurrency=8)
-    p.add_argument("--parse-retries", type=cli.count, default=2, help="asks again when an answer does not parse")
-    p.add_argument("--bootstrap", type=cli.positive_int, default=10000, help="resamples for the intervals")
+    p.add_argument("--parse-retries", type=cli.count, default=2,
+                   help="asks again when an answer does not parse")
+    p.add_argument("--bootstrap", type=cli.positive_int, default=10000,
+                   help="resamples for the intervals")
     p.add_argument("--events", action="store_true",
                    help="also event precision / recall / F1 (DREAM-1K's AutoDQ): up to 5 requests a video, not 1")
-    p.add_argument("--max-events", type=cli.positive_int, default=10, help="events listed per caption, at most")
+    p.add_argument("--max-events", type=cli.positive_int, default=10,
+                   help="events listed per caption, at most")
     return p.parse_args(argv)
 
 
@@ -134,7 +138,8 @@ def summarize(judgments, resamples):
     scores = [j["score"] for j in ok]
     mean = functools.partial(np.mean, axis=-1)
     return {"n": len(ok), "accuracy": float(np.mean(correct)) if ok else None,
-            "accuracy_ci": interval(correct, mean, resamples), "mean_score": float(np.mean(scores)) if ok else None,
+            "accuracy_ci": interval(correct, mean, resamples),
+            "mean_score": float(np.mean(scores)) if ok else None,
             "mean_score_ci": interval(scores, mean, resamples),
             "unparsed": sum(1 for j in judgments if j.get("unparsed")),
             "failed": sum(1 for j in judgments if "error" in j)}
@@ -190,7 +195,8 @@ def judge(args):
     pairs = {name: paired({k: v for k, (v, _) in gt.items()}, {k: v for k, (v, _) in pred.items()})
              for name, pred in read.items()}   # by file here, else by name (plumbing/sources.py)
     preds = {name: {k: read[name][p] for k, p in pairs[name].items()} for name in read}
-    videos = sorted(set(gt).intersection(*preds.values()), key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    videos = sorted(set(gt).intersection(*preds.values()),
+                    key=lambda k: (k[0], -1 if k[1] is None else k[1]))
     # in no --gt
     alone = set().union(*(set(read[name]) - set(pairs[name].values()) for name in read))
     dropped = len(set(gt) - set(videos)) + len(alone)
@@ -199,13 +205,16 @@ def judge(args):
                          f"{' / '.join(str(len(p)) for p in preds.values())} rows): are the paths "
                          f"the same videos?")
     os.makedirs(args.out, exist_ok=True)
-    wanted = {(name, v): cache_key(gt[v][1], pred[v][1], args.model) for name, pred in preds.items() for v in videos}
+    wanted = {(name, v): cache_key(gt[v][1], pred[v][1], args.model) for name,
+              pred in preds.items() for v in videos}
     jobs = {}   # two systems with the same caption share one judgment
     for (name, v), key in wanted.items():
         jobs.setdefault(key, (key, gt[v][0], gt[v][1], preds[name][v][1]))
-    cache = cached_run(client, args, "judgments.jsonl", jobs, functools.partial(judge_one, client, args),
+    cache = cached_run(client, args, "judgments.jsonl", jobs,
+                       functools.partial(judge_one, client, args),
                        functools.partial(judgment_row, args), "judged")
-    judged = {name: {v: cache.get(wanted[(name, v)], {"error": "not judged"}) for v in videos} for name in preds}
+    judged = {name: {v: cache.get(wanted[(name, v)],
+                                  {"error": "not judged"}) for v in videos} for name in preds}
     by_events = judge_events(client, args, gt, preds, videos) if args.events else None
     write_report(args, files, judged, len(videos), dropped, gt, by_events)
     failed = sum("error" in j for by_video in judged.values() for j in by_video.values())
@@ -219,7 +228,8 @@ def cached_run(client, args, name, jobs, work, identify, verb):
     error row) and appended. Failed requests are not cached (resume drops them), so a rerun asks
     them again."""
     with Appender(os.path.join(args.out, name), fsync=True) as out:
-        done = out.resume(lambda r: r.get("key") if isinstance(r.get("key"), str) else None, lambda r: "error" not in r)
+        done = out.resume(lambda r: r.get("key") if isinstance(r.get("key"), str) else None,
+                          lambda r: "error" not in r)
         cache = {r["key"]: r for r in iter_rows(out.path) if r.get("key") in done}
         todo, count = [job for key, job in jobs.items() if key not in cache], itertools.count(1)
 
@@ -237,7 +247,8 @@ def judge_events(client, args, gt, preds, videos):
     identify = functools.partial(events.row, args)
     texts = {gt[v][1] for v in videos} | {pred[v][1] for pred in preds.values() for v in videos}
     listed = {t: events.extract_job(t, args) for t in texts}
-    cache = cached_run(client, args, "events.jsonl", {j["key"]: j for j in listed.values()}, work, identify, "listed")
+    cache = cached_run(client, args, "events.jsonl", {j["key"]: j for j in listed.values()}, work,
+                       identify, "listed")
     pairs = {}
     for name, pred in preds.items():
         for v in videos:
@@ -247,13 +258,15 @@ def judge_events(client, args, gt, preds, videos):
                 pairs[(name, v)] = (events.entail_job(c["value"], gt[v][1], args),
                                     # recall: reference events
                                     events.entail_job(g["value"], pred[v][1], args))
-    cache.update(cached_run(client, args, "events.jsonl", {j["key"]: j for p in pairs.values() for j in p}, work, identify,
+    cache.update(cached_run(client, args, "events.jsonl",
+                            {j["key"]: j for p in pairs.values() for j in p}, work, identify,
                             "events judged"))
     out = {}
     for name, pred in preds.items():
         out[name] = {}
         for v in videos:
-            rows = [cache.get(listed[gt[v][1]]["key"], {}), cache.get(listed[pred[v][1]]["key"], {})]
+            rows = [cache.get(listed[gt[v][1]]["key"], {}),
+                    cache.get(listed[pred[v][1]]["key"], {})]
             rows += [cache.get(j["key"], {}) for j in pairs.get((name, v), ())]
             if len(rows) == 4 and all("value" in r for r in rows):
                 out[name][v] = events.scores(rows[2]["value"], rows[3]["value"])
@@ -264,16 +277,19 @@ def judge_events(client, args, gt, preds, videos):
 
 def write_report(args, files, judged, n_videos, dropped, gt, by_events=None):
     """summary.json, per_video.jsonl and report.md, each written whole and then put in place."""
-    summary = {"judge_model": args.model, "prompt_version": PROMPT_VERSION, "files": files, "videos": n_videos,
-               "dropped": dropped, **{name: summarize(list(j.values()), args.bootstrap) for name, j in judged.items()}}
+    summary = {"judge_model": args.model, "prompt_version": PROMPT_VERSION, "files": files,
+               "videos": n_videos, "dropped": dropped,
+               **{name: summarize(list(j.values()), args.bootstrap) for name, j in judged.items()}}
     if "b" in judged:
         summary["b_minus_a"] = compare(judged["a"], judged["b"], args.bootstrap)
     if by_events:
         summary["events"] = {"versions": f"{events.EXTRACT_VERSION}, {events.ENTAIL_VERSION}",
                              "max_events": args.max_events,
-                             "systems": {n: events.summarize(s, interval, args.bootstrap) for n, s in by_events.items()}}
+                             "systems": {n: events.summarize(s, interval, args.bootstrap) for n,
+                                         s in by_events.items()}}
         if "b" in by_events:
-            summary["events"]["b_minus_a"] = events.compare(by_events["a"], by_events["b"], interval, args.bootstrap)
+            summary["events"]["b_minus_a"] = events.compare(by_events["a"], by_events["b"],
+                                                            interval, args.bootstrap)
     per_video = "".join(json.dumps({"video": gt[v][0], "name": v[0], **({"shot": v[1]} if v[1] is not None else {}),
                                     **{name: judged[name][v] for name in judged},
                                     **({"events": {n: s[v] for n, s in by_events.items()}} if by_events else {})}) + "\n"

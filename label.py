@@ -162,14 +162,14 @@ def verify_one(client, args, labels, tries, settings, job):
     listed = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(said))
     prompt = checks.VERIFY.format(frames=len(urls), n=len(said), sentences=listed)
     for _ in range(3):   # an answer that does not parse is asked again, twice
-        reply = client.chat(frames_message(urls, prompt, args.frames_as), response_format={"type": "json_object"},
-                            max_tokens=args.max_new_tokens)
+        reply = client.chat(frames_message(urls, prompt, args.frames_as),
+                            response_format={"type": "json_object"}, max_tokens=args.max_new_tokens)
         marks = checks.parse_marks(reply.content, len(said))
         if marks is not None:
             break
     else:
-        return {**identify(job), "error": f"unparsed: {client.scrub(reply.content, 200)}", "status": 200,
-                "code": "unparsed"}
+        return {**identify(job), "error": f"unparsed: {client.scrub(reply.content, 200)}",
+                "status": 200, "code": "unparsed"}
     kept = [s for s, ok in zip(said, marks) if ok]
     return {**label, **identify(job), "caption": " ".join(kept), "caption_original": label["caption"],
             "sentences": len(said), "supported": len(kept), "verifier": reply.model or args.model,
@@ -178,8 +178,8 @@ def verify_one(client, args, labels, tries, settings, job):
 
 
 VERBS = {"label": "labelled", "verify": "verified", "recheck": "labelled again", "audit": "audited"}
-LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens", "temperature", "shots", "window",
-                  "min_shot", "max_shot")
+LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens", "temperature",
+                  "shots", "window", "min_shot", "max_shot")
 
 
 def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
@@ -312,9 +312,9 @@ class Run:
 
     def __init__(self, args, mode):
         self.args, self.mode, self.client = args, mode, api_client(args)
-        self.decode = functools.partial(imap_unordered, workers=args.workers, timeout=args.decode_timeout,
-                                        buffer=2 * args.concurrency, memory_gb=args.decode_memory,
-                                        stop=self.client.stop)
+        self.decode = functools.partial(imap_unordered, workers=args.workers,
+                                        timeout=args.decode_timeout, buffer=2 * args.concurrency,
+                                        memory_gb=args.decode_memory, stop=self.client.stop)
         self.stats = collections.Counter(cut=0) if shots.finder(args) and mode == "label" else collections.Counter()
         self.failed, self.tries = collections.Counter(), {}
 
@@ -336,8 +336,8 @@ class Run:
     def ask(self, out, asked, work, n_todo, already, said=None):
         """work(job) for every job of `asked`, its frames decoded first; every row written as it comes."""
         args, stats, failed = self.args, self.stats, self.failed
-        jobs = self.decode(functools.partial(shots.shot_urls, n=args.frames, max_side=args.max_side, q=args.jpeg_q),
-                           asked)
+        jobs = self.decode(functools.partial(shots.shot_urls, n=args.frames,
+                                             max_side=args.max_side, q=args.jpeg_q), asked)
         start = time.monotonic()
 
         def seen(row):
@@ -349,11 +349,11 @@ class Run:
                 stats["in"] += usage.get("prompt_tokens", 0) if "recheck_refused" not in row else 0
                 stats["out"] += usage.get("completion_tokens", 0) if "recheck_refused" not in row else 0
                 stats["length"] += row.get("finish_reason") == "length"
-            progress(stats, stats["done"] + stats["refused"] + sum(failed.values()), n_todo, sum(failed.values()),
-                     start)
+            progress(stats, stats["done"] + stats["refused"] + sum(failed.values()), n_todo,
+                     sum(failed.values()), start)
         try:
-            run_items(self.client, jobs, work, args.concurrency, out, args.max_failures_in_a_row, identify,
-                      neutral=FILE_CODES, seen=seen)
+            run_items(self.client, jobs, work, args.concurrency, out, args.max_failures_in_a_row,
+                      identify, neutral=FILE_CODES, seen=seen)
         finally:
             summary(args, stats, failed, already, start, self.mode)
             if said:

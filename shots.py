@@ -45,7 +45,8 @@ PER_TEN_MINUTES = 2
 
 
 def _histogram(a):
-    h = np.concatenate([np.bincount(a[..., c].ravel() // (256 // BINS), minlength=BINS) for c in range(3)])
+    h = np.concatenate([np.bincount(a[..., c].ravel() // (256 // BINS),
+                                    minlength=BINS) for c in range(3)])
     return h / h.sum()
 
 
@@ -62,7 +63,8 @@ def _best_shift(cur, prev, reach, around=(0, 0)):
     best, where = None, around
     for dy in range(around[0] - reach, around[0] + reach + 1):
         for dx in range(around[1] - reach, around[1] + reach + 1):
-            d = np.abs(padded[m + dy:m + dy + cur.shape[0], m + dx:m + dx + cur.shape[1]] - cur)[m:-m, m:-m].mean()
+            d = np.abs(padded[m + dy:m + dy + cur.shape[0],
+                              m + dx:m + dx + cur.shape[1]] - cur)[m:-m, m:-m].mean()
             if best is None or d < best:
                 best, where = d, (dy, dx)
     return where
@@ -74,14 +76,17 @@ def changed(cur, prev) -> float:
     matches it best, found at half the size first and refined (a fifth of the work of trying every
     shift), the SEARCH-pixel border left out (a pan brings new things in there). About 0 for a
     still shot or a pan, the moving things' share for motion inside a shot, nearly 1 at a cut."""
-    half = lambda a: a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2).mean(axis=(1, 3))  # noqa: E731
+    # noqa: E731
+    half = lambda a: a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2).mean(axis=(1, 3))
     coarse = _best_shift(half(cur), half(prev), SEARCH // 2)
     dy, dx = _best_shift(cur, prev, 1, (2 * coarse[0], 2 * coarse[1]))
     s = SEARCH + 2
     padded = np.pad(prev, s, mode="edge")
-    diff = np.abs(padded[s + dy:s + dy + H, s + dx:s + dx + W] - cur)[SEARCH:-SEARCH, SEARCH:-SEARCH]
+    diff = np.abs(padded[s + dy:s + dy + H, s + dx:s + dx + W] - cur)
+    diff = diff[SEARCH:-SEARCH, SEARCH:-SEARCH]
     h, w = diff.shape[0] // BLOCK, diff.shape[1] // BLOCK
-    return float((diff[:h * BLOCK, :w * BLOCK].reshape(h, BLOCK, w, BLOCK).mean(axis=(1, 3)) > LEVEL).mean())
+    return float((diff[:h * BLOCK, :w * BLOCK].reshape(h, BLOCK, w,
+                                                       BLOCK).mean(axis=(1, 3)) > LEVEL).mean())
 
 
 def _measured(container, stream, rate, budget=None):
@@ -91,18 +96,21 @@ def _measured(container, stream, rate, budget=None):
     reached): a VideoError, whatever the heartbeats said (a small file can hold 60,000 frames)."""
     prev, first, start = None, None, time.monotonic()
     for i, frame in enumerate(container.decode(stream)):
-        workers.heartbeat()   # a long episode is moving: its decode worker's time limit starts again
+        # a long episode is moving: its decode worker's time limit starts again
+        workers.heartbeat()
         t = frame.time if frame.time is not None else i / rate
         first = t if first is None else first
         spent = time.monotonic() - start
         if budget and spent > budget * PER_TEN_MINUTES * max(1.0, (t - first) / 600):
-            raise VideoError(f"finding shots took {spent:.0f} s for {t - first:.0f} s of video, more than "
-                             f"{PER_TEN_MINUTES} x --decode-timeout a 10 minutes", "decode_timeout")
+            raise VideoError(f"finding shots took {spent:.0f} s for {t - first:.0f} s of video, "
+                             f"more than {PER_TEN_MINUTES} x --decode-timeout a 10 minutes",
+                             "decode_timeout")
         if prev is not None and t - prev[2] < 0.9 / RATE:
             continue
         a = frame.to_ndarray(format="rgb24", width=W, height=H, interpolation="AREA")
         hist, luma = _histogram(a), _luma(a)
-        change, step = (changed(luma, prev[1]), 0.5 * float(np.abs(hist - prev[0]).sum())) if prev else (0.0, 0.0)
+        change, step = ((changed(luma, prev[1]), 0.5 * float(np.abs(hist - prev[0]).sum()))
+                        if prev else (0.0, 0.0))
         yield t - first, change, step, hist, luma
         prev = (hist, luma, t)
 
@@ -127,7 +135,8 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5, budg
         # histograms of the last frames
         back = collections.deque(maxlen=GRADUAL + 1)
         queue = collections.deque()                                     # measured, not yet decided
-        t, in_fade, frames = 0.0, None, _measured(container, stream, float(stream.average_rate or 25), budget)
+        frames = _measured(container, stream, float(stream.average_rate or 25), budget)
+        t, in_fade = 0.0, None
         before, flash_until = None, -1.0   # the luma of the frame before; the last frame of a flash
         while True:
             while len(queue) <= ahead and (m := next(frames, None)) is not None:
@@ -139,7 +148,8 @@ def boundaries(path, floor=0.5, margin=0.3, fade=0.35, window=1.0, ahead=5, budg
             later = np.median([q[1] for q in queue]) if queue else 0.0
             cut = change > max(floor, usual[0] + margin, later + margin) or \
                 (change > floor and step > max(0.4, 4 * usual[1]) and change > later + margin)
-            back_at = next((q[0] for q in queue if changed(q[4], before) < floor / 2), None) if cut else None
+            back_at = next((q[0] for q in queue if changed(q[4], before) < floor / 2),
+                           None) if cut else None
             # a flash: the picture comes back; its frames count for nothing
             if back_at is not None:
                 flash_until = back_at
@@ -182,7 +192,8 @@ def shots(path, min_shot=0.6, max_shot=20.0, max_shots=MAX_SHOTS, **detector):
     for (a, kind), b in zip(cuts, [c[0] for c in cuts[1:]] + [end]):
         parts = max(1, int(np.ceil((b - a) / max_shot)))
         for i in range(parts):
-            out.append((a + (b - a) * i / parts, a + (b - a) * (i + 1) / parts, kind if i == 0 else "window"))
+            out.append((a + (b - a) * i / parts, a + (b - a) * (i + 1) / parts,
+                        kind if i == 0 else "window"))
     return at_most(out, max_shots)
 
 
@@ -254,13 +265,17 @@ def _span(job):
 
 def add_flags(p):
     """The flags of per-shot rows, one meaning in every tool."""
-    p.add_argument("--shots", action="store_true", help="a row per shot (shots.py), with its start and end in seconds")
-    p.add_argument("--window", type=cli.positive, help="a row per window of this many seconds, instead of per shot")
-    p.add_argument("--min-shot", type=cli.positive, default=0.6, help="--shots: seconds; closer cuts are merged")
-    p.add_argument("--max-shot", type=cli.positive, default=20.0, help="--shots: seconds; longer shots are split")
+    p.add_argument("--shots", action="store_true",
+                   help="a row per shot (shots.py), with its start and end in seconds")
+    p.add_argument("--window", type=cli.positive,
+                   help="a row per window of this many seconds, instead of per shot")
+    p.add_argument("--min-shot", type=cli.positive, default=0.6,
+                   help="--shots: seconds; closer cuts are merged")
+    p.add_argument("--max-shot", type=cli.positive, default=20.0,
+                   help="--shots: seconds; longer shots are split")
     p.add_argument("--max-shots", type=cli.positive_int, default=MAX_SHOTS,
-                   help="--shots / --window: a video's rows at most (each a request in label.py); more are "
-                        "merged with their neighbours")
+                   help="--shots / --window: a video's rows at most (each a request in label.py); "
+                        "more are merged with their neighbours")
 
 
 def finder(args):
@@ -268,15 +283,17 @@ def finder(args):
     videos."""
     if not (args.shots or args.window):
         return None
-    return functools.partial(spans, window=args.window, min_shot=args.min_shot, max_shot=args.max_shot,
-                             max_shots=args.max_shots, budget=args.decode_timeout)
+    return functools.partial(spans, window=args.window, min_shot=args.min_shot,
+                             max_shot=args.max_shot, max_shots=args.max_shots,
+                             budget=args.decode_timeout)
 
 
 def row_key(row, names=None):
     """What a row is the answer for: (the video's name, its shot or None) (sources.row_name; `names`
     for rows written before names); None for a row that says neither."""
     shot, name = row.get("shot"), row_name(row, names)
-    if name is None or not isinstance(row.get("video"), str) or (shot is not None and type(shot) is not int):
+    if name is None or not isinstance(row.get("video"),
+                                      str) or (shot is not None and type(shot) is not int):
         return None
     return name, shot
 
@@ -313,7 +330,8 @@ def shot_of(row):
     shot's."""
     shot = tuple(row.get(k) for k in ("shot", "of", "start", "end"))
     number = all(isinstance(x, int | float) and not isinstance(x, bool) for x in shot)
-    return shot if number and isinstance(shot[0], int) and 0 <= shot[0] < shot[1] and 0 <= shot[2] < shot[3] else None
+    ordered = number and isinstance(shot[0], int) and 0 <= shot[0] < shot[1]
+    return shot if ordered and 0 <= shot[2] < shot[3] else None
 
 
 def identity(video, shot=None) -> dict:
@@ -333,8 +351,10 @@ def fields(shot):
 def main(argv=None):
     p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("video", help="a video file")
-    p.add_argument("--min-shot", type=cli.positive, default=0.6, help="seconds: boundaries closer than this are merged")
-    p.add_argument("--max-shot", type=cli.positive, default=20.0, help="seconds: longer shots are split into windows")
+    p.add_argument("--min-shot", type=cli.positive, default=0.6,
+                   help="seconds: boundaries closer than this are merged")
+    p.add_argument("--max-shot", type=cli.positive, default=20.0,
+                   help="seconds: longer shots are split into windows")
     args = p.parse_args(argv)
     try:
         for i, (a, b, kind) in enumerate(shots(args.video, args.min_shot, args.max_shot)):

@@ -79,7 +79,8 @@ def run(cmd, log, nproc=1, watch=None):
     start = time.monotonic()
     with open(log, "w") as f:
         wait = {"OMP_WAIT_POLICY": "PASSIVE"} if BUSY and "OMP_WAIT_POLICY" not in os.environ else {}
-        proc = subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=f,
+                                stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads(nproc)), **wait})
         shown, first = start, None
         while proc.poll() is None:
@@ -118,16 +119,17 @@ def threads(nproc=1):
 def train(out, data, model, steps, batch, lr, log, seed, extra=(), nproc=1):
     args = [os.path.join(HERE, "train.py"), "--data", data, "--out", out + "_run", "--export", out,
             "--max-steps", str(steps), "--batch-size", str(batch // nproc), "--lr", str(lr),
-            "--warmup-steps", str(steps // 20), "--workers", "1", "--log-every", "5", "--seed", str(seed),
-            "--system", SYSTEM, "--max-text-tokens", "64", *model, *extra]
+            "--warmup-steps", str(steps // 20), "--workers", "1", "--log-every", "5", "--seed",
+            str(seed), "--system", SYSTEM, "--max-text-tokens", "64", *model, *extra]
     metrics = os.path.join(out + "_run", "metrics.jsonl")
-    return run(args, log, nproc, lambda: (max([r.get("step", 0) for r in read_rows(metrics)], default=0), steps))
+    return run(args, log, nproc,
+               lambda: (max([r.get("step", 0) for r in read_rows(metrics)], default=0), steps))
 
 
 def caption(model, rows_file, out, question, log, extra=()):
-    args = [os.path.join(HERE, "caption.py"), rows_file, "--model", model, "--out", out, "--overwrite",
-            "--prompt", question, "--system", SYSTEM, "--max-new-tokens", "24", "--batch-size", "16",
-            "--workers", "1", "--stop", "\n", *extra]
+    args = [os.path.join(HERE, "caption.py"), rows_file, "--model", model, "--out", out,
+            "--overwrite", "--prompt", question, "--system", SYSTEM, "--max-new-tokens", "24",
+            "--batch-size", "16", "--workers", "1", "--stop", "\n", *extra]
     total = len(read_rows(rows_file))
     run(args, log, watch=lambda: (len(read_rows(out)), total))
     return {r["video"]: r.get("caption", "") for r in read_rows(out)}
@@ -140,7 +142,9 @@ def clean(labels, out, log, extra=()):
     return read_rows(out)
 
 
-def table(results, keys=("shape", "colour", "position", "motion", "order", "exact", "background", "invented", "words")):
+def table(results,
+          keys=("shape", "colour", "position", "motion", "order", "exact", "background",
+                "invented", "words")):
     rows = [("",) + keys]
     for name, r in results.items():
         rows.append((name, *[f"{r[k]:g}" if k in r else "-" for k in keys]))
@@ -151,15 +155,20 @@ def table(results, keys=("shape", "colour", "position", "motion", "order", "exac
 def main(argv=None):
     global THREADS, BUSY
     p = cli.Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="toy_out", help="the folder for the world, the models, the logs and results.json")
-    p.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (the CI test)")
-    p.add_argument("--ablations", action="store_true", help="also the report's experiments, one change at a time")
+    p.add_argument("--out", default="toy_out",
+                   help="the folder for the world, the models, the logs and results.json")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller world and fewer steps (the CI test)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also the report's experiments, one change at a time")
     p.add_argument("--cleaning", action="store_true",
                    help="also the cleanings of the teacher's labels compared (label.py recheck and others)")
     p.add_argument("--audit", action="store_true",
                    help="also teachers with habits, a confusion made every call among them, and an audit + fix")
-    p.add_argument("--nproc", type=cli.positive_int, default=1, help="processes for stage 2 (torchrun, FSDP2)")
-    p.add_argument("--frames", type=cli.positive_int, default=FRAMES, help="frames the student sees per video")
+    p.add_argument("--nproc", type=cli.positive_int, default=1,
+                   help="processes for stage 2 (torchrun, FSDP2)")
+    p.add_argument("--frames", type=cli.positive_int, default=FRAMES,
+                   help="frames the student sees per video")
     p.add_argument("--seed", type=int, default=0, help="of the world, the teacher and training")
     p.add_argument("--threads", type=cli.positive_int, default=THREADS,
                    help="CPU threads for the stages, whatever the machine has (another count trains another model)")
@@ -204,7 +213,8 @@ def main(argv=None):
         with open(data[f"{split}_labels"], "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
         labels[split] = {r["video"]: r["caption"] for r in rows}
-    kept = clean(data["train_labels"], os.path.join(world, "train_clean.jsonl"), os.path.join(logs, "clean.log"))
+    kept = clean(data["train_labels"], os.path.join(world, "train_clean.jsonl"),
+                 os.path.join(logs, "clean.log"))
     data["train_clean"] = os.path.join(world, "train_clean.jsonl")
     results["teacher (4 frames)"] = score(files["train_videos"], labels["train"])
     say(f"teacher: {len(kept)} of {n_train} labels kept by label.py clean")
@@ -212,31 +222,34 @@ def main(argv=None):
     with open(config, "w") as f:
         json.dump(toy_config(tok, args.frames), f, indent=2)
     stage1, stage2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
-    seconds = train(stage1, data["train_stills"], ["--init-from-config", config, "--tokenizer", tok, "--train-all",
-                                                  "--prompt", IMAGE_Q, "--weight-decay", "0"],
-                    steps1, batch, 1e-3, os.path.join(logs, "stage1.log"), args.seed)
+    seconds = train(stage1, data["train_stills"],
+                    ["--init-from-config", config, "--tokenizer", tok, "--train-all", "--prompt",
+                     IMAGE_Q, "--weight-decay", "0"], steps1, batch, 1e-3,
+                    os.path.join(logs, "stage1.log"), args.seed)
     say(f"stage 1 (image-LLM from scratch, --train-all): {steps1} steps in {seconds:.0f} s")
 
     def evaluate(name, model, extra=(), on_stills=True):
         """The model's captions of the held-out videos (returned) and stills, scored into
         `results`."""
         file = re.sub(r"[^\w.-]+", "_", name).strip("_")   # "stage 2 (alpha 8)": stage_2_alpha_8
-        caps = caption(model, data["test_videos"], os.path.join(out, f"captions_{file}.jsonl"), VIDEO_Q,
-                       os.path.join(logs, f"caption_{file}.log"), extra)
+        caps = caption(model, data["test_videos"], os.path.join(out, f"captions_{file}.jsonl"),
+                       VIDEO_Q, os.path.join(logs, f"caption_{file}.log"), extra)
         results[name] = {**score(videos, caps), **judged(videos, caps, labels["test"])}
         if on_stills:
-            still_caps = caption(model, data["test_stills"], os.path.join(out, f"stills_{file}.jsonl"), IMAGE_Q,
+            still_caps = caption(model, data["test_stills"],
+                                 os.path.join(out, f"stills_{file}.jsonl"), IMAGE_Q,
                                  os.path.join(logs, f"stills_{file}.log"), extra)
             results[name + " (stills)"] = score(stills, still_caps, motion=False)
         return caps
 
     evaluate("stage 1", stage1)
-    seconds = train(stage2, data["train_clean"], ["--model", stage1, "--prompt", VIDEO_Q], steps2, batch, 2e-3,
-                    os.path.join(logs, "stage2.log"), args.seed, nproc=args.nproc)
+    seconds = train(stage2, data["train_clean"], ["--model", stage1, "--prompt", VIDEO_Q], steps2,
+                    batch, 2e-3, os.path.join(logs, "stage2.log"), args.seed, nproc=args.nproc)
     say(f"stage 2 (LoRA q_proj,k_proj r=128 alpha=32 + projector, on the teacher's cleaned labels, {args.nproc} "
         f"process(es)): {steps2} steps in {seconds:.0f} s")
     student = evaluate("stage 2", stage2)
-    results["stage 2 against the teacher"] = score(videos, student, reference=teacher_truth(videos, labels["test"]))
+    results["stage 2 against the teacher"] = score(videos, student,
+                                                   reference=teacher_truth(videos, labels["test"]))
     results["teacher (4 frames), test videos"] = {**score(videos, labels["test"]),
                                                    **judged(videos, labels["test"], {r["video"]: r["caption"] for r in videos})}
     say("captioned and scored the held-out videos and stills")
@@ -249,8 +262,9 @@ def main(argv=None):
         toyexperiments.cleaning(**run)
     if args.audit:
         toyexperiments.audit(**run)
-    summary = {"results": results, "seconds": round(time.monotonic() - start, 1), "quick": args.quick,
-               "frames": args.frames, "nproc": args.nproc, "seed": args.seed, "depends_on": versions(args.nproc)}
+    summary = {"results": results, "seconds": round(time.monotonic() - start, 1),
+               "quick": args.quick, "frames": args.frames, "nproc": args.nproc, "seed": args.seed,
+               "depends_on": versions(args.nproc)}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("Accuracy (%) on held-out test videos and stills (invented: % naming what is not so; words: mean "
@@ -311,9 +325,11 @@ def versions(nproc=1):
     import torch
 
     from lab import measure
-    return {"torch": torch.__version__, "av": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
-            "numpy": np.__version__, "python": platform.python_version(), "threads_per_stage": threads(1),
-            "threads_per_stage2_process": threads(nproc), "cpu": measure.cpu_model(), "cpu_flags": measure.cpu_flags(),
+    return {"torch": torch.__version__, "av": av.__version__,
+            "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+            "numpy": np.__version__, "python": platform.python_version(),
+            "threads_per_stage": threads(1), "threads_per_stage2_process": threads(nproc),
+            "cpu": measure.cpu_model(), "cpu_flags": measure.cpu_flags(),
             "kernels": torch.backends.cpu.get_cpu_capability()}
 
 

@@ -227,8 +227,8 @@ def set_up(s: Settings) -> Run:
     tok = Tokenizer(tok_folder)
     prompt = prompt_for(folder, tok, s.prompt, s.system, s.template)   # the start folder's, unless flags
     if rank == 0:
-        print(f"prompt: {prompt['source']}: {prompt['question'][:80]!r} ({prompt['template']})", file=sys.stderr,
-              flush=True)
+        print(f"prompt: {prompt['source']}: {prompt['question'][:80]!r} ({prompt['template']})",
+              file=sys.stderr, flush=True)
     model = setup_model(s, folder, rank, world, device)
     torch.manual_seed(s.seed + rank)   # LoRA dropout: each rank draws its own masks
     recompute(model, checkpoints_on)
@@ -266,8 +266,8 @@ def set_up(s: Settings) -> Run:
     metrics = Appender(os.path.join(s.out, "metrics.jsonl"), truncate=not resume_from) if rank == 0 else None
     if metrics and resume_from:   # the rows of steps after the checkpoint are done again: they go
         metrics.resume(lambda row: (row.get("step"), "eval_loss" in row), lambda row: row.get("step", 0) <= start)
-    return Run(model, optimizer, batches, evaluation, metrics, device, rank, world, start, total, per_step, stats,
-               mean, std, tok_folder, pre, prompt)
+    return Run(model, optimizer, batches, evaluation, metrics, device, rank, world, start, total,
+               per_step, stats, mean, std, tok_folder, pre, prompt)
 
 
 def answer_tokens(micro, step, r):
@@ -297,8 +297,8 @@ def log_step(r, s, step, micro, loss_sum, n_tokens, lr, norm, due, t0, began):
                "peak_mem_gb": peak_memory_gb(r.device), "skipped": r.stats["skipped"],
                "eta_min": (r.total - step - 1) * (time.perf_counter() - began) / (step + 1 - r.start) / 60}
         r.metrics.write(row)
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-              flush=True, file=sys.stderr)
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k,
+                       v in row.items()), flush=True, file=sys.stderr)
     return bool(due)
 
 

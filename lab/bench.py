@@ -127,8 +127,8 @@ def reference_decoder(ref, x, n, device):
 
     def first():
         out = ref(inputs_embeds=x, use_cache=True, logits_to_keep=1)
-        state.update(cache=out["cache"] if "cache" in out else out["past_key_values"], logits=out.logits[:, -1],
-                     cache_kw="cache" in out)
+        state.update(cache=out["cache"] if "cache" in out else out["past_key_values"],
+                     logits=out.logits[:, -1], cache_kw="cache" in out)
 
     def reset():
         extra = state["cache"].get_seq_length() - x.shape[1]
@@ -191,8 +191,8 @@ def bench_sampler(ctx):
 
     from data import read_frames
     minutes = ctx["args"].sampler_minutes   # x264 veryfast (B-frames), a keyframe every 10 s
-    path = clip(os.path.join(ctx["args"].cache, f"long_{minutes:g}min_b.mp4"), 640, 360, int(minutes * 1500),
-                preset="veryfast", g="250")
+    path = clip(os.path.join(ctx["args"].cache, f"long_{minutes:g}min_b.mp4"), 640, 360,
+                int(minutes * 1500), preset="veryfast", g="250")
 
     def decode_all():   # the frame-index sampler: decode every frame, convert the 16 it picks
         with av.open(path) as c:
@@ -275,8 +275,8 @@ def bench_train(ctx):
     a = ctx["args"]
     big = a.size in ("7b", "13b")   # sized for an 80 GB card: one sample, activations recomputed
     batch, length = (2, 640) if a.device == "cpu" else (1 if big else 4, ctx["model"].config.num_visual_tokens + 128)
-    common = dict(size=a.size, device=a.device, dtype=str(ctx["dtype"]).split(".")[1], batch=batch, length=length,
-                  repeats=a.repeats, checkpointing=big)
+    common = dict(size=a.size, device=a.device, dtype=str(ctx["dtype"]).split(".")[1], batch=batch,
+                  length=length, repeats=a.repeats, checkpointing=big)
     result, got = measure.alternate("lab.bench", "train", common, rounds=2)
     peak = {impl: max(r["peak_mb"] for r in runs) for impl, runs in got.items()}
     return [row(f"LoRA training step, batch {batch} x {length} tokens", "samples/s", result, batch),

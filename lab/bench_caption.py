@@ -116,8 +116,8 @@ def bench_engine(ctx):
         result = measure.compare(continuous, static, a.device, repeats=3, warmup=0)
         ends = {"ours": measure.spread(whole["continuous"]), "reference": measure.spread(whole["static"]),
                 "pair_ratios": [s / c for s, c in zip(whole["static"], whole["continuous"])]}
-        batched = measure.compare(prefilled(engine_module.PREFILL_TOKENS), prefilled(1), a.device, repeats=3,
-                                  warmup=0)
+        batched = measure.compare(prefilled(engine_module.PREFILL_TOKENS), prefilled(1), a.device,
+                                  repeats=3, warmup=0)
     name = f"continuous (ours) vs static batching, {SLOTS} slots, {VIDEOS} videos of 30-256 tokens"
     return [row(f"{name}: decode phase", "tokens/s", result, sum(lengths)),
             row(f"{name}: end to end", "videos/s", ends, VIDEOS),
@@ -269,9 +269,9 @@ def bench_end2end(ctx):
     videos/s, and the time spent waiting for decoding."""
     a = ctx["args"]
     folder, ckpt = caption_world(ctx, 8)
-    args = [folder, "--model", ckpt, "--out", os.path.join(folder, "c.jsonl"), "--overwrite", "--max-new-tokens",
-            str(ctx["new_tokens"]), "--batch-size", "4", "--workers", "2", "--device", a.device, "--dtype",
-            str(ctx["dtype"]).split(".")[1]]
+    args = [folder, "--model", ckpt, "--out", os.path.join(folder, "c.jsonl"), "--overwrite",
+            "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", "4", "--workers", "2",
+            "--device", a.device, "--dtype", str(ctx["dtype"]).split(".")[1]]
     if a.device.startswith("cuda"):
         torch.cuda.empty_cache()
     r = subprocess.run([sys.executable, "-c", f"import caption, json; print(json.dumps(caption.main({args!r})))"],
@@ -345,8 +345,8 @@ def bench_shots(ctx):
     which starts anew at exec (ru_maxrss would carry the parent's)."""
     minutes, peaks = ctx["args"].sampler_minutes, []
     for m in (minutes / 4, minutes):
-        path = clip(os.path.join(ctx["args"].cache, f"long_{m:g}min_b.mp4"), 640, 360, int(m * 1500),
-                    preset="veryfast", g="250")
+        path = clip(os.path.join(ctx["args"].cache, f"long_{m:g}min_b.mp4"), 640, 360,
+                    int(m * 1500), preset="veryfast", g="250")
         code = ("import json, os, time, shots\n"
                 "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
                 f"t = time.perf_counter(); found = shots.shots({path!r}); t = time.perf_counter() - "

@@ -77,27 +77,32 @@ def videos(config, n, dtype, prompt_tokens=100, lengths=(3, 5, 8, 4)):
     """n videos of the config's frames with prompts of `prompt_tokens` tokens (the <image> among
     them), each ending after its own few tokens: arrivals, refills and rows at different lengths, in
     few steps. Made as the engine takes them, as caption.py's decoders give them."""
-    ids = [1] * (prompt_tokens // 2) + [config.image_token_index] + [2] * (prompt_tokens - prompt_tokens // 2 - 1)
+    half = prompt_tokens // 2
+    ids = [1] * half + [config.image_token_index] + [2] * (prompt_tokens - half - 1)
     size = config.vision_config.image_size
     for i in range(n):
-        yield Item(i, ids, torch.empty(config.num_frames, 3, size, size, dtype=dtype), lengths[i % len(lengths)])
+        yield Item(i, ids, torch.empty(config.num_frames, 3, size, size, dtype=dtype),
+                   lengths[i % len(lengths)])
 
 
-def captioning(config, slots, new_tokens, dtype=torch.bfloat16, int8=False, compiled=False, prompt_tokens=100,
-               n_videos=None) -> dict:
+def captioning(config, slots, new_tokens, dtype=torch.bfloat16, int8=False, compiled=False,
+               prompt_tokens=100, n_videos=None) -> dict:
     """The peak memory (GB) of the captioning engine at this config and these flags, measured on
     fake tensors, with what each decode step does: aten operations, host reads and dense masks."""
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_model(config, dtype, fake, int8)
     with fake:
-        engine = RehearsedEngine(model, slots, Sampling(max_new_tokens=new_tokens, stop_ids=()), check_every=4)
+        sampling = Sampling(max_new_tokens=new_tokens, stop_ids=())
+        engine = RehearsedEngine(model, slots, sampling, check_every=4)
         engine.compiled = compiled   # the compiled step's attention (its block mask), run eagerly
         items = videos(config, n_videos or 2 * slots + 1, dtype, prompt_tokens)
-        with fused_flex_attention(), LiveBytes(list(model.parameters()) + list(model.buffers())) as live:
+        held = list(model.parameters()) + list(model.buffers())
+        with fused_flex_attention(), LiveBytes(held) as live:
             for _ in engine.run(items):
                 pass
-    return {"peak_gb": live.peak / 1e9, "weights_gb": live.start / 1e9, "steps": engine.stats["steps"],
-            "prefills": engine.stats["prefills"], "dense_masks": engine.dense_masks}
+    return {"peak_gb": live.peak / 1e9, "weights_gb": live.start / 1e9,
+            "steps": engine.stats["steps"], "prefills": engine.stats["prefills"],
+            "dense_masks": engine.dense_masks}
 
 
 @contextlib.contextmanager
@@ -181,9 +186,11 @@ class _Ops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.namespace != "aten" or not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
+        tensors = any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0])
+        if func.namespace != "aten" or not tensors:
             return out   # a question about a tensor (its device, its size), not work
-        if func.is_view or func in (torch.ops.aten.detach.default, torch.ops.aten._unsafe_view.default):
+        if func.is_view or func in (torch.ops.aten.detach.default,
+                                    torch.ops.aten._unsafe_view.default):
             self.views += 1
         else:
             self.n += 1
@@ -191,7 +198,8 @@ class _Ops(TorchDispatchMode):
         return out
 
 
-def decode_step(config, slots, context, dtype=torch.bfloat16, int8=False, compiled=True, bandwidth=3.35e12):
+def decode_step(config, slots, context, dtype=torch.bfloat16, int8=False, compiled=True,
+                bandwidth=3.35e12):
     """One steady-state decode step of the engine at this config: `slots` rows at lengths spread
     around `context` tokens. Its aten operations, host reads, dense masks, the bytes it must read
     (the language model's weights once, each row's own keys and values) and the time those bytes
@@ -202,7 +210,8 @@ def decode_step(config, slots, context, dtype=torch.bfloat16, int8=False, compil
     model = fake_model(config, dtype, fake, int8)
     with fake, counting_reads(reads), fused_flex_attention():
         lm, c = model.language_model, config.text_config
-        engine = RehearsedEngine(model, slots, Sampling(max_new_tokens=256, stop_ids=()), compile_mode=None)
+        engine = RehearsedEngine(model, slots, Sampling(max_new_tokens=256, stop_ids=()),
+                                 compile_mode=None)
         engine.compiled = compiled
         max_len = context + 256 + 1
         engine._grow_cache(slots, 0, max_len)
@@ -213,12 +222,15 @@ def decode_step(config, slots, context, dtype=torch.bfloat16, int8=False, compil
         ops = _Ops()
         with ops:
             decode_one_token(lm, token, length[:, None], mask, length[:, None], kv_len)
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.finfo(dtype).bits // 8
-    weights = sum(t.numel() * t.element_size() for n, t in list(lm.named_parameters()) + list(lm.named_buffers())
+    per_token = (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+                 * torch.finfo(dtype).bits // 8)
+    named = list(lm.named_parameters()) + list(lm.named_buffers())
+    weights = sum(t.numel() * t.element_size() for n, t in named
                   if "embed_tokens" not in n and ".cache." not in n)
     kv = per_token * (sum(host) + slots if compiled else slots * (max(host) + 1))
-    return {"aten_ops": ops.n, "views": ops.views, "top_ops": dict(ops.names.most_common(8)), "host_reads": reads[0], "dense_masks": engine.dense_masks,
-            "weights_gb": weights / 1e9, "kv_gb": kv / 1e9, "bound_ms": 1e3 * (weights + kv) / bandwidth}
+    return {"aten_ops": ops.n, "views": ops.views, "top_ops": dict(ops.names.most_common(8)),
+            "host_reads": reads[0], "dense_masks": engine.dense_masks, "weights_gb": weights / 1e9,
+            "kv_gb": kv / 1e9, "bound_ms": 1e3 * (weights + kv) / bandwidth}
 
 
 @contextlib.contextmanager
@@ -271,7 +283,8 @@ def training(args, config, world, checkpointing, batch=None, text_tokens=None) -
             ids[:, 1] = config.image_token_index
             size = config.vision_config.image_size
             pixels = torch.empty(B, config.num_frames, 3, size, size)
-            with LiveBytes([_local(t) for t in list(model.parameters()) + list(model.buffers())]) as live:
+            held = [_local(t) for t in list(model.parameters()) + list(model.buffers())]
+            with LiveBytes(held) as live:
                 model(ids, pixels, labels=ids, loss_reduction="sum").backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -285,13 +298,16 @@ class _Trained(PLLaVA):
     (position 1 of every row here), and which positions learn (every text one: a bound, as a real
     batch learns from its answers only)."""
 
-    def prepare(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_pos=None):
-        return super().prepare(input_ids, pixel_values, attention_mask, labels, [1] * input_ids.shape[0])
+    def prepare(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
+                image_pos=None):
+        return super().prepare(input_ids, pixel_values, attention_mask, labels,
+                               [1] * input_ids.shape[0])
 
     def loss(self, h, labels, reduction="mean"):
         text = labels.shape[1] - self.config.num_visual_tokens   # the positions after the video
         logits = self.language_model.lm_head(h[:, -text:-1].flatten(0, 1))
-        return torch.nn.functional.cross_entropy(logits.float(), labels[:, -text + 1:].flatten(), reduction=reduction)
+        return torch.nn.functional.cross_entropy(logits.float(), labels[:, -text + 1:].flatten(),
+                                                 reduction=reduction)
 
 
 def _local(t):
@@ -335,7 +351,8 @@ def main():
     p.add_argument("--json", help="write the rows here too")
     args = p.parse_args()
     rows = []
-    print(f"{'model':<11} {'weights':<6} {'slots':>5} {'rehearsed GB':>13} {'estimate GB':>12} {'diff':>7}")
+    print(f"{'model':<11} {'weights':<6} {'slots':>5} {'rehearsed GB':>13} {'estimate GB':>12} "
+          f"{'diff':>7}")
     for name in ("pllava-7b", "pllava-13b", "pllava-34b"):
         config = Config.from_dict(PRESETS[name])
         for int8 in (False, True):
@@ -346,16 +363,17 @@ def main():
                              "rehearsed_gb": round(peak, 2), "estimate_gb": round(plan, 2)})
                 print(f"{name:<11} {rows[-1]['weights']:<6} {slots:>5} {peak:>13.1f} {plan:>12.1f} "
                       f"{100 * (plan / peak - 1):>+6.1f}%", flush=True)
-    steps = {how: decode_step(Config.from_dict(PRESETS["pllava-13b"]), 16, 2403, compiled=how == "compiled")
-             for how in ("eager", "compiled")}
+    steps = {how: decode_step(Config.from_dict(PRESETS["pllava-13b"]), 16, 2403,
+                              compiled=how == "compiled") for how in ("eager", "compiled")}
     for how, s in steps.items():
-        print(f"13B decode step, 16 rows near 2,403 tokens, {how}: {s['aten_ops']} kernel launches (eager), "
-              f"{s['host_reads']} host reads, {s['dense_masks']} dense masks, "
+        print(f"13B decode step, 16 rows near 2,403 tokens, {how}: {s['aten_ops']} kernel launches "
+              f"(eager), {s['host_reads']} host reads, {s['dense_masks']} dense masks, "
               f"{s['weights_gb'] + s['kv_gb']:.1f} GB to read, {s['bound_ms']:.1f} ms at 3.35 TB/s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"captioning": rows, "decode_step_13b": steps, "context_gb": memory.CONTEXT_GB,
-                       "new_tokens": 256, "prompt_tokens": 100}, f, indent=2)
+            json.dump({"captioning": rows, "decode_step_13b": steps,
+                       "context_gb": memory.CONTEXT_GB, "new_tokens": 256, "prompt_tokens": 100},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from plumbing import cli
 from plumbing.redact import Redactor
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-FINAL_CODES = {"data_inspection_failed", "DataInspectionFailed", "content_filter", "content_policy_violation"}
+FINAL_CODES = {"data_inspection_failed", "DataInspectionFailed", "content_filter",
+               "content_policy_violation"}
 SYSTEMIC_STATUS = {401, 403, 404, 405}
 KEY_CODES = {"invalid_api_key", "InvalidApiKey", "access_denied", "AccessDenied"}
 QUOTA_CODES = {"insufficient_quota", "Arrearage", "billing_hard_limit_reached"}
@@ -77,7 +78,8 @@ class RateLimit:
     def __init__(self, per_minute):
         if per_minute and per_minute < 1 / 1440:
             raise ValueError(f"--rpm {per_minute:g}: less than one request a day")
-        self.gap, self.next, self.lock = (60.0 / per_minute if per_minute else 0.0), 0.0, threading.Lock()
+        self.gap = 60.0 / per_minute if per_minute else 0.0
+        self.next, self.lock = 0.0, threading.Lock()
 
     def wait(self):
         if not self.gap:
@@ -207,7 +209,8 @@ def _count(usage, field):
     """A token count as an int, 0 for anything that is not a plausible one (a string, -1, 1e400,
     10**400)."""
     value = usage.get(field) if isinstance(usage, dict) else None
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**53 else 0
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return int(value) if number and 0 <= value < 2**53 else 0
 
 
 def parse_reply(data):
@@ -222,7 +225,8 @@ def parse_reply(data):
     if message is not None and not isinstance(message, str | list):
         return None   # a number or an object where the text belongs: no answer
     finish = choice.get("finish_reason")
-    usage = {f: _count(data.get("usage"), f) for f in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    usage = {f: _count(data.get("usage"), f) for f in ("prompt_tokens", "completion_tokens",
+                                                       "total_tokens")}
     model = data.get("model")
     return Reply(_text(message), finish if isinstance(finish, str) else None, usage,
                  model if isinstance(model, str) else None)
@@ -282,10 +286,12 @@ class Client:
                     for chunk in r.iter_content(1 << 14):
                         data += chunk
                         if len(data) > MAX_BODY:
-                            raise APIError(r.status_code, "body_too_large", f"more than {MAX_BODY} bytes")
+                            raise APIError(r.status_code, "body_too_large",
+                                           f"more than {MAX_BODY} bytes")
                     status, headers = r.status_code, r.headers
                     # a body whose end nothing announced looks whole when the watchdog cuts it
-                    delimited = "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
+                    delimited = ("content-length" in headers
+                                 or "chunked" in headers.get("transfer-encoding", "").lower())
             except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
                     requests.exceptions.InvalidSchema) as e:
                 raise APIError(None, "bad_url", f"{self.url}: {type(e).__name__}") from None
@@ -294,7 +300,8 @@ class Client:
             # any way a connection can break: dropped, reset, cut mid-body, TLS, ...
             except Exception as e:
                 if watchdog.fired:
-                    raise APIError(None, "Timeout", f"no complete answer within {self.timeout:g} s") from None
+                    raise APIError(None, "Timeout",
+                                   f"no complete answer within {self.timeout:g} s") from None
                 raise APIError(None, type(e).__name__, "no complete answer") from None
         if watchdog.fired and not delimited:
             raise APIError(None, "Timeout", f"no complete answer within {self.timeout:g} s")
@@ -339,7 +346,8 @@ class Client:
             if wait_for is not None:   # the server's Retry-After
                 self.stop.wait(wait_for)
             else:   # exponential backoff with jitter, so retries do not arrive in waves
-                self._back_off(min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5),
+                self._back_off(min(self.max_backoff,
+                                   self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5),
                                error.status is None)
 
     def _back_off(self, seconds, unreachable):
@@ -350,7 +358,8 @@ class Client:
         end = time.monotonic() + seconds
         with self.answered:
             seen = self.answers
-            while not self.stop.is_set() and time.monotonic() < end and not (unreachable and self.answers != seen):
+            while (not self.stop.is_set() and time.monotonic() < end
+                   and not (unreachable and self.answers != seen)):
                 self.answered.wait(min(0.5, end - time.monotonic()))
 
 
@@ -358,12 +367,17 @@ def add_api_flags(p, api_base, model, key_env, concurrency):
     """The flags of every tool that talks to an API through this client: one name, one meaning."""
     p.add_argument("--api-base", default=api_base, help="the OpenAI-compatible endpoint")
     p.add_argument("--model", default=model, help="the model the endpoint serves")
-    p.add_argument("--api-key-env", default=key_env, help="the environment variable holding the key")
-    p.add_argument("--concurrency", type=cli.positive_int, default=concurrency, help="requests in flight at once")
+    p.add_argument("--api-key-env", default=key_env,
+                   help="the environment variable holding the key")
+    p.add_argument("--concurrency", type=cli.positive_int, default=concurrency,
+                   help="requests in flight at once")
     p.add_argument("--rpm", type=cli.positive, help="requests per minute, at most (retries count)")
-    p.add_argument("--timeout", type=cli.positive, default=120.0, help="seconds for one request, all of it")
-    p.add_argument("--retries", type=cli.count, default=8, help="attempts after the first, for a failure worth another try")
-    p.add_argument("--backoff", type=cli.non_negative, default=1.0, help="first retry delay, seconds (doubles)")
+    p.add_argument("--timeout", type=cli.positive, default=120.0,
+                   help="seconds for one request, all of it")
+    p.add_argument("--retries", type=cli.count, default=8,
+                   help="attempts after the first, for a failure worth another try")
+    p.add_argument("--backoff", type=cli.non_negative, default=1.0,
+                   help="first retry delay, seconds (doubles)")
     p.add_argument("--max-retry-after", type=cli.non_negative, default=300.0,
                    help="the longest Retry-After honoured, seconds")
     p.add_argument("--max-failures-in-a-row", type=cli.positive_int, default=10,
@@ -371,5 +385,5 @@ def add_api_flags(p, api_base, model, key_env, concurrency):
 
 
 def api_client(args) -> Client:
-    return Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout, args.retries, args.backoff,
-                  max_retry_after=args.max_retry_after)
+    return Client(args.api_base, args.model, args.api_key_env, args.rpm, args.timeout,
+                  args.retries, args.backoff, max_retry_after=args.max_retry_after)

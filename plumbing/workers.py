@@ -79,8 +79,8 @@ def _serve():
             try:
                 _send(out, (True, fn(item)))
             except MemoryError:
-                _send(out, (False, VideoError(f"{item}: decoding needed more than {limit / 2**30:.1f} GiB of "
-                                              f"memory", "decode_memory")))
+                why = f"{item}: decoding needed more than {limit / 2**30:.1f} GiB of memory"
+                _send(out, (False, VideoError(why, "decode_memory")))
             except VideoError as e:
                 _send(out, (False, e))
             except Exception as e:   # any failure is reported for this item; the worker lives on
@@ -158,9 +158,11 @@ class _Worker:
         # path); no
         # secrets in its environment, as it parses untrusted files
         env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
-        boot = f"import sys; sys.path[:0] = {_import_path(fn)!r}; from plumbing import workers; workers._serve()"
-        self.proc = subprocess.Popen([sys.executable, "-I", "-c", boot], env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0, preexec_fn=_at_fork)
+        boot = (f"import sys; sys.path[:0] = {_import_path(fn)!r}; "
+                "from plumbing import workers; workers._serve()")
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", boot], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                     preexec_fn=_at_fork)
         _send(self.proc.stdin, (fn, limit, threads))
         self.item, self.deadline = None, None
 
@@ -176,8 +178,8 @@ class _Worker:
             ok, value = _recv(self.proc.stdout)
         except (EOFError, OSError):   # the worker died: a decoder crash, or the OOM killer
             self.proc.wait()
-            return VideoError(f"{self.item}: the decoder process died (exit code {self.proc.returncode})",
-                              "decoder_died")
+            return VideoError(f"{self.item}: the decoder process died (exit code "
+                              f"{self.proc.returncode})", "decoder_died")
         return BEAT if ok is None else value
 
     def kill(self):
@@ -213,15 +215,16 @@ def failure(error: VideoError, tries_before: int = 0) -> dict:
 
 def tries_of(row) -> int:
     """How many runs have tried a row's video and met a failure that may not happen again."""
-    return row.get("tries", 1) if row.get("code") in RETRIED and isinstance(row.get("tries", 1), int) else 0
+    tries = row.get("tries", 1)
+    return tries if row.get("code") in RETRIED and isinstance(tries, int) else 0
 
 
 class PoolError(Exception):
     """The decoding processes themselves failed (not one item): nothing more will come from them."""
 
 
-def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8, memory_gb: float = None,
-                   threads: int = None, stop: threading.Event = None):
+def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: int = 8,
+                   memory_gb: float = None, threads: int = None, stop: threading.Event = None):
     """Yield (item, result) for each item, result being fn(item) or a VideoError, as they finish.
 
     fn runs in `workers` processes, so decoding overlaps whatever the caller does with the results
@@ -234,7 +237,8 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
     stalled. fn must be picklable (a module-level function or a partial) from a module the workers
     can import, not from the script being run."""
     if getattr(getattr(fn, "func", fn), "__module__", None) == "__main__":
-        raise ValueError("imap_unordered needs a function from an importable module, not from __main__")
+        raise ValueError("imap_unordered needs a function from an importable module, not from "
+                         "__main__")
     out, todo = queue.Queue(maxsize=buffer), queue.Queue(maxsize=max(1, workers))
     done, failed, told, stop = object(), [], stop, threading.Event()
     limit = int(memory_gb * 2**30) if memory_gb else None
@@ -302,8 +306,9 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
                 for w in [w for w in busy if time.monotonic() > w.deadline and not wait([w], 0)]:
                     w.kill()
                     busy.remove(w)
-                    out.put((w.item, VideoError(f"{w.item}: decoding took longer than {timeout:.0f} s",
-                                                "decode_timeout")))
+                    out.put((w.item,
+                             VideoError(f"{w.item}: decoding took longer than {timeout:.0f} s",
+                                        "decode_timeout")))
                     idle.append(_Worker(fn, limit, threads))
         except BaseException as e:   # told to the caller, not lost with this thread
             failed.append(e)
@@ -341,7 +346,8 @@ def imap_unordered(fn, items, workers: int = 4, timeout: float = 300.0, buffer: 
             while out.get() is not done:   # let the loop finish putting what it has
                 pass
     if failed:
-        raise PoolError(f"the decoding processes failed: {type(failed[0]).__name__}: {failed[0]}") from failed[0]
+        raise PoolError(f"the decoding processes failed: {type(failed[0]).__name__}: "
+                        f"{failed[0]}") from failed[0]
 
 
 def decode_workers(parent: int) -> list:
@@ -372,7 +378,8 @@ def cores_per_rank() -> int:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             everyone = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, (socket.gethostname(), sorted(mine)))
-            share = sum(1 for host, cores in everyone if host == socket.gethostname() and mine & set(cores))
+            share = sum(1 for host,
+                        cores in everyone if host == socket.gethostname() and mine & set(cores))
     except ImportError:   # a decode worker: no torch, and no ranks
         pass
     return max(1, len(mine) // share)

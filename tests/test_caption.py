@@ -24,7 +24,8 @@ from videos import write_audio_only, write_video
 
 def make_folder(folder, good=5):
     os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
-    videos = [write_video(os.path.join(folder, f"v{i}.mp4"), n_frames=10 + 7 * i) for i in range(good - 2)]
+    videos = [write_video(os.path.join(folder, f"v{i}.mp4"),
+                          n_frames=10 + 7 * i) for i in range(good - 2)]
     videos.append(write_video(os.path.join(folder, "sub", "w.webm"), codec="libvpx-vp9", n_frames=20))
     videos.append(write_video(os.path.join(folder, "sub", "g.gif"), codec="gif", pix_fmt="rgb8", n_frames=5))
     broken = [os.path.join(folder, n) for n in ("empty.mp4", "text.mp4", "sub/audio.mp4")]
@@ -48,21 +49,23 @@ def rows_by_video(path):
 def test_folder_with_good_and_broken_videos(ckpt, tmp_path):
     good, broken = make_folder(str(tmp_path / "videos"))
     out = str(tmp_path / "captions.jsonl")
-    r = run_caption([str(tmp_path / "videos"), "--model", ckpt, "--out", out, "--max-new-tokens", "8",
-                     "--batch-size", "2", "--workers", "2"])
+    r = run_caption([str(tmp_path / "videos"), "--model", ckpt, "--out", out, "--max-new-tokens",
+                     "8", "--batch-size", "2", "--workers", "2"])
     assert r.returncode == 0, r.stderr
     rows, counts = rows_by_video(out)
     assert set(counts) == set(good + broken) and set(counts.values()) == {1}
     for v in good:
-        assert isinstance(rows[v]["caption"], str) and 1 <= rows[v]["tokens"] <= 8 and rows[v]["frames"] == 4
+        assert isinstance(rows[v]["caption"],
+                          str) and 1 <= rows[v]["tokens"] <= 8 and rows[v]["frames"] == 4
     for v in broken:
         assert "error" in rows[v] and rows[v]["error"].startswith(v)
     assert "5 captions, 3 unreadable" in r.stderr
     # a rerun does nothing; --overwrite redoes all; the same greedy captions come back
-    again = run_caption([str(tmp_path / "videos"), "--model", ckpt, "--out", out, "--max-new-tokens", "8"])
+    again = run_caption([str(tmp_path / "videos"), "--model", ckpt, "--out", out,
+                         "--max-new-tokens", "8"])
     assert again.returncode == 0 and "0 captions, 0 unreadable, 8 already done" in again.stderr
-    redo = run_caption([str(tmp_path / "videos"), "--model", ckpt, "--out", out, "--max-new-tokens", "8",
-                        "--overwrite", "--batch-size", "3"])
+    redo = run_caption([str(tmp_path / "videos"), "--model", ckpt, "--out", out,
+                        "--max-new-tokens", "8", "--overwrite", "--batch-size", "3"])
     assert redo.returncode == 0
     rows2, counts2 = rows_by_video(out)
     assert counts2 == counts and all(rows2[v]["caption"] == rows[v]["caption"] for v in good)
@@ -72,8 +75,8 @@ def test_folder_with_good_and_broken_videos(ckpt, tmp_path):
 def test_killed_mid_run_then_rerun_gives_every_video_once(ckpt, tmp_path):
     videos = [write_video(str(tmp_path / f"v{i:02d}.mp4"), n_frames=12) for i in range(14)]
     out = str(tmp_path / "c.jsonl")
-    args = [str(tmp_path), "--model", ckpt, "--out", out, "--max-new-tokens", "40", "--batch-size", "1",
-            "--workers", "1"]
+    args = [str(tmp_path), "--model", ckpt, "--out", out, "--max-new-tokens", "40", "--batch-size",
+            "1", "--workers", "1"]
     proc = run_caption(args, wait=False, output=False)
     deadline = time.time() + 120
     while time.time() < deadline and len(read_rows(out)) < 3:
@@ -126,9 +129,10 @@ def test_retry_errors_leaves_one_row_and_spellings_and_a_second_run_are_refused(
 def test_torchrun_ranks_share_the_work_and_merge(ckpt, tmp_path):
     good, broken = make_folder(str(tmp_path / "videos"), good=6)
     out = str(tmp_path / "merged.jsonl")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(ROOT, "caption.py"), str(tmp_path / "videos"), "--model", ckpt, "--out", out,
-           "--max-new-tokens", "6", "--workers", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", os.path.join(ROOT, "caption.py"),
+           str(tmp_path / "videos"), "--model", ckpt, "--out", out, "--max-new-tokens", "6",
+           "--workers", "1"]
     r = run_command(cmd, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows, counts = rows_by_video(out)
@@ -143,7 +147,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
     root, log, drop_once = None, [], set()
 
     def do_GET(self):
-        type(self).log.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        type(self).log.append((self.path, self.headers.get("Range"),
+                               self.headers.get("Authorization")))
         repo, _, rest = self.path.lstrip("/").partition("/resolve/main/")
         path = os.path.join(self.root, repo, rest)
         if not os.path.isfile(path):
@@ -180,7 +185,8 @@ def server(tmp_path, ckpt):
 
 
 def same_files(a, b, names):
-    return all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in names)
+    return all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n),
+                                                             "rb").read() for n in names)
 
 
 def test_hub_download_resume_and_token(server, tmp_path, monkeypatch):
@@ -198,8 +204,11 @@ def test_hub_download_resume_and_token(server, tmp_path, monkeypatch):
     HubHandler.drop_once = {"model.safetensors"}
     folder = hub.resolve("someone/tiny-pllava", cache=cache)
     assert folder == target
-    assert same_files(src, folder, ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"])
-    ranges = [int(r.split("=")[1].rstrip("-")) for p, r, _ in HubHandler.log if r and p.endswith("model.safetensors")]
+    assert same_files(src, folder,
+                      ["config.json", "model.safetensors", "tokenizer.model",
+                       "tokenizer_config.json"])
+    ranges = [int(r.split("=")[1].rstrip("-")) for p, r,
+              _ in HubHandler.log if r and p.endswith("model.safetensors")]
     assert ranges[0] == len(weights) // 3 and len(ranges) == 2 and ranges[1] > ranges[0]
     assert all(auth == "Bearer hf_secret_for_test" for _, _, auth in HubHandler.log)
     n = len(HubHandler.log)
@@ -226,7 +235,8 @@ def test_offline_and_missing_model_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "BACKOFF", 0.01)
     with pytest.raises(hub.HubError, match="offline"):
         hub.resolve("someone/absent", cache=str(tmp_path))
-    r = run_caption([str(tmp_path), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x.jsonl")])
+    r = run_caption([str(tmp_path), "--model", str(tmp_path / "no-such-model"), "--out",
+                     str(tmp_path / "x.jsonl")])
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     (tmp_path / "models").mkdir()   # a mistyped local folder is not a hub id to download
     for name in ("./models/x", "models/x"):
@@ -247,8 +257,8 @@ def test_a_rerun_with_other_settings_refuses_the_file_and_overwrite_redoes_it(ck
     before = out.read_bytes()
     # the same settings: resumed
     assert run_caption(base).returncode == 0 and out.read_bytes() == before
-    for other in (["--prompt", "What happens?"], ["--frames", "2"], ["--lora-alpha", "2"], ["--window", "1"],
-                  ["--max-new-tokens", "5"], ["--temperature", "0.7"]):
+    for other in (["--prompt", "What happens?"], ["--frames", "2"], ["--lora-alpha", "2"],
+                  ["--window", "1"], ["--max-new-tokens", "5"], ["--temperature", "0.7"]):
         r = run_caption(base + other)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and "other settings" in lines[0], (other, r.stderr)
@@ -266,11 +276,13 @@ def test_a_model_folder_carries_its_prompt(ckpt, tmp_path):
     shutil.copytree(ckpt, folder)
     video = write_video(str(tmp_path / "v.mp4"), n_frames=12)
     args = [video, "--model", folder, "--max-new-tokens", "6", "--lora-alpha", "4"]
-    plain = run_caption(args + ["--out", tmp_path / "a.jsonl", "--prompt", "Say what moves.", "--system", "Be brief."])
-    (folder / "prompt.json").write_text(json.dumps({"question": "Say what moves.", "system": "Be brief.",
-                                                    "template": "vicuna"}))
+    plain = run_caption(args + ["--out", tmp_path / "a.jsonl", "--prompt", "Say what moves.",
+                                "--system", "Be brief."])
+    (folder / "prompt.json").write_text(json.dumps({"question": "Say what moves.",
+                                                    "system": "Be brief.", "template": "vicuna"}))
     saved = run_caption(args + ["--out", tmp_path / "b.jsonl"])
-    default = run_caption(args + ["--out", tmp_path / "c.jsonl", "--prompt", "Describe this video."])
+    default = run_caption(args + ["--out", tmp_path / "c.jsonl", "--prompt",
+                                  "Describe this video."])
     assert plain.returncode == saved.returncode == default.returncode == 0, saved.stderr
     a, b, c = (read_rows(str(tmp_path / f"{x}.jsonl"))[0] for x in "abc")
     assert a["caption"] == b["caption"] and a["settings"] == b["settings"] and c["settings"] != b["settings"]
@@ -309,9 +321,10 @@ def test_a_caption_that_loops_ends_where_the_loop_began_and_its_row_says_so(ckpt
     save_file(weights, str(stuck / "model.safetensors"))
     os.makedirs(tmp_path / "v")
     write_video(str(tmp_path / "v" / "a.mp4"), n_frames=8)
-    guarded = run_caption([tmp_path / "v", "--model", stuck, "--out", tmp_path / "g.jsonl", "--max-new-tokens", "40"])
-    free = run_caption([tmp_path / "v", "--model", stuck, "--out", tmp_path / "f.jsonl", "--max-new-tokens", "40",
-                        "--keep-loops"])
+    guarded = run_caption([tmp_path / "v", "--model", stuck, "--out", tmp_path / "g.jsonl",
+                           "--max-new-tokens", "40"])
+    free = run_caption([tmp_path / "v", "--model", stuck, "--out", tmp_path / "f.jsonl",
+                        "--max-new-tokens", "40", "--keep-loops"])
     assert guarded.returncode == 0 and free.returncode == 0, guarded.stderr[-1000:]
     g, f = read_rows(str(tmp_path / "g.jsonl"))[0], read_rows(str(tmp_path / "f.jsonl"))[0]
     assert g["loop"] is True and g["truncated"] is False and g["tokens"] < 40

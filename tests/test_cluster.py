@@ -37,7 +37,8 @@ def nodes(tmp_path):
     os.symlink(share, tmp_path / "b" / "data" / "x" / "share")
     shutil.copytree(share / "videos", tmp_path / "c" / "nfs" / "videos", copy_function=os.link)
     os.symlink(share / "out", tmp_path / "c" / "nfs" / "out")
-    return [tmp_path / "a" / "mnt", tmp_path / "b" / "data" / "x" / "share", tmp_path / "c" / "nfs"], colours
+    return [tmp_path / "a" / "mnt", tmp_path / "b" / "data" / "x" / "share",
+            tmp_path / "c" / "nfs"], colours
 
 
 def keep_at(tmp_path, node, name, text):
@@ -65,8 +66,8 @@ def test_three_nodes_label_a_folder_each_video_once_and_a_rerun_from_another_mou
     api = label_server(colours)
     try:
         for k, mount in enumerate(mounts):
-            label([mount / "videos", "--out", mount / "out" / f"labels.{k}.jsonl", "--shard", f"{k}/3",
-                   "--api-base", api.url])
+            label([mount / "videos", "--out", mount / "out" / f"labels.{k}.jsonl", "--shard",
+                   f"{k}/3", "--api-base", api.url])
         calls = len(api.log)
         again = [label([mounts[(k + 1) % 3] / "videos", "--out", mounts[(k + 1) % 3] / "out" / f"labels.{k}.jsonl",
                         # requeued elsewhere
@@ -88,8 +89,8 @@ def test_three_nodes_label_a_list_of_absolute_paths_kept_at_different_paths(tmp_
     try:
         outs = [tmp_path / f"list.{k}.jsonl" for k in range(3)]
         for k in range(3):
-            label([keep_at(tmp_path, k, "videos.txt", listing), "--out", outs[k], "--shard", f"{k}/3",
-                   "--api-base", api.url])
+            label([keep_at(tmp_path, k, "videos.txt", listing), "--out", outs[k], "--shard",
+                   f"{k}/3", "--api-base", api.url])
     finally:
         api.close()
     counts = once_each(outs)
@@ -101,21 +102,23 @@ def test_three_nodes_recheck_and_verify_labels_kept_at_different_paths(tmp_path,
     """Labels from before names (absolute paths of one node's mount, no "name"), and labels that
     carry names, read by --video-root on each node's own mount."""
     mounts, colours = nodes
-    old = "".join(json.dumps({"video": f"{mounts[0]}/videos/v{i:02d}.mp4", "caption": f"Video {i}: a square.",
+    old = "".join(json.dumps({"video": f"{mounts[0]}/videos/v{i:02d}.mp4",
+                              "caption": f"Video {i}: a square.",
                               "frames": 4}) + "\n" for i in range(N))
     student = "".join(json.dumps({"video": f"{mounts[1]}/videos/v{i:02d}.mp4", "name": f"v{i:02d}.mp4",
                                   "caption": "a square" if i % 2 else f"Video {i}: a square."}) + "\n"
                       for i in range(N))
     named = "".join(json.dumps({"video": f"/gone/videos/v{i:02d}.mp4", "name": f"v{i:02d}.mp4",
-                                "caption": f"Video {i}: a square.", "frames": 4}) + "\n" for i in range(N))
+                                "caption": f"Video {i}: a square.",
+                                "frames": 4}) + "\n" for i in range(N))
     api = label_server(colours)
     api.answer = lambda body, item: json.dumps({"supported": [True]}) if "numbered" in json.dumps(body) \
         else f"Video {item}: a coloured square."
     try:
         verified, rechecked = [tmp_path / f"verified.{k}.jsonl" for k in range(3)], []
         for k in range(3):
-            label(["verify", keep_at(tmp_path, k, "old.jsonl", old), "--out", verified[k], "--shard", f"{k}/3",
-                   "--api-base", api.url])
+            label(["verify", keep_at(tmp_path, k, "old.jsonl", old), "--out", verified[k],
+                   "--shard", f"{k}/3", "--api-base", api.url])
         verify_calls = len(api.log)
         for k in range(3):
             rechecked.append(tmp_path / f"rechecked.{k}.jsonl")
@@ -142,13 +145,14 @@ def test_three_nodes_caption_as_three_ranks_and_judge_pairs_rows_by_name(tmp_pat
     procs = []
     # three "nodes" of one torchrun job, each with its own mount
     for k, mount in enumerate(mounts):
-        env = {**os.environ, "RANK": str(k), "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "caption.py"), str(mount / "videos"),
-                                       "--model", model, "--out", str(mount / "out" / "captions.jsonl"),
-                                       "--workers", "1",
-                                       "--max-new-tokens", "4"], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
+        env = {**os.environ, "RANK": str(k), "WORLD_SIZE": "3", "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "caption.py"),
+                                       str(mount / "videos"), "--model", model, "--out",
+                                       str(mount / "out" / "captions.jsonl"), "--workers", "1",
+                                       "--max-new-tokens", "4"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errs[0][-2000:]
     counts = once_each([mounts[0] / "out" / "captions.jsonl"])
@@ -161,17 +165,20 @@ def test_three_nodes_caption_as_three_ranks_and_judge_pairs_rows_by_name(tmp_pat
     assert again.returncode == 0 and f"{N} already done" in again.stderr, again.stderr[-1000:]
     assert len(read_rows(str(mounts[0] / "out" / "captions.jsonl"))) == N
 
-    gt = keep_at(tmp_path, 0, "gt.jsonl", "".join(json.dumps({"video": f"/elsewhere/v{i:02d}.mp4",
-                                                              "name": f"v{i:02d}.mp4", "caption": f"Video {i}."})
-                                                   + "\n" for i in range(N)))
-    api = FakeAPI(lambda body: 0, lambda body, item: json.dumps({"score": 3, "correct": True, "reason": "ok"}))
+    gt = keep_at(tmp_path, 0, "gt.jsonl",
+                 "".join(json.dumps({"video": f"/elsewhere/v{i:02d}.mp4", "name": f"v{i:02d}.mp4",
+                                     "caption": f"Video {i}."}) + "\n" for i in range(N)))
+    api = FakeAPI(lambda body: 0,
+                  lambda body, item: json.dumps({"score": 3, "correct": True, "reason": "ok"}))
     try:
-        first = run_tool("judge.py", ["--gt", gt, "--pred", mounts[1] / "out" / "captions.jsonl", "--out",
-                                      mounts[1] / "out" / "report", "--api-base", api.url], env=ENV)
+        first = run_tool("judge.py",
+                         ["--gt", gt, "--pred", mounts[1] / "out" / "captions.jsonl", "--out",
+                          mounts[1] / "out" / "report", "--api-base", api.url], env=ENV)
         calls = len(api.log)
-        second = run_tool("judge.py", ["--gt", keep_at(tmp_path, 2, "gt.jsonl", gt.read_text()), "--pred",
-                                       mounts[2] / "out" / "captions.jsonl", "--out", mounts[2] / "out" / "report",
-                                       "--api-base", api.url], env=ENV)
+        second = run_tool("judge.py",
+                          ["--gt", keep_at(tmp_path, 2, "gt.jsonl", gt.read_text()), "--pred",
+                           mounts[2] / "out" / "captions.jsonl", "--out",
+                           mounts[2] / "out" / "report", "--api-base", api.url], env=ENV)
     finally:
         api.close()
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-1000:]
@@ -203,14 +210,16 @@ def test_a_rank_killed_mid_run_restarts_and_ends_equal_to_an_uninterrupted_run(w
     import signal
     import time
     import torch
-    common = ["--max-steps", "12", "--batch-size", "1", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2"]
+    common = ["--max-steps", "12", "--batch-size", "1", "--lr", "1e-2", "--lora-r", "4",
+              "--save-every", "2"]
     run(train_args(world, tmp_path / "straight", "--export", tmp_path / "e_straight", *common), 2)
     out, mark = tmp_path / "killed", f"CLUSTER_TEST_MARK={os.getpid()}-{time.time_ns()}"
     # the c10d rendezvous, as docs/slurm/train.sbatch: each restart gets a store of its own (the
     # static
     # one keeps its store, where a restarted rank can read the address of the rank that died)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", os.path.join(ROOT, "train.py"),
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+           os.path.join(ROOT, "train.py"),
            *map(str, train_args(world, out, "--export", tmp_path / "e_restarted", *common))]
     proc = run_command(cmd, env=dict([mark.split("=")]), wait=False, timeout=600)
     deadline = time.time() + 300
@@ -236,7 +245,8 @@ def test_a_resume_keeps_its_sample_list_and_may_change_world_size_but_not_global
     import torch
     data = tmp_path / "train.jsonl"
     shutil.copy(world["data"], data)
-    common = ["--max-steps", "4", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2", "--lora-dropout", "0"]
+    common = ["--max-steps", "4", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2",
+              "--lora-dropout", "0"]
     args = [str(data) if a == world["data"] else a for a in train_args(world, tmp_path / "run", *common)]
     run(args + ["--batch-size", "1", "--export", str(tmp_path / "e_straight")], 2)
     # as if lost after step 2
@@ -247,7 +257,8 @@ def test_a_resume_keeps_its_sample_list_and_may_change_world_size_but_not_global
     refused = run_tool("train.py", args + ["--batch-size", "1", "--resume"])
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: ") \
         and "global batch of 2" in refused.stderr
-    resumed = run(args + ["--batch-size", "2", "--resume", "--export", str(tmp_path / "e_resumed")], 1)
+    resumed = run(args + ["--batch-size", "2", "--resume", "--export",
+                          str(tmp_path / "e_resumed")], 1)
     assert "resuming with the" in resumed.stderr and "steps 2..4" in resumed.stderr
     a, b = weights(tmp_path / "e_straight"), weights(tmp_path / "e_resumed")
     for k in a:
@@ -266,12 +277,14 @@ def test_the_slurm_scripts_run_as_written(world, tmp_path, nodes):
     (bin_ / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
     for tool in ("srun", "scontrol"):
         os.chmod(bin_ / tool, 0o755)
-    slurm = {"PATH": f"{bin_}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": ROOT,
-             "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "1", "SLURM_CPUS_PER_TASK": "1",
-             "GPUS_PER_NODE": "2", "PORT": str(free_port()), "SLURM_ARRAY_TASK_COUNT": "3", **ENV}
+    slurm = {"PATH": f"{bin_}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+             "SLURM_SUBMIT_DIR": ROOT, "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[01-02]",
+             "SLURM_NNODES": "1", "SLURM_CPUS_PER_TASK": "1", "GPUS_PER_NODE": "2",
+             "PORT": str(free_port()), "SLURM_ARRAY_TASK_COUNT": "3", **ENV}
 
     def sbatch(script, **env):
-        r = run_command(["bash", os.path.join(ROOT, "docs", "slurm", script)], env={**slurm, **env}, timeout=600)
+        r = run_command(["bash", os.path.join(ROOT, "docs", "slurm", script)],
+                        env={**slurm, **env}, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 
@@ -279,15 +292,16 @@ def test_the_slurm_scripts_run_as_written(world, tmp_path, nodes):
     try:
         for k in range(3):
             sbatch("label.sbatch", SLURM_ARRAY_TASK_ID=str(k), VIDEOS=str(mounts[k] / "videos"),
-                   OUT=str(mounts[k] / "out" / "labels"), LABEL_FLAGS=f"--api-base {api.url} --concurrency 2")
+                   OUT=str(mounts[k] / "out" / "labels"),
+                   LABEL_FLAGS=f"--api-base {api.url} --concurrency 2")
     finally:
         api.close()
     counts = once_each((mounts[0] / "out" / "labels").iterdir())
     assert len(counts) == N and set(counts.values()) == {1} and len(api.log) == N
 
     model = tiny_checkpoint(str(tmp_path / "model"))
-    sbatch("caption.sbatch", VIDEOS=str(mounts[1] / "videos"), MODEL=model, OUT=str(mounts[1] / "out" / "c.jsonl"),
-           CAPTION_FLAGS="--workers 1 --max-new-tokens 4")
+    sbatch("caption.sbatch", VIDEOS=str(mounts[1] / "videos"), MODEL=model,
+           OUT=str(mounts[1] / "out" / "c.jsonl"), CAPTION_FLAGS="--workers 1 --max-new-tokens 4")
     counts = once_each([mounts[0] / "out" / "c.jsonl"])
     assert len(counts) == N and set(counts.values()) == {1}
 

@@ -26,8 +26,9 @@ def write_ts(path, n, start_s, codec):
     return write_video(path, n_frames=n, codec=codec, start_s=start_s, container="mpegts")
 
 
-@pytest.mark.parametrize("n, start, codec", [(25, 600.0, "libx264"), (8, 95000.0, "libx264"), (3, 1.4, "mpeg2video"),
-                                             (3, 600.0, "libx264")])
+@pytest.mark.parametrize("n, start, codec",
+                         [(25, 600.0, "libx264"), (8, 95000.0, "libx264"), (3, 1.4, "mpeg2video"),
+                          (3, 600.0, "libx264")])
 def test_short_ts_captures_that_do_not_start_at_zero(tmp_path, n, start, codec):
     path = write_ts(tmp_path / "cap.m2ts", n, start, codec)
     frames = read_frames(path, 4)
@@ -39,8 +40,8 @@ def test_a_frame_too_thin_to_resize_is_an_error_not_gigabytes(tmp_path):
                        # to 336 x 672,000 at 336
                        frame_fn=lambda i, w, h: np.full((h, w, 3), 40 * i, np.uint8))
     t0 = time.monotonic()
-    results = dict(imap_unordered(functools.partial(read_clip_frames, n=4, size=336), [path], workers=1,
-                                  memory_gb=1))
+    results = dict(imap_unordered(functools.partial(read_clip_frames, n=4, size=336), [path],
+                                  workers=1, memory_gb=1))
     assert isinstance(results[path], VideoError) and "pixels" in str(results[path]) and str(results[path]).startswith(path)
     assert time.monotonic() - t0 < 30
     # what a teacher gets: within bounds
@@ -50,7 +51,8 @@ def test_a_frame_too_thin_to_resize_is_an_error_not_gigabytes(tmp_path):
 def test_a_worker_that_needs_too_much_memory_gets_an_error_row_and_the_pool_goes_on():
     items = [3 * 2**30, 1000, 2 * 2**30, 10]
     results = dict(imap_unordered(functools.partial(np.ones, dtype=np.uint8), items, workers=1, memory_gb=1))
-    assert isinstance(results[3 * 2**30], VideoError) and "more than 1.0 GiB" in str(results[3 * 2**30])
+    assert isinstance(results[3 * 2**30],
+                      VideoError) and "more than 1.0 GiB" in str(results[3 * 2**30])
     assert isinstance(results[2 * 2**30], VideoError)
     assert results[1000].sum() == 1000 and results[10].sum() == 10
 
@@ -88,7 +90,8 @@ def test_a_second_writer_is_refused(tmp_path):
             Appender(path)
     with Appender(path) as again:   # free again once the first closed
         again.write({"video": "b"})
-    assert [r["video"] for r in read_rows(path)] == ["a", "b"] and not os.path.exists(path + ".lock")
+    assert [r["video"] for r in read_rows(path)] == ["a",
+                                                     "b"] and not os.path.exists(path + ".lock")
 
 
 def label_folder(folder, n):
@@ -152,7 +155,8 @@ def test_two_label_runs_on_one_output(tmp_path):
     api.script = {i: [("hang", 0.5)] for i in range(6)}
     out = str(tmp_path / "labels.jsonl")
     try:
-        first = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--concurrency", "1"], wait=False)
+        first = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url,
+                           "--concurrency", "1"], wait=False)
         while not os.path.exists(out + ".lock"):
             time.sleep(0.01)
         second = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url])
@@ -172,7 +176,8 @@ def test_two_label_runs_on_one_output(tmp_path):
     ("train.py", ["--data", "a", "--out", "o", "--model", "m", "--keep", "0"])])
 def test_values_that_can_never_work_fail_once_at_start(tmp_path, tool, args):
     source = [] if tool in ("judge.py", "train.py") else [str(tmp_path)]
-    r = run_main(tool, [*source, "--out", tmp_path / "o.jsonl", *args], env={"DASHSCOPE_API_KEY": KEY})
+    r = run_main(tool, [*source, "--out", tmp_path / "o.jsonl", *args],
+                 env={"DASHSCOPE_API_KEY": KEY})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
     assert not os.path.exists(tmp_path / "o.jsonl")
 
@@ -239,8 +244,9 @@ def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_finished_row(tmp_pa
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
     env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
     try:
-        r = run_tool("label.py", [str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--concurrency", "2"],
-                     env=env, timeout=120, preexec_fn=small_disk)
+        r = run_tool("label.py",
+                     [str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--concurrency",
+                      "2"], env=env, timeout=120, preexec_fn=small_disk)
         first = read_rows(out)
         again = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url])
     finally:
@@ -259,10 +265,11 @@ def test_resume_and_shards_do_not_depend_on_how_or_where_the_folder_is_named(tmp
     api = label_server(colours)
     out = str(tmp_path / "labels.jsonl")
     try:
-        first = run_tool("label.py", ["vids", "--out", out, "--api-base", api.url, "--shard", "0/2"],
+        first = run_tool("label.py",
+                         ["vids", "--out", out, "--api-base", api.url, "--shard", "0/2"],
                          env={"DASHSCOPE_API_KEY": KEY}, cwd=tmp_path)
-        second = run_label([str(tmp_path / "mnt"), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url,
-                            "--shard", "1/2"])
+        second = run_label([str(tmp_path / "mnt"), "--out", str(tmp_path / "b.jsonl"),
+                            "--api-base", api.url, "--shard", "1/2"])
         again = run_label([str(tmp_path / "vids"), "--out", out, "--api-base", api.url, "--shard", "0/2"])
     finally:
         api.close()
@@ -284,8 +291,8 @@ def test_unreadable_files_do_not_stop_a_run_and_missing_ones_are_not_done(tmp_pa
     listed.write_bytes(b"\xef\xbb\xbf" + "\n".join([paths[0], "gone/a.mp4", paths[1]]).encode() + b"\n")   # a BOM
     api = label_server(colours)
     try:
-        folder = run_label([str(tmp_path / "v"), "--out", str(tmp_path / "a.jsonl"), "--api-base", api.url,
-                            "--max-failures-in-a-row", "3"])
+        folder = run_label([str(tmp_path / "v"), "--out", str(tmp_path / "a.jsonl"), "--api-base",
+                            api.url, "--max-failures-in-a-row", "3"])
         listing = run_label([str(listed), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url])
         (tmp_path / "gone").mkdir()
         # the path is fixed: a rerun labels it
@@ -327,5 +334,7 @@ def test_outputs_that_are_not_files_and_clean_into_its_own_input(tmp_path):
     assert (tmp_path / "labels.jsonl").read_text() == before and not os.path.exists("/dev/null.lock")
     # clean into an output another run holds
     with Appender(str(tmp_path / "busy.jsonl")):
-        r = run_tool("label.py", ["clean", str(tmp_path / "labels.jsonl"), "--out", str(tmp_path / "busy.jsonl")])
+        r = run_tool("label.py",
+                     ["clean", str(tmp_path / "labels.jsonl"), "--out",
+                      str(tmp_path / "busy.jsonl")])
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

@@ -51,8 +51,8 @@ def test_fault_mix_every_video_one_row(tmp_path):
     api.script = {k: list(v) for k, v in FAULTS.items()}
     out = str(tmp_path / "labels.jsonl")
     try:
-        r = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--concurrency", "4", "--timeout", "1",
-                       "--backoff", "0.05", "--model", "qwen-vl-max"])
+        r = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--concurrency",
+                       "4", "--timeout", "1", "--backoff", "0.05", "--model", "qwen-vl-max"])
     finally:
         api.close()
     assert r.returncode == 0, r.stderr
@@ -63,8 +63,8 @@ def test_fault_mix_every_video_one_row(tmp_path):
         row = by_video[videos[i]]
         assert row["caption"].startswith(f"Video {i}:") and row["finish_reason"] == "stop", row
         assert row["usage"]["prompt_tokens"] == 100 and row["model"] == "fake-vl"
-    expect = {6: (400, "data_inspection_failed"), 7: (400, "invalid_parameter"), 8: (413, "request_too_large"),
-              9: (200, "empty_reply")}
+    expect = {6: (400, "data_inspection_failed"), 7: (400, "invalid_parameter"),
+              8: (413, "request_too_large"), 9: (200, "empty_reply")}
     for i, (status, code) in expect.items():
         row = by_video[videos[i]]
         assert "caption" not in row and (row["status"], row["code"]) == (status, code), row
@@ -73,7 +73,8 @@ def test_fault_mix_every_video_one_row(tmp_path):
     assert by_video[str(tmp_path / "v" / "broken.mp4")]["code"] == "unreadable_video"
     # no retry for the final errors, a retry for each retryable fault
     attempts = collections.Counter(e["item"] for e in api.log)
-    assert [attempts[i] for i in (6, 7, 8, 9)] == [1, 1, 1, 3] and attempts[2] == 3 and attempts[11] == 5
+    assert [attempts[i] for i in (6, 7, 8, 9)] == [1, 1, 1,
+                                                   3] and attempts[2] == 3 and attempts[11] == 5
     t429 = [e["t"] for e in api.log if e["item"] == 1]
     assert t429[1] - t429[0] >= 0.95                                   # Retry-After: 1 honoured
     # what the provider receives: the key in the header, 4 frames as one video part of decodable
@@ -107,8 +108,9 @@ def test_frames_as_images_max_side_and_prompt(tmp_path):
     (tmp_path / "prompt.txt").write_text("Describe these {n} frames.")
     api = label_server(colours)
     try:
-        r = run_label([str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--api-base", api.url, "--frames-as",
-                       "images", "--max-side", "48", "--prompt-file", str(tmp_path / "prompt.txt")])
+        r = run_label([str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--api-base", api.url,
+                       "--frames-as", "images", "--max-side", "48", "--prompt-file",
+                       str(tmp_path / "prompt.txt")])
     finally:
         api.close()
     assert r.returncode == 0, r.stderr
@@ -126,7 +128,8 @@ def test_sigkill_then_rerun_every_video_exactly_once(tmp_path):
     # slow answers, so the kill lands mid-run
     api.script = {i: [("hang", 0.3)] for i in range(24)}
     out = tmp_path / "labels.jsonl"
-    args = [str(tmp_path / "v"), "--out", str(out), "--api-base", api.url, "--concurrency", "3", "--backoff", "0.05"]
+    args = [str(tmp_path / "v"), "--out", str(out), "--api-base", api.url, "--concurrency", "3",
+            "--backoff", "0.05"]
     try:
         proc = run_label(args, wait=False)
         deadline = time.time() + 120
@@ -159,7 +162,8 @@ def test_rate_cap_and_concurrency(tmp_path):
         times = sorted(e["t"] for e in api.log)
         api.script = {i: [("hang", 1.0)] for i in range(12)}
         api.log.clear()
-        r2 = run_label([str(tmp_path), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url, "--concurrency", "4"])
+        r2 = run_label([str(tmp_path), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url,
+                        "--concurrency", "4"])
     finally:
         api.close()
     assert r.returncode == 0 and r2.returncode == 0
@@ -212,8 +216,9 @@ def test_clean_rules(tmp_path):
     assert kept == {"a": long,
                     "i": "Two girls in school uniforms talk under a cherry tree at sunset.",
                     "j": rows[-1]["caption"]}
-    for line in ("error or empty: 2", "refused: 1", "truncated: 1", "degenerate loop: 1", "exact duplicate: 1",
-                 "near duplicate: 1", "boilerplate stripped (kept): 2", "video already seen: 1"):
+    for line in ("error or empty: 2", "refused: 1", "truncated: 1", "degenerate loop: 1",
+                 "exact duplicate: 1", "near duplicate: 1", "boilerplate stripped (kept): 2",
+                 "video already seen: 1"):
         assert line in r.stderr, line
     # --keep-duplicates: the same, but a caption another video has too stays (a templated data set)
     r = run_label(["clean", str(src), "--out", str(tmp_path / "all.jsonl"), "--keep-duplicates"])
@@ -265,8 +270,8 @@ def test_a_decode_worker_stopped_while_idle_dies_with_its_killed_client(tmp_path
     # the client waits on the server; its workers idle
     api.script = {i: [("hang", 30)] for i in range(4)}
     try:
-        proc = run_label([tmp_path / "v", "--out", tmp_path / "l.jsonl", "--api-base", api.url, "--workers", "2"],
-                         wait=False)
+        proc = run_label([tmp_path / "v", "--out", tmp_path / "l.jsonl", "--api-base", api.url,
+                          "--workers", "2"], wait=False)
         while len(api.log) < 1:
             time.sleep(0.01)
         worker = stop_a_decode_worker(proc)
@@ -291,7 +296,8 @@ def test_two_folders_whose_videos_share_names_never_share_an_out_or_a_list(tmp_p
     _, colours = solid_videos(str(tmp_path / "s" / "season1"), 8)
     os.makedirs(tmp_path / "s" / "season2")
     for i in range(4):   # season 2: other files, the same names
-        os.rename(tmp_path / "s" / "season1" / f"v{i + 4:02d}.mp4", tmp_path / "s" / "season2" / f"v{i:02d}.mp4")
+        os.rename(tmp_path / "s" / "season1" / f"v{i + 4:02d}.mp4",
+                  tmp_path / "s" / "season2" / f"v{i:02d}.mp4")
     api = label_server(colours)
     out = tmp_path / "labels.jsonl"
     try:
@@ -318,14 +324,16 @@ def test_label_refuses_an_out_made_with_other_settings(tmp_path):
     folder.mkdir()
     write_video(str(folder / "a.mp4"), n_frames=8, size=(32, 24))
     out = tmp_path / "labels.jsonl"
-    api = ChaosAPI(lambda body, item: "A red kite circles over a green hill.", identify=lambda body: "x", script={},
-                   key=None)
+    api = ChaosAPI(lambda body, item: "A red kite circles over a green hill.",
+                   identify=lambda body: "x", script={}, key=None)
     try:
-        first = run_tool("label.py", [folder, "--out", out, "--api-base", api.url], env={"DASHSCOPE_API_KEY": KEY})
+        first = run_tool("label.py", [folder, "--out", out, "--api-base", api.url],
+                         env={"DASHSCOPE_API_KEY": KEY})
         other = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--frames", "8"],
                          env={"DASHSCOPE_API_KEY": KEY})
-        again = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--frames", "8", "--overwrite"],
-                         env={"DASHSCOPE_API_KEY": KEY})
+        again = run_tool("label.py",
+                         [folder, "--out", out, "--api-base", api.url, "--frames", "8",
+                          "--overwrite"], env={"DASHSCOPE_API_KEY": KEY})
     finally:
         api.close()
     assert first.returncode == 0 and other.returncode == 1 and "other settings" in other.stderr, other.stderr

@@ -70,7 +70,8 @@ def test_the_timeout_is_a_deadline_for_the_whole_request(key, fault):
             ask(api, retries=0)
     finally:
         api.close()
-    assert time.monotonic() - t0 < 1.6 and api.log[0]["held"] < 1.6
+    # without the deadline: 4 s; the margin is for a loaded machine (1.6 s failed beside 3 toy runs)
+    assert time.monotonic() - t0 < 3.0 and api.log[0]["held"] < 3.0
 
 
 @pytest.mark.parametrize("after", ["3600", "Wed, 21 Oct 2099 07:28:00 GMT", "1e999", "nan", "-5", "soon"])
@@ -214,8 +215,9 @@ def test_judge_stops_on_a_refused_key_and_keeps_what_was_paid_for(tmp_path):
     api = ChaosAPI(lambda body, item: json.dumps({"score": 3, "correct": True, "reason": "r"}),
                    identify=lambda body: next(counter), script={i: ["ok"] if i < 4 else ["401"] for i in range(100)})
     try:
-        r = run_api_tool("judge.py", ["--gt", str(gt), "--pred", str(pred), "--out", str(tmp_path / "rep"),
-                                  "--api-base", api.url, "--concurrency", "1"])
+        r = run_api_tool("judge.py",
+                         ["--gt", str(gt), "--pred", str(pred), "--out", str(tmp_path / "rep"),
+                          "--api-base", api.url, "--concurrency", "1"])
     finally:
         api.close()
     assert r.returncode == 1 and "refused the key in $OPENAI_API_KEY" in r.stderr.splitlines()[-1]
@@ -252,7 +254,8 @@ def test_an_unexpected_exception_is_that_items_row(tmp_path):
 
 def slow_api():
     """A teacher that answers every request a second after it comes."""
-    return ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x", script={"x": [("slow_ok", 1.0)] * 100})
+    return ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x",
+                    script={"x": [("slow_ok", 1.0)] * 100})
 
 
 def three_in_flight(folder, out, api):
@@ -275,8 +278,9 @@ def test_ctrl_c_writes_the_answers_in_flight_and_a_second_abandons_them(tmp_path
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=60)
         asked = len(api.log)
-        slow = run_tool("label.py", [folder, "--out", out, "--api-base", api.url, "--concurrency", "3",
-                                     "--timeout", "60"], env={"DASHSCOPE_API_KEY": KEY}, wait=False)
+        slow = run_tool("label.py",
+                        [folder, "--out", out, "--api-base", api.url, "--concurrency", "3",
+                         "--timeout", "60"], env={"DASHSCOPE_API_KEY": KEY}, wait=False)
         while len(api.log) < asked + 3:
             time.sleep(0.01)
         slow.send_signal(signal.SIGINT)
@@ -297,7 +301,8 @@ def test_judge_writes_no_key_in_any_report_file(tmp_path):
     gt, pred = tmp_path / "gt.jsonl", tmp_path / "pred.jsonl"
     gt.write_text(json.dumps({"video": "v", "caption": "gt"}) + "\n")
     pred.write_text(json.dumps({"video": "v", "caption": "pred"}) + "\n")
-    api = ChaosAPI(lambda body, item: json.dumps({"score": 3, "correct": True, "reason": f"signed {KEY}"}),
+    api = ChaosAPI(lambda body, item: json.dumps({"score": 3, "correct": True,
+                                                  "reason": f"signed {KEY}"}),
                    identify=lambda body: "x", script={"x": ["ok"] * 9})
     try:
         r = run_api_tool("judge.py", ["--gt", gt, "--pred", pred, "--out", tmp_path / "rep", "--api-base", api.url])
@@ -319,8 +324,8 @@ def test_refusals_before_any_answer_stop_the_run_but_are_never_paid_for_twice(tm
                    identify=lambda body: first_seen.setdefault(json.dumps(body["messages"][0]["content"][0]),
                                                                len(first_seen)),
                    script={i: ["moderated" if i < 4 else "ok"] * 3 for i in range(12)})
-    args = [str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--max-failures-in-a-row", "4",
-            "--concurrency", "1"]
+    args = [str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--max-failures-in-a-row",
+            "4", "--concurrency", "1"]
     try:
         first = run_api_tool("label.py", args)
         calls, written = [(e["item"], e["action"]) for e in api.log], len(read_rows(out))

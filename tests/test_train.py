@@ -39,8 +39,8 @@ def coloured(colour):
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
     tok = make_tokenizer(str(d / "tok"))
-    config = dict(vision_config=VISION, text_config={**TEXT, "vocab_size": 402}, image_token_index=400,
-                  pad_token_id=401, pooling_shape=[4, 2, 2], num_frames=4)
+    config = dict(vision_config=VISION, text_config={**TEXT, "vocab_size": 402},
+                  image_token_index=400, pad_token_id=401, pooling_shape=[4, 2, 2], num_frames=4)
     json.dump(config, open(d / "config.json", "w"))
     rows = []
     rng = np.random.default_rng(0)
@@ -62,8 +62,8 @@ def run(args, nproc=1, **kw):
     if nproc == 1:
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               os.path.join(ROOT, "train.py"), *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", os.path.join(ROOT, "train.py"), *args]
     r = run_command(cmd, timeout=600, **kw)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
@@ -98,8 +98,8 @@ def weights(folder):
 def test_two_ranks_train_the_same_weights_as_one_process(world, tmp_path):
     common = ["--max-steps", "3", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--grad-accum", "2"]
     one = run(train_args(world, tmp_path / "one", "--batch-size", "2", "--export", str(tmp_path / "e1"), *common))
-    two = run(train_args(world, tmp_path / "two", "--batch-size", "1", "--export", str(tmp_path / "e2"),
-                         "--activation-checkpointing", "on", *common), 2)
+    two = run(train_args(world, tmp_path / "two", "--batch-size", "1", "--export",
+                         str(tmp_path / "e2"), "--activation-checkpointing", "on", *common), 2)
     w1, w2 = weights(tmp_path / "e1"), weights(tmp_path / "e2")
     assert w1.keys() == w2.keys()
     trained = [k for k in w1 if "lora_" in k or "multi_modal_projector" in k]
@@ -156,8 +156,8 @@ def test_two_ranks_resume_from_an_older_checkpoint(world, tmp_path):
 def test_only_what_the_mode_unfreezes_changes(world, tmp_path, mode):
     from model import PLLaVA
     flags = [] if mode == "lora" else [mode]
-    run(train_args(world, tmp_path / "o", "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "4",
-                   "--export", str(tmp_path / "e"), *flags))
+    run(train_args(world, tmp_path / "o", "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2",
+                   "--lora-r", "4", "--export", str(tmp_path / "e"), *flags))
     from config import Config
     start = PLLaVA.from_config(Config.from_dict(json.load(open(world["config"]))), seed=0).state_dict()
     after = weights(tmp_path / "e")
@@ -210,8 +210,8 @@ def test_loss_counts_answer_tokens_only(world):
     a = training_ids(tok, [("describe it", "a red circle")])
     b = training_ids(tok, [("DESCRIBE THIS ONE PLEASE", "a red circle")])
     assert [l for l in a[1] if l != -100] == [l for l in b[1] if l != -100]
-    batch = collate([dict(ids=ids, labels=labels, frames=np.zeros((4, 28, 28, 3), np.uint8), skipped=None)
-                     for ids, labels in (a, b)], pad_id=401)
+    batch = collate([dict(ids=ids, labels=labels, frames=np.zeros((4, 28, 28, 3), np.uint8),
+                          skipped=None) for ids, labels in (a, b)], pad_id=401)
     pixels = torch.randn(2, 4, 3, 28, 28)
     loss = model(batch["ids"], pixels, labels=batch["labels"])
     logits = model(batch["ids"], pixels)                               # (B, L + 15, V): 16 visual tokens
@@ -233,8 +233,8 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
 
     from helpers import causal_lm
     export = tmp_path / "export"
-    run(train_args(world, tmp_path / "o", "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "4",
-                   "--lora-alpha", "8", "--export", str(export)))
+    run(train_args(world, tmp_path / "o", "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2",
+                   "--lora-r", "4", "--lora-alpha", "8", "--export", str(export)))
     assert {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors",
             "tokenizer.model", "tokenizer_config.json", "prompt.json"} <= set(os.listdir(export))
     from tokenizer import QUESTION, SYSTEM, load_prompt
@@ -262,9 +262,9 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
     from training import trainable
     assert trainable.preprocessing_folder(str(export), world["tok"]) == str(export)
     again = tmp_path / "again"
-    run(["--data", world["data"], "--video-root", str(world["dir"]), "--out", str(tmp_path / "o2"), "--model",
-         str(export), "--tokenizer", world["tok"], "--workers", "1", "--max-steps", "1", "--batch-size", "2",
-         "--export", str(again)])
+    run(["--data", world["data"], "--video-root", str(world["dir"]), "--out", str(tmp_path / "o2"),
+         "--model", str(export), "--tokenizer", world["tok"], "--workers", "1", "--max-steps", "1",
+         "--batch-size", "2", "--export", str(again)])
     assert json.loads((again / "preprocessor_config.json").read_text()) == pre
 
 
@@ -310,8 +310,8 @@ def test_broken_rows_are_reported_with_file_and_line_and_left_out(world, tmp_pat
                      + b'{"video": "v1.mp4", "caption": "caf\xe9"}\n' + b'[1, 2]\n'
                      + b'{"video": "v1.mp4", "QA": "not a list"}\n' + b'[' * 100000 + b'\n'
                      + b'{"video": "v2.mp4", "caption": "cut')
-    r = run(train_args(world, tmp_path / "o", "--max-steps", "1", "--batch-size", "2", "--lora-r", "4",
-                       "--data", str(data)))
+    r = run(train_args(world, tmp_path / "o", "--max-steps", "1", "--batch-size", "2", "--lora-r",
+                       "4", "--data", str(data)))
     warning = next(line for line in r.stderr.splitlines() if line.startswith("warning:"))
     assert "6 broken rows left out" in warning and f"{data}:9:" in warning and f"{data}:10:" in warning
     assert "8 samples (7 rows left out)" in r.stderr
@@ -375,8 +375,8 @@ def test_training_on_rows_of_shots(world, tmp_path):
     rows = [dict(r, start=s, end=s + 0.24) for r in read_rows(world["data"]) for s in (0.0, 0.24)]
     data = tmp_path / "shots.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = run(train_args(world, tmp_path / "o", "--max-steps", "4", "--batch-size", "2", "--lora-r", "4",
-                       "--data", str(data)))
+    r = run(train_args(world, tmp_path / "o", "--max-steps", "4", "--batch-size", "2", "--lora-r",
+                       "4", "--data", str(data)))
     assert "16 samples (0 rows left out)" in r.stderr
     logged = [m for m in read_rows(str(tmp_path / "o" / "metrics.jsonl")) if "loss" in m]
     assert len(logged) == 4 and all(np.isfinite(m["loss"]) for m in logged) and logged[-1]["skipped"] == 0
