@@ -15,6 +15,13 @@ if WORKERS > 1:   # the cores shared among the workers and the tools they start,
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first (their files' order kept), so that two workers start the longest work
+    at once and neither is left alone with it at the end; pytest.ini's --dist worksteal evens out
+    the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     """A tiny random PLLaVA checkpoint folder, as a release ships it (config, safetensors,
