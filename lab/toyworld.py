@@ -115,6 +115,11 @@ def path(cell, motion, frames, before, after):
     return a + (b - a) * frac
 
 
+def looks(rng):
+    """An object's colour and shape, and the background it is on."""
+    return rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+
+
 def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
     """Videos and stills on disk, with JSONL files of their captions; the generator's truth kept
     beside, with what the teacher's 4 frames show of each video."""
@@ -124,11 +129,7 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
     for split, n in (("train", n_train), ("test", n_test)):
         rows = []
         for i in range(n):
-            colour, shape, bg = (
-                rng.choice(list(COLOURS)),
-                rng.choice(SHAPES),
-                rng.choice(list(BACKGROUNDS)),
-            )
+            colour, shape, bg = looks(rng)
             motion = MOTIONS[rng.integers(len(MOTIONS))]
             cell = starts(motion)[rng.integers(len(starts(motion)))]
             before, after = (int(x) for x in rng.integers(0, 8, 2))
@@ -159,11 +160,7 @@ def make_world(folder, n_train, n_test, n_stills, n_test_stills, seed):
     for split, n in (("train", n_stills), ("test", n_test_stills)):
         rows = []
         for i in range(n):
-            colour, shape, bg = (
-                rng.choice(list(COLOURS)),
-                rng.choice(SHAPES),
-                rng.choice(list(BACKGROUNDS)),
-            )
+            colour, shape, bg = looks(rng)
             name = os.path.join(folder, f"{split}_still_{i:05d}.png")
             img, r, motion = background(rng, bg), rng.uniform(7, 7.5), None
             if split == "train" and i % 2:   # a long-exposure photo: the motion as a fading trail
