@@ -59,15 +59,15 @@ def toy_config(tok_folder, frames, pooling="pllava", t_pool=None):
     tokens (T' = 4 from 16 frames: every frame seen, 4 frames' worth of tokens)."""
     from tokenizer import Tokenizer
     tok = Tokenizer(tok_folder)
-    return dict(vision_config=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                                   image_size=48, patch_size=16),
+    return dict(vision_config=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+                                   num_attention_heads=4, image_size=48, patch_size=16),
                 # two wide-headed layers: deeper ones took several times the steps to learn to read
                 # shapes
-                text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-                                 rms_norm_eps=1e-5),
-                image_token_index=tok.image_id, pad_token_id=tok.pad_id, num_frames=frames, pooling=pooling,
-                pooling_shape=[t_pool or min(4, frames), 3, 3])
+                text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                                 max_position_embeddings=1024, rms_norm_eps=1e-5),
+                image_token_index=tok.image_id, pad_token_id=tok.pad_id, num_frames=frames,
+                pooling=pooling, pooling_shape=[t_pool or min(4, frames), 3, 3])
 
 
 def run(cmd, log, nproc=1, watch=None):
@@ -78,7 +78,8 @@ def run(cmd, log, nproc=1, watch=None):
         cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] + cmd
     start = time.monotonic()
     with open(log, "w") as f:
-        wait = {"OMP_WAIT_POLICY": "PASSIVE"} if BUSY and "OMP_WAIT_POLICY" not in os.environ else {}
+        passive = BUSY and "OMP_WAIT_POLICY" not in os.environ
+        wait = {"OMP_WAIT_POLICY": "PASSIVE"} if passive else {}
         proc = subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=f,
                                 stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads(nproc)), **wait})
@@ -92,7 +93,8 @@ def run(cmd, log, nproc=1, watch=None):
                 first = first or (shown, done)
                 rate = (done - first[1]) / (shown - first[0]) if done > first[1] else 0
                 eta = f"{(total - done) / rate:.0f} s" if rate else "-"
-                print(f"\r  {os.path.basename(log)[:-4]}: {done}/{total}, ETA {eta} (log: {log})   ", end="",
+                name = os.path.basename(log)[:-4]
+                print(f"\r  {name}: {done}/{total}, ETA {eta} (log: {log})   ", end="",
                       file=sys.stderr, flush=True)
     if watch:
         print(file=sys.stderr)
@@ -138,7 +140,8 @@ def caption(model, rows_file, out, question, log, extra=()):
 def clean(labels, out, log, extra=()):
     """label.py clean's rules on the teacher's labels (duplicates kept: a templated world shares
     captions)."""
-    run([os.path.join(HERE, "label.py"), "clean", labels, "--out", out, "--keep-duplicates", *extra], log)
+    run([os.path.join(HERE, "label.py"), "clean", labels, "--out", out, "--keep-duplicates",
+         *extra], log)
     return read_rows(out)
 
 
@@ -162,25 +165,30 @@ def main(argv=None):
     p.add_argument("--ablations", action="store_true",
                    help="also the report's experiments, one change at a time")
     p.add_argument("--cleaning", action="store_true",
-                   help="also the cleanings of the teacher's labels compared (label.py recheck and others)")
+                   help="also the cleanings of the teacher's labels compared (label.py recheck and "
+                        "others)")
     p.add_argument("--audit", action="store_true",
-                   help="also teachers with habits, a confusion made every call among them, and an audit + fix")
+                   help="also teachers with habits, a confusion made every call among them, and an "
+                        "audit + fix")
     p.add_argument("--nproc", type=cli.positive_int, default=1,
                    help="processes for stage 2 (torchrun, FSDP2)")
     p.add_argument("--frames", type=cli.positive_int, default=FRAMES,
                    help="frames the student sees per video")
     p.add_argument("--seed", type=int, default=0, help="of the world, the teacher and training")
     p.add_argument("--threads", type=cli.positive_int, default=THREADS,
-                   help="CPU threads for the stages, whatever the machine has (another count trains another model)")
+                   help="CPU threads for the stages, whatever the machine has (another count "
+                        "trains another model)")
     args = p.parse_args(argv)
     THREADS = args.threads
-    n_train, n_test, n_stills, n_test_stills, steps1, steps2, batch = SIZES["quick" if args.quick else "default"]
+    size = SIZES["quick" if args.quick else "default"]
+    n_train, n_test, n_stills, n_test_stills, steps1, steps2, batch = size
     out, start = os.path.abspath(args.out), time.monotonic()
     if os.path.exists(out) and not os.path.isdir(out):
         sys.exit(f"error: {out} is a file, not a folder: choose another --out")
     if os.path.isdir(out) and os.listdir(out):   # only an earlier toy run is ever deleted
         if not os.path.exists(os.path.join(out, MARK)):
-            sys.exit(f"error: {out} holds files that are not an earlier toy run's: choose another --out")
+            sys.exit(f"error: {out} holds files that are not an earlier toy run's: choose another "
+                     f"--out")
         shutil.rmtree(out)
     world, logs = os.path.join(out, "world"), os.path.join(out, "logs")
     os.makedirs(logs)
@@ -193,15 +201,17 @@ def main(argv=None):
     # what the others hold: the stages' time stretches, their numbers do not change
     BUSY = load > cores / 2
     if BUSY:
-        say(f"note: the machine is busy (load {load:.1f} on {cores} cores): the stages will take longer than "
-            f"alone; they keep their {THREADS} threads (another count trains another model), which "
-            f"wait without spinning so as not to fight the other jobs for the cores")
+        say(f"note: the machine is busy (load {load:.1f} on {cores} cores): the stages will take "
+            f"longer than alone; they keep their {THREADS} threads (another count trains another "
+            f"model), which wait without spinning so as not to fight the other jobs for the cores")
     files = make_world(world, n_train, n_test, n_stills, n_test_stills, args.seed)
     tok = os.path.join(world, "tokenizer")
     # frequent enough to become whole pieces
     prompts = [SYSTEM, VIDEO_Q, IMAGE_Q, "USER: ASSISTANT:"] * 300
-    train_tokenizer(tok, [r["caption"] for rows in files.values() for r in rows] + prompts, vocab_size=512)
-    say(f"world: {n_train} + {n_test} videos, {n_stills} + {n_test_stills} stills, in {world} (logs: {logs})")
+    captions = [r["caption"] for rows in files.values() for r in rows]
+    train_tokenizer(tok, captions + prompts, vocab_size=512)
+    say(f"world: {n_train} + {n_test} videos, {n_stills} + {n_test_stills} stills, in {world} "
+        f"(logs: {logs})")
     data = {k: os.path.join(world, f"{k}.jsonl") for k in files}
     results, videos, stills = {}, files["test_videos"], files["test_stills"]
     # the teacher: 4 frames a video, its labels cleaned by label.py clean's rules before stage 2
@@ -245,16 +255,17 @@ def main(argv=None):
     evaluate("stage 1", stage1)
     seconds = train(stage2, data["train_clean"], ["--model", stage1, "--prompt", VIDEO_Q], steps2,
                     batch, 2e-3, os.path.join(logs, "stage2.log"), args.seed, nproc=args.nproc)
-    say(f"stage 2 (LoRA q_proj,k_proj r=128 alpha=32 + projector, on the teacher's cleaned labels, {args.nproc} "
-        f"process(es)): {steps2} steps in {seconds:.0f} s")
+    say(f"stage 2 (LoRA q_proj,k_proj r=128 alpha=32 + projector, on the teacher's cleaned labels, "
+        f"{args.nproc} process(es)): {steps2} steps in {seconds:.0f} s")
     student = evaluate("stage 2", stage2)
     results["stage 2 against the teacher"] = score(videos, student,
                                                    reference=teacher_truth(videos, labels["test"]))
+    truth = {r["video"]: r["caption"] for r in videos}
     results["teacher (4 frames), test videos"] = {**score(videos, labels["test"]),
-                                                   **judged(videos, labels["test"], {r["video"]: r["caption"] for r in videos})}
+                                                   **judged(videos, labels["test"], truth)}
     say("captioned and scored the held-out videos and stills")
-    run = dict(args=args, out=out, data=data, stage1=stage1, stage2=stage2, steps=steps2, batch=batch,
-               evaluate=evaluate, results=results, say=say, files=files, labels=labels,
+    run = dict(args=args, out=out, data=data, stage1=stage1, stage2=stage2, steps=steps2,
+               batch=batch, evaluate=evaluate, results=results, say=say, files=files, labels=labels,
                toy=sys.modules[__name__])   # the toy's own steps, handed to the experiments
     if args.ablations:
         toyexperiments.ablations(**run)
@@ -267,9 +278,10 @@ def main(argv=None):
                "depends_on": versions(args.nproc)}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print("Accuracy (%) on held-out test videos and stills (invented: % naming what is not so; words: mean "
-          "length; judge: score 0-5 and accuracy against the teacher's labels):\n" + table(results) + "\n\n" +
-          table({k: v for k, v in results.items() if "judge score" in v}, ("judge score", "judge accuracy")))
+    judges = {k: v for k, v in results.items() if "judge score" in v}
+    print("Accuracy (%) on held-out test videos and stills (invented: % naming what is not so; "
+          "words: mean length; judge: score 0-5 and accuracy against the teacher's labels):\n"
+          + table(results) + "\n\n" + table(judges, ("judge score", "judge accuracy")))
     print(against_ranges(results, "quick" if args.quick else "default"))
     say(f"done; results in {os.path.join(out, 'results.json')}")
     return summary
@@ -299,11 +311,13 @@ def against_ranges(results, size):
     if not lines:
         return f"(no documented ranges for the {size} size in {path})"
     (bad, checks), (moved, trained) = outside[True], outside[False]
-    return (f"Against the documented ranges ({size} size, seeds 0-2 on this project's 2-core AMD EPYC):\n"
+    return (f"Against the documented ranges ({size} size, seeds 0-2 on this project's 2-core AMD "
+            f"EPYC):\n"
             f"  the teacher's rows, the same on every CPU: {bad} of {checks} "
             f"outside{' (something is broken: report it)' if bad else ''}\n  the trained models' "
             f"rows: {moved} of {trained} outside this machine's seeds (on another CPU a "
-            f"few points either way are expected: docs/toy.md, 'Run to run, and on another machine')\n" + "\n".join(lines))
+            f"few points either way are expected: docs/toy.md, 'Run to run, and on another "
+            f"machine')\n" + "\n".join(lines))
 
 
 def teacher_truth(rows, labels):
