@@ -22,7 +22,7 @@ EXTRACT = """Video description:
 {caption}
 
 List the events of this description: each one short sentence saying who or what does what, in the order they
-happen, at most {n}. Answer with a JSON object {{"events": ["...", "..."]}}."""
+happen, at most {n}. Answer with a JSON object {{"events": ["...", "..."]}}."""   # noqa: E501 (the prompt)
 ENTAIL = """Video description:
 {caption}
 
@@ -31,7 +31,7 @@ Events:
 
 For each event, answer whether the description above entails it (says it happened), contradicts it (says
 something that cannot be true together with it), or neither (neutral). Answer with a JSON object
-{{"verdicts": ["entailed" | "neutral" | "contradicted", ...]}}, one verdict per event, in order."""
+{{"verdicts": ["entailed" | "neutral" | "contradicted", ...]}}, one verdict per event, in order."""   # noqa: E501
 LABELS = ("entailed", "neutral", "contradicted")
 
 

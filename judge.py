@@ -34,8 +34,8 @@ from plumbing.runner import run_items
 from plumbing.sources import paired
 
 PROMPT_VERSION = "judge-v1"
-SYSTEM = ("You evaluate video captions. You are given a ground-truth description of a video and a candidate "
-          "caption of the same video. Judge only by meaning, not wording or length.")
+SYSTEM = ("You evaluate video captions. You are given a ground-truth description of a video and a "
+          "candidate caption of the same video. Judge only by meaning, not wording or length.")
 QUESTION = """Ground-truth description:
 {gt}
 
@@ -45,7 +45,7 @@ Candidate caption:
 Answer with a JSON object with exactly these keys:
 "score": an integer from 0 to 5, the semantic similarity of the candidate to the ground truth (0: unrelated, 5: the same content);
 "correct": true if the candidate contradicts nothing in the ground truth and adds no content the ground truth does not support, else false;
-"reason": one short sentence."""
+"reason": one short sentence."""   # noqa: E501 (the prompt's lines are the prompt: judge-v1)
 
 
 def parse_args(argv=None):
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--bootstrap", type=cli.positive_int, default=10000,
                    help="resamples for the intervals")
     p.add_argument("--events", action="store_true",
-                   help="also event precision / recall / F1 (DREAM-1K's AutoDQ): up to 5 requests a video, not 1")
+                   help="also event precision / recall / F1 (DREAM-1K's AutoDQ): up to 5 requests "
+                        "a video, not 1")
     p.add_argument("--max-events", type=cli.positive_int, default=10,
                    help="events listed per caption, at most")
     return p.parse_args(argv)
@@ -73,11 +74,13 @@ def captions(path):
     is none."""
     rows = {}
     for r in iter_rows(path, must_exist=True):
-        if isinstance(r.get("video"), str) and isinstance(r.get("caption"), str) and r["caption"].strip() \
+        caption = r.get("caption")
+        if isinstance(r.get("video"), str) and isinstance(caption, str) and caption.strip() \
                 and shots.row_key(r) is not None:
             rows.setdefault(shots.row_key(r), (r["video"], r["caption"]))
     if not rows:
-        raise ValueError(f"{path}: no rows with a \"video\" and a \"caption\" (is it the right file?)")
+        raise ValueError(f"{path}: no rows with a \"video\" and a \"caption\" (is it the right "
+                         f"file?)")
     return rows
 
 
@@ -97,7 +100,8 @@ def parse_judgment(text):
     score, correct = j.get("score"), j.get("correct")
     if isinstance(score, float) and score.is_integer():
         score = int(score)
-    if isinstance(score, bool) or not isinstance(score, int) or not 0 <= score <= 5 or not isinstance(correct, bool):
+    if isinstance(score, bool) or not isinstance(score, int) or not 0 <= score <= 5 \
+            or not isinstance(correct, bool):
         return None
     return {"score": score, "correct": correct, "reason": str(j.get("reason", ""))[:500]}
 
@@ -164,17 +168,21 @@ def report_md(summary):
     def fmt(x, ci, unit=""):
         return "-" if x is None else f"{x:.2f}{unit} [{ci[0]:.2f}, {ci[1]:.2f}]"
     lines = [f"# Caption judgments ({summary['judge_model']}, prompt {PROMPT_VERSION})", "",
-             f"{summary['videos']} videos judged; {summary['dropped']} left out (not in every file).", "",
-             "| system | n | accuracy % [95% CI] | mean score 0-5 [95% CI] | unparsed | failed |", "|---|---|---|---|---|---|"]
+             f"{summary['videos']} videos judged; {summary['dropped']} left out (not in every "
+             f"file).", "",
+             "| system | n | accuracy % [95% CI] | mean score 0-5 [95% CI] | unparsed | failed |",
+             "|---|---|---|---|---|---|"]
     for name in ("a", "b"):
         if name in summary:
             s = summary[name]
-            lines.append(f"| {name}: {summary['files'][name]} | {s['n']} | {fmt(s['accuracy'], s['accuracy_ci'])} | "
+            lines.append(f"| {name}: {summary['files'][name]} | {s['n']} | "
+                         f"{fmt(s['accuracy'], s['accuracy_ci'])} | "
                          f"{fmt(s['mean_score'], s['mean_score_ci'])} | {s['unparsed']} | "
                          f"{s['failed']} |")
     if "b_minus_a" in summary:
         c = summary["b_minus_a"]
-        lines += ["", f"B minus A over {c['n']} paired videos: accuracy {fmt(c['accuracy_diff'], c['accuracy_diff_ci'], ' points')}, "
+        accuracy = fmt(c['accuracy_diff'], c['accuracy_diff_ci'], ' points')
+        lines += ["", f"B minus A over {c['n']} paired videos: accuracy {accuracy}, "
                       f"mean score {fmt(c['mean_score_diff'], c['mean_score_diff_ci'])}; "
                       f"B wins {c['b_wins']}, ties {c['ties']}, loses {c['b_losses']} (by score)."]
     if "events" in summary:
@@ -236,7 +244,8 @@ def cached_run(client, args, name, jobs, work, identify, verb):
         def seen(row):
             cache[row["key"]] = row
             print(f"\r{next(count)}/{len(todo)} {verb}", end="", file=sys.stderr)
-        run_items(client, todo, work, args.concurrency, out, args.max_failures_in_a_row, identify, seen=seen)
+        run_items(client, todo, work, args.concurrency, out, args.max_failures_in_a_row, identify,
+                  seen=seen)
     return cache
 
 
@@ -271,7 +280,8 @@ def judge_events(client, args, gt, preds, videos):
             if len(rows) == 4 and all("value" in r for r in rows):
                 out[name][v] = events.scores(rows[2]["value"], rows[3]["value"])
             else:
-                out[name][v] = {"unparsed": True} if any(r.get("unparsed") for r in rows) else {"error": "not judged"}
+                unparsed = any(r.get("unparsed") for r in rows)
+                out[name][v] = {"unparsed": True} if unparsed else {"error": "not judged"}
     return out
 
 
@@ -290,12 +300,14 @@ def write_report(args, files, judged, n_videos, dropped, gt, by_events=None):
         if "b" in by_events:
             summary["events"]["b_minus_a"] = events.compare(by_events["a"], by_events["b"],
                                                             interval, args.bootstrap)
-    per_video = "".join(json.dumps({"video": gt[v][0], "name": v[0], **({"shot": v[1]} if v[1] is not None else {}),
-                                    **{name: judged[name][v] for name in judged},
-                                    **({"events": {n: s[v] for n, s in by_events.items()}} if by_events else {})}) + "\n"
-                        for v in sorted(judged["a"]))
-    for name, text in (("summary.json", json.dumps(summary, indent=2)), ("per_video.jsonl", per_video),
-                       ("report.md", report_md(summary))):
+
+    def row(v):
+        return {"video": gt[v][0], "name": v[0], **({"shot": v[1]} if v[1] is not None else {}),
+                **{name: judged[name][v] for name in judged},
+                **({"events": {n: s[v] for n, s in by_events.items()}} if by_events else {})}
+    per_video = "".join(json.dumps(row(v)) + "\n" for v in sorted(judged["a"]))
+    for name, text in (("summary.json", json.dumps(summary, indent=2)),
+                       ("per_video.jsonl", per_video), ("report.md", report_md(summary))):
         replace_atomic(os.path.join(args.out, name), lambda f, text=text: f.write(text.encode()))
     print("\n" + report_md(summary), file=sys.stderr)
 
