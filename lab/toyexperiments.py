@@ -251,3 +251,48 @@ def audit(args, out, data, stage1, steps, batch, evaluate, results, say, files, 
                 1 + (len(sample) * price(4, SECOND_PRICE)
                      + len(asked) * price(1, SECOND_PRICE)) / n,
                 ["--fix", f"{top['teacher']}={top['second']}", "--how", "rewrite", "--audit", fix])
+
+
+def audit_table(runs):
+    """toy.py --audit over seeds (the results.json of each): for each kind of teacher, each method's
+    mean score on each attribute (min-max over the seeds) and its price, with the goal checked: the
+    student above its teacher on every attribute and, on the one the teacher gets wrong on every
+    call (colour), within 5 points of the student trained on the true captions."""
+    keys = ("shape", "colour", "position", "motion", "order", "exact", "invented")
+    lines = []
+
+    def mean(name, key):
+        values = [r["results"][name][key] for r in runs if key in r["results"].get(name, {})]
+        return (float(np.mean(values)), min(values), max(values)) if values else None
+
+    for kind in TEACHERS:
+        rows = {"the teacher (4 frames), test videos": f"{kind}: the teacher, test videos",
+                **{m: f"{kind}: {m}" for m in ("clean only", "recheck 30% from 16 frames",
+                                               "drop the disputed 30%", "audit 5% + fix")},
+                "student on the true captions": "true captions"}
+        lines += ["", f"{kind} ({len(runs)} seeds; mean [min-max]):",
+                  "| | " + " | ".join(keys) + " | calls a video | price in teacher calls |",
+                  "|---" * (len(keys) + 3) + "|"]
+        for label, name in rows.items():
+            cells = [mean(name, k) for k in keys + ("calls a video", "price in teacher calls")]
+            lines.append(f"| {label} | " + " | ".join(
+                "-" if c is None else f"{c[0]:.1f} [{c[1]:g}-{c[2]:g}]" if i < len(keys)
+                else f"{c[0]:.2f}" for i, c in enumerate(cells)) + " |")
+        teacher_, fixed, true = (rows["the teacher (4 frames), test videos"],
+                                 rows["audit 5% + fix"], rows["student on the true captions"])
+        below = [k for k in ("shape", "colour", "position", "motion", "exact")
+                 if mean(fixed, k)[0] <= mean(teacher_, k)[0]]
+        gap = mean(true, "colour")[0] - mean(fixed, "colour")[0]
+        named = [r["results"].get(f"{kind}: the audit", {}) for r in runs]
+        lines.append("the audit's first confusion, seed by seed: " + "; ".join(
+            f"{a.get('first confusion')} in {a.get('in')} sampled, "
+            f"{a.get('labels asked in the fix')} labels asked in the fix" for a in named))
+        lines.append(f"audit + fix: above the teacher on every attribute but {below or 'none'}; "
+                     f"colour {gap:.1f} points below the student on true captions; "
+                     f"{mean(fixed, 'price in teacher calls')[0]:.2f} teacher calls a video")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":   # python -m lab.toyexperiments RESULTS.json ...: toy.py --audit's table
+    import sys
+    print(audit_table([json.load(open(f)) for f in sys.argv[1:]]))
