@@ -26,8 +26,9 @@ def make_folder(folder, good=5):
     os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
     videos = [write_video(os.path.join(folder, f"v{i}.mp4"),
                           n_frames=10 + 7 * i) for i in range(good - 2)]
-    videos.append(write_video(os.path.join(folder, "sub", "w.webm"), codec="libvpx-vp9", n_frames=20))
-    videos.append(write_video(os.path.join(folder, "sub", "g.gif"), codec="gif", pix_fmt="rgb8", n_frames=5))
+    sub = os.path.join(folder, "sub")
+    videos.append(write_video(os.path.join(sub, "w.webm"), codec="libvpx-vp9", n_frames=20))
+    videos.append(write_video(os.path.join(sub, "g.gif"), codec="gif", pix_fmt="rgb8", n_frames=5))
     broken = [os.path.join(folder, n) for n in ("empty.mp4", "text.mp4", "sub/audio.mp4")]
     open(broken[0], "wb").close()
     open(broken[1], "w").write("not a video")
@@ -114,7 +115,8 @@ def test_retry_errors_leaves_one_row_and_spellings_and_a_second_run_are_refused(
     retried = run_caption([rel, *args, "--retry-errors"])
     assert retried.returncode == 0 and "1 captions, 0 unreadable, 1 already done" in retried.stderr
     rows, counts = rows_by_video(out)
-    assert set(counts.values()) == {1} and len(rows) == 2 and all("caption" in r for r in rows.values())
+    assert set(counts.values()) == {1} and len(rows) == 2
+    assert all("caption" in r for r in rows.values())
     # a second run holding the output
     with open(out + ".lock", "w") as f:
         import fcntl
@@ -122,7 +124,8 @@ def test_retry_errors_leaves_one_row_and_spellings_and_a_second_run_are_refused(
         f.flush()
         fcntl.flock(f, fcntl.LOCK_EX)
         busy = run_caption([str(folder), *args])
-    assert busy.returncode == 1 and "being written by another run (pid 4242)" in busy.stderr.strip().splitlines()[-1]
+    last = busy.stderr.strip().splitlines()[-1]
+    assert busy.returncode == 1 and "being written by another run (pid 4242)" in last
 
 
 @pytest.mark.slow
@@ -155,7 +158,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = open(path, "rb").read()
-        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        wanted = self.headers.get("Range")
+        start = int(wanted.split("=")[1].split("-")[0]) if wanted else 0
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -237,7 +241,8 @@ def test_offline_and_missing_model_errors(tmp_path, monkeypatch):
         hub.resolve("someone/absent", cache=str(tmp_path))
     r = run_caption([str(tmp_path), "--model", str(tmp_path / "no-such-model"), "--out",
                      str(tmp_path / "x.jsonl")])
-    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:")
+    assert "Traceback" not in r.stderr
     (tmp_path / "models").mkdir()   # a mistyped local folder is not a hub id to download
     for name in ("./models/x", "models/x"):
         with pytest.raises(hub.HubError, match="no such model folder"):
@@ -261,11 +266,13 @@ def test_a_rerun_with_other_settings_refuses_the_file_and_overwrite_redoes_it(ck
                   ["--window", "1"], ["--max-new-tokens", "5"], ["--temperature", "0.7"]):
         r = run_caption(base + other)
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and "other settings" in lines[0], (other, r.stderr)
+        assert r.returncode == 1 and len(lines) == 1, (other, r.stderr)
+        assert "other settings" in lines[0], (other, r.stderr)
         assert out.read_bytes() == before
     r = run_caption(base + ["--prompt", "What happens?", "--overwrite"])
-    assert r.returncode == 0 and len(read_rows(str(out))) == 1 and read_rows(str(out))[0]["settings"] != \
-        json.loads(before)["settings"]
+    rows = read_rows(str(out))
+    assert r.returncode == 0 and len(rows) == 1
+    assert rows[0]["settings"] != json.loads(before)["settings"]
 
 
 @pytest.mark.slow
@@ -285,7 +292,8 @@ def test_a_model_folder_carries_its_prompt(ckpt, tmp_path):
                                   "Describe this video."])
     assert plain.returncode == saved.returncode == default.returncode == 0, saved.stderr
     a, b, c = (read_rows(str(tmp_path / f"{x}.jsonl"))[0] for x in "abc")
-    assert a["caption"] == b["caption"] and a["settings"] == b["settings"] and c["settings"] != b["settings"]
+    assert a["caption"] == b["caption"] and a["settings"] == b["settings"]
+    assert c["settings"] != b["settings"]
     (folder / "prompt.json").write_text('{"question": 3}')
     r = run_caption(args + ["--out", tmp_path / "d.jsonl"])
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "prompt.json" in r.stderr
@@ -298,14 +306,17 @@ def test_a_folder_with_no_videos_or_only_broken_ones_exits_1_in_one_line(ckpt, t
     out = tmp_path / "c.jsonl"
     r = run_caption([str(tmp_path / "none"), "--model", ckpt, "--out", str(out)])
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and lines[-1].startswith("error: ") and "no videos found" in lines[-1], r.stderr
+    assert r.returncode == 1 and lines[-1].startswith("error: "), r.stderr
+    assert "no videos found" in lines[-1], r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
     good, broken = make_folder(str(tmp_path / "bad"), good=2)
     for v in good:
         os.remove(v)                                        # only the three broken files are left
-    r = run_caption([str(tmp_path / "bad"), "--model", ckpt, "--out", str(out), "--max-new-tokens", "4"])
+    r = run_caption([str(tmp_path / "bad"), "--model", ckpt, "--out", str(out),
+                     "--max-new-tokens", "4"])
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and lines[-1].startswith("error: ") and "no video was captioned" in lines[-1], r.stderr
+    assert r.returncode == 1 and lines[-1].startswith("error: "), r.stderr
+    assert "no video was captioned" in lines[-1], r.stderr
     rows, counts = rows_by_video(str(out))
     # their rows are kept
     assert set(counts) == set(broken) and all("error" in row for row in rows.values())
@@ -349,7 +360,8 @@ def test_rank_files_left_by_a_killed_run_belong_to_the_run_that_made_them(ckpt, 
     with open(str(out) + ".rank0", "w") as f:   # a half-written row
         f.write('{"video": "x')
     r = run_tool("caption.py", args)
-    assert r.returncode == 0 and "2 captions" in r.stderr and not list(tmp_path.glob("c.jsonl.rank*")), r.stderr
+    assert r.returncode == 0 and "2 captions" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("c.jsonl.rank*"))
     assert sorted(x["video"] for x in read_rows(str(out))) == videos
     with open(str(out) + ".rank1", "w") as f:
         f.write(json.dumps({"video": videos[0], "caption": "stale", "settings": "old"}) + "\n")

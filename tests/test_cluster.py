@@ -61,7 +61,8 @@ def label(args):
 
 
 @pytest.mark.slow
-def test_three_nodes_label_a_folder_each_video_once_and_a_rerun_from_another_mount_adds_nothing(tmp_path, nodes):
+def test_three_nodes_label_a_folder_each_video_once_and_a_rerun_from_another_mount_adds_nothing(
+        tmp_path, nodes):
     mounts, colours = nodes
     api = label_server(colours)
     try:
@@ -69,8 +70,9 @@ def test_three_nodes_label_a_folder_each_video_once_and_a_rerun_from_another_mou
             label([mount / "videos", "--out", mount / "out" / f"labels.{k}.jsonl", "--shard",
                    f"{k}/3", "--api-base", api.url])
         calls = len(api.log)
-        again = [label([mounts[(k + 1) % 3] / "videos", "--out", mounts[(k + 1) % 3] / "out" / f"labels.{k}.jsonl",
-                        # requeued elsewhere
+        # each shard requeued on another node
+        again = [label([mounts[(k + 1) % 3] / "videos",
+                        "--out", mounts[(k + 1) % 3] / "out" / f"labels.{k}.jsonl",
                         "--shard", f"{k}/3", "--api-base", api.url]) for k in range(3)]
     finally:
         api.close()
@@ -105,15 +107,17 @@ def test_three_nodes_recheck_and_verify_labels_kept_at_different_paths(tmp_path,
     old = "".join(json.dumps({"video": f"{mounts[0]}/videos/v{i:02d}.mp4",
                               "caption": f"Video {i}: a square.",
                               "frames": 4}) + "\n" for i in range(N))
-    student = "".join(json.dumps({"video": f"{mounts[1]}/videos/v{i:02d}.mp4", "name": f"v{i:02d}.mp4",
-                                  "caption": "a square" if i % 2 else f"Video {i}: a square."}) + "\n"
-                      for i in range(N))
+    student = "".join(json.dumps({"video": f"{mounts[1]}/videos/v{i:02d}.mp4",
+                                  "name": f"v{i:02d}.mp4",
+                                  "caption": "a square" if i % 2 else f"Video {i}: a square."})
+                      + "\n" for i in range(N))
     named = "".join(json.dumps({"video": f"/gone/videos/v{i:02d}.mp4", "name": f"v{i:02d}.mp4",
                                 "caption": f"Video {i}: a square.",
                                 "frames": 4}) + "\n" for i in range(N))
     api = label_server(colours)
-    api.answer = lambda body, item: json.dumps({"supported": [True]}) if "numbered" in json.dumps(body) \
-        else f"Video {item}: a coloured square."
+    api.answer = lambda body, item: (json.dumps({"supported": [True]})
+                                     if "numbered" in json.dumps(body)
+                                     else f"Video {item}: a coloured square.")
     try:
         verified, rechecked = [tmp_path / f"verified.{k}.jsonl" for k in range(3)], []
         for k in range(3):
@@ -123,8 +127,9 @@ def test_three_nodes_recheck_and_verify_labels_kept_at_different_paths(tmp_path,
         for k in range(3):
             rechecked.append(tmp_path / f"rechecked.{k}.jsonl")
             label(["recheck", keep_at(tmp_path, k, "named.jsonl", named), "--student",
-                   keep_at(tmp_path, k, "student.jsonl", student), "--out", rechecked[k], "--shard", f"{k}/3",
-                   "--video-root", mounts[k] / "videos", "--api-base", api.url])
+                   keep_at(tmp_path, k, "student.jsonl", student), "--out", rechecked[k],
+                   "--shard", f"{k}/3", "--video-root", mounts[k] / "videos",
+                   "--api-base", api.url])
     finally:
         api.close()
     for outs in (verified, rechecked):
@@ -134,7 +139,8 @@ def test_three_nodes_recheck_and_verify_labels_kept_at_different_paths(tmp_path,
     asked = [r for f in rechecked for r in read_rows(str(f)) if r.get("rechecked")]
     # the 30% asked, once each
     assert len(asked) == round(0.3 * N) == len(api.log) - N
-    assert all(r["caption"].startswith("Video ") and r["video"].startswith(str(tmp_path)) for r in asked)
+    assert all(r["caption"].startswith("Video ") and r["video"].startswith(str(tmp_path))
+               for r in asked)
 
 
 @pytest.mark.slow
@@ -157,8 +163,9 @@ def test_three_nodes_caption_as_three_ranks_and_judge_pairs_rows_by_name(tmp_pat
     assert [p.returncode for p in procs] == [0, 0, 0], errs[0][-2000:]
     counts = once_each([mounts[0] / "out" / "captions.jsonl"])
     assert len(counts) == N and set(counts.values()) == {1}
-    assert {r["video"].split("/videos/")[0] for r in read_rows(str(mounts[0] / "out" / "captions.jsonl"))} == \
-        {str(m) for m in mounts}                                                # each node wrote its own paths
+    rows = read_rows(str(mounts[0] / "out" / "captions.jsonl"))
+    # each node wrote its own paths
+    assert {r["video"].split("/videos/")[0] for r in rows} == {str(m) for m in mounts}
     again = run_tool("caption.py", [mounts[2] / "videos", "--model", model, "--out",
                                     mounts[1] / "out" / "captions.jsonl",
                                     "--workers", "1", "--max-new-tokens", "4"])
@@ -183,7 +190,8 @@ def test_three_nodes_caption_as_three_ranks_and_judge_pairs_rows_by_name(tmp_pat
         api.close()
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-1000:]
     summary = json.load(open(mounts[0] / "out" / "report" / "summary.json"))
-    assert summary["videos"] == N and summary["dropped"] == 0 and 0 < calls <= N and len(api.log) == calls
+    assert summary["videos"] == N and summary["dropped"] == 0
+    assert 0 < calls <= N and len(api.log) == calls
 
 
 # ------------------------------------------------------------------ training on a cluster
@@ -200,7 +208,8 @@ def rank_process(mark, rank):
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
         except OSError:
             continue
-        if mark.encode() in environ and f"RANK={rank}".encode() in environ and b"train.py" in cmdline:
+        if (mark.encode() in environ and f"RANK={rank}".encode() in environ
+                and b"train.py" in cmdline):
             return int(pid)
     return None
 
@@ -241,13 +250,15 @@ def test_a_rank_killed_mid_run_restarts_and_ends_equal_to_an_uninterrupted_run(w
 
 
 @pytest.mark.slow
-def test_a_resume_keeps_its_sample_list_and_may_change_world_size_but_not_global_batch(world, tmp_path):
+def test_a_resume_keeps_its_sample_list_and_may_change_world_size_but_not_global_batch(world,
+                                                                                      tmp_path):
     import torch
     data = tmp_path / "train.jsonl"
     shutil.copy(world["data"], data)
     common = ["--max-steps", "4", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2",
               "--lora-dropout", "0"]
-    args = [str(data) if a == world["data"] else a for a in train_args(world, tmp_path / "run", *common)]
+    args = [str(data) if a == world["data"] else a
+            for a in train_args(world, tmp_path / "run", *common)]
     run(args + ["--batch-size", "1", "--export", str(tmp_path / "e_straight")], 2)
     # as if lost after step 2
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")
@@ -255,8 +266,8 @@ def test_a_resume_keeps_its_sample_list_and_may_change_world_size_but_not_global
     with open(data, "a") as f:
         f.write(json.dumps({"video": "v0.mp4", "caption": "a row added later"}) + "\n")
     refused = run_tool("train.py", args + ["--batch-size", "1", "--resume"])
-    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: ") \
-        and "global batch of 2" in refused.stderr
+    assert refused.returncode == 1 and "global batch of 2" in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: ")
     resumed = run(args + ["--batch-size", "2", "--resume", "--export",
                           str(tmp_path / "e_resumed")], 1)
     assert "resuming with the" in resumed.stderr and "steps 2..4" in resumed.stderr
@@ -305,7 +316,8 @@ def test_the_slurm_scripts_run_as_written(world, tmp_path, nodes):
     counts = once_each([mounts[0] / "out" / "c.jsonl"])
     assert len(counts) == N and set(counts.values()) == {1}
 
-    flags = " ".join(str(a) for a in train_args(world, "X", "--max-steps", "2", "--batch-size", "1", "--lora-r", "4")
+    flags = " ".join(str(a) for a in train_args(world, "X", "--max-steps", "2", "--batch-size", "1",
+                                                "--lora-r", "4")
                      if a not in ("--data", world["data"], "--out", "X"))
     train = dict(DATA=world["data"], OUT=str(tmp_path / "run"), TRAIN_FLAGS=flags)
     sbatch("train.sbatch", **train)

@@ -38,8 +38,8 @@ FAULTS = {   # video index: the server's answers to its successive attempts
     # asked again twice, then a row
     9: [("content", "")] * 3,
     10: [("content", "A caption cut short because", "length")],
-    11: [("status", 502, "bad_gateway", {}), ("status", 504, "gateway_timeout", {}), ("status", 408, "timeout", {}),
-         ("status", 409, "conflict", {})],
+    11: [("status", 502, "bad_gateway", {}), ("status", 504, "gateway_timeout", {}),
+         ("status", 408, "timeout", {}), ("status", 409, "conflict", {})],
 }
 
 
@@ -82,19 +82,22 @@ def test_fault_mix_every_video_one_row(tmp_path):
     for e in api.log:
         assert e["auth"] == f"Bearer {KEY}" and e["body"]["model"] == "qwen-vl-max"
         parts = e["body"]["messages"][0]["content"]
-        assert parts[0]["type"] == "video" and len(parts[0]["video"]) == 4 and parts[-1]["type"] == "text"
+        assert parts[0]["type"] == "video" and len(parts[0]["video"]) == 4
+        assert parts[-1]["type"] == "text"
         assert all(u.startswith("data:image/jpeg;base64,") for u in parts[0]["video"])
         assert colour_of(parts[0]["video"][3])[1] == (64, 96, 3)
     # the key is nowhere: not in the rows (the 401 message echoed it), not in anything printed
     for text in (open(out).read(), r.stdout, r.stderr):
         assert KEY not in text
-    assert "failed 5" in r.stderr and "400 data_inspection_failed" in r.stderr and "estimated cost" in r.stderr
+    assert "failed 5" in r.stderr and "400 data_inspection_failed" in r.stderr
+    assert "estimated cost" in r.stderr
     # a rerun tries again what is not done (7, 8, 9: they may be this item's bad luck); a final
     # answer
     # (moderation) and an unreadable file are done. Then every video still has exactly one row.
     api = label_server(colours)
     try:
-        again = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url, "--backoff", "0.05"])
+        again = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url,
+                           "--backoff", "0.05"])
     finally:
         api.close()
     assert again.returncode == 0 and sorted(e["item"] for e in api.log) == [7, 8, 9], again.stderr
@@ -156,9 +159,9 @@ def test_rate_cap_and_concurrency(tmp_path):
     videos, colours = make_videos(str(tmp_path), 12)
     api = label_server(colours)
     try:
-        r = run_label([str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--api-base", api.url, "--concurrency", "6",
-                       # one request every 0.25 s at most
-                       "--rpm", "240"])
+        # --rpm 240: one request every 0.25 s at most
+        r = run_label([str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--api-base", api.url,
+                       "--concurrency", "6", "--rpm", "240"])
         times = sorted(e["t"] for e in api.log)
         api.script = {i: [("hang", 1.0)] for i in range(12)}
         api.log.clear()
@@ -191,9 +194,10 @@ def test_rate_limit_window_with_a_fake_clock(monkeypatch):
 
 
 def test_clean_rules(tmp_path):
-    long = ("A red fox runs through deep snow at the edge of a pine forest, stops beside a fallen log, sniffs the "
-            "ground, looks back over its shoulder toward the camera, and then trots away between "
-            "the trees while light snow keeps falling and the sky slowly darkens into evening.")
+    long = ("A red fox runs through deep snow at the edge of a pine forest, stops beside a fallen "
+            "log, sniffs the ground, looks back over its shoulder toward the camera, and then "
+            "trots away between the trees while light snow keeps falling and the sky slowly "
+            "darkens into evening.")
     rows = [
         {"video": "a", "caption": "The video shows " + long[0].lower() + long[1:]},
         {"video": "b", "error": "HTTP 400", "status": 400},
@@ -204,9 +208,11 @@ def test_clean_rules(tmp_path):
         {"video": "g", "caption": long.upper()},
         # Jaccard of 3-grams ~0.88
         {"video": "h", "caption": long.replace("fallen log", "fallen tree")},
-        {"video": "i", "caption": "In this video, two girls in school uniforms talk under a cherry tree at sunset."},
+        {"video": "i", "caption": "In this video, two girls in school uniforms talk under a cherry "
+                                  "tree at sunset."},
         {"video": "a", "caption": "another caption for a video already labelled"},
-        {"video": "j", "caption": "A spaceship lands on a green planet while two robots wave from a hill."},
+        {"video": "j",
+         "caption": "A spaceship lands on a green planet while two robots wave from a hill."},
     ]
     src = tmp_path / "labels.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -222,7 +228,8 @@ def test_clean_rules(tmp_path):
         assert line in r.stderr, line
     # --keep-duplicates: the same, but a caption another video has too stays (a templated data set)
     r = run_label(["clean", str(src), "--out", str(tmp_path / "all.jsonl"), "--keep-duplicates"])
-    assert r.returncode == 0 and "duplicate" not in r.stderr.replace("--keep-duplicates", ""), r.stderr
+    said = r.stderr.replace("--keep-duplicates", "")
+    assert r.returncode == 0 and "duplicate" not in said, r.stderr
     assert set(kept) < {row["video"] for row in read_rows(str(tmp_path / "all.jsonl"))}
 
 
@@ -256,10 +263,12 @@ def test_sigterm_or_ctrl_c_ends_a_run_whose_decode_is_stalled(tmp_path, signals,
             _, err = proc.communicate(timeout=30)    # the decode's own limit is 600 s away
         except Exception:
             proc.kill()
-            raise AssertionError("the run did not end after " + " and ".join(s.name for s in signals))
+            raise AssertionError("the run did not end after "
+                                 + " and ".join(s.name for s in signals))
     finally:
         api.close()
-    assert proc.returncode != 0 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert proc.returncode != 0 and err.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in err
     assert not os.path.exists(out + ".lock") and gone(worker)
 
 
@@ -305,7 +314,8 @@ def test_two_folders_whose_videos_share_names_never_share_an_out_or_a_list(tmp_p
         before, calls = out.read_text(), len(api.log)
         second = run_label([tmp_path / "s" / "season2", "--out", out, "--api-base", api.url])
         listed = tmp_path / "both.jsonl"
-        listed.write_text("".join(json.dumps({"video": str(tmp_path / "s" / s / f"v{i:02d}.mp4"), "name": f"v{i:02d}.mp4"})
+        listed.write_text("".join(json.dumps({"video": str(tmp_path / "s" / s / f"v{i:02d}.mp4"),
+                                              "name": f"v{i:02d}.mp4"})
                                   + "\n" for s in ("season1", "season2") for i in range(4)))
         both = run_label([listed, "--out", tmp_path / "b.jsonl", "--api-base", api.url])
     finally:
@@ -313,7 +323,8 @@ def test_two_folders_whose_videos_share_names_never_share_an_out_or_a_list(tmp_p
     assert first.returncode == 0 and out.read_text() == before and len(api.log) == calls == 4
     for r in (second, both):
         said = r.stderr.strip().splitlines()[-1]
-        assert r.returncode == 1 and said.startswith("error:") and "are both named 'v0" in said, r.stderr
+        assert r.returncode == 1 and said.startswith("error:"), r.stderr
+        assert "are both named 'v0" in said, r.stderr
         assert "season1/v0" in said and "season2/v0" in said
     assert not os.path.exists(tmp_path / "b.jsonl")
 
@@ -336,6 +347,7 @@ def test_label_refuses_an_out_made_with_other_settings(tmp_path):
                           "--overwrite"], env={"DASHSCOPE_API_KEY": KEY})
     finally:
         api.close()
-    assert first.returncode == 0 and other.returncode == 1 and "other settings" in other.stderr, other.stderr
+    assert first.returncode == 0 and other.returncode == 1, other.stderr
+    assert "other settings" in other.stderr, other.stderr
     rows = read_rows(str(out))
     assert again.returncode == 0 and len(rows) == 1 and rows[0]["frames"] == 8
