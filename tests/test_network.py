@@ -367,6 +367,7 @@ def test_the_first_answer_after_an_outage_wakes_every_retry_waiting_out_its_back
     assert woken.count(False) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_is_a_first_ctrl_c(tmp_path, clips):
     _, folder = clips
     out = str(tmp_path / "labels.jsonl")

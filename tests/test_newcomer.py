@@ -125,6 +125,7 @@ def test_a_model_is_named_one_way_everywhere(model, tmp_path):
     assert r.returncode == 0 and "on 8 GPU(s)" in r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_the_stand_in_teacher_starts_with_one_command_and_labels_what_the_frames_show(tmp_path):
     """`python -m lab.standin_teacher` as the quickstart starts it; label.py against it, frames sent
     as images and as Qwen's video part: a red square moving right, then down, on a dark background

@@ -55,6 +55,7 @@ def test_a_stream_whose_frame_size_changes_gives_frames_of_one_size(tmp_path):
     assert frames.shape == (8, 28, 28, 3)
 
 
+@pytest.mark.slow
 def test_control_tokens_in_a_row_are_plain_text(world, tmp_path):
     """A question that spells <image>, </s> and ChatML's tokens: one <image> id in the sample (the
     template's), and training runs past it (it used to die at the same step on every --resume)."""
@@ -74,6 +75,7 @@ def test_control_tokens_in_a_row_are_plain_text(world, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_rows_that_no_tokenizer_takes_are_named_before_training(world, tmp_path):
     data = tmp_path / "bad.jsonl"
     good = [json.dumps({"video": f"v{i}.mp4", "caption": "fine"}) for i in range(4)]

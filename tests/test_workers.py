@@ -17,6 +17,7 @@ from tools import run_tool, stop_a_decode_worker
 from videos import write_video
 
 
+@pytest.mark.slow
 def test_decode_workers_import_nothing_from_the_folder_they_start_in_and_see_no_key(
     ckpt, tmp_path, monkeypatch
 ):
