@@ -6,20 +6,19 @@
     DASHSCOPE_API_KEY=... python label.py recheck labels.jsonl --student captions.jsonl --out rechecked.jsonl
     KEY=... python label.py audit labels.jsonl --sample 500 --api-base URL --model SECOND --api-key-env KEY
 
-`verify` shows the teacher the same frames again (use the flags the labels were made with) with the
-label's sentences numbered, and keeps the ones the frames support ("caption"; the teacher's in
-"caption_original"). `recheck` asks the teacher again, from --frames 16, for the --share (0.3) of labels a
-student (a model trained on them) agrees with least; the rest are copied (labelling/checks.py). `audit` asks a
-second source for a sample of the labels and reports where the teacher differs from it, consistently.
+`verify` shows the teacher a label's own frames again, its sentences numbered, and keeps those the
+frames support. `recheck` asks the teacher again, from --frames 16, for the --share (0.3) of labels
+a student agrees with least (labelling/checks.py). `audit` asks a second source about a sample of
+the labels and reports where the teacher differs from it, consistently.
 
 Four frames per video (segment middles, as the report) become JPEGs in decoding processes while the
 HTTP requests run on threads. One row per video, appended and fsynced as it finishes: {"video",
-"name", "caption", "model", "usage", "finish_reason"} or {"video", "name", "error", "status", "code"}
-("video": its path here; "name": what every node calls it, which shards and resume go by:
+"name", "caption", "model", "usage", "finish_reason"} or {"video", "name", "error", "status",
+"code"} ("video": its path here; "name": what every node calls it, which shards and resume go by:
 plumbing/sources.py). A video is done when it has a caption or a final answer (content moderation,
-an unreadable file); a rerun skips what is done and tries the rest again, so a kill loses at most the
-requests in flight. A refused key, an empty account or a server that stays unreachable stops the run
-early (runner.Breaker). The rows are train.py data as they are.
+an unreadable file); a rerun skips what is done and tries the rest again, so a kill loses at most
+the requests in flight. A refused key, an empty account or a server that stays unreachable stops the
+run early (runner.Breaker). The rows are train.py data as they are.
 """
 
 import collections
@@ -29,10 +28,10 @@ import os
 import sys
 import time
 
-from labelling import checks
 import shots
-from labelling.clean import clean_file, strip_boilerplate, unusable
 from data import UNREADABLE, VideoError
+from labelling import checks
+from labelling.clean import clean_file, strip_boilerplate, unusable
 from plumbing import cli
 from plumbing.cli import Stop
 from plumbing.client import FINAL_CODES, APIError, add_api_flags, api_client, failure_kind, frames_message
@@ -142,13 +141,14 @@ def _label_one(client, args, prompt, video, urls, tries_before=0):
             "frames": args.frames, "usage": reply.usage, "finish_reason": reply.finish_reason}
 
 
+UNUSABLE = {"refused", "truncated", "degenerate loop"}   # an audit's reading that would repeat (clean.unusable)
 FILE_CODES = {UNREADABLE, "missing_video", *RETRIED}   # the file's trouble, which says nothing of the API
 
 
 def is_done(row, retry_errors=False):
     """A caption, or (unless retry_errors) a final answer: content moderation, an unreadable video
     (not a missing one: a wrong path is fixed, and the video labelled, by a rerun)."""
-    return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | {UNREADABLE})
+    return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | UNUSABLE | {UNREADABLE})
 
 
 def verify_one(client, args, labels, tries, settings, job):
@@ -183,11 +183,10 @@ LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens",
 
 
 def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
-    """((video, shot, _), data URLs of more frames) -> a new label from them, cleaned as
-    `label.py clean` cleans one label (boilerplate stripped), the old kept beside. A final "no" (the
-    teacher refuses the new request, the video cannot be read from more frames) or a new label the
-    cleaning would drop (a refusal in words, cut at the token limit, a loop) keeps the old label as it
-    was, saying why: a good label is not lost to a worse one."""
+    """((video, shot, _), data URLs of more frames) -> a new label from them, cleaned as `label.py clean`
+    cleans one (boilerplate stripped), the old kept beside. A final "no" (a refusal, a video unreadable
+    from more frames) or a new label the cleaning would drop (refused in words, cut, a loop) keeps the
+    old label as it was, saying why: a good label is not lost to a worse one."""
     try:
         row = label_one(client, args, prompt, tries, settings, job)
     except APIError as e:   # refused outright (moderation): as final as a refusal in the reply
@@ -203,13 +202,6 @@ def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
     if row.get("code") in FINAL_CODES | {UNREADABLE, "refused", "truncated", "degenerate loop"}:
         return {**old, **identify(job), "settings": settings, "rechecked": False, "recheck_refused": row["code"]}
     return row
-
-
-def label(args, mode="label"):
-    """One of the three modes, each a function of its own over one Run (below). Every video is sharded
-    and resumed by its name (plumbing/sources.py), so nodes that mount the files elsewhere agree."""
-    return {"label": label_videos, "verify": verify_labels, "recheck": recheck_labels,
-            "audit": audit_labels}[mode](args)
 
 
 def label_videos(args):
@@ -270,18 +262,23 @@ def audit_labels(args):
     what it confirms."""
     prompt, run = teacher_prompt(args), Run(args, "audit")
     labels, mine, what, names, here = _of_labels(args, "audit", prompt)
-    if args.model in {r.get("model") for r in labels.values()}:
+    if any(checks.same_teacher(r.get("model"), args.model) for r in labels.values()):
         raise ValueError(f"--model {args.model} made these labels: an audit asks a second source (another "
                          f"--model, and its --api-base and --api-key-env)")
-    pool = {k: r for k, r in labels.items() if checks.says(r["caption"], args.saying)}
-    mine = {k: mine[k] for k in checks.audit_sample(pool, args.sample) if k in mine}   # shards agree
-    print(f"audit: {len(mine)} of {len(labels)} labels asked of {args.model}", file=sys.stderr)
+    sample = checks.audit_sample(labels, args.sample, args.saying)
+    mine = {k: mine[k] for k in sample if k in mine}   # chosen among all labels: shards agree
+    made = {r.get("frames") for r in labels.values()} - {args.frames, None}   # said, not refused
+    note = f" (from {args.frames} frames, the labels from {made.pop()}: the frames differ too)" if made else ""
+    print(f"audit: {len(mine)} of {len(labels)} labels asked of {args.model}{note}", file=sys.stderr)
     with run.outputs(what, names, here) as (out, done):
         todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items() if k not in done]
 
-        def work(job):
+        def work(job):   # a refusal, a cut or looping reading is no reading: counted in the report
             row = label_one(run.client, args, prompt, run.tries, run.settings, job)
-            return {**row, "teacher": labels[key_of(job)]["caption"]} if "caption" in row else row
+            if "caption" in row and unusable(row):
+                row = {**identify(job), "error": f"the second source's reading: {unusable(row)}",
+                       "status": 200, "code": unusable(row), "settings": run.settings}
+            return {**row, "teacher": labels[key_of(job)]["caption"]} if "settings" in row else row
         run.ask(out, todo, work, len(todo), already=len(mine) - len(todo))
     report = checks.audit_report(iter_rows(args.out), args.model)
     with open(os.path.splitext(args.out)[0] + ".report.txt", "w", encoding="utf-8") as f:
@@ -328,10 +325,10 @@ class Run:
             key = functools.partial(shots.row_key, names=names)
             yield out, out.resume(key, functools.partial(is_done, retry_errors=self.args.retry_errors),
                                   self.settings, self.tries, here)
-        retry = sum(n for kind, n in self.failed.items() if kind.split(" ", 1)[1] not in FINAL_CODES | {UNREADABLE})
+        final = FINAL_CODES | UNUSABLE | {UNREADABLE}
+        retry = sum(n for kind, n in self.failed.items() if kind.split(" ", 1)[1] not in final)
         if retry and not self.stats["done"]:   # a run that did nothing did not work, whatever stopped it
-            verb = VERBS[self.mode]
-            raise Stop(f"no video was {verb} and {retry} failed (see above); they are not marked done")
+            raise Stop(f"no video was {VERBS[self.mode]} and {retry} failed (see above); they are not marked done")
 
     def ask(self, out, asked, work, n_todo, already, said=None):
         """work(job) for every job of `asked`, its frames decoded first; every row written as it comes."""
@@ -376,13 +373,17 @@ def summary(args, stats, failed, already, start, mode="label"):
     n_failed = sum(failed.values())
     cost = (stats["in"] * args.price_in + stats["out"] * args.price_out) / 1e6
     retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] in RETRIED)
-    done = VERBS[mode]
-    print(f"\n{done} {stats['done']} ({stats['length']} cut at --max-new-tokens), "
-          f"failed "
-          f"{n_failed}{f' ({retry} to try again: a decoder time or memory limit, or its crash)' if retry else ''}{' (' + ', '.join(f'{c} x {r}' for r, c in failed.most_common()) + ')' if failed else ''}, "
+    again = f" ({retry} to try again: a decoder time or memory limit, or its crash)" if retry else ""
+    kinds = " (" + ", ".join(f"{c} x {r}" for r, c in failed.most_common()) + ")" if failed else ""
+    print(f"\n{VERBS[mode]} {stats['done']} ({stats['length']} cut at --max-new-tokens), "
+          f"failed {n_failed}{again}{kinds}, "
           f"{already} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost "
           f"${cost:.2f}; {elapsed:.1f} s, {(stats['done'] + n_failed) / max(elapsed, 1e-9):.2f} "
           f"{'shots' if shots.finder(args) else 'videos'}/s", file=sys.stderr)
+
+
+# each mode over one Run; videos sharded and resumed by name, whatever the mount (plumbing/sources.py)
+MODES = {"label": label_videos, "verify": verify_labels, "recheck": recheck_labels, "audit": audit_labels}
 
 
 def main(argv=None):
@@ -392,7 +393,7 @@ def main(argv=None):
     mode = argv[0] if argv and argv[0] in ("verify", "recheck", "audit") else "label"
     args = parse_args(argv[1:] if mode != "label" else argv, mode)
     scrub = Redactor(os.environ.get(args.api_key_env, "").strip())
-    return cli.run(lambda: label(args, mode), (OSError, ValueError, Busy, Stop, PoolError), scrub)
+    return cli.run(lambda: MODES[mode](args), (OSError, ValueError, Busy, Stop, PoolError), scrub)
 
 
 if __name__ == "__main__":

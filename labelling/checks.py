@@ -60,13 +60,23 @@ def read_labels(path, frames=None):
     return labels
 
 
+# scripts written without spaces (Chinese, Japanese, Korean): each character is a word of its own
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+WORD = re.compile(rf"[{CJK}]|[^\W{CJK}]+")
+
+
+def words(text: str) -> list:
+    """A caption's words, lower case, punctuation aside (a character of CJK a word)."""
+    return WORD.findall(text.lower())
+
+
 def agreement(a: str, b: str) -> float:
     """How far two captions say the same: the F1 of their word pairs, case and punctuation aside.
     Word pairs, not words: "moves right, then down" and "moves down, then right" hold the same
     words."""
     def pairs(text):
-        words = re.findall(r"\w+", text.lower())
-        return collections.Counter(zip(words, words[1:]))
+        said = words(text)
+        return collections.Counter(zip(said, said[1:]))
     pa, pb = pairs(a), pairs(b)
     return 2 * sum((pa & pb).values()) / max(sum(pa.values()) + sum(pb.values()), 1)
 
@@ -80,23 +90,43 @@ def to_recheck(labels: dict, student: dict, share: float) -> dict:
     return {k: a for a, _, k in scored[:int(round(share * len(labels)))]}
 
 
-def says(caption: str, words: str = None) -> bool:
-    """Whether a caption says `words` (as whole words, any case); anything, when words is None."""
-    return not words or phrase(words).search(caption) is not None
+def says(caption: str, text: str = None) -> bool:
+    """Whether a caption says `text` (as whole words, any case); anything, when text is None."""
+    return text is None or phrase(text).search(caption) is not None
 
 
-def phrase(words: str):
-    """`words` as a pattern of whole words, any case: never inside a longer word, whatever stands
-    around it ("(purple)", "c++")."""
-    return re.compile(rf"(?<!\w){re.escape(words)}(?!\w)", re.IGNORECASE)
+def phrase(text: str):
+    """`text` as a pattern of whole words, any case: never inside a longer word, whatever stands
+    around it ("(purple)", "c++"); in a script without spaces, wherever it stands ("紫色" in
+    "一个穿紫色衣服的人")."""
+    edge = re.compile(rf"[^\W{CJK}]")
+    left = r"(?<!\w)" if edge.match(text[:1]) else ""
+    right = r"(?!\w)" if edge.match(text[-1:]) else ""
+    return re.compile(left + re.escape(text) + right, re.IGNORECASE)
 
 
-def audit_sample(labels: dict, size: float) -> list:
-    """The keys of the labels an audit asks a second source about: `size` of them (a share up to 1,
-    else a count), chosen by a hash of each key: the same on every run and shard, spread over the
-    whole file."""
-    n = round(size * len(labels)) if size <= 1 else min(int(size), len(labels))
-    return sorted(labels, key=lambda k: hashlib.sha256(repr(k).encode()).hexdigest())[:n]
+def audit_sample(labels: dict, size: float, saying: str = None) -> list:
+    """The keys of the labels an audit asks a second source about: `size` of those that say `saying`
+    (a share up to 1, else a count), chosen by a hash of each key: the same on every run and shard,
+    spread over the whole file. ValueError for a choice of none."""
+    if saying is not None and not saying.strip():
+        raise ValueError("--saying is empty: name the words of a confusion the report found")
+    if size > 1 and size != int(size):
+        raise ValueError(f"--sample {size:g}: a share is 1 or less (1: all), a count a whole "
+                         f"number")
+    pool = [k for k, r in labels.items() if says(r.get("caption", ""), saying)]
+    if not pool:
+        raise ValueError(f"no label says {saying!r} (as whole words, any case): nothing to ask")
+    n = round(size * len(pool)) if size <= 1 else min(int(size), len(pool))
+    if not n:
+        raise ValueError(f"--sample {size:g} of {len(pool)} labels chooses none: ask for more")
+    return sorted(pool, key=lambda k: hashlib.sha256(repr(k).encode()).hexdigest())[:n]
+
+
+def same_teacher(a, b) -> bool:
+    """Whether two model names are one teacher (qwen-vl-max, QWEN-VL-MAX-2025): no second source."""
+    a, b = str(a).strip().lower(), str(b).strip().lower()
+    return a == b or a.startswith(b + "-") or b.startswith(a + "-")
 
 
 def confusions(pairs, least=2) -> list:
@@ -106,7 +136,7 @@ def confusions(pairs, least=2) -> list:
     seen in at least `least` videos, most first, with up to 3 examples (indices into pairs)."""
     said, swapped = collections.Counter(), collections.defaultdict(list)
     for i, (teacher, second) in enumerate(pairs):
-        a, b = re.findall(r"\w+", teacher.lower()), re.findall(r"\w+", second.lower())
+        a, b = words(teacher), words(second)
         said.update({" ".join(a[j:j + n]) for n in (1, 2) for j in range(len(a) - n + 1)})
         ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
         for pair in {(" ".join(a[i1:i2]), " ".join(b[j1:j2])) for op, i1, i2, j1, j2 in ops
@@ -124,18 +154,24 @@ def audit_report(rows, second: str, least=2, top=20) -> str:
     """What a person reads before paying for training on the labels: how far the teacher and the
     second source agree (word pairs, checks.agreement; the mean with its 95% interval over the
     sampled videos), and the teacher's consistent differences from it, ranked."""
-    rows = [
-        r for r in rows if isinstance(r.get("caption"), str) and isinstance(r.get("teacher"), str)
-    ]
+    rows, without = list(rows), collections.Counter()
+    for r in rows:
+        if not (isinstance(r.get("caption"), str) and isinstance(r.get("teacher"), str)):
+            without[r.get("code") or "no reading"] += 1
+    rows = [r for r in rows if r.get("code") is None and isinstance(r.get("caption"), str)
+            and isinstance(r.get("teacher"), str)]
+    missing = (f"; {sum(without.values())} sampled labels without a usable reading ("
+               + ", ".join(f"{code} {n}" for code, n in without.most_common()) + ")"
+               if without else "")
     if not rows:
-        return "audit: no sampled label has both readings yet"
+        return "audit: no sampled label has both readings yet" + missing
     scores = [agreement(r["teacher"], r["caption"]) for r in rows]
     mean = sum(scores) / len(scores)
     spread = 1.96 * math.sqrt(sum((s - mean) ** 2 for s in scores) / max(len(scores) - 1,
                                                                          1) / len(scores))
     lines = [
         f"audit of {len(rows)} sampled labels against {second}: agreement (word pairs, F1) "
-        f"{mean:.3f} +- {spread:.3f} (95%)",
+        f"{mean:.3f} +- {spread:.3f} (95%){missing}",
         "the teacher's consistent differences (in N of the M sampled videos whose label says it):",
     ]
     for c in confusions([(r["teacher"], r["caption"]) for r in rows], least)[:top]:

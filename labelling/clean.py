@@ -137,7 +137,9 @@ def clean_rows(rows, counts: collections.Counter, near=0.8, drop_duplicates=True
 
 def fix_confusion(rows, confusion, how, audit, counts):
     """The rows, those whose label says confusion[0] fixed as `how` says (the module's docstring);
-    audit: {row key: the second source's label}. A label the audit did not ask is kept, counted."""
+    audit: {row key: the audit's row, the second source's reading of that very label}. A label the
+    audit did not ask (or asked of another caption: another file's) is kept, counted; so is one
+    whose reading is no label (refused, cut, a loop)."""
     said, meant = confusion
     says, means = phrase(said), phrase(meant)
     for row in rows:
@@ -146,13 +148,17 @@ def fix_confusion(rows, confusion, how, audit, counts):
             yield row
         elif how == "drop":
             counts[f"says {said!r}: left out"] += 1
-        elif second is None:
+        elif second is None or second.get("teacher") != caption:
             counts[f"says {said!r}: not asked of the second source, kept as it was"] += 1
+            yield row
+        elif unusable(second):
+            counts[f"says {said!r}: the second source's reading {unusable(second)}, kept"] += 1
             yield row
         elif how == "replace":
             counts[f"says {said!r}: the second source's label instead"] += 1
-            yield {**row, "caption": second, "caption_teacher": caption}
-        elif means.search(second) and not says.search(second):
+            yield {**row, "caption": second["caption"], "caption_teacher": caption,
+                   "model": second.get("model"), "finish_reason": second.get("finish_reason")}
+        elif means.search(second["caption"]) and not says.search(second["caption"]):
             counts[f"says {said!r}: rewritten to {meant!r}"] += 1
             yield {**row, "caption": says.sub(meant, caption), "caption_teacher": caption}
         else:
@@ -163,7 +169,7 @@ def fix_confusion(rows, confusion, how, audit, counts):
 def confusion(text):
     """--fix "A=B" -> ("A", "B")."""
     said, _, meant = text.partition("=")
-    if not said.strip() or not meant.strip():
+    if not said.strip() or not meant.strip() or "=" in meant or said.strip() == meant.strip():
         raise argparse.ArgumentTypeError(f"{text!r}: expected WORDS=WORDS, as the audit's report "
                                          f"names them")
     return said.strip(), meant.strip()
@@ -188,6 +194,8 @@ def clean_file(argv):
     args = p.parse_args(argv)
     if not 0 < args.near <= 1:
         p.error("--near must be above 0 and at most 1")
+    if not args.fix and (args.audit or args.how != "drop"):
+        p.error("--how and --audit go with --fix A=B (a confusion label.py audit's report names)")
     if args.fix and args.how != "drop" and not args.audit:
         p.error(f"--how {args.how} needs --audit FILE (label.py audit --saying "
                 f"{args.fix[0]!r} --sample 1)")
@@ -208,8 +216,11 @@ def clean_file(argv):
     n_in = len(rows)
     if args.fix:
         asked = read_rows(args.audit, must_exist=True) if args.audit else []
-        audit = {row_key(r): r["caption"] for r in asked
-                 if isinstance(r.get("caption"), str) and "teacher" in r}
+        audit = {row_key(r): r for r in asked
+                 if isinstance(r.get("caption"), str) and isinstance(r.get("teacher"), str)}
+        if args.audit and not audit:
+            raise ValueError(f"{args.audit}: no audit rows in it (label.py audit writes them, each "
+                             f"with the teacher's caption under \"teacher\")")
         rows = fix_confusion(rows, args.fix, args.how, audit, counts)
     # written whole, then put in place: a failure leaves the old file
     with Appender(args.out) as out:

@@ -78,6 +78,27 @@ def test_audit_asks_a_sample_once_and_names_the_teachers_habit(tmp_path):
     assert report.strip() in first.stderr and KEY not in report + first.stderr
 
 
+@pytest.mark.slow
+def test_a_second_source_that_refuses_is_no_reading_said_in_the_report_and_not_paid_twice(tmp_path):
+    videos, _ = solid_videos(str(tmp_path / "v"), 4, n_frames=8, size=(48, 32))
+    (tmp_path / "labels.jsonl").write_text("".join(
+        json.dumps({"video": v, "caption": f"Video {i}: a red square.", "frames": 4}) + "\n"
+        for i, v in enumerate(videos)))
+    api = FakeAPI(lambda body: 0, lambda body, item: "I'm sorry, I can't help with that.")
+    args = ["audit", tmp_path / "labels.jsonl", "--sample", "1", "--api-base", api.url,
+            "--model", "second-vl", "--backoff", "0.05"]
+    try:
+        first = run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY})
+        asked = len(api.log)
+        again = run_tool("label.py", args, env={"DASHSCOPE_API_KEY": KEY})
+    finally:
+        api.close()
+    assert first.returncode == 0 and asked == 4 and len(api.log) == 4, first.stderr + again.stderr
+    report = (tmp_path / "labels.audit.report.txt").read_text()
+    assert "4 sampled labels without a usable reading (refused 4)" in report, report
+    assert "4 already done" in again.stderr
+
+
 def test_clean_fix_leaves_out_replaces_or_rewrites_the_labels_with_a_confirmed_confusion(tmp_path):
     """--fix purple=blue: drop leaves out the labels that say purple; replace puts the second
     source's label in their place; rewrite writes blue for purple where the second source says blue.
@@ -110,6 +131,42 @@ def test_clean_fix_leaves_out_replaces_or_rewrites_the_labels_with_a_confirmed_c
     assert counts["says 'purple': not asked of the second source, kept as it was"] == 1
     with pytest.raises(SystemExit):
         clean_file([str(labels), "--out", str(out), "--fix", "purple=blue", "--how", "rewrite"])
+    for wrong in (["--fix", "purple==blue"], ["--fix", "blue=blue"], ["--audit", str(audit)],
+                  ["--how", "replace"]):
+        with pytest.raises(SystemExit):
+            clean_file([str(labels), "--out", str(out), *wrong])
+    with pytest.raises(ValueError, match="no audit rows"):   # the labels given as the audit
+        fixed("replace", "--audit", str(labels))
+    # an audit of another file's labels (same names, other captions) fixes nothing; a reading
+    # that is no label (refused, cut) replaces nothing; a replaced label says whose it is
+    audit.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"name": "v0.mp4", "video": "v0.mp4", "caption": "A blue square.", "teacher": "other"},
+        {"name": "v1.mp4", "video": "v1.mp4", "caption": "I'm sorry, I can't help with that.",
+         "teacher": said["v1"]},
+        {"name": "v3.mp4", "video": "v3.mp4", "caption": "A blue star spins.", "model": "second-vl",
+         "finish_reason": "stop", "teacher": said["v3"]}]))
+    rows, counts = fixed("replace", "--audit", str(audit))
+    assert rows == {"v0": "A purple square moves right.", "v1": "A purple circle.",
+                    "v2": "A red square moves up.", "v3": "A blue star spins."}
+    assert counts["says 'purple': the second source's reading refused, kept"] == 1
+    assert [r["model"] for r in read_rows(str(out)) if r["name"] == "v3.mp4"] == ["second-vl"]
+
+
+def test_a_sample_that_would_ask_nothing_or_everything_by_mistake_is_refused():
+    labels = {(f"v{i}", None): {"caption": f"A {'purple' if i % 2 else 'red'} square."}
+              for i in range(10)}
+    assert len(checks.audit_sample(labels, 1.0, "purple")) == 5 and \
+        len(checks.audit_sample(labels, 3)) == 3
+    for size, saying, said in ((1.0, "", "--saying is empty"), (1.5, None, "a whole number"),
+                               (0.01, None, "chooses none"), (1.0, "green", "no label says")):
+        with pytest.raises(ValueError, match=said):
+            checks.audit_sample(labels, size, saying)
+    assert checks.same_teacher("qwen-vl-max", " QWEN-VL-MAX-2025") and \
+        not checks.same_teacher("qwen-vl-max", "gpt-4o")
+    # a script written without spaces: its phrases found, its confusions named by the character
+    assert checks.says("一个穿紫色衣服的人在走路", "紫色")
+    pairs = [("一个穿紫色衣服的人", "一个穿蓝色衣服的人")] * 3
+    assert checks.confusions(pairs)[0]["teacher"] == "紫"
 
 
 def test_an_audit_by_the_model_that_made_the_labels_is_refused_in_one_line(tmp_path):
