@@ -111,7 +111,8 @@ class Outputs:
             if settings and "caption" in row and row.get("settings") != settings:
                 raise ValueError(
                     f"{self.out} holds rows made with other settings (model weights, prompt, "
-                    f"frames, pooling, LoRA alpha, quantization, sampling or --shots / --window): "
+                    f"frames, pooling, LoRA alpha, quantization, sampling or --shots / --window; "
+                    f"for label.py verify / recheck / audit also the labels file and its flags): "
                     f"write to another --out, or pass --overwrite to do everything again"
                 )
             k = key(row)
