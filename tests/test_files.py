@@ -36,13 +36,15 @@ def test_short_ts_captures_that_do_not_start_at_zero(tmp_path, n, start, codec):
 
 
 def test_a_frame_too_thin_to_resize_is_an_error_not_gigabytes(tmp_path):
-    path = write_video(tmp_path / "thin.mkv", n_frames=3, size=(2, 4000), codec="ffv1", pix_fmt="yuv444p",
-                       # to 336 x 672,000 at 336
+    # to 336 x 672,000 at 336
+    path = write_video(tmp_path / "thin.mkv", n_frames=3, size=(2, 4000), codec="ffv1",
+                       pix_fmt="yuv444p",
                        frame_fn=lambda i, w, h: np.full((h, w, 3), 40 * i, np.uint8))
     t0 = time.monotonic()
     results = dict(imap_unordered(functools.partial(read_clip_frames, n=4, size=336), [path],
                                   workers=1, memory_gb=1))
-    assert isinstance(results[path], VideoError) and "pixels" in str(results[path]) and str(results[path]).startswith(path)
+    said = str(results[path])
+    assert isinstance(results[path], VideoError) and "pixels" in said and said.startswith(path)
     assert time.monotonic() - t0 < 30
     # what a teacher gets: within bounds
     assert read_frames(path, 2, max_side=768).shape == (2, 768, 1, 3)
@@ -50,7 +52,8 @@ def test_a_frame_too_thin_to_resize_is_an_error_not_gigabytes(tmp_path):
 
 def test_a_worker_that_needs_too_much_memory_gets_an_error_row_and_the_pool_goes_on():
     items = [3 * 2**30, 1000, 2 * 2**30, 10]
-    results = dict(imap_unordered(functools.partial(np.ones, dtype=np.uint8), items, workers=1, memory_gb=1))
+    results = dict(imap_unordered(functools.partial(np.ones, dtype=np.uint8), items, workers=1,
+                                  memory_gb=1))
     assert isinstance(results[3 * 2**30],
                       VideoError) and "more than 1.0 GiB" in str(results[3 * 2**30])
     assert isinstance(results[2 * 2**30], VideoError)
@@ -64,7 +67,8 @@ def test_jsonl_torn_inside_a_character_garbage_and_a_last_row_without_newline(tm
     torn = json.dumps({"video": "c", "caption": "一只猫"}, ensure_ascii=False).encode()[:-6]
     with open(path, "wb") as f:
         f.write((json.dumps(whole[0], ensure_ascii=False) + "\n").encode())
-        f.write(b"\xff\xfe not utf-8 at all\n[1, 2, 3]\nnot json\n\"a string\"\n" + b"[" * 100000 + b"\n")
+        f.write(b"\xff\xfe not utf-8 at all\n[1, 2, 3]\nnot json\n\"a string\"\n"
+                + b"[" * 100000 + b"\n")
         f.write((json.dumps(whole[1]) + "\n").encode() + torn)
     assert read_rows(path) == whole
     with Appender(path) as out:
@@ -143,7 +147,8 @@ def test_one_video_spelled_three_ways_is_one_row_and_retry_errors_leaves_one_row
     # spelled three ways: asked once; then the retry
     assert asked == 3 and len(api.log) == 4
     rows = read_rows(out)
-    assert sorted(sources.canonical(r["video"]) for r in rows) == sorted(sources.canonical(p) for p in paths)
+    assert sorted(sources.canonical(r["video"]) for r in rows) == \
+        sorted(sources.canonical(p) for p in paths)
     # the moderated one, answered on the retry
     assert all("caption" in r for r in rows)
 
@@ -163,14 +168,17 @@ def test_two_label_runs_on_one_output(tmp_path):
         first.communicate(timeout=120)
     finally:
         api.close()
-    assert second.returncode == 1 and "being written by another run" in second.stderr.strip().splitlines()[-1]
+    last = second.stderr.strip().splitlines()[-1]
+    assert second.returncode == 1 and "being written by another run" in last
     assert first.returncode == 0 and len(read_rows(out)) == 6 and len(api.log) == 6
 
 
 @pytest.mark.parametrize("tool, args", [
-    ("caption.py", ["--frames", "0"]), ("caption.py", ["--batch-size", "0"]), ("caption.py", ["--max-new-tokens", "0"]),
-    ("caption.py", ["--top-p", "1.5"]), ("label.py", ["--frames", "0"]), ("label.py", ["--concurrency", "0"]),
-    ("label.py", ["--timeout", "-1"]), ("label.py", ["--shard", "3/2"]), ("label.py", ["--rpm", "nan"]),
+    ("caption.py", ["--frames", "0"]), ("caption.py", ["--batch-size", "0"]),
+    ("caption.py", ["--max-new-tokens", "0"]), ("caption.py", ["--top-p", "1.5"]),
+    ("label.py", ["--frames", "0"]), ("label.py", ["--concurrency", "0"]),
+    ("label.py", ["--timeout", "-1"]), ("label.py", ["--shard", "3/2"]),
+    ("label.py", ["--rpm", "nan"]),
     ("judge.py", ["--gt", "a", "--pred", "b", "--out", "c", "--concurrency", "0"]),
     ("train.py", ["--data", "a", "--out", "o", "--model", "m", "--batch-size", "0"]),
     ("train.py", ["--data", "a", "--out", "o", "--model", "m", "--keep", "0"])])
@@ -178,7 +186,8 @@ def test_values_that_can_never_work_fail_once_at_start(tmp_path, tool, args):
     source = [] if tool in ("judge.py", "train.py") else [str(tmp_path)]
     r = run_main(tool, [*source, "--out", tmp_path / "o.jsonl", *args],
                  env={"DASHSCOPE_API_KEY": KEY})
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: "), r.stderr
     assert not os.path.exists(tmp_path / "o.jsonl")
 
 
@@ -200,7 +209,8 @@ def test_a_broken_checkpoint_fails_once_at_start(tmp_path, ckpt, breakage):
         (model / "tokenizer.model").write_bytes(os.urandom(3000) if "garbage" in breakage else b"")
     else:
         os.rename(model / "model.safetensors", tmp_path / "weights.safetensors")
-        (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../weights.safetensors"}}))
+        index = {"weight_map": {"x": "../weights.safetensors"}}
+        (model / "model.safetensors.index.json").write_text(json.dumps(index))
     (model / "config.json").write_text(json.dumps(config))
     videos = tmp_path / "v"
     videos.mkdir()
@@ -208,7 +218,8 @@ def test_a_broken_checkpoint_fails_once_at_start(tmp_path, ckpt, breakage):
     out = tmp_path / "captions.jsonl"
     r = run_main("caption.py", [videos, "--model", model, "--out", out])
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
     # no row that a rerun would then skip
     assert read_rows(str(out)) == []
 
@@ -220,15 +231,16 @@ def test_missing_or_mistyped_inputs_leave_the_outputs_alone(tmp_path):
     (tmp_path / "clean.jsonl").write_text("{\"video\": \"kept\"}\n")
     video = write_video(str(tmp_path / "a.mp4"), n_frames=4)
     env = {"OPENAI_API_KEY": KEY}
-    cases = [["judge.py", "--gt", str(tmp_path / "missing.jsonl"), "--pred", str(tmp_path / "clean.jsonl"),
-              "--out", str(report)],
-             ["judge.py", "--gt", video, "--pred", str(tmp_path / "clean.jsonl"), "--out", str(report)],
-             ["label.py", "clean", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "clean.jsonl")],
-             ["label.py", "clean", video, "--out", str(tmp_path / "clean.jsonl")]]
+    kept, missing = str(tmp_path / "clean.jsonl"), str(tmp_path / "missing.jsonl")
+    cases = [["judge.py", "--gt", missing, "--pred", kept, "--out", str(report)],
+             ["judge.py", "--gt", video, "--pred", kept, "--out", str(report)],
+             ["label.py", "clean", missing, "--out", kept],
+             ["label.py", "clean", video, "--out", kept]]
     for args in cases:
         r = run_main(args[0], args[1:], env=env)
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+        assert r.returncode == 1 and len(lines) == 1, (args, r.stderr)
+        assert lines[0].startswith("error: "), (args, r.stderr)
     assert (report / "summary.json").read_text() == "{\"earlier\": true}"
     assert (tmp_path / "clean.jsonl").read_text() == "{\"video\": \"kept\"}\n"
 
@@ -252,7 +264,8 @@ def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_finished_row(tmp_pa
     finally:
         api.close()
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and lines[-1].startswith("error: ") and "File too large" in lines[-1], r.stderr
+    assert r.returncode == 1 and lines[-1].startswith("error: "), r.stderr
+    assert "File too large" in lines[-1], r.stderr
     assert "Traceback" not in r.stderr and 1 <= len(first) < 8
     assert again.returncode == 0 and sorted(row["video"] for row in read_rows(out)) == sorted(paths)
 
@@ -270,12 +283,13 @@ def test_resume_and_shards_do_not_depend_on_how_or_where_the_folder_is_named(tmp
                          env={"DASHSCOPE_API_KEY": KEY}, cwd=tmp_path)
         second = run_label([str(tmp_path / "mnt"), "--out", str(tmp_path / "b.jsonl"),
                             "--api-base", api.url, "--shard", "1/2"])
-        again = run_label([str(tmp_path / "vids"), "--out", out, "--api-base", api.url, "--shard", "0/2"])
+        again = run_label([str(tmp_path / "vids"), "--out", out, "--api-base", api.url,
+                           "--shard", "0/2"])
     finally:
         api.close()
     assert first.returncode == second.returncode == again.returncode == 0
-    a, b = [os.path.basename(r["video"]) for r in read_rows(out)], [os.path.basename(r["video"]) for r in
-                                                                      read_rows(str(tmp_path / "b.jsonl"))]
+    a = [os.path.basename(r["video"]) for r in read_rows(out)]
+    b = [os.path.basename(r["video"]) for r in read_rows(str(tmp_path / "b.jsonl"))]
     # every video once
     assert sorted(a + b) == sorted(os.path.basename(p) for p in paths) and a and b
     # from elsewhere: resumed
@@ -288,12 +302,15 @@ def test_unreadable_files_do_not_stop_a_run_and_missing_ones_are_not_done(tmp_pa
     for i in range(12):
         (tmp_path / "v" / f"broken{i:02d}.mp4").write_bytes(b"not a video" * i)
     listed = tmp_path / "list.txt"
-    listed.write_bytes(b"\xef\xbb\xbf" + "\n".join([paths[0], "gone/a.mp4", paths[1]]).encode() + b"\n")   # a BOM
+    # a BOM first
+    listed.write_bytes(b"\xef\xbb\xbf"
+                       + "\n".join([paths[0], "gone/a.mp4", paths[1]]).encode() + b"\n")
     api = label_server(colours)
     try:
         folder = run_label([str(tmp_path / "v"), "--out", str(tmp_path / "a.jsonl"), "--api-base",
                             api.url, "--max-failures-in-a-row", "3"])
-        listing = run_label([str(listed), "--out", str(tmp_path / "b.jsonl"), "--api-base", api.url])
+        listing = run_label([str(listed), "--out", str(tmp_path / "b.jsonl"),
+                             "--api-base", api.url])
         (tmp_path / "gone").mkdir()
         # the path is fixed: a rerun labels it
         os.link(paths[0], tmp_path / "gone" / "a.mp4")
@@ -304,7 +321,8 @@ def test_unreadable_files_do_not_stop_a_run_and_missing_ones_are_not_done(tmp_pa
     assert listing.returncode == 0 and again.returncode == 0
     rows = {os.path.basename(os.path.dirname(r["video"])) + "/" + os.path.basename(r["video"]): r
             for r in read_rows(str(tmp_path / "b.jsonl"))}
-    assert len(rows) == 3 and all("caption" in r for r in rows.values()) and "1 already done" not in again.stderr
+    assert len(rows) == 3 and all("caption" in r for r in rows.values())
+    assert "1 already done" not in again.stderr
 
 
 def test_a_symlinked_output_is_one_file_with_one_lock(tmp_path):
@@ -321,17 +339,21 @@ def test_a_symlinked_output_is_one_file_with_one_lock(tmp_path):
 
 
 def test_outputs_that_are_not_files_and_clean_into_its_own_input(tmp_path):
-    (tmp_path / "labels.jsonl").write_text(json.dumps({"video": "a", "caption": "A cat."}) + "\n"
-                                           + json.dumps({"video": "b", "error": "x", "code": "unreadable_video"}) + "\n")
+    rows = [{"video": "a", "caption": "A cat."},
+            {"video": "b", "error": "x", "code": "unreadable_video"}]
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = (tmp_path / "labels.jsonl").read_text()
+    labels = str(tmp_path / "labels.jsonl")
     cases = [("label.py", [str(tmp_path), "--out", "/dev/null"]),
-             ("label.py", ["clean", str(tmp_path / "labels.jsonl"), "--out", str(tmp_path / "labels.jsonl")]),
+             ("label.py", ["clean", labels, "--out", labels]),
              ("label.py", [str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--rpm", "1e-300"])]
     for tool, args in cases:
         r = run_main(tool, args, env={"DASHSCOPE_API_KEY": KEY})
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
-    assert (tmp_path / "labels.jsonl").read_text() == before and not os.path.exists("/dev/null.lock")
+        assert r.returncode == 1 and len(lines) == 1, (args, r.stderr)
+        assert lines[0].startswith("error: "), (args, r.stderr)
+    assert (tmp_path / "labels.jsonl").read_text() == before
+    assert not os.path.exists("/dev/null.lock")
     # clean into an output another run holds
     with Appender(str(tmp_path / "busy.jsonl")):
         r = run_tool("label.py",
