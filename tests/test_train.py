@@ -1,5 +1,6 @@
-"""train.py on tiny random models (fp32, CPU): it learns, 2 ranks == 1 process, resume == no interruption,
-frozen stays frozen, checkpointing changes no gradient, the export captions and loads in peft."""
+"""train.py on tiny random models (fp32, CPU): it learns, 2 ranks == 1 process, resume == no
+interruption, frozen stays frozen, checkpointing changes no gradient, the export captions and loads
+in peft."""
 
 import json
 import os
@@ -20,10 +21,11 @@ from helpers import TEXT, VISION, make_tokenizer, tiny_checkpoint
 from tools import ROOT, free_port, run_command, run_tool
 from videos import write_video
 
-CAPTIONS = ["a red circle moves left then down", "the video shows a green square sliding to the right",
+CAPTIONS = ["a red circle moves left then down",
+            "the video shows a green square sliding to the right",
             "a blue background with a quick brown fox", "hello world new line here",
-            "system prompt you are a helpful assistant", "the quick brown dog jumps", "a green circle on blue",
-            "red square moves down"]
+            "system prompt you are a helpful assistant", "the quick brown dog jumps",
+            "a green circle on blue", "red square moves down"]
 
 
 def coloured(colour):
@@ -54,8 +56,9 @@ def world(tmp_path_factory):
 
 
 def train_args(world, out, *extra):
-    return ["--data", world["data"], "--video-root", str(world["dir"]), "--out", str(out), "--init-from-config",
-            world["config"], "--tokenizer", world["tok"], "--workers", "1", "--log-every", "1", *extra]
+    return ["--data", world["data"], "--video-root", str(world["dir"]), "--out", str(out),
+            "--init-from-config", world["config"], "--tokenizer", world["tok"], "--workers", "1",
+            "--log-every", "1", *extra]
 
 
 def run(args, nproc=1, **kw):
@@ -75,14 +78,17 @@ def losses(out):
 
 @pytest.mark.slow
 def test_loss_falls_on_a_tiny_set(world, tmp_path):
-    run(train_args(world, tmp_path / "all", "--train-all", "--max-steps", "100", "--batch-size", "4", "--lr", "1e-2",
-                   "--warmup-steps", "5", "--weight-decay", "0", "--log-every", "1"))
+    run(train_args(world, tmp_path / "all", "--train-all", "--max-steps", "100", "--batch-size",
+                   "4", "--lr", "1e-2", "--warmup-steps", "5", "--weight-decay", "0",
+                   "--log-every", "1"))
     curve = losses(tmp_path / "all")
     assert len(curve) == 100 and curve[-1] < 0.1 * curve[0]
     # the report's recipe (LoRA on q_proj, k_proj + projector) from a checkpoint folder, via --model
     ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=2)
-    args = [a for a in train_args(world, tmp_path / "lora") if a not in ("--init-from-config", world["config"])]
-    run(args + ["--model", ckpt, "--max-steps", "40", "--batch-size", "4", "--lr", "1e-2", "--lora-r", "8"])
+    args = [a for a in train_args(world, tmp_path / "lora") if a not in ("--init-from-config",
+                                                                         world["config"])]
+    run(args + ["--model", ckpt, "--max-steps", "40", "--batch-size", "4", "--lr", "1e-2",
+                "--lora-r", "8"])
     curve = losses(tmp_path / "lora")
     assert curve[-1] < 0.65 * curve[0]
 
@@ -96,8 +102,10 @@ def weights(folder):
 
 @pytest.mark.slow
 def test_two_ranks_train_the_same_weights_as_one_process(world, tmp_path):
-    common = ["--max-steps", "3", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--grad-accum", "2"]
-    one = run(train_args(world, tmp_path / "one", "--batch-size", "2", "--export", str(tmp_path / "e1"), *common))
+    common = ["--max-steps", "3", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0",
+              "--grad-accum", "2"]
+    one = run(train_args(world, tmp_path / "one", "--batch-size", "2", "--export",
+                         str(tmp_path / "e1"), *common))
     two = run(train_args(world, tmp_path / "two", "--batch-size", "1", "--export",
                          str(tmp_path / "e2"), "--activation-checkpointing", "on", *common), 2)
     w1, w2 = weights(tmp_path / "e1"), weights(tmp_path / "e2")
@@ -107,12 +115,14 @@ def test_two_ranks_train_the_same_weights_as_one_process(world, tmp_path):
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-5), k
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
-    assert "2 process(es), global batch 4" in two.stderr and "1 process(es), global batch 4" in one.stderr
+    assert "2 process(es), global batch 4" in two.stderr
+    assert "1 process(es), global batch 4" in one.stderr
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
-    common = ["--max-steps", "8", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2"]
+    common = ["--max-steps", "8", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "4",
+              "--save-every", "2"]
     run(train_args(world, tmp_path / "straight", "--export", str(tmp_path / "e_straight"), *common))
     out = tmp_path / "killed"
     args = train_args(world, out, "--export", str(tmp_path / "e_resumed"), *common)
@@ -124,27 +134,34 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not (out / "checkpoints" / "step_00000008").exists()
-    (out / "checkpoints" / "step_00000099.tmp").mkdir(exist_ok=True)        # a save that a kill cut short
+    # a save that a kill cut short
+    (out / "checkpoints" / "step_00000099.tmp").mkdir(exist_ok=True)
     run(args + ["--resume"])
     steps = [m["step"] for m in read_rows(str(out / "metrics.jsonl")) if "loss" in m]
-    assert steps == list(range(1, 9))                                       # the steps redone are logged once
+    # the steps redone are logged once
+    assert steps == list(range(1, 9))
     a, b = weights(tmp_path / "e_straight"), weights(tmp_path / "e_resumed")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004", "step_00000006",
+                                                       "step_00000008"]
     saved = os.listdir(out / "checkpoints" / "step_00000008")
-    assert {"adapter_model.safetensors", "adapter_config.json", "projector.safetensors", "state.json"} <= set(saved)
+    assert {"adapter_model.safetensors", "adapter_config.json", "projector.safetensors",
+            "state.json"} <= set(saved)
 
 
 
 @pytest.mark.slow
 def test_two_ranks_resume_from_an_older_checkpoint(world, tmp_path):
-    """Under FSDP2 each rank reloads its shards of the trainable weights and of the optimizer state."""
-    common = ["--max-steps", "4", "--batch-size", "1", "--lr", "1e-2", "--lora-r", "4", "--save-every", "2"]
+    """Under FSDP2 each rank reloads its shards of the trainable weights and of the optimizer
+    state."""
+    common = ["--max-steps", "4", "--batch-size", "1", "--lr", "1e-2", "--lora-r", "4",
+              "--save-every", "2"]
     out = tmp_path / "run"
     args = train_args(world, out, *common)
     run(args + ["--export", str(tmp_path / "e_straight")], 2)
-    shutil.rmtree(out / "checkpoints" / "step_00000004")           # as if killed after step 2's checkpoint
+    # as if killed after step 2's checkpoint
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
     resumed = run(args + ["--export", str(tmp_path / "e_resumed"), "--resume"], 2)
     assert "steps 2..4" in resumed.stderr
     a, b = weights(tmp_path / "e_straight"), weights(tmp_path / "e_resumed")
@@ -159,12 +176,16 @@ def test_only_what_the_mode_unfreezes_changes(world, tmp_path, mode):
     run(train_args(world, tmp_path / "o", "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2",
                    "--lora-r", "4", "--export", str(tmp_path / "e"), *flags))
     from config import Config
-    start = PLLaVA.from_config(Config.from_dict(json.load(open(world["config"]))), seed=0).state_dict()
+    start = PLLaVA.from_config(Config.from_dict(json.load(open(world["config"]))),
+                               seed=0).state_dict()
     after = weights(tmp_path / "e")
     assert any("lora_" in k for k in after) == (mode == "lora")
-    unused = ("vision_tower.vision_model.encoder.layers.2.", "vision_tower.vision_model.post_layernorm.")  # after -2
+    # after layer -2
+    unused = ("vision_tower.vision_model.encoder.layers.2.",
+              "vision_tower.vision_model.post_layernorm.")
     for k, v in start.items():
-        learns = {"lora": k.startswith("multi_modal_projector"), "--full-finetune": not k.startswith("vision_tower"),
+        learns = {"lora": k.startswith("multi_modal_projector"),
+                  "--full-finetune": not k.startswith("vision_tower"),
                   "--train-all": not k.startswith(unused)}[mode]
         assert torch.equal(after[k], v) != learns, k
 
@@ -175,7 +196,8 @@ def test_activation_checkpointing_gives_the_same_gradients(world, monkeypatch):
     from lora import add_lora
     from model import PLLaVA
     calls, forward = [], model_py.Block.forward
-    monkeypatch.setattr(model_py.Block, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    monkeypatch.setattr(model_py.Block, "forward",
+                        lambda self, *a: calls.append(1) or forward(self, *a))
     model = PLLaVA.from_config(Config.from_dict(json.load(open(world["config"]))), seed=0)
     add_lora(model.language_model, r=4, alpha=8, dropout=0.0)
     for n, p in model.named_parameters():
@@ -191,16 +213,18 @@ def test_activation_checkpointing_gives_the_same_gradients(world, monkeypatch):
         model.zero_grad()
         calls.clear()
         model(ids, pixels, labels=labels).backward()
-        assert len(calls) == TEXT["num_hidden_layers"] * (2 if on else 1)   # recomputed in backward when on
+        # recomputed in backward when on
+        assert len(calls) == TEXT["num_hidden_layers"] * (2 if on else 1)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4 * TEXT["num_hidden_layers"] + 4
     for n in grads[0]:
-        assert grads[0][n].abs().sum() > 0 and torch.allclose(grads[0][n], grads[1][n], atol=1e-7), n
+        assert grads[0][n].abs().sum() > 0, n
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-7), n
 
 
 def test_loss_counts_answer_tokens_only(world):
-    """model(..., labels) equals the cross-entropy of the full logits at the answer positions alone; a
-    sample whose prompt differs has its labels in the same places with the same values."""
+    """model(..., labels) equals the cross-entropy of the full logits at the answer positions alone;
+    a sample whose prompt differs has its labels in the same places with the same values."""
     from config import Config
     from training.dataset import collate
     from model import PLLaVA
@@ -214,13 +238,16 @@ def test_loss_counts_answer_tokens_only(world):
                           skipped=None) for ids, labels in (a, b)], pad_id=401)
     pixels = torch.randn(2, 4, 3, 28, 28)
     loss = model(batch["ids"], pixels, labels=batch["labels"])
-    logits = model(batch["ids"], pixels)                               # (B, L + 15, V): 16 visual tokens
+    # (B, L + 15, V): 16 visual tokens
+    logits = model(batch["ids"], pixels)
     rows = []
     for ids, labels in zip(batch["ids"], batch["labels"]):
-        p = ids.tolist().index(400)                                    # the <image> slot: no loss there
+        # the <image> slot: no loss there
+        p = ids.tolist().index(400)
         rows.append(torch.cat([labels[:p], torch.full((16,), -100), labels[p + 1:]]))
     full_labels = torch.stack(rows)
-    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 402), full_labels[:, 1:].reshape(-1))
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 402),
+                                             full_labels[:, 1:].reshape(-1))
     assert torch.allclose(loss, want, rtol=1e-5)
 
 
@@ -238,12 +265,16 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
     assert {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors",
             "tokenizer.model", "tokenizer_config.json", "prompt.json"} <= set(os.listdir(export))
     from tokenizer import QUESTION, SYSTEM, load_prompt
-    assert load_prompt(str(export)) == {"question": QUESTION, "system": SYSTEM, "template": "vicuna"}   # caption.py's default
+    # caption.py's default
+    assert load_prompt(str(export)) == {"question": QUESTION, "system": SYSTEM,
+                                        "template": "vicuna"}
     umask = os.umask(0o022)
     os.umask(umask)
-    assert all(os.stat(export / f).st_mode & 0o777 == 0o666 & ~umask for f in os.listdir(export))   # as any new file
-    r = run_tool("caption.py", [world["dir"] / "v0.mp4", "--model", export, "--out", tmp_path / "c.jsonl",
-                                "--max-new-tokens", "5"])
+    # as any new file
+    assert all(os.stat(export / f).st_mode & 0o777 == 0o666 & ~umask for f in os.listdir(export))
+    r = run_tool("caption.py",
+                 [world["dir"] / "v0.mp4", "--model", export, "--out", tmp_path / "c.jsonl",
+                  "--max-new-tokens", "5"])
     assert r.returncode == 0, r.stderr
     assert read_rows(str(tmp_path / "c.jsonl"))[0]["tokens"] >= 1
     ours = PLLaVA.from_pretrained(str(export))
@@ -255,8 +286,8 @@ def test_export_captions_and_loads_in_peft(world, tmp_path):
         want = peft(inputs_embeds=x).logits
         got = ours.language_model.lm_head(ours.language_model(x, torch.arange(12)[None]))
     assert ((got - want).abs().max() / want.abs().max()) < 1e-5
-    # a model folder's own preprocessor_config.json is what training normalizes with and what its export
-    # carries to caption.py, whatever --tokenizer names
+    # a model folder's own preprocessor_config.json is what training normalizes with and what its
+    # export carries to caption.py, whatever --tokenizer names
     pre = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
     (export / "preprocessor_config.json").write_text(json.dumps(pre))
     from training import trainable
@@ -273,12 +304,15 @@ def test_data_shapes_images_and_unreadable_videos(world, tmp_path):
     d = world["dir"]
     write_image(str(tmp_path / "still.png"), np.full((48, 64, 3), 90, np.uint8))
     open(tmp_path / "broken.mp4", "w").write("not a video")
-    rows = {"labels.jsonl": [{"video": str(d / "v0.mp4"), "caption": "a"}, {"video": "x.mp4", "error": "HTTP 400"},
+    rows = {"labels.jsonl": [{"video": str(d / "v0.mp4"), "caption": "a"},
+                             {"video": "x.mp4", "error": "HTTP 400"},
                              {"video": str(tmp_path / "broken.mp4"), "caption": "never read"}],
-            "qa.jsonl": [{"video": str(d / "v1.mp4"), "QA": [{"i": "Watch.", "q": "what?", "a": "b"},
-                                                              {"i": "", "q": "then?", "a": "c"}]}],
-            "llava.jsonl": [{"image": str(tmp_path / "still.png"), "conversations": [
-                {"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "d"}]}]}
+            "qa.jsonl": [{"video": str(d / "v1.mp4"),
+                          "QA": [{"i": "Watch.", "q": "what?", "a": "b"},
+                                 {"i": "", "q": "then?", "a": "c"}]}],
+            "llava.jsonl": [{"image": str(tmp_path / "still.png"),
+                             "conversations": [{"from": "human", "value": "<image>\nwhat is it?"},
+                                               {"from": "gpt", "value": "d"}]}]}
     paths = []
     for name, lines in rows.items():
         paths.append(str(tmp_path / name))
@@ -287,91 +321,18 @@ def test_data_shapes_images_and_unreadable_videos(world, tmp_path):
     assert dropped == 1 and len(samples) == 4 and bad == []
     assert samples[2][2:] == ([("what?", "b"), ("then?", "c")], "Watch.", None)
     assert samples[3][1] is True and samples[3][2] == [("what is it?", "d")]
-    r = run(train_args(world, tmp_path / "o", "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--lora-r", "4",
-                       "--data", ",".join(paths), "--eval-data", world["data"], "--eval-every", "1"))
+    r = run(train_args(world, tmp_path / "o", "--max-steps", "2", "--batch-size", "2", "--lr",
+                       "1e-3", "--lora-r", "4", "--data", ",".join(paths), "--eval-data",
+                       world["data"], "--eval-every", "1"))
     assert "skipped: " + str(tmp_path / "broken.mp4") in r.stderr
     metrics = read_rows(str(tmp_path / "o" / "metrics.jsonl"))
-    assert metrics[-2]["skipped"] == 1 and "eval_loss" in metrics[-1] and metrics[-1]["eval_loss"] > 0
-
-
-def run_failing(args):
-    r = run_tool("train.py", args)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, \
-        r.stderr[-3000:]
-    return lines[0]
-
-
-@pytest.mark.slow
-def test_broken_rows_are_reported_with_file_and_line_and_left_out(world, tmp_path):
-    good = open(world["data"], "rb").read()
-    data = tmp_path / "mixed.jsonl"
-    data.write_bytes(good + b'{"video": "v0.mp4", "caption": 7}\n' + b'{"video": ["v0.mp4"], "caption": "a"}\n'
-                     + b'{"video": "v1.mp4", "caption": "caf\xe9"}\n' + b'[1, 2]\n'
-                     + b'{"video": "v1.mp4", "QA": "not a list"}\n' + b'[' * 100000 + b'\n'
-                     + b'{"video": "v2.mp4", "caption": "cut')
-    r = run(train_args(world, tmp_path / "o", "--max-steps", "1", "--batch-size", "2", "--lora-r",
-                       "4", "--data", str(data)))
-    warning = next(line for line in r.stderr.splitlines() if line.startswith("warning:"))
-    assert "6 broken rows left out" in warning and f"{data}:9:" in warning and f"{data}:10:" in warning
-    assert "8 samples (7 rows left out)" in r.stderr
-    bad_only = tmp_path / "bad.jsonl"
-    bad_only.write_bytes(b'{"video": "v0.mp4", "caption": 7}\n\xff\n')
-    assert "no rows to train on" in run_failing(train_args(world, tmp_path / "o2", "--data", str(bad_only)))
-
-
-@pytest.mark.slow
-def test_a_rerun_into_a_finished_out_refuses_at_once_and_resume_of_nothing_says_so(world, tmp_path):
-    out = tmp_path / "o"
-    args = train_args(world, out, "--max-steps", "2", "--batch-size", "2", "--lora-r", "4")
-    r = run(args + ["--resume"])
-    assert "holds no checkpoint: starting at step 0" in r.stderr
-    t0 = time.monotonic()
-    line = run_failing(args)
-    assert "already holds checkpoints (newest: step_00000002)" in line and "--resume" in line
-    assert time.monotonic() - t0 < 30
-    # nothing in a checkpoint is unpickled by our code: RNG in safetensors, the step in JSON
-    ckpt = out / "checkpoints" / "step_00000002"
-    assert sorted(f for f in os.listdir(ckpt) if not f.endswith(".distcp")) == [
-        ".metadata", "adapter_config.json", "adapter_model.safetensors", "projector.safetensors", "rng_0.safetensors",
-        "state.json"]
-    assert set(load_file(str(ckpt / "rng_0.safetensors"))) == {"cpu"}
-
-
-@pytest.mark.parametrize("problem", ["missing data", "missing model", "bad config", "no video exists",
-                                     "export over the model", "missing eval data", "fewer samples than a step",
-                                     "LoRA targets nothing"])
-def test_user_errors_are_one_line(world, tmp_path, problem):
-    """Each is one `error:` line before the model loads (run_failing: no traceback)."""
-    args = train_args(world, tmp_path / "o", "--max-steps", "1")
-    if problem == "missing eval data":
-        args += ["--eval-data", str(tmp_path / "nope.jsonl")]
-    elif problem == "fewer samples than a step":
-        args += ["--batch-size", "9"]
-    elif problem == "LoRA targets nothing":
-        args += ["--lora-targets", "qproj", "--batch-size", "2"]
-    elif problem == "missing data":
-        args[args.index("--data") + 1] = str(tmp_path / "nope.jsonl")
-    elif problem == "no video exists":   # labels made elsewhere, relative paths: nothing to train on
-        args[args.index("--video-root") + 1] = str(tmp_path)
-    elif problem == "export over the model":
-        ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=2)
-        i = args.index("--init-from-config")
-        args[i:i + 2] = ["--model", ckpt, "--export", ckpt]
-    elif problem == "missing model":
-        i = args.index("--init-from-config")
-        args[i:i + 2] = ["--model", str(tmp_path / "no-model")]
-    else:
-        (tmp_path / "c.json").write_text(json.dumps({"num_frames": 0}))
-        args[args.index("--init-from-config") + 1] = str(tmp_path / "c.json")
-    line = run_failing(args)
-    assert not (tmp_path / "o" / "metrics.jsonl").exists()      # nothing started
-    if problem == "LoRA targets nothing":
-        assert "--lora-targets qproj" in line
+    assert metrics[-2]["skipped"] == 1
+    assert "eval_loss" in metrics[-1] and metrics[-1]["eval_loss"] > 0
 
 
 def test_training_on_rows_of_shots(world, tmp_path):
-    """Rows with start / end (caption.py or label.py --shots): frames are sampled inside each span."""
+    """Rows with start / end (caption.py or label.py --shots): frames are sampled inside each
+    span."""
     rows = [dict(r, start=s, end=s + 0.24) for r in read_rows(world["data"]) for s in (0.0, 0.24)]
     data = tmp_path / "shots.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -379,18 +340,11 @@ def test_training_on_rows_of_shots(world, tmp_path):
                        "4", "--data", str(data)))
     assert "16 samples (0 rows left out)" in r.stderr
     logged = [m for m in read_rows(str(tmp_path / "o" / "metrics.jsonl")) if "loss" in m]
-    assert len(logged) == 4 and all(np.isfinite(m["loss"]) for m in logged) and logged[-1]["skipped"] == 0
+    assert len(logged) == 4 and all(np.isfinite(m["loss"]) for m in logged)
+    assert logged[-1]["skipped"] == 0
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(dict(rows[0], start=0.3, end=0.1)) + "\n" + json.dumps(rows[1]) + "\n")
+    bad.write_text(json.dumps(dict(rows[0], start=0.3,
+                                   end=0.1)) + "\n" + json.dumps(rows[1]) + "\n")
     from training.dataset import read_samples
     samples, _, broken = read_samples([str(bad)], str(world["dir"]))
     assert len(samples) == 1 and samples[0][4] == (0.24, 0.48) and "start / end" in broken[0]
-
-
-@pytest.mark.parametrize("mode", ["--full-finetune", "--train-all"])
-def test_freeze_projector_is_refused_where_no_lora_trains(mode, capsys):
-    import train
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--data", "d.jsonl", "--out", "o", "--model", "m", "--freeze-projector", mode])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --freeze-projector"), lines

@@ -1,15 +1,18 @@
 """train.py against what stops a 16-GPU run on one row or one node: a decoder that hangs, a stream
 whose frame size changes, control tokens in a row, a --out each node sees alone, a schedule changed
-on resume, a prompt lost between runs; and the layout of many nodes and many cores."""
+on resume, a prompt lost between runs; the layout of many nodes and many cores; and a user's
+mistakes (broken rows, a finished --out, a missing input), each one line before anything loads."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from test_train import train_args, world  # noqa: F401  (the module's world fixture)
+from safetensors.torch import load_file
+from test_train import run, train_args, world  # noqa: F401  (the module's world fixture)
 
 from data import read_clip_frames
 from plumbing.jsonl import read_rows
@@ -17,7 +20,8 @@ from plumbing.workers import codec_threads, cores_per_rank
 from tokenizer import load_prompt, training_ids
 from training.trainable import mesh_shape
 
-from tools import ROOT, run_command, stop_a_decode_worker
+from helpers import tiny_checkpoint
+from tools import ROOT, run_command, run_tool, stop_a_decode_worker
 from videos import write_video
 
 
@@ -247,3 +251,96 @@ def test_an_out_that_each_node_sees_alone_is_refused_in_one_line(monkeypatch, tm
     with pytest.raises(ValueError, match="not the same folder on every node"):
         trainstate.check_shared_out(str(tmp_path), 1, 2)
     assert calls == [False]
+
+
+def run_failing(args):
+    r = run_tool("train.py", args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_broken_rows_are_reported_with_file_and_line_and_left_out(world, tmp_path):
+    good = open(world["data"], "rb").read()
+    data = tmp_path / "mixed.jsonl"
+    data.write_bytes(good + b'{"video": "v0.mp4", "caption": 7}\n'
+                     + b'{"video": ["v0.mp4"], "caption": "a"}\n'
+                     + b'{"video": "v1.mp4", "caption": "caf\xe9"}\n' + b'[1, 2]\n'
+                     + b'{"video": "v1.mp4", "QA": "not a list"}\n' + b'[' * 100000 + b'\n'
+                     + b'{"video": "v2.mp4", "caption": "cut')
+    r = run(train_args(world, tmp_path / "o", "--max-steps", "1", "--batch-size", "2", "--lora-r",
+                       "4", "--data", str(data)))
+    warning = next(line for line in r.stderr.splitlines() if line.startswith("warning:"))
+    assert "6 broken rows left out" in warning
+    assert f"{data}:9:" in warning and f"{data}:10:" in warning
+    assert "8 samples (7 rows left out)" in r.stderr
+    bad_only = tmp_path / "bad.jsonl"
+    bad_only.write_bytes(b'{"video": "v0.mp4", "caption": 7}\n\xff\n')
+    args = train_args(world, tmp_path / "o2", "--data", str(bad_only))
+    assert "no rows to train on" in run_failing(args)
+
+
+@pytest.mark.slow
+def test_a_rerun_into_a_finished_out_refuses_at_once_and_resume_of_nothing_says_so(world, tmp_path):
+    out = tmp_path / "o"
+    args = train_args(world, out, "--max-steps", "2", "--batch-size", "2", "--lora-r", "4")
+    r = run(args + ["--resume"])
+    assert "holds no checkpoint: starting at step 0" in r.stderr
+    t0 = time.monotonic()
+    line = run_failing(args)
+    assert "already holds checkpoints (newest: step_00000002)" in line and "--resume" in line
+    assert time.monotonic() - t0 < 30
+    # nothing in a checkpoint is unpickled by our code: RNG in safetensors, the step in JSON
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert sorted(f for f in os.listdir(ckpt) if not f.endswith(".distcp")) == [
+        ".metadata", "adapter_config.json", "adapter_model.safetensors", "projector.safetensors",
+        "rng_0.safetensors", "state.json"]
+    assert set(load_file(str(ckpt / "rng_0.safetensors"))) == {"cpu"}
+
+
+@pytest.mark.parametrize("problem",
+                         ["missing data", "missing model", "bad config", "no video exists",
+                          "export over the model", "missing eval data",
+                          "fewer samples than a step", "LoRA targets nothing"])
+def test_user_errors_are_one_line(world, tmp_path, problem):
+    """Each is one `error:` line before the model loads (run_failing: no traceback)."""
+    args = train_args(world, tmp_path / "o", "--max-steps", "1")
+    if problem == "missing eval data":
+        args += ["--eval-data", str(tmp_path / "nope.jsonl")]
+    elif problem == "fewer samples than a step":
+        args += ["--batch-size", "9"]
+    elif problem == "LoRA targets nothing":
+        args += ["--lora-targets", "qproj", "--batch-size", "2"]
+    elif problem == "missing data":
+        args[args.index("--data") + 1] = str(tmp_path / "nope.jsonl")
+    # labels made elsewhere, relative paths: nothing to train on
+    elif problem == "no video exists":
+        args[args.index("--video-root") + 1] = str(tmp_path)
+    elif problem == "export over the model":
+        ckpt = tiny_checkpoint(str(tmp_path / "ckpt"), seed=2)
+        i = args.index("--init-from-config")
+        args[i:i + 2] = ["--model", ckpt, "--export", ckpt]
+    elif problem == "missing model":
+        i = args.index("--init-from-config")
+        args[i:i + 2] = ["--model", str(tmp_path / "no-model")]
+    else:
+        (tmp_path / "c.json").write_text(json.dumps({"num_frames": 0}))
+        args[args.index("--init-from-config") + 1] = str(tmp_path / "c.json")
+    line = run_failing(args)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()      # nothing started
+    if problem == "LoRA targets nothing":
+        assert "--lora-targets qproj" in line
+
+
+
+@pytest.mark.parametrize("mode", ["--full-finetune", "--train-all"])
+def test_freeze_projector_is_refused_where_no_lora_trains(mode, capsys):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--data", "d.jsonl", "--out", "o", "--model", "m", "--freeze-projector",
+                          mode])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: --freeze-projector"), lines
