@@ -180,8 +180,8 @@ class Run:   # what set_up makes ready for the loop
 
 def set_up(s: Settings) -> Run:
     """Everything before the first step: what a user can get wrong checked before the model loads, the
-    process group, the samples (listed once, kept in --out), the memory plan, the model sharded over
-    the ranks, the optimizer, a checkpoint to resume from, the decoding processes."""
+    process group, the samples, the memory plan, the model sharded over the ranks, the optimizer, a
+    checkpoint to resume from, the decoding processes."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if s.init_from_config and not s.tokenizer:
@@ -205,8 +205,7 @@ def set_up(s: Settings) -> Run:
         check_shared_out(s.out, rank, world)   # node-local disks would lose other nodes' checkpoint shards
     else:   # a one-rank group of its own, so that one process runs the same FSDP2 code as many
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    # the samples, listed once by rank 0 (each rank's own view of a network disk may differ) and kept in
-    # --out, so that a resumed run sees the same list whatever has happened to the files since
+    # the samples listed once by rank 0 and kept in --out: a resume sees the same list, whatever the disk
     samples, dropped = shared(lambda: sample_list(s, resume_from), rank, world)
     eval_samples = shared(lambda: load_data(s.eval_data, s.video_root)[0], rank, world) if s.eval_data else None
     if len(samples) < per_step:
@@ -297,8 +296,8 @@ def log_step(r, s, step, micro, loss_sum, n_tokens, lr, norm, due, t0, began):
                "peak_mem_gb": peak_memory_gb(r.device), "skipped": r.stats["skipped"],
                "eta_min": (r.total - step - 1) * (time.perf_counter() - began) / (step + 1 - r.start) / 60}
         r.metrics.write(row)
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k,
-                       v in row.items()), flush=True, file=sys.stderr)
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+              flush=True, file=sys.stderr)
     return bool(due)
 
 
@@ -372,10 +371,8 @@ def parse_args(argv=None) -> Settings:
         meta = dict(f.metadata)
         group = source if meta.pop("source", None) else p
         name = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            group.add_argument(name, action="store_true", **meta)
-        else:
-            group.add_argument(name, default=f.default, **meta)
+        kind = dict(action="store_true") if f.type is bool else dict(default=f.default)
+        group.add_argument(name, **kind, **meta)
     s = Settings(**vars(p.parse_args(argv)))
     if not s.dry_run and not (s.data and s.out):
         p.error("--data and --out are required")
@@ -392,8 +389,11 @@ def parse_args(argv=None) -> Settings:
 
 def main(argv=None):
     s = parse_args(argv)
-    return cli.run(lambda: training_plan(s) if s.dry_run else train(s),
-                   (OSError, ValueError, hub.HubError, ModelFolderError, Busy))
+    try:   # a run that stops early leaves no process group behind (main called again in-process)
+        return cli.run(lambda: training_plan(s) if s.dry_run else train(s),
+                       (OSError, ValueError, hub.HubError, ModelFolderError, Busy))
+    finally:
+        dist.destroy_process_group() if dist.is_initialized() else None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from tokenizer import load_prompt, training_ids
 from training.trainable import mesh_shape
 
 from helpers import tiny_checkpoint
-from tools import ROOT, run_command, run_tool, stop_a_decode_worker
+from tools import ROOT, run_command, run_main, stop_a_decode_worker
 from videos import write_video
 
 
@@ -254,7 +254,8 @@ def test_an_out_that_each_node_sees_alone_is_refused_in_one_line(monkeypatch, tm
 
 
 def run_failing(args):
-    r = run_tool("train.py", args)
+    """train.py's main in this process (tools.run_main): what fails before the model loads."""
+    r = run_main("train.py", args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
     assert lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-3000:]
