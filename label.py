@@ -275,9 +275,9 @@ def audit_labels(args):
 
         def work(job):   # a refusal, a cut or looping reading is no reading: counted in the report
             row = label_one(run.client, args, prompt, run.tries, run.settings, job)
-            if "caption" in row and unusable(row):
-                row = {**identify(job), "error": f"the second source's reading: {unusable(row)}",
-                       "status": 200, "code": unusable(row), "settings": run.settings}
+            if why := "caption" in row and unusable(row):
+                row = {**identify(job), "error": f"the second source's reading: {why}",
+                       "status": 200, "code": why, "settings": run.settings}
             return {**row, "teacher": labels[key_of(job)]["caption"]} if "settings" in row else row
         run.ask(out, todo, work, len(todo), already=len(mine) - len(todo))
     report = checks.audit_report(iter_rows(args.out), args.model)

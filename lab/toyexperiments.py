@@ -81,8 +81,6 @@ def ablations(args, out, data, stage1, stage2, steps, batch, evaluate, results, 
     say("ablations: on true captions, and int8")
 
 
-
-
 OTHER_FRAMES = [k - 2 for k in TEACHER_FRAMES]   # 0, 4, 8, 12: the four between the teacher's own
 
 
@@ -163,7 +161,6 @@ def cleaning(
         )
 
 
-
 AUDIT_SHARE, SECOND_PRICE = 0.05, 1.0   # the audit's sample; the second source's price per token
 
 
@@ -184,11 +181,9 @@ def audit(args, out, data, stage1, steps, batch, evaluate, results, say, files, 
     def student(name, labels, calls=1.0, cost=1.0, extra=()):
         """Stage 2 again on `labels` (a file, cleaned by label.py clean [extra] first)."""
         tag = re.sub(r"\W+", "_", name).strip("_")
-        cleaned = clean(labels, os.path.join(world, f"{tag}_clean.jsonl"),
-                        os.path.join(logs, f"{tag}_clean.log"), extra)
-        model = os.path.join(out, f"stage2_{tag}")
-        seconds = train(model, os.path.join(world, f"{tag}_clean.jsonl"),
-                        ["--model", stage1, "--prompt", VIDEO_Q], steps, batch, 2e-3,
+        path, model = os.path.join(world, f"{tag}_clean.jsonl"), os.path.join(out, f"stage2_{tag}")
+        cleaned = clean(labels, path, os.path.join(logs, f"{tag}_clean.log"), extra)
+        seconds = train(model, path, ["--model", stage1, "--prompt", VIDEO_Q], steps, batch, 2e-3,
                         os.path.join(logs, f"stage2_{tag}.log"), args.seed)
         evaluate(name, model, on_stills=False)
         results[name].update({"calls a video": round(calls, 3), "price in teacher calls":

@@ -154,12 +154,12 @@ def audit_report(rows, second: str, least=2, top=20) -> str:
     """What a person reads before paying for training on the labels: how far the teacher and the
     second source agree (word pairs, checks.agreement; the mean with its 95% interval over the
     sampled videos), and the teacher's consistent differences from it, ranked."""
-    rows, without = list(rows), collections.Counter()
-    for r in rows:
-        if not (isinstance(r.get("caption"), str) and isinstance(r.get("teacher"), str)):
-            without[r.get("code") or "no reading"] += 1
-    rows = [r for r in rows if r.get("code") is None and isinstance(r.get("caption"), str)
-            and isinstance(r.get("teacher"), str)]
+    def read(r):   # both readings, neither of them an error row
+        return r.get("code") is None and all(isinstance(r.get(k), str)
+                                             for k in ("caption", "teacher"))
+    rows = list(rows)
+    without = collections.Counter(r.get("code") or "no reading" for r in rows if not read(r))
+    rows = [r for r in rows if read(r)]
     missing = (f"; {sum(without.values())} sampled labels without a usable reading ("
                + ", ".join(f"{code} {n}" for code, n in without.most_common()) + ")"
                if without else "")
