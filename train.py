@@ -2,7 +2,8 @@
 
     python train.py --data labels.jsonl --model llava-hf/llava-v1.6-vicuna-7b-hf --out runs/anime
     torchrun --nproc_per_node=8 train.py ...                      one node
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 train.py ...
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 train.py
+    ...
 
 The model is sharded with FSDP2 over the processes (training/trainable.py; NCCL on GPUs, gloo on
 CPUs; one process is a one-rank mesh, several nodes HSDP): each decoder block and the vision tower
@@ -18,7 +19,6 @@ the mean over the answer tokens of the global batch: 1 process or N, one global 
 
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -36,13 +36,15 @@ from plumbing.workers import cores_per_rank
 from tokenizer import TEMPLATES, Tokenizer, prompt_for
 from training.dataset import Batches, StepSampler, TrainSet, eval_keys, load_data
 from training.trainable import mesh_shape, preprocessing_folder, probe, recompute, setup_model
-from training.trainstate import (barrier, check_out, check_resumable, check_shared_out, collective_timeout, export,
-                                 init_process_group, load_checkpoint, restarts, sample_list, save_checkpoint, shared)
+from training.steplog import all_sum, answer_tokens, log_step
+from training.trainstate import (check_out, check_resumable, check_shared_out, collective_timeout,
+                                 finish, init_process_group, load_checkpoint, restarts,
+                                 sample_list, save_checkpoint, shared)
 from weights import RELEASES, ModelFolderError
 
 
 def flag(default=None, help="", **kw):
-    """A setting and its command-line flag (--lora-r for lora_r): the help, and argparse's type / choices."""
+    """A setting and its command-line flag (--lora-r for lora_r): its help, type, choices."""
     return field(default=default, metadata=dict(help=help, **kw))
 
 
@@ -52,67 +54,90 @@ class Settings:
     # what it learns from, and where it writes
     data: str = flag(help="training JSONL file(s), comma-separated (required)")
     eval_data: str = flag(help="JSONL file(s) for the eval loss")
-    video_root: str = flag(help="the folder the rows' video names (or relative paths) are inside on this machine")
+    video_root: str = flag(
+        help="the folder the rows' video names (or relative paths) are inside on this machine")
     out: str = flag(help="checkpoints, logs and metrics go here (required)")
     # the model it starts from, and what of it trains (the report's split: LoRA + projector)
-    model: str = flag(help=f"a release ({', '.join(RELEASES)}), a llava-v1.6 / PLLaVA folder or hub id", source=1)
+    model: str = flag(
+        help=f"a release ({', '.join(RELEASES)}), a llava-v1.6 / PLLaVA folder or hub id", source=1)
     init_from_config: str = flag(help="a config.json: random weights (for small models)", source=1)
     tokenizer: str = flag(help="folder with the tokenizer files (default: the model folder)")
     full_finetune: bool = flag(False, "train the whole LLM (and projector), no LoRA")
     train_all: bool = flag(False, "train everything, vision tower too, no LoRA")
-    freeze_projector: bool = flag(False, "LoRA alone learns: the projector stays as it was (alpha 0 is then the "
-                                         "model started from)")
-    lora_r: int = flag(help=f"LoRA rank (default: {lora.R}, or the model's adapter's)", type=cli.positive_int)
-    lora_alpha: float = flag(help=f"LoRA alpha; its share is alpha / r (default: {lora.ALPHA:g}, or a model's own adapter's)", type=cli.non_negative)
+    freeze_projector: bool = flag(
+        False, "LoRA alone learns: the projector stays as it was (alpha 0 is then the model it "
+               "started from)")
+    lora_r: int = flag(
+        help=f"LoRA rank (default: {lora.R}, or the model's adapter's)", type=cli.positive_int)
+    lora_alpha: float = flag(
+        help=f"LoRA alpha; its share is alpha / r (default: {lora.ALPHA:g}, or the adapter's)",
+        type=cli.non_negative)
     lora_dropout: float = flag(lora.DROPOUT, "dropout on the LoRA input", type=cli.non_negative)
-    lora_targets: str = flag(help=f"the language model's linear layers that get LoRA, comma-separated: a "
-                                  f"layer's last name or its full name (default: {','.join(lora.TARGETS)})")
+    lora_targets: str = flag(
+        help=f"the language model's linear layers that get LoRA, comma-separated: a layer's last "
+             f"name or its full name (default: {','.join(lora.TARGETS)})")
     # the samples
-    frames: int = flag(help="frames per video (default: the model's num_frames)", type=cli.positive_int)
-    prompt: str = flag(help="the instruction paired with a plain caption (default: the model folder's "
-                            "prompt.json, which --export writes, else PLLaVA's detailed-caption question)")
+    frames: int = flag(
+        help="frames per video (default: the model's num_frames)", type=cli.positive_int)
+    prompt: str = flag(
+        help="the instruction paired with a plain caption (default: the model folder's "
+             "prompt.json, which --export writes, else PLLaVA's detailed-caption question)")
     system: str = flag(help="the system line of the prompt (default: prompt.json's, else PLLaVA's)")
-    template: str = flag(help="default: prompt.json's, else from the tokenizer", choices=sorted(TEMPLATES))
-    max_text_tokens: int = flag(1024, "text tokens per sample, longer ones cut (the visual ones apart)",
-                                type=cli.positive_int)
+    template: str = flag(
+        help="default: prompt.json's, else from the tokenizer", choices=sorted(TEMPLATES))
+    max_text_tokens: int = flag(
+        1024, "text tokens per sample, longer ones cut (the visual ones apart)",
+        type=cli.positive_int)
     # the optimization
     batch_size: int = flag(12, "videos per GPU (or process) per micro-batch", type=cli.positive_int)
     grad_accum: int = flag(1, "micro-batches per optimizer step", type=cli.positive_int)
-    max_steps: int = flag(help="optimizer steps (default: --epochs' worth); a resumed run keeps its own",
-                          type=cli.positive_int)
+    max_steps: int = flag(
+        help="optimizer steps (default: --epochs' worth); a resumed run keeps its own",
+        type=cli.positive_int)
     epochs: float = flag(1.0, "used when --max-steps is not given", type=cli.positive)
     lr: float = flag(2e-5, "peak learning rate (cosine schedule)", type=cli.positive)
     min_lr: float = flag(0.0, "learning rate at the end of the schedule", type=cli.non_negative)
     warmup_steps: int = flag(0, "linear warm-up steps", type=cli.count)
-    weight_decay: float = flag(0.02, "AdamW's, on weights of 2 dimensions or more", type=cli.non_negative)
+    weight_decay: float = flag(
+        0.02, "AdamW's, on weights of 2 dimensions or more", type=cli.non_negative)
     clip: float = flag(1.0, "gradient norm clip (0: none)", type=cli.non_negative)
     seed: int = flag(0, "of the LoRA weights, the data order and the frames sampled", type=int)
     # memory, and the plan of it
-    activation_checkpointing: str = flag("auto", "recompute each layer in the backward pass instead of keeping "
-                                         "its activations; auto: on when the run would not fit the GPU without it "
-                                         "(memory.training), off on a CPU", choices=["auto", "on", "off"])
-    dry_run: bool = flag(False, "print the memory each GPU needs (estimated, and one step rehearsed on fake "
-                                "tensors) and stop")
-    gpus: int = flag(help="the GPUs a --dry-run plans for (default: $WORLD_SIZE, else 1; $LOCAL_WORLD_SIZE: those "
-                          "of a node)", type=cli.positive_int)
-    card_gb: float = flag(help="a GPU's memory, for the plan (default: this GPU's, or 80)", type=cli.positive)
+    activation_checkpointing: str = flag(
+        "auto", "recompute each layer in the backward pass instead of keeping its activations; "
+                "auto: on when the run would not fit the GPU without it (memory.training), off on "
+                "a CPU",
+        choices=["auto", "on", "off"])
+    dry_run: bool = flag(
+        False, "print the memory each GPU needs (estimated, and one step rehearsed on fake "
+               "tensors) and stop")
+    gpus: int = flag(
+        help="the GPUs a --dry-run plans for (default: $WORLD_SIZE, else 1; $LOCAL_WORLD_SIZE: "
+             "those of a node)", type=cli.positive_int)
+    card_gb: float = flag(
+        help="a GPU's memory, for the plan (default: this GPU's, or 80)", type=cli.positive)
     # decoding the videos
-    workers: int = flag(help="video decoding processes per rank (default: this rank's share of the cores, at "
-                             "most 4)", type=cli.positive_int)
-    decode_timeout: float = flag(300.0, "seconds allowed to read one sample's frames (longer: a stand-in, "
-                                        "reported)", type=cli.positive)
+    workers: int = flag(
+        help="video decoding processes per rank (default: this rank's share of the cores, at "
+             "most 4)",
+        type=cli.positive_int)
+    decode_timeout: float = flag(
+        300.0, "seconds allowed to read one sample's frames (longer: a stand-in, reported)",
+        type=cli.positive)
     decode_memory: float = flag(8.0, "GiB a decoding process may use", type=cli.positive)
     # logs, checkpoints, the result
     log_every: int = flag(10, "steps between log lines", type=cli.positive_int)
     eval_every: int = flag(0, "steps between eval losses (0: none)", type=cli.count)
     save_every: int = flag(0, "a checkpoint every this many steps too (0: none)", type=cli.count)
-    save_minutes: float = flag(30.0, "a checkpoint every this many minutes (a lost node, a preemption loses at "
-                                     "most that)", type=cli.positive)
+    save_minutes: float = flag(
+        30.0, "a checkpoint every this many minutes (a lost node, a preemption loses at most that)",
+        type=cli.positive)
     keep: int = flag(3, "checkpoints to keep", type=cli.positive_int)
     resume: bool = flag(False, "continue from the newest checkpoint in --out")
     export: str = flag(help="write a model folder that caption.py loads")
-    export_dtype: str = flag(help="the exported weights' dtype (default: bf16 after a GPU run, fp32 after a CPU "
-                                  "one)", choices=["float32", "bfloat16", "float16"])
+    export_dtype: str = flag(
+        help="the exported weights' dtype (default: bf16 after a GPU run, fp32 after a CPU one)",
+        choices=["float32", "bfloat16", "float16"])
 
 
 def train(s: Settings):
@@ -131,7 +156,7 @@ def train(s: Settings):
             group["lr"] = lr
         loss_sum = 0.0
         for i, batch in enumerate(micro):
-            model.set_requires_gradient_sync(i == len(micro) - 1)   # reduce once per step, after the last
+            model.set_requires_gradient_sync(i == len(micro) - 1)   # reduce after the last only
             loss = run_micro(model, batch, r.device, r.mean, r.std)
             # FSDP averages gradients over ranks; scaled so, the sum is the global token mean
             (loss * r.world / max(n_tokens, 1)).backward()
@@ -141,9 +166,10 @@ def train(s: Settings):
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        due = r.rank == 0 and time.perf_counter() - saved >= 60 * s.save_minutes   # rank 0's clock decides
+        due = r.rank == 0 and time.perf_counter() - saved >= 60 * s.save_minutes   # rank 0 decides
         due = log_step(r, s, step, micro, loss_sum, n_tokens, lr, float(norm), due, t0, began)
-        if r.evaluation and s.eval_every and ((step + 1) % s.eval_every == 0 or step == r.total - 1):
+        eval_due = s.eval_every and ((step + 1) % s.eval_every == 0 or step + 1 == r.total)
+        if r.evaluation and eval_due:
             eval_loss = evaluate(model, r.evaluation, r.device, r.world, r.mean, r.std)
             if r.metrics:
                 r.metrics.write({"step": step + 1, "eval_loss": eval_loss})
@@ -179,20 +205,22 @@ class Run:   # what set_up makes ready for the loop
 
 
 def set_up(s: Settings) -> Run:
-    """Everything before the first step: what a user can get wrong checked before the model loads, the
-    process group, the samples, the memory plan, the model sharded over the ranks, the optimizer, a
-    checkpoint to resume from, the decoding processes."""
+    """Everything before the first step: what a user can get wrong checked before the model loads,
+    the process group, the samples, the memory plan, the model sharded over the ranks, the
+    optimizer, a checkpoint to resume from, the decoding processes."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if s.init_from_config and not s.tokenizer:
         raise ValueError("--init-from-config needs --tokenizer FOLDER")
     restarted = restarts()
     if restarted and not s.resume and rank == 0:   # torchrun --max-restarts, or a Slurm requeue
-        print(f"note: {restarted}: resuming from the newest checkpoint in {s.out}", file=sys.stderr, flush=True)
+        print(f"note: {restarted}: resuming from the newest checkpoint in {s.out}",
+              file=sys.stderr, flush=True)
     s.resume = s.resume or bool(restarted)
     resume_from = check_out(s.out, s.resume) if s.resume or rank == 0 else None
     if s.resume and not resume_from and rank == 0:
-        print(f"note: --resume, but {s.out} holds no checkpoint: starting at step 0", file=sys.stderr, flush=True)
+        print(f"note: --resume, but {s.out} holds no checkpoint: starting at step 0",
+              file=sys.stderr, flush=True)
     per_step = s.batch_size * world * s.grad_accum
     if resume_from:
         check_resumable(resume_from, per_step, world)
@@ -202,29 +230,35 @@ def set_up(s: Settings) -> Run:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1:
         init_process_group(backend, collective_timeout(s))
-        check_shared_out(s.out, rank, world)   # node-local disks would lose other nodes' checkpoint shards
+        check_shared_out(s.out, rank, world)   # a node-local --out would lose other nodes' shards
     else:   # a one-rank group of its own, so that one process runs the same FSDP2 code as many
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    # the samples listed once by rank 0 and kept in --out: a resume sees the same list, whatever the disk
+    # the samples listed once by rank 0 and kept in --out: a resume sees the same list, whatever
+    # the disk holds then
     samples, dropped = shared(lambda: sample_list(s, resume_from), rank, world)
-    eval_samples = shared(lambda: load_data(s.eval_data, s.video_root)[0], rank, world) if s.eval_data else None
+    eval_samples = None
+    if s.eval_data:
+        eval_samples = shared(lambda: load_data(s.eval_data, s.video_root)[0], rank, world)
     if len(samples) < per_step:
-        raise ValueError(f"{len(samples)} samples are fewer than one step takes ({per_step}: --batch-size x "
-                         f"processes x --grad-accum)")
+        raise ValueError(f"{len(samples)} samples are fewer than one step takes "
+                         f"({per_step}: --batch-size x processes x --grad-accum)")
     total = s.max_steps or max(1, int(s.epochs * (len(samples) // per_step)))
     workers = s.workers or min(4, cores_per_rank())   # this rank's share of the node's cores
     folder = hub.resolve(RELEASES.get(s.model, s.model)) if s.model else None
     tok_folder = s.tokenizer or folder
     config, trainable = probe(s, folder)
-    shards = mesh_shape(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))[-1]   # HSDP: a node's GPUs
+    node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    shards = mesh_shape(world, node)[-1]   # HSDP: each shards over a node's GPUs
     checkpoints_on, need = memory.for_training(s, config, trainable, shards, device.type == "cuda")
     if rank == 0 and device.type == "cuda":
-        print(f"memory per GPU: {need['total']:.1f} GB ({memory.describe(need)}), activation checkpointing "
-              f"{'on' if checkpoints_on else 'off'}", file=sys.stderr, flush=True)
-    if s.export and any(f and os.path.exists(s.export) and os.path.samefile(s.export, f) for f in (folder, tok_folder)):
-        raise ValueError(f"--export {s.export} is the folder training starts from: export somewhere else")
+        print(f"memory per GPU: {need['total']:.1f} GB ({memory.describe(need)}), activation "
+              f"checkpointing {'on' if checkpoints_on else 'off'}", file=sys.stderr, flush=True)
+    starts = [f for f in (folder, tok_folder) if f]
+    if s.export and os.path.exists(s.export) and any(os.path.samefile(s.export, f) for f in starts):
+        raise ValueError(f"--export {s.export} is the folder training starts from: "
+                         f"export somewhere else")
     tok = Tokenizer(tok_folder)
-    prompt = prompt_for(folder, tok, s.prompt, s.system, s.template)   # the start folder's, unless flags
+    prompt = prompt_for(folder, tok, s.prompt, s.system, s.template)   # the folder's, or the flags'
     if rank == 0:
         print(f"prompt: {prompt['source']}: {prompt['question'][:80]!r} ({prompt['template']})",
               file=sys.stderr, flush=True)
@@ -238,83 +272,42 @@ def set_up(s: Settings) -> Run:
         state = load_checkpoint(model, optimizer, resume_from, rank)
         start, stats = state["step"], {"skipped": state.get("skipped", 0)}
         if state.get("total_steps", total) != total:
-            raise ValueError(f"this run's schedule has {state['total_steps']} steps, --max-steps / --epochs now "
-                             f"give {total}: resume with the same, or train more as a new run from its --export")
+            raise ValueError(f"this run's schedule has {state['total_steps']} steps, --max-steps / "
+                             f"--epochs now give {total}: resume with the same, or train more as "
+                             f"a new run from its --export")
     pad = tok.pad_id if tok.pad_id is not None else 0
     decode = dict(workers=workers, timeout=s.decode_timeout, memory_gb=s.decode_memory)
     trainset = TrainSet(samples, tok, prompt, frames, size, s.seed, "random", s.max_text_tokens)
-    batches = iter(Batches(trainset, StepSampler(len(samples), s.batch_size, s.grad_accum, rank, world, s.seed,
-                                                 start, total), pad, **decode))
+    order = StepSampler(len(samples), s.batch_size, s.grad_accum, rank, world, s.seed, start, total)
+    batches = iter(Batches(trainset, order, pad, **decode))
     evaluation = None
     if eval_samples:
-        evalset = TrainSet(eval_samples, tok, prompt, frames, size, s.seed, "middle", s.max_text_tokens)
+        evalset = TrainSet(eval_samples, tok, prompt, frames, size, s.seed, "middle",
+                           s.max_text_tokens)
         keys = eval_keys(len(eval_samples), rank, world)
-        evaluation = Batches(evalset, [keys[i:i + s.batch_size] for i in range(0, len(keys), s.batch_size)],
-                             pad, **{**decode, "workers": min(workers, 2)})
-    pre = preprocessing_folder(folder, tok_folder)
-    mean, std = mean_std(pre)   # and the export carries its preprocessor_config.json: caption.py normalizes alike
+        chunks = [keys[i:i + s.batch_size] for i in range(0, len(keys), s.batch_size)]
+        evaluation = Batches(evalset, chunks, pad, **{**decode, "workers": min(workers, 2)})
+    pre = preprocessing_folder(folder, tok_folder)   # the export carries it: caption.py reads it
+    mean, std = mean_std(pre)
     if rank == 0:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        print(f"{len(samples)} samples ({dropped} rows left out), {world} process(es), global batch {per_step}, "
-              f"steps {start}..{total}; training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters; "
-              f"{workers} decoding processes per rank", flush=True, file=sys.stderr)
+        print(f"{len(samples)} samples ({dropped} rows left out), {world} process(es), "
+              f"global batch {per_step}, steps {start}..{total}; training {n_train / 1e6:.2f}M "
+              f"of {n_all / 1e6:.2f}M parameters; {workers} decoding processes per rank",
+              flush=True, file=sys.stderr)
         steps = f" and every {s.save_every} steps" if s.save_every else ""
         print(f"checkpoints every {s.save_minutes:g} minutes{steps}"
-              f" and at the end, in {s.out}/checkpoints (--save-minutes, --save-every)", file=sys.stderr, flush=True)
-    metrics = Appender(os.path.join(s.out, "metrics.jsonl"), truncate=not resume_from) if rank == 0 else None
+              f" and at the end, in {s.out}/checkpoints (--save-minutes, --save-every)",
+              file=sys.stderr, flush=True)
+    metrics = None
+    if rank == 0:
+        metrics = Appender(os.path.join(s.out, "metrics.jsonl"), truncate=not resume_from)
     if metrics and resume_from:   # the rows of steps after the checkpoint are done again: they go
-        metrics.resume(lambda row: (row.get("step"), "eval_loss" in row), lambda row: row.get("step", 0) <= start)
+        metrics.resume(lambda row: (row.get("step"), "eval_loss" in row),
+                       lambda row: row.get("step", 0) <= start)
     return Run(model, optimizer, batches, evaluation, metrics, device, rank, world, start, total,
                per_step, stats, mean, std, tok_folder, pre, prompt)
-
-
-def answer_tokens(micro, step, r):
-    """The answer tokens of the whole global batch: the loss is their mean."""
-    n_tokens, = all_sum([sum((b["labels"][:, 1:] != -100).sum().item() for b in micro)], r.world, r.device)
-    if n_tokens == 0 and r.rank == 0:
-        print(f"warning: step {step + 1} has no answer tokens to learn from (is --max-text-tokens shorter "
-              f"than the prompt?)", flush=True, file=sys.stderr)
-    return n_tokens
-
-
-def log_step(r, s, step, micro, loss_sum, n_tokens, lr, norm, due, t0, began):
-    """The skipped samples said, the step's figures summed over the ranks and logged (rank 0, every
-    --log-every steps and the last); whether a checkpoint is due, as rank 0 says."""
-    skipped = [reason for b in micro for reason in b["skipped"]]
-    for reason in skipped:
-        print(f"skipped: {reason}", flush=True, file=sys.stderr)
-    loss_sum, n_skip, n_videos, n_seq, due = all_sum(
-        [loss_sum, len(skipped), sum(len(b["ids"]) for b in micro),
-         sum(b["ids"].numel() + len(b["ids"]) * (r.model.config.num_visual_tokens - 1) for b in micro), float(due)],
-        r.world, r.device)
-    r.stats["skipped"] += int(n_skip)
-    dt = time.perf_counter() - t0
-    if r.rank == 0 and (step % s.log_every == 0 or step == r.total - 1):
-        row = {"step": step + 1, "loss": loss_sum / max(n_tokens, 1), "lr": lr, "grad_norm": norm,
-               "videos_per_s": n_videos / dt, "tokens_per_s": n_seq / dt, "step_s": dt,
-               "peak_mem_gb": peak_memory_gb(r.device), "skipped": r.stats["skipped"],
-               "eta_min": (r.total - step - 1) * (time.perf_counter() - began) / (step + 1 - r.start) / 60}
-        r.metrics.write(row)
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-              flush=True, file=sys.stderr)
-    return bool(due)
-
-
-def finish(r, s):
-    """The last checkpoint, the export, and the process group closed once every rank is done."""
-    if r.total > r.start:
-        save_checkpoint(r.model, r.optimizer, s, r.total, r.state(), r.rank, r.world)
-    if s.export:
-        dtype = getattr(torch, s.export_dtype) if s.export_dtype else \
-            (torch.bfloat16 if r.device.type == "cuda" else torch.float32)
-        export(r.model, s, r.tok_folder, r.pre, r.rank, dtype, r.prompt)
-    if r.metrics:
-        r.metrics.close()
-        print(f"done: checkpoint {s.out}/checkpoints/step_{r.total:08d}, metrics {r.metrics.path}"
-              f"{', model ' + s.export if s.export else ''}", flush=True, file=sys.stderr)
-    barrier(r.world)   # no rank leaves while another is still in a collective (rank 0 exporting)
-    dist.destroy_process_group()
 
 
 def make_optimizer(model, args):
@@ -322,8 +315,9 @@ def make_optimizer(model, args):
     for p in model.parameters():
         if p.requires_grad:   # biases and norm weights (1-D) are not decayed
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
 
 
 def lr_at(step, args, total):
@@ -331,12 +325,14 @@ def lr_at(step, args, total):
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))   # 1 at the start, 0 at the end
+    return args.min_lr + (args.lr - args.min_lr) * cosine
 
 
 def run_micro(model, batch, device, mean, std):
     pixels = normalize(batch["frames"], mean, std, device)
-    return model(batch["ids"].to(device), pixels, labels=batch["labels"].to(device), loss_reduction="sum")
+    labels = batch["labels"].to(device)
+    return model(batch["ids"].to(device), pixels, labels=labels, loss_reduction="sum")
 
 
 def evaluate(model, batches, device, world, mean, std):
@@ -349,19 +345,6 @@ def evaluate(model, batches, device, world, mean, std):
     model.train()
     total, count = all_sum([total, count], world, device)
     return total / max(count, 1)
-
-
-def all_sum(values, world, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
 
 
 def parse_args(argv=None) -> Settings:

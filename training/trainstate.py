@@ -255,6 +255,22 @@ def export(model, args, tokenizer_folder, preprocessing_folder, rank, dtype, pro
     save_prompt(args.export, prompt["question"], prompt["system"], prompt["template"])
 
 
+def finish(r, s):
+    """The last checkpoint, the export, and the process group closed once every rank is done."""
+    if r.total > r.start:
+        save_checkpoint(r.model, r.optimizer, s, r.total, r.state(), r.rank, r.world)
+    if s.export:
+        dtype = getattr(torch, s.export_dtype) if s.export_dtype else \
+            (torch.bfloat16 if r.device.type == "cuda" else torch.float32)
+        export(r.model, s, r.tok_folder, r.pre, r.rank, dtype, r.prompt)
+    if r.metrics:
+        r.metrics.close()
+        print(f"done: checkpoint {s.out}/checkpoints/step_{r.total:08d}, metrics {r.metrics.path}"
+              f"{', model ' + s.export if s.export else ''}", flush=True, file=sys.stderr)
+    barrier(r.world)   # no rank leaves while another is still in a collective (rank 0 exporting)
+    dist.destroy_process_group()
+
+
 def init_process_group(backend, timeout):
     """torchrun's ranks joined, in a namespace of the store of their own attempt: after a restart,
     the ranks must not find the addresses that the ranks of the attempt before (one of them dead)
