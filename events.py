@@ -18,20 +18,24 @@ import json
 import numpy as np
 
 EXTRACT_VERSION, ENTAIL_VERSION = "events-v1", "entail-v1"
-EXTRACT = """Video description:
-{caption}
-
-List the events of this description: each one short sentence saying who or what does what, in the order they
-happen, at most {n}. Answer with a JSON object {{"events": ["...", "..."]}}."""   # noqa: E501 (the prompt)
-ENTAIL = """Video description:
-{caption}
-
-Events:
-{events}
-
-For each event, answer whether the description above entails it (says it happened), contradicts it (says
-something that cannot be true together with it), or neither (neutral). Answer with a JSON object
-{{"verdicts": ["entailed" | "neutral" | "contradicted", ...]}}, one verdict per event, in order."""   # noqa: E501
+EXTRACT = ("Video description:\n"
+           "{caption}\n"
+           "\n"
+           "List the events of this description: each one short sentence saying who or what does "
+           "what, in the order they\n"
+           'happen, at most {n}. Answer with a JSON object {{"events": ["...", "..."]}}.')
+ENTAIL = ("Video description:\n"
+          "{caption}\n"
+          "\n"
+          "Events:\n"
+          "{events}\n"
+          "\n"
+          "For each event, answer whether the description above entails it (says it happened), "
+          "contradicts it (says\n"
+          "something that cannot be true together with it), or neither (neutral). Answer with a "
+          "JSON object\n"
+          '{{"verdicts": ["entailed" | "neutral" | "contradicted", ...]}}, one verdict per event, '
+          "in order.")
 LABELS = ("entailed", "neutral", "contradicted")
 
 

@@ -36,16 +36,18 @@ from plumbing.sources import paired
 PROMPT_VERSION = "judge-v1"
 SYSTEM = ("You evaluate video captions. You are given a ground-truth description of a video and a "
           "candidate caption of the same video. Judge only by meaning, not wording or length.")
-QUESTION = """Ground-truth description:
-{gt}
-
-Candidate caption:
-{pred}
-
-Answer with a JSON object with exactly these keys:
-"score": an integer from 0 to 5, the semantic similarity of the candidate to the ground truth (0: unrelated, 5: the same content);
-"correct": true if the candidate contradicts nothing in the ground truth and adds no content the ground truth does not support, else false;
-"reason": one short sentence."""   # noqa: E501 (the prompt's lines are the prompt: judge-v1)
+QUESTION = ("Ground-truth description:\n"
+            "{gt}\n"
+            "\n"
+            "Candidate caption:\n"
+            "{pred}\n"
+            "\n"
+            "Answer with a JSON object with exactly these keys:\n"
+            '"score": an integer from 0 to 5, the semantic similarity of the candidate to the '
+            "ground truth (0: unrelated, 5: the same content);\n"
+            '"correct": true if the candidate contradicts nothing in the ground truth and adds no '
+            "content the ground truth does not support, else false;\n"
+            '"reason": one short sentence.')
 
 
 def parse_args(argv=None):

@@ -1,10 +1,10 @@
 """Pseudo-label videos with a teacher model (Qwen-VL-Max) over plain HTTP, at million-video scale.
 
-    DASHSCOPE_API_KEY=... python label.py videos/ --out labels.jsonl [--concurrency 16 --rpm 600 --shard 0/8]
+    DASHSCOPE_API_KEY=... python label.py videos/ --out labels.jsonl [--concurrency 16 --rpm 600]
     python label.py clean labels.jsonl --out clean.jsonl
     DASHSCOPE_API_KEY=... python label.py verify labels.jsonl --out verified.jsonl
-    DASHSCOPE_API_KEY=... python label.py recheck labels.jsonl --student captions.jsonl --out rechecked.jsonl
-    KEY=... python label.py audit labels.jsonl --sample 500 --api-base URL --model SECOND --api-key-env KEY
+    DASHSCOPE_API_KEY=... python label.py recheck labels.jsonl --student captions.jsonl
+    K=... python label.py audit labels.jsonl --sample 500 --api-base URL --model M --api-key-env K
 
 `verify` shows the teacher a label's own frames again, its sentences numbered, and keeps those the
 frames support. `recheck` asks the teacher again, from --frames 16, for the --share (0.3) of labels
@@ -21,91 +21,104 @@ the requests in flight. A refused key, an empty account or a server that stays u
 run early (runner.Breaker). The rows are train.py data as they are.
 """
 
-import collections
-import contextlib
 import functools
 import os
 import sys
-import time
 
 import shots
 from data import UNREADABLE, VideoError
 from labelling import checks
 from labelling.clean import clean_file, strip_boilerplate, unusable
+from labelling.run import UNUSABLE, Run, identify, key_of
 from plumbing import cli
 from plumbing.cli import Stop
-from plumbing.client import FINAL_CODES, APIError, add_api_flags, api_client, failure_kind, frames_message
+from plumbing.client import FINAL_CODES, APIError, add_api_flags, failure_kind, frames_message
 from plumbing.jsonl import Busy, iter_rows
-from plumbing.outputs import Outputs, file_hash, settings_id
+from plumbing.outputs import file_hash
 from plumbing.redact import Redactor
-from plumbing.runner import run_items
 from plumbing.sources import find_videos, in_shard, names_of
-from plumbing.workers import RETRIED, PoolError, failure, imap_unordered
+from plumbing.workers import PoolError, failure
 
 DASHSCOPE = "https://dashscope.aliyuncs.com/compatible-mode/v1"
-PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describe the video in one detailed "
-          "paragraph: the setting, the characters and objects and how they look, what they do and "
-          "how that changes from frame to frame, the camera's movement, and the mood. Describe only "
-          "what is visible; do not guess names, sounds or anything outside the frames, and do not "
-          "mention frames or images.")
+PROMPT = ("These are {n} frames sampled evenly from one video, in order. Describe the video in "
+          "one detailed paragraph: the setting, the characters and objects and how they look, what "
+          "they do and how that changes from frame to frame, the camera's movement, and the mood. "
+          "Describe only what is visible; do not guess names, sounds or anything outside the "
+          "frames, and do not mention frames or images.")
+
+# The flags that make a row what it is: with the prompt (and the labels checked) they give every
+# row its "settings" id (plumbing/outputs.settings_id), and a rerun whose id differs refuses --out
+# (or --overwrite starts it again). A new flag that changes labels belongs here.
+LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens", "temperature",
+                  "shots", "window", "min_shot", "max_shot")
+SETTINGS = {"label": LABEL_SETTINGS, "verify": LABEL_SETTINGS,
+            "recheck": LABEL_SETTINGS + ("share",), "audit": LABEL_SETTINGS + ("sample", "saying")}
 
 
 def parse_args(argv=None, mode="label"):
-    p = cli.Parser(description="Label videos with an OpenAI-compatible vision model (`label.py clean FILE --out "
-                               "FILE` cleans the labels; `label.py verify FILE` checks them against "
-                               "their frames; `label.py recheck FILE --student CAPTIONS` asks again "
-                               "where a student disagrees).")
-    p.add_argument("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
-    p.add_argument("--out", help="the JSONL file the rows are appended to (default: labels.jsonl; verify: "
-                                 "the input's name with .verified.jsonl)")
+    p = cli.Parser(description="Label videos with an OpenAI-compatible vision model (`label.py "
+                               "clean FILE --out FILE` cleans the labels; `label.py verify FILE` "
+                               "checks them against their frames; `label.py recheck FILE --student "
+                               "CAPTIONS` asks again where a student disagrees).")
+    add = p.add_argument
+    add("source", help="a folder (searched recursively), a video file, or a list (.txt / .jsonl)")
+    add("--out", help="the JSONL file the rows are appended to (default: labels.jsonl; verify: "
+                      "the input's name with .verified.jsonl)")
     add_api_flags(p, DASHSCOPE, "qwen-vl-max", "DASHSCOPE_API_KEY", concurrency=16)
-    p.add_argument("--prompt", default=PROMPT, help="the instruction ({n}: the frame count)")
-    p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--frames", type=cli.positive_int, default=16 if mode == "recheck" else 4,
-                   help="frames sent per video (or shot), at the middles of equal segments (recheck: 16)")
-    p.add_argument("--frames-as", choices=["video", "images"], default="video",
-                   help="one Qwen 'video' part, or one image_url part per frame")
-    p.add_argument("--max-side", type=cli.positive_int, default=768, help="longest side of each JPEG, pixels")
-    p.add_argument("--jpeg-q", type=int, choices=range(2, 32), default=4, metavar="2..31",
-                   help="JPEG quantizer: 2 best .. 31 worst")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=1024, help="the answer's length, at most")
-    p.add_argument("--temperature", type=cli.non_negative, help="the API's sampling temperature (default: the API's own)")
-    p.add_argument("--workers", "--decode-workers", type=cli.positive_int, default=4, help="video decoding processes")
-    p.add_argument("--decode-timeout", type=cli.positive, default=300.0, help="seconds allowed to decode one video")
-    p.add_argument("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
+    # what the teacher is asked, and shown
+    add("--prompt", default=PROMPT, help="the instruction ({n}: the frame count)")
+    add("--prompt-file", help="read the prompt from this file")
+    add("--frames", type=cli.positive_int, default=16 if mode == "recheck" else 4,
+        help="frames sent per video (or shot), at the middles of equal segments (recheck: 16)")
+    add("--frames-as", choices=["video", "images"], default="video",
+        help="one Qwen 'video' part, or one image_url part per frame")
+    add("--max-side", type=cli.positive_int, default=768, help="longest side of each JPEG, pixels")
+    add("--jpeg-q", type=int, choices=range(2, 32), default=4, metavar="2..31",
+        help="JPEG quantizer: 2 best .. 31 worst")
+    add("--max-new-tokens", type=cli.positive_int, default=1024,
+        help="the answer's length, at most")
+    add("--temperature", type=cli.non_negative,
+        help="the API's sampling temperature (default: the API's own)")
+    # decoding the videos
+    add("--workers", "--decode-workers", type=cli.positive_int, default=4,
+        help="video decoding processes")
+    add("--decode-timeout", type=cli.positive, default=300.0,
+        help="seconds allowed to decode one video")
+    add("--decode-memory", type=cli.positive, default=8.0, help="GiB a decoding process may use")
     shots.add_flags(p)
-    p.add_argument("--shard", type=cli.shard, default="0/1",
-                   help="K/N: only the videos of shard K of N, by their names (the same on every node)")
-    p.add_argument("--video-root", help="verify, recheck: the folder the labels' video names are inside on this "
-                                        "machine (default: their paths as the labels write them)")
-    p.add_argument("--student", help="recheck: the student's captions (caption.py rows) of the labelled videos")
-    p.add_argument("--sample", type=cli.positive, default=500,
-                   help="audit: the labels asked of the second source: a share (1 or less; 1: all) or a count")
-    p.add_argument("--saying", help="audit: only among the labels that say this (a confusion to fix)")
-    p.add_argument("--share", type=cli.fraction, default=0.3,
-                   help="recheck: the share of labels asked again, those the student agrees with least")
-    p.add_argument("--overwrite", action="store_true",
-                   help="label everything again (also what --out holds from a run with other settings)")
-    p.add_argument("--retry-errors", action="store_true",
-                   help="try again the videos with a final error row too (moderation, unreadable)")
-    p.add_argument("--price-in", type=cli.non_negative, default=0.0, help="$ per million prompt tokens")
-    p.add_argument("--price-out", type=cli.non_negative, default=0.0, help="$ per million completion tokens")
+    add("--shard", type=cli.shard, default="0/1",
+        help="K/N: only the videos of shard K of N, by their names (the same on every node)")
+    # the modes that read labels
+    add("--video-root", help="verify, recheck: the folder the labels' video names are inside on "
+                             "this machine (default: their paths as the labels write them)")
+    add("--student",
+        help="recheck: the student's captions (caption.py rows) of the labelled videos")
+    add("--sample", type=cli.positive, default=500,
+        help="audit: the labels asked of the second source: a share (1 or less; 1: all) or a count")
+    add("--saying", help="audit: only among the labels that say this (a confusion to fix)")
+    add("--share", type=cli.fraction, default=0.3,
+        help="recheck: the share of labels asked again, those the student agrees with least")
+    # the run
+    add("--overwrite", action="store_true",
+        help="label everything again (also what --out holds from a run with other settings)")
+    add("--retry-errors", action="store_true",
+        help="try again the videos with a final error row too (moderation, unreadable)")
+    add("--price-in", type=cli.non_negative, default=0.0, help="$ per million prompt tokens")
+    add("--price-out", type=cli.non_negative, default=0.0,
+        help="$ per million completion tokens")
     args = p.parse_args(argv)
     if mode != "label":
-        ending = {"verify": ".verified.jsonl", "recheck": ".rechecked.jsonl", "audit": ".audit.jsonl"}[mode]
-        args.out = args.out or os.path.splitext(args.source)[0] + ending
-        if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.out, args.source):
-            p.error(f"--out {args.out} is the labels being checked: write the checked labels to another file")
+        ending = {"verify": ".verified", "recheck": ".rechecked", "audit": ".audit"}[mode]
+        args.out = args.out or os.path.splitext(args.source)[0] + ending + ".jsonl"
+        if os.path.exists(args.out) and os.path.exists(args.source) and \
+                os.path.samefile(args.out, args.source):
+            p.error(f"--out {args.out} is the labels being checked: write the checked labels to "
+                    f"another file")
     if mode == "recheck" and not args.student:
-        p.error("recheck needs --student CAPTIONS (caption.py's captions of the same videos by a model trained "
-                "on these labels)")
+        p.error("recheck needs --student CAPTIONS (caption.py's captions of the same videos by a "
+                "model trained on these labels)")
     args.out, args.mode = args.out or "labels.jsonl", mode
     return args
-
-
-def key_of(job):   # a job's (video name, shot or None): what its row is stored and resumed under
-    (video, shot, _), _ = job
-    return video.name, shot[0] if shot else None
 
 
 def label_one(client, args, prompt, tries, settings, job):
@@ -113,12 +126,6 @@ def label_one(client, args, prompt, tries, settings, job):
     (video, shot, _), urls = job
     row = _label_one(client, args, prompt, video, urls, tries.get(key_of(job), 0))
     return {**identify(job), **row, **({"settings": settings} if "caption" in row else {})}
-
-
-def identify(job):
-    """The fields of a job's row that say which video (and shot) it is for (runner.guarded)."""
-    (video, shot, _), _ = job
-    return shots.identity(video, shot)
 
 
 def _label_one(client, args, prompt, video, urls, tries_before=0):
@@ -141,22 +148,13 @@ def _label_one(client, args, prompt, video, urls, tries_before=0):
             "frames": args.frames, "usage": reply.usage, "finish_reason": reply.finish_reason}
 
 
-UNUSABLE = {"refused", "truncated", "degenerate loop"}   # an audit's reading that would repeat (clean.unusable)
-FILE_CODES = {UNREADABLE, "missing_video", *RETRIED}   # the file's trouble, which says nothing of the API
-
-
-def is_done(row, retry_errors=False):
-    """A caption, or (unless retry_errors) a final answer: content moderation, an unreadable video
-    (not a missing one: a wrong path is fixed, and the video labelled, by a rerun)."""
-    return "caption" in row or (not retry_errors and row.get("code") in FINAL_CODES | UNUSABLE | {UNREADABLE})
-
-
 def verify_one(client, args, labels, tries, settings, job):
     """((video, shot, _), data URLs) -> its label with the sentences its frames do not support
     taken out; "usage" is the check's own (the label's stays in "label_usage")."""
     (video, shot, _), urls = job
     if isinstance(urls, VideoError):
-        return {**identify(job), **_label_one(client, args, "", video, urls, tries.get(key_of(job), 0))}
+        return {**identify(job), **_label_one(client, args, "", video, urls,
+                                              tries.get(key_of(job), 0))}
     label = labels[key_of(job)]
     said = checks.sentences(label["caption"])
     listed = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(said))
@@ -171,22 +169,18 @@ def verify_one(client, args, labels, tries, settings, job):
         return {**identify(job), "error": f"unparsed: {client.scrub(reply.content, 200)}",
                 "status": 200, "code": "unparsed"}
     kept = [s for s, ok in zip(said, marks) if ok]
-    return {**label, **identify(job), "caption": " ".join(kept), "caption_original": label["caption"],
-            "sentences": len(said), "supported": len(kept), "verifier": reply.model or args.model,
-            "usage": reply.usage, "finish_reason": reply.finish_reason, "label_usage": label.get("usage"),
+    return {**label, **identify(job), "caption": " ".join(kept),
+            "caption_original": label["caption"], "sentences": len(said), "supported": len(kept),
+            "verifier": reply.model or args.model, "usage": reply.usage,
+            "finish_reason": reply.finish_reason, "label_usage": label.get("usage"),
             "settings": settings}
 
 
-VERBS = {"label": "labelled", "verify": "verified", "recheck": "labelled again", "audit": "audited"}
-LABEL_SETTINGS = ("frames", "frames_as", "max_side", "jpeg_q", "max_new_tokens", "temperature",
-                  "shots", "window", "min_shot", "max_shot")
-
-
 def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
-    """((video, shot, _), data URLs of more frames) -> a new label from them, cleaned as `label.py clean`
-    cleans one (boilerplate stripped), the old kept beside. A final "no" (a refusal, a video unreadable
-    from more frames) or a new label the cleaning would drop (refused in words, cut, a loop) keeps the
-    old label as it was, saying why: a good label is not lost to a worse one."""
+    """((video, shot, _), data URLs of more frames) -> a new label from them, cleaned as `label.py
+    clean` cleans one (boilerplate stripped), the old kept beside. A final "no" (a refusal, a video
+    unreadable from more frames) or a new label the cleaning would drop (refused in words, cut, a
+    loop) keeps the old label as it was, saying why: a good label is not lost to a worse one."""
     try:
         row = label_one(client, args, prompt, tries, settings, job)
     except APIError as e:   # refused outright (moderation): as final as a refusal in the reply
@@ -194,22 +188,25 @@ def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
             raise
         row = {"code": e.code}
     old = labels[key_of(job)]
-    if "caption" in row and unusable(row):   # cleaned as the first labels were: a refusal keeps the first
+    if "caption" in row and unusable(row):   # as `clean` would: a refusal keeps the first label
         row = {"code": unusable(row)}
     if "caption" in row:
-        return {**row, "caption": strip_boilerplate(row["caption"]), "caption_first": old["caption"],
-                "frames_first": old.get("frames"), "rechecked": True, "agreement": round(chosen[key_of(job)], 3)}
-    if row.get("code") in FINAL_CODES | {UNREADABLE, "refused", "truncated", "degenerate loop"}:
-        return {**old, **identify(job), "settings": settings, "rechecked": False, "recheck_refused": row["code"]}
+        return {**row, "caption": strip_boilerplate(row["caption"]),
+                "caption_first": old["caption"], "frames_first": old.get("frames"),
+                "rechecked": True, "agreement": round(chosen[key_of(job)], 3)}
+    if row.get("code") in FINAL_CODES | UNUSABLE | {UNREADABLE}:
+        return {**old, **identify(job), "settings": settings, "rechecked": False,
+                "recheck_refused": row["code"]}
     return row
 
 
 def label_videos(args):
-    """The videos of args.source, each labelled from --frames frames (or each of its shots, --shots)."""
-    prompt, run = teacher_prompt(args), Run(args, "label")
+    """The videos of args.source, each labelled from --frames frames (or each of its shots,
+    --shots)."""
+    prompt, run = teacher_prompt(args), Run(args, "label", SETTINGS["label"])
     found = find_videos(args.source)
     videos = [v for v in found if in_shard(v.name, args.shard)]
-    what = {"prompt": prompt, "mode": "label"}   # names_of: the rows of a run from before names, by their paths
+    what = {"prompt": prompt, "mode": "label"}   # names_of: the rows of a run from before names
     with run.outputs(what, names_of(found), {v.name: str(v) for v in videos}) as (out, done):
         if shots.finder(args):   # shots found in the decode workers, then each shot labelled alone
             todo = [v for v in videos if not shots.whole(v, done, out.shot_counts)]
@@ -222,12 +219,12 @@ def label_videos(args):
 
 
 def verify_labels(args):
-    """The labels of args.source, each shown to the teacher with its own frames: the sentences the frames
-    do not support are taken out."""
-    run = Run(args, "verify")
+    """The labels of args.source, each shown to the teacher with its own frames: the sentences the
+    frames do not support are taken out."""
+    run = Run(args, "verify", SETTINGS["verify"])
     labels, mine, what, names, here = _of_labels(args, "verify", checks.VERIFY)
     with run.outputs(what, names, here) as (out, done):
-        todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items() if k not in done]
+        todo = jobs_of(r for k, r in mine.items() if k not in done)
         rows = {k: checks.label_row(r) for k, r in labels.items()}
         work = functools.partial(verify_one, run.client, args, rows, run.tries, run.settings)
         run.ask(out, todo, work, len(todo), already=len(mine) - len(todo))
@@ -236,42 +233,45 @@ def verify_labels(args):
 def recheck_labels(args):
     """The --share of labels the student agrees with least, each labelled again from more frames
     (labelling/checks.py); the others copied as they are, with no request."""
-    prompt, run = teacher_prompt(args), Run(args, "recheck")
+    prompt, run = teacher_prompt(args), Run(args, "recheck", SETTINGS["recheck"])
     labels, mine, what, names, here = _of_labels(args, "recheck", prompt)
     chosen = checks.to_recheck(labels, checks.student_captions(args.student, labels), args.share)
-    chosen = {k: a for k, a in chosen.items() if k in mine}   # chosen among all labels: shards agree
+    chosen = {k: a for k, a in chosen.items() if k in mine}   # chosen among all: shards agree
     with run.outputs(what, names, here) as (out, done):
         copied = 0
         for k, r in mine.items():
             if k not in chosen and k not in done:
                 out.write({**checks.label_row(r), "settings": run.settings, "rechecked": False})
                 copied += 1
-        todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items() if k not in done and k in chosen]
+        todo = jobs_of(r for k, r in mine.items() if k not in done and k in chosen)
         rows = {k: checks.label_row(r) for k, r in labels.items()}
-        work = functools.partial(recheck_one, run.client, args, prompt, rows, chosen, run.tries, run.settings)
-        said = f"copied {copied} labels as they were; asked again {len(chosen)} of {len(mine)} labels from " \
-               f"{args.frames} frames ({{refused}} refused, their first label kept): " \
-               f"{1 + len(chosen) / max(len(mine), 1):.2f} teacher calls a label in all"
+        work = functools.partial(recheck_one, run.client, args, prompt, rows, chosen, run.tries,
+                                 run.settings)
+        said = f"copied {copied} labels as they were; asked again {len(chosen)} of {len(mine)} " \
+               f"labels from {args.frames} frames ({{refused}} refused, their first label " \
+               f"kept): {1 + len(chosen) / max(len(mine), 1):.2f} teacher calls a label in all"
         run.ask(out, todo, work, len(todo), already=len(mine) - len(todo) - copied, said=said)
 
 
 def audit_labels(args):
-    """A sample of the labels (--sample; --saying: among those that say it) labelled again by a second
-    source (--api-base / --model) from the same frames, and the report (checks.audit_report), on stderr
-    and beside --out (.report.txt): read it before paying for training; `label.py clean --fix` fixes
-    what it confirms."""
-    prompt, run = teacher_prompt(args), Run(args, "audit")
+    """A sample of the labels (--sample; --saying: among those that say it) labelled again by a
+    second source (--api-base / --model) from the same frames, and the report (checks.audit_report),
+    on stderr and beside --out (.report.txt): read it before paying for training; `label.py clean
+    --fix` fixes what it confirms."""
+    prompt, run = teacher_prompt(args), Run(args, "audit", SETTINGS["audit"])
     labels, mine, what, names, here = _of_labels(args, "audit", prompt)
     if any(checks.same_teacher(r.get("model"), args.model) for r in labels.values()):
-        raise ValueError(f"--model {args.model} made these labels: an audit asks a second source (another "
-                         f"--model, and its --api-base and --api-key-env)")
+        raise ValueError(f"--model {args.model} made these labels: an audit asks a second source "
+                         f"(another --model, and its --api-base and --api-key-env)")
     sample = checks.audit_sample(labels, args.sample, args.saying)
     mine = {k: mine[k] for k in sample if k in mine}   # chosen among all labels: shards agree
     made = {r.get("frames") for r in labels.values()} - {args.frames, None}   # said, not refused
-    note = f" (from {args.frames} frames, the labels from {made.pop()}: the frames differ too)" if made else ""
-    print(f"audit: {len(mine)} of {len(labels)} labels asked of {args.model}{note}", file=sys.stderr)
+    note = f" (from {args.frames} frames, the labels from {made.pop()}: the frames differ too)" \
+        if made else ""
+    print(f"audit: {len(mine)} of {len(labels)} labels asked of {args.model}{note}",
+          file=sys.stderr)
     with run.outputs(what, names, here) as (out, done):
-        todo = [(r["_video"], shots.shot_of(r), None) for k, r in mine.items() if k not in done]
+        todo = jobs_of(r for k, r in mine.items() if k not in done)
 
         def work(job):   # a refusal, a cut or looping reading is no reading: counted in the report
             row = label_one(run.client, args, prompt, run.tries, run.settings, job)
@@ -287,12 +287,20 @@ def audit_labels(args):
 
 
 def teacher_prompt(args):
-    prompt = open(args.prompt_file, encoding="utf-8").read().strip() if args.prompt_file else args.prompt
+    prompt = args.prompt
+    if args.prompt_file:
+        prompt = open(args.prompt_file, encoding="utf-8").read().strip()
     return prompt.replace("{n}", str(args.frames))
 
 
+def jobs_of(labels):
+    """A job for each label's video (or shot): its frames are decoded, then asked about."""
+    return [(r["_video"], shots.shot_of(r), None) for r in labels]
+
+
 def _of_labels(args, mode, prompt):
-    """The labels (all, this shard's), the settings (what is checked, against whom), the names by paths."""
+    """The labels (all, this shard's), the settings (what is checked, against whom), the names by
+    paths."""
     labels = checks.labelled_videos(args)
     if not labels:
         raise ValueError(f"{args.source}: no labelled rows in it (rows with a video and a caption)")
@@ -303,87 +311,10 @@ def _of_labels(args, mode, prompt):
     return labels, mine, what, names, {k[0]: str(r["_video"]) for k, r in labels.items()}
 
 
-class Run:
-    """What the modes share: the teacher's client, the decode workers, the --out file resumed under
-    the rows' settings id, the jobs run on threads (plumbing/runner.py), and the counts the summary says."""
-
-    def __init__(self, args, mode):
-        self.args, self.mode, self.client = args, mode, api_client(args)
-        self.decode = functools.partial(imap_unordered, workers=args.workers,
-                                        timeout=args.decode_timeout, buffer=2 * args.concurrency,
-                                        memory_gb=args.decode_memory, stop=self.client.stop)
-        self.stats = collections.Counter(cut=0) if shots.finder(args) and mode == "label" else collections.Counter()
-        self.failed, self.tries = collections.Counter(), {}
-
-    @contextlib.contextmanager
-    def outputs(self, what, names, here):
-        """(the --out file, {key: row} of what it holds done), resumed under the settings id of `what` and
-        the flags (self.settings); names: {path: name} of rows from before names; here: {name: path}."""
-        flags = LABEL_SETTINGS + {"recheck": ("share",), "audit": ("sample", "saying")}.get(self.mode, ())
-        self.settings = settings_id(self.args, None, what, names=flags)
-        with Outputs(self.args.out, overwrite=self.args.overwrite) as out:
-            key = functools.partial(shots.row_key, names=names)
-            yield out, out.resume(key, functools.partial(is_done, retry_errors=self.args.retry_errors),
-                                  self.settings, self.tries, here)
-        final = FINAL_CODES | UNUSABLE | {UNREADABLE}
-        retry = sum(n for kind, n in self.failed.items() if kind.split(" ", 1)[1] not in final)
-        if retry and not self.stats["done"]:   # a run that did nothing did not work, whatever stopped it
-            raise Stop(f"no video was {VERBS[self.mode]} and {retry} failed (see above); they are not marked done")
-
-    def ask(self, out, asked, work, n_todo, already, said=None):
-        """work(job) for every job of `asked`, its frames decoded first; every row written as it comes."""
-        args, stats, failed = self.args, self.stats, self.failed
-        jobs = self.decode(functools.partial(shots.shot_urls, n=args.frames,
-                                             max_side=args.max_side, q=args.jpeg_q), asked)
-        start = time.monotonic()
-
-        def seen(row):
-            if "error" in row:
-                failed[f"{row['status'] or '-'} {row['code']}"] += 1
-            else:
-                stats["done" if "recheck_refused" not in row else "refused"] += 1
-                usage = row.get("usage") if isinstance(row.get("usage"), dict) else {}
-                stats["in"] += usage.get("prompt_tokens", 0) if "recheck_refused" not in row else 0
-                stats["out"] += usage.get("completion_tokens", 0) if "recheck_refused" not in row else 0
-                stats["length"] += row.get("finish_reason") == "length"
-            progress(stats, stats["done"] + stats["refused"] + sum(failed.values()), n_todo,
-                     sum(failed.values()), start)
-        try:
-            run_items(self.client, jobs, work, args.concurrency, out, args.max_failures_in_a_row,
-                      identify, neutral=FILE_CODES, seen=seen)
-        finally:
-            summary(args, stats, failed, already, start, self.mode)
-            if said:
-                print(said.format(refused=stats["refused"]), file=sys.stderr)
-
-
-def progress(stats, finished, total, failed, start):
-    """Items answered (labels, or shots) of `total`; per shot, the ETA goes by the videos cut so
-    far."""
-    elapsed = max(time.monotonic() - start, 1e-9)
-    done, what = (stats["cut"], f"{finished} shots, {stats['cut']}/{total} videos cut") if "cut" in stats else \
-        (finished, f"{finished}/{total} labels")
-    eta = (total - done) * elapsed / done if done else float("inf")
-    print(f"\r{what}, {failed} failed, {finished / elapsed:.2f} a second, ETA {eta / 60:.1f} min ",
-          end="", file=sys.stderr, flush=True)
-
-
-def summary(args, stats, failed, already, start, mode="label"):
-    elapsed = time.monotonic() - start
-    n_failed = sum(failed.values())
-    cost = (stats["in"] * args.price_in + stats["out"] * args.price_out) / 1e6
-    retry = sum(n for kind, n in failed.items() if kind.split(" ", 1)[1] in RETRIED)
-    again = f" ({retry} to try again: a decoder time or memory limit, or its crash)" if retry else ""
-    kinds = " (" + ", ".join(f"{c} x {r}" for r, c in failed.most_common()) + ")" if failed else ""
-    print(f"\n{VERBS[mode]} {stats['done']} ({stats['length']} cut at --max-new-tokens), "
-          f"failed {n_failed}{again}{kinds}, "
-          f"{already} already done; tokens in {stats['in']}, out {stats['out']}, estimated cost "
-          f"${cost:.2f}; {elapsed:.1f} s, {(stats['done'] + n_failed) / max(elapsed, 1e-9):.2f} "
-          f"{'shots' if shots.finder(args) else 'videos'}/s", file=sys.stderr)
-
-
-# each mode over one Run; videos sharded and resumed by name, whatever the mount (plumbing/sources.py)
-MODES = {"label": label_videos, "verify": verify_labels, "recheck": recheck_labels, "audit": audit_labels}
+# each mode over one Run; videos sharded and resumed by name, whatever the mount
+# (plumbing/sources.py)
+MODES = {"label": label_videos, "verify": verify_labels, "recheck": recheck_labels,
+         "audit": audit_labels}
 
 
 def main(argv=None):

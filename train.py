@@ -1,9 +1,8 @@
 """Post-train PLLaVA the report's way: LoRA on the LLM plus the projector, everything else frozen.
 
     python train.py --data labels.jsonl --model llava-hf/llava-v1.6-vicuna-7b-hf --out runs/anime
-    torchrun --nproc_per_node=8 train.py ...                      one node
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 train.py
-    ...
+    torchrun --nproc_per_node=8 train.py ...        one node; on two, H is the first node's host:
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=H:29500 train.py ...
 
 The model is sharded with FSDP2 over the processes (training/trainable.py; NCCL on GPUs, gloo on
 CPUs; one process is a one-rank mesh, several nodes HSDP): each decoder block and the vision tower

@@ -25,7 +25,6 @@ from generate import Sampling, generate, pack_for_cpu, prefill
 from lab import measure
 from lab.measure import row, value
 from lab.synthetic import clip
-from lab.rehearse import counting_reads
 from quant import quantize_int8, weight_bytes
 
 SLOTS, VIDEOS = 8, 16
@@ -42,9 +41,11 @@ def same_weights(model):
 def videos(model, n, frames, seed=0):
     c, g = model.config, torch.Generator().manual_seed(seed)
     ids = [1] + [5 + i % 50 for i in range(40)] + [c.image_token_index] + [7, 8, 9]
-    device, dtype = model.language_model.model.embed_tokens.weight.device, next(model.vision_tower.parameters()).dtype
-    return [Item(i, ids, torch.randn(frames, 3, c.vision_config.image_size, c.vision_config.image_size,
-                                     generator=g).to(device, dtype)) for i in range(n)]
+    device = model.language_model.model.embed_tokens.weight.device
+    dtype = next(model.vision_tower.parameters()).dtype
+    size = c.vision_config.image_size
+    return [Item(i, ids, torch.randn(frames, 3, size, size, generator=g).to(device, dtype))
+            for i in range(n)]
 
 
 def bench_engine(ctx):
@@ -68,17 +69,20 @@ def bench_engine(ctx):
         prefills, t0 = 0.0, time.perf_counter()
         for k in range(0, n, SLOTS):
             batch = items[k:min(k + SLOTS, n)]
-            ids, pixels = torch.tensor([it.ids for it in batch], device=a.device), torch.stack([it.pixels for it in batch])
+            ids = torch.tensor([it.ids for it in batch], device=a.device)
+            pixels = torch.stack([it.pixels for it in batch])
             sync()
             p0 = time.perf_counter()
             x, _, _ = model.prepare(ids, pixels)   # the batch's prefill timed alone, to take it out
             lm = model.language_model
             lm.setup_cache(len(batch), x.shape[1])
-            prefill(lm, x, torch.arange(x.shape[1], device=a.device)[None].expand(len(batch), -1), None)
+            positions = torch.arange(x.shape[1], device=a.device)[None].expand(len(batch), -1)
+            prefill(lm, x, positions, None)
             lm.clear_cache()
             sync()
             prefills += time.perf_counter() - p0
-            generate(model, ids, pixels, sampling=Sampling(max_new_tokens=max(lengths[k:k + SLOTS]), stop_ids=()))
+            generate(model, ids, pixels,
+                     sampling=Sampling(max_new_tokens=max(lengths[k:k + SLOTS]), stop_ids=()))
         sync()
         # the prefills counted once, as generate does them
         total = time.perf_counter() - t0 - prefills
@@ -114,7 +118,8 @@ def bench_engine(ctx):
         static(SLOTS // 2), continuous(SLOTS // 2)   # warm-up: a short run of each
         whole = {"static": [], "continuous": []}
         result = measure.compare(continuous, static, a.device, repeats=3, warmup=0)
-        ends = {"ours": measure.spread(whole["continuous"]), "reference": measure.spread(whole["static"]),
+        ends = {"ours": measure.spread(whole["continuous"]),
+                "reference": measure.spread(whole["static"]),
                 "pair_ratios": [s / c for s, c in zip(whole["static"], whole["continuous"])]}
         batched = measure.compare(prefilled(engine_module.PREFILL_TOKENS), prefilled(1), a.device,
                                   repeats=3, warmup=0)
@@ -123,11 +128,13 @@ def bench_engine(ctx):
             row(f"{name}: end to end", "videos/s", ends, VIDEOS),
             value("continuous batching: share of decode row-steps spent on finished rows", "%",
                   100 * stats["finished_row_steps"] / max(stats["row_steps"], 1)),
-            row("continuous: arrivals prefilled together (ours) vs one a pass, whole run", "videos/s", batched, VIDEOS),
+            row("continuous: arrivals prefilled together (ours) vs one a pass, whole run",
+                "videos/s", batched, VIDEOS),
             *[value(f"continuous: prefill share of the time, {what}", "%", 100 * min(shares[k]))
-              for what, k in (("one video a pass", 1), ("arrivals together", engine_module.PREFILL_TOKENS))],
-            *[value(f"continuous vs static: decode steps of the schedules for {n} such videos (computed, not timed)",
-                    "x", schedule_ratio(n)) for n in (VIDEOS, 128)]]
+              for what, k in (("one video a pass", 1),
+                              ("arrivals together", engine_module.PREFILL_TOKENS))],
+            *[value(f"continuous vs static: decode steps of the schedules for {n} such videos "
+                    f"(computed, not timed)", "x", schedule_ratio(n)) for n in (VIDEOS, 128)]]
 
 
 def schedule_ratio(n, seed=0):
@@ -146,28 +153,33 @@ def bench_int8(ctx):
     """int8 weights (quant.py) against the fp32 path caption.py runs (packed on a CPU), same
     weights."""
     a, model = ctx["args"], ctx["model"]
-    fp = model.language_model if a.device != "cpu" else pack_for_cpu(copy.deepcopy(model.language_model))
+    fp = model.language_model   # what caption.py runs: packed on a CPU
+    if a.device == "cpu":
+        fp = pack_for_cpu(copy.deepcopy(model.language_model))
     q8 = int8_copy(model.language_model)
     rows = [value("int8 weights / fp32 weights, the language model", "x",
                   weight_bytes(q8) / weight_bytes(model.language_model))]
     with torch.no_grad():
         x = measure.embeddings(ctx, 1, 32)
-        want = model.language_model.lm_head(model.language_model(x, torch.arange(32, device=a.device)[None]))
-        got = q8.lm_head(q8(x, torch.arange(32, device=a.device)[None]))
+        positions = torch.arange(32, device=a.device)[None]
+        want = model.language_model.lm_head(model.language_model(x, positions))
+        got = q8.lm_head(q8(x, positions))
         rows.append(value("int8: max |logit error| / max |logit|, 32 positions", "x",
                           float((got - want).abs().max() / want.abs().max())))
         for batch in (1, 8):
             x = measure.embeddings(ctx, batch, ctx["context"])
             result = measure.compare(measure.our_decoder(q8, x, ctx["new_tokens"], None, a.device),
-                                     measure.our_decoder(fp, x, ctx["new_tokens"], None, a.device), a.device, a.repeats)
+                                     measure.our_decoder(fp, x, ctx["new_tokens"], None, a.device),
+                                     a.device, a.repeats)
             q8.clear_cache()
             fp.clear_cache()
-            rows.append(row(f"decode int8 (ours) vs fp32{' packed' if a.device == 'cpu' else ''}, batch {batch}",
-                            "tokens/s", result, batch * ctx["new_tokens"]))
+            fp32 = "fp32 packed" if a.device == "cpu" else "fp32"
+            rows.append(row(f"decode int8 (ours) vs {fp32}, batch {batch}", "tokens/s", result,
+                            batch * ctx["new_tokens"]))
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    rows.append(value("int8 in a GPU's form (widen, multiply, scale) compiled here, 8 rows: widening fused (1) "
-                      "or a widened copy written (0)", "-", int(widening_fused(q8.model.layers[0].mlp.up_proj, 8,
-                                                                               dtype, a.device))))
+    fused = widening_fused(q8.model.layers[0].mlp.up_proj, 8, dtype, a.device)
+    rows.append(value("int8 in a GPU's form (widen, multiply, scale) compiled here, 8 rows: "
+                      "widening fused (1) or a widened copy written (0)", "-", int(fused)))
     del q8, fp
     # what the children load must find the card as free as it can be
     if a.device.startswith("cuda"):
@@ -189,9 +201,11 @@ def widening_fused(layer, rows, dtype, device, mode=None) -> bool:
 
     def widened(x, w, s):
         return F.linear(x, w.to(x.dtype)) * s.to(x.dtype)
-    mode = mode or ("max-autotune" if str(device).startswith("cuda") else "max-autotune-no-cudagraphs")
+    gpu = str(device).startswith("cuda")
+    mode = mode or ("max-autotune" if gpu else "max-autotune-no-cudagraphs")
     x = torch.randn(rows, layer.weight.shape[1], dtype=dtype, device=device)
-    _, code = run_and_get_code(torch.compile(widened, mode=mode, dynamic=False), x, layer.weight, layer.scales)
+    compiled = torch.compile(widened, mode=mode, dynamic=False)
+    _, code = run_and_get_code(compiled, x, layer.weight, layer.scales)
     out, inp = layer.weight.shape
     return not re.search(rf"empty_strided_\w+\(\({out}, {inp}\)", "\n".join(code))
 
@@ -206,8 +220,9 @@ def int8_copy(lm):
 def caption_peak_rss(ctx, quantize):
     """caption.py on two clips in a fresh process: its peak resident memory, MB."""
     videos_dir, ckpt = caption_world(ctx, 2)
-    args = [videos_dir, "--model", ckpt, "--out", os.path.join(videos_dir, f"rss-{quantize}.jsonl"), "--overwrite",
-            "--max-new-tokens", "4", "--quantize", quantize, "--workers", "1"]
+    args = [videos_dir, "--model", ckpt, "--out",
+            os.path.join(videos_dir, f"rss-{quantize}.jsonl"), "--overwrite", "--max-new-tokens",
+            "4", "--quantize", quantize, "--workers", "1"]
     # VmHWM starts anew at exec; ru_maxrss would not
     code = (f"import caption; caption.main({args!r}); "
             "print([line for line in open('/proc/self/status') if "
@@ -238,9 +253,10 @@ def bench_recipe(ctx):
             lm.clear_cache()
         return run
     with torch.no_grad():
-        result = measure.compare(prefill_of(few, 4), prefill_of(full, full.config.num_frames), a.device, a.repeats)
-    return [row(f"frames + prefill: 4 frames pooled {4}x{H}x{W} ({4 * H * W} tokens) vs {full.config.num_frames} "
-                f"pooled {T}x{H}x{W} ({T * H * W})", "s", result)]
+        result = measure.compare(prefill_of(few, 4), prefill_of(full, full.config.num_frames),
+                                 a.device, a.repeats)
+    return [row(f"frames + prefill: 4 frames pooled {4}x{H}x{W} ({4 * H * W} tokens) vs "
+                f"{full.config.num_frames} pooled {T}x{H}x{W} ({T * H * W})", "s", result)]
 
 
 def caption_world(ctx, n):
@@ -274,7 +290,8 @@ def bench_end2end(ctx):
             "--device", a.device, "--dtype", str(ctx["dtype"]).split(".")[1]]
     if a.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    r = subprocess.run([sys.executable, "-c", f"import caption, json; print(json.dumps(caption.main({args!r})))"],
+    r = subprocess.run([sys.executable, "-c",
+                        f"import caption, json; print(json.dumps(caption.main({args!r})))"],
                        capture_output=True, text=True, cwd=measure.ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"caption.py failed: {r.stderr[-2000:]}")
@@ -282,60 +299,16 @@ def bench_end2end(ctx):
     n = stats["captions"] + stats["errors"]
     e = stats["engine"]
     return [value(f"caption.py end to end, {n} videos", "videos/s", n / stats["seconds"]),
-            value("caption.py: decode steps that waited for frames", "%", 100 * e["waited_steps"] / max(e["steps"], 1)),
-            value("caption.py: time the engine stood idle waiting for frames", "%", 100 * e["wait_s"] / stats["seconds"])]
+            value("caption.py: decode steps that waited for frames", "%",
+                  100 * e["waited_steps"] / max(e["steps"], 1)),
+            value("caption.py: time the engine stood idle waiting for frames", "%",
+                  100 * e["wait_s"] / stats["seconds"])]
 
 
-def count_ops(fn):
-    """The aten operations fn() runs (each a kernel launch on a GPU: what bounds an eager decode
-    step)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
-    with Count():
-        fn()
-    return Count.n
 
 
-def host_reads(fn):
-    """How many times fn() reads a tensor back on the host (.tolist(), .item(), bool(), int()): each
-    one a sync on a GPU."""
-    reads = [0]
-    with counting_reads(reads):
-        fn()
-    return reads[0]
 
 
-def bench_steps(ctx):
-    """A decode step before this engine (LoRA unmerged, the static loop reading its stops every
-    step) and now (LoRA merged at load, stops read every 4th step as on a GPU): operations and host
-    reads per step."""
-    from lora import add_lora, merge_lora
-    model, n = copy.deepcopy(ctx["model"]), 16
-    # the report's adapter, as a release ships it
-    add_lora(model.language_model, r=128, alpha=32, dropout=0.0)
-    item = videos(model, 1, model.config.num_frames)[0]
-    ids, pixels = torch.tensor([item.ids], device=item.pixels.device), item.pixels[None]
-    with torch.no_grad():
-        one = lambda k: generate(model, ids, pixels, sampling=Sampling(max_new_tokens=k, stop_ids=()))   # noqa: E731
-        before_ops = (count_ops(lambda: one(n)) - count_ops(lambda: one(1))) / (n - 1)
-        before_reads = (host_reads(lambda: one(n)) - host_reads(lambda: one(1))) / (n - 1)
-        merge_lora(model.language_model)
-        run = lambda k: list(Engine(model, 1, Sampling(max_new_tokens=k, stop_ids=()), check_every=4).run(  # noqa: E731
-            [Item(0, item.ids, item.pixels)]))
-        after_ops = (count_ops(lambda: run(n)) - count_ops(lambda: run(1))) / (n - 1)
-        after_reads = (host_reads(lambda: run(n)) - host_reads(lambda: run(1))) / (n - 1)
-    def before_now(before, now):   # as times: ratio = before / now
-        return {"ours": measure.spread([now]), "reference": measure.spread([before]), "pair_ratios": [before / now]}
-    return [row("decode step: aten operations, now (LoRA merged, engine) vs before (unmerged, static loop)", "ops",
-                before_now(before_ops, after_ops)),
-            row("decode step: host reads (syncs on a GPU), now (stops read every 4th step) vs before", "reads",
-                before_now(before_reads, after_reads))]
 
 
 def bench_shots(ctx):
@@ -349,11 +322,12 @@ def bench_shots(ctx):
                     int(m * 1500), preset="veryfast", g="250")
         code = ("import json, os, time, shots\n"
                 "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
-                f"t = time.perf_counter(); found = shots.shots({path!r}); t = time.perf_counter() - "
-                f"t\n"
-                "hwm = [line for line in open('/proc/self/status') if "
-                "line.startswith('VmHWM')][0]\nprint(json.dumps({'seconds': t, 'shots': len(found), "
-                "'peak_mb': int(hwm.split()[1]) / 1024}))")
+                f"t = time.perf_counter(); found = shots.shots({path!r})\n"
+                "t = time.perf_counter() - t\n"
+                "status = open('/proc/self/status').read().splitlines()\n"
+                "hwm = [line for line in status if line.startswith('VmHWM')][0]\n"
+                "print(json.dumps({'seconds': t, 'shots': len(found),\n"
+                "                  'peak_mb': int(hwm.split()[1]) / 1024}))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            cwd=measure.ROOT)
         if r.returncode != 0:
@@ -361,37 +335,10 @@ def bench_shots(ctx):
         got = json.loads(r.stdout.splitlines()[-1])
         peaks.append(got["peak_mb"])
     frames, seconds = int(minutes * 1500), minutes * 60
-    return [value(f"shot detection, {minutes:g}-minute 640x360 clip, one core", "frames/s", frames / got["seconds"]),
+    return [value(f"shot detection, {minutes:g}-minute 640x360 clip, one core", "frames/s",
+                  frames / got["seconds"]),
             value("shot detection: times real time (25 fps)", "x", seconds / got["seconds"]),
-            value(f"shot detection: peak RSS of its process, {minutes / 4:g} min clip", "MB", peaks[0]),
-            value(f"shot detection: peak RSS of its process, {minutes:g} min clip (Python and PyAV included)", "MB",
-                  peaks[1])]
-
-
-def bench_rehearsal(ctx):
-    """No GPU needed: the engine at 13B's shape (or the 7b / 13b size asked for) rehearsed on fake
-    tensors (lab/rehearse.py): one steady-state decode step of 16 rows around 2,400 tokens,
-    eager and as compiled, and the peak memory of captioning at 16 slots against memory.py's
-    estimate."""
-    from config import PRESETS, Config
-    from lab import rehearse
-    import memory
-    size = ctx["args"].size if ctx["args"].size in ("7b", "13b") else "13b"
-    config, rows = Config.from_dict(PRESETS[f"pllava-{size}"]), []
-    context = config.num_visual_tokens + 99
-    for compiled in (False, True):
-        step = rehearse.decode_step(config, 16, context, compiled=compiled)
-        how = "compiled (block mask)" if compiled else "eager"
-        rows += [value(f"rehearsed {size} decode step, 16 rows near {context} tokens, {how}: aten operations", "ops",
-                       step["aten_ops"]),
-                 value(f"rehearsed {size} decode step, {how}: host reads (syncs), dense masks", "reads",
-                       step["host_reads"]) | {"detail": {"dense_masks": step["dense_masks"]}},
-                 value(f"rehearsed {size} decode step, {how}: bytes to read (weights + each row's KV)", "GB",
-                       step["weights_gb"] + step["kv_gb"]) | {"detail": step},
-                 value(f"rehearsed {size} decode step, {how}: its bound at 3.35 TB/s (H100 SXM)", "ms",
-                       step["bound_ms"])]
-    peak = rehearse.captioning(config, 16, 256)
-    plan = memory.captioning(config, 16, 256, 2)
-    rows.append(value(f"rehearsed {size} captioning, 16 slots, bf16: peak memory (memory.py's estimate in detail)",
-                      "GB", peak["peak_gb"] + memory.CONTEXT_GB) | {"detail": {"estimate_gb": plan["total"], **peak}})
-    return rows
+            value(f"shot detection: peak RSS of its process, {minutes / 4:g} min clip", "MB",
+                  peaks[0]),
+            value(f"shot detection: peak RSS of its process, {minutes:g} min clip (Python and "
+                  f"PyAV included)", "MB", peaks[1])]

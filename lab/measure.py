@@ -1,4 +1,5 @@
-"""How bench.py measures: timing that holds on a shared machine, memory, and the rows it reports.
+"""How bench.py measures: timing that holds on a shared machine, memory, the rows it reports,
+and transformers' models of our weights to measure against.
 
 `compare` runs ours and the reference one after the other (A B A B ...), so a slow drift of the
 machine hits both, and reports each side's min / median / max and the ratio of medians with the
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -50,6 +52,31 @@ SIZES = {
     "7b": PRESETS["pllava-7b"],
     "13b": PRESETS["pllava-13b"],
 }
+
+
+def reference_models(config, device, dtype, weights=None):
+    """transformers' CLIPVisionModel and LlamaForCausalLM of our `config` in `dtype`, sharing the
+    tensors of `weights` (our model) when given: one copy of 13B on the card, not two; else built on
+    the device with weights of their own (never an fp32 copy first: 13B is 52 GB in fp32)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    text = {k: v for k, v in asdict(config.text_config).items() if v is not None}
+    with torch.device("meta" if weights is not None else device):
+        vision = CLIPVisionConfig(**asdict(config.vision_config))
+        clip = CLIPVisionModel._from_config(vision, dtype=dtype).eval()
+        lm = LlamaForCausalLM._from_config(LlamaConfig(**text), dtype=dtype).eval()
+    if weights is not None:   # transformers 5: no vision_model level; assign: the very same tensors
+        clip.load_state_dict(weights.vision_tower.vision_model.state_dict(), assign=True)
+        lm.load_state_dict(weights.language_model.state_dict(), assign=True)
+        # the buffers transformers derives, made again on the device
+        positions = clip.embeddings.num_positions
+        clip.embeddings.position_ids = torch.arange(positions, device=device)[None]
+        with torch.device(device):
+            lm.model.rotary_emb = type(lm.model.rotary_emb)(lm.config)
+        left = [name for module in (clip, lm)
+                for name, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+        if left:
+            raise RuntimeError(f"transformers' {left[:3]} were not set from our weights")
+    return clip, lm
 
 
 def sync(device):

@@ -46,13 +46,13 @@ def checkpoint(cache, size):
 def frames_alone(args, videos, captioner):
     """Videos/s of the decode workers as caption.py starts them, and the frames they gave
     (normalized)."""
-    import caption
+    from captioning.placement import decode_workers, decoder_threads
     from plumbing.workers import imap_unordered
     t = time.perf_counter()
     stream = imap_unordered(captioner.frame_reader(), [(v, None, None) for v in videos],
-                            workers=caption.decode_workers(args), timeout=300,
+                            workers=decode_workers(args), timeout=300,
                             buffer=2 * captioner.engine.slots,
-                            threads=caption.decoder_threads(args))
+                            threads=decoder_threads(args))
     items = list(captioner.items(stream, lambda job, e: None, lambda job, e: None))
     return len(videos) / (time.perf_counter() - t), items
 

@@ -103,6 +103,16 @@ def test_turns_alternate_and_the_spread_is_reported(clock):
     assert r["ratio"] < 1 and r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
 
 
+def test_every_section_is_measured_by_its_own_function():
+    """--only NAME runs bench_NAME, wherever it is written (bench.py, bench_train.py,
+    bench_caption.py, bench_step.py, pipeline.py); never a module of that name (lab.bench_train
+    is one, seen from bench.py)."""
+    for name in bench.SECTIONS:
+        found = bench.section(name)
+        assert callable(found) and found.__name__ == f"bench_{name}", (name, found)
+    assert set(bench.DEFAULT) < set(bench.SECTIONS)
+
+
 @pytest.mark.slow
 def test_the_tiny_size_runs_and_records_what_it_depends_on(tmp_path):
     """The tool as a user starts it, on the tiny size, with the sections that take seconds there

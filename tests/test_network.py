@@ -109,6 +109,7 @@ def test_an_unexpected_exception_is_that_items_row(tmp_path):
     """Whatever a job's work raises, anywhere in it, is that job's row (not done); the others go
     on."""
     import label
+    from labelling.run import identify, is_done
     from plumbing.jsonl import Appender, read_rows
     from plumbing.runner import run_items
 
@@ -125,10 +126,10 @@ def test_an_unexpected_exception_is_that_items_row(tmp_path):
             ((Video("w.mp4", "w.mp4"), (1, 3, 2.0, 4.0), None), ["x"])]
     with Appender(str(tmp_path / "out.jsonl")) as out:
         work = lambda job: label.label_one(Broken(), Args, "prompt", {}, "s", job)   # noqa: E731
-        run_items(Broken(), jobs, work, 2, out, 10, label.identify)
+        run_items(Broken(), jobs, work, 2, out, 10, identify)
     rows = sorted(read_rows(str(tmp_path / "out.jsonl")), key=lambda r: r["video"])
     assert rows[0]["code"] == "internal_error" and "KeyError" in rows[0]["error"]
-    assert not label.is_done(rows[0])
+    assert not is_done(rows[0])
     assert rows[1]["code"] == "internal_error" and rows[1]["shot"] == 1 and rows[1]["start"] == 2.0
 
 

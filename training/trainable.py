@@ -65,7 +65,7 @@ def lora_targets(args) -> list:
     if elsewhere:
         raise ValueError(
             f"--lora-targets {','.join(elsewhere)}: LoRA trains inside the language model only "
-            f"(language_model.…, or a layer's last name such as q_proj); the vision tower and the "
+            f"(language_model.*, or a layer's last name such as q_proj); the vision tower and the "
             f"projector train whole (--train-all) or not at all"
         )
     return [t.removeprefix("language_model.") for t in targets]
