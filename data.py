@@ -82,8 +82,7 @@ def read_image(path, short_side: int = None) -> np.ndarray:
         raise VideoError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
 
-# ------------------------------------------------------------------------------- CLIP
-# preprocessing
+# -------------------------------------------------------------------------- CLIP preprocessing
 
 
 def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
