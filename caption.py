@@ -233,16 +233,6 @@ def is_done(row, retry_errors=False):
     return "caption" in row or (not retry_errors and unreadable)
 
 
-
-
-
-
-
-
-
-
-
-
 def progress(rank, stats, total, start, engine):
     n = stats["captions"] + stats["errors"] + stats["missing"] + stats["failed"] + stats["retry"]
     elapsed = max(time.monotonic() - start, 1e-9)
@@ -273,8 +263,6 @@ def summary(rank, stats, already, elapsed, e, args):
         print(f"note: decoding did not keep up with the model ({decode_workers(args)} --workers on "
               f"{cores_per_rank()} cores): more cores, --keyframes-only, or fewer --frames",
               file=sys.stderr)
-
-
 
 
 def parse_args(argv=None):

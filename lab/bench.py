@@ -215,14 +215,6 @@ def bench_sampler(ctx):
                 "s/video", result)]
 
 
-
-
-
-
-
-
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:

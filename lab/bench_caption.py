@@ -305,12 +305,6 @@ def bench_end2end(ctx):
                   100 * e["wait_s"] / stats["seconds"])]
 
 
-
-
-
-
-
-
 def bench_shots(ctx):
     """shots.py in a process of its own held to one core, on the sampler's long clip and on one a
     quarter as long: its speed against the clip's own time, and its peak memory at both lengths (it

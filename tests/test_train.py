@@ -150,7 +150,6 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
             "state.json"} <= set(saved)
 
 
-
 @pytest.mark.slow
 def test_two_ranks_resume_from_an_older_checkpoint(world, tmp_path):
     """Under FSDP2 each rank reloads its shards of the trainable weights and of the optimizer

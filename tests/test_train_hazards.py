@@ -335,7 +335,6 @@ def test_user_errors_are_one_line(world, tmp_path, problem):
         assert "--lora-targets qproj" in line
 
 
-
 @pytest.mark.parametrize("mode", ["--full-finetune", "--train-all"])
 def test_freeze_projector_is_refused_where_no_lora_trains(mode, capsys):
     import train
