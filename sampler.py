@@ -208,9 +208,8 @@ class _Cursor:
                 self.ahead = frame
                 break
             self.cur = frame
-            # frames no other frame refers to (B-frames, mostly) cannot be the one picked while t
-            # is far
-            # ahead, and they are often most of the decoding work: skip them until t is near
+            # frames no other frame refers to (B-frames, mostly) cannot be the one picked while t is
+            # far ahead, and they are often most of the decoding work: skip them until t is near
             far = self.skip_b_frames and frame.time < t - self.margin
             if far != self.skipping:
                 self.stream.codec_context.skip_frame = "NONREF" if far else "DEFAULT"

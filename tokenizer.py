@@ -121,8 +121,7 @@ class Tokenizer:
         self.legacy = bool(config.get("legacy", False))
         self.prefix_space = config.get("add_prefix_space") is not False
         # added tokens: {text: id}; "special" ones are dropped when decoding. Like transformers,
-        # count the
-        # model's own control pieces (<s>, </s>, ChatML's <|im_start|> in Yi) among them.
+        # count the model's own control pieces (<s>, </s>, ChatML's <|im_start|> in Yi) among them.
         self.added = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
                       if self.sp.is_control(i) or self.sp.is_unknown(i)}
         special = set(self.added.values())

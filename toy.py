@@ -104,10 +104,8 @@ def run(cmd, log, nproc=1, watch=None):
 
 
 # On a machine busy at start, waiting threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE:
-# the same
-# threads, the same numbers): spinning threads fight the other jobs for the cores (docs/toy.md, "A
-# busy
-# machine"); alone, spinning is faster.
+# the same threads, the same numbers): spinning threads fight the other jobs for the cores
+# (docs/toy.md, "A busy machine"); alone, spinning is faster. An OMP_WAIT_POLICY set is kept.
 BUSY = False
 # --threads: the same on every machine, for the count changes the sums' order, so the scores
 THREADS = 2

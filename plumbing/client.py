@@ -115,10 +115,8 @@ def retry_after(value, cap: float):
 
 
 # requests' timeout bounds each read, not the request: a server that sends a byte every few seconds
-# holds
-# it for ever. So every request runs under a watchdog that shuts its socket when the deadline
-# passes; the
-# connections tell the watchdog of the thread they serve which socket is theirs.
+# holds it for ever. So every request runs under a watchdog that shuts its socket when the deadline
+# passes; the connections tell the watchdog of the thread they serve which socket is theirs.
 _local = threading.local()
 
 

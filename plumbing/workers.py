@@ -155,8 +155,7 @@ BEAT = object()   # what _Worker.result() gives for a heartbeat: the item is sti
 class _Worker:
     def __init__(self, fn, limit, threads):
         # -I: an isolated interpreter (neither the current folder nor PYTHONPATH on its import
-        # path); no
-        # secrets in its environment, as it parses untrusted files
+        # path); no secrets in its environment, as it parses untrusted files
         env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
         boot = (f"import sys; sys.path[:0] = {_import_path(fn)!r}; "
                 "from plumbing import workers; workers._serve()")

@@ -224,8 +224,7 @@ def test_a_rank_killed_mid_run_restarts_and_ends_equal_to_an_uninterrupted_run(w
     run(train_args(world, tmp_path / "straight", "--export", tmp_path / "e_straight", *common), 2)
     out, mark = tmp_path / "killed", f"CLUSTER_TEST_MARK={os.getpid()}-{time.time_ns()}"
     # the c10d rendezvous, as docs/slurm/train.sbatch: each restart gets a store of its own (the
-    # static
-    # one keeps its store, where a restarted rank can read the address of the rank that died)
+    # static one keeps its store, where a restarted rank can read the address of the rank that died)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
            os.path.join(ROOT, "train.py"),

@@ -220,9 +220,8 @@ def test_decoding_reads_nothing_back_between_checks(tiny, monkeypatch):
     counting[0] = False
     assert reads == [] and eng.stats["steps"] > 20 and len(got) == 5
     # 5 videos of one prompt length, 12 tokens each, 2 slots: the first pair decodes in step, with
-    # no mask
-    # (11 steps: its first tokens come from the prefill); the fifth, alone in a batch of two, is
-    # masked
+    # no mask (11 steps: its first tokens come from the prefill); the fifth, alone in a batch of
+    # two, is masked
     assert all(masks[:11]) and not masks[-1]
 
 

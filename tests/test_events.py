@@ -99,8 +99,7 @@ def test_event_precision_recall_f1_as_computed_by_hand(judged):
             values = [100 * want[v][metric] for v in ("v1", "v2")]
             assert s[metric] == pytest.approx(np.mean(values))
             # two videos: a resample's mean is one of them (p 1/4 each) or their mean, so the 2.5th
-            # and
-            # 97.5th percentiles of 500 resamples are the smaller and the larger
+            # and 97.5th percentiles of 500 resamples are the smaller and the larger
             assert s[metric + "_ci"] == pytest.approx([min(values), max(values)])
     a, b = by_hand(GT["v1"], PRED["v1"]), by_hand(GT["v1"], PRED_B["v1"])
     # the rules did what they say

@@ -92,8 +92,8 @@ def test_fault_mix_every_video_one_row(tmp_path):
     assert "failed 5" in r.stderr and "400 data_inspection_failed" in r.stderr
     assert "estimated cost" in r.stderr
     # a rerun tries again what is not done (7, 8, 9: they may be this item's bad luck); a final
-    # answer
-    # (moderation) and an unreadable file are done. Then every video still has exactly one row.
+    # answer (moderation) and an unreadable file are done. Then every video still has exactly one
+    # row.
     api = label_server(colours)
     try:
         again = run_label([str(tmp_path / "v"), "--out", out, "--api-base", api.url,
@@ -171,9 +171,8 @@ def test_rate_cap_and_concurrency(tmp_path):
         api.close()
     assert r.returncode == 0 and r2.returncode == 0
     # 11 gaps of 0.25 s between the starts; the server sees arrivals, and the first one (a new
-    # connection on
-    # a loaded machine) may come late by up to a gap or two (uncapped, all 12 arrive within about
-    # 0.1 s)
+    # connection on a loaded machine) may come late by up to a gap or two (uncapped, all 12 arrive
+    # within about 0.1 s)
     assert len(times) == 12 and times[-1] - times[0] >= 9 * 0.25
     # any 1 s window: 4 by the cap, +2 for arrival jitter on a loaded machine (uncapped: all 12)
     for t in times:

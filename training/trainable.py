@@ -173,8 +173,7 @@ def setup_model(args, folder, rank, world, device):
     shard(model, device, world)
     model.to_empty(device=device)
     # tensor by tensor, in the checkpoint's own dtype: each widened to fp32 only in its shard (a
-    # whole fp32
-    # copy would be 28 GB on rank 0 for 7B, 136 GB for 34B)
+    # whole fp32 copy would be 28 GB on rank 0 for 7B, 136 GB for 34B)
     state = source.state_dict() if rank == 0 else {}
     set_model_state_dict(model, state,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -142,8 +142,7 @@ def load_checkpoint(model, optimizer, path, rank):
     state = {"model": {k: v for k, v in model_sd.items() if k in keep}, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)   # fails on any requested key the checkpoint lacks
     # a checkpoint holds the trainable weights only: the frozen ones are set to what they already
-    # are,
-    # so that the load stays strict (a key the model has and nothing gives is an error)
+    # are, so that the load stays strict (a key the model has and nothing gives is an error)
     set_state_dict(model, optimizer, model_state_dict={**model_sd, **state["model"]},
                    optim_state_dict=state["optim"])
     with open(os.path.join(path, "state.json")) as f:
