@@ -6,6 +6,7 @@ quota, a server that stays down) stops the run after the first few with one line
 fix.
 """
 
+import itertools
 import signal
 import sys
 import threading
@@ -142,19 +143,27 @@ def run_items(client, jobs, work, concurrency, out, limit, identify, neutral=(),
 
 
 def run_concurrently(jobs, work, workers: int, stop: threading.Event = None):
-    """Yield work(job) for every job, computed on `workers` threads, in the order they finish. Jobs
-    are pulled as threads free up (at most 2 x workers waiting), so a million-item iterator is never
-    listed. Once `stop` is set no new job is pulled; those already taken still finish (their answers
-    are paid for)."""
+    """Yield work(job) for every job, computed on `workers` threads, in the order they finish (those
+    found finished together, in the order they were taken: one thread is one job after another,
+    however late the caller looks). Jobs are pulled as threads free up (at most 2 x workers
+    waiting), so a million-item iterator is never listed. Once `stop` is set no new job is pulled;
+    those already taken still finish (their answers are paid for)."""
+    taken = itertools.count()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = set()
+        pending, order = set(), {}
+
+        def finished():
+            nonlocal pending
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in sorted(done, key=order.pop):
+                yield f.result()
         for job in jobs:
             while len(pending) >= 2 * workers:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from (f.result() for f in done)
+                yield from finished()
             if stop is not None and stop.is_set():
                 break
-            pending.add(pool.submit(work, job))
+            future = pool.submit(work, job)
+            pending.add(future)
+            order[future] = next(taken)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (f.result() for f in done)
+            yield from finished()

@@ -133,6 +133,28 @@ def test_an_unexpected_exception_is_that_items_row(tmp_path):
     assert rows[1]["code"] == "internal_error" and rows[1]["shot"] == 1 and rows[1]["start"] == 2.0
 
 
+def test_rows_finished_together_come_in_the_order_their_jobs_were_taken():
+    """A caller that looks late finds several jobs finished at once; they come in the order they
+    were taken, so one thread's rows are its jobs' order (the Breaker's "refusals before any answer"
+    rule reads that order: a refusal seen after the answer that followed it would not count)."""
+    import threading
+    import time
+
+    from plumbing.runner import run_concurrently
+    ended = [threading.Event() for _ in range(60)]
+
+    def work(job):   # each ends after the one taken before it: they finish in the order taken
+        if job:
+            ended[job - 1].wait()
+        ended[job].set()
+        return job
+    got = []
+    for row in run_concurrently(range(60), work, 3):   # 3 threads, 6 jobs taken
+        got.append(row)
+        time.sleep(0.005)   # all 6 are done before the next look
+    assert got == list(range(60)), got
+
+
 def slow_api():
     """A teacher that answers every request a second after it comes."""
     return ChaosAPI(lambda body, item: ANSWER, identify=lambda body: "x",
