@@ -13,6 +13,10 @@ if WORKERS > 1:   # the cores shared among the workers and the tools they start,
     THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
     torch.set_num_threads(THREADS)
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    # and a tool that takes more threads (the toy's stages: 2, for its numbers) lets them sleep
+    # while they wait instead of spinning: the other worker needs that core (docs/toy.md, "A busy
+    # machine": a toy step took 135 ms spinning beside the suite, 24 ms asleep)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(items):
