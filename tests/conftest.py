@@ -20,10 +20,15 @@ if WORKERS > 1:   # the cores shared among the workers and the tools they start,
 
 
 def pytest_collection_modifyitems(items):
-    """The slow tests first (their files' order kept), so that two workers start the longest work
-    at once and neither is left alone with it at the end; pytest.ini's --dist worksteal evens out
-    the rest."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow tests first, the longest of them at the very start (`@pytest.mark.slow(seconds=N)`:
+    the toy's quick loop, five minutes), their files' order kept otherwise: one worker starts the
+    longest work at once while the other takes the rest, and neither is left alone with it at the
+    end; pytest.ini's --dist worksteal evens out the rest. (In file order the toy started three
+    minutes into the suite.)"""
+    def order(item):
+        slow = item.get_closest_marker("slow")
+        return (slow is None, -(slow.kwargs.get("seconds", 0) if slow else 0))
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")

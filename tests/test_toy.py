@@ -30,7 +30,7 @@ def run_quick(out):
     return json.load(open(os.path.join(out, "results.json"))), r.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=300)   # started first: the suite's longest test
 def test_quick_loop_learns(tmp_path):
     first, log = run_quick(tmp_path / "a")
     results = first["results"]
