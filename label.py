@@ -26,13 +26,13 @@ import os
 import sys
 
 import shots
-from data import UNREADABLE, VideoError
+from data import VideoError
 from labelling import checks
 from labelling.clean import clean_file, strip_boilerplate, unusable
-from labelling.run import UNUSABLE, Run, identify, key_of
+from labelling.run import DONE_CODES, Run, identify, key_of
 from plumbing import cli
 from plumbing.cli import Stop
-from plumbing.client import FINAL_CODES, APIError, add_api_flags, failure_kind, frames_message
+from plumbing.client import APIError, add_api_flags, failure_kind, frames_message
 from plumbing.jsonl import Busy, iter_rows
 from plumbing.outputs import file_hash
 from plumbing.redact import Redactor
@@ -194,7 +194,7 @@ def recheck_one(client, args, prompt, labels, chosen, tries, settings, job):
         return {**row, "caption": strip_boilerplate(row["caption"]),
                 "caption_first": old["caption"], "frames_first": old.get("frames"),
                 "rechecked": True, "agreement": round(chosen[key_of(job)], 3)}
-    if row.get("code") in FINAL_CODES | UNUSABLE | {UNREADABLE}:
+    if row.get("code") in DONE_CODES:
         return {**old, **identify(job), "settings": settings, "rechecked": False,
                 "recheck_refused": row["code"]}
     return row

@@ -21,6 +21,8 @@ VERBS = {"label": "labelled", "verify": "verified", "recheck": "labelled again",
 # an audit's reading that would be the same if asked again (labelling/clean.unusable)
 UNUSABLE = {"refused", "truncated", "degenerate loop"}
 FILE_CODES = {UNREADABLE, "missing_video", *RETRIED}   # a file's trouble: says nothing of the API
+# a row with one of these is done: asking again would get the same answer
+DONE_CODES = FINAL_CODES | UNUSABLE | {UNREADABLE}
 
 
 def key_of(job):   # a job's (video name, shot or None): what its row is stored and resumed under
@@ -37,8 +39,7 @@ def identify(job):
 def is_done(row, retry_errors=False):
     """A caption, or (unless retry_errors) a final answer: content moderation, an unreadable video
     (not a missing one: a wrong path is fixed, and the video labelled, by a rerun)."""
-    final = FINAL_CODES | UNUSABLE | {UNREADABLE}
-    return "caption" in row or (not retry_errors and row.get("code") in final)
+    return "caption" in row or (not retry_errors and row.get("code") in DONE_CODES)
 
 
 class Run:
@@ -64,8 +65,7 @@ class Run:
         with Outputs(self.args.out, overwrite=self.args.overwrite) as out:
             key = functools.partial(shots.row_key, names=names)
             yield out, out.resume(key, done, self.settings, self.tries, here)
-        final = FINAL_CODES | UNUSABLE | {UNREADABLE}
-        retry = sum(n for kind, n in self.failed.items() if kind.split(" ", 1)[1] not in final)
+        retry = sum(n for kind, n in self.failed.items() if kind.split(" ", 1)[1] not in DONE_CODES)
         if retry and not self.stats["done"]:   # a run that did nothing did not work, whatever stops
             raise Stop(f"no video was {VERBS[self.mode]} and {retry} failed (see above); "
                        f"they are not marked done")
